@@ -1,0 +1,1 @@
+"""Clients that speak the wire protocol: browser (static), pygame, Python."""

@@ -1,0 +1,1 @@
+"""Data sources (ViZDoom recorder, generic Gymnasium recorder) and the Gymnasium env over a model."""

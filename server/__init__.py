@@ -1,0 +1,1 @@
+"""Websocket streaming server: protocol, sessions, batched GPU scheduler (DESIGN.md section 8)."""

@@ -1,0 +1,38 @@
+"""The ``worldgen`` command. Each subcommand lives in its own module, which provides
+``add_arguments(parser)`` and ``run(args) -> int | None``; this file only routes to them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Modules are imported only to build their own parser.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "record": ("worldgen.env.record", "record real play (ViZDoom or any Gymnasium env) into a dataset"),
+    "data": ("worldgen.data.cli", "inspect a dataset: info, view"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="worldgen", description=__doc__.split("\n")[0].strip('"'))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Import only the module of the command asked for, so `worldgen record` does not load torch
+    # models; `worldgen --help` lists everything.
+    wanted = next((a for a in argv if a in COMMANDS), None)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if wanted in (None, name):
+            importlib.import_module(module).add_arguments(p)
+            p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    return importlib.import_module(args._module).run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
