@@ -1,0 +1,141 @@
+"""The learned parts of a world model: the per-frame tokenizer and the block-causal DiT.
+
+This file also holds what every user of the models shares: the image <-> tensor
+conversion and the checkpoint helpers. A checkpoint folder (see :mod:`worldgen.checkpoint`)
+has the parts ``"tokenizer"`` and ``"dynamics"``; each part's config JSON is::
+
+    {"model": dataclasses.asdict(cfg), "action_schema": worldgen.actions.schema(), ...extra}
+
+where ``extra`` is whatever the trainer adds (data, steps, metrics).
+
+Example:
+    >>> import tempfile
+    >>> from worldgen.models import DiT, MODELS, save_part, load_dit
+    >>> dit = DiT(MODELS["tiny"])
+    >>> folder = tempfile.mkdtemp()
+    >>> save_part(folder, "dynamics", dit, {"steps": 0})
+    >>> load_dit(folder).cfg == dit.cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from worldgen import actions, checkpoint
+from worldgen.checkpoint import CheckpointError
+from worldgen.models.dit import MODELS, DiT, DiTConfig, flops_per_frame, flops_per_token
+from worldgen.models.tokenizer import Tokenizer, TokenizerConfig
+
+__all__ = ["MODELS", "CheckpointError", "DiT", "DiTConfig", "Tokenizer", "TokenizerConfig",
+           "flops_per_frame", "flops_per_token", "frames_to_tensor", "load_dit", "load_tokenizer",
+           "save_part", "tensor_to_frames"]
+
+PARTS: dict[str, tuple[type, type]] = {"tokenizer": (Tokenizer, TokenizerConfig), "dynamics": (DiT, DiTConfig)}
+
+
+def frames_to_tensor(frames: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 frames ``(..., H, W, 3)`` -> float32 ``(..., 3, H, W)`` in [-1, 1].
+
+    Example:
+        >>> frames_to_tensor(np.full((2, 120, 160, 3), 255, np.uint8)).shape
+        torch.Size([2, 3, 120, 160])
+    """
+    x = torch.as_tensor(frames, device=device)
+    if x.dtype != torch.uint8 or x.ndim < 3:
+        raise ValueError(f"frames must be uint8 (..., H, W, C), got {tuple(x.shape)} {x.dtype}")
+    # Convert after the move so only uint8 crosses to the device (4x less traffic).
+    return x.movedim(-1, -3).float().div_(127.5).sub_(1.0)
+
+
+def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
+    """float ``(..., 3, H, W)`` in [-1, 1] -> uint8 numpy ``(..., H, W, 3)`` (clamped, rounded).
+
+    Example:
+        >>> tensor_to_frames(torch.zeros(3, 2, 2))[0, 0].tolist()
+        [128, 128, 128]
+    """
+    u8 = ((x.detach().float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return u8.movedim(-3, -1).cpu().numpy()
+
+
+C = TypeVar("C")
+
+
+def config_from_dict(cls: type[C], d: Mapping[str, Any], where: str) -> C:
+    """Build dataclass ``cls`` from its ``asdict`` form (JSON turns tuples into lists).
+    An unknown or missing field is a :class:`CheckpointError` naming it and ``where``."""
+    if not isinstance(d, Mapping):
+        raise CheckpointError(f"{where}: 'model' config must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown {cls.__name__} fields {unknown} (checkpoint from a newer worldgen?)")
+    missing = sorted(n for n, f in fields.items() if n not in d and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise CheckpointError(f"{where}: {cls.__name__} fields {missing} are missing")
+    kwargs = {k: tuple(v) if isinstance(v, list) and isinstance(fields[k].default, tuple) else v
+              for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: invalid {cls.__name__}: {e}") from None
+
+
+def save_part(folder: str | os.PathLike, part: str, module: Tokenizer | DiT, extra: Mapping[str, Any] | None = None,
+              dtype: torch.dtype | None = None) -> None:
+    """Write ``module`` (its weights and ``cfg``) as checkpoint ``part`` of ``folder``, atomically.
+
+    Args:
+        part: ``"tokenizer"`` or ``"dynamics"``.
+        extra: more config entries (data, steps, metrics); may not override "model"/"action_schema".
+        dtype: cast floating tensors to this (e.g. ``torch.bfloat16`` halves the file);
+            loading casts back to the model's dtype.
+    """
+    if part not in PARTS or not isinstance(module, PARTS[part][0]):
+        raise ValueError(f"part {part!r} must be one of {list(PARTS)} holding its model type, got "
+                         f"{type(module).__name__}")
+    extra = dict(extra or {})
+    clash = {"model", "action_schema"} & set(extra)
+    if clash:
+        raise ValueError(f"extra may not set {sorted(clash)}; save_part writes them")
+    tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+               for k, v in module.state_dict().items()}
+    config = {"model": dataclasses.asdict(module.cfg), "action_schema": actions.schema(), **extra}
+    checkpoint.save(folder, part, tensors, config)
+
+
+def _load(folder_or_name: str | os.PathLike, part: str, device: torch.device | str | None) -> nn.Module:
+    cls, cfg_cls = PARTS[part]
+    tensors, config = checkpoint.load(folder_or_name, part)
+    where = f"{checkpoint.resolve(folder_or_name) / part}.json"
+    if "action_schema" in config:
+        try:
+            actions.check_schema(config["action_schema"], where)
+        except actions.ActionError as e:
+            raise CheckpointError(str(e)) from None
+    elif part == "dynamics":  # the DiT's action input is meaningless without knowing its schema
+        raise CheckpointError(f"{where}: no 'action_schema' in the config")
+    if "model" not in config:
+        raise CheckpointError(f"{where}: no 'model' entry in the config")
+    model = cls(config_from_dict(cfg_cls, config["model"], where))
+    checkpoint.load_state(model, tensors, where)
+    return model.to(device).eval()
+
+
+def load_tokenizer(folder_or_name: str | os.PathLike, device: torch.device | str | None = None) -> Tokenizer:
+    """The ``"tokenizer"`` part of a checkpoint folder (or packaged name such as ``"default"``),
+    in eval mode on ``device``. Raises :class:`CheckpointError` naming what does not fit."""
+    return _load(folder_or_name, "tokenizer", device)
+
+
+def load_dit(folder_or_name: str | os.PathLike, device: torch.device | str | None = None) -> DiT:
+    """The ``"dynamics"`` part of a checkpoint folder (or packaged name), in eval mode on ``device``."""
+    return _load(folder_or_name, "dynamics", device)

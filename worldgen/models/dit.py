@@ -1,0 +1,265 @@
+"""Block-causal diffusion transformer over per-frame latents (DESIGN.md section 4).
+
+Each frame's latent (C, h, w) becomes h*w/p^2 patch tokens. The sequence of a forward is the
+frames' tokens, frame-major. Attention is bidirectional inside a block of
+``frames_per_block`` frames and causal across blocks (see :mod:`worldgen.models.attention`);
+optional ``prefix_frames`` at the front are non-causal context visible to all (memory frames
+later). Positions are 3D RoPE over (frame position, row, column); frame positions are an
+explicit argument so a streaming engine can use window-relative positions.
+
+Conditioning is adaLN-zero as in DiT, but per frame: frame f's tokens are modulated by
+``c_f = t_embed(t_f) + action_mlp(a_f)``, its own noise level and the action that produced
+it. With Diffusion Forcing every frame carries its own noise level: a frame at ``t = 0`` is
+clean context, one at ``t = 1`` pure noise.
+
+Flow matching: ``x_t = (1 - t) x0 + t eps``; the model predicts the velocity ``v = eps - x0``.
+
+Example:
+    >>> dit = DiT(MODELS["tiny"])
+    >>> x = torch.randn(2, 3, 16, 15, 20)           # (B, T, C, h, w) noisy latents
+    >>> t = torch.tensor([[0.0, 0.0, 0.7]] * 2)     # two clean context frames, one noisy
+    >>> dit(x, t, torch.zeros(2, 3, 10)).shape      # velocity per frame
+    torch.Size([2, 3, 16, 15, 20])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from worldgen.actions import ACTION_DIM
+from worldgen.models.attention import Attention, Mask, make_mask, rope_angles, rope_sections
+
+
+@dataclass
+class DiTConfig:
+    latent_channels: int = 16                # the tokenizer's latent channels (in and out)
+    latent_size: tuple[int, int] = (15, 20)  # (h, w) of a frame's latent grid: 160x120 / 8
+    patch_size: int = 1                      # 15 is odd: patch 1 = 300 tokens/frame, cheap at this size
+    dim: int = 256
+    depth: int = 8
+    heads: int = 4                           # head dim 64: the efficient size for flash/flex kernels
+    mlp_ratio: float = 4.0
+    action_dim: int = ACTION_DIM             # worldgen.actions.to_vector: 8 keys + 2 mouse deltas
+    # Extra per-frame input-only channels concatenated to the latents (e.g. a rendered
+    # point-cloud view's latents); the output stays latent_channels.
+    cond_channels: int = 0
+    frames_per_block: int = 1                # 1 = frame-level causality: interaction per frame
+    max_frames: int = 64                     # most frames (prefix included) one forward accepts
+    qk_norm: bool = True                     # bounds attention logits: stable bf16 training
+    rope_theta: float = 10000.0
+    attn_impl: str = "auto"                  # "flex" | "sdpa" | "auto" (flex on CUDA, sdpa elsewhere)
+
+    def __post_init__(self) -> None:
+        h, w = self.latent_size
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"latent_size {self.latent_size} must be divisible by patch_size={self.patch_size}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads}")
+        rope_sections(self.dim // self.heads)  # raises if the head dim cannot be split three ways
+        if self.frames_per_block < 1 or self.max_frames < 1:
+            raise ValueError(f"frames_per_block and max_frames must be >= 1, got "
+                             f"{self.frames_per_block}, {self.max_frames}")
+        if self.attn_impl not in ("flex", "sdpa", "auto"):
+            raise ValueError(f"attn_impl must be 'flex', 'sdpa' or 'auto', got {self.attn_impl!r}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, columns) of patch tokens per frame."""
+        return self.latent_size[0] // self.patch_size, self.latent_size[1] // self.patch_size
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+# Sizes. All fit the 32 MiB budget for tokenizer + DiT weights in bf16 except "B".
+MODELS: dict[str, DiTConfig] = {
+    # CPU tests: ~0.2M params.
+    "tiny": DiTConfig(dim=64, depth=2, heads=2, max_frames=16),
+    # Default: ~10M params; attention over 16 x 300 tokens is ~2/3 of its FLOPs, so width is
+    # cheap relative to the sequence; trains in ~15 min on one H100 at T=16.
+    "S": DiTConfig(dim=256, depth=8, heads=4),
+    # ~32M params: for longer training runs; too large for the shipped-weights budget.
+    "B": DiTConfig(dim=384, depth=12, heads=6),
+}
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Noise level t in [0, 1] -> (D,): sinusoidal features of 1000 t, then an MLP (as DiT)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (...) -> (..., D)
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000.0 * t.float()[..., None] * freqs
+        return self.mlp(torch.cat([args.cos(), args.sin()], -1))
+
+
+class Block(nn.Module):
+    """adaLN-zero transformer block whose modulation varies per frame."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, cfg.heads, cfg.qk_norm)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        hidden = int(d * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+        self.ada = nn.Linear(d, 6 * d)  # zero-initialised: the block starts as the identity
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: Mask) -> torch.Tensor:
+        """x (B, T, N, D) tokens; c (B, T, D) per-frame conditioning, already through SiLU."""
+        b, t, n, d = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, :, None].chunk(6, -1)  # (B, T, 1, D)
+        h = modulate(self.norm1(x), shift1, scale1).reshape(b, t * n, d)
+        x = x + gate1 * self.attn(h, rope, mask).view(b, t, n, d)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT(nn.Module):
+    """Block-causal, action-conditioned DiT; ``forward(x, t, actions) -> v``."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, p, c = cfg.dim, cfg.patch_size, cfg.latent_channels
+        self.patch_embed = nn.Linear((c + cfg.cond_channels) * p * p, d)
+        self.t_embed = TimestepEmbedder(d)
+        self.action_embed = nn.Sequential(nn.Linear(cfg.action_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Linear(d, 2 * d)
+        self.final_proj = nn.Linear(d, p * p * c)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # As facebookresearch/DiT: xavier linears, N(0, 0.02) embedding MLPs, and every
+        # modulation and the output layer zeroed, so the model starts as v = 0 and each block
+        # as the identity: stable from the first step.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for mlp in (self.t_embed.mlp, self.action_embed):
+            nn.init.normal_(mlp[0].weight, std=0.02)
+            nn.init.normal_(mlp[2].weight, std=0.02)
+        for m in [blk.ada for blk in self.blocks] + [self.final_ada, self.final_proj]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor, *,
+                frame_pos: torch.Tensor | None = None, prefix_frames: int = 0,
+                cond: torch.Tensor | None = None, attn_impl: str | None = None) -> torch.Tensor:
+        """Predict the flow velocity of every frame.
+
+        Args:
+            x: (B, T, C, h, w) latents, frame f noised to level ``t[:, f]``.
+            t: (B, T) noise level per frame in [0, 1]; 0 = clean context, 1 = pure noise.
+            actions: (B, T, action_dim) ``worldgen.actions.to_vector`` of the action that
+                produced each frame.
+            frame_pos: (T,) or (B, T) RoPE time position per frame; default ``arange(T)``.
+            prefix_frames: the first P frames are non-causal context: every frame sees them,
+                they see only each other. Their outputs are returned but meaningless to a loss.
+            cond: (B, T, cond_channels, h, w) extra input channels, if the config has any.
+            attn_impl: overrides ``cfg.attn_impl`` for this call.
+        Returns:
+            v: (B, T, C, h, w) predicted velocity ``eps - x0``.
+        """
+        cfg = self.cfg
+        b, n_frames = x.shape[:2]
+        self._check_inputs(x, t, actions, cond, prefix_frames)
+        p, (gh, gw) = cfg.patch_size, cfg.grid
+        if cond is not None:
+            x = torch.cat([x, cond], 2)
+        tokens = rearrange(x, "b t c (h p) (w q) -> b t (h w) (p q c)", p=p, q=p)
+        h = self.patch_embed(tokens)                                       # (B, T, N, D)
+        c = F.silu(self.t_embed(t) + self.action_embed(actions))           # (B, T, D)
+
+        if frame_pos is None:
+            frame_pos = torch.arange(n_frames, device=x.device)
+        rope = self._rope(frame_pos, n_frames)
+        mask = make_mask(attn_impl or cfg.attn_impl, cfg.tokens_per_frame, n_frames - prefix_frames,
+                         cfg.frames_per_block, prefix_frames, x.device)
+        for block in self.blocks:
+            h = block(h, c, rope, mask)
+
+        shift, scale = self.final_ada(c)[:, :, None].chunk(2, -1)         # (B, T, 1, D)
+        out = self.final_proj(modulate(self.final_norm(h), shift, scale))  # (B, T, N, p*p*C)
+        return rearrange(out, "b t (h w) (p q c) -> b t c (h p) (w q)", h=gh, w=gw, p=p, q=p)
+
+    def _rope(self, frame_pos: torch.Tensor, n_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B or 1, 1, T*N, head_dim/2) for tokens at (frame_pos[f], row, column)."""
+        gh, gw = self.cfg.grid
+        if frame_pos.shape[-1] != n_frames or frame_pos.ndim not in (1, 2):
+            raise ValueError(f"frame_pos must be (T,) or (B, T) with T={n_frames}, got {tuple(frame_pos.shape)}")
+        fp = frame_pos.float().reshape(-1, n_frames)                               # (B or 1, T)
+        rows, cols = torch.meshgrid(torch.arange(gh, device=fp.device), torch.arange(gw, device=fp.device),
+                                    indexing="ij")
+        space = torch.stack([rows.flatten(), cols.flatten()], -1).float()          # (N, 2)
+        pos = torch.cat([fp[:, :, None, None].expand(-1, -1, len(space), 1),
+                         space.expand(*fp.shape, -1, -1)], -1)                     # (B, T, N, 3)
+        cos, sin = rope_angles(pos.flatten(1, 2), self.cfg.dim // self.cfg.heads, self.cfg.rope_theta)
+        return cos[:, None], sin[:, None]
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor,
+                      cond: torch.Tensor | None, prefix_frames: int) -> None:
+        cfg = self.cfg
+        want = (cfg.latent_channels, *cfg.latent_size)
+        if x.ndim != 5 or tuple(x.shape[2:]) != want:
+            raise ValueError(f"x must be (B, T, {', '.join(map(str, want))}), got {tuple(x.shape)}")
+        b, n = x.shape[:2]
+        if n > cfg.max_frames:
+            raise ValueError(f"{n} frames exceed max_frames={cfg.max_frames} of this model")
+        if tuple(t.shape) != (b, n):
+            raise ValueError(f"t must be (B, T) = {(b, n)} (one noise level per frame), got {tuple(t.shape)}")
+        if tuple(actions.shape) != (b, n, cfg.action_dim):
+            raise ValueError(f"actions must be (B, T, {cfg.action_dim}) = {(b, n, cfg.action_dim)}, "
+                             f"got {tuple(actions.shape)}")
+        if not 0 <= prefix_frames < n:
+            raise ValueError(f"prefix_frames must be in [0, T={n}), got {prefix_frames}")
+        if (cond is None) != (cfg.cond_channels == 0):
+            raise ValueError(f"cond must be given exactly when cond_channels > 0 "
+                             f"(cond_channels={cfg.cond_channels}, cond given: {cond is not None})")
+        if cond is not None and tuple(cond.shape) != (b, n, cfg.cond_channels, *cfg.latent_size):
+            raise ValueError(f"cond must be {(b, n, cfg.cond_channels, *cfg.latent_size)}, got {tuple(cond.shape)}")
+
+
+def flops_per_frame(cfg: DiTConfig, frames: int) -> float:
+    """Forward FLOPs (a multiply-add = 2) per frame of a ``frames``-frame block-causal window,
+    attention counted over visible keys only (what a block-sparse kernel computes).
+    Training costs ~3x this (forward + backward). For model FLOPs utilisation::
+
+        mfu = 3 * flops_per_frame(cfg, T) * frames_per_second / peak_flops
+    """
+    n, d, p, c = cfg.tokens_per_frame, cfg.dim, cfg.patch_size, cfg.latent_channels
+    hidden = int(d * cfg.mlp_ratio)
+    per_token = 2 * ((c + cfg.cond_channels) * p * p * d                 # patch embed
+                     + cfg.depth * (4 * d * d + 2 * d * hidden)          # qkv, proj, mlp
+                     + d * p * p * c)                                    # output projection
+    per_frame = 2 * (256 * d + d * d + cfg.action_dim * d + d * d       # t and action embedders
+                     + cfg.depth * 6 * d * d + 2 * d * d)               # adaLN modulations
+    fpb = cfg.frames_per_block
+    visible = sum(min(frames, (f // fpb + 1) * fpb) for f in range(frames)) * n   # keys per query token, summed
+    attention = cfg.depth * 4 * d * n * visible                          # QK^T and AV per query token
+    return (frames * (n * per_token + per_frame) + attention) / frames
+
+
+def flops_per_token(cfg: DiTConfig, frames: int) -> float:
+    """:func:`flops_per_frame` / tokens per frame."""
+    return flops_per_frame(cfg, frames) / cfg.tokens_per_frame
