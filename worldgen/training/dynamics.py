@@ -1,0 +1,320 @@
+"""``worldgen train dynamics``: Diffusion Forcing of the block-causal DiT on tokenizer latents.
+
+Data path. First every train and held-out episode is encoded once by the frozen tokenizer, in
+big batches on the device, and cached as ``RUN/latents-{train,heldout}.safetensors`` (a resume
+does not re-encode). All latents (bf16, ~9.6 KB a frame at 16x15x20) and action vectors then
+live on the device, and each step gathers its windows of T frames there: no DataLoader, no
+host-to-device copies, nothing to starve the GPU. Windows never cross an episode boundary.
+
+Actions: frame f's action is the one that *produced* it, exactly as
+:class:`worldgen.data.WindowDataset` aligns them (that class reads each episode, so the
+alignment lives in one place): the no-op for an episode's first frame.
+
+Loss (Diffusion Forcing with flow matching, DESIGN.md section 5): every frame block gets its own
+noise level t ~ logit-normal(0, 1) (SD3), ``x_t = (1 - t) x0 + t eps``, the DiT predicts
+``v = eps - x0``, MSE over all frames. Independent levels teach every context/target pattern;
+but with T = 16 almost no window has a clean 15-frame history, which is what inference
+conditions on (clean context labelled with a small stabilisation level). So a share
+``prefix_prob`` of the windows gets the inference pattern: a random number of leading blocks at
+t ~ U[0, 2 ctx_noise], the rest logit-normal.
+
+Example:
+    worldgen train dynamics --data data/doom --tokenizer runs/tok --run runs/dyn --minutes 15
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from worldgen import actions, checkpoint, sampling
+from worldgen.data import Dataset, WindowDataset
+from worldgen.models import (MODELS, DiT, flops_per_frame, frames_to_tensor, load_tokenizer, save_part,
+                             tensor_to_frames)
+from worldgen.training.common import (Dist, Run, TrainConfig, atomic_write, autocast, barrier, fit, opt,
+                                      save_image_rows, setup, teardown)
+from worldgen.training.tokenizer import depth_to_uint8, open_dataset
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class DynamicsTrainConfig(TrainConfig):
+    tokenizer: str = opt("", "the trained tokenizer: a `train tokenizer` run folder or a model folder")
+    model: str = opt("S", "DiT size from worldgen.models.MODELS", choices=tuple(MODELS))
+    window: int = opt(16, "frames per training window: the context the model learns to use")
+    batch_size: int = opt(16, "windows per step per GPU (x window x 300 tokens)")
+    lr: float = opt(3e-4, "peak AdamW LR; QK-norm and adaLN-zero keep a small DiT stable here")
+    prefix_prob: float = opt(0.4, "share of windows with a clean-ish prefix and noisy rest (the inference pattern)")
+    ctx_noise: float = opt(0.05, "context noise label at inference (stabilisation); prefixes train on U[0, 2x this]")
+    t_loc: float = opt(0.0, "logit-normal mean of t (SD3: 0)")
+    t_scale: float = opt(1.0, "logit-normal std of t (SD3: 1)")
+    encode_batch: int = opt(256, "frames per tokenizer batch when encoding the dataset")
+    sample_steps: int = opt(8, "Euler steps for sample strips (stored as the checkpoint's sampler default)")
+    sample_frames: int = opt(16, "frames generated in each sample strip after the real context")
+    eval_windows: int = opt(64, "held-out windows for the held-out loss at checkpoints")
+
+
+# --- the loss --------------------------------------------------------------------------------
+def noise_levels(batch: int, frames: int, frames_per_block: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu", prefix_prob: float = 0.4, ctx_noise: float = 0.05,
+                 loc: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """Per-frame noise levels ``(B, T)`` for Diffusion Forcing (see the module docstring).
+
+    One level per block of ``frames_per_block`` frames (a block is denoised together at inference).
+
+    Example:
+        >>> t = noise_levels(4, 6, 1, torch.Generator().manual_seed(0))
+        >>> t.shape, bool(((t >= 0) & (t <= 1)).all())
+        (torch.Size([4, 6]), True)
+    """
+    blocks = math.ceil(frames / frames_per_block)
+    def rand(*shape):
+        return torch.rand(shape, generator=generator, device=device)
+    t = torch.sigmoid(loc + scale * torch.randn((batch, blocks), generator=generator, device=device))
+    if blocks > 1 and prefix_prob > 0:
+        # Prefix of k in [1, blocks - 1] blocks, clean up to the stabilisation level.
+        k = 1 + (rand(batch) * (blocks - 1)).long()                           # (B,)
+        in_prefix = torch.arange(blocks, device=device)[None] < k[:, None]     # (B, blocks)
+        use = (rand(batch) < prefix_prob)[:, None] & in_prefix
+        t = torch.where(use, rand(batch, blocks) * 2 * ctx_noise, t)
+    return t.repeat_interleave(frames_per_block, dim=1)[:, :frames]
+
+
+def flow_matching_loss(model: nn.Module, x0: torch.Tensor, acts: torch.Tensor, t: torch.Tensor,
+                       eps: torch.Tensor) -> torch.Tensor:
+    """MSE between the predicted and the true velocity ``eps - x0`` at ``x_t = (1 - t) x0 + t eps``.
+
+    x0, eps: (B, T, C, h, w) clean latents and noise; acts: (B, T, 10); t: (B, T).
+    """
+    v = model(sampling.add_noise(x0, eps, t), t, acts)
+    return F.mse_loss(v.float(), eps - x0)
+
+
+# --- latents on the device -------------------------------------------------------------------
+@dataclass
+class Latents:
+    """Every frame of some episodes, encoded, with the action that produced it, back to back."""
+
+    z: torch.Tensor          # (N, C, h, w) bf16
+    actions: torch.Tensor    # (N, 10) float32
+    offsets: torch.Tensor    # (E + 1,) int64: episode e is rows offsets[e]:offsets[e + 1]
+
+    def to(self, device: torch.device) -> "Latents":
+        return Latents(self.z.to(device), self.actions.to(device), self.offsets.to(device))
+
+    def starts(self, window: int) -> torch.Tensor:
+        """Every row where a window of ``window`` frames fits inside one episode."""
+        off = self.offsets.tolist()
+        return torch.cat([torch.arange(a, b - window + 1, dtype=torch.long) for a, b in zip(off[:-1], off[1:])]
+                         + [torch.zeros(0, dtype=torch.long)]).to(self.z.device)
+
+    def windows(self, starts: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0 (B, T, C, h, w) float32, actions (B, T, 10))`` of the windows starting at ``starts``."""
+        idx = starts[:, None] + torch.arange(window, device=starts.device)      # (B, T)
+        return self.z[idx].float(), self.actions[idx]
+
+
+def tokenizer_folder(path: str) -> Path:
+    """A tokenizer run folder means its exported ``ckpt/``; otherwise the folder itself."""
+    p = checkpoint.resolve(path)
+    return p / "ckpt" if (p / "ckpt" / "tokenizer.json").is_file() else p
+
+
+def _fingerprint(ds: Dataset, episodes: list[int], tok_folder: Path) -> str:
+    """What the cached latents depend on: the episodes' shards and the tokenizer's weights files."""
+    tok_files = json.loads((tok_folder / "tokenizer.json").read_text()).get("files", [])
+    shards = [s["sha256"] for e in episodes for s in ds.episodes[e].shards]
+    text = json.dumps({"v": CACHE_VERSION, "ids": [ds.episodes[e].id for e in episodes], "shards": shards,
+                       "tokenizer": tok_files})
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@torch.no_grad()
+def encode_episodes(ds: Dataset, episodes: list[int], tokenizer: nn.Module, device: torch.device,
+                    batch: int) -> Latents:
+    """Encode every frame of ``episodes`` with ``tokenizer`` (on ``device``, in batches)."""
+    depth = tokenizer.cfg.in_channels == 4
+    zs, acts, offsets = [], [], [0]
+    for e in episodes:
+        # The whole episode as one window: WindowDataset owns the frame/action alignment.
+        item = WindowDataset(ds, ds.episodes[e].length, episodes=[e], fields=("depth",) if depth else ())[0]
+        frames = item["frames"]
+        if depth:
+            frames = np.concatenate([frames, depth_to_uint8(item["depth"])[..., None]], -1)
+        for i in range(0, len(frames), batch):
+            x = frames_to_tensor(torch.from_numpy(frames[i:i + batch]).to(device))
+            with autocast(device):
+                zs.append(tokenizer.encode(x).to(torch.bfloat16))
+        acts.append(torch.from_numpy(actions.to_vector(item["keys"], item["mouse"])))
+        offsets.append(offsets[-1] + len(frames))
+    return Latents(torch.cat(zs), torch.cat(acts).to(device), torch.tensor(offsets, dtype=torch.long))
+
+
+def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Path, tokenizer: nn.Module,
+                   d: Dist, batch: int) -> Latents:
+    """Latents of ``episodes`` from the cache file at ``path``, encoding (rank 0) and caching them
+    first if it is missing or stale (another dataset or tokenizer)."""
+    key = _fingerprint(ds, episodes, tok_folder)
+
+    def read() -> Latents | None:
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != key:
+                return None
+        t = load_file(path)
+        return Latents(t["z"], t["actions"], t["offsets"])
+
+    lat = read() if d.main else None
+    if d.main and lat is None:
+        t0 = time.time()
+        lat = encode_episodes(ds, episodes, tokenizer, d.device, batch)
+        tensors = {"z": lat.z.cpu().contiguous(), "actions": lat.actions.cpu().contiguous(), "offsets": lat.offsets}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fingerprint": key}))
+        print(f"[train] encoded {len(lat.z)} frames of {len(episodes)} episodes -> {path.name} "
+              f"({time.time() - t0:.1f} s)", file=sys.stderr)
+    barrier(d)
+    if not d.main:
+        lat = read()
+        if lat is None:
+            raise RuntimeError(f"{path}: rank 0 did not write the latent cache")
+    return lat.to(d.device)
+
+
+# --- the task --------------------------------------------------------------------------------
+class DynamicsTask:
+    """The :class:`~worldgen.training.common.Task` of Diffusion Forcing a :class:`DiT`."""
+
+    def __init__(self, cfg: DynamicsTrainConfig, run: Run, d: Dist):
+        if not cfg.tokenizer:
+            raise ValueError("--tokenizer is required: a `worldgen train tokenizer` run folder or model folder")
+        self.cfg, self.run, self.device, self.rank = cfg, run, d.device, d.rank
+        self.ds, train, held = open_dataset(cfg)
+        self.tok_folder = tokenizer_folder(cfg.tokenizer)
+        self.tokenizer = load_tokenizer(self.tok_folder, d.device).requires_grad_(False)
+        w, h = self.ds.resolution
+        if tuple(self.tokenizer.cfg.image_size) != (h, w):
+            raise ValueError(f"{self.tok_folder}: tokenizer takes {self.tokenizer.cfg.image_size} (H, W) frames, "
+                             f"{cfg.data} has {(h, w)}")
+        tc = self.tokenizer.cfg
+        dit_cfg = dataclasses.replace(MODELS[cfg.model], latent_channels=tc.latent_channels,
+                                      latent_size=tuple(tc.latent_size), max_frames=max(MODELS[cfg.model].max_frames, cfg.window))
+        torch.manual_seed(cfg.seed)
+        self.model = DiT(dit_cfg)
+
+        self.train = cached_latents(run.root / "latents-train.safetensors", self.ds, train, self.tok_folder,
+                                    self.tokenizer, d, cfg.encode_batch)
+        self.held = cached_latents(run.root / "latents-heldout.safetensors", self.ds, held, self.tok_folder,
+                                   self.tokenizer, d, cfg.encode_batch) if held else self.train
+        self.eval_split = "heldout" if held else "train"
+        starts = self.train.starts(cfg.window)
+        if len(starts) == 0:
+            raise ValueError(f"{cfg.data}: no train episode has --window {cfg.window} frames")
+        self.starts = starts[d.rank::d.world_size]  # each rank draws from its own share of windows
+        self.tokens_per_sample = cfg.window * dit_cfg.tokens_per_frame
+        self.metrics: dict[str, float] = {}
+        if d.main:
+            print(f"[train] dynamics: DiT {cfg.model} {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
+                  f"params; {len(self.train.z)} train frames ({len(starts)} windows of {cfg.window}), "
+                  f"{len(self.held.z)} {self.eval_split} frames", file=sys.stderr)
+
+    def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch of the step: ``(x0, actions, t, eps)``."""
+        cfg, fpb = self.cfg, self.model.cfg.frames_per_block
+        i = torch.randint(len(self.starts), (batch,), generator=generator, device=self.device)
+        x0, acts = self.train.windows(self.starts[i], cfg.window)               # (B, T, C, h, w), (B, T, 10)
+        t = noise_levels(batch, cfg.window, fpb, generator, self.device, cfg.prefix_prob, cfg.ctx_noise,
+                         cfg.t_loc, cfg.t_scale)                                 # (B, T)
+        eps = torch.randn(x0.shape, generator=generator, device=self.device)
+        return x0, acts, t, eps
+
+    def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
+        return flow_matching_loss(model, *self.draw(generator, self.cfg.batch_size))
+
+    def flops_per_sample(self) -> float | None:
+        return 3 * flops_per_frame(self.model.cfg, self.cfg.window) * self.cfg.window
+
+    @torch.no_grad()
+    def evaluate(self, ema_model: nn.Module) -> dict[str, float]:
+        """Loss on fixed held-out windows with fixed noise: comparable across checkpoints."""
+        cfg = self.cfg
+        starts = self.held.starts(cfg.window)
+        if len(starts) == 0:
+            return {}
+        g = torch.Generator(self.device).manual_seed(1234)
+        pick = starts[torch.linspace(0, len(starts) - 1, min(cfg.eval_windows, len(starts))).long()]
+        total, n = 0.0, 0
+        for i in range(0, len(pick), cfg.batch_size):
+            x0, acts = self.held.windows(pick[i:i + cfg.batch_size], cfg.window)
+            t = noise_levels(len(x0), cfg.window, ema_model.cfg.frames_per_block, g, self.device,
+                             cfg.prefix_prob, cfg.ctx_noise, cfg.t_loc, cfg.t_scale)
+            eps = torch.randn(x0.shape, generator=g, device=self.device)
+            with autocast(self.device):
+                total += flow_matching_loss(ema_model, x0, acts, t, eps).item() * len(x0)
+            n += len(x0)
+        self.metrics = {"heldout_loss": total / n}
+        return self.metrics
+
+    def finish(self, ema_model: nn.Module) -> dict[str, Any]:
+        return {"window": self.cfg.window, "tokens_per_frame": self.model.cfg.tokens_per_frame,
+                "train_frames": len(self.train.z), "eval_split": self.eval_split,
+                "tokenizer": str(self.tok_folder)}
+
+    @torch.no_grad()
+    def sample(self, ema_model: nn.Module, step: int, folder: Path) -> None:
+        """Rows: the real frames; real context then generated frames (rollout with the real actions)."""
+        cfg, lat = self.cfg, self.held
+        ctx = max(min(cfg.window - 1, 8), 1)
+        lengths = (lat.offsets[1:] - lat.offsets[:-1]).tolist()
+        e = int(np.argmax(lengths))  # the longest held-out episode, the same every time
+        n = min(cfg.sample_frames, lengths[e] - ctx)
+        if n < 1:
+            return
+        lo = int(lat.offsets[e]) + (lengths[e] - ctx - n) // 2
+        z, acts = lat.windows(torch.tensor([lo], device=self.device), ctx + n)   # (1, ctx + n, ...)
+        g = torch.Generator(self.device).manual_seed(0)
+        with autocast(self.device):
+            gen = sampling.rollout(ema_model, z[:, :ctx], acts[:, :ctx], acts[:, ctx:], steps=cfg.sample_steps,
+                                   window=cfg.window, ctx_noise=cfg.ctx_noise, generator=g)
+            real = self.tokenizer.decode(z[0])
+            fake = self.tokenizer.decode(torch.cat([z[0, :ctx], gen[0].to(z.dtype)]))
+        save_image_rows([tensor_to_frames(real.float())[..., :3], tensor_to_frames(fake.float())[..., :3]],
+                        folder / f"step-{step:07d}.png")
+
+    def export(self, ema_model: nn.Module, folder: Path, dtype: torch.dtype, step: int) -> None:
+        tok_extra = {k: v for k, v in checkpoint.config(self.tok_folder, "tokenizer").items()
+                     if k not in ("model", "action_schema")}
+        save_part(folder, "tokenizer", self.tokenizer, tok_extra, dtype=dtype)
+        save_part(folder, "dynamics", ema_model, {
+            "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
+            "sampler": {"steps": self.cfg.sample_steps, "ctx_noise": self.cfg.ctx_noise, "window": self.cfg.window},
+            "metrics": self.metrics}, dtype=dtype)
+
+
+def train(cfg: DynamicsTrainConfig, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) a dynamics training run; returns its summary."""
+    t_start = time.time()
+    d = setup(cfg.device)
+    try:
+        run = Run(cfg.run, write=d.main)
+        cfg, resuming = run.start("dynamics", cfg, given or {})
+        barrier(d)
+        task = DynamicsTask(cfg, run, d)
+        return fit(task, cfg, run, d, resuming, t_start)
+    finally:
+        teardown(d)

@@ -1,0 +1,202 @@
+"""``worldgen train tokenizer``: fit the per-frame VAE to recorded frames.
+
+Data path: a pool of up to ``pool_frames`` train frames, spread evenly over the train episodes
+(every k-th frame; neighbouring frames are near duplicates, so striding loses little), is read
+once into device memory as uint8, and every batch is drawn from it on the device. A DataLoader
+over single frames would spend more time in Python than the GPU spends on a batch of this small
+model, and drawing from the pool with the step's generator makes a resumed run exact.
+
+Loss: per-pixel MSE (what PSNR measures) plus the VAE's own weighted terms (its KL).
+At the end: held-out PSNR/SSIM of the EMA weights, and ``latent_scale`` set to the std of
+the posterior means so that ``encode`` hands the DiT ~unit-std latents.
+
+Example:
+    worldgen train tokenizer --data data/doom --run runs/tok --minutes 8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worldgen.data import Dataset
+from worldgen.evaluation.metrics import psnr, ssim
+from worldgen.models import Tokenizer, TokenizerConfig, frames_to_tensor, save_part, tensor_to_frames
+from worldgen.training.common import (Dist, Run, TrainConfig, autocast, barrier, fit, opt, save_image_rows,
+                                      setup, teardown)
+
+
+@dataclass
+class TokenizerTrainConfig(TrainConfig):
+    batch_size: int = opt(32, "frames per step per GPU; small convs need a few dozen to fill a GPU")
+    lr: float = opt(5e-4, "peak AdamW LR; conv VAEs train stably here with warmup")
+    weight_decay: float = opt(0.0, "no decay: the KL already regularises, decay only blurs")
+    channels: str = opt("32,64,128,128", "tokenizer widths per resolution level, full resolution first")
+    latent_channels: int = opt(16, "latent channels at 8x down: 16 keeps ~30 dB at 160x120")
+    depth: bool = opt(False, "also encode the depth buffer as a 4th input channel")
+    pool_frames: int = opt(65536, "train frames held on the device to draw batches from (~3.8 GB at 160x120)")
+    eval_frames: int = opt(512, "held-out frames for PSNR/SSIM (final; a quarter at checkpoints)")
+
+
+def open_dataset(cfg: TrainConfig) -> tuple[Dataset, list[int], list[int]]:
+    """The dataset and its (train, held-out) episodes. Without held-out episodes (a tiny dataset),
+    metrics fall back to train episodes, and say so."""
+    if not cfg.data:
+        raise ValueError("--data DIR is required: a dataset folder written by `worldgen record`")
+    ds = Dataset(cfg.data)
+    train, held = ds.split(cfg.heldout_fraction)
+    if not train:
+        raise ValueError(f"{cfg.data}: no train episodes (all {len(ds)} are held out)")
+    if not held:
+        print(f"[train] {cfg.data}: no held-out episodes; metrics are measured on train episodes",
+              file=sys.stderr)
+    return ds, train, held
+
+
+def depth_to_uint8(depth: np.ndarray) -> np.ndarray:
+    """A recorded depth buffer (uint8 or uint16, larger = farther) as uint8, so it rides along
+    the RGB frames as a 4th channel."""
+    if depth.dtype == np.uint8:
+        return depth
+    if depth.dtype == np.uint16:
+        return (depth.astype(np.float32) / 257.0).round().astype(np.uint8)
+    raise ValueError(f"--depth needs an integer depth buffer, this dataset stores {depth.dtype}")
+
+
+def read_frames(ds: Dataset, episode: int, depth: bool, start: int = 0, stop: int | None = None,
+                step: int = 1) -> np.ndarray:
+    """Frames ``[start:stop:step]`` of an episode as uint8 ``(N, H, W, 3 or 4)`` (RGB[, depth])."""
+    frames = ds.read(episode, "frames", start, stop)[::step]
+    if not depth:
+        return frames
+    if "depth" not in ds.fields:
+        raise ValueError(f"{ds.root}: --depth asked for, but this dataset has no depth")
+    d = depth_to_uint8(ds.read(episode, "depth", start, stop)[::step])
+    return np.concatenate([frames, d[..., None]], -1)
+
+
+def frame_pool(ds: Dataset, episodes: list[int], max_frames: int, depth: bool) -> np.ndarray:
+    """Every k-th frame of ``episodes``, k chosen so at most ``max_frames`` remain: ``(N, H, W, C)``."""
+    total = sum(ds.episodes[e].length for e in episodes)
+    k = max(math.ceil(total / max(max_frames, 1)), 1)
+    return np.concatenate([read_frames(ds, e, depth, step=k) for e in episodes])[:max_frames]
+
+
+class TokenizerTask:
+    """The :class:`~worldgen.training.common.Task` of fitting a :class:`~worldgen.models.Tokenizer`."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, d: Dist):
+        self.cfg, self.device = cfg, d.device
+        self.ds, train, held = open_dataset(cfg)
+        w, h = self.ds.resolution
+        widths = tuple(int(c) for c in cfg.channels.split(","))
+        torch.manual_seed(cfg.seed)
+        self.model = Tokenizer(TokenizerConfig(image_size=(h, w), in_channels=4 if cfg.depth else 3,
+                                               latent_channels=cfg.latent_channels, channels=widths))
+        t0 = time.time()
+        self.pool = torch.from_numpy(frame_pool(self.ds, train, cfg.pool_frames, cfg.depth)).to(d.device)
+        held_eps = held or train
+        n_held = sum(self.ds.episodes[e].length for e in held_eps)
+        self.eval_set = torch.from_numpy(frame_pool(self.ds, held_eps, min(cfg.eval_frames, n_held), cfg.depth))
+        self.eval_split = "heldout" if held else "train"
+        if d.main:
+            print(f"[train] tokenizer: {len(self.pool)} train frames on {d.device} from {len(train)} episodes, "
+                  f"{len(self.eval_set)} {self.eval_split} frames for metrics ({time.time() - t0:.1f} s)",
+                  file=sys.stderr)
+        self.tokens_per_sample = math.prod(self.model.cfg.latent_size)
+        self.metrics: dict[str, float] = {}
+
+    def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(self.pool), (self.cfg.batch_size,), generator=generator, device=self.device)
+        x = frames_to_tensor(self.pool[idx])                               # (B, C, H, W)
+        x_hat, aux = model(x)
+        return F.mse_loss(x_hat.float(), x) + sum(v.float() for v in aux.values())
+
+    def flops_per_sample(self) -> float | None:
+        """Forward + backward FLOPs of one frame, counted once by torch's FLOP counter (convs)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        probe = type(self.model)(self.model.cfg)  # a fresh copy: counting must not touch the weights
+        x = torch.zeros(1, self.model.cfg.in_channels, *self.model.cfg.image_size)
+        with FlopCounterMode(display=False) as counter:
+            x_hat, aux = probe(x)
+            (x_hat.square().mean() + sum(aux.values())).backward()
+        return float(counter.get_total_flops())
+
+    @torch.no_grad()
+    def reconstruct(self, model: nn.Module, frames: torch.Tensor, batch: int = 64) -> torch.Tensor:
+        """uint8 ``(N, H, W, C)`` -> reconstructions as uint8 ``(N, H, W, C)`` (through encode/decode)."""
+        out = []
+        for i in range(0, len(frames), batch):
+            x = frames_to_tensor(frames[i:i + batch].to(self.device))
+            with autocast(self.device):
+                x_hat = model.decode(model.encode(x))
+            out.append(torch.from_numpy(tensor_to_frames(x_hat.float())))
+        return torch.cat(out)
+
+    def _metrics(self, model: nn.Module, n: int, with_ssim: bool) -> dict[str, float]:
+        real = self.eval_set[:n]
+        rec = self.reconstruct(model, real)
+        real_rgb, rec_rgb = real[..., :3].to(self.device), rec[..., :3].to(self.device)
+        out = {"heldout_loss": float(((rec_rgb.float() - real_rgb.float()) / 127.5).square().mean()),
+               f"{self.eval_split}_psnr": float(psnr(rec_rgb, real_rgb).mean())}
+        if with_ssim:
+            out[f"{self.eval_split}_ssim"] = float(ssim(rec_rgb, real_rgb).mean())
+        return out
+
+    def evaluate(self, ema_model: nn.Module) -> dict[str, float]:
+        self.metrics = self._metrics(ema_model, max(len(self.eval_set) // 4, 1), with_ssim=False)
+        return self.metrics
+
+    def finish(self, ema_model: nn.Module) -> dict[str, Any]:
+        self.metrics = {**self._metrics(ema_model, len(self.eval_set), with_ssim=True),
+                        "eval_frames": len(self.eval_set), "latent_scale": self._latent_scale(ema_model)}
+        return self.metrics
+
+    def _latent_scale(self, model: nn.Module, n: int = 512, batch: int = 64) -> float:
+        """Std of the unscaled posterior means over ``n`` pool frames (the tokenizer's latent_std,
+        pooled over batches so it is one std of all of them, not a mean of stds)."""
+        idx = torch.linspace(0, len(self.pool) - 1, min(n, len(self.pool))).long()
+        s1 = s2 = count = 0.0
+        with torch.no_grad():
+            for i in range(0, len(idx), batch):
+                mean = model.posterior(frames_to_tensor(self.pool[idx[i:i + batch].to(self.device)]))[0].double()
+                s1, s2, count = s1 + mean.sum().item(), s2 + mean.square().sum().item(), count + mean.numel()
+        return math.sqrt(max(s2 / count - (s1 / count) ** 2, 1e-12))
+
+    def sample(self, ema_model: nn.Module, step: int, folder: Path) -> None:
+        """Real frames over their reconstructions, 8 held-out frames spread over the eval set."""
+        idx = torch.linspace(0, len(self.eval_set) - 1, min(8, len(self.eval_set))).long()
+        real = self.eval_set[idx]
+        rec = self.reconstruct(ema_model, real)
+        save_image_rows([real[..., :3].numpy(), rec[..., :3].numpy()], folder / f"step-{step:07d}.png")
+
+    def export(self, ema_model: nn.Module, folder: Path, dtype: torch.dtype, step: int) -> None:
+        ema_model.cfg.latent_scale = self._latent_scale(ema_model)
+        save_part(folder, "tokenizer", ema_model, {
+            "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
+            "metrics": self.metrics}, dtype=dtype)
+
+
+def train(cfg: TokenizerTrainConfig, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) a tokenizer training run; returns its summary."""
+    t_start = time.time()
+    d = setup(cfg.device)
+    try:
+        run = Run(cfg.run, write=d.main)
+        cfg, resuming = run.start("tokenizer", cfg, given or {})
+        barrier(d)
+        task = TokenizerTask(cfg, d)
+        return fit(task, cfg, run, d, resuming, t_start)
+    finally:
+        teardown(d)
