@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("worldgen.env.record", "record real play (ViZDoom or any Gymnasium env) into a dataset"),
     "data": ("worldgen.data.cli", "inspect a dataset: info, view"),
+    "train": ("worldgen.training.cli", "train the tokenizer or the dynamics model"),
 }
 
 
