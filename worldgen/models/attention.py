@@ -73,12 +73,14 @@ def make_mask(impl: str, tokens_per_frame: int, frames: int, frames_per_block: i
 
     ``impl``: ``"flex"`` (a FlexAttention ``BlockMask``; compiled flex on CUDA skips fully
     masked tiles: ~half the FLOPs of dense causal attention), ``"sdpa"`` (a dense (L, L) bool
-    mask for ``F.scaled_dot_product_attention``: the reference), or ``"auto"`` (flex on CUDA,
-    sdpa elsewhere, where uncompiled flex materialises the full score matrix anyway).
+    mask for ``F.scaled_dot_product_attention``: the reference), or ``"auto"``: flex when
+    training on CUDA; sdpa elsewhere (uncompiled CPU flex materialises the full score matrix
+    anyway and has no backward) and under no_grad (samplers meet a new sequence length per
+    context size, and compiled flex would recompile for each).
     """
     device = torch.device(device)
     if impl == "auto":
-        impl = "flex" if device.type == "cuda" else "sdpa"
+        impl = "flex" if device.type == "cuda" and torch.is_grad_enabled() else "sdpa"
     key = (tokens_per_frame, frames, frames_per_block, prefix_frames, str(device))
     if impl == "sdpa":
         return _cached(_DENSE_MASKS, key, lambda: dense_mask(tokens_per_frame, frames, frames_per_block,

@@ -53,7 +53,7 @@ class DiTConfig:
     max_frames: int = 64                     # most frames (prefix included) one forward accepts
     qk_norm: bool = True                     # bounds attention logits: stable bf16 training
     rope_theta: float = 10000.0
-    attn_impl: str = "auto"                  # "flex" | "sdpa" | "auto" (flex on CUDA, sdpa elsewhere)
+    attn_impl: str = "auto"                  # "flex" | "sdpa" | "auto" (flex to train on CUDA, else sdpa)
 
     def __post_init__(self) -> None:
         h, w = self.latent_size

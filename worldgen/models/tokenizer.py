@@ -87,11 +87,12 @@ class ResBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest 2x then a 3x3 conv: no checkerboard artifacts, unlike a transposed conv."""
+    """Nearest 2x then a 3x3 conv: no checkerboard artifacts, unlike a transposed conv. It
+    narrows to the next level's width at once, so no conv runs wide at the higher resolution."""
 
-    def __init__(self, c: int):
+    def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -126,10 +127,9 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         layers: list[nn.Module] = []
         for i, c in enumerate(ch):
-            c_prev = ch[max(i - 1, 0)]
             if i > 0:
-                layers.append(Upsample(c_prev))
-            layers += [ResBlock(c_prev if j == 0 else c, c, g) for j in range(cfg.dec_blocks)]
+                layers.append(Upsample(ch[i - 1], c))
+            layers += [ResBlock(c, c, g) for _ in range(cfg.dec_blocks)]
         self.body = nn.Sequential(*layers)
         self.head = _head(ch[-1], cfg.in_channels, g)
 

@@ -1,0 +1,93 @@
+"""Tokenizer encode and decode throughput in frames/s, batched.
+
+    python benchmarks/tokenizer_bench.py                                   # CPU, default config
+    python benchmarks/tokenizer_bench.py --device cuda --dtype bf16 --batch 1 64 256 --channels-last
+    python benchmarks/tokenizer_bench.py --checkpoint runs/tok/ckpt       # a trained tokenizer
+
+Speed depends on the config, not on the weights, so an untrained default-config tokenizer
+measures the same as a trained one. Prints a Markdown table for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import subprocess
+import time
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+
+from worldgen.models import Tokenizer, TokenizerConfig, load_tokenizer
+
+
+def measure(fn: Callable[[], torch.Tensor], device: torch.device, seconds: float) -> float:
+    """Seconds per call: two warmup calls, then repeat until ``seconds`` have passed."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        fn()
+    sync()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or calls < 3:
+        fn()
+        calls += 1
+    sync()
+    return (time.perf_counter() - start) / calls
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint", default="", help="tokenizer checkpoint folder (default: untrained default config)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes to measure")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile encode and decode")
+    p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    tok = load_tokenizer(args.checkpoint, device) if args.checkpoint else Tokenizer(TokenizerConfig()).to(device).eval()
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    tok = tok.to(memory_format=fmt)
+    encode, decode = tok.encode, tok.decode
+    if args.compile:
+        encode, decode = torch.compile(encode), torch.compile(decode)
+    amp = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+    cfg = tok.cfg
+    params = sum(p.numel() for p in tok.parameters())
+
+    rows = []
+    with torch.inference_mode(), amp:
+        for b in args.batch:
+            x = torch.rand(b, cfg.in_channels, *cfg.image_size, device=device).mul(2).sub(1).to(memory_format=fmt)
+            z = encode(x).to(memory_format=fmt)
+            t_enc = measure(lambda: encode(x), device, args.seconds)
+            t_dec = measure(lambda: decode(z), device, args.seconds)
+            rows.append((b, b / t_enc, b / t_dec, 1e3 * t_enc, 1e3 * t_dec))
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"tokenizer {dataclasses.asdict(cfg)['channels']} widths, {params / 1e6:.2f}M params, "
+          f"{cfg.image_size[1]}x{cfg.image_size[0]}x{cfg.in_channels} -> {cfg.latent_channels}x"
+          f"{cfg.latent_size[0]}x{cfg.latent_size[1]}")
+    print(f"hardware: {hardware(device)}; torch {torch.__version__}; {args.dtype}"
+          f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}; "
+          f"{datetime.date.today()}; commit {commit or 'unknown'}\n")
+    print("| batch | encode frames/s | decode frames/s | encode ms/batch | decode ms/batch |")
+    print("|---:|---:|---:|---:|---:|")
+    for b, enc, dec, ms_e, ms_d in rows:
+        print(f"| {b} | {enc:,.0f} | {dec:,.0f} | {ms_e:.1f} | {ms_d:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
