@@ -12,7 +12,8 @@ which space it came from. It is also mapped into the schema where that means som
 n <= 8 holds keys ``[:n]``; any other space leaves keys and mouse at zero. Key names (forward,
 back, ...) are only slots here; they say nothing about what the env does with them.
 
-Each episode's last step carries the no-op (zero keys, mouse and env action): nothing
+Each episode's ``map`` is the env id (the world it was played in) and its ``seed`` the seed
+that reset it. Each episode's last step carries the no-op (zero keys, mouse and env action): nothing
 followed it. An episode that the env ends (terminated or truncated) records its final
 observation as that last step; ``terminal`` is True when the env *terminated* it.
 
@@ -150,6 +151,7 @@ def record_gym(env_id: str, out: Path, steps: int, seed: int = 0, episode_steps:
             has_env_actions=True, overwrite=overwrite,
             source={"kind": "gymnasium", "env_id": env_id, "gymnasium_version": gym.__version__,
                     "frames_from": grab.source, "native_resolution": list(grab.native), "seed": seed,
+                    "fps": env.metadata.get("render_fps"),
                     "policy": "uniform random: action_space.sample(), seeded with the episode seed",
                     "key_mapping": mapping,
                     "env_action_space": {"repr": str(space), "flatdim": env_dim,
@@ -207,4 +209,5 @@ def _record_episode(env: gym.Env, obs: Any, seed: int, grab: _FrameGrabber,
             terminal = bool(terminated)
             break
     flush()
-    return EpisodeInfo(id=name, length=length, shards=shards, seed=seed, terminal=terminal)
+    return EpisodeInfo(id=name, length=length, shards=shards, map=env.spec.id if env.spec else None, seed=seed,
+                       terminal=terminal)

@@ -70,6 +70,7 @@ def test_cartpole_records_real_frames_and_actions(cartpole):
     assert src["env_id"] == "CartPole-v1" and src["frames_from"] == "render"
     assert src["env_action_space"]["repr"] == "Discrete(2)" and src["env_action_space"]["flatdim"] == 2
     assert [e.seed for e in ds.episodes] == [episode_seed(3, k) for k in range(len(ds))]
+    assert {e.map for e in ds.episodes} == {"CartPole-v1"} and src["fps"] == 50
     assert len(set(e.seed for e in ds.episodes)) == len(ds) > 2  # random play drops the pole soon
     for i, info in enumerate(ds.episodes):
         ep = ds.episode(i)

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     view.add_argument("--episode", type=int, default=0, help="episode index (0-based, see `data info`)")
     view.add_argument("--frames", type=int, default=8, help="frames in the strip, evenly spaced")
     view.add_argument("--clip-steps", type=int, default=1000, help="steps of the episode in clip.mp4")
-    view.add_argument("--fps", type=float, help="clip frame rate (default: 35 / frame skip, game speed)")
+    view.add_argument("--fps", type=float,
+                      help="clip frame rate (default: the source's fps if recorded, else 35 / frame skip, Doom speed)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,11 +133,12 @@ def info(ds: Dataset, args: argparse.Namespace) -> int:
                      + f"  (none {a['no_key_held']:.1%})")
         for m, st in a["mouse"].items():
             if st:
-                lines.append(f"mouse {m:5s}mean {st['mean']:+.2f}  std {st['std']:.2f}  |mean| {st['abs_mean']:.2f}"
+                lines.append(f"mouse {m:<5s} mean {st['mean']:+.2f}  std {st['std']:.2f}  |mean| {st['abs_mean']:.2f}"
                              f"  range [{st['min']:.1f}, {st['max']:.1f}]  nonzero {st['nonzero']:.1%}  (degrees/step)")
         if "env_actions" in a:
             space = (a["env_actions"]["space"] or {}).get("repr", "?")
-            lines.append(f"env action {space}: mean of each flattened dimension {_short(a['env_actions']['mean'])}")
+            means = [f"{m:.3f}" for m in a["env_actions"]["mean"]]
+            lines.append(f"env action {space}: mean of each flattened dimension {_short(means)}")
     if s["stray_files"]:
         lines.append(f"strays     {len(s['stray_files'])} files in shards/ not in the index (an interrupted "
                      f"recording; never read): {_short(s['stray_files'])}")
@@ -188,7 +190,7 @@ def write_clip(ds: Dataset, episode: int, path: Path, steps: int, fps: float) ->
     video = np.pad(video, ((0, 0), (0, video.shape[1] % 2), (0, video.shape[2] % 2), (0, 0)))
 
     def write(tmp: str) -> None:
-        with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1, quality=8) as w:
+        with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1) as w:
             for frame in video:
                 w.append_data(frame)
 
@@ -208,7 +210,7 @@ def view(ds: Dataset, args: argparse.Namespace) -> int:
     image, steps = strip(ds, args.episode, args.frames)
     _atomic_write(out / "strip.png", lambda tmp: Image.fromarray(image).save(tmp))
     print(f"{out / 'strip.png'}: episode {info.id} steps {steps}" + (" with depth under" if "depth" in ds.fields else ""))
-    fps = args.fps or DOOM_TICS_PER_SECOND / ds.frame_skip
+    fps = args.fps or ds.index["source"].get("fps") or DOOM_TICS_PER_SECOND / ds.frame_skip
     n = write_clip(ds, args.episode, out / "clip.mp4", args.clip_steps, fps)
     print(f"{out / 'clip.mp4'}: {n} frames at {fps:g} fps")
     if "pose" in ds.fields:
