@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("worldgen.env.record", "record real play (ViZDoom or any Gymnasium env) into a dataset"),
     "data": ("worldgen.data.cli", "inspect a dataset: info, view"),
     "train": ("worldgen.training.cli", "train the tokenizer or the dynamics model"),
+    "eval": ("worldgen.evaluation.cli", "evaluate a checkpoint on held-out episodes"),
 }
 
 

@@ -1,0 +1,401 @@
+"""Evaluate a checkpoint (tokenizer + dynamics) on held-out play: one function, one JSON.
+
+Every metric is computed on the same N windows of ``context + horizon`` consecutive frames,
+picked deterministically (seeded) from held-out episodes. Generated frames are decoded and
+rounded to uint8, exactly what a player would see, and compared with the recorded uint8
+frames (:mod:`worldgen.evaluation.metrics`; PSNR is capped at ``psnr_cap_db``).
+
+The JSON (``evaluate(...)`` returns it as a dict). Keys are stable; a new key may be added,
+an existing one never changes meaning without bumping ``version``. Means are over windows
+(and over frames where stated); a value is ``null`` when the data is too short to measure it.
+
+* ``version``: 1.
+* ``checkpoint``, ``data``: the folders evaluated.
+* ``split``: ``"heldout"`` (the held-out side of ``Dataset.split()``) or ``"all"`` (every
+  episode; for data recorded with seeds never used in training). ``heldout_fraction``: the
+  share ``Dataset.split`` held out (the trainer's unless overridden; null for ``"all"``).
+  ``episodes``: how many episodes the windows were drawn from.
+* ``windows``: N, windows evaluated. ``window_starts``: ``[[episode id, first frame], ...]``.
+* ``context``: real frames given as context. ``horizon``: frames predicted after the context:
+  64, or where episodes are shorter the longest horizon at which two windows still fit.
+* ``sampler``: ``{"steps", "ctx_noise", "window", "seed"}`` as used by
+  ``worldgen.sampling`` (``window`` = most frames the rollout attends to).
+* ``tokenizer``: ``{"psnr", "ssim"}`` of encode-decode over every frame of the windows; the
+  ceiling for everything below. ``frames``: how many frames.
+* ``teacher_forced``: next-frame prediction with the real previous ``context`` frames as
+  context, for every frame of the horizon. ``psnr``, ``ssim``: the model.
+  ``baseline_psnr``, ``baseline_ssim``: the real previous frame taken as the prediction.
+  ``gain_db`` = ``psnr - baseline_psnr``. ``frames``: predictions made.
+* ``rollout``: autoregressive generation from the real context with the real actions.
+  ``psnr@1``, ``psnr@16``, ``psnr@64``: PSNR of the frame h steps after the context.
+  ``baseline_psnr@1``, ``@16``, ``@64``: the last context frame held still.
+  ``curve``, ``baseline_curve``, ``shuffled_curve``: PSNR at h = 1 .. horizon (lists), the
+  last one with shuffled actions (below).
+* ``controllability``: ``psnr@16_real``, ``psnr@16_shuffled``: rollout PSNR at h = 16 with
+  the real actions and with the actions of another window (a seeded permutation without fixed
+  points; same context, same sampler noise); ``delta_db`` = real - shuffled. A model that
+  ignores actions scores 0.
+* ``psnr_cap_db``: PSNR of identical frames (metrics.PSNR_CAP_DB).
+* ``device``, ``seconds``: where it ran and the wall time.
+* ``files``: ``{"plot", "video"}`` paths written, or null.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from worldgen import actions, checkpoint, sampling
+from worldgen.data import Dataset, DatasetError, WindowDataset
+from worldgen.data.dataset import _atomic_write
+from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
+from worldgen.models import frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
+
+VERSION = 1
+HORIZONS = (1, 16, 64)    # rollout horizons reported by name (issue 3)
+CONTROL_HORIZON = 16      # horizon of the action-controllability test
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation cannot run as asked; the message names the data, checkpoint or option."""
+
+
+@dataclass
+class EvalConfig:
+    # Real context frames; None = the trained window minus one block, so every prediction sees
+    # exactly as many frames as a training window holds (positions beyond it were never trained).
+    context: int | None = None
+    horizon: int = 64          # longest rollout reported; shorter if episodes are shorter
+    windows: int = 64          # held-out windows; ~64 puts a PSNR mean's standard error near 0.3 dB
+    steps: int | None = None   # sampler steps; None = the checkpoint's, else sampling.STEPS
+    ctx_noise: float | None = None  # context noise level; None = the checkpoint's, else 0
+    batch: int = 32            # windows (or next-frame predictions) per forward; more if memory allows
+    split: str = "heldout"     # "heldout": Dataset.split()'s held-out side; "all": every episode
+    # Held-out share for split="heldout"; None = the trainer's (stored in the checkpoint), else 0.1,
+    # so the held-out episodes are exactly those the dynamics model never trained on.
+    heldout_fraction: float | None = None
+    seed: int = 0              # picks windows, shuffles actions, seeds sampler noise
+    video_windows: int = 4     # windows shown in the side-by-side video
+
+
+def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalConfig | None = None,
+             device: str | torch.device | None = None, media: str | Path | None = None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every metric of the module docstring; write the plot and video under ``media``.
+
+    Example:
+        >>> r = evaluate("default", "data/doom-heldout", EvalConfig(split="all"))  # doctest: +SKIP
+        >>> r["teacher_forced"]["gain_db"], r["controllability"]["delta_db"]        # doctest: +SKIP
+        (3.1, 2.4)
+    """
+    t0 = time.perf_counter()
+    cfg = cfg or EvalConfig()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    folder = checkpoint.resolve(checkpoint_dir)
+    tokenizer = load_tokenizer(folder, device=device).eval()
+    dit = load_dit(folder, device=device).eval()
+    c, sampler = _sampler_settings(folder, cfg, dit.cfg)
+
+    ds = data if isinstance(data, Dataset) else Dataset(data)
+    train = checkpoint.config(folder, "dynamics").get("train", {})
+    if cfg.split == "all" and train.get("data") and Path(train["data"]).resolve() == ds.root.resolve():
+        log(f"warning: {folder} was trained on {ds.root}; --split all scores frames it trained on")
+    fraction = cfg.heldout_fraction
+    if fraction is None:
+        fraction = train.get("config", {}).get("heldout_fraction", 0.1)
+    frames, acts, starts, horizon, n_episodes = _load_windows(ds, cfg, c, fraction)
+    fraction = fraction if cfg.split == "heldout" else None
+    expected = tuple(tokenizer.cfg.image_size)
+    if tuple(frames.shape[2:4]) != expected:
+        raise EvaluationError(f"{ds.root}: frames are {tuple(frames.shape[2:4])} (H, W) but the "
+                              f"tokenizer of {folder} was trained on {expected}")
+    n = len(frames)
+    log(f"evaluating {folder} on {n} windows of {c} + {horizon} frames from {n_episodes} "
+        f"{cfg.split} episodes of {ds.root} ({device})")
+
+    frames_d = frames.to(device)                                     # (N, L, H, W, 3) uint8
+    acts_d = acts.to(device)                                         # (N, L, 10)
+    run = _Runner(tokenizer, dit, sampler, cfg.batch, device)
+
+    with torch.no_grad():
+        latents, recon = run.encode(frames_d)                        # (N, L, C, h, w), uint8 frames
+        tok_psnr, tok_ssim = psnr(recon, frames_d), ssim(recon, frames_d)
+
+        # Teacher forcing: target frame t of every window from the real frames t-c .. t-1.
+        pairs = [(i, t) for i in range(n) for t in range(c, c + horizon)]
+        tf_pred = run.next_frames(latents, acts_d, pairs, c)         # (P, H, W, 3)
+        idx_n = torch.tensor([p[0] for p in pairs], device=device)
+        idx_t = torch.tensor([p[1] for p in pairs], device=device)
+        target, previous = frames_d[idx_n, idx_t], frames_d[idx_n, idx_t - 1]
+        tf = {"psnr": psnr(tf_pred, target), "ssim": ssim(tf_pred, target),
+              "baseline_psnr": psnr(previous, target), "baseline_ssim": ssim(previous, target)}
+
+        # Rollouts from the real context: real actions, another window's actions, a still frame.
+        future = frames_d[:, c:c + horizon]                          # (N, horizon, H, W, 3)
+        real = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[:, c:c + horizon])
+        perm = _derangement(n, cfg.seed).to(device)
+        shuffled = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[perm, c:c + horizon])
+        still = frames_d[:, c - 1:c].expand_as(future)
+        curves = {"curve": psnr(real, future).mean(0), "shuffled_curve": psnr(shuffled, future).mean(0),
+                  "baseline_curve": psnr(still, future).mean(0)}          # each (horizon,)
+
+    result = _report(folder, ds, cfg, c, fraction, sampler, device, starts, n_episodes, horizon, tok_psnr,
+                     tok_ssim, tf, {k: v.tolist() for k, v in curves.items()})
+    if media is not None:
+        v = cfg.video_windows
+        result["files"] = write_media(result, frames[:v, c:c + horizon], real[:v].cpu(), frames[:v, c - 1],
+                                      Path(media), fps=35.0 / max(ds.frame_skip, 1))
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+# --- pieces ------------------------------------------------------------------------------------
+
+def _sampler_settings(folder: Path, cfg: EvalConfig, dit_cfg) -> tuple[int, dict[str, Any]]:
+    """Context length and sampler settings: the command line's, else what the trainer stored
+    (``"sampler"`` in the dynamics config), else the sampler's defaults.
+
+    The rollout window is ``context + frames_per_block``: every generated frame sees exactly
+    ``context`` earlier frames, as each teacher-forced prediction does.
+    """
+    stored = checkpoint.config(folder, "dynamics").get("sampler", {})
+    steps = cfg.steps if cfg.steps is not None else stored.get("steps", sampling.STEPS)
+    ctx_noise = cfg.ctx_noise if cfg.ctx_noise is not None else stored.get("ctx_noise", 0.0)
+    block = dit_cfg.frames_per_block
+    context = cfg.context if cfg.context is not None else stored.get("window", dit_cfg.max_frames) - block
+    if steps < 1:
+        raise EvaluationError(f"--steps must be >= 1, got {steps}")
+    if not 0.0 <= ctx_noise < 1.0:
+        raise EvaluationError(f"--ctx-noise must lie in [0, 1), got {ctx_noise}")
+    if not 1 <= context <= dit_cfg.max_frames - block:
+        raise EvaluationError(f"--context must lie in [1, {dit_cfg.max_frames - block}]: the model of {folder} "
+                              f"takes at most max_frames={dit_cfg.max_frames} frames, context plus a block "
+                              f"of {block}; got {context}")
+    return context, {"steps": int(steps), "ctx_noise": float(ctx_noise), "window": context + block,
+                     "seed": cfg.seed}
+
+
+def select_windows(ds: Dataset, episodes: list[int], length: int, n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` windows of ``length`` frames from ``episodes``, the same ones for the same seed.
+
+    Non-overlapping tiles first, so no frame counts twice; only when the episodes hold fewer
+    than ``n`` tiles do windows start at any frame (and may overlap). Items are
+    :class:`WindowDataset` items (actions aligned to the frames they produced), in data order.
+    """
+    pool = WindowDataset(ds, length, episodes, stride=length, fields=())
+    if len(pool) < n:
+        pool = WindowDataset(ds, length, episodes, stride=1, fields=())
+    picks = np.random.default_rng(seed).choice(len(pool), min(n, len(pool)), replace=False)
+    return [pool[int(i)] for i in np.sort(picks)]
+
+
+def _load_windows(ds: Dataset, cfg: EvalConfig, context: int, heldout_fraction: float):
+    """The evaluation windows as frames (N, L, H, W, 3) uint8 and actions (N, L, 10), plus their
+    ``[episode id, start]``, the effective horizon and the number of episodes drawn from."""
+    if cfg.split not in ("heldout", "all"):
+        raise EvaluationError(f"--split must be 'heldout' or 'all', got {cfg.split!r}")
+    if cfg.horizon < 1 or cfg.windows < 2 or cfg.batch < 1:
+        raise EvaluationError(f"need --horizon >= 1, --windows >= 2 (shuffled actions come from another "
+                              f"window) and --batch >= 1, got {cfg.horizon}, {cfg.windows}, {cfg.batch}")
+    episodes = ds.split(heldout_fraction)[1] if cfg.split == "heldout" else list(range(len(ds)))
+    if not episodes:
+        raise EvaluationError(f"{ds.root}: no held-out episodes among its {len(ds)} (Dataset.split() "
+                              f"holds out {heldout_fraction:.0%} by episode id); record a separate "
+                              f"held-out dataset with new seeds and pass --split all")
+    lengths = np.array([ds.episodes[e].length for e in episodes])
+    # The longest horizon at which two windows still fit (shuffling needs two), at most cfg.horizon.
+    fits = lambda h: np.maximum(lengths - (context + h) + 1, 0).sum() >= 2
+    horizon = next((h for h in range(cfg.horizon, 0, -1) if fits(h)), 0)
+    if horizon < 1:
+        raise EvaluationError(f"{ds.root}: the {cfg.split} episodes (longest {lengths.max()} frames) hold "
+                              f"fewer than 2 windows of {context} context frames plus one to predict "
+                              f"(lower --context)")
+    items = select_windows(ds, episodes, context + horizon, cfg.windows, cfg.seed)
+    frames = torch.from_numpy(np.stack([it["frames"] for it in items]))      # (N, L, H, W, 3)
+    acts = torch.from_numpy(np.stack([actions.to_vector(it["keys"], it["mouse"]) for it in items]))
+    starts = [[ds.episodes[it["episode"]].id, int(it["start"])] for it in items]
+    return frames, acts, starts, horizon, len(episodes)
+
+
+def _derangement(n: int, seed: int) -> torch.Tensor:
+    """A seeded permutation with no fixed point: each window gets another window's actions."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.empty(n, dtype=torch.long)
+    perm[order] = order.roll(-1)  # cycle through a random order: i -> next in the cycle
+    return perm
+
+
+class _Runner:
+    """Batched tokenizer and sampler calls with bf16 autocast on CUDA and seeded noise."""
+
+    def __init__(self, tokenizer, dit, sampler: dict[str, Any], batch: int, device: torch.device):
+        self.tokenizer, self.dit, self.s, self.batch, self.device = tokenizer, dit, sampler, batch, device
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _generator(self, chunk: int) -> torch.Generator:
+        # One seed per chunk: the real- and shuffled-action rollouts see the same noise.
+        return torch.Generator(self.device).manual_seed(self.s["seed"] * 100_003 + chunk)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``(..., C, h, w)`` latents -> ``(..., H, W, 3)`` uint8 frames."""
+        flat = z.reshape(-1, *z.shape[-3:])
+        out = []
+        for i in range(0, len(flat), self.batch * 4):
+            with self._autocast():
+                x = self.tokenizer.decode(flat[i:i + self.batch * 4]).float()
+            out.append(x)
+        # tensor_to_frames returns host memory; the metrics run back on the device.
+        frames = torch.from_numpy(tensor_to_frames(torch.cat(out))).to(self.device)
+        return frames.reshape(*z.shape[:-3], *frames.shape[1:])
+
+    def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(..., H, W, 3)`` uint8 -> latents ``(..., C, h, w)`` and their decoded frames."""
+        flat = frames.reshape(-1, *frames.shape[-3:])
+        zs = []
+        for i in range(0, len(flat), self.batch * 4):
+            with self._autocast():
+                zs.append(self.tokenizer.encode(frames_to_tensor(flat[i:i + self.batch * 4])).float())
+        z = torch.cat(zs)
+        z = z.reshape(*frames.shape[:-3], *z.shape[1:])
+        return z, self.decode(z)
+
+    def next_frames(self, latents: torch.Tensor, acts: torch.Tensor, pairs: list[tuple[int, int]],
+                    context: int) -> torch.Tensor:
+        """Teacher-forced prediction of frame t of window i for each ``(i, t)``: (P, H, W, 3)."""
+        out = []
+        for k in range(0, len(pairs), self.batch):
+            i = torch.tensor([p[0] for p in pairs[k:k + self.batch]], device=self.device)
+            t = torch.tensor([p[1] for p in pairs[k:k + self.batch]], device=self.device)
+            span = t[:, None] + torch.arange(-context, 0, device=self.device)    # (b, context)
+            with self._autocast():
+                z = sampling.predict_next(self.dit, latents[i[:, None], span], acts[i[:, None], span],
+                                          acts[i, t], steps=self.s["steps"], ctx_noise=self.s["ctx_noise"],
+                                          generator=self._generator(k))
+            out.append(self.decode(z.float()))
+        return torch.cat(out)
+
+    def rollout(self, ctx: torch.Tensor, ctx_acts: torch.Tensor, future_acts: torch.Tensor) -> torch.Tensor:
+        """Autoregressive frames after the context, ``(N, horizon, H, W, 3)`` uint8."""
+        out = []
+        for k in range(0, len(ctx), self.batch):
+            sl = slice(k, k + self.batch)
+            with self._autocast():
+                z = sampling.rollout(self.dit, ctx[sl], ctx_acts[sl], future_acts[sl], steps=self.s["steps"],
+                                     window=self.s["window"], ctx_noise=self.s["ctx_noise"],
+                                     generator=self._generator(k))
+            out.append(self.decode(z.float()))
+        return torch.cat(out)
+
+
+def _mean(x: torch.Tensor) -> float:
+    return round(float(x.float().mean()), 4)
+
+
+def _report(folder, ds, cfg, context, fraction, sampler, device, starts, n_episodes, horizon, tok_psnr, tok_ssim,
+            tf, curves) -> dict[str, Any]:
+    def at(curve: list[float], h: int) -> float | None:
+        return round(curve[h - 1], 4) if h <= len(curve) else None
+
+    rollout: dict[str, Any] = {f"psnr@{h}": at(curves["curve"], h) for h in HORIZONS}
+    rollout.update({f"baseline_psnr@{h}": at(curves["baseline_curve"], h) for h in HORIZONS})
+    rollout.update({k: [round(v, 4) for v in curve] for k, curve in curves.items()})
+    real, shuf = at(curves["curve"], CONTROL_HORIZON), at(curves["shuffled_curve"], CONTROL_HORIZON)
+    teacher = {k: _mean(v) for k, v in tf.items()}
+    teacher["gain_db"] = round(teacher["psnr"] - teacher["baseline_psnr"], 4)
+    teacher["frames"] = int(tf["psnr"].numel())
+    return {
+        "version": VERSION, "checkpoint": str(folder), "data": str(ds.root), "split": cfg.split,
+        "heldout_fraction": fraction, "episodes": n_episodes, "windows": len(starts), "window_starts": starts,
+        "context": context, "horizon": horizon, "sampler": sampler,
+        "tokenizer": {"psnr": _mean(tok_psnr), "ssim": _mean(tok_ssim), "frames": int(tok_psnr.numel())},
+        "teacher_forced": teacher,
+        "rollout": rollout,
+        "controllability": {f"psnr@{CONTROL_HORIZON}_real": real, f"psnr@{CONTROL_HORIZON}_shuffled": shuf,
+                            "delta_db": None if real is None else round(real - shuf, 4)},
+        "psnr_cap_db": round(PSNR_CAP_DB, 4), "device": str(device), "seconds": None,
+        "files": {"plot": None, "video": None},
+    }
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    """Write the result atomically: a reader never sees half a JSON."""
+    text = json.dumps(result, indent=1)
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def write_media(result: dict[str, Any], real: torch.Tensor, generated: torch.Tensor, last: torch.Tensor,
+                folder: Path, fps: float) -> dict[str, str]:
+    """PSNR-versus-horizon plot and side-by-side video (real | generated | last frame held).
+
+    ``real``, ``generated``: ``(V, horizon, H, W, 3)`` uint8, the first V windows after their
+    context; ``last``: ``(V, H, W, 3)`` their last context frames. The video plays the windows
+    one after another, each panel separated by a white bar.
+    """
+    import imageio.v2 as imageio
+    import matplotlib
+    matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ro, h = result["rollout"], np.arange(1, result["horizon"] + 1)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(h, ro["curve"], label="model, real actions")
+    ax.plot(h, ro["shuffled_curve"], label="model, shuffled actions")
+    ax.plot(h, ro["baseline_curve"], label="last context frame held")
+    ax.axhline(result["tokenizer"]["psnr"], ls="--", c="gray", label="tokenizer reconstruction")
+    ax.set(xlabel="frames after the context", ylabel="PSNR (dB)", xlim=(1, max(h[-1], 2)),
+           title=f"rollout, {result['windows']} windows, context {result['context']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    plot = folder / "psnr_vs_horizon.png"
+    _atomic_write(plot, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    plt.close(fig)
+
+    still = last[:, None].expand_as(real)  # what the repeat baseline shows: nothing moves
+    gap = torch.full((*real.shape[:3], 2, 3), 255, dtype=torch.uint8)
+    panels = torch.cat([real, gap, generated, gap, still], dim=3)          # (V, T, H, 3W + 4, 3)
+    video = folder / "real_vs_generated.mp4"
+
+    def write(tmp: str) -> None:
+        # The temp name has no .mp4 suffix, so name the container; even sizes suit yuv420p.
+        with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                output_params=["-f", "mp4"], macro_block_size=2) as w:
+            for frame in panels.reshape(-1, *panels.shape[2:]).numpy():
+                w.append_data(frame)
+
+    _atomic_write(video, write)
+    return {"plot": str(plot), "video": str(video)}
+
+
+def summary(result: dict[str, Any]) -> str:
+    """A short table of the headline numbers, for the terminal."""
+    tf, ro, ctl = result["teacher_forced"], result["rollout"], result["controllability"]
+
+    def f(v: float | None, fmt: str = "6.2f") -> str:
+        return "     -" if v is None else format(v, fmt)
+
+    rows = [("tokenizer recon", f(result["tokenizer"]["psnr"]), f(result["tokenizer"]["ssim"], "6.3f"), ""),
+            ("teacher-forced next", f(tf["psnr"]), f(tf["ssim"], "6.3f"),
+             f"{f(tf['baseline_psnr'])}  (gain {tf['gain_db']:+.2f} dB)")]
+    rows += [(f"rollout @{h}", f(ro[f"psnr@{h}"]), "", f(ro[f"baseline_psnr@{h}"])) for h in HORIZONS]
+    rows.append((f"shuffled actions @{CONTROL_HORIZON}", f(ctl[f"psnr@{CONTROL_HORIZON}_shuffled"]), "",
+                 f"controllability {f(ctl['delta_db'], '+.2f')} dB"))
+    lines = [f"{'metric':<24}{'PSNR':>8}{'SSIM':>8}  baseline (last frame) PSNR"]
+    lines += [f"{a:<24}{b:>8}{c:>8}  {d}" for a, b, c, d in rows]
+    lines.append(f"{result['windows']} windows, context {result['context']}, horizon {result['horizon']}, "
+                 f"{result['sampler']['steps']} steps, {result['seconds']} s on {result['device']}")
+    return "\n".join(lines)
+
+
+__all__ = ["EvalConfig", "EvaluationError", "HORIZONS", "CONTROL_HORIZON", "VERSION", "evaluate",
+           "select_windows", "summary", "write_json", "write_media"]
