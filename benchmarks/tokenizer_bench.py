@@ -39,6 +39,10 @@ def measure(fn: Callable[[], torch.Tensor], device: torch.device, seconds: float
     return (time.perf_counter() - start) / calls
 
 
+def rate(frames_per_s: float) -> str:
+    return f"{frames_per_s:,.0f}" if frames_per_s >= 100 else f"{frames_per_s:.3g}"
+
+
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -86,7 +90,7 @@ def main() -> None:
     print("| batch | encode frames/s | decode frames/s | encode ms/batch | decode ms/batch |")
     print("|---:|---:|---:|---:|---:|")
     for b, enc, dec, ms_e, ms_d in rows:
-        print(f"| {b} | {enc:,.0f} | {dec:,.0f} | {ms_e:.1f} | {ms_d:.1f} |")
+        print(f"| {b} | {rate(enc)} | {rate(dec)} | {ms_e:.1f} | {ms_d:.1f} |")
 
 
 if __name__ == "__main__":

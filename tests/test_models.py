@@ -321,7 +321,7 @@ def test_save_load_round_trip(tmp_path):
     meta = json.loads((tmp_path / "dynamics.json").read_text())["config"]
     assert meta["steps"] == 7 and meta["action_schema"] == actions.schema()
     dit2, tok2 = load_dit(tmp_path), load_tokenizer(tmp_path)
-    assert dit2.cfg == dit.cfg and tok2.cfg.latent_scale == 0.5 and not dit2.training
+    assert dit2.cfg == dit.cfg and tok2.cfg == tok.cfg and tok2.cfg.latent_scale == 0.5 and not dit2.training
     x, t, a = inputs(SMALL)
     img = torch.rand(1, 3, 120, 160)
     with torch.no_grad():

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Mask = BlockMask | torch.Tensor | None  # what attend() takes: see there
 
 
 def block_causal_mask_mod(tokens_per_frame: int, frames_per_block: int = 1, prefix_frames: int = 0) -> MaskMod:
@@ -61,9 +62,6 @@ def _cached(cache: dict, key: tuple, make: Callable):
             cache.pop(next(iter(cache)))
         cache[key] = make()
     return cache[key]
-
-
-Mask = BlockMask | torch.Tensor | None
 
 
 @torch.compiler.disable  # Python-side caching: keep it out of a compiled graph (one graph break)
