@@ -1,0 +1,69 @@
+"""Evaluation cost: PSNR/SSIM throughput in frames/s, and optionally a whole `worldgen eval`.
+
+    python benchmarks/eval_bench.py                                        # metrics, CPU
+    python benchmarks/eval_bench.py --device cuda
+    python benchmarks/eval_bench.py --device cuda --checkpoint default --data data/doom-heldout --split all
+
+Metrics run on random uint8 frames at 160x120 (their cost does not depend on the content).
+The optional end-to-end run prints `worldgen eval`'s own table and wall time. Prints Markdown
+rows for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import subprocess
+import time
+
+import torch
+
+from worldgen.evaluation import EvalConfig, evaluate, psnr, ssim, summary
+
+
+def per_call(fn, device: torch.device, seconds: float) -> float:
+    """Seconds per call: one warmup call, then repeat until ``seconds`` have passed."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or calls < 3:
+        fn()
+        calls += 1
+    sync()
+    return (time.perf_counter() - start) / calls
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[16, 256], help="frames per metric call")
+    p.add_argument("--seconds", type=float, default=3.0, help="timing per measurement")
+    p.add_argument("--checkpoint", default=None, help="also time a whole evaluation of this checkpoint")
+    p.add_argument("--data", default=None)
+    p.add_argument("--split", default="heldout")
+    p.add_argument("--windows", type=int, default=64)
+    args = p.parse_args()
+    device = torch.device(args.device)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()}-thread CPU"
+    print(f"{datetime.date.today()}, commit {commit}, {hw}, torch {torch.__version__}, {platform.python_version()}")
+    print("| metric | batch | frames/s |\n| --- | ---: | ---: |")
+    g = torch.Generator().manual_seed(0)
+    for b in args.batch:
+        x, y = (torch.randint(0, 256, (b, 120, 160, 3), dtype=torch.uint8, generator=g).to(device) for _ in "xy")
+        for name, fn in (("psnr", psnr), ("ssim", ssim)):
+            print(f"| {name} | {b} | {b / per_call(lambda: fn(x, y), device, args.seconds):,.0f} |")
+
+    if args.checkpoint:
+        if not args.data:
+            p.error("--checkpoint needs --data")
+        result = evaluate(args.checkpoint, args.data, EvalConfig(split=args.split, windows=args.windows),
+                          device=device)
+        print(summary(result))
+
+
+if __name__ == "__main__":
+    main()
