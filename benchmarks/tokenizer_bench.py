@@ -46,7 +46,9 @@ def rate(frames_per_s: float) -> str:
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+    # The load average shows whether other work shared the cores during the measurement.
+    return (f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} "
+            f"threads, load average {os.getloadavg()[0]:.1f}")
 
 
 def main() -> None:

@@ -180,7 +180,7 @@ def test_sampler_labels_context_with_ctx_noise():
 
 # --- (c) FlexAttention block mask == dense masked SDPA -------------------------------------
 
-@pytest.mark.parametrize("fpb,prefix", [(1, 0), (2, 0), (1, 2)])
+@pytest.mark.parametrize("fpb,prefix", [(1, 0), (2, 1)])  # the default; chunks after a prefix
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_matches_dense_sdpa(fpb, prefix, monkeypatch):
     calls = []
