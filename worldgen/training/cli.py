@@ -1,9 +1,9 @@
 """``worldgen train tokenizer|dynamics``: train the per-frame tokenizer, then the DiT on its latents.
 
 Examples:
-    worldgen train tokenizer --data data/doom --run runs/tok --minutes 8
-    worldgen train dynamics --data data/doom --tokenizer runs/tok --run runs/dyn --minutes 15
-    torchrun --nproc-per-node 4 -m worldgen.cli train dynamics --data data/doom --tokenizer runs/tok --run runs/dyn --steps 20000
+    worldgen train tokenizer --data data/doom --out runs/tok --minutes 8
+    worldgen train dynamics --data data/doom --tokenizer runs/tok --out runs/dyn --minutes 15
+    torchrun --nproc-per-node 4 -m worldgen.cli train dynamics --data data/doom --tokenizer runs/tok --out runs/dyn --steps 20000
 
 A run folder that already holds a run is resumed: same config, same schedule, from its last
 checkpoint. ``RUN/ckpt`` is the model folder to use (`worldgen play RUN/ckpt`, `worldgen eval`).
@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (module, cls_name, help_) in TRAINERS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         cls = getattr(importlib.import_module(module), cls_name)
-        add_config_args(p, cls, required=("data", "run"))
+        add_config_args(p, cls, required=("data", "out"))
         p.add_argument("--resume", action="store_true",
-                       help="require a run to resume in --run (a run folder with state resumes anyway)")
+                       help="require a run to resume in --out (a run folder with state resumes anyway)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from worldgen.training.common import has_state
-        if not has_state(Path(cfg.run) / "state"):
-            raise SystemExit(f"--resume: {cfg.run} has no resume state (state/train.json)")
+        if not has_state(Path(cfg.out) / "state"):
+            raise SystemExit(f"--resume: {cfg.out} has no resume state (state/train.json)")
     mod.train(cfg, given)
     return 0

@@ -58,7 +58,9 @@ class TrainConfig:
     """Flags every training run has. Subclasses add the model- and data-specific ones."""
 
     data: str = opt("", "dataset folder (worldgen record); only the train side of ds.split() is trained on")
-    run: str = opt("", "run folder: state, checkpoints, logs, samples; an existing one is resumed")
+    out: str = opt("", "run folder: state, checkpoints, logs, samples; an existing one is resumed "
+                       "(alias --run, except under torchrun, which reads --run as its --run-path)",
+                   aliases=("--run",))
     steps: int | None = opt(None, "optimizer steps: fixes the LR schedule (with --minutes: an upper bound)")
     minutes: float | None = opt(None, "wall-clock budget: the step count is fixed from the measured speed "
                                       "after the first steps and stored, so a resume finishes the same schedule")
@@ -95,8 +97,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[TrainConfig], req
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            parser.add_argument(flag, type=base, default=None, help=help_, required=f.name in required,
-                                choices=f.metadata.get("choices"), metavar=f.name.upper())
+            parser.add_argument(flag, *f.metadata.get("aliases", ()), type=base, default=None, help=help_,
+                                required=f.name in required, choices=f.metadata.get("choices"),
+                                metavar=None if f.metadata.get("choices") else f.name.upper())
 
 
 def config_from_args(cls: type[TrainConfig], args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
@@ -596,14 +599,16 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
                 stopped_by_budget = True
                 break
 
+        t_aside = time.perf_counter()  # samples and checkpoints do not count against throughput
         if d.main and cfg.sample_every and step % cfg.sample_every == 0 and not is_last:
             task.sample(ema.module, step, run.samples)
-        if d.main and (step % cfg.ckpt_every == 0 or time.perf_counter() - t_ckpt > cfg.ckpt_minutes * 60) \
+        if d.main and (step % cfg.ckpt_every == 0 or t_aside - t_ckpt > cfg.ckpt_minutes * 60) \
                 and fixed and not is_last:
-            save(step, time.perf_counter() - t_loop0)
+            save(step, t_aside - t_loop0)
             run.log({"step": step, **task.evaluate(ema.module)})
             run.plot()
             t_ckpt = time.perf_counter()
+        t_log += time.perf_counter() - t_aside
     bar.close()
 
     t_loop = time.perf_counter() - t_loop0
@@ -612,9 +617,9 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
         if not fixed:  # a --minutes run that ended before its schedule was fixed (tiny cap)
             total = step
             fixed = True
+        metrics = {**task.evaluate(ema.module), **task.finish(ema.module)}  # before export: it stores them
         save(step, t_loop)
-        metrics = task.evaluate(ema.module)
-        run.log({"step": step, **metrics})
+        run.log({"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
         task.sample(ema.module, step, run.samples)
         run.plot()
         tok_s = sum(rates) / len(rates) if rates else float("nan")
@@ -627,7 +632,7 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
             "model_flops_per_sample": flops, "final_loss": last_loss, "params": params,
             "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
             "world_size": d.world_size, "batch_size_total": samples_per_step,
-            **metrics, **task.finish(ema.module),
+            **metrics,
         }
         run.write_json("summary.json", summary)
         print(json.dumps(summary, indent=1))

@@ -19,7 +19,7 @@ conditions on (clean context labelled with a small stabilisation level). So a sh
 t ~ U[0, 2 ctx_noise], the rest logit-normal.
 
 Example:
-    worldgen train dynamics --data data/doom --tokenizer runs/tok --run runs/dyn --minutes 15
+    worldgen train dynamics --data data/doom --tokenizer runs/tok --out runs/dyn --minutes 15
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from worldgen import actions, checkpoint, sampling
 from worldgen.data import Dataset, WindowDataset
-from worldgen.models import (MODELS, DiT, flops_per_frame, frames_to_tensor, load_tokenizer, save_part,
+from worldgen.models import (MODELS, DiT, DiTConfig, flops_per_frame, frames_to_tensor, load_tokenizer, save_part,
                              tensor_to_frames)
 from worldgen.training.common import (Dist, Run, TrainConfig, atomic_write, autocast, barrier, fit, opt,
                                       save_image_rows, setup, teardown)
@@ -173,12 +174,15 @@ def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Pat
     def read() -> Latents | None:
         if not path.is_file():
             return None
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("fingerprint") != key:
-                return None
-        t = load_file(path)
-        return Latents(t["z"], t["actions"], t["offsets"])
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("fingerprint") != key:
+                    return None
+            t = load_file(path)
+            return Latents(t["z"], t["actions"], t["offsets"])
+        except (SafetensorError, OSError, KeyError) as e:  # unreadable: encode afresh
+            print(f"[train] {path}: unreadable latent cache ({e}); encoding again", file=sys.stderr)
+            return None
 
     lat = read() if d.main else None
     if d.main and lat is None:
@@ -196,42 +200,54 @@ def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Pat
     return lat.to(d.device)
 
 
+def dit_config(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int]) -> DiTConfig:
+    """The ``--model`` size fitted to the tokenizer's latents and the training window."""
+    base = MODELS[cfg.model]
+    return dataclasses.replace(base, latent_channels=latent_channels, latent_size=latent_size,
+                               max_frames=max(base.max_frames, cfg.window))
+
+
 # --- the task --------------------------------------------------------------------------------
 class DynamicsTask:
-    """The :class:`~worldgen.training.common.Task` of Diffusion Forcing a :class:`DiT`."""
+    """The :class:`~worldgen.training.common.Task` of Diffusion Forcing a :class:`DiT` on latents
+    already on the device. :meth:`from_run` builds it from a dataset and a tokenizer; without a
+    tokenizer (benchmarks) it writes no sample images and exports only the dynamics part."""
 
-    def __init__(self, cfg: DynamicsTrainConfig, run: Run, d: Dist):
-        if not cfg.tokenizer:
-            raise ValueError("--tokenizer is required: a `worldgen train tokenizer` run folder or model folder")
-        self.cfg, self.run, self.device, self.rank = cfg, run, d.device, d.rank
-        self.ds, train, held = open_dataset(cfg)
-        self.tok_folder = tokenizer_folder(cfg.tokenizer)
-        self.tokenizer = load_tokenizer(self.tok_folder, d.device).requires_grad_(False)
-        w, h = self.ds.resolution
-        if tuple(self.tokenizer.cfg.image_size) != (h, w):
-            raise ValueError(f"{self.tok_folder}: tokenizer takes {self.tokenizer.cfg.image_size} (H, W) frames, "
-                             f"{cfg.data} has {(h, w)}")
-        tc = self.tokenizer.cfg
-        dit_cfg = dataclasses.replace(MODELS[cfg.model], latent_channels=tc.latent_channels,
-                                      latent_size=tuple(tc.latent_size), max_frames=max(MODELS[cfg.model].max_frames, cfg.window))
-        torch.manual_seed(cfg.seed)
-        self.model = DiT(dit_cfg)
-
-        self.train = cached_latents(run.root / "latents-train.safetensors", self.ds, train, self.tok_folder,
-                                    self.tokenizer, d, cfg.encode_batch)
-        self.held = cached_latents(run.root / "latents-heldout.safetensors", self.ds, held, self.tok_folder,
-                                   self.tokenizer, d, cfg.encode_batch) if held else self.train
-        self.eval_split = "heldout" if held else "train"
-        starts = self.train.starts(cfg.window)
+    def __init__(self, cfg: DynamicsTrainConfig, model: DiT, train: Latents, held: Latents | None, d: Dist,
+                 tokenizer: nn.Module | None = None, tok_folder: Path | None = None):
+        self.cfg, self.model, self.device = cfg, model, d.device
+        self.train, self.held = train, held if held is not None else train
+        self.eval_split = "heldout" if held is not None else "train"
+        self.tokenizer, self.tok_folder = tokenizer, tok_folder
+        starts = train.starts(cfg.window)
         if len(starts) == 0:
             raise ValueError(f"{cfg.data}: no train episode has --window {cfg.window} frames")
         self.starts = starts[d.rank::d.world_size]  # each rank draws from its own share of windows
-        self.tokens_per_sample = cfg.window * dit_cfg.tokens_per_frame
+        self.tokens_per_sample = cfg.window * model.cfg.tokens_per_frame
         self.metrics: dict[str, float] = {}
         if d.main:
-            print(f"[train] dynamics: DiT {cfg.model} {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
-                  f"params; {len(self.train.z)} train frames ({len(starts)} windows of {cfg.window}), "
+            print(f"[train] dynamics: DiT {cfg.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+                  f"params; {len(train.z)} train frames ({len(starts)} windows of {cfg.window}), "
                   f"{len(self.held.z)} {self.eval_split} frames", file=sys.stderr)
+
+    @classmethod
+    def from_run(cls, cfg: DynamicsTrainConfig, run: Run, d: Dist) -> "DynamicsTask":
+        """Load the tokenizer, encode (or reuse the cached latents of) the dataset, build the DiT."""
+        if not cfg.tokenizer:
+            raise ValueError("--tokenizer is required: a `worldgen train tokenizer` run folder or model folder")
+        ds, train, held = open_dataset(cfg)
+        tok_folder = tokenizer_folder(cfg.tokenizer)
+        tokenizer = load_tokenizer(tok_folder, d.device).requires_grad_(False)
+        w, h = ds.resolution
+        if tuple(tokenizer.cfg.image_size) != (h, w):
+            raise ValueError(f"{tok_folder}: tokenizer takes {tokenizer.cfg.image_size} (H, W) frames, "
+                             f"{cfg.data} has {(h, w)}")
+        torch.manual_seed(cfg.seed)
+        model = DiT(dit_config(cfg, tokenizer.cfg.latent_channels, tuple(tokenizer.cfg.latent_size)))
+        lat = {name: cached_latents(run.root / f"latents-{name}.safetensors", ds, eps, tok_folder, tokenizer, d,
+                                    cfg.encode_batch) if eps else None
+               for name, eps in (("train", train), ("heldout", held))}
+        return cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder)
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A batch of the step: ``(x0, actions, t, eps)``."""
@@ -279,6 +295,8 @@ class DynamicsTask:
     def sample(self, ema_model: nn.Module, step: int, folder: Path) -> None:
         """Rows: the real frames; real context then generated frames (rollout with the real actions)."""
         cfg, lat = self.cfg, self.held
+        if self.tokenizer is None:
+            return
         ctx = max(min(cfg.window - 1, 8), 1)
         lengths = (lat.offsets[1:] - lat.offsets[:-1]).tolist()
         e = int(np.argmax(lengths))  # the longest held-out episode, the same every time
@@ -297,9 +315,10 @@ class DynamicsTask:
                         folder / f"step-{step:07d}.png")
 
     def export(self, ema_model: nn.Module, folder: Path, dtype: torch.dtype, step: int) -> None:
-        tok_extra = {k: v for k, v in checkpoint.config(self.tok_folder, "tokenizer").items()
-                     if k not in ("model", "action_schema")}
-        save_part(folder, "tokenizer", self.tokenizer, tok_extra, dtype=dtype)
+        if self.tokenizer is not None:  # ckpt/ is a complete model folder: the tokenizer goes along
+            tok_extra = {k: v for k, v in checkpoint.config(self.tok_folder, "tokenizer").items()
+                         if k not in ("model", "action_schema")}
+            save_part(folder, "tokenizer", self.tokenizer, tok_extra, dtype=dtype)
         save_part(folder, "dynamics", ema_model, {
             "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
             "sampler": {"steps": self.cfg.sample_steps, "ctx_noise": self.cfg.ctx_noise, "window": self.cfg.window},
@@ -311,10 +330,10 @@ def train(cfg: DynamicsTrainConfig, given: dict[str, Any] | None = None) -> dict
     t_start = time.time()
     d = setup(cfg.device)
     try:
-        run = Run(cfg.run, write=d.main)
+        run = Run(cfg.out, write=d.main)
         cfg, resuming = run.start("dynamics", cfg, given or {})
         barrier(d)
-        task = DynamicsTask(cfg, run, d)
+        task = DynamicsTask.from_run(cfg, run, d)
         return fit(task, cfg, run, d, resuming, t_start)
     finally:
         teardown(d)

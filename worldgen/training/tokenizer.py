@@ -11,7 +11,7 @@ At the end: held-out PSNR/SSIM of the EMA weights, and ``latent_scale`` set to t
 the posterior means so that ``encode`` hands the DiT ~unit-std latents.
 
 Example:
-    worldgen train tokenizer --data data/doom --run runs/tok --minutes 8
+    worldgen train tokenizer --data data/doom --out runs/tok --minutes 8
 """
 
 from __future__ import annotations
@@ -92,35 +92,47 @@ def frame_pool(ds: Dataset, episodes: list[int], max_frames: int, depth: bool) -
     return np.concatenate([read_frames(ds, e, depth, step=k) for e in episodes])[:max_frames]
 
 
-class TokenizerTask:
-    """The :class:`~worldgen.training.common.Task` of fitting a :class:`~worldgen.models.Tokenizer`."""
+def tokenizer_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-pixel MSE of a posterior sample's decoding of ``x`` (B, C, H, W) in [-1, 1], plus the
+    VAE's own weighted terms (its KL)."""
+    x_hat, aux = model(x)
+    return F.mse_loss(x_hat.float(), x) + sum(v.float() for v in aux.values())
 
-    def __init__(self, cfg: TokenizerTrainConfig, d: Dist):
-        self.cfg, self.device = cfg, d.device
-        self.ds, train, held = open_dataset(cfg)
-        w, h = self.ds.resolution
-        widths = tuple(int(c) for c in cfg.channels.split(","))
-        torch.manual_seed(cfg.seed)
-        self.model = Tokenizer(TokenizerConfig(image_size=(h, w), in_channels=4 if cfg.depth else 3,
-                                               latent_channels=cfg.latent_channels, channels=widths))
-        t0 = time.time()
-        self.pool = torch.from_numpy(frame_pool(self.ds, train, cfg.pool_frames, cfg.depth)).to(d.device)
-        held_eps = held or train
-        n_held = sum(self.ds.episodes[e].length for e in held_eps)
-        self.eval_set = torch.from_numpy(frame_pool(self.ds, held_eps, min(cfg.eval_frames, n_held), cfg.depth))
-        self.eval_split = "heldout" if held else "train"
-        if d.main:
-            print(f"[train] tokenizer: {len(self.pool)} train frames on {d.device} from {len(train)} episodes, "
-                  f"{len(self.eval_set)} {self.eval_split} frames for metrics ({time.time() - t0:.1f} s)",
-                  file=sys.stderr)
-        self.tokens_per_sample = math.prod(self.model.cfg.latent_size)
+
+class TokenizerTask:
+    """The :class:`~worldgen.training.common.Task` of fitting a :class:`~worldgen.models.Tokenizer` to
+    ``pool`` (uint8 ``(N, H, W, C)`` on the device), measured on ``eval_set`` (the same, on the CPU).
+    :meth:`from_run` builds it from a dataset."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, model: Tokenizer, pool: torch.Tensor, eval_set: torch.Tensor,
+                 d: Dist, eval_split: str = "heldout"):
+        self.cfg, self.model, self.device = cfg, model, d.device
+        self.pool, self.eval_set, self.eval_split = pool.to(d.device), eval_set, eval_split
+        self.tokens_per_sample = math.prod(model.cfg.latent_size)
         self.metrics: dict[str, float] = {}
+
+    @classmethod
+    def from_run(cls, cfg: TokenizerTrainConfig, d: Dist) -> "TokenizerTask":
+        ds, train, held = open_dataset(cfg)
+        w, h = ds.resolution
+        torch.manual_seed(cfg.seed)
+        model = Tokenizer(TokenizerConfig(image_size=(h, w), in_channels=4 if cfg.depth else 3,
+                                          latent_channels=cfg.latent_channels,
+                                          channels=tuple(int(c) for c in cfg.channels.split(","))))
+        t0 = time.time()
+        pool = torch.from_numpy(frame_pool(ds, train, cfg.pool_frames, cfg.depth))
+        held_eps = held or train
+        n_held = sum(ds.episodes[e].length for e in held_eps)
+        eval_set = torch.from_numpy(frame_pool(ds, held_eps, min(cfg.eval_frames, n_held), cfg.depth))
+        if d.main:
+            print(f"[train] tokenizer: {len(pool)} train frames on {d.device} from {len(train)} episodes, "
+                  f"{len(eval_set)} {'heldout' if held else 'train'} frames for metrics ({time.time() - t0:.1f} s)",
+                  file=sys.stderr)
+        return cls(cfg, model, pool, eval_set, d, "heldout" if held else "train")
 
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
         idx = torch.randint(len(self.pool), (self.cfg.batch_size,), generator=generator, device=self.device)
-        x = frames_to_tensor(self.pool[idx])                               # (B, C, H, W)
-        x_hat, aux = model(x)
-        return F.mse_loss(x_hat.float(), x) + sum(v.float() for v in aux.values())
+        return tokenizer_loss(model, frames_to_tensor(self.pool[idx]))
 
     def flops_per_sample(self) -> float | None:
         """Forward + backward FLOPs of one frame, counted once by torch's FLOP counter (convs)."""
@@ -129,8 +141,7 @@ class TokenizerTask:
         probe = type(self.model)(self.model.cfg)  # a fresh copy: counting must not touch the weights
         x = torch.zeros(1, self.model.cfg.in_channels, *self.model.cfg.image_size)
         with FlopCounterMode(display=False) as counter:
-            x_hat, aux = probe(x)
-            (x_hat.square().mean() + sum(aux.values())).backward()
+            tokenizer_loss(probe, x).backward()
         return float(counter.get_total_flops())
 
     @torch.no_grad()
@@ -193,10 +204,10 @@ def train(cfg: TokenizerTrainConfig, given: dict[str, Any] | None = None) -> dic
     t_start = time.time()
     d = setup(cfg.device)
     try:
-        run = Run(cfg.run, write=d.main)
+        run = Run(cfg.out, write=d.main)
         cfg, resuming = run.start("tokenizer", cfg, given or {})
         barrier(d)
-        task = TokenizerTask(cfg, d)
+        task = TokenizerTask.from_run(cfg, d)
         return fit(task, cfg, run, d, resuming, t_start)
     finally:
         teardown(d)
