@@ -32,17 +32,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from worldgen import actions
@@ -116,10 +116,12 @@ class Episode:
 
 ARRAY_FIELDS = tuple(f.name for f in fields(Episode))
 DEPTH_DTYPES = ("uint8", "uint16", "float16", "float32")
-# safetensors dtype names of what each array must be on disk; depth is checked against DEPTH_DTYPES.
-_ST_DTYPES = {"uint8": "U8", "uint16": "U16", "float16": "F16", "float32": "F32"}
-_FIXED_DTYPE = {"frames": "U8", "keys": "U8", "mouse": "F32", "pose": "F32", "variables": "F32",
-                "env_actions": "F32"}
+# What each array must be on disk; depth may be any of DEPTH_DTYPES.
+_FIXED_DTYPE = {"frames": "uint8", "keys": "uint8", "mouse": "float32", "pose": "float32", "variables": "float32",
+                "env_actions": "float32"}
+# safetensors dtype names (the format's header) -> numpy; only what the format above can hold.
+_ST_DTYPES = {"U8": np.dtype("uint8"), "U16": np.dtype("uint16"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+MAX_OPEN_SHARDS = 128  # open files per process; well under the usual limit of 1024
 
 
 @dataclass
@@ -341,13 +343,62 @@ def _read_index(path: Path) -> dict[str, Any]:
     return index
 
 
+class _Shard:
+    """One open shard file: its safetensors header parsed, arrays read with ``pread``.
+
+    ``pread`` copies straight from the page cache into the destination array: no memory map
+    to fault in page by page in every DataLoader worker, and no second copy. An open file
+    descriptor is safe to share with forked workers, as ``pread`` has no file position.
+    """
+
+    def __init__(self, path: Path, size: int):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            self.arrays = self._parse_header(size)  # name -> (dtype, shape, byte offset)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _parse_header(self, size: int) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
+        """safetensors layout: u64 little-endian header length n, n bytes of JSON, then data."""
+        head = os.pread(self.fd, 8, 0)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise DatasetError(f"{self.path}: not a safetensors file (header length {n}, file {size} bytes)")
+        try:
+            header = json.loads(os.pread(self.fd, n, 8))
+            arrays = {}
+            for name, a in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype, shape, (begin, end) = _ST_DTYPES[a["dtype"]], tuple(a["shape"]), a["data_offsets"]
+                if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= size - 8 - n:
+                    raise ValueError(f"array {name!r} does not fit its shape or the file")
+                arrays[name] = (dtype, shape, 8 + n + begin)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+            raise DatasetError(f"{self.path}: unreadable safetensors header: {e!r}") from None
+        return arrays
+
+    def read_into(self, name: str, lo: int, out: np.ndarray) -> None:
+        """Rows ``[lo, lo + len(out))`` of array ``name`` into ``out`` (contiguous)."""
+        if out.nbytes:
+            _, _, offset = self.arrays[name]
+            got = os.preadv(self.fd, [out], offset + lo * (out.nbytes // len(out)))
+            if got != out.nbytes:
+                raise DatasetError(f"{self.path}: short read of {name!r} (file changed while open?)")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class Dataset:
     """A recorded dataset, read lazily and validated shard by shard.
 
     A shard is checked (size and SHA-256 against the index, then its arrays' shapes and dtypes)
-    the first time this object opens it; later reads go straight to the memory-mapped file.
-    Pickling keeps what was verified, so DataLoader workers (forked or spawned) never hash a
-    shard that their parent already checked; see :meth:`validate`.
+    the first time this object opens it; later reads go straight to the file. Forked and
+    spawned (pickled) copies keep what was verified, so DataLoader workers never hash a shard
+    that their parent already checked; see :meth:`validate`.
 
     Example:
         >>> ds = Dataset("data/doom")                  # doctest: +SKIP
@@ -369,16 +420,20 @@ class Dataset:
         if len(set(files)) != len(files):
             raise DatasetError(f"{self.index_path}: a shard file is listed twice")
         self._verified: set[str] = set()
-        self._open: dict[str, Any] = {}
-        self._pid = os.getpid()
+        self._open: OrderedDict[str, _Shard] = OrderedDict()  # least recently used first
 
     def __getstate__(self) -> dict[str, Any]:
-        # Open safetensors handles do not pickle; the worker reopens (verified shards unhashed).
-        return {**self.__dict__, "_open": {}}
+        # File descriptors do not pickle; a spawned worker reopens (verified shards unhashed).
+        return {**self.__dict__, "_open": OrderedDict()}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._pid = os.getpid()
+    def close(self) -> None:
+        """Close the open shard files (reading reopens them)."""
+        while self._open:
+            self._open.popitem()[1].close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_open", None):
+            self.close()
 
     # --- metadata ---------------------------------------------------------------------------
     @property
@@ -428,16 +483,18 @@ class Dataset:
         return np.flatnonzero(~held).tolist(), np.flatnonzero(held).tolist()
 
     # --- reading ----------------------------------------------------------------------------
-    def _shard(self, entry: dict[str, Any]):
-        """The open handle of a shard; checked the first time this process opens it."""
-        if os.getpid() != self._pid:  # forked DataLoader worker: mmaps must not be shared
-            self._open, self._pid = {}, os.getpid()
-        handle = self._open.get(entry["file"])
-        if handle is None:
-            handle = self._open[entry["file"]] = self._open_shard(entry)
-        return handle
+    def _shard(self, entry: dict[str, Any]) -> _Shard:
+        """The open shard; checked the first time this object (or its parent) opens it."""
+        shard = self._open.get(entry["file"])
+        if shard is None:
+            shard = self._open[entry["file"]] = self._open_shard(entry)
+            if len(self._open) > MAX_OPEN_SHARDS:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(entry["file"])
+        return shard
 
-    def _open_shard(self, entry: dict[str, Any]):
+    def _open_shard(self, entry: dict[str, Any]) -> _Shard:
         rel, path = entry["file"], self.root / entry["file"]
         if not path.is_file():
             raise DatasetError(f"{path}: shard listed in the index is missing")
@@ -445,40 +502,39 @@ class Dataset:
         if size != entry["bytes"]:
             raise DatasetError(f"{path}: shard is {size} bytes, the index says {entry['bytes']} "
                                f"(truncated or overwritten)")
+        if rel not in self._verified and _sha256(path) != entry["sha256"]:
+            raise DatasetError(f"{path}: shard content does not match its SHA-256 in the index (corrupt)")
+        shard = _Shard(path, size)
         if rel not in self._verified:
-            if _sha256(path) != entry["sha256"]:
-                raise DatasetError(f"{path}: shard content does not match its SHA-256 in the index (corrupt)")
-        try:
-            handle = safe_open(str(path), framework="np")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise DatasetError(f"{path}: unreadable shard: {e}") from None
-        if rel not in self._verified:
-            self._check_arrays(handle, entry)
+            try:
+                self._check_arrays(shard, entry)
+            except DatasetError:
+                shard.close()
+                raise
             self._verified.add(rel)
-        return handle
+        return shard
 
-    def _check_arrays(self, handle: Any, entry: dict[str, Any]) -> None:
+    def _check_arrays(self, shard: _Shard, entry: dict[str, Any]) -> None:
         """Every array this dataset promises, with the step count, shape and dtype the index implies."""
-        path = self.root / entry["file"]
         w, h = self.resolution
         width = {"keys": (actions.NUM_KEYS,), "mouse": (actions.NUM_MOUSE,), "pose": (len(POSE_FIELDS),),
                  "variables": (len(self.variable_names),), "frames": (h, w, 3), "depth": (h, w)}
-        present = set(handle.keys())
         for name in self.fields:
-            if name not in present:
-                raise DatasetError(f"{path}: has no array {name!r}, which the index promises")
-            sl = handle.get_slice(name)
-            shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+            if name not in shard.arrays:
+                raise DatasetError(f"{shard.path}: has no array {name!r}, which the index promises")
+            dtype, shape, _ = shard.arrays[name]
             want = (entry["steps"], *width[name]) if name in width else None
             if (want is not None and shape != want) or (want is None and (len(shape) != 2 or shape[0] != entry["steps"])):
-                raise DatasetError(f"{path}: array {name!r} has shape {shape}, expected "
+                raise DatasetError(f"{shard.path}: array {name!r} has shape {shape}, expected "
                                    f"{want or (entry['steps'], 'A')} from the index")
-            ok = dtype in [_ST_DTYPES[d] for d in DEPTH_DTYPES] if name == "depth" else dtype == _FIXED_DTYPE[name]
-            if not ok:
-                raise DatasetError(f"{path}: array {name!r} has dtype {dtype}, not what the format stores")
+            if dtype.name not in (DEPTH_DTYPES if name == "depth" else (_FIXED_DTYPE[name],)):
+                raise DatasetError(f"{shard.path}: array {name!r} has dtype {dtype.name}, not what the format stores")
 
     def read(self, episode: int, field_name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Steps ``[start, stop)`` of one array of episode ``episode``, across its shards."""
+        """Steps ``[start, stop)`` of one array of episode ``episode``, across its shards.
+
+        Every shard the range touches is checked first, so nothing partial is ever returned.
+        """
         if field_name not in self.fields:
             raise DatasetError(f"{self.index_path}: this dataset has no {field_name!r} "
                                f"(it has {', '.join(self.fields)})")
@@ -486,17 +542,21 @@ class Dataset:
         stop = info.length if stop is None else stop
         if not 0 <= start <= stop <= info.length:
             raise IndexError(f"steps [{start}, {stop}) outside episode {info.id} of {info.length} steps")
-        parts, offset = [], 0
+        parts, offset = [], 0  # (shard, rows lo..hi of it) covering the range
         for entry in info.shards:
             lo, hi = max(start - offset, 0), min(stop - offset, entry["steps"])
-            if lo < hi:
-                parts.append(self._shard(entry).get_slice(field_name)[lo:hi])
+            if lo < hi or not parts and offset + entry["steps"] >= stop:  # an empty range still needs a shape
+                parts.append((self._shard(entry), lo, max(lo, hi)))
             offset += entry["steps"]
             if offset >= stop:
                 break
-        if not parts:  # start == stop: an empty array that still has the field's shape and dtype
-            parts.append(self._shard(info.shards[0]).get_slice(field_name)[0:0])
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        dtype, shape, _ = parts[0][0].arrays[field_name]
+        out = np.empty((stop - start, *shape[1:]), dtype)
+        row = 0
+        for shard, lo, hi in parts:
+            shard.read_into(field_name, lo, out[row:row + hi - lo])
+            row += hi - lo
+        return out
 
     def episode(self, episode: int, start: int = 0, stop: int | None = None) -> Episode:
         return Episode(**{f: self.read(episode, f, start, stop) for f in self.fields})
