@@ -228,8 +228,13 @@ def test_killed_writer_leaves_a_valid_dataset(tmp_path):
 # --- split ----------------------------------------------------------------------------------
 
 def test_split_is_deterministic_by_episode_id(tmp_path):
-    big = tmp_path / "big"
-    make_dataset(big, lengths=(2,) * 40, shard_steps=2)
+    big = tmp_path / "big"  # 40 index entries (the split reads only ids; no shard is opened)
+    make_dataset(big, lengths=(2,), shard_steps=2)
+    index = json.loads((big / "index.json").read_text())
+    index["episodes"] = [{**index["episodes"][0], "id": f"e{i}"} for i in range(40)]
+    for i, e in enumerate(index["episodes"]):
+        e["shards"] = [{**e["shards"][0], "file": f"shards/e{i}-0000.safetensors"}]
+    (big / "index.json").write_text(json.dumps(index))
     train, held = Dataset(big).split(0.25)
     assert sorted(train + held) == list(range(40)) and 3 <= len(held) <= 20
     assert Dataset(big).split(0.25) == (train, held)
