@@ -204,7 +204,7 @@ class ExploreConfig:
     hfov_deg: float = 90.0          # ViZDoom's horizontal field of view, to turn depth columns into bearings
     depth_units: float = 7.0        # map units per depth level (measured, env/doom.py)
     pixel_aspect: float = 1.2       # Doom's tall pixels: vertical / horizontal focal length (measured via pitch)
-    rays: int = 48                  # depth columns mapped per step: ~25 units apart at the map's range
+    rays: int = 40                  # bearings: depth columns min-pooled to this many (2.25 deg each at 90 deg)
     near: float = 40.0              # map units: a wall this close ahead ends a walk (player radius is 16)
     cell: float = 64.0              # map units per novelty cell; worldgen.data.coverage uses the same
     replan_every: int = 8           # steps between frontier searches (~1 s of play)
@@ -245,7 +245,7 @@ class ExplorePolicy:
         self.config = config
         names = list(variable_names)
         self._damage = names.index("damage_taken") if "damage_taken" in names else None
-        self._bearing: np.ndarray | None = None
+        self._width = 0  # depth width the bearing tables below were made for
         self.reset(0)
 
     def reset(self, seed: int) -> None:
@@ -273,8 +273,8 @@ class ExplorePolicy:
         return _grid(v, self.config.cell, len(self.visits))
 
     def _columns(self, obs: Obs) -> tuple[np.ndarray, np.ndarray]:
-        """Per depth column: distance (map units) to the nearest thing at eye to waist level,
-        and the column's bearing (deg, > 0 = left of centre).
+        """Per bearing (``rays`` groups of depth columns): distance (map units) to the nearest
+        thing at eye to waist level, and the bearing (deg, > 0 = left of centre).
 
         Eye level sees walls, monsters and closed doors, and looks over floors, stairs and low
         sills (the stuck detector learns those). A 2.5D test of each pixel's height that also
@@ -282,23 +282,28 @@ class ExplorePolicy:
         """
         c = self.config
         h, w = obs.depth.shape
-        if self._bearing is None or self._bearing.shape != (w,):
+        if self._width != w:
             f = (w / 2) / math.tan(math.radians(c.hfov_deg / 2))  # horizontal focal length, pixels
-            self._bearing = np.degrees(np.arctan(((w - 1) / 2 - np.arange(w)) / f))  # (W,)
+            self._group = max(w // c.rays, 1)                      # columns per bearing
+            n = w // self._group
+            centre = (np.arange(n) + 0.5) * self._group - 0.5       # (R,) column at each bearing's centre
+            self._bearing = np.degrees(np.arctan(((w - 1) / 2 - centre) / f))  # (R,)
             self._secant = 1.0 / np.cos(np.radians(self._bearing))  # depth is planar, rays are not
             self._fv = f * c.pixel_aspect                           # vertical focal length, pixels
-            self._rays = np.linspace(0, w - 1, c.rays).round().astype(np.int64)
+            self._width = w
         # Doom looks up and down by shearing the image: the horizon row moves by fv * tan(pitch).
         horizon = int(h / 2 + self._fv * math.tan(math.radians(float(obs.pose[4]))))
         band = obs.depth[max(horizon - 2, 0):max(horizon + 6, 1):2]  # (4, W) eye to waist level
         # 0 is the weapon sprite (it rises into view when firing), never a wall (>= 16 units away).
-        level = np.where(band == 0, 255, band).min(0).astype(np.float32)  # (W,)
+        level = np.where(band == 0, 255, band).min(0)  # (W,)
+        n = len(self._bearing)
+        level = level[:n * self._group].reshape(n, self._group).min(1).astype(np.float32)  # (R,) thin things count
         dist = level * c.depth_units * self._secant
         dist[level >= 250] = np.inf  # saturated: nothing in range
         return dist, self._bearing
 
     def _scores(self, obs: Obs, dist: np.ndarray, bearing: np.ndarray) -> np.ndarray:
-        """(W,) how good heading down each column is: room to walk minus how visited it is."""
+        """(R,) how good each bearing is to head down: room to walk minus how visited it is."""
         reach = np.minimum(dist, 384.0)  # six floor tiles; farther is not better
         heading = np.radians(obs.pose[3] + bearing)
         seen = 0.0
@@ -307,7 +312,7 @@ class ExplorePolicy:
             seen = seen + self.visits[self._cell(obs.pose[0] + d * np.cos(heading)),
                                       self._cell(obs.pose[1] + d * np.sin(heading))]
         score = reach / 384.0 - 0.35 * np.log1p(seen / 2)
-        return np.convolve(score, np.ones(9) / 9, mode="same")  # a gap must be wider than a sliver
+        return np.convolve(score, np.ones(3) / 3, mode="same")  # a gap must be wider than a sliver
 
     # --- manoeuvres -----------------------------------------------------------------------------
     def _start(self, mode: str, steps: int, then: str | None = None) -> None:
@@ -416,8 +421,7 @@ class ExplorePolicy:
         xy = obs.pose[:2].astype(np.float64)
         self.visits[self._cell(float(xy[0])), self._cell(float(xy[1]))] += 1
         dist, bearing = self._columns(obs)
-        cols = self._rays  # (rays,) columns mapped
-        self.map.observe(xy[0], xy[1], np.radians(obs.pose[3] + bearing[cols]), dist[cols])
+        self.map.observe(xy[0], xy[1], np.radians(obs.pose[3] + bearing), dist)
         near_waypoint = self.plan is not None and math.dist(self.plan[:2], xy) < 1.5 * self.map.cell
         if self.t >= self.next_plan or near_waypoint:
             self._replan(obs)

@@ -197,12 +197,13 @@ def test_bad_settings_are_clear_errors(tmp_path, recorded, capsys):
 
 # --- policies --------------------------------------------------------------------------------------
 def test_explore_covers_more_of_the_map_than_random(env):
-    cells = {}
-    for name, policy in (("explore", make_policy("explore", VARIABLE_NAMES)), ("random", RandomPolicy())):
-        policy.reset(11)
-        pose = np.concatenate([c.pose for c in rollout(env, policy, "E1M1", 11, 300)])
-        cells[name] = cells_visited(pose)
-    assert cells["explore"] > 1.5 * cells["random"], cells
+    cells = {"explore": 0, "random": 0}
+    for seed in (11, 12, 13):  # one episode is luck; three are a measurement (benchmarks: ~2.3x)
+        for name, policy in (("explore", make_policy("explore", VARIABLE_NAMES)), ("random", RandomPolicy())):
+            policy.reset(seed)
+            pose = np.concatenate([c.pose for c in rollout(env, policy, "E1M1", seed, 300)])
+            cells[name] += cells_visited(pose)
+    assert cells["explore"] > 1.3 * cells["random"], cells
 
 
 def test_explorer_escapes_when_stuck_and_turns_at_walls():
