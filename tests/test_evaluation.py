@@ -1,4 +1,8 @@
-"""`worldgen eval` and its metrics, on CPU: a tiny real ViZDoom recording and a tiny random model."""
+"""`worldgen eval` and its metrics, on CPU: a tiny real ViZDoom recording and a tiny random model.
+
+The recording is real play (ViZDoom, E1M1) with its 160x120 frames downscaled 5x to 32x24, as
+in tests/test_training.py: a tokenizer then decodes hundreds of frames in a second or two.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from worldgen import actions
 from worldgen.cli import main
@@ -20,9 +25,9 @@ from worldgen.evaluation.evaluate import _derangement, select_windows
 from worldgen.models import MODELS, DiT, Tokenizer, TokenizerConfig, save_part
 
 CONTEXT = 4
-# The "tiny" DiT with 5x5 latent patches: 12 tokens per frame instead of 300 keep a 64-frame
-# rollout to a second on two CPU cores.
-TINY = dataclasses.replace(MODELS["tiny"], patch_size=5, dim=32)
+SIZE = (32, 24)  # (W, H) of the test frames
+# The "tiny" DiT on 3x4 latents (32x24 / 8): 12 tokens per frame.
+TINY = dataclasses.replace(MODELS["tiny"], latent_size=(SIZE[1] // 8, SIZE[0] // 8), dim=32)
 EPISODE_STEPS = (150, 120, 40)   # the last one is too short for a 4 + 64 window
 
 
@@ -89,7 +94,7 @@ def test_derangement_moves_every_window():
 # --- a tiny real recording and a tiny random model ---------------------------------------------
 
 def record_doom(root: Path, steps: tuple[int, ...]) -> Path:
-    """Real ViZDoom play (E1M1, 160x120) with a persistent random policy, one seed per episode."""
+    """Real ViZDoom play (E1M1) with a persistent random policy, one seed per episode, at SIZE."""
     import vizdoom as vzd
 
     game = vzd.DoomGame()
@@ -98,27 +103,31 @@ def record_doom(root: Path, steps: tuple[int, ...]) -> Path:
     game.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
     game.set_screen_format(vzd.ScreenFormat.RGB24)
     game.set_window_visible(False)
+    game.set_depth_buffer_enabled(True)
     game.set_mode(vzd.Mode.PLAYER)
     b = vzd.Button
     game.set_available_buttons([b.MOVE_FORWARD, b.MOVE_BACKWARD, b.MOVE_LEFT, b.MOVE_RIGHT, b.TURN_LEFT,
                                 b.TURN_RIGHT, b.ATTACK, b.USE, b.TURN_LEFT_RIGHT_DELTA])
     game.init()
-    index = DatasetIndex(root, resolution=(160, 120), frame_skip=4, source={"env": "vizdoom", "test": True},
-                         has_depth=False, has_pose=False)
+    index = DatasetIndex(root, resolution=SIZE, frame_skip=4, source={"env": "vizdoom", "test": "downscaled"},
+                         has_depth=True, has_pose=False)
     try:
         for e, n in enumerate(steps):
             game.set_seed(e)
             game.new_episode()
             rng = np.random.default_rng(e)
-            frames, keys, mouse = [], np.zeros((n, 8), np.uint8), np.zeros((n, 2), np.float32)
+            frames, depth = [], []
+            keys, mouse = np.zeros((n, 8), np.uint8), np.zeros((n, 2), np.float32)
             for i in range(n):
                 if i % 8 == 0:  # persistent actions: 8 steps each, like a player holding keys
                     k = (rng.random(8) < [0.7, 0.05, 0.15, 0.15, 0.2, 0.2, 0.1, 0.05]).astype(np.uint8)
                     yaw = float(rng.normal(0, 4))
                 keys[i], mouse[i, 0] = k, yaw
-                frames.append(game.get_state().screen_buffer.copy())
+                state = game.get_state()
+                frames.append(np.asarray(Image.fromarray(state.screen_buffer).resize(SIZE, Image.BILINEAR)))
+                depth.append(np.asarray(Image.fromarray(state.depth_buffer).resize(SIZE, Image.NEAREST)))
                 game.make_action([*k.tolist(), -yaw], 4)  # the game's positive delta turns left
-            ep = Episode(frames=np.stack(frames), keys=keys, mouse=mouse)
+            ep = Episode(frames=np.stack(frames), keys=keys, mouse=mouse, depth=np.stack(depth))
             name = f"e{e:02d}"
             index.add(EpisodeInfo(id=name, length=n, shards=write_episode_shards(root, name, ep, 64),
                                   map="E1M1", seed=e))
@@ -138,19 +147,24 @@ def doom(tmp_path_factory) -> Path:
         os.chdir(cwd)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
+def make_ckpt(folder: Path, in_channels: int = 3) -> Path:
     """Random weights, with the DiT's zero-initialised output and modulations made random so
     that its predictions depend on the actions (at init the velocity is 0 whatever the input)."""
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("ckpt")
-    save_part(folder, "tokenizer", Tokenizer(TokenizerConfig(channels=(8, 8, 8, 8), dec_blocks=1)), {})
+    tok = Tokenizer(TokenizerConfig(image_size=SIZE[::-1], in_channels=in_channels, channels=(8, 8, 8, 8),
+                                    dec_blocks=1))
+    save_part(folder, "tokenizer", tok, {})
     dit = DiT(TINY)
     with torch.no_grad():
         for p in dit.parameters():
             p.normal_(0.0, 0.05)
     save_part(folder, "dynamics", dit, {"sampler": {"steps": 2, "ctx_noise": 0.0, "window": CONTEXT + 1}})
     return folder
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_ckpt(tmp_path_factory.mktemp("ckpt"))
 
 
 def finite(d) -> bool:
@@ -217,18 +231,20 @@ def test_eval_end_to_end(doom, ckpt, tmp_path):
 def cut(src: Path, dst: Path, lengths: tuple[int, ...]) -> Path:
     """A dataset of the first ``lengths[i]`` recorded frames of episode i."""
     ds = Dataset(src)
-    index = DatasetIndex(dst, resolution=(160, 120), frame_skip=4, source={"cut_from": str(src)},
-                         has_depth=False, has_pose=False)
+    index = DatasetIndex(dst, resolution=SIZE, frame_skip=4, source={"cut_from": str(src)},
+                         has_depth=True, has_pose=False)
     for e, n in enumerate(lengths):
         name = f"s{e:02d}"
         index.add(EpisodeInfo(id=name, length=n, shards=write_episode_shards(dst, name, ds.episode(e, 0, n))))
     return dst
 
 
-def test_eval_short_episodes_record_effective_horizon(doom, ckpt, tmp_path):
+def test_eval_short_episodes_record_effective_horizon(doom, tmp_path):
     # 4 + 64 frames fit in no episode: the horizon shrinks to what fits (the longest episode),
     # and the named horizons beyond it are null rather than measured somewhere else.
+    # The tokenizer here encodes RGB + depth, as `worldgen train tokenizer --depth` makes one.
     short = cut(doom, tmp_path / "short", (14, 10))
+    ckpt = make_ckpt(tmp_path / "ckpt", in_channels=4)
     r = evaluate(ckpt, short, EvalConfig(windows=3, batch=64, split="all"), device="cpu", log=lambda s: None)
     # The longest horizon with two windows (shuffling needs two): 4 + 9 frames fit twice in 14.
     assert r["context"] == CONTEXT and r["horizon"] == 9 and r["windows"] == 2

@@ -53,6 +53,7 @@ import torch
 
 from worldgen import actions, checkpoint, sampling
 from worldgen.data import Dataset, DatasetError, WindowDataset
+from worldgen.data.cli import DOOM_TICS_PER_SECOND
 from worldgen.data.dataset import _atomic_write
 from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
 from worldgen.models import frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
@@ -109,7 +110,8 @@ def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalCo
     fraction = cfg.heldout_fraction
     if fraction is None:
         fraction = train.get("config", {}).get("heldout_fraction", 0.1)
-    frames, acts, starts, horizon, n_episodes = _load_windows(ds, cfg, c, fraction)
+    depth = tokenizer.cfg.in_channels == 4  # a tokenizer trained on RGB + depth (train --depth)
+    frames, acts, starts, horizon, n_episodes = _load_windows(ds, cfg, c, fraction, depth)
     fraction = fraction if cfg.split == "heldout" else None
     expected = tuple(tokenizer.cfg.image_size)
     if tuple(frames.shape[2:4]) != expected:
@@ -119,12 +121,13 @@ def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalCo
     log(f"evaluating {folder} on {n} windows of {c} + {horizon} frames from {n_episodes} "
         f"{cfg.split} episodes of {ds.root} ({device})")
 
-    frames_d = frames.to(device)                                     # (N, L, H, W, 3) uint8
+    inputs = frames.to(device)                                       # (N, L, H, W, 3 or 4) uint8
+    frames_d = inputs[..., :3]                                       # (N, L, H, W, 3): what is scored
     acts_d = acts.to(device)                                         # (N, L, 10)
     run = _Runner(tokenizer, dit, sampler, cfg.batch, device)
 
     with torch.no_grad():
-        latents, recon = run.encode(frames_d)                        # (N, L, C, h, w), uint8 frames
+        latents, recon = run.encode(inputs)                          # (N, L, C, h, w), RGB uint8
         tok_psnr, tok_ssim = psnr(recon, frames_d), ssim(recon, frames_d)
 
         # Teacher forcing: target frame t of every window from the real frames t-c .. t-1.
@@ -149,8 +152,9 @@ def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalCo
                      tok_ssim, tf, {k: v.tolist() for k, v in curves.items()})
     if media is not None:
         v = cfg.video_windows
-        result["files"] = write_media(result, frames[:v, c:c + horizon], real[:v].cpu(), frames[:v, c - 1],
-                                      Path(media), fps=35.0 / max(ds.frame_skip, 1))
+        result["files"] = write_media(result, frames[:v, c:c + horizon, ..., :3], real[:v].cpu(),
+                                      frames[:v, c - 1, ..., :3],
+                                      Path(media), fps=clip_fps(ds))
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
 
@@ -181,23 +185,25 @@ def _sampler_settings(folder: Path, cfg: EvalConfig, dit_cfg) -> tuple[int, dict
                      "seed": cfg.seed}
 
 
-def select_windows(ds: Dataset, episodes: list[int], length: int, n: int, seed: int) -> list[dict[str, Any]]:
+def select_windows(ds: Dataset, episodes: list[int], length: int, n: int, seed: int,
+                   fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """``n`` windows of ``length`` frames from ``episodes``, the same ones for the same seed.
 
     Non-overlapping tiles first, so no frame counts twice; only when the episodes hold fewer
     than ``n`` tiles do windows start at any frame (and may overlap). Items are
     :class:`WindowDataset` items (actions aligned to the frames they produced), in data order.
     """
-    pool = WindowDataset(ds, length, episodes, stride=length, fields=())
+    pool = WindowDataset(ds, length, episodes, stride=length, fields=fields)
     if len(pool) < n:
-        pool = WindowDataset(ds, length, episodes, stride=1, fields=())
+        pool = WindowDataset(ds, length, episodes, stride=1, fields=fields)
     picks = np.random.default_rng(seed).choice(len(pool), min(n, len(pool)), replace=False)
     return [pool[int(i)] for i in np.sort(picks)]
 
 
-def _load_windows(ds: Dataset, cfg: EvalConfig, context: int, heldout_fraction: float):
-    """The evaluation windows as frames (N, L, H, W, 3) uint8 and actions (N, L, 10), plus their
-    ``[episode id, start]``, the effective horizon and the number of episodes drawn from."""
+def _load_windows(ds: Dataset, cfg: EvalConfig, context: int, heldout_fraction: float, depth: bool):
+    """The evaluation windows as frames (N, L, H, W, 3 or 4 with depth) uint8 and actions
+    (N, L, 10), plus their ``[episode id, start]``, the effective horizon and the number of
+    episodes drawn from."""
     if cfg.split not in ("heldout", "all"):
         raise EvaluationError(f"--split must be 'heldout' or 'all', got {cfg.split!r}")
     if cfg.horizon < 1 or cfg.windows < 2 or cfg.batch < 1:
@@ -216,8 +222,14 @@ def _load_windows(ds: Dataset, cfg: EvalConfig, context: int, heldout_fraction: 
         raise EvaluationError(f"{ds.root}: the {cfg.split} episodes (longest {lengths.max()} frames) hold "
                               f"fewer than 2 windows of {context} context frames plus one to predict "
                               f"(lower --context)")
-    items = select_windows(ds, episodes, context + horizon, cfg.windows, cfg.seed)
-    frames = torch.from_numpy(np.stack([it["frames"] for it in items]))      # (N, L, H, W, 3)
+    if depth and "depth" not in ds.fields:
+        raise EvaluationError(f"{ds.root}: the tokenizer encodes RGB + depth, but this dataset has no depth")
+    items = select_windows(ds, episodes, context + horizon, cfg.windows, cfg.seed, ("depth",) if depth else ())
+    frames = np.stack([it["frames"] for it in items])                          # (N, L, H, W, 3)
+    if depth:  # as the trainer feeds it; imported here because training imports these metrics
+        from worldgen.training.tokenizer import depth_to_uint8
+        frames = np.concatenate([frames, depth_to_uint8(np.stack([it["depth"] for it in items]))[..., None]], -1)
+    frames = torch.from_numpy(frames)
     acts = torch.from_numpy(np.stack([actions.to_vector(it["keys"], it["mouse"]) for it in items]))
     starts = [[ds.episodes[it["episode"]].id, int(it["start"])] for it in items]
     return frames, acts, starts, horizon, len(episodes)
@@ -250,14 +262,14 @@ class _Runner:
         return torch.Generator(self.device).manual_seed(self.s["seed"] * 100_003 + chunk)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """``(..., C, h, w)`` latents -> ``(..., H, W, 3)`` uint8 frames."""
+        """``(..., C, h, w)`` latents -> ``(..., H, W, 3)`` uint8 RGB frames (a depth channel dropped)."""
         # tensor_to_frames returns host memory; the metrics run back on the device.
-        frames = torch.cat([torch.from_numpy(tensor_to_frames(self.tokenizer.decode(c))).to(self.device)
+        frames = torch.cat([torch.from_numpy(tensor_to_frames(self.tokenizer.decode(c)[:, :3])).to(self.device)
                             for c in z.reshape(-1, *z.shape[-3:]).split(self.batch * 4)])
         return frames.reshape(*z.shape[:-3], *frames.shape[1:])
 
     def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(..., H, W, 3)`` uint8 -> latents ``(..., C, h, w)`` and their decoded frames."""
+        """``(..., H, W, 3 or 4)`` uint8 -> latents ``(..., C, h, w)`` and their decoded RGB frames."""
         z = torch.cat([self.tokenizer.encode(frames_to_tensor(c)).float()
                        for c in frames.reshape(-1, *frames.shape[-3:]).split(self.batch * 4)])
         z = z.reshape(*frames.shape[:-3], *z.shape[1:])
@@ -329,6 +341,11 @@ def write_json(result: dict[str, Any], path: str | Path) -> None:
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
+def clip_fps(ds: Dataset) -> float:
+    """Real-time playback: the source's fps if recorded, else Doom's tic rate over the frame skip."""
+    return ds.index["source"].get("fps") or DOOM_TICS_PER_SECOND / max(ds.frame_skip, 1)
+
+
 def write_media(result: dict[str, Any], real: torch.Tensor, generated: torch.Tensor, last: torch.Tensor,
                 folder: Path, fps: float) -> dict[str, str]:
     """PSNR-versus-horizon plot and side-by-side video (real | generated | last frame held).
@@ -354,19 +371,19 @@ def write_media(result: dict[str, Any], real: torch.Tensor, generated: torch.Ten
     ax.grid(alpha=0.3)
     ax.legend()
     plot = folder / "psnr_vs_horizon.png"
-    _atomic_write(plot, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    _atomic_write(plot, lambda tmp: fig.savefig(tmp, bbox_inches="tight"))
     plt.close(fig)
 
     still = last[:, None].expand_as(real)  # what the repeat baseline shows: nothing moves
     gap = torch.full((*real.shape[:3], 2, 3), 255, dtype=torch.uint8)
-    panels = torch.cat([real, gap, generated, gap, still], dim=3)          # (V, T, H, 3W + 4, 3)
+    panels = torch.cat([real, gap, generated, gap, still], dim=3).flatten(0, 1).numpy()  # (V T, H, 3W + 4, 3)
+    # yuv420p needs even sides; pad by one pixel rather than let imageio rescale.
+    panels = np.pad(panels, ((0, 0), (0, panels.shape[1] % 2), (0, panels.shape[2] % 2), (0, 0)))
     video = folder / "real_vs_generated.mp4"
 
     def write(tmp: str) -> None:
-        # The temp name has no .mp4 suffix, so name the container; even sizes suit yuv420p.
-        with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                output_params=["-f", "mp4"], macro_block_size=2) as w:
-            for frame in panels.reshape(-1, *panels.shape[2:]).numpy():
+        with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1) as w:
+            for frame in panels:
                 w.append_data(frame)
 
     _atomic_write(video, write)
