@@ -17,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-from worldgen import actions
 from worldgen.cli import main
 from worldgen.data import Dataset, DatasetIndex, Episode, EpisodeInfo, write_episode_shards
 from worldgen.evaluation import PSNR_CAP_DB, EvalConfig, EvaluationError, evaluate, psnr, ssim

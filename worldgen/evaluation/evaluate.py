@@ -3,7 +3,12 @@
 Every metric is computed on the same N windows of ``context + horizon`` consecutive frames,
 picked deterministically (seeded) from held-out episodes. Generated frames are decoded and
 rounded to uint8, exactly what a player would see, and compared with the recorded uint8
-frames (:mod:`worldgen.evaluation.metrics`; PSNR is capped at ``psnr_cap_db``).
+frames (:mod:`worldgen.evaluation.metrics`; PSNR is capped at ``psnr_cap_db``). Only RGB is
+scored; a tokenizer that also encodes depth gets it as input.
+
+What it costs: with N windows, horizon H and K sampler steps, N H teacher-forced predictions
+and 2 N H rollout frames (real and shuffled actions), each K DiT passes over at most
+``context + 1`` frames, batched ``batch`` at a time.
 
 The JSON (``evaluate(...)`` returns it as a dict). Keys are stable; a new key may be added,
 an existing one never changes meaning without bumping ``version``. Means are over windows
@@ -19,7 +24,7 @@ an existing one never changes meaning without bumping ``version``. Means are ove
 * ``context``: real frames given as context. ``horizon``: frames predicted after the context:
   64, or where episodes are shorter the longest horizon at which two windows still fit.
 * ``sampler``: ``{"steps", "ctx_noise", "window", "seed"}`` as used by
-  ``worldgen.sampling`` (``window`` = most frames the rollout attends to).
+  ``worldgen.sampling`` (``window`` = context + one block: frames one prediction attends to).
 * ``tokenizer``: ``{"psnr", "ssim"}`` of encode-decode over every frame of the windows; the
   ceiling for everything below. ``frames``: how many frames.
 * ``teacher_forced``: next-frame prediction with the real previous ``context`` frames as
@@ -52,7 +57,7 @@ import numpy as np
 import torch
 
 from worldgen import actions, checkpoint, sampling
-from worldgen.data import Dataset, DatasetError, WindowDataset
+from worldgen.data import Dataset, WindowDataset
 from worldgen.data.cli import DOOM_TICS_PER_SECOND
 from worldgen.data.dataset import _atomic_write
 from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
