@@ -41,8 +41,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import struct
 import tempfile
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,9 +202,23 @@ def _new_game(config: DoomConfig, first_map: str, workdir: str, sectors: bool = 
     game.set_available_buttons(list(BUTTONS))
     game.set_available_game_variables(list(POSE_VARIABLES + VARIABLES))
     # The engine writes ./_vizdoom/ into its working directory: keep it out of the user's.
-    with _cwd(workdir):
+    with _cwd(workdir), _no_sigint():
         game.init()
     return game
+
+
+@contextlib.contextmanager
+def _no_sigint() -> Iterator[None]:
+    """Start the engine with Ctrl-C ignored (it inherits that): a Ctrl-C reaches Python as
+    KeyboardInterrupt, whose cleanup closes the engine, instead of killing it mid-call."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _shutdown(game: vzd.DoomGame, tmp: tempfile.TemporaryDirectory) -> None:

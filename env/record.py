@@ -107,7 +107,13 @@ class _Job:
 
 def _work(job: _Job, messages: Any, stop: Any) -> None:
     """Worker process: record episodes, write their shards, report each to the parent."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run `finally`: close the engine
+    def terminate(*_: Any) -> None:  # run `finally` (close the engine); don't wait on a dead parent
+        messages.cancel_join_thread()
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it sets `stop`
+    parent = os.getppid()
     env = None
     try:
         env = DoomEnv(job.config, job.maps[job.worker % len(job.maps)])
@@ -124,7 +130,8 @@ def _work(job: _Job, messages: Any, stop: Any) -> None:
                 shards += write_episode_shards(job.out, eid, chunk, SHARD_STEPS, first=len(shards))
                 poses.append(chunk.pose)
                 messages.put(("steps", len(chunk)))
-                if stop.is_set():
+                if stop.is_set() or os.getppid() != parent:
+                    messages.cancel_join_thread()  # nobody may be reading any more
                     return  # the unfinished episode's shards stay unlisted: never read
             info = EpisodeInfo(id=eid, length=sum(s["steps"] for s in shards), shards=shards, map=map_,
                                seed=seed, terminal=env.end is not None,
@@ -133,8 +140,6 @@ def _work(job: _Job, messages: Any, stop: Any) -> None:
             done += info.length
             e += 1
         messages.put(("done", job.worker))
-    except KeyboardInterrupt:
-        pass
     except BaseException:
         messages.put(("error", job.worker, traceback.format_exc()))
     finally:
@@ -186,8 +191,6 @@ def record_doom(out: str | Path, steps: int, *, workers: int | None = None,
         for p in procs:
             p.start()
         bar = tqdm(total=steps, unit="frame", disable=not progress, desc=f"record {out.name}")
-        for m in maps:  # while the workers start up
-            save_map_lines(out, m, map_lines(m, config.wad), wad=config.wad)
         while len(finished) < workers:
             try:
                 msg = messages.get(timeout=1.0)
@@ -201,6 +204,8 @@ def record_doom(out: str | Path, steps: int, *, workers: int | None = None,
                 bar.update(msg[1])
             elif msg[0] == "episode":
                 index.add(EpisodeInfo(**msg[1]))
+                if not (out / "maps" / f"{msg[1]['map']}.json").is_file():  # walls of the maps played
+                    save_map_lines(out, msg[1]["map"], map_lines(msg[1]["map"], config.wad), wad=config.wad)
                 tracks.append((msg[1]["map"], msg[2]))
                 ends[msg[1]["extra"]["end"]] += 1
             elif msg[0] == "done":
