@@ -48,6 +48,20 @@ def build_synthetic(root: Path, steps: int, episode_steps: int = 2000, seed: int
                               map="E1M1", seed=k))
 
 
+def memcpy_gb_per_s(mb: int = 64) -> float:
+    """This machine's copy bandwidth right now (best of 5, buffers reused): what a loader,
+    which mostly copies bytes, can at most approach. A busy shared machine shows it here."""
+    src, dst = np.ones(mb << 20, np.uint8), np.zeros(mb << 20, np.uint8)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(5))
+    return round(mb / 1024 / best, 2)
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (DataLoader workers, once joined)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -116,7 +130,7 @@ def main() -> None:
               "bytes": size, "verify_s": round(verify, 2), "verify_MB_per_s": round(size / verify / 1e6),
               "window": args.window, "cpus": os.cpu_count(), "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "commit": commit,
-              "load_avg_before": os.getloadavg()[0]}
+              "load_avg_before": round(os.getloadavg()[0], 1), "memcpy_GB_per_s": memcpy_gb_per_s()}
     print(json.dumps(header))
     rows = []
     for collate in args.collate.split(","):
