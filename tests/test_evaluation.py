@@ -7,6 +7,7 @@ in tests/test_training.py: a tokenizer then decodes hundreds of frames in a seco
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -238,19 +239,26 @@ def cut(src: Path, dst: Path, lengths: tuple[int, ...]) -> Path:
     return dst
 
 
-def test_eval_short_episodes_record_effective_horizon(doom, tmp_path):
+def test_eval_short_episodes_record_effective_horizon(doom, tmp_path, monkeypatch):
     # 4 + 64 frames fit in no episode: the horizon shrinks to what fits (the longest episode),
     # and the named horizons beyond it are null rather than measured somewhere else.
     # The tokenizer here encodes RGB + depth, as `worldgen train tokenizer --depth` makes one.
+    # Without ffmpeg (as on some GPU images) the plot is still written, the video skipped.
     short = cut(doom, tmp_path / "short", (14, 10))
     ckpt = make_ckpt(tmp_path / "ckpt", in_channels=4)
-    r = evaluate(ckpt, short, EvalConfig(windows=3, batch=64, split="all"), device="cpu", log=lambda s: None)
+    # The module, not the function `evaluate` that the package exports under the same name.
+    monkeypatch.setattr(importlib.import_module("worldgen.evaluation.evaluate"), "has_ffmpeg", lambda: False)
+    logs: list[str] = []
+    r = evaluate(ckpt, short, EvalConfig(windows=3, batch=64, split="all"), device="cpu", media=tmp_path / "m",
+                 log=logs.append)
+    assert "no video" in logs[0] and r["files"] == {"plot": str(tmp_path / "m" / "psnr_vs_horizon.png"), "video": None}
+    assert (tmp_path / "m" / "psnr_vs_horizon.png").is_file() and not (tmp_path / "m" / "real_vs_generated.mp4").exists()
     # The longest horizon with two windows (shuffling needs two): 4 + 9 frames fit twice in 14.
     assert r["context"] == CONTEXT and r["horizon"] == 9 and r["windows"] == 2
     assert r["window_starts"] == [["s00", 0], ["s00", 1]]
     assert r["rollout"]["psnr@1"] is not None and r["rollout"]["psnr@16"] is None
     assert r["rollout"]["psnr@64"] is None and r["controllability"]["delta_db"] is None
-    assert len(r["rollout"]["curve"]) == 9 and r["files"] == {"plot": None, "video": None}
+    assert len(r["rollout"]["curve"]) == 9
 
 
 def test_eval_errors_name_the_problem(doom, ckpt, tmp_path, capsys):

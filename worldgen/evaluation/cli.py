@@ -52,5 +52,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     write_json(result, args.json)
     print(summary(result))
-    print(f"wrote {args.json}" + (f", {result['files']['plot']}, {result['files']['video']}" if media else ""))
+    print("wrote " + ", ".join([str(args.json)] + [f for f in result["files"].values() if f]))
     return 0

@@ -93,7 +93,8 @@ class EvalConfig:
 def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalConfig | None = None,
              device: str | torch.device | None = None, media: str | Path | None = None,
              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every metric of the module docstring; write the plot and video under ``media``.
+    """Run every metric of the module docstring; write the plot and video under ``media``
+    (``psnr_vs_horizon.png``, ``real_vs_generated.mp4``; the video only where ffmpeg is).
 
     Example:
         >>> r = evaluate("default", "data/doom-heldout", EvalConfig(split="all"))  # doctest: +SKIP
@@ -102,6 +103,9 @@ def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalCo
     """
     t0 = time.perf_counter()
     cfg = cfg or EvalConfig()
+    video = media is not None and cfg.video_windows > 0 and has_ffmpeg()
+    if media is not None and cfg.video_windows > 0 and not video:  # say so now, not after the work
+        log("warning: imageio-ffmpeg is not installed here; writing the plot but no video")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     folder = checkpoint.resolve(checkpoint_dir)
     tokenizer = load_tokenizer(folder, device=device).eval()
@@ -156,10 +160,13 @@ def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalCo
     result = _report(folder, ds, cfg, c, fraction, sampler, device, starts, n_episodes, horizon, tok_psnr,
                      tok_ssim, tf, {k: v.tolist() for k, v in curves.items()})
     if media is not None:
-        v = cfg.video_windows
-        result["files"] = write_media(result, frames[:v, c:c + horizon, ..., :3], real[:v].cpu(),
-                                      frames[:v, c - 1, ..., :3],
-                                      Path(media), fps=clip_fps(ds))
+        media, v = Path(media), cfg.video_windows
+        write_plot(result, media / "psnr_vs_horizon.png")
+        result["files"]["plot"] = str(media / "psnr_vs_horizon.png")
+        if video:
+            write_video(frames[:v, c:c + horizon, ..., :3], real[:v].cpu(), frames[:v, c - 1, ..., :3],
+                        media / "real_vs_generated.mp4", fps=clip_fps(ds))
+            result["files"]["video"] = str(media / "real_vs_generated.mp4")
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
 
@@ -351,48 +358,58 @@ def clip_fps(ds: Dataset) -> float:
     return ds.index["source"].get("fps") or DOOM_TICS_PER_SECOND / max(ds.frame_skip, 1)
 
 
-def write_media(result: dict[str, Any], real: torch.Tensor, generated: torch.Tensor, last: torch.Tensor,
-                folder: Path, fps: float) -> dict[str, str]:
-    """PSNR-versus-horizon plot and side-by-side video (real | generated | last frame held).
-
-    ``real``, ``generated``: ``(V, horizon, H, W, 3)`` uint8, the first V windows after their
-    context; ``last``: ``(V, H, W, 3)`` their last context frames. The video plays the windows
-    one after another, each panel separated by a white bar.
-    """
-    import imageio.v2 as imageio
+def write_plot(result: dict[str, Any], path: Path) -> None:
+    """PSNR versus horizon: model with real and shuffled actions, the held frame, the tokenizer's
+    ceiling. Needs only the result, so ``write_plot(json.load(open("eval.json")), path)`` works too."""
     import matplotlib
     matplotlib.use("Agg")  # files only; never open a window
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
     ro, h = result["rollout"], np.arange(1, result["horizon"] + 1)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot(h, ro["curve"], label="model, real actions")
-    ax.plot(h, ro["shuffled_curve"], label="model, shuffled actions")
+    ax.plot(h, ro["shuffled_curve"], ls=":", label="model, shuffled actions")  # dotted: often on top of real
     ax.plot(h, ro["baseline_curve"], label="last context frame held")
     ax.axhline(result["tokenizer"]["psnr"], ls="--", c="gray", label="tokenizer reconstruction")
     ax.set(xlabel="frames after the context", ylabel="PSNR (dB)", xlim=(1, max(h[-1], 2)),
            title=f"rollout, {result['windows']} windows, context {result['context']}")
     ax.grid(alpha=0.3)
     ax.legend()
-    plot = folder / "psnr_vs_horizon.png"
-    _atomic_write(plot, lambda tmp: fig.savefig(tmp, bbox_inches="tight"))
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, bbox_inches="tight"))
     plt.close(fig)
+
+
+def has_ffmpeg() -> bool:
+    """Whether imageio can write mp4 here (imageio-ffmpeg bundles a binary; some images lack it)."""
+    try:
+        import imageio_ffmpeg
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+def write_video(real: torch.Tensor, generated: torch.Tensor, last: torch.Tensor, path: Path, fps: float) -> None:
+    """Side-by-side H.264 video: real | generated | last context frame held.
+
+    ``real``, ``generated``: ``(V, horizon, H, W, 3)`` uint8, the first V windows after their
+    context; ``last``: ``(V, H, W, 3)`` their last context frames. The windows play one after
+    another, the panels separated by white bars.
+    """
+    import imageio.v2 as imageio
 
     still = last[:, None].expand_as(real)  # what the repeat baseline shows: nothing moves
     gap = torch.full((*real.shape[:3], 2, 3), 255, dtype=torch.uint8)
     panels = torch.cat([real, gap, generated, gap, still], dim=3).flatten(0, 1).numpy()  # (V T, H, 3W + 4, 3)
     # yuv420p needs even sides; pad by one pixel rather than let imageio rescale.
     panels = np.pad(panels, ((0, 0), (0, panels.shape[1] % 2), (0, panels.shape[2] % 2), (0, 0)))
-    video = folder / "real_vs_generated.mp4"
 
     def write(tmp: str) -> None:
         with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1) as w:
             for frame in panels:
                 w.append_data(frame)
 
-    _atomic_write(video, write)
-    return {"plot": str(plot), "video": str(video)}
+    _atomic_write(path, write)
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -416,4 +433,4 @@ def summary(result: dict[str, Any]) -> str:
 
 
 __all__ = ["EvalConfig", "EvaluationError", "HORIZONS", "CONTROL_HORIZON", "VERSION", "evaluate",
-           "select_windows", "summary", "write_json", "write_media"]
+           "select_windows", "summary", "write_json", "write_plot", "write_video"]
