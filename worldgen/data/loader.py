@@ -92,7 +92,9 @@ class WindowDataset(torch.utils.data.Dataset):
                seed: int | None = None, **kwargs: Any) -> torch.utils.data.DataLoader:
         """A DataLoader over these windows with :func:`collate`; ``seed`` fixes the shuffle order.
 
-        Items come as tensors ``(B, T, ...)``; extra ``kwargs`` go to the DataLoader.
+        Items come as tensors ``(B, T, ...)``; extra ``kwargs`` go to the DataLoader. Workers
+        hand each batch over through fresh shared memory, which costs more CPU per frame than
+        reading in-process: they pay off only with cores to spare (benchmarks/RESULTS.md).
         """
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         return torch.utils.data.DataLoader(
