@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import subprocess
 import time
@@ -22,17 +23,18 @@ import torch
 from worldgen.evaluation import EvalConfig, evaluate, psnr, ssim, summary
 
 
-def per_call(fn, device: torch.device, seconds: float) -> float:
-    """Seconds per call: one warmup call, then repeat until ``seconds`` have passed."""
+def per_call(fn, device: torch.device, seconds: float) -> tuple[float, float]:
+    """Wall and process-CPU seconds per call: one warmup call, then repeat for ``seconds``.
+    CPU seconds are the steadier figure on a shared machine."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
     sync()
-    calls, start = 0, time.perf_counter()
+    calls, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds or calls < 3:
         fn()
         calls += 1
     sync()
-    return (time.perf_counter() - start) / calls
+    return (time.perf_counter() - start) / calls, (time.process_time() - cpu) / calls
 
 
 def main() -> None:
@@ -49,13 +51,15 @@ def main() -> None:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()}-thread CPU"
-    print(f"{datetime.date.today()}, commit {commit}, {hw}, torch {torch.__version__}, {platform.python_version()}")
-    print("| metric | batch | frames/s |\n| --- | ---: | ---: |")
+    print(f"{datetime.date.today()}, commit {commit}, {hw}, torch {torch.__version__}, {platform.python_version()}, "
+          f"1-min load average {os.getloadavg()[0]:.1f}")
+    print("| metric | batch | frames/s | frames/CPU-s |\n| --- | ---: | ---: | ---: |")
     g = torch.Generator().manual_seed(0)
     for b in args.batch:
         x, y = (torch.randint(0, 256, (b, 120, 160, 3), dtype=torch.uint8, generator=g).to(device) for _ in "xy")
         for name, fn in (("psnr", psnr), ("ssim", ssim)):
-            print(f"| {name} | {b} | {b / per_call(lambda: fn(x, y), device, args.seconds):,.0f} |")
+            wall, cpu = per_call(lambda: fn(x, y), device, args.seconds)
+            print(f"| {name} | {b} | {b / wall:,.0f} | {b / cpu:,.0f} |")
 
     if args.checkpoint:
         if not args.data:
