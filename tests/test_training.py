@@ -1,0 +1,294 @@
+"""Training (issue 3, tests 4d-f): the tokenizer and Diffusion-Forcing trainers on a tiny real
+ViZDoom recording, the resume of a SIGKILLed run, and clear errors for broken checkpoints.
+
+The recording is real play (ViZDoom, E1M1, a scripted player), its 160x120 frames downscaled
+to 32x24 so a CPU trains on them in seconds: latent grids of 3 x 4 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from worldgen import checkpoint
+from worldgen.actions import Action
+from worldgen.checkpoint import CheckpointError
+from worldgen.data import Dataset, DatasetIndex, Episode, EpisodeInfo, write_episode_shards
+from worldgen.models import MODELS, DiT, load_dit, load_tokenizer
+from worldgen.training.common import EMA, load_state, param_groups, save_state
+from worldgen.training.dynamics import DynamicsTrainConfig, Latents, flow_matching_loss, noise_levels
+from worldgen.training.dynamics import train as train_dynamics
+from worldgen.training.tokenizer import TokenizerTrainConfig
+from worldgen.training.tokenizer import train as train_tokenizer
+
+SIZE = (32, 24)  # (W, H) of the test frames: real 160x120 frames downscaled 5x
+# ds.split() holds out "c". 80 train frames: few enough that a tiny DiT memorises them in 200 steps.
+EPISODES = (("a", 40), ("b", 40), ("c", 30))
+# Shared by every dynamics run here: the tiny DiT on 4-frame windows.
+DYN = dict(model="tiny", window=4, batch_size=8, warmup=10, sample_every=0, log_every=10, sample_steps=2,
+           sample_frames=4, eval_windows=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On 2 shared cores, torch's intra-op threads spin against each other (measured 10x slower).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _small(frames: np.ndarray, resample: int) -> np.ndarray:
+    return np.stack([np.asarray(Image.fromarray(f).resize(SIZE, resample)) for f in frames])
+
+
+def scripted_player(offset: int):
+    """Walk, turn by key, strafe, turn by mouse, in a fixed cycle (started at ``offset``): real
+    play whose statistics do not move when the exploration policy is retuned."""
+    cycle = [(["forward"], 0.0)] * 6 + [(["turn_right"], 0.0)] * 3 + [(["forward", "strafe_left"], 0.0)] * 3 \
+        + [([], -6.0)] * 3 + [(["back"], 0.0)] * 2
+    step = iter(range(offset, 10**9))
+
+    def act(obs):
+        names, yaw = cycle[next(step) % len(cycle)]
+        a = Action.from_keys(names, yaw=yaw)
+        return a.keys, a.mouse
+    return act
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory) -> Path:
+    """A real ViZDoom recording of 110 steps in 3 episodes, in the worldgen dataset format."""
+    from worldgen.env.doom import DoomConfig, DoomEnv, rollout
+
+    root = tmp_path_factory.mktemp("doom")
+    index = DatasetIndex(root, resolution=SIZE, frame_skip=4, source={"env": "doom", "test": "downscaled"},
+                         has_depth=True, has_pose=False)
+    with DoomEnv(DoomConfig()) as env:
+        for seed, (name, n) in enumerate(EPISODES):
+            chunks = list(rollout(env, scripted_player(7 * seed), "E1M1", seed, n))
+            ep = Episode(frames=_small(np.concatenate([c.frames for c in chunks]), Image.BILINEAR),
+                         keys=np.concatenate([c.keys for c in chunks]),
+                         mouse=np.concatenate([c.mouse for c in chunks]),
+                         depth=_small(np.concatenate([c.depth for c in chunks]), Image.NEAREST))
+            index.add(EpisodeInfo(id=name, length=len(ep), shards=write_episode_shards(root, name, ep)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(recording, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("tok")
+    summary = train_tokenizer(TokenizerTrainConfig(
+        data=str(recording), out=str(out), steps=40, batch_size=8, channels="8,8,8,8", latent_channels=4,
+        warmup=5, lr=2e-3, ckpt_every=1000, sample_every=20, log_every=5, eval_frames=32))
+    return out, summary
+
+
+def test_tokenizer_trains_and_reports_heldout_psnr_ssim(tokenizer_run, recording):
+    out, summary = tokenizer_run
+    assert summary["finished"] and summary["steps"] == 40
+    # Held-out metrics exist and are sane; the loss fell.
+    assert 12 < summary["heldout_psnr"] < 60 and 0 < summary["heldout_ssim"] <= 1
+    losses = [e["loss"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in e]
+    assert losses[-1] < 0.5 * losses[0]
+    for f in ("loss.png", "summary.json", "samples/step-0000020.png", "samples/step-0000040.png", "state/train.json"):
+        assert (out / f).is_file(), f
+    # The exported tokenizer loads and its latent_scale gives ~unit-std latents.
+    tok = load_tokenizer(out / "ckpt")
+    assert tok.cfg.latent_scale == pytest.approx(summary["latent_scale"])
+    from worldgen.models import frames_to_tensor
+    with torch.no_grad():
+        z = tok.encode(frames_to_tensor(Dataset(recording).read(0, "frames")))
+    assert 0.7 < z.std().item() < 1.4
+
+
+def test_noise_levels_mix_inference_pattern():
+    g = torch.Generator().manual_seed(0)
+    t = noise_levels(4000, 6, 1, g, prefix_prob=0.0)
+    assert abs(t.mean().item() - 0.5) < 0.02 and t.min() > 0 and t.max() < 1   # logit-normal(0, 1)
+    t = noise_levels(4000, 6, 1, g, prefix_prob=1.0, ctx_noise=0.05)
+    assert (t[:, 0] <= 0.1).all()                                  # a clean-ish prefix, always
+    assert ((t <= 0.1).sum(1) < 6).float().mean() > 0.95           # ... followed by noisy frames
+    t = noise_levels(64, 6, 2, g)
+    assert torch.equal(t[:, 0::2], t[:, 1::2])                     # one level per block of 2 frames
+
+
+def _measure_set(run: Path, n: int = 16) -> tuple[torch.Tensor, ...]:
+    """Fixed train windows and noise, levels t in [0.3, 0.8] on every frame: mid noise, where a
+    model that predicts nothing scores ~2 and one that has learnt the frames ~0."""
+    t = load_file(run / "latents-train.safetensors")
+    lat = Latents(t["z"], t["actions"], t["offsets"])
+    g = torch.Generator().manual_seed(0)
+    starts = lat.starts(DYN["window"])
+    x0, acts = lat.windows(starts[torch.randint(len(starts), (n,), generator=g)], DYN["window"])
+    return x0, acts, 0.3 + 0.5 * torch.rand(n, DYN["window"], generator=g), torch.randn(x0.shape, generator=g)
+
+
+def _subset(src: Path, dst: Path, lengths: dict[str, int]) -> Path:
+    """A dataset of the first ``lengths[id]`` steps of some episodes of ``src``."""
+    ds = Dataset(src)
+    index = DatasetIndex(dst, resolution=ds.resolution, frame_skip=ds.frame_skip, source=ds.index["source"],
+                         has_depth=True, has_pose=False)
+    for i, info in enumerate(ds.episodes):
+        if info.id in lengths:
+            ep = ds.episode(i, 0, lengths[info.id])
+            index.add(EpisodeInfo(id=info.id, length=len(ep), shards=write_episode_shards(dst, info.id, ep)))
+    return dst
+
+
+def test_tiny_dit_overfits_tiny_recording(tokenizer_run, recording, tmp_path):
+    """(d): Diffusion Forcing through the real trainer on 5 recorded frames (2 windows of 4; the
+    held-out episode as it is); the loss on a fixed set falls >= 10x."""
+    data = _subset(recording, tmp_path / "data", {"a": 5, "c": 30})
+    run = tmp_path / "run"
+    summary = train_dynamics(DynamicsTrainConfig(
+        data=str(data), out=str(run), tokenizer=str(tokenizer_run[0]), steps=300, lr=5e-3, ckpt_every=1000,
+        ema_decay=0.95, **{**DYN, "batch_size": 16}))
+    assert summary["finished"] and summary["steps"] == 300 and summary["mfu"] == "n/a"
+    assert summary["tokens_per_s"] > 0 and "heldout_loss" in summary
+    x0, acts, t, eps = _measure_set(run)
+    trained = load_dit(run / "ckpt")
+    with torch.no_grad():
+        before = flow_matching_loss(DiT(trained.cfg), x0, acts, t, eps).item()  # a fresh init
+        after = flow_matching_loss(trained, x0, acts, t, eps).item()
+    assert before > 1.5
+    assert after < before / 10, f"loss fell only {before / after:.1f}x ({before:.3f} -> {after:.3f})"
+    for f in ("loss.png", "samples/step-0000300.png", "latents-heldout.safetensors"):
+        assert (run / f).is_file(), f
+    # ckpt/ holds the EMA weights of the final resume state, and the tokenizer it was trained on.
+    state, _ = checkpoint.load(run / "state", "train")
+    exported, config = checkpoint.load(run / "ckpt", "dynamics")
+    assert all(torch.equal(v, state[f"ema.{k}"]) for k, v in exported.items())
+    assert config["sampler"]["steps"] == DYN["sample_steps"] and config["train"]["steps"] == 300
+    assert load_tokenizer(run / "ckpt").cfg == load_tokenizer(tokenizer_run[0] / "ckpt").cfg
+
+
+def _flags(d: dict) -> list[str]:
+    return [a for k, v in d.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def test_sigkilled_run_resumes_same_schedule(tokenizer_run, recording, tmp_path):
+    """(e): kill -9 after a checkpoint; the resumed run continues at the saved step, does not
+    re-encode, ends at the same total and with the same weights as an uninterrupted run."""
+    cfg = dict(data=str(recording), tokenizer=str(tokenizer_run[0]), steps=30, ckpt_every=10, lr=1e-3, **DYN)
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "worldgen.cli", "train", "dynamics", *_flags({**cfg, "out": str(run)})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = run / "state" / "train.json"
+    killed_at = None
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if state.is_file():
+            killed_at = json.loads(state.read_text())["config"]["step"]
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None and killed_at < 30, "the run finished (or never checkpointed) before the kill"
+    assert proc.returncode == -signal.SIGKILL
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed {run} at step {killed_at} of 30" in resumed.stderr
+    assert "encoded" not in resumed.stderr  # the latent cache was reused
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["total_steps"] == 30 and summary["finished"]
+    steps = [e["step"] for e in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in e]
+    assert steps == [10, 20, 30]  # one entry per log step: none lost, none repeated
+
+    # The same config, uninterrupted, in this process: the same weights.
+    train_dynamics(DynamicsTrainConfig(**cfg, out=str(tmp_path / "straight")))
+    a, _ = checkpoint.load(run / "ckpt", "dynamics")
+    b, _ = checkpoint.load(tmp_path / "straight" / "ckpt", "dynamics")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_minutes_budget_fixes_and_stores_the_schedule(tokenizer_run, recording, tmp_path):
+    cfg = DynamicsTrainConfig(data=str(recording), out=str(tmp_path), tokenizer=str(tokenizer_run[0]),
+                              minutes=0.1, steps=100_000, ckpt_every=100_000, **DYN)
+    summary = train_dynamics(cfg)
+    total = summary["total_steps"]
+    assert 23 <= total < 100_000
+    # Finished, or (on a machine much slower than its first steps said) stopped at the budget.
+    assert summary["steps"] == total if summary["finished"] else summary["stopped_by_budget"]
+    assert json.loads((tmp_path / "state" / "train.json").read_text())["config"]["total_steps"] == total
+    again = train_dynamics(cfg)  # a resume keeps the stored schedule, whatever the clock says now
+    assert again["total_steps"] == total and again["steps"] == total
+
+
+def test_state_round_trip_and_export(tmp_path):
+    torch.manual_seed(0)
+    model = DiT(MODELS["tiny"])
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-3)
+    ema = EMA(model, 0.9)
+    for _ in range(2):
+        x = torch.randn(2, 2, *_latent_shape(model))
+        model(x, torch.rand(2, 2), torch.zeros(2, 2, 10)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(model)
+    save_state(tmp_path, model, ema, opt, {"step": 2, "total_steps": 9})
+
+    model2 = DiT(MODELS["tiny"])
+    opt2 = torch.optim.AdamW(param_groups(model2, 0.01), lr=1e-3)
+    ema2 = EMA(model2, 0.9)
+    meta = load_state(tmp_path, model2, ema2, opt2)
+    assert meta["step"] == 2 and meta["total_steps"] == 9 and ema2.updates == 2
+    for a, b in [(model, model2), (ema.module, ema2.module)]:
+        for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert k == k2 and torch.equal(v, v2), k
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    assert all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i])
+
+
+def _latent_shape(model: DiT) -> tuple[int, ...]:
+    return (model.cfg.latent_channels, *model.cfg.latent_size)
+
+
+def _rewrite(folder: Path, part: str, change) -> None:
+    tensors, config = checkpoint.load(folder, part)
+    change(tensors)
+    checkpoint.save(folder, part, tensors, config)
+
+
+def test_broken_checkpoints_are_clear_errors(tokenizer_run, recording, tmp_path):
+    """(f): a missing or misshapen tensor, in the model folder or the resume state, names itself."""
+    cfg = DynamicsTrainConfig(data=str(recording), out=str(tmp_path / "run"), tokenizer=str(tokenizer_run[0]),
+                              steps=3, **DYN)
+    train_dynamics(cfg)
+    ckpt, state = tmp_path / "run" / "ckpt", tmp_path / "run" / "state"
+    name = sorted(checkpoint.load(ckpt, "dynamics")[0])[0]
+
+    _rewrite(ckpt, "dynamics", lambda t: t.pop(name))
+    with pytest.raises(CheckpointError, match=f"missing tensors.*{name}"):
+        load_dit(ckpt)
+    _rewrite(ckpt, "tokenizer", lambda t: t.update({k: v[:1] for k, v in list(t.items())[:1]}))
+    with pytest.raises(CheckpointError, match="wrong shapes"):
+        load_tokenizer(ckpt)
+
+    keep = tmp_path / "state-copy"
+    shutil.copytree(state, keep)
+    _rewrite(state, "train", lambda t: t.pop(f"model.{name}"))
+    with pytest.raises(CheckpointError, match=f"missing tensors.*{name}"):
+        train_dynamics(cfg)
+    shutil.rmtree(state)
+    shutil.copytree(keep, state)
+    _rewrite(state, "train", lambda t: t.update({"optim.0.exp_avg": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match="optim.0.exp_avg"):
+        train_dynamics(cfg)
