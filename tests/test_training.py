@@ -27,7 +27,7 @@ from worldgen.actions import Action
 from worldgen.checkpoint import CheckpointError
 from worldgen.data import Dataset, DatasetIndex, Episode, EpisodeInfo, write_episode_shards
 from worldgen.models import MODELS, DiT, load_dit, load_tokenizer
-from worldgen.training.common import EMA, load_state, param_groups, save_state
+from worldgen.training.common import EMA, Run, load_state, param_groups, save_state
 from worldgen.training.dynamics import DynamicsTrainConfig, Latents, flow_matching_loss, noise_levels
 from worldgen.training.dynamics import train as train_dynamics
 from worldgen.training.tokenizer import TokenizerTrainConfig
@@ -292,3 +292,12 @@ def test_broken_checkpoints_are_clear_errors(tokenizer_run, recording, tmp_path)
     _rewrite(state, "train", lambda t: t.update({"optim.0.exp_avg": torch.zeros(3)}))
     with pytest.raises(CheckpointError, match="optim.0.exp_avg"):
         train_dynamics(cfg)
+
+
+def test_one_trainer_per_run_folder(tmp_path):
+    first = Run(tmp_path)
+    first.start("dynamics", DynamicsTrainConfig(out=str(tmp_path)), {})
+    with pytest.raises(RuntimeError, match=f"pid {os.getpid()}.*is training in this run folder"):
+        Run(tmp_path).start("dynamics", DynamicsTrainConfig(out=str(tmp_path)), {})
+    first.close()
+    Run(tmp_path).start("dynamics", DynamicsTrainConfig(out=str(tmp_path)), {})  # free again

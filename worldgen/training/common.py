@@ -33,7 +33,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -341,6 +341,8 @@ class Run:
     def start(self, kind: str, cfg: TrainConfig, given: dict[str, Any]) -> tuple[TrainConfig, bool]:
         """Create the folder, or reopen it to resume. Returns ``(config, resuming)``: a resume keeps
         the stored config (it fixes the schedule); flags that differ from it are ignored, loudly."""
+        if self.write:
+            self._lock()
         cfg_path = self.root / "config.json"
         if cfg_path.is_file():
             stored = json.loads(cfg_path.read_text())
@@ -362,6 +364,31 @@ class Run:
             text = json.dumps({"kind": kind, "config": dataclasses.asdict(cfg)}, indent=1)
             atomic_write(cfg_path, lambda tmp: Path(tmp).write_text(text))
         return cfg, False
+
+    def _lock(self) -> None:
+        """Hold ``RUN/.lock`` while this process lives (the OS drops it on any exit, kill -9 too):
+        two trainers writing one run folder would interleave their state and logs."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.root / ".lock", "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            owner = self._lock_file.read().strip() or "?"
+            self._lock_file.close()
+            self._lock_file = None
+            raise RuntimeError(f"{self.root}: another process (pid {owner}) is training in this run folder") from None
+        self._lock_file.truncate(0)
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
+
+    def close(self) -> None:
+        """Release the run folder (the end of :func:`train`)."""
+        if getattr(self, "_lock_file", None) is not None:
+            self._lock_file.close()  # closing the file drops the flock
+            self._lock_file = None
 
     def log(self, entry: dict[str, Any]) -> None:
         if self.write:
@@ -638,6 +665,22 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
         print(json.dumps(summary, indent=1))
     barrier(d)
     return summary
+
+
+def train(kind: str, cfg: TrainConfig, given: dict[str, Any] | None,
+          make_task: Callable[[TrainConfig, Run, Dist], Task]) -> dict[str, Any]:
+    """Run (or resume) one training run in ``cfg.out``: device/DDP setup, the run folder, the
+    task ``make_task(cfg, run, dist)`` builds, :func:`fit`, teardown. Returns the summary."""
+    t_start = time.time()
+    d = setup(cfg.device)
+    run = Run(cfg.out, write=d.main)
+    try:
+        cfg, resuming = run.start(kind, cfg, given or {})
+        barrier(d)
+        return fit(make_task(cfg, run, d), cfg, run, d, resuming, t_start)
+    finally:
+        run.close()
+        teardown(d)
 
 
 def _sync(device: torch.device) -> None:

@@ -45,8 +45,9 @@ from worldgen import actions, checkpoint, sampling
 from worldgen.data import Dataset, WindowDataset
 from worldgen.models import (MODELS, DiT, DiTConfig, flops_per_frame, frames_to_tensor, load_tokenizer, save_part,
                              tensor_to_frames)
-from worldgen.training.common import (Dist, Run, TrainConfig, atomic_write, autocast, barrier, fit, opt,
-                                      save_image_rows, setup, teardown)
+from worldgen.training import common
+from worldgen.training.common import (Dist, Run, TrainConfig, atomic_write, autocast, barrier, opt,
+                                      save_image_rows)
 from worldgen.training.tokenizer import depth_to_uint8, open_dataset
 
 CACHE_VERSION = 1
@@ -326,14 +327,8 @@ class DynamicsTask:
 
 
 def train(cfg: DynamicsTrainConfig, given: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run (or resume) a dynamics training run; returns its summary."""
-    t_start = time.time()
-    d = setup(cfg.device)
-    try:
-        run = Run(cfg.out, write=d.main)
-        cfg, resuming = run.start("dynamics", cfg, given or {})
-        barrier(d)
-        task = DynamicsTask.from_run(cfg, run, d)
-        return fit(task, cfg, run, d, resuming, t_start)
-    finally:
-        teardown(d)
+    """Run (or resume) a dynamics training run in ``cfg.out``; returns its summary.
+
+    ``given``: the flags set on the command line (a resume reports those it ignores).
+    """
+    return common.train("dynamics", cfg, given, DynamicsTask.from_run)

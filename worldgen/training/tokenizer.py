@@ -32,8 +32,8 @@ from torch import nn
 from worldgen.data import Dataset
 from worldgen.evaluation.metrics import psnr, ssim
 from worldgen.models import Tokenizer, TokenizerConfig, frames_to_tensor, save_part, tensor_to_frames
-from worldgen.training.common import (Dist, Run, TrainConfig, autocast, barrier, fit, opt, save_image_rows,
-                                      setup, teardown)
+from worldgen.training import common
+from worldgen.training.common import Dist, Run, TrainConfig, autocast, opt, save_image_rows
 
 
 @dataclass
@@ -112,7 +112,7 @@ class TokenizerTask:
         self.metrics: dict[str, float] = {}
 
     @classmethod
-    def from_run(cls, cfg: TokenizerTrainConfig, d: Dist) -> "TokenizerTask":
+    def from_run(cls, cfg: TokenizerTrainConfig, run: Run, d: Dist) -> "TokenizerTask":
         ds, train, held = open_dataset(cfg)
         w, h = ds.resolution
         torch.manual_seed(cfg.seed)
@@ -200,14 +200,8 @@ class TokenizerTask:
 
 
 def train(cfg: TokenizerTrainConfig, given: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run (or resume) a tokenizer training run; returns its summary."""
-    t_start = time.time()
-    d = setup(cfg.device)
-    try:
-        run = Run(cfg.out, write=d.main)
-        cfg, resuming = run.start("tokenizer", cfg, given or {})
-        barrier(d)
-        task = TokenizerTask.from_run(cfg, d)
-        return fit(task, cfg, run, d, resuming, t_start)
-    finally:
-        teardown(d)
+    """Run (or resume) a tokenizer training run in ``cfg.out``; returns its summary.
+
+    ``given``: the flags set on the command line (a resume reports those it ignores).
+    """
+    return common.train("tokenizer", cfg, given, TokenizerTask.from_run)
