@@ -80,8 +80,9 @@ def main() -> None:
         mfu = f"{s['mfu']:.1%}" if isinstance(s["mfu"], float) else s["mfu"]
         rows.append(f"| {shape} | {args.batch} | {'yes' if args.compile else 'no'} | {s['params'] / 1e6:.2f}M "
                     f"| {s['tokens_per_s']:,.0f} | {s['samples_per_s']:,.1f} | {mfu} |")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"\n{datetime.date.today()}, commit {commit}, {hw}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
+          f"{torch.get_num_threads()} threads, load average {load} (the machine may be shared)\n")
     print("| model | batch | compile | params | tokens/s | samples/s | MFU |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
