@@ -1,0 +1,71 @@
+"""``worldgen serve``: stream a world model to browsers and other clients over websockets.
+
+Example:
+    worldgen serve                                  # default model, http://127.0.0.1:8765/
+    worldgen serve --host 0.0.0.0 --token s3cret --max-sessions 32 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from worldgen.server import protocol as P
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="default", help="checkpoint folder or packaged name (default: default)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=P.DEFAULT_PORT, help=f"TCP port, 0 for any free one (default {P.DEFAULT_PORT})")
+    p.add_argument("--token", default=None, help="secret every client must send in its hello (default: none)")
+    p.add_argument("--max-sessions", type=int, default=16, help="live sessions at most; more get a busy error (default 16)")
+    p.add_argument("--fps", type=float, default=None, help="frames per second per session (default: the model's own rate)")
+    p.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="close a session that sends nothing for this many seconds (default 300)")
+    p.add_argument("--max-message", type=int, default=P.MAX_MESSAGE_BYTES,
+                   help=f"largest client message in bytes; larger ones get a too_large error (default {P.MAX_MESSAGE_BYTES})")
+    p.add_argument("--jpeg-quality", type=int, default=85, help="JPEG quality of streamed frames, 1-95 (default 85)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from worldgen import WorldModel  # torch: only once we know we serve
+    from worldgen.checkpoint import CheckpointError
+    from worldgen.server.app import ServeConfig, serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    for name, value, low in (("--max-sessions", args.max_sessions, 1), ("--max-message", args.max_message, 64),
+                             ("--jpeg-quality", args.jpeg_quality, 1)):
+        if value < low:
+            print(f"worldgen serve: {name} must be at least {low}, got {value}", file=sys.stderr)
+            return 2
+    for name, value in (("--fps", args.fps), ("--idle-timeout", args.idle_timeout)):
+        if value is not None and not value > 0:
+            print(f"worldgen serve: {name} must be > 0, got {value}", file=sys.stderr)
+            return 2
+    try:
+        wm = WorldModel.load(args.checkpoint, device=args.device)
+    except CheckpointError as e:
+        print(f"worldgen serve: {e}", file=sys.stderr)
+        return 1
+    cfg = ServeConfig(host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
+                      fps=args.fps, max_message=args.max_message, idle_timeout=args.idle_timeout,
+                      jpeg_quality=min(args.jpeg_quality, 95))
+    h, w = wm.frame_shape[:2]
+
+    def ready(url: str) -> None:
+        print(f"worldgen serve: {args.checkpoint} model, {w}x{h} at {cfg.fps or wm.fps:g} fps, "
+              f"up to {cfg.max_sessions} sessions", flush=True)
+        print(f"worldgen serve: open {url} (Ctrl-C stops)", flush=True)
+
+    try:
+        asyncio.run(serve(wm, cfg, model_name=str(args.checkpoint), on_ready=ready))
+    except OSError as e:  # port taken, address not available, ...
+        print(f"worldgen serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    return 0
