@@ -1,1 +1,4 @@
-"""Clients that speak the wire protocol: browser (static), pygame, Python."""
+"""Clients that speak the wire protocol (``server/PROTOCOL.md``): the browser client
+(``web/``, static files the server hands out), the pygame client (``play``, ``worldgen play``)
+and the Python client (``client``) that scripts, tests and benchmarks use.
+"""
