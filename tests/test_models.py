@@ -83,7 +83,7 @@ def test_forward_rejects_bad_shapes():
     with pytest.raises(ValueError, match="max_frames"):
         dit(*inputs(SMALL, 1, 17))
     with pytest.raises(ValueError, match="patch_size"):
-        DiTConfig(patch_size=2)  # 15 rows do not split into 2-row patches
+        DiTConfig(patch_size=0)
 
 
 def test_flops_match_counter_plus_visible_attention():

@@ -16,26 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from worldgen import checkpoint
-from worldgen.actions import Action
 from worldgen.checkpoint import CheckpointError
-from worldgen.data import Dataset, DatasetIndex, Episode, EpisodeInfo, write_episode_shards
+from worldgen.data import Dataset, DatasetIndex, EpisodeInfo, write_episode_shards
 from worldgen.models import MODELS, DiT, load_dit, load_tokenizer
 from worldgen.training.common import EMA, Run, load_state, param_groups, save_state
 from worldgen.training.dynamics import DynamicsTrainConfig, Latents, flow_matching_loss, noise_levels
 from worldgen.training.dynamics import train as train_dynamics
-from worldgen.training.tokenizer import TokenizerTrainConfig
-from worldgen.training.tokenizer import train as train_tokenizer
 
-SIZE = (32, 24)  # (W, H) of the test frames: real 160x120 frames downscaled 5x
-# ds.split() holds out "c". 80 train frames: few enough that a tiny DiT memorises them in 200 steps.
-EPISODES = (("a", 40), ("b", 40), ("c", 30))
 # Shared by every dynamics run here: the tiny DiT on 4-frame windows.
 DYN = dict(model="tiny", window=4, batch_size=8, warmup=10, sample_every=0, log_every=10, sample_steps=2,
            sample_frames=4, eval_windows=8)
@@ -50,50 +42,14 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _small(frames: np.ndarray, resample: int) -> np.ndarray:
-    return np.stack([np.asarray(Image.fromarray(f).resize(SIZE, resample)) for f in frames])
-
-
-def scripted_player(offset: int):
-    """Walk, turn by key, strafe, turn by mouse, in a fixed cycle (started at ``offset``): real
-    play whose statistics do not move when the exploration policy is retuned."""
-    cycle = [(["forward"], 0.0)] * 6 + [(["turn_right"], 0.0)] * 3 + [(["forward", "strafe_left"], 0.0)] * 3 \
-        + [([], -6.0)] * 3 + [(["back"], 0.0)] * 2
-    step = iter(range(offset, 10**9))
-
-    def act(obs):
-        names, yaw = cycle[next(step) % len(cycle)]
-        a = Action.from_keys(names, yaw=yaw)
-        return a.keys, a.mouse
-    return act
+@pytest.fixture(scope="module")
+def recording(doom_recording) -> Path:
+    return doom_recording
 
 
 @pytest.fixture(scope="module")
-def recording(tmp_path_factory) -> Path:
-    """A real ViZDoom recording of 110 steps in 3 episodes, in the worldgen dataset format."""
-    from worldgen.env.doom import DoomConfig, DoomEnv, rollout
-
-    root = tmp_path_factory.mktemp("doom")
-    index = DatasetIndex(root, resolution=SIZE, frame_skip=4, source={"env": "doom", "test": "downscaled"},
-                         has_depth=True, has_pose=False)
-    with DoomEnv(DoomConfig()) as env:
-        for seed, (name, n) in enumerate(EPISODES):
-            chunks = list(rollout(env, scripted_player(7 * seed), "E1M1", seed, n))
-            ep = Episode(frames=_small(np.concatenate([c.frames for c in chunks]), Image.BILINEAR),
-                         keys=np.concatenate([c.keys for c in chunks]),
-                         mouse=np.concatenate([c.mouse for c in chunks]),
-                         depth=_small(np.concatenate([c.depth for c in chunks]), Image.NEAREST))
-            index.add(EpisodeInfo(id=name, length=len(ep), shards=write_episode_shards(root, name, ep)))
-    return root
-
-
-@pytest.fixture(scope="module")
-def tokenizer_run(recording, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("tok")
-    summary = train_tokenizer(TokenizerTrainConfig(
-        data=str(recording), out=str(out), steps=40, batch_size=8, channels="8,8,8,8", latent_channels=4,
-        warmup=5, lr=2e-3, ckpt_every=1000, sample_every=20, log_every=5, eval_frames=32))
-    return out, summary
+def tokenizer_run(tiny_tokenizer_run) -> tuple[Path, dict]:
+    return tiny_tokenizer_run
 
 
 def test_tokenizer_trains_and_reports_heldout_psnr_ssim(tokenizer_run, recording):

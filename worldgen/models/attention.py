@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -157,6 +158,20 @@ class RMSNorm(nn.Module):
         return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * self.weight).to(x.dtype)
 
 
+@dataclass
+class LayerKV:
+    """Keys and values of earlier frames for one layer (a streaming session's cache), plus a slot
+    the attention fills with the pass's own keys and values, for the cache to store.
+
+    ``k`` is already rotated to this pass's positions; ``new`` holds the pass's keys *before*
+    RoPE, so a cache can re-position them later (positions then never run out).
+    """
+
+    k: torch.Tensor                                      # (B, H, Lc, d), rotated
+    v: torch.Tensor                                      # (B, H, Lc, d)
+    new: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, H, Lq, d) each: unrotated k, v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with QK RMSNorm and RoPE.
 
@@ -180,8 +195,14 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv_proj(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         return self.q_norm(q), self.k_norm(k), v
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Mask) -> torch.Tensor:
-        """x (B, L, D); rope: cos, sin (B or 1, 1, L, d/2); mask: see :func:`attend`."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Mask,
+                past: LayerKV | None = None) -> torch.Tensor:
+        """x (B, L, D); rope: cos, sin (B or 1, 1, L, d/2); mask: see :func:`attend`, over
+        ``past`` keys then these. With ``past``, its ``new`` receives this pass's k and v."""
         q, k, v = self.qkv(x)
-        o = attend(apply_rope(q, *rope), apply_rope(k, *rope), v, mask)  # (B, H, L, d)
+        q, k_rot = apply_rope(q, *rope), apply_rope(k, *rope)
+        if past is not None:
+            past.new = (k, v)
+            k_rot, v = torch.cat([past.k.to(k_rot.dtype), k_rot], 2), torch.cat([past.v.to(v.dtype), v], 2)
+        o = attend(q, k_rot, v, mask)  # (B, H, L, d)
         return self.proj(rearrange(o, "b h l d -> b l (h d)"))

@@ -33,14 +33,16 @@ from einops import rearrange
 from torch import nn
 
 from worldgen.actions import ACTION_DIM
-from worldgen.models.attention import Attention, Mask, make_mask, rope_angles, rope_sections
+from worldgen.models.attention import Attention, LayerKV, Mask, make_mask, rope_angles, rope_sections
 
 
 @dataclass
 class DiTConfig:
     latent_channels: int = 16                # the tokenizer's latent channels (in and out)
     latent_size: tuple[int, int] = (15, 20)  # (h, w) of a frame's latent grid: 160x120 / 8
-    patch_size: int = 1                      # 15 is odd: patch 1 = 300 tokens/frame, cheap at this size
+    # 2: 8x10 = 80 tokens per frame (the grid is zero-padded to 16 rows), 1/4 the tokens of
+    # patch 1 and 1/16 the attention: many more frames per GPU-second to learn from.
+    patch_size: int = 2
     dim: int = 256
     depth: int = 8
     heads: int = 4                           # head dim 64: the efficient size for flash/flex kernels
@@ -56,9 +58,8 @@ class DiTConfig:
     attn_impl: str = "auto"                  # "flex" | "sdpa" | "auto" (flex to train on CUDA, else sdpa)
 
     def __post_init__(self) -> None:
-        h, w = self.latent_size
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"latent_size {self.latent_size} must be divisible by patch_size={self.patch_size}")
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
         if self.dim % self.heads:
             raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads}")
         rope_sections(self.dim // self.heads)  # raises if the head dim cannot be split three ways
@@ -70,8 +71,8 @@ class DiTConfig:
 
     @property
     def grid(self) -> tuple[int, int]:
-        """(rows, columns) of patch tokens per frame."""
-        return self.latent_size[0] // self.patch_size, self.latent_size[1] // self.patch_size
+        """(rows, columns) of patch tokens per frame; a partial patch at the edge is zero-padded."""
+        return tuple(-(-n // self.patch_size) for n in self.latent_size)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -80,11 +81,12 @@ class DiTConfig:
 
 # Sizes. All fit the 32 MiB budget for tokenizer + DiT weights in bf16 except "B".
 MODELS: dict[str, DiTConfig] = {
-    # CPU tests: ~0.2M params.
-    "tiny": DiTConfig(dim=64, depth=2, heads=2, max_frames=16),
-    # Default: ~10M params; attention over 16 x 300 tokens is ~2/3 of its FLOPs, so width is
-    # cheap relative to the sequence; trains in ~15 min on one H100 at T=16.
+    # CPU tests: ~0.2M params; patch 1, since test latents are only a few cells across.
+    "tiny": DiTConfig(patch_size=1, dim=64, depth=2, heads=2, max_frames=16),
+    # ~10M params; 80 tokens a frame (patch 2) keep attention a small share of its FLOPs.
     "S": DiTConfig(dim=256, depth=8, heads=4),
+    # ~13M params: the largest that fits the 32 MiB budget beside the 2.5M-param tokenizer.
+    "M": DiTConfig(dim=256, depth=11, heads=4),
     # ~32M params: for longer training runs; too large for the shipped-weights budget.
     "B": DiTConfig(dim=384, depth=12, heads=6),
 }
@@ -123,12 +125,12 @@ class Block(nn.Module):
         self.ada = nn.Linear(d, 6 * d)  # zero-initialised: the block starts as the identity
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: Mask) -> torch.Tensor:
+                mask: Mask, past: LayerKV | None = None) -> torch.Tensor:
         """x (B, T, N, D) tokens; c (B, T, D) per-frame conditioning, already through SiLU."""
         b, t, n, d = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, :, None].chunk(6, -1)  # (B, T, 1, D)
         h = modulate(self.norm1(x), shift1, scale1).reshape(b, t * n, d)
-        x = x + gate1 * self.attn(h, rope, mask).view(b, t, n, d)
+        x = x + gate1 * self.attn(h, rope, mask, past).view(b, t, n, d)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -165,7 +167,8 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor, *,
                 frame_pos: torch.Tensor | None = None, prefix_frames: int = 0,
-                cond: torch.Tensor | None = None, attn_impl: str | None = None) -> torch.Tensor:
+                cond: torch.Tensor | None = None, attn_impl: str | None = None,
+                past: list[LayerKV] | None = None, past_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the flow velocity of every frame.
 
         Args:
@@ -178,6 +181,11 @@ class DiT(nn.Module):
                 they see only each other. Their outputs are returned but meaningless to a loss.
             cond: (B, T, cond_channels, h, w) extra input channels, if the config has any.
             attn_impl: overrides ``cfg.attn_impl`` for this call.
+            past: per layer, keys (rotated to ``frame_pos``'s frame of reference) and values of
+                earlier frames that every frame here sees: a streaming cache
+                (:mod:`worldgen.engine`). Each ``LayerKV.new`` receives this call's keys and
+                values. The frames here are block-causal among themselves as usual.
+            past_mask: (B, Lc) bool, which past keys are real (a cache's empty slots are not).
         Returns:
             v: (B, T, C, h, w) predicted velocity ``eps - x0``.
         """
@@ -187,24 +195,32 @@ class DiT(nn.Module):
         p, (gh, gw) = cfg.patch_size, cfg.grid
         if cond is not None:
             x = torch.cat([x, cond], 2)
+        h_lat, w_lat = cfg.latent_size
+        x = F.pad(x, (0, gw * p - w_lat, 0, gh * p - h_lat))                 # whole patches
         tokens = rearrange(x, "b t c (h p) (w q) -> b t (h w) (p q c)", p=p, q=p)
         h = self.patch_embed(tokens)                                       # (B, T, N, D)
         c = F.silu(self.t_embed(t) + self.action_embed(actions))           # (B, T, D)
 
         if frame_pos is None:
             frame_pos = torch.arange(n_frames, device=x.device)
-        rope = self._rope(frame_pos, n_frames)
-        mask = make_mask(attn_impl or cfg.attn_impl, cfg.tokens_per_frame, n_frames - prefix_frames,
-                         cfg.frames_per_block, prefix_frames, x.device)
-        for block in self.blocks:
-            h = block(h, c, rope, mask)
+        rope = self.rope(frame_pos, n_frames)
+        # A cache's keys come with a per-session mask: dense SDPA (streaming needs no flex).
+        impl = "sdpa" if past is not None else attn_impl or cfg.attn_impl
+        mask = make_mask(impl, cfg.tokens_per_frame, n_frames - prefix_frames, cfg.frames_per_block,
+                         prefix_frames, x.device)
+        if past is not None:
+            mask = _with_past(mask, past_mask, past[0].k.shape[2], b)
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, rope, mask, past[i] if past is not None else None)
 
         shift, scale = self.final_ada(c)[:, :, None].chunk(2, -1)         # (B, T, 1, D)
         out = self.final_proj(modulate(self.final_norm(h), shift, scale))  # (B, T, N, p*p*C)
-        return rearrange(out, "b t (h w) (p q c) -> b t c (h p) (w q)", h=gh, w=gw, p=p, q=p)
+        out = rearrange(out, "b t (h w) (p q c) -> b t c (h p) (w q)", h=gh, w=gw, p=p, q=p)
+        return out[..., :h_lat, :w_lat]
 
-    def _rope(self, frame_pos: torch.Tensor, n_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B or 1, 1, T*N, head_dim/2) for tokens at (frame_pos[f], row, column)."""
+    def rope(self, frame_pos: torch.Tensor, n_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B or 1, 1, T*N, head_dim/2) for tokens at (frame_pos[f], row, column); a
+        streaming cache rotates its stored keys with these too."""
         gh, gw = self.cfg.grid
         if frame_pos.shape[-1] != n_frames or frame_pos.ndim not in (1, 2):
             raise ValueError(f"frame_pos must be (T,) or (B, T) with T={n_frames}, got {tuple(frame_pos.shape)}")
@@ -238,6 +254,16 @@ class DiT(nn.Module):
                              f"(cond_channels={cfg.cond_channels}, cond given: {cond is not None})")
         if cond is not None and tuple(cond.shape) != (b, n, cfg.cond_channels, *cfg.latent_size):
             raise ValueError(f"cond must be {(b, n, cfg.cond_channels, *cfg.latent_size)}, got {tuple(cond.shape)}")
+
+
+def _with_past(mask: torch.Tensor, past_mask: torch.Tensor | None, n_past: int, b: int) -> torch.Tensor:
+    """The dense (B, 1, Lq, Lc + Lq) mask: ``past_mask`` (B, Lc) over the past keys (all real
+    if None), then the block-causal ``mask`` (Lq, Lq) among the new tokens."""
+    n_new = mask.shape[-1]
+    if past_mask is None:
+        past_mask = torch.ones(b, n_past, dtype=torch.bool, device=mask.device)
+    return torch.cat([past_mask[:, None, None, :].expand(b, 1, n_new, n_past),
+                      mask.expand(b, 1, n_new, n_new)], -1)
 
 
 def flops_per_frame(cfg: DiTConfig, frames: int) -> float:

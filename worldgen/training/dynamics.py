@@ -68,6 +68,8 @@ class DynamicsTrainConfig(TrainConfig):
     sample_steps: int = opt(8, "Euler steps for sample strips (stored as the checkpoint's sampler default)")
     sample_frames: int = opt(16, "frames generated in each sample strip after the real context")
     eval_windows: int = opt(64, "held-out windows for the held-out loss at checkpoints")
+    starts: int = opt(8, "real start contexts (held-out play) stored with the exported model for new sessions")
+    start_frames: int = opt(8, "frames per start context")
 
 
 # --- the loss --------------------------------------------------------------------------------
@@ -215,8 +217,10 @@ class DynamicsTask:
     tokenizer (benchmarks) it writes no sample images and exports only the dynamics part."""
 
     def __init__(self, cfg: DynamicsTrainConfig, model: DiT, train: Latents, held: Latents | None, d: Dist,
-                 tokenizer: nn.Module | None = None, tok_folder: Path | None = None):
+                 tokenizer: nn.Module | None = None, tok_folder: Path | None = None,
+                 data: tuple[Dataset, list[int]] | None = None):
         self.cfg, self.model, self.device = cfg, model, d.device
+        self.data = data  # (dataset, episodes to take start contexts from)
         self.train, self.held = train, held if held is not None else train
         self.eval_split = "heldout" if held is not None else "train"
         self.tokenizer, self.tok_folder = tokenizer, tok_folder
@@ -248,7 +252,7 @@ class DynamicsTask:
         lat = {name: cached_latents(run.root / f"latents-{name}.safetensors", ds, eps, tok_folder, tokenizer, d,
                                     cfg.encode_batch) if eps else None
                for name, eps in (("train", train), ("heldout", held))}
-        return cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder)
+        return cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder, (ds, held or train))
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A batch of the step: ``(x0, actions, t, eps)``."""
@@ -320,10 +324,25 @@ class DynamicsTask:
             tok_extra = {k: v for k, v in checkpoint.config(self.tok_folder, "tokenizer").items()
                          if k not in ("model", "action_schema")}
             save_part(folder, "tokenizer", self.tokenizer, tok_extra, dtype=dtype)
+        if self.data is not None and self.cfg.starts > 0:
+            write_starts(folder, *self.data, self.cfg.starts, self.cfg.start_frames)
         save_part(folder, "dynamics", ema_model, {
             "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
+            "frame_skip": self.data[0].frame_skip if self.data is not None else None,
             "sampler": {"steps": self.cfg.sample_steps, "ctx_noise": self.cfg.ctx_noise, "window": self.cfg.window},
             "metrics": self.metrics}, dtype=dtype)
+
+
+def write_starts(folder: Path, ds: Dataset, episodes: list[int], n: int, frames: int) -> None:
+    """Store ``n`` real contexts of ``frames`` frames, spread evenly over ``episodes``, with the
+    model (:func:`worldgen.engine.save_starts`): what a new play session starts from."""
+    from worldgen.engine import save_starts  # the engine imports the models, not the trainers
+
+    pool = WindowDataset(ds, frames, episodes, stride=frames, fields=(), verify=False)
+    items = [pool[int(i)] for i in np.linspace(0, len(pool) - 1, min(n, len(pool))).round()]
+    save_starts(folder, np.stack([it["frames"] for it in items]), np.stack([it["keys"] for it in items]),
+                np.stack([it["mouse"] for it in items]),
+                {"data": str(ds.root), "windows": [[ds.episodes[it["episode"]].id, int(it["start"])] for it in items]})
 
 
 def train(cfg: DynamicsTrainConfig, given: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,0 +1,100 @@
+"""Shared fixtures: a tiny real ViZDoom recording and a tiny world model trained on it.
+
+The recording is real play (ViZDoom, E1M1, a scripted player), its 160x120 frames downscaled to
+32x24 so a CPU trains on them in seconds (latent grids of 3 x 4). ``tiny_checkpoint`` is a whole
+model folder (tokenizer, DiT, start contexts) trained by the real trainers for a few seconds:
+what engine, server, client and Gymnasium tests load with ``WorldModel.load``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from worldgen.actions import Action
+from worldgen.data import DatasetIndex, Episode, EpisodeInfo, write_episode_shards
+
+SIZE = (32, 24)  # (W, H) of the test frames: real 160x120 frames downscaled 5x
+# ds.split() holds out "c". 80 train frames: few enough that a tiny DiT memorises them in 200 steps.
+EPISODES = (("a", 40), ("b", 40), ("c", 30))
+
+
+def _small(frames: np.ndarray, resample: int) -> np.ndarray:
+    return np.stack([np.asarray(Image.fromarray(f).resize(SIZE, resample)) for f in frames])
+
+
+def scripted_player(offset: int):
+    """Walk, turn by key, strafe, turn by mouse, in a fixed cycle (started at ``offset``): real
+    play whose statistics do not move when the exploration policy is retuned."""
+    cycle = [(["forward"], 0.0)] * 6 + [(["turn_right"], 0.0)] * 3 + [(["forward", "strafe_left"], 0.0)] * 3 \
+        + [([], -6.0)] * 3 + [(["back"], 0.0)] * 2
+    step = iter(range(offset, 10**9))
+
+    def act(obs):
+        names, yaw = cycle[next(step) % len(cycle)]
+        a = Action.from_keys(names, yaw=yaw)
+        return a.keys, a.mouse
+    return act
+
+
+class _OneThread:
+    """torch intra-op threads spin against each other on 2 shared cores (measured 10x slower)."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+
+
+@pytest.fixture(scope="session")
+def doom_recording(tmp_path_factory) -> Path:
+    """A real ViZDoom recording of 110 steps in 3 episodes, in the worldgen dataset format."""
+    from worldgen.env.doom import DoomConfig, DoomEnv, rollout
+
+    root = tmp_path_factory.mktemp("doom")
+    index = DatasetIndex(root, resolution=SIZE, frame_skip=4, source={"env": "doom", "test": "downscaled"},
+                         has_depth=True, has_pose=False)
+    with DoomEnv(DoomConfig()) as env:
+        for seed, (name, n) in enumerate(EPISODES):
+            chunks = list(rollout(env, scripted_player(7 * seed), "E1M1", seed, n))
+            ep = Episode(frames=_small(np.concatenate([c.frames for c in chunks]), Image.BILINEAR),
+                         keys=np.concatenate([c.keys for c in chunks]),
+                         mouse=np.concatenate([c.mouse for c in chunks]),
+                         depth=_small(np.concatenate([c.depth for c in chunks]), Image.NEAREST))
+            index.add(EpisodeInfo(id=name, length=len(ep), shards=write_episode_shards(root, name, ep)))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_run(doom_recording, tmp_path_factory) -> tuple[Path, dict]:
+    """`worldgen train tokenizer` for 40 steps on the recording: (run folder, summary)."""
+    from worldgen.training.tokenizer import TokenizerTrainConfig, train
+
+    out = tmp_path_factory.mktemp("tok")
+    with _OneThread():
+        summary = train(TokenizerTrainConfig(
+            data=str(doom_recording), out=str(out), steps=40, batch_size=8, channels="8,8,8,8", latent_channels=4,
+            warmup=5, lr=2e-3, ckpt_every=1000, sample_every=20, log_every=5, eval_frames=32))
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(doom_recording, tiny_tokenizer_run, tmp_path_factory) -> Path:
+    """A complete tiny model folder: `worldgen train dynamics` (tiny DiT, 6-frame windows, 150
+    steps) on the recording, exported with its tokenizer and start contexts. Frames change with
+    actions; it is no good at anything else."""
+    from worldgen.training.dynamics import DynamicsTrainConfig, train
+
+    out = tmp_path_factory.mktemp("dyn")
+    with _OneThread():
+        train(DynamicsTrainConfig(
+            data=str(doom_recording), out=str(out), tokenizer=str(tiny_tokenizer_run[0]), model="tiny", window=6,
+            steps=150, batch_size=8, lr=3e-3, warmup=10, ckpt_every=1000, sample_every=0, log_every=50,
+            sample_steps=2, eval_windows=8, ema_decay=0.9))
+    return out / "ckpt"

@@ -1,0 +1,154 @@
+"""The streaming engine (issue 4, tests 3a-e) on the tiny model trained on real ViZDoom play."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from worldgen import WorldModel, sampling
+from worldgen.actions import Action, ActionError
+from worldgen.models import frames_to_tensor, tensor_to_frames
+
+PLAY = [Action.from_keys(["forward"]), Action.from_keys(["turn_left"]), Action.from_keys([], yaw=8.0),
+        Action.from_keys(["strafe_right", "attack"]), Action.from_keys(["back"], pitch=-3.0)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def wm(tiny_checkpoint) -> WorldModel:
+    return WorldModel.load(tiny_checkpoint, device="cpu")
+
+
+def test_loads_with_starts_and_plays(wm):
+    assert wm.frame_shape == (24, 32, 3) and wm.num_starts >= 2 and wm.fps == pytest.approx(35 / 4)
+    frames, acts = wm.start(0)
+    assert frames.dtype == np.uint8 and frames.shape[1:] == wm.frame_shape and len(acts) == len(frames)
+    s = wm.session(seed=0)
+    out = np.stack([s.step(a) for a in PLAY])
+    assert out.shape == (5, 24, 32, 3) and out.dtype == np.uint8 and s.steps == 5
+    assert np.array_equal(s.frame, out[-1])
+    # Same seed, same actions: the same frames; other actions: other frames.
+    s2 = wm.session(frames, acts, seed=3)
+    a = np.stack([s2.step(x) for x in PLAY])
+    assert np.array_equal(wm.rollout(frames, acts, PLAY, seed=3), a)
+    b = wm.rollout(frames, acts, [Action.from_keys(["turn_right"], yaw=20.0)] * 5, seed=3)
+    assert np.abs(a.astype(int) - b).mean() > 0.5
+
+
+def test_streaming_equals_full_recompute_within_window(tiny_checkpoint):
+    """(a): with nothing evicted yet, each streamed frame equals a block-causal recompute over the
+    whole history (same sampler noise), within float tolerance. Exact conditioning (ctx_noise 0),
+    as the recompute of worldgen.sampling draws fresh context noise at every frame."""
+    wm = WorldModel.load(tiny_checkpoint, device="cpu", ctx_noise=0.0)
+    frames, acts = wm.start(1)
+    frames, acts = frames[:2], acts[:2]
+    s = wm.session(frames, acts, seed=7)
+    g = torch.Generator().manual_seed(7)  # the session's noise: one draw per frame (ctx_noise 0)
+    with torch.no_grad():
+        z = wm.tokenizer.encode(frames_to_tensor(frames))[None]
+        a = torch.from_numpy(np.stack([x.vector() for x in acts]))[None]
+    room = wm.stream.sinks + wm.stream.window - len(frames)
+    assert room >= 3
+    for act in (PLAY * 2)[:room]:
+        streamed = s.step(act)
+        v = torch.from_numpy(act.vector())[None, None]
+        with torch.no_grad():
+            zn = sampling.generate(wm.dit, z, a, v, steps=wm.stream.steps, shift=wm.stream.shift, generator=g)
+            full = tensor_to_frames(wm.tokenizer.decode(zn[:, 0]))[0]
+        assert np.abs(full.astype(int) - streamed).max() <= 1
+        z, a = torch.cat([z, zn], 1), torch.cat([a, v], 1)
+
+
+def test_cache_memory_is_flat(wm):
+    """(b): the cache is allocated once; frame W+10 and frame W+1000 hold the same bytes."""
+    s = wm.session(seed=1)
+    w = wm.stream.sinks + wm.stream.window
+    before = (s.cache_bytes(), s.cache.k.data_ptr(), s.cache.v.data_ptr())
+    fast = WorldModel.load(wm.checkpoint, device="cpu", steps=1)  # cheaper frames, same cache layout
+    s = fast.session(seed=1)
+    for i in range(w + 1000):
+        s.step(PLAY[i % 5])
+        if i == w + 10:
+            at_10 = (s.cache_bytes(), s.cache.k.data_ptr(), s.cache.v.data_ptr())
+    assert at_10 == (s.cache_bytes(), s.cache.k.data_ptr(), s.cache.v.data_ptr())
+    assert at_10[0] == before[0]
+
+
+def test_long_session_positions_stay_bounded(wm):
+    """(c) at reduced scale: 3,000 frames, no error, no NaN, and the positions a step uses stay
+    within sinks + window: the cache's state is periodic in time, so no length overflows."""
+    fast = WorldModel.load(wm.checkpoint, device="cpu", steps=1)
+    s = fast.session(seed=2)
+    cap = fast.stream.sinks + fast.stream.window
+    seen = set()
+    rng = np.random.default_rng(0)
+    for i in range(3000):
+        f = s.step(PLAY[rng.integers(5)])
+        seen.add((tuple(s.cache.positions().tolist()), s.cache.next_position()))
+    assert max(p for _, p in seen) == cap and max(max(ps) for ps, _ in seen) == cap - 1
+    # After the first `cap` frames, the per-slot position patterns cycle with the window's period.
+    assert len(seen) <= cap + fast.stream.window
+    assert s.steps == 3000 and f.std() > 0
+    with torch.no_grad():
+        assert torch.isfinite(s.cache.k).all() and torch.isfinite(s.cache.v).all()
+
+
+def test_batch_equals_sessions_alone(wm):
+    """(d): sessions of different ages stepped together give the frames they give alone."""
+    frames, acts = wm.start(0)
+    def fresh():
+        return [wm.session(frames[:2], acts[:2], seed=11), wm.session(seed=12), wm.session(frames, acts, seed=13)]
+    alone = fresh()
+    for s in alone[1:]:
+        s.step(PLAY[0])  # different ages
+    solo = [[s.step(PLAY[(i + j) % 5]) for j in range(wm.stream.window + 3)] for i, s in enumerate(alone)]
+    together = fresh()
+    for s in together[1:]:
+        s.step(PLAY[0])
+    batch = [wm.step_many(together, [PLAY[(i + j) % 5] for i in range(3)]) for j in range(wm.stream.window + 3)]
+    for i in range(3):
+        for j in range(wm.stream.window + 3):
+            assert np.abs(batch[j][i].astype(int) - solo[i][j]).max() <= 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"keys": ["jump"], "mouse": [0, 0]}, "unknown key"),
+    ({"keys": [], "mouse": [float("nan"), 0]}, "finite"),
+    ({"keys": [1, 0, 0], "mouse": [0, 0]}, "keys must have shape"),
+    ({"keys": [], "mouse": [0, 0, 0]}, "mouse must have shape"),
+    ("forward", "must be an Action or a mapping"),
+])
+def test_bad_actions_are_clear_errors_and_session_stays_usable(wm, bad, match):
+    """(e)"""
+    s, twin = wm.session(seed=4), wm.session(seed=4)
+    s.step(PLAY[0]), twin.step(PLAY[0])
+    with pytest.raises(ActionError, match=match):
+        s.step(bad)
+    with pytest.raises(ActionError, match="action 1"):
+        wm.step_many([twin, s], [PLAY[1], bad])
+    assert s.steps == twin.steps == 1
+    assert np.array_equal(s.step(PLAY[1]), twin.step(PLAY[1]))  # nothing advanced, nothing drawn
+
+
+def test_bad_context_and_settings_are_clear_errors(wm, tiny_checkpoint):
+    frames, acts = wm.start(0)
+    with pytest.raises(ValueError, match="context_frames must be uint8"):
+        wm.session(frames.astype(np.float32), acts)
+    with pytest.raises(ValueError, match="context frames but"):
+        wm.session(frames, acts[:-1])
+    with pytest.raises(ValueError, match="exceed"):
+        WorldModel.load(tiny_checkpoint, device="cpu", window=40)
+    with pytest.raises(TypeError, match="unknown stream settings"):
+        WorldModel.load(tiny_checkpoint, device="cpu", windows=4)
+    s = wm.session(seed=0)
+    s.close()
+    with pytest.raises(ValueError, match="closed"):
+        s.step(PLAY[0])

@@ -1,0 +1,352 @@
+"""The public engine: a trained world model run as a game, one frame per action, for hours.
+
+``WorldModel`` owns the tokenizer and the DiT; each :class:`Session` owns a rolling KV cache
+(:mod:`worldgen.engine.cache`) and its own noise generator. One step of a session:
+
+1. start the new frame's latent from noise and take ``steps`` Euler steps on the shifted
+   schedule (:mod:`worldgen.sampling`), every pass attending to the cache;
+2. run one more pass on the finished latent, noised to the stabilisation level ``ctx_noise``
+   and labelled with it (the Diffusion-Forcing trick: the model learned to lean less on the
+   exact pixels of its own past frames), and write that pass's keys and values to the cache;
+3. decode the latent to an RGB frame.
+
+``WorldModel.step_many`` steps many sessions in one batched forward (sessions of any age: the
+caches are fixed-size and masked) with each session's noise drawn from its own generator, so a
+session gives the same frames whether stepped alone or in a batch.
+
+Example:
+    >>> wm = WorldModel.load("default")                                  # doctest: +SKIP
+    >>> s = wm.session(seed=0)           # a real start context stored with the model
+    >>> frame = s.step({"keys": ["forward"], "mouse": [5.0, 0.0]})      # doctest: +SKIP
+    >>> frame.shape, frame.dtype                                         # doctest: +SKIP
+    ((120, 160, 3), dtype('uint8'))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from worldgen import actions, checkpoint, sampling
+from worldgen.actions import Action, ActionError
+from worldgen.checkpoint import CheckpointError
+from worldgen.engine.cache import KVCache
+from worldgen.models import DiT, Tokenizer, frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
+from worldgen.models.attention import LayerKV, apply_rope
+
+ActionLike = Action | Mapping[str, Any]
+DOOM_TICS_PER_SECOND = 35
+
+
+@dataclass
+class StreamConfig:
+    """How a session samples and what it remembers; defaults come from the checkpoint's sampler
+    settings where it has them (``worldgen train`` stores them), else from here."""
+
+    steps: int = sampling.STEPS     # K Euler steps per frame, 1..8: latency is ~ (K + 1) passes
+    shift: float = sampling.SHIFT   # schedule shift (worldgen.sampling)
+    ctx_noise: float = 0.0          # stabilisation level of cached frames; 0 = exact conditioning
+    # Cache: ``sinks`` first frames kept for ever plus the ``window`` latest. Positions run to
+    # sinks + window + chunk - 1, which must stay within what the model was trained on.
+    sinks: int = 1
+    window: int = 14
+
+    def check(self, dit: DiT, trained_window: int) -> None:
+        chunk = dit.cfg.frames_per_block
+        if not 1 <= self.steps <= 64:
+            raise ValueError(f"steps must lie in [1, 64], got {self.steps}")
+        if not 0.0 <= self.ctx_noise < 1.0 or not self.shift > 0:
+            raise ValueError(f"need 0 <= ctx_noise < 1 and shift > 0, got {self.ctx_noise}, {self.shift}")
+        if self.sinks < 0 or self.window < chunk or self.sinks % chunk or self.window % chunk:
+            raise ValueError(f"sinks ({self.sinks}) and window ({self.window}) must be multiples of the "
+                             f"model's chunk of {chunk} frames, window >= one chunk")
+        if self.sinks + self.window + chunk > trained_window:
+            raise ValueError(f"sinks + window + chunk = {self.sinks + self.window + chunk} frames exceed the "
+                             f"{trained_window} frames the model was trained on")
+
+
+class WorldModel:
+    """A tokenizer + DiT ready to play. Build it with :meth:`load`."""
+
+    def __init__(self, tokenizer: Tokenizer, dit: DiT, stream: StreamConfig | None = None,
+                 starts: dict[str, torch.Tensor] | None = None, fps: float = DOOM_TICS_PER_SECOND / 4,
+                 trained_window: int | None = None, device: torch.device | str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Weights in float32 on the CPU (no fast bf16 there); bf16 autocast on CUDA.
+        self.tokenizer = tokenizer.float().to(self.device).eval()
+        self.dit = dit.float().to(self.device).eval()
+        self.trained_window = trained_window or dit.cfg.max_frames
+        self.stream = stream or StreamConfig()
+        self.stream.check(self.dit, self.trained_window)
+        self.fps = fps
+        self._starts = starts
+        self.checkpoint: os.PathLike | None = None  # the folder it was loaded from, if any
+        if tuple(tokenizer.cfg.latent_size) != tuple(dit.cfg.latent_size) or \
+                tokenizer.cfg.latent_channels != dit.cfg.latent_channels:
+            raise CheckpointError(f"tokenizer latents {tokenizer.cfg.latent_channels}x{tokenizer.cfg.latent_size} "
+                                  f"do not fit the DiT's {dit.cfg.latent_channels}x{dit.cfg.latent_size}")
+        self.cache_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    # --- building -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, checkpoint_dir: str | os.PathLike = "default", device: torch.device | str | None = None,
+             **stream: Any) -> "WorldModel":
+        """A checkpoint folder (or ``"default"``, the model that ships with worldgen).
+
+        ``stream`` overrides :class:`StreamConfig` fields (``steps``, ``ctx_noise``, ``sinks``,
+        ``window``, ``shift``). Raises :class:`~worldgen.checkpoint.CheckpointError` naming
+        what is missing or does not fit.
+        """
+        folder = checkpoint.resolve(checkpoint_dir)
+        tok, dit = load_tokenizer(folder), load_dit(folder)
+        dyn = checkpoint.config(folder, "dynamics")
+        sampler = dyn.get("sampler", {})
+        trained = int(sampler.get("window", dit.cfg.max_frames))
+        defaults = {k: sampler[k] for k in ("steps", "ctx_noise", "shift", "sinks") if k in sampler}
+        defaults.setdefault("window", trained - defaults.get("sinks", StreamConfig.sinks) - dit.cfg.frames_per_block)
+        unknown = set(stream) - {f.name for f in dataclasses.fields(StreamConfig)}
+        if unknown:
+            raise TypeError(f"unknown stream settings {sorted(unknown)}; see StreamConfig")
+        starts = None
+        if (folder / "starts.json").is_file():
+            starts, _ = checkpoint.load(folder, "starts")
+        fps = DOOM_TICS_PER_SECOND / (dyn.get("frame_skip") or 4)
+        model = cls(tok, dit, StreamConfig(**{**defaults, **stream}), starts, fps, trained, device)
+        model.checkpoint = folder
+        return model
+
+    # --- what it is ------------------------------------------------------------------------------
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        h, w = self.tokenizer.cfg.image_size
+        return h, w, 3
+
+    has_depth = False  # RGB tokenizers only so far; step() returns frames alone
+    has_pose = False
+
+    @property
+    def num_starts(self) -> int:
+        return 0 if self._starts is None else len(self._starts["frames"])
+
+    def start(self, i: int) -> tuple[np.ndarray, list[Action]]:
+        """Stored start context ``i``: real frames (T, H, W, 3) uint8 and the T actions that made them."""
+        if not 0 <= i < self.num_starts:
+            raise IndexError(f"start {i} out of range: this model stores {self.num_starts} start contexts")
+        s = self._starts
+        return s["frames"][i].numpy(), [Action(k, m) for k, m in zip(s["keys"][i].numpy(), s["mouse"][i].numpy())]
+
+    # --- sessions ----------------------------------------------------------------------------
+    def session(self, context_frames: np.ndarray | None = None, context_actions: Sequence[ActionLike] | None = None,
+                seed: int | None = None) -> "Session":
+        """A new play session from real context frames (or a stored start chosen with ``seed``)."""
+        return Session(self, context_frames, context_actions, seed)
+
+    def step_many(self, sessions: Sequence["Session"], actions_: Sequence[ActionLike]) -> np.ndarray:
+        """Advance every session by one chunk with its action, in one batched forward.
+
+        Returns uint8 ``(B, H, W, 3)`` (the chunk's last frame per session). A bad action raises
+        :class:`~worldgen.actions.ActionError` naming its index; then no session has advanced.
+        """
+        if len(sessions) != len(actions_):
+            raise ValueError(f"{len(sessions)} sessions but {len(actions_)} actions")
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise ValueError("a session appears twice in one step_many call")
+        vecs = []
+        for i, (s, a) in enumerate(zip(sessions, actions_)):
+            if s.model is not self or s.closed:
+                raise ValueError(f"session {i} is closed or belongs to another WorldModel")
+            try:
+                vecs.append(_action_vector(a))
+            except ActionError as e:
+                raise ActionError(f"action {i}: {e}") from None
+        if not sessions:
+            return np.zeros((0, *self.frame_shape), np.uint8)
+        chunk = self.dit.cfg.frames_per_block
+        acts = torch.from_numpy(np.stack(vecs)).to(self.device)[:, None].expand(-1, chunk, -1)  # (B, c, A)
+        with torch.no_grad(), self._autocast():
+            z = self._advance(sessions, acts)                       # (B, c, C, h, w)
+            frames = tensor_to_frames(self.tokenizer.decode(z[:, -1].float()))
+        for s, f in zip(sessions, frames):
+            s.frame, s.steps = f, s.steps + chunk
+        return frames
+
+    def rollout(self, context_frames: np.ndarray, context_actions: Sequence[ActionLike],
+                actions_: Sequence[ActionLike], seed: int | None = None) -> np.ndarray:
+        """Play ``actions_`` from the context: uint8 ``(N, H, W, 3)``, one frame per action."""
+        s = self.session(context_frames, context_actions, seed)
+        try:
+            return np.stack([s.step(a) for a in actions_]) if len(actions_) else \
+                np.zeros((0, *self.frame_shape), np.uint8)
+        finally:
+            s.close()
+
+    # --- the hot path ----------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _new_cache(self) -> KVCache:
+        cfg = self.dit.cfg
+        return KVCache(cfg.depth, cfg.heads, cfg.dim // cfg.heads, cfg.tokens_per_frame, self.stream.sinks,
+                       self.stream.window, self.device, self.cache_dtype)
+
+    def _past(self, caches: list[KVCache]) -> tuple[list[LayerKV], torch.Tensor, torch.Tensor]:
+        """The caches as one batch: per-layer rotated keys and values, the key mask (B, L) and the
+        new frames' first position (B,)."""
+        pos = torch.stack([c.positions() for c in caches]).to(self.device)            # (B, slots)
+        cos, sin = self.dit.rope(pos, pos.shape[1])                                     # (B, 1, L, d/2)
+        k = torch.stack([c.k for c in caches], 1)                                       # (depth, B, H, L, d)
+        v = torch.stack([c.v for c in caches], 1)
+        past = [LayerKV(apply_rope(k[i], cos, sin), v[i]) for i in range(len(k))]
+        mask = torch.stack([c.valid() for c in caches]).to(self.device)               # (B, L)
+        nxt = torch.tensor([c.next_position() for c in caches], device=self.device)
+        return past, mask, nxt
+
+    def _run(self, x: torch.Tensor, t: torch.Tensor, acts: torch.Tensor, frame_pos: torch.Tensor,
+             past: list[LayerKV] | None, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
+
+    def _write(self, caches: list[KVCache], past: list[LayerKV]) -> None:
+        """Store each layer's new keys/values of the last pass into each session's cache."""
+        for b, c in enumerate(caches):
+            c.write([(p.new[0][b].to(self.cache_dtype), p.new[1][b].to(self.cache_dtype)) for p in past])
+
+    def _stabilise(self, z: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        """Clean latents (B, T, ...) noised to ``ctx_noise`` with each session's generator."""
+        if self.stream.ctx_noise == 0:
+            return z
+        eps = torch.stack([_randn(z.shape[1:], g, self.device) for g in gens])
+        return sampling.add_noise(z, eps, self.stream.ctx_noise)
+
+    def _prefill(self, session: "Session", z: torch.Tensor, acts: torch.Tensor) -> None:
+        """Write context latents (T, C, h, w) with their actions (T, A) into a cleared cache, in one
+        block-causal pass: exactly what a full recompute would attend to."""
+        c = session.cache
+        c.clear()
+        t_ctx = torch.full((1, len(z)), self.stream.ctx_noise, device=self.device)
+        x = self._stabilise(z[None].float(), [session.generator])
+        past = [LayerKV(torch.zeros(1, c.k.shape[1], 0, c.k.shape[3], device=self.device, dtype=x.dtype),
+                        torch.zeros(1, c.k.shape[1], 0, c.k.shape[3], device=self.device, dtype=x.dtype))
+                for _ in range(self.dit.cfg.depth)]
+        self._run(x, t_ctx, acts[None], torch.arange(len(z), device=self.device), past, None)
+        self._write([c], past)
+
+    def _advance(self, sessions: Sequence["Session"], acts: torch.Tensor) -> torch.Tensor:
+        """Denoise the next chunk of every session, write it to the caches: latents (B, c, C, h, w)."""
+        caches, gens = [s.cache for s in sessions], [s.generator for s in sessions]
+        b, chunk = acts.shape[:2]
+        past, mask, nxt = self._past(caches)
+        frame_pos = nxt[:, None] + torch.arange(chunk, device=self.device)              # (B, c)
+        shape = (chunk, self.dit.cfg.latent_channels, *self.dit.cfg.latent_size)
+        x = torch.stack([_randn(shape, g, self.device) for g in gens])                   # (B, c, C, h, w)
+        levels = sampling.shifted_timesteps(self.stream.steps, self.stream.shift).tolist()
+        for t_now, t_next in zip(levels[:-1], levels[1:]):
+            t = torch.full((b, chunk), t_now, device=self.device)
+            x = x + (t_next - t_now) * self._run(x, t, acts, frame_pos, past, mask)
+        t = torch.full((b, chunk), self.stream.ctx_noise, device=self.device)
+        self._run(self._stabilise(x, gens), t, acts, frame_pos, past, mask)
+        self._write(caches, past)
+        return x
+
+
+class Session:
+    """One player's stream: a KV cache, a noise generator and the last frame shown.
+
+    Made by :meth:`WorldModel.session`; see there and :meth:`step`.
+    """
+
+    def __init__(self, model: WorldModel, context_frames: np.ndarray | None,
+                 context_actions: Sequence[ActionLike] | None, seed: int | None):
+        self.model = model
+        self.cache = model._new_cache()
+        self.closed = False
+        self.generator = torch.Generator(model.device)
+        self.frame: np.ndarray = np.zeros(model.frame_shape, np.uint8)
+        self.steps = 0
+        self.reset(context_frames, context_actions, seed)
+
+    def reset(self, context_frames: np.ndarray | None = None, context_actions: Sequence[ActionLike] | None = None,
+              seed: int | None = None) -> np.ndarray:
+        """Start again from real context (or a stored start chosen with ``seed``); returns the
+        last context frame, now :attr:`frame`. Bad input raises and leaves the session as it was."""
+        m = self.model
+        seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else int(seed)
+        if context_frames is None and context_actions is None:
+            if m.num_starts == 0:
+                raise ValueError("this model stores no start contexts: pass context_frames and context_actions")
+            context_frames, context_actions = m.start(int(np.random.default_rng(seed).integers(m.num_starts)))
+        frames, acts = _check_context(m, context_frames, context_actions)
+        keep = m.stream.sinks + m.stream.window   # a longer context keeps its latest frames
+        frames, acts = frames[-keep:], acts[-keep:]
+        self.generator.manual_seed(seed)
+        with torch.no_grad(), m._autocast():
+            z = m.tokenizer.encode(frames_to_tensor(frames, m.device))
+            m._prefill(self, z, torch.from_numpy(acts).to(m.device))
+        self.frame, self.steps, self.seed = frames[-1].copy(), 0, seed
+        return self.frame
+
+    def step(self, action: ActionLike) -> np.ndarray:
+        """Generate the next frame for ``action``: uint8 (H, W, 3).
+
+        ``action``: an :class:`~worldgen.actions.Action` or the wire form
+        ``{"keys": [names] or 8 x 0/1, "mouse": [yaw, pitch]}`` (degrees). A bad action raises
+        :class:`~worldgen.actions.ActionError` and the session stays as it was.
+        """
+        return self.model.step_many([self], [action])[0]
+
+    def close(self) -> None:
+        """Release the cache's memory; the session cannot step afterwards."""
+        self.closed = True
+        self.cache.k = self.cache.v = torch.zeros(0)
+
+    def cache_bytes(self) -> int:
+        return self.cache.nbytes()
+
+
+def _action_vector(a: ActionLike) -> np.ndarray:
+    if isinstance(a, Action):
+        return a.vector()
+    if isinstance(a, Mapping):
+        return Action.from_dict(a).vector()
+    raise ActionError(f"an action must be an Action or a mapping with 'keys' and 'mouse', got {type(a).__name__}")
+
+
+def _check_context(m: WorldModel, frames: Any, acts: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validated context: frames uint8 (T, H, W, 3) and action vectors (T, A)."""
+    if frames is None or acts is None:
+        raise ValueError("give both context_frames and context_actions, or neither (a stored start)")
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != m.frame_shape or len(frames) < 1:
+        raise ValueError(f"context_frames must be uint8 (T >= 1, {', '.join(map(str, m.frame_shape))}), "
+                         f"got {frames.dtype} {frames.shape}")
+    if len(acts) != len(frames):
+        raise ValueError(f"{len(frames)} context frames but {len(acts)} context actions (one per frame: "
+                         f"the action that produced it)")
+    vecs = []
+    for i, a in enumerate(acts):
+        try:
+            vecs.append(_action_vector(a))
+        except ActionError as e:
+            raise ActionError(f"context action {i}: {e}") from None
+    return frames, np.stack(vecs)
+
+
+def _randn(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
+
+
+def save_starts(folder: str | os.PathLike, frames: np.ndarray, keys: np.ndarray, mouse: np.ndarray,
+                source: Mapping[str, Any] | None = None) -> None:
+    """Store real start contexts with a checkpoint: frames uint8 (S, T, H, W, 3), keys (S, T, 8),
+    mouse (S, T, 2), the action that produced each frame; ``source`` says where they come from."""
+    s, t = frames.shape[:2]
+    k, m = actions.validate(keys, mouse, (s, t))
+    if frames.dtype != np.uint8 or frames.ndim != 5:
+        raise ValueError(f"frames must be uint8 (S, T, H, W, 3), got {frames.dtype} {frames.shape}")
+    checkpoint.save(folder, "starts", {"frames": torch.from_numpy(np.ascontiguousarray(frames)),
+                                       "keys": torch.from_numpy(k), "mouse": torch.from_numpy(m)},
+                    {"source": dict(source or {}), "action_schema": actions.schema()})
