@@ -17,9 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable
+from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
@@ -215,3 +221,60 @@ class BackgroundClient:
                 pass
             self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+class LocalServer:
+    """``worldgen serve`` in a child process on a free port: what tests and the load benchmark
+    run against. Its output is kept in ``lines`` (read on a thread, so a chatty server never
+    blocks on a full pipe).
+
+    Example::
+
+        with LocalServer("default", "--device", "cuda", "--max-sessions", "64") as srv:
+            c = await Client.connect(srv.ws_url)
+            print(srv.url, srv.pid)
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, *args: str, timeout: float = 180.0,
+                 env: dict[str, str] | None = None):
+        cmd = [sys.executable, "-m", "worldgen.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        ready = threading.Event()
+        url: list[str] = []
+
+        def pump() -> None:
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+                m = re.search(r"open (http://\S+)", line)
+                if m and not url:
+                    url.append(m.group(1))
+                    ready.set()
+            ready.set()  # exited before it was ready
+
+        threading.Thread(target=pump, name="worldgen-serve-output", daemon=True).start()
+        if not ready.wait(timeout) or not url:
+            self.close()
+            tail = "\n".join(self.lines[-30:])
+            raise RuntimeError(f"`{' '.join(cmd)}` did not start within {timeout:g} s "
+                               f"(exit code {self.proc.returncode}):\n{tail}")
+        self.url = url[0]
+        parts = urlsplit(self.url)
+        self.ws_url = f"ws://{parts.netloc}{P.WS_PATH}"
+
+    def __enter__(self) -> "LocalServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

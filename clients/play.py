@@ -129,6 +129,7 @@ class RemoteSource:
 @dataclass
 class PlayResult:
     frames: int = 0                 # frames shown
+    ids: list[int] = field(default_factory=list)  # their frame ids (a gap: frames the server dropped)
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     record: str | None = None
@@ -206,6 +207,7 @@ def play(source: Source, frames: int | None = None, record: str | None = None, s
                     writer.append_data(frame)
                 surface = pygame.transform.scale(pygame.surfarray.make_surface(frame.swapaxes(0, 1)), screen.get_size())
                 result.frames += 1
+                result.ids.append(info["id"])
                 shown_at.append(time.perf_counter())
                 if info.get("latency_ms") is not None:
                     result.latencies_ms.append(info["latency_ms"])
@@ -269,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, WebSocketException) as e:
         print(f"worldgen play: cannot reach {args.server}: {e}", file=sys.stderr)
         return 1
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:  # ValueError: e.g. a model with no start contexts
         print(f"worldgen play: {e}", file=sys.stderr)
         return 1
     try:

@@ -53,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"worldgen serve: {e}", file=sys.stderr)
         return 1
+    if wm.num_starts == 0:  # a session starts from a stored real context; without one there is no game
+        print(f"worldgen serve: {args.checkpoint} stores no start contexts (real frames a session begins from); "
+              "serve a checkpoint exported with them by `worldgen train dynamics`", file=sys.stderr)
+        return 1
     cfg = ServeConfig(host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
                       fps=args.fps, max_message=args.max_message, idle_timeout=args.idle_timeout,
                       jpeg_quality=min(args.jpeg_quality, 95))

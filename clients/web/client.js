@@ -129,6 +129,7 @@ function onFrame(msg) {
 }
 
 function drawOverlay() {
+  if (!state.welcome) { overlay.textContent = ""; return; }
   const fps = state.frameTimes.length;
   const lat = state.latencySmooth === null ? "–" : `${state.latencySmooth.toFixed(0)} ms`;
   const s = state.stats;
