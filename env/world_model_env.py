@@ -1,0 +1,450 @@
+"""Gymnasium environments over a world model: an agent acts inside the learned game.
+
+:class:`WorldModelEnv` is one player in one engine session; :class:`WorldModelVectorEnv` is N of
+them stepped together by one batched forward (``wm.step_many``). Both are registered as
+``worldgen/Doom-v0`` (``import worldgen.env`` registers them):
+
+    >>> import gymnasium, worldgen.env                                            # doctest: +SKIP
+    >>> env = gymnasium.make("worldgen/Doom-v0")           # the default model    # doctest: +SKIP
+    >>> obs, info = env.reset(seed=0)                                             # doctest: +SKIP
+    >>> obs, reward, terminated, truncated, info = env.step(
+    ...     {"keys": [1, 0, 0, 0, 0, 0, 0, 0], "mouse": [5.0, 0.0]})              # doctest: +SKIP
+    >>> envs = gymnasium.make_vec("worldgen/Doom-v0", num_envs=16,
+    ...                           vectorization_mode="vector_entry_point")        # doctest: +SKIP
+
+Spaces (the action schema of :mod:`worldgen.actions`, as the recorder stores it):
+
+* action: ``Dict(keys=MultiBinary(8), mouse=Box(-180, 180, (2,), float32))``; ``keys`` holds
+  forward, back, strafe_left, strafe_right, turn_left, turn_right, attack, use (1 = held),
+  ``mouse`` is (yaw, pitch) in degrees for this step, yaw > 0 turning right. Degrees, not a
+  [-1, 1] box, because they are the schema's unit; ``check_env`` warns about that, nothing
+  more. Also accepted: a :class:`~worldgen.actions.Action` or the wire form with key names,
+  ``{"keys": ["forward"], "mouse": [5.0, 0.0]}``. A bad action raises
+  :class:`~worldgen.actions.ActionError` naming the problem, and the env is unchanged.
+* observation: the frame, ``Box(0, 255, (H, W, 3), uint8)``, (120, 160, 3) for the default
+  model. ``observations=("rgb", "depth", "pose")`` asks for a Dict of them, which needs a
+  model that generates depth and pose (``wm.has_depth``/``has_pose``; none does yet, so
+  asking is an error that says so).
+
+Episodes: ``reset(seed=...)`` draws a real start context (:mod:`worldgen.env.starts`: the
+checkpoint's stored starts by default, else a fresh ViZDoom game; or ``start="dataset"`` with
+``data=``) and the session's sampler seed from ``self.np_random``, so the same seed
+gives the same episode for the same actions. ``reset(options={"start": i})`` picks stored
+start ``i``; ``options={"context_frames": F, "context_actions": A}`` starts from your frames.
+Reward and termination come from a reward model (:mod:`worldgen.env.reward`): the learned head
+by default, ``reward="zero"``, or your function. Episodes are truncated after ``horizon`` steps.
+
+The vector env follows Gymnasium 1.x next-step autoreset (``AutoresetMode.NEXT_STEP``): the step
+after a sub-env terminates or truncates resets it (its action is ignored, reward 0), and
+``reset(seed=s)`` seeds sub-env i with ``s + i``, exactly as ``SyncVectorEnv`` over
+:class:`WorldModelEnv` would, only with one forward for all sub-envs.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from worldgen import actions, checkpoint
+from worldgen.actions import Action, ActionError
+from worldgen.env.reward import LearnedReward, RewardModel, make_reward_model
+from worldgen.env.starts import DatasetStarts, DoomStarts, Start, StartSource, StoredStarts
+
+OBSERVATION_KEYS = ("rgb", "depth", "pose")
+DEFAULT_HORIZON = 1000  # ~2 minutes of play at 8.75 steps/s
+
+_models: "weakref.WeakValueDictionary[tuple, Any]" = weakref.WeakValueDictionary()
+
+
+def load_model(model: Any = "default", device: Any = None, **stream: Any) -> Any:
+    """A :class:`~worldgen.WorldModel` for ``model`` (a checkpoint folder, a packaged name, or a
+    WorldModel, returned as is). Loaded models are shared while anyone holds them, so the
+    envs that ``gymnasium.make`` and ``check_env`` build load the weights once."""
+    from worldgen.engine import WorldModel
+
+    if isinstance(model, WorldModel):
+        if stream:
+            raise ValueError("stream settings apply when loading a model; this WorldModel is loaded already")
+        return model
+    folder = checkpoint.resolve(model).resolve()
+    key = (str(folder), str(device), tuple(sorted(stream.items())))
+    wm = _models.get(key)
+    if wm is None:
+        wm = _models[key] = WorldModel.load(folder, device=device, **stream)
+    return wm
+
+
+def action_space() -> spaces.Dict:
+    """The action schema as a Gymnasium space (see the module docstring)."""
+    return spaces.Dict({
+        "keys": spaces.MultiBinary(actions.NUM_KEYS),
+        "mouse": spaces.Box(-actions.MAX_MOUSE_DEG, actions.MAX_MOUSE_DEG, (actions.NUM_MOUSE,), np.float32),
+    })
+
+
+def to_action(a: Any) -> Action:
+    """One action of the action space (or an Action, or the wire form) -> a validated Action.
+
+    Example:
+        >>> to_action({"keys": np.array([1, 0, 0, 0, 0, 0, 0, 0]), "mouse": np.array([5.0, 0.0])}).to_dict()
+        {'keys': ['forward'], 'mouse': [5.0, 0.0]}
+        >>> to_action({"keys": [1, 0]})
+        Traceback (most recent call last):
+        ...
+        worldgen.actions.ActionError: keys must have shape (8,) (one 0/1 per key forward, back, strafe_left, strafe_right, turn_left, turn_right, attack, use), got (2,)
+    """
+    if isinstance(a, Action):
+        return a
+    if not isinstance(a, Mapping):
+        raise ActionError(f"an action must be a dict {{'keys': 8 x 0/1, 'mouse': [yaw, pitch] degrees}} (the action "
+                          f"space) or a worldgen Action, got {type(a).__name__}")
+    unknown = set(a) - {"keys", "mouse"}
+    if unknown or "keys" not in a:
+        raise ActionError(f"an action dict has 'keys' and 'mouse'; got keys {sorted(map(str, a))}")
+    return Action.from_dict(a)
+
+
+class _World:
+    """What every env over one model shares: the model, the reward model, the start source,
+    the spaces. A vector env builds one for all its sub-envs."""
+
+    def __init__(self, model: Any = "default", *, device: Any = None, reward: Any = "learned",
+                 reward_weights: Mapping[str, float] | None = None, horizon: int | None = DEFAULT_HORIZON,
+                 start: str = "auto", data: str | os.PathLike | None = None, split: str = "heldout",
+                 maps: Sequence[str] = ("E1M1",), context: int | None = None,
+                 observations: Sequence[str] = ("rgb",), stream: Mapping[str, Any] | None = None):
+        from worldgen.engine import WorldModel
+
+        self.wm = load_model(model, device, **dict(stream or {}))
+        folder = None if isinstance(model, WorldModel) else checkpoint.resolve(model)
+        self.reward: RewardModel = make_reward_model(reward, folder, self.wm.device, reward_weights)
+        if isinstance(self.reward, LearnedReward) and self.reward.frame_size != tuple(self.wm.frame_shape[:2]):
+            raise ValueError(f"the reward head reads {self.reward.frame_size} frames, the model makes "
+                             f"{tuple(self.wm.frame_shape[:2])}; train a head on data at the model's resolution")
+        if horizon is not None and horizon < 1:
+            raise ValueError(f"horizon must be >= 1 steps or None (never truncate), got {horizon}")
+        self.horizon = horizon
+        self.starts = self._starts(start, data, split, maps, context)
+        self.observations = tuple(observations)
+        bad = [k for k in self.observations if k not in OBSERVATION_KEYS]
+        if bad or not self.observations or len(set(self.observations)) != len(self.observations):
+            raise ValueError(f"observations must be distinct keys of {OBSERVATION_KEYS}, got {observations!r}")
+        for key, has in (("depth", self.wm.has_depth), ("pose", self.wm.has_pose)):
+            if key in self.observations and not has:
+                raise ValueError(f"observations asks for {key!r}, but this model generates RGB frames only "
+                                 f"(has_{key} is False)")
+        h, w, _ = self.wm.frame_shape
+        rgb = spaces.Box(0, 255, (h, w, 3), np.uint8)
+        self.observation_space = rgb if self.observations == ("rgb",) else spaces.Dict({"rgb": rgb})
+        self.action_space = action_space()
+
+    def _starts(self, start: str, data: Any, split: str, maps: Sequence[str], context: int | None) -> StartSource:
+        if start == "auto":  # the model's own starts; a model without them starts in a fresh game
+            start = "stored" if self.wm.num_starts else "dataset" if data is not None else "doom"
+        if start == "stored":
+            if data is not None:
+                raise ValueError("data= is for start='dataset'; the stored starts come with the model")
+            return StoredStarts(self.wm)
+        if context is None:  # as long as the stored starts, else what the cache holds
+            context = len(self.wm.start(0)[0]) if self.wm.num_starts else \
+                self.wm.stream.sinks + self.wm.stream.window
+        if start == "dataset":
+            if data is None:
+                raise ValueError("start='dataset' needs data=DATASET_FOLDER recorded at the model's resolution")
+            return DatasetStarts(data, self.wm.frame_shape, context, split)
+        if start == "doom":
+            return DoomStarts(self.wm.frame_shape, context, maps)
+        raise ValueError(f"start must be 'auto', 'stored', 'dataset' or 'doom', got {start!r}")
+
+    def observe(self, frame: np.ndarray) -> Any:
+        """The observation of ``frame`` (a fresh array: users may keep or change it)."""
+        return frame.copy() if self.observations == ("rgb",) else {"rgb": frame.copy()}
+
+    def close(self) -> None:
+        self.starts.close()
+
+
+class WorldModelEnv(gymnasium.Env):
+    """One agent inside a world model (see the module docstring for spaces and episodes).
+
+    Args:
+        model: checkpoint folder, packaged name (``"default"``) or a loaded ``WorldModel``.
+        device: where the model runs; None: CUDA if available, else CPU.
+        render_mode: ``"rgb_array"`` (``render()`` returns the frame) or ``"human"`` (a pygame
+            window, updated every step; ``SDL_VIDEODRIVER=dummy`` runs it headless).
+        reward: ``"learned"`` (the reward head stored with the model; the default model's ships
+            with worldgen), ``"zero"``, a checkpoint folder holding a head, or a function
+            ``fn(prev_frame, action, frame) -> reward | (reward, terminated)``.
+        reward_weights: for a learned head, the weight of each predicted change and of
+            ``"death"`` (default: those stored with the head).
+        horizon: steps after which an episode is truncated; None never truncates.
+        start: ``"stored"``, ``"dataset"`` (with ``data``, ``split``), ``"doom"`` (with ``maps``), or
+            ``"auto"``: stored if the model has start contexts, else dataset if ``data`` is given,
+            else doom.
+        context: frames in a dataset or ViZDoom start (default: as long as the stored starts).
+        observations: ``("rgb",)`` for frame observations, or a Dict of those keys.
+        stream: engine settings for loading (``steps``, ``ctx_noise``, ``window``, ...).
+
+    Example:
+        >>> env = WorldModelEnv("default", reward="zero", horizon=100)   # doctest: +SKIP
+        >>> obs, info = env.reset(seed=1)                                # doctest: +SKIP
+        >>> obs, r, term, trunc, info = env.step(env.action_space.sample())   # doctest: +SKIP
+    """
+
+    metadata = {"render_modes": ["rgb_array", "human"], "render_fps": 35 / 4}
+
+    def __init__(self, model: Any = "default", *, render_mode: str | None = None, **kwargs: Any):
+        self._setup(_World(model, **kwargs), render_mode, owns_world=True)
+
+    @classmethod
+    def _on(cls, world: _World, render_mode: str | None = None) -> "WorldModelEnv":
+        """A sub-env sharing ``world`` (the vector env's)."""
+        env = cls.__new__(cls)
+        env._setup(world, render_mode, owns_world=False)
+        return env
+
+    def _setup(self, world: _World, render_mode: str | None, owns_world: bool) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        self.world, self._owns_world = world, owns_world
+        self.metadata = {**type(self).metadata, "render_fps": world.wm.fps}
+        self.render_mode = render_mode
+        self.observation_space = world.observation_space
+        self.action_space = world.action_space
+        self.session: Any = None
+        self.frame: np.ndarray | None = None  # the last frame shown
+        self.steps = 0
+        self._window: Any = None
+
+    @property
+    def model(self) -> Any:
+        """The :class:`~worldgen.WorldModel` this env plays."""
+        return self.world.wm
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        super().reset(seed=seed)
+        start = self._draw_start(options or {})
+        session_seed = int(self.np_random.integers(2**31))
+        if self.session is None:
+            self.session = self.world.wm.session(start.frames, start.actions, seed=session_seed)
+        else:
+            self.session.reset(start.frames, start.actions, seed=session_seed)
+        self.frame, self.steps = np.array(start.frames[-1]), 0
+        if self.render_mode == "human":
+            self._show()
+        return self.world.observe(self.frame), {"start": start.label, "steps": 0}
+
+    def _draw_start(self, options: Mapping[str, Any]) -> Start:
+        unknown = set(options) - {"start", "context_frames", "context_actions"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; known: start, context_frames, context_actions")
+        if "context_frames" in options or "context_actions" in options:
+            frames, acts = options.get("context_frames"), options.get("context_actions")
+            if frames is None or acts is None:
+                raise ValueError("reset options need both context_frames and context_actions")
+            return Start(np.asarray(frames), [to_action(a) for a in acts], "options")
+        if "start" in options:
+            i = int(options["start"])
+            frames, acts = self.world.wm.start(i)
+            return Start(frames, list(acts), f"stored:{i}")
+        return self.world.starts.draw(self.np_random)
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        if self.session is None:
+            raise gymnasium.error.ResetNeeded("call reset() before step()")
+        act = to_action(action)
+        frame = self.session.step(act)
+        return _advance(self.world, [self], [act], frame[None])[0]
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode == "rgb_array":
+            return None if self.frame is None else self.frame.copy()
+        if self.render_mode == "human":
+            self._show()
+        return None
+
+    def _show(self) -> None:
+        """Draw the last frame in the pygame window (made on first use), scaled to >= 480 wide,
+        at the model's playback rate."""
+        if self.frame is None:
+            return
+        os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+        import pygame
+
+        h, w = self.frame.shape[:2]
+        if self._window is None:
+            pygame.display.init()
+            scale = max(1, -(-480 // w))
+            self._window = pygame.display.set_mode((w * scale, h * scale))
+            pygame.display.set_caption("worldgen")
+            self._clock = pygame.time.Clock()
+        surface = pygame.surfarray.make_surface(self.frame.swapaxes(0, 1))
+        self._window.blit(pygame.transform.scale(surface, self._window.get_size()), (0, 0))
+        pygame.event.pump()  # keeps the window responsive; input is the agent's, not the keyboard's
+        pygame.display.flip()
+        self._clock.tick(self.metadata["render_fps"])
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self._window is not None:
+            import pygame
+
+            pygame.display.quit()
+            self._window = None
+        if self._owns_world:
+            self.world.close()
+
+
+def _advance(world: _World, envs: Sequence[WorldModelEnv], acts: Sequence[Action],
+             frames: np.ndarray) -> list[tuple[Any, float, bool, bool, dict[str, Any]]]:
+    """After the model made ``frames`` (B, H, W, 3) for ``envs`` under ``acts``: ask the reward
+    model once for all of them, advance each env; its ``step`` results, in order."""
+    prev = np.stack([e.frame for e in envs])
+    keys, mouse = np.stack([a.keys for a in acts]), np.stack([a.mouse for a in acts])
+    out = world.reward(prev, keys, mouse, frames)
+    results = []
+    for i, e in enumerate(envs):
+        e.frame = np.array(frames[i])
+        e.steps += 1
+        truncated = world.horizon is not None and e.steps >= world.horizon
+        info: dict[str, Any] = {"steps": e.steps}
+        if out.terms:
+            info["reward_terms"] = {k: float(v[i]) for k, v in out.terms.items()}
+        results.append((world.observe(e.frame), float(out.reward[i]), bool(out.terminated[i]), truncated, info))
+        if e.render_mode == "human":
+            e._show()
+    return results
+
+
+class WorldModelVectorEnv(VectorEnv):
+    """``num_envs`` :class:`WorldModelEnv` sub-envs over one model, stepped by one batched forward.
+
+    Takes :class:`WorldModelEnv`'s arguments (``max_episode_steps``, which ``gymnasium.make_vec``
+    passes, sets ``horizon``). Actions: the batched action space, ``{"keys": (N, 8), "mouse":
+    (N, 2)}``, or a sequence of N single actions. ``render()`` (``render_mode="rgb_array"``)
+    returns a tuple of the N frames, as ``SyncVectorEnv`` does.
+
+    Example:
+        >>> envs = WorldModelVectorEnv(16, "default", reward="zero")      # doctest: +SKIP
+        >>> obs, infos = envs.reset(seed=0)                               # obs: (16, 120, 160, 3)  # doctest: +SKIP
+        >>> obs, rewards, terms, truncs, infos = envs.step(envs.action_space.sample())  # doctest: +SKIP
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 35 / 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs: int, model: Any = "default", *, render_mode: str | None = None,
+                 max_episode_steps: int | None = None, **kwargs: Any):
+        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"the vector env renders 'rgb_array' (a tuple of frames) only, got {render_mode!r}")
+        if max_episode_steps is not None:
+            kwargs["horizon"] = max_episode_steps
+        self.world = _World(model, **kwargs)
+        self.num_envs = int(num_envs)
+        self.render_mode = render_mode
+        self.metadata = {**type(self).metadata, "render_fps": self.world.wm.fps}
+        self.envs = [WorldModelEnv._on(self.world, render_mode) for _ in range(self.num_envs)]
+        self.single_observation_space = self.world.observation_space
+        self.single_action_space = self.world.action_space
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._autoreset = np.zeros(self.num_envs, bool)
+
+    @property
+    def model(self) -> Any:
+        return self.world.wm
+
+    def reset(self, *, seed: int | Sequence[int | None] | None = None,
+              options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        """Reset every sub-env (or those in ``options["reset_mask"]``); ``seed``: None, an int
+        (sub-env i gets ``seed + i``) or one seed per sub-env."""
+        seeds = [None] * self.num_envs if seed is None else \
+            [seed + i for i in range(self.num_envs)] if isinstance(seed, (int, np.integer)) else list(seed)
+        if len(seeds) != self.num_envs:
+            raise ValueError(f"seed must be None, an int or {self.num_envs} seeds, got {len(seeds)}")
+        options = dict(options or {})
+        mask = options.pop("reset_mask", None)
+        if mask is None:
+            mask = np.ones(self.num_envs, bool)
+        elif not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.shape != (self.num_envs,):
+            raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},)")
+        infos: dict[str, Any] = {}
+        for i in np.flatnonzero(mask):
+            _, info = self.envs[i].reset(seed=seeds[i], options=options)
+            infos = self._add_info(infos, info, i)
+        self._autoreset[mask] = False
+        return self._observations(), infos
+
+    def step(self, actions_: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        acts = self._unbatch(actions_)
+        if any(e.session is None for e in self.envs):
+            raise gymnasium.error.ResetNeeded("call reset() before step()")
+        rewards = np.zeros(self.num_envs, np.float64)
+        terms, truncs = np.zeros(self.num_envs, bool), np.zeros(self.num_envs, bool)
+        infos: dict[str, Any] = {}
+        stepping = np.flatnonzero(~self._autoreset)
+        if len(stepping):
+            envs = [self.envs[i] for i in stepping]
+            frames = self.world.wm.step_many([e.session for e in envs], [acts[i] for i in stepping])
+            for i, (_, r, term, trunc, info) in zip(stepping, _advance(self.world, envs, [acts[i] for i in stepping], frames)):
+                rewards[i], terms[i], truncs[i] = r, term, trunc
+                infos = self._add_info(infos, info, i)
+        for i in np.flatnonzero(self._autoreset):  # next-step autoreset: this step only resets them
+            _, info = self.envs[i].reset()
+            infos = self._add_info(infos, info, i)
+        self._autoreset = terms | truncs
+        return self._observations(), rewards, terms, truncs, infos
+
+    def _unbatch(self, a: Any) -> list[Action]:
+        """The batched action (or a sequence of single actions) as N validated Actions; a bad one
+        is an :class:`ActionError` naming its sub-env, before any sub-env moves."""
+        n = self.num_envs
+        if isinstance(a, Mapping):
+            unknown = set(a) - {"keys", "mouse"}
+            if unknown or "keys" not in a or "mouse" not in a:
+                raise ActionError(f"a batched action is {{'keys': ({n}, 8), 'mouse': ({n}, 2)}}; got keys {sorted(map(str, a))}")
+            keys, mouse = np.asarray(a["keys"]), np.asarray(a["mouse"])
+            if keys.shape[:1] != (n,) or mouse.shape[:1] != (n,):
+                raise ActionError(f"a batched action needs keys ({n}, 8) and mouse ({n}, 2) for {n} sub-envs, "
+                                  f"got {keys.shape} and {mouse.shape}")
+            rows: Sequence[Any] = [{"keys": keys[i], "mouse": mouse[i]} for i in range(n)]
+        elif isinstance(a, Sequence) and not isinstance(a, (str, bytes)):
+            if len(a) != n:
+                raise ActionError(f"{len(a)} actions for {n} sub-envs")
+            rows = a
+        else:
+            raise ActionError(f"actions must be the batched dict {{'keys', 'mouse'}} or a sequence of {n} actions, "
+                              f"got {type(a).__name__}")
+        out = []
+        for i, row in enumerate(rows):
+            try:
+                out.append(to_action(row))
+            except ActionError as e:
+                raise ActionError(f"action of sub-env {i}: {e}") from None
+        return out
+
+    def _observations(self) -> Any:
+        frames = np.stack([e.frame for e in self.envs])
+        return frames if self.world.observations == ("rgb",) else {"rgb": frames}
+
+    def render(self) -> tuple[np.ndarray | None, ...] | None:
+        if self.render_mode != "rgb_array":
+            return None
+        return tuple(e.render() for e in self.envs)
+
+    def close_extras(self, **kwargs: Any) -> None:
+        for e in self.envs:
+            e.close()
+        self.world.close()
+
