@@ -27,6 +27,7 @@ import logging
 import mimetypes
 import os
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from worldgen.server import protocol as P
 log = logging.getLogger("worldgen.server")
 
 
+
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"
@@ -60,6 +62,11 @@ class ServeConfig:
     idle_timeout: float = 300.0         # seconds without any client message (hello included)
     jpeg_quality: int = 85
     stats_every: float = 1.0            # seconds between stats messages
+    # Bytes that may wait for one client past its outbox: the kernel's send buffer (Linux
+    # doubles this), plus half as much in websockets' write buffer. Small, so a slow reader
+    # gets fresh frames with stale ones dropped rather than seconds of old ones queued; 32 KiB
+    # is still far above what 10 fps of 160x120 JPEGs (~50 KB/s) needs in flight.
+    send_buffer: int = 32 * 1024
 
 
 def hard_limit(max_message: int) -> int:
@@ -203,6 +210,9 @@ class Server:
     # -- one websocket ------------------------------------------------------------------
 
     async def handle(self, ws: ServerConnection) -> None:
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.cfg.send_buffer)
         try:
             hello = await self._hello(ws)
             player = await self._open(ws, hello)
@@ -445,7 +455,7 @@ async def serve(wm: Any, cfg: ServeConfig, model_name: str = "",
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     async with ws_serve(server.handle, cfg.host, cfg.port, process_request=server.process_request,
-                        max_size=hard_limit(cfg.max_message),
+                        max_size=hard_limit(cfg.max_message), write_limit=cfg.send_buffer // 2,
                         compression=None) as ws_server:  # JPEG does not deflate; save the CPU
         port = ws_server.sockets[0].getsockname()[1]
         scheduler = asyncio.create_task(server.schedule())

@@ -29,6 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message", type=int, default=P.MAX_MESSAGE_BYTES,
                    help=f"largest client message in bytes; larger ones get a too_large error (default {P.MAX_MESSAGE_BYTES})")
     p.add_argument("--jpeg-quality", type=int, default=85, help="JPEG quality of streamed frames, 1-95 (default 85)")
+    p.add_argument("--send-buffer", type=int, default=32 * 1024,
+                   help="bytes that may wait for one client in the kernel (plus half as much in user space) before "
+                        "its stale frames are dropped (default 32768)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the model (default: torch's choice); on a small machine shared "
+                        "with its clients 1 can be several times faster")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
 
 
@@ -40,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
     for name, value, low in (("--max-sessions", args.max_sessions, 1), ("--max-message", args.max_message, 64),
+                             ("--send-buffer", args.send_buffer, 1024),
                              ("--jpeg-quality", args.jpeg_quality, 1)):
         if value < low:
             print(f"worldgen serve: {name} must be at least {low}, got {value}", file=sys.stderr)
@@ -48,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and not value > 0:
             print(f"worldgen serve: {name} must be > 0, got {value}", file=sys.stderr)
             return 2
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     try:
         wm = WorldModel.load(args.checkpoint, device=args.device)
     except CheckpointError as e:
@@ -59,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     cfg = ServeConfig(host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
                       fps=args.fps, max_message=args.max_message, idle_timeout=args.idle_timeout,
-                      jpeg_quality=min(args.jpeg_quality, 95))
+                      jpeg_quality=min(args.jpeg_quality, 95), send_buffer=args.send_buffer)
     h, w = wm.frame_shape[:2]
 
     def ready(url: str) -> None:

@@ -27,12 +27,11 @@ from worldgen.clients.play import LocalSource, RemoteSource, play  # noqa: E402
 TOKEN = "t0ken"
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM_INSTALL = "apt-get update -q && apt-get install -y -q chromium"
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    with LocalServer(tiny_checkpoint, "--device", "cpu", "--fps", "15", "--token", TOKEN, env=ONE_THREAD) as srv:
+    with LocalServer(tiny_checkpoint, "--device", "cpu", "--threads", "1", "--fps", "15", "--token", TOKEN) as srv:
         yield srv
 
 

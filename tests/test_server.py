@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 
 import msgpack
 import numpy as np
@@ -21,22 +23,22 @@ from worldgen.server import protocol as P
 from worldgen.server.app import Outbox
 
 TOKEN = "s3cret"
-# The server runs its model on one thread: two shared cores, and the tests' clients need one.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    with LocalServer(tiny_checkpoint, "--device", "cpu", "--fps", "15", "--max-sessions", "8",
-                     env=ONE_THREAD) as srv:
+    # One model thread: two shared cores, and the test's clients need one.
+    # A small send buffer, so a stalled reader's backlog fills in a second or two.
+    with LocalServer(tiny_checkpoint, "--device", "cpu", "--threads", "1", "--fps", "15", "--max-sessions", "8",
+                     "--send-buffer", "4096") as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def strict_server(tiny_checkpoint):
     """Token, two sessions at most, and a short idle timeout."""
-    with LocalServer(tiny_checkpoint, "--device", "cpu", "--fps", "15", "--token", TOKEN, "--max-sessions", "2",
-                     "--idle-timeout", "2", env=ONE_THREAD) as srv:
+    with LocalServer(tiny_checkpoint, "--device", "cpu", "--threads", "1", "--fps", "15", "--token", TOKEN,
+                     "--max-sessions", "2", "--idle-timeout", "2") as srv:
         yield srv
 
 
@@ -216,6 +218,41 @@ def test_bad_messages_get_typed_errors_and_nobody_stops(server):
     assert after == sorted(after) and len(after) == 3
     assert big_code == 1009
     assert watcher_errors == [] and len(ids) >= 5 and ids == sorted(ids)
+
+
+def test_a_stalled_reader_gets_stale_frames_dropped(server):
+    """A client that stops reading: the server drops its stale frames (counted in stats, seen
+    as id gaps) instead of queueing them, and it gets fresh frames once it reads again."""
+    async def main():
+        host, port = urlsplit(server.ws_url).netloc.split(":")
+        sock = socket.create_connection((host, int(port)))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # no autotuned megabytes
+        c = Client(await ws_connect(server.ws_url, sock=sock, max_queue=1, compression=None), {})
+        await c.send_raw(P.pack(P.hello(seed=1)))
+        assert (await c.recv())["type"] == "welcome"
+        c.ws.transport.pause_reading()  # stall: bytes pile up in the kernel, then the server drops
+        for _ in range(8):
+            await c.act([])  # still talking, so no idle timeout
+            await asyncio.sleep(0.5)
+        c.ws.transport.resume_reading()
+        # First the backlog (frames made before the drops), then a stats message that counts
+        # drops, sent just before the newest frame: the one after the gap.
+        ids, stats, after = [], None, 0
+        while after < 5:
+            msg = await c.recv()
+            if msg["type"] == "frame":
+                ids.append(msg["id"])
+                after += stats is not None
+            elif msg["type"] == "stats" and msg["dropped"] > 0:
+                stats = stats or msg
+        await c.close()
+        return ids, stats
+
+    ids, stats = arun(main())
+    gaps = [b - a - 1 for a, b in zip(ids, ids[1:])]
+    print(f"\nstalled reader: {sum(gaps)} frames dropped in {sum(g > 0 for g in gaps)} gaps; server counted "
+          f"{stats['dropped']}")
+    assert ids == sorted(ids) and sum(gaps) > 0 and stats["dropped"] > 0
 
 
 def test_version_mismatch_and_missing_hello_are_refused(server):
