@@ -22,9 +22,9 @@ Spaces (the action schema of :mod:`worldgen.actions`, as the recorder stores it)
   ``{"keys": ["forward"], "mouse": [5.0, 0.0]}``. A bad action raises
   :class:`~worldgen.actions.ActionError` naming the problem, and the env is unchanged.
 * observation: the frame, ``Box(0, 255, (H, W, 3), uint8)``, (120, 160, 3) for the default
-  model. ``observations=("rgb", "depth", "pose")`` asks for a Dict of them, which needs a
-  model that generates depth and pose (``wm.has_depth``/``has_pose``; none does yet, so
-  asking is an error that says so).
+  model. ``observations=("rgb", "depth", "pose")`` asks for depth and pose too, which needs a
+  model that generates them (``wm.has_depth``/``has_pose``); none does yet, so asking is an
+  error that says so.
 
 Episodes: ``reset(seed=...)`` draws a real start context (:mod:`worldgen.env.starts`: the
 checkpoint's stored starts by default, else a fresh ViZDoom game; or ``start="dataset"`` with
@@ -138,12 +138,14 @@ class _World:
         if bad or not self.observations or len(set(self.observations)) != len(self.observations):
             raise ValueError(f"observations must be distinct keys of {OBSERVATION_KEYS}, got {observations!r}")
         for key, has in (("depth", self.wm.has_depth), ("pose", self.wm.has_pose)):
-            if key in self.observations and not has:
+            if key in self.observations:
+                # The engine's step returns RGB alone so far; a Dict of rgb/depth/pose comes with
+                # the first model and engine that generate them.
                 raise ValueError(f"observations asks for {key!r}, but this model generates RGB frames only "
-                                 f"(has_{key} is False)")
+                                 f"(has_{key} is {has})" if not has else
+                                 f"observations asks for {key!r}: this env does not read it from the engine yet")
         h, w, _ = self.wm.frame_shape
-        rgb = spaces.Box(0, 255, (h, w, 3), np.uint8)
-        self.observation_space = rgb if self.observations == ("rgb",) else spaces.Dict({"rgb": rgb})
+        self.observation_space = spaces.Box(0, 255, (h, w, 3), np.uint8)
         self.action_space = action_space()
 
     def _starts(self, start: str, data: Any, split: str, maps: Sequence[str], context: int | None) -> StartSource:
@@ -164,9 +166,9 @@ class _World:
             return DoomStarts(self.wm.frame_shape, context, maps)
         raise ValueError(f"start must be 'auto', 'stored', 'dataset' or 'doom', got {start!r}")
 
-    def observe(self, frame: np.ndarray) -> Any:
+    def observe(self, frame: np.ndarray) -> np.ndarray:
         """The observation of ``frame`` (a fresh array: users may keep or change it)."""
-        return frame.copy() if self.observations == ("rgb",) else {"rgb": frame.copy()}
+        return frame.copy()
 
     def close(self) -> None:
         self.starts.close()
@@ -190,7 +192,7 @@ class WorldModelEnv(gymnasium.Env):
             ``"auto"``: stored if the model has start contexts, else dataset if ``data`` is given,
             else doom.
         context: frames in a dataset or ViZDoom start (default: as long as the stored starts).
-        observations: ``("rgb",)`` for frame observations, or a Dict of those keys.
+        observations: ``("rgb",)``; ``"depth"``/``"pose"`` need a model that generates them.
         stream: engine settings for loading (``steps``, ``ctx_noise``, ``window``, ...).
 
     Example:
@@ -434,9 +436,8 @@ class WorldModelVectorEnv(VectorEnv):
                 raise ActionError(f"action of sub-env {i}: {e}") from None
         return out
 
-    def _observations(self) -> Any:
-        frames = np.stack([e.frame for e in self.envs])
-        return frames if self.world.observations == ("rgb",) else {"rgb": frames}
+    def _observations(self) -> np.ndarray:
+        return np.stack([e.frame for e in self.envs])
 
     def render(self) -> tuple[np.ndarray | None, ...] | None:
         if self.render_mode != "rgb_array":
