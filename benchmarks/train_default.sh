@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole default-model job on one GPU machine: record real ViZDoom play, train the tokenizer
-# and the DiT, evaluate on episodes recorded with unseen seeds, benchmark the tokenizer.
+# and the DiT, pick the sampler settings on validation windows, evaluate on episodes recorded
+# with unseen seeds, benchmark streaming and the tokenizer.
 #
 #   bash benchmarks/train_default.sh WORKDIR [smoke|full]
 #
@@ -12,8 +13,11 @@ work=${1:?usage: train_default.sh WORKDIR [smoke|full]}
 scale=${2:-full}
 mkdir -p "$work"
 case "$scale" in
-  smoke) train_steps=4000 held_steps=3200 tok_budget="--steps 5 --batch-size 4" dyn_budget="--steps 5 --batch-size 2" windows=4 ;;
-  full)  train_steps=220000 held_steps=16000 tok_budget="--minutes 5 --batch-size 64" dyn_budget="--minutes 12 --batch-size 32" windows=64 ;;
+  smoke) train_steps=4000 held_steps=3200 tok_budget="--steps 5 --batch-size 4" dyn_budget="--steps 5 --batch-size 2"
+         windows=4 sweep="--steps 1 2 --ctx-noise 0 0.1 --windows 2 --horizon 4" bench="--batch 1 2 --frames 3" ;;
+  full)  train_steps=220000 held_steps=16000 tok_budget="--minutes 4 --batch-size 64"
+         dyn_budget="--minutes 13 --batch-size 128 --lr 5e-4" windows=64
+         sweep="--steps 2 4 8 --ctx-noise 0 0.05 0.1 --windows 16 --horizon 16" bench="--batch 1 8 32 64 --frames 100" ;;
   *) echo "scale must be smoke or full" >&2; exit 2 ;;
 esac
 workers=$(nproc)
@@ -33,12 +37,20 @@ worldgen train tokenizer --data "$work/doom_train" --run "$work/tok" $tok_budget
   --export-dtype bf16 $compile
 t3=$(date +%s); log "tokenizer trained in $((t3 - t2)) s"
 worldgen train dynamics --data "$work/doom_train" --tokenizer "$work/tok" --run "$work/dyn" \
-  $dyn_budget --model S --window 16 --export-dtype bf16 $compile
+  $dyn_budget --model M --window 16 --export-dtype bf16 $compile
 t4=$(date +%s); log "dynamics trained in $((t4 - t3)) s"
 
+# Sampler settings chosen on the training recording's held-out episodes, never on the test data.
+python benchmarks/sampler_sweep.py --checkpoint "$work/dyn/ckpt" --data "$work/doom_train" $sweep \
+  --json "$work/sampler_sweep.json" --apply > "$work/sampler_sweep.md" 2>&1 || log "sampler sweep failed"
+log "sampler sweep done"
 worldgen eval --checkpoint "$work/dyn/ckpt" --data "$work/doom_heldout" --split all \
-  --windows $windows --json "$work/eval.json" --no-media  # no ffmpeg on the GPU image: media made elsewhere
+  --windows $windows --json "$work/eval.json" --no-media \
+  || log "eval failed"  # (no ffmpeg on the GPU image: media are made elsewhere from the JSON)
 t5=$(date +%s); log "evaluated in $((t5 - t4)) s"
+worldgen bench --checkpoint "$work/dyn/ckpt" $bench $([ "$compile" = --compile ] && echo --compile || echo --no-compile) \
+  --json "$work/bench.json" > "$work/bench.md" 2>&1 || log "streaming bench failed"
+log "streaming bench done"
 python benchmarks/tokenizer_bench.py --device cuda --dtype bf16 --batch 1 64 256 \
   --checkpoint "$work/dyn/ckpt" > "$work/tokenizer_bench.md" 2>&1 || log "tokenizer bench failed"
 log "done in $(( $(date +%s) - t0 )) s"

@@ -80,6 +80,15 @@ def save(folder: str | os.PathLike, part: str, tensors: Mapping[str, torch.Tenso
         (folder / f).unlink(missing_ok=True)
 
 
+def update_config(folder: str | os.PathLike, part: str, changes: Mapping[str, Any]) -> None:
+    """Merge ``changes`` into the config of ``part`` (e.g. sampler settings chosen after
+    training), rewriting only its JSON, atomically."""
+    path = resolve(folder) / f"{part}.json"
+    meta = _read_json(path)
+    meta["config"] = {**meta.get("config", {}), **changes}
+    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())

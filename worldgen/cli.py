@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("worldgen.data.cli", "inspect a dataset: info, view"),
     "train": ("worldgen.training.cli", "train the tokenizer or the dynamics model"),
     "eval": ("worldgen.evaluation.cli", "evaluate a checkpoint on held-out episodes"),
+    "bench": ("worldgen.engine.bench", "benchmark streaming: frames/s, latency p50/p99, MFU at several batch sizes"),
     "serve": ("worldgen.server.cli", "stream a world model to browsers and clients over websockets"),
     "play": ("worldgen.clients.play", "play a world model in a pygame window (local engine or --server)"),
 }

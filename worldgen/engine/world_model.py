@@ -91,6 +91,15 @@ class WorldModel:
             raise CheckpointError(f"tokenizer latents {tokenizer.cfg.latent_channels}x{tokenizer.cfg.latent_size} "
                                   f"do not fit the DiT's {dit.cfg.latent_channels}x{dit.cfg.latent_size}")
         self.cache_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self._step_dit, self._decode = self.dit, self.tokenizer.decode  # compile() swaps these
+
+    def compile(self) -> "WorldModel":
+        """torch.compile the per-frame hot path: the DiT passes of a step and the decoder. Every
+        step of a given batch size has the same shapes (fixed-size caches), so each batch size
+        compiles once; the first step at a new size takes seconds to minutes."""
+        self._step_dit = torch.compile(self.dit, dynamic=False)
+        self._decode = torch.compile(self.tokenizer.decode, dynamic=False)
+        return self
 
     # --- building -----------------------------------------------------------------------------
     @classmethod
@@ -170,7 +179,7 @@ class WorldModel:
         acts = torch.from_numpy(np.stack(vecs)).to(self.device)[:, None].expand(-1, chunk, -1)  # (B, c, A)
         with torch.no_grad(), self._autocast():
             z = self._advance(sessions, acts)                       # (B, c, C, h, w)
-            frames = tensor_to_frames(self.tokenizer.decode(z[:, -1].float()))
+            frames = tensor_to_frames(self._decode(z[:, -1].float()))
         for s, f in zip(sessions, frames):
             s.frame, s.steps = f, s.steps + chunk
         return frames
@@ -207,8 +216,8 @@ class WorldModel:
         return past, mask, nxt
 
     def _run(self, x: torch.Tensor, t: torch.Tensor, acts: torch.Tensor, frame_pos: torch.Tensor,
-             past: list[LayerKV] | None, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
+             past: list[LayerKV], mask: torch.Tensor | None, dit: torch.nn.Module | None = None) -> torch.Tensor:
+        return (dit or self.dit)(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
 
     def _write(self, caches: list[KVCache], past: list[LayerKV]) -> None:
         """Store each layer's new keys/values of the last pass into each session's cache."""
@@ -246,9 +255,9 @@ class WorldModel:
         levels = sampling.shifted_timesteps(self.stream.steps, self.stream.shift).tolist()
         for t_now, t_next in zip(levels[:-1], levels[1:]):
             t = torch.full((b, chunk), t_now, device=self.device)
-            x = x + (t_next - t_now) * self._run(x, t, acts, frame_pos, past, mask)
+            x = x + (t_next - t_now) * self._run(x, t, acts, frame_pos, past, mask, self._step_dit)
         t = torch.full((b, chunk), self.stream.ctx_noise, device=self.device)
-        self._run(self._stabilise(x, gens), t, acts, frame_pos, past, mask)
+        self._run(self._stabilise(x, gens), t, acts, frame_pos, past, mask, self._step_dit)
         self._write(caches, past)
         return x
 

@@ -44,6 +44,7 @@ class TokenizerTrainConfig(TrainConfig):
     channels: str = opt("32,64,128,128", "tokenizer widths per resolution level, full resolution first")
     latent_channels: int = opt(16, "latent channels at 8x down: 16 keeps ~30 dB at 160x120")
     depth: bool = opt(False, "also encode the depth buffer as a 4th input channel")
+    equivariance: float = opt(0.5, "weight of the scale-equivariance loss (smooth, diffusable latents); 0 = off")
     pool_frames: int = opt(65536, "train frames held on the device to draw batches from (~3.8 GB at 160x120)")
     eval_frames: int = opt(512, "held-out frames for PSNR/SSIM (final; a quarter at checkpoints)")
 
@@ -118,6 +119,7 @@ class TokenizerTask:
         torch.manual_seed(cfg.seed)
         model = Tokenizer(TokenizerConfig(image_size=(h, w), in_channels=4 if cfg.depth else 3,
                                           latent_channels=cfg.latent_channels,
+                                          equivariance_weight=cfg.equivariance,
                                           channels=tuple(int(c) for c in cfg.channels.split(","))))
         t0 = time.time()
         pool = torch.from_numpy(frame_pool(ds, train, cfg.pool_frames, cfg.depth))

@@ -1,0 +1,66 @@
+"""Pick a checkpoint's sampler settings (Euler steps, context noise) on validation windows.
+
+Runs ``worldgen eval`` for every combination on held-out episodes of the *training* recording
+(the trainer's own split: never trained on, but not the unseen-seed test data), scores each by
+teacher-forced PSNR + rollout PSNR at horizon 16, prints the table and, with ``--apply``, stores
+the best settings as the checkpoint's sampler defaults (its final eval then uses them).
+
+    python benchmarks/sampler_sweep.py --checkpoint runs/dyn/ckpt --data data/doom_train \\
+        --steps 2 4 8 --ctx-noise 0 0.05 0.1 --json sweep.json --apply
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from worldgen import checkpoint
+from worldgen.evaluation.evaluate import EvalConfig, evaluate
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="the training recording (its held-out split is used)")
+    p.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--ctx-noise", type=float, nargs="+", default=[0.0, 0.05, 0.1])
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--horizon", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--apply", action="store_true", help="store the best settings in the checkpoint")
+    args = p.parse_args()
+
+    rows = []
+    for steps in args.steps:
+        for noise in args.ctx_noise:
+            r = evaluate(args.checkpoint, args.data, EvalConfig(steps=steps, ctx_noise=noise, windows=args.windows,
+                                                               horizon=args.horizon, video_windows=0),
+                         device=args.device, log=lambda *_: None)
+            tf, ro = r["teacher_forced"], r["rollout"]
+            h = min(16, r["horizon"])
+            row = {"steps": steps, "ctx_noise": noise, "tf_psnr": tf["psnr"], "tf_gain_db": tf["gain_db"],
+                   "rollout_psnr": ro["curve"][h - 1], "rollout_baseline": ro["baseline_curve"][h - 1],
+                   "control_db": r["controllability"]["delta_db"], "seconds": r["seconds"]}
+            row["score"] = round(row["tf_psnr"] + row["rollout_psnr"], 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    best = max(rows, key=lambda r: r["score"])
+    print("| steps | ctx_noise | teacher-forced dB (gain) | rollout@16 dB (baseline) | controllability dB |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        mark = " **best**" if r is best else ""
+        print(f"| {r['steps']} | {r['ctx_noise']} | {r['tf_psnr']:.2f} ({r['tf_gain_db']:+.2f}) | "
+              f"{r['rollout_psnr']:.2f} ({r['rollout_baseline']:.2f}) | {r['control_db']} |{mark}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "best": best}, indent=1))
+    if args.apply:
+        sampler = checkpoint.config(args.checkpoint, "dynamics").get("sampler", {})
+        checkpoint.update_config(args.checkpoint, "dynamics", {"sampler": {
+            **sampler, "steps": best["steps"], "ctx_noise": best["ctx_noise"], "chosen_by": "benchmarks/sampler_sweep.py"}})
+        print(f"stored steps={best['steps']} ctx_noise={best['ctx_noise']} in {args.checkpoint}")
+
+
+if __name__ == "__main__":
+    main()

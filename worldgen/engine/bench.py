@@ -1,0 +1,115 @@
+"""``worldgen bench``: how fast the streaming engine plays, alone and batched.
+
+For each batch size B it opens B sessions from the model's start contexts, warms up (compiling
+when asked), then times ``--frames`` calls of ``WorldModel.step_many`` (each a frame for every
+session, decoded to uint8 on the host: what a player receives). It reports aggregate frames/s,
+per-frame latency p50/p99 (the wall time of one step: every session waits for it), model FLOPs
+utilisation of the DiT passes, and cache memory per session; prints a table and writes JSON.
+
+Example:
+    worldgen bench --checkpoint default --batch 1 8 32 64 --json bench.json --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worldgen.actions import Action
+from worldgen.engine.world_model import WorldModel
+from worldgen.models import DiTConfig
+from worldgen.training.common import peak_flops
+
+# A fixed, varied input: walking, turning by key and by mouse, strafing.
+PLAY = [Action.from_keys(["forward"]), Action.from_keys(["forward", "turn_left"]),
+        Action.from_keys([], yaw=6.0), Action.from_keys(["strafe_right"]), Action.from_keys(["forward"], yaw=-3.0)]
+
+
+def stream_flops_per_frame(cfg: DiTConfig, steps: int, cache_frames: int) -> float:
+    """DiT FLOPs of one streamed frame: ``steps`` denoising passes plus the cache-writing pass,
+    each over one frame's tokens attending to ``cache_frames`` cached frames and itself."""
+    n, d, p, c = cfg.tokens_per_frame, cfg.dim, cfg.patch_size, cfg.latent_channels
+    hidden = int(d * cfg.mlp_ratio)
+    per_token = 2 * (c * p * p * d + cfg.depth * (4 * d * d + 2 * d * hidden) + d * p * p * c)
+    per_frame = 2 * (256 * d + 2 * d * d + cfg.action_dim * d + cfg.depth * 6 * d * d + 2 * d * d)
+    attention = cfg.depth * 4 * d * n * n * (cache_frames + 1)
+    return (steps + 1) * (n * per_token + per_frame + attention)
+
+
+def bench(wm: WorldModel, batches: list[int], frames: int, warmup: int) -> list[dict]:
+    rows = []
+    cache_frames = wm.stream.sinks + wm.stream.window
+    flops = stream_flops_per_frame(wm.dit.cfg, wm.stream.steps, cache_frames)
+    peak = peak_flops(wm.device) if wm.device.type == "cuda" else None
+    for b in batches:
+        sessions = [wm.session(seed=i) for i in range(b)]
+        # Fill the caches first: the steady state of a long session is a full window.
+        for i in range(max(warmup, cache_frames)):
+            wm.step_many(sessions, [PLAY[(i + j) % len(PLAY)] for j in range(b)])
+        times = []
+        for i in range(frames):
+            acts = [PLAY[(i + j) % len(PLAY)] for j in range(b)]
+            t0 = time.perf_counter()
+            wm.step_many(sessions, acts)  # returns host uint8 frames: synchronised
+            times.append(time.perf_counter() - t0)
+        t = np.array(times)
+        fps = b * len(t) / t.sum()
+        rows.append({"batch": b, "frames_per_s": round(fps, 1), "latency_ms_p50": round(1e3 * np.percentile(t, 50), 2),
+                     "latency_ms_p99": round(1e3 * np.percentile(t, 99), 2),
+                     "mfu": round(flops * fps / peak, 4) if peak else None,
+                     "cache_mib_per_session": round(sessions[0].cache_bytes() / 2**20, 2)})
+        for s in sessions:
+            s.close()
+        print(f"batch {b:3d}: {fps:8.1f} frames/s, latency p50 {rows[-1]['latency_ms_p50']:.2f} ms "
+              f"p99 {rows[-1]['latency_ms_p99']:.2f} ms" + (f", MFU {rows[-1]['mfu']:.1%}" if peak else ""), flush=True)
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="default", help="model folder or packaged name (default: default)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64], help="sessions stepped together")
+    p.add_argument("--frames", type=int, default=200, help="timed steps per batch size")
+    p.add_argument("--warmup", type=int, default=20, help="untimed steps first (at least a full window)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps K (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the DiT and decoder (default: on CUDA)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {"steps": args.steps} if args.steps else {}
+    wm = WorldModel.load(args.checkpoint, device=args.device, **overrides)
+    compile_ = wm.device.type == "cuda" if args.compile is None else args.compile
+    if compile_:
+        wm.compile()
+        try:  # compile errors surface at the first call: report them and measure eager instead
+            s = wm.session(seed=0)
+            wm.step_many([s], [PLAY[0]])
+        except Exception as e:  # noqa: BLE001 - any compiler failure
+            print(f"torch.compile failed ({type(e).__name__}: {e}); measuring eager", flush=True)
+            wm = WorldModel.load(args.checkpoint, device=args.device, **overrides)
+            compile_ = False
+    if wm.device.type == "cpu":
+        hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    else:
+        hw = torch.cuda.get_device_name(wm.device)
+    print(f"worldgen bench: {wm.checkpoint} on {hw}; K={wm.stream.steps} steps + 1 cache pass per frame, "
+          f"cache {wm.stream.sinks} sink + {wm.stream.window} window frames, compile={compile_}", flush=True)
+    rows = bench(wm, sorted(set(args.batch)), args.frames, args.warmup)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"checkpoint": str(wm.checkpoint), "device": hw, "compile": compile_, "stream": vars(wm.stream),
+              "date": datetime.date.today().isoformat(), "commit": commit or None, "torch": torch.__version__,
+              "results": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
