@@ -144,6 +144,7 @@ class Player:
         self.frames_since_stats = 0
         self.outbox = Outbox()
         self.open = True
+        self.failed = False  # the engine failed on it; it gets no more ticks
 
     def set_action(self, a: Action, t: float | None) -> None:
         # Latest action wins for the held keys; mouse deltas add up so no camera motion is
@@ -183,6 +184,7 @@ class Server:
         self.gen_ms: list[float] = []  # batched forward times since the last stats
         self.batches: list[int] = []
         self.web = self._load_web()
+        self.tasks: set[asyncio.Task] = set()
 
     # -- HTTP: the browser client -------------------------------------------------------
 
@@ -377,8 +379,15 @@ class Server:
                         out.append((p, f, (time.perf_counter() - t0) * 1000, p.session.steps, False))
                     except Exception as e:
                         out.append((p, e, 0.0, 0, False))
-        return [(p, f if isinstance(f, Exception) else encode_jpeg(f, self.cfg.jpeg_quality), ms, n, r)
-                for p, f, ms, n, r in out]
+        encoded = []
+        for p, f, ms, n, r in out:
+            if not isinstance(f, Exception):
+                try:
+                    f = encode_jpeg(f, self.cfg.jpeg_quality)
+                except Exception as e:  # e.g. a frame of the wrong shape or dtype
+                    f = e
+            encoded.append((p, f, ms, n, r))
+        return encoded
 
     async def schedule(self) -> None:
         """Tick at ``self.fps``: every live session gets one new frame per tick (held keys keep
@@ -397,34 +406,49 @@ class Server:
             if delay > 0:
                 await asyncio.sleep(delay)
             next_tick = max(next_tick + period, loop.time())
-            players = [p for p in self.players.values() if p.open]
-            resets, steps, stamps = [], [], {}
-            for p in players:
-                if p.reset_seed is not None:
-                    resets.append((p, p.reset_seed))
-                    p.reset_seed = None
-                else:
-                    a, stamps[p.pid] = p.take_action()
-                    steps.append((p, a))
-            results = await loop.run_in_executor(self.engine, self._tick, resets, steps)
-            for p, jpeg, ms, n, was_reset in results:
-                if not p.open:
-                    continue
-                if isinstance(jpeg, Exception):
-                    log.error("session %d failed: %r", p.pid, jpeg)
-                    asyncio.create_task(self._fatal(p.ws, "internal", f"the engine failed on this session: "
-                                                                      f"{type(jpeg).__name__}: {jpeg}"))
-                    continue
-                p.frame_id += 1
-                p.frames_since_stats += 1
-                msg = {"type": "frame", "id": p.frame_id, "jpeg": jpeg, "t": stamps.get(p.pid),
-                       "gen_ms": round(ms, 3), "step": n, "reset": was_reset}
-                if was_reset:
-                    msg["seed"] = p.seed = dict(resets)[p]
-                p.outbox.put_frame(P.pack(msg))
+            try:
+                await self._step_all()
+            except Exception:  # a bug here must not freeze every session: log it, tick again
+                log.exception("scheduler tick failed")
             if loop.time() - last_stats >= self.cfg.stats_every:
                 self._send_stats(loop.time() - last_stats)
                 last_stats = loop.time()
+
+    async def _step_all(self) -> None:
+        """One tick: take every live session's input, step them on the engine thread, hand
+        each client its frame."""
+        players = [p for p in self.players.values() if p.open and not p.failed]
+        resets, steps, stamps = {}, [], {}
+        for p in players:
+            if p.reset_seed is not None:
+                resets[p], p.reset_seed = p.reset_seed, None
+            else:
+                a, stamps[p.pid] = p.take_action()
+                steps.append((p, a))
+        results = await asyncio.get_running_loop().run_in_executor(
+            self.engine, self._tick, list(resets.items()), steps)
+        for p, jpeg, ms, n, was_reset in results:
+            if not p.open:
+                continue
+            if isinstance(jpeg, Exception):
+                log.error("session %d failed: %r", p.pid, jpeg)
+                p.failed = True  # out of the batch from now on; its handler drops it on close
+                self._background(self._fatal(p.ws, "internal", f"the engine failed on this session: "
+                                                               f"{type(jpeg).__name__}: {jpeg}"))
+                continue
+            p.frame_id += 1
+            p.frames_since_stats += 1
+            msg = {"type": "frame", "id": p.frame_id, "jpeg": jpeg, "t": stamps.get(p.pid),
+                   "gen_ms": round(ms, 3), "step": n, "reset": was_reset}
+            if was_reset:
+                msg["seed"] = p.seed = resets[p]
+            p.outbox.put_frame(P.pack(msg))
+
+    def _background(self, coro) -> None:
+        # The loop keeps only weak references to tasks: hold one until it is done.
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _send_stats(self, dt: float) -> None:
         gen = float(np.mean(self.gen_ms)) if self.gen_ms else 0.0

@@ -330,6 +330,60 @@ def test_idle_timeout(strict_server):
     assert (err["code"], code) == ("idle_timeout", 4408)
 
 
+def test_an_engine_failure_closes_only_its_session(tiny_checkpoint):
+    """The real tiny model in an in-process server, with a fault injected into the batched step
+    whenever one chosen session is in the batch: that session gets an `internal` error and a
+    close; the other, batched with it until then, streams on."""
+    import torch
+
+    from worldgen import WorldModel
+    from worldgen.server.app import ServeConfig, serve
+
+    wm = WorldModel.load(tiny_checkpoint, device="cpu")
+    by_seed, doomed = {}, set()
+    session, step_many = wm.session, wm.step_many
+
+    def recording_session(seed=None, **kw):
+        by_seed[seed] = s = session(seed=seed, **kw)
+        return s
+
+    def faulty_step_many(sessions, actions):
+        if any(id(s) in doomed for s in sessions):
+            raise RuntimeError("injected fault")
+        return step_many(sessions, actions)
+
+    wm.session, wm.step_many = recording_session, faulty_step_many
+
+    async def main():
+        urls, stop = [], asyncio.Event()
+        server = asyncio.create_task(serve(wm, ServeConfig(port=0, fps=15), on_ready=urls.append, stop=stop))
+        while not urls:
+            await asyncio.sleep(0.01)
+        url = urls[0].replace("http://", "ws://") + "ws"
+        ok, bad = await Client.connect(url, seed=1), await Client.connect(url, seed=2)
+        await asyncio.gather(collect(ok, 3), collect(bad, 3))
+        doomed.add(id(by_seed[2]))
+        with pytest.raises(ServerError) as e:
+            await collect(bad, 10**9)
+        with pytest.raises(ConnectionClosed):
+            await bad.recv()
+        before = (await ok.next_frame()).id
+        later = [(await ok.next_frame()).id for _ in range(5)]
+        await ok.close()
+        stop.set()
+        await server
+        return e.value, bad.close_code, before, later
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        err, code, before, later = arun(main())
+    finally:
+        torch.set_num_threads(n)
+    assert (err.code, err.fatal, code) == ("internal", True, 4500) and "injected fault" in err.message
+    assert later == list(range(before + 1, before + 6))
+
+
 def test_outbox_keeps_only_the_newest_frame():
     async def main():
         box = Outbox()
