@@ -13,7 +13,7 @@ Example:
     >>> parse(b"\\xc1", max_bytes=4096)
     Traceback (most recent call last):
     ...
-    worldgen.server.protocol.ProtocolError: bad_message: not msgpack: ...
+    worldgen.server.protocol.ProtocolError: bad_message: not msgpack: FormatError
 """
 
 from __future__ import annotations
