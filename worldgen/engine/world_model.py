@@ -217,7 +217,7 @@ class WorldModel:
 
     def _run(self, x: torch.Tensor, t: torch.Tensor, acts: torch.Tensor, frame_pos: torch.Tensor,
              past: list[LayerKV], mask: torch.Tensor | None, dit: torch.nn.Module | None = None) -> torch.Tensor:
-        return (dit or self.dit)(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
+        return (self.dit if dit is None else dit)(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
 
     def _write(self, caches: list[KVCache], past: list[LayerKV]) -> None:
         """Store each layer's new keys/values of the last pass into each session's cache."""
