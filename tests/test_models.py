@@ -20,6 +20,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from worldgen.models import attention
 from worldgen.models.attention import dense_mask
+from worldgen import sampling
 from worldgen.sampling import add_noise, generate, predict_next, rollout, shifted_timesteps
 
 # Small latents keep each forward to milliseconds; head dim 16 still splits three ways for RoPE.
@@ -174,8 +175,9 @@ def test_sampler_labels_context_with_ctx_noise():
     ctx = torch.randn(2, 3, 4, 3, 4)
     predict_next(Spy(), ctx, torch.zeros(2, 3, 10), torch.zeros(2, 10), steps=2, ctx_noise=0.1)
     assert [s.shape for s in seen] == [(2, 4)] * 2
-    assert torch.allclose(seen[0][:, :3], torch.tensor(0.1)) and torch.equal(seen[0][:, 3], torch.ones(2))
-    assert torch.allclose(seen[1][:, 3], torch.tensor(0.5))
+    t_max = sampling.T_MAX
+    assert torch.allclose(seen[0][:, :3], torch.tensor(0.1)) and torch.allclose(seen[0][:, 3], torch.tensor(t_max))
+    assert torch.allclose(seen[1][:, 3], torch.tensor(t_max / 2))
 
 
 # --- (c) FlexAttention block mask == dense masked SDPA -------------------------------------
@@ -371,10 +373,11 @@ def test_save_part_checks_part_and_module(tmp_path):
 # --- sampler -----------------------------------------------------------------------------
 
 def test_shifted_timesteps():
-    t = shifted_timesteps(4, shift=3.0)
+    t = shifted_timesteps(4, shift=3.0, t_max=1.0)
     assert t[0] == 1 and t[-1] == 0 and (t[1:] < t[:-1]).all()
     assert (t[1:-1] > torch.linspace(1, 0, 5)[1:-1]).all()  # shift > 1 spends more steps at high noise
-    assert torch.equal(shifted_timesteps(4, 1.0), torch.linspace(1, 0, 5))
+    assert torch.equal(shifted_timesteps(4, 1.0, t_max=1.0), torch.linspace(1, 0, 5))
+    assert shifted_timesteps(4)[0].item() == pytest.approx(sampling.T_MAX) and sampling.T_MAX < 1  # never t = 1
 
 
 @pytest.mark.parametrize("steps,shift", [(1, 1.0), (3, 2.0)])

@@ -15,8 +15,7 @@ or CUDA-graphed forward never sees a new shape.
 Example:
     >>> c = KVCache(depth=2, heads=2, head_dim=8, tokens_per_frame=3, sinks=1, window=2)
     >>> for _ in range(5):
-    ...     kv = [(torch.zeros(2, 3, 8), torch.zeros(2, 3, 8))] * 2   # per layer: (H, N, d) each
-    ...     c.write(kv)
+    ...     c.write(torch.zeros(2, 2, 3, 8), torch.zeros(2, 2, 3, 8))   # (depth, H, N, d): one frame
     >>> c.frames, c.held().tolist(), c.positions().tolist()     # frame 0 (sink), frames 3 and 4
     (5, [0, 4, 3], [0, 2, 1])
 """
@@ -52,16 +51,14 @@ class KVCache:
         """Sinks take the first slots; later frames cycle through the window's slots."""
         return frame if frame < self.sinks else self.sinks + (frame - self.sinks) % self.window
 
-    def write(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Append frames: ``kv[layer] = (k, v)``, each (H, F * tokens_per_frame, d), F frames in order."""
-        n_new = kv[0][0].shape[1] // self.n
-        for f in range(n_new):
-            slot, frame = self._slot(self.frames), self.frames
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append F frames in time order: keys (unrotated) and values (depth, H, F * tokens_per_frame, d)."""
+        for f in range(k.shape[2] // self.n):
+            slot = self._slot(self.frames)
             src, dst = slice(f * self.n, (f + 1) * self.n), slice(slot * self.n, (slot + 1) * self.n)
-            for layer, (k, v) in enumerate(kv):
-                self.k[layer, :, dst] = k[:, src]
-                self.v[layer, :, dst] = v[:, src]
-            self._frame[slot] = frame
+            self.k[:, :, dst] = k[:, :, src]
+            self.v[:, :, dst] = v[:, :, src]
+            self._frame[slot] = self.frames
             self.frames += 1
 
     def held(self) -> torch.Tensor:

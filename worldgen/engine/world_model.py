@@ -91,14 +91,15 @@ class WorldModel:
             raise CheckpointError(f"tokenizer latents {tokenizer.cfg.latent_channels}x{tokenizer.cfg.latent_size} "
                                   f"do not fit the DiT's {dit.cfg.latent_channels}x{dit.cfg.latent_size}")
         self.cache_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self._step_dit, self._decode = self.dit, self.tokenizer.decode  # compile() swaps these
+        self._step, self._decode = self._denoise, self.tokenizer.decode  # compile() swaps these
 
-    def compile(self) -> "WorldModel":
-        """torch.compile the per-frame hot path: the DiT passes of a step and the decoder. Every
-        step of a given batch size has the same shapes (fixed-size caches), so each batch size
-        compiles once; the first step at a new size takes seconds to minutes."""
-        self._step_dit = torch.compile(self.dit, dynamic=False)
-        self._decode = torch.compile(self.tokenizer.decode, dynamic=False)
+    def compile(self, mode: str | None = "reduce-overhead") -> "WorldModel":
+        """torch.compile the per-frame hot path: a whole step's DiT passes, and the decoder.
+        Every step at a given batch size has the same shapes (fixed-size caches), so each batch
+        size compiles once (the first step at a new size takes seconds to a minute), and the
+        default mode replays the step as one CUDA graph: no per-kernel launch cost."""
+        self._step = torch.compile(self._denoise, mode=mode, dynamic=False)
+        self._decode = torch.compile(self.tokenizer.decode, mode=mode, dynamic=False)
         return self
 
     # --- building -----------------------------------------------------------------------------
@@ -203,62 +204,70 @@ class WorldModel:
         return KVCache(cfg.depth, cfg.heads, cfg.dim // cfg.heads, cfg.tokens_per_frame, self.stream.sinks,
                        self.stream.window, self.device, self.cache_dtype)
 
-    def _past(self, caches: list[KVCache]) -> tuple[list[LayerKV], torch.Tensor, torch.Tensor]:
-        """The caches as one batch: per-layer rotated keys and values, the key mask (B, L) and the
-        new frames' first position (B,)."""
+    def _past(self, caches: list[KVCache]) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor],
+                                                    torch.Tensor, torch.Tensor]:
+        """The caches as one batch: unrotated keys and values (depth, B, H, L, d), RoPE cos/sin of
+        their window-relative positions, the key mask (B, L) and the new frames' first position (B,)."""
         pos = torch.stack([c.positions() for c in caches]).to(self.device)            # (B, slots)
-        cos, sin = self.dit.rope(pos, pos.shape[1])                                     # (B, 1, L, d/2)
-        k = torch.stack([c.k for c in caches], 1)                                       # (depth, B, H, L, d)
+        rope = self.dit.rope(pos, pos.shape[1])                                         # (B, 1, L, d/2) each
+        k = torch.stack([c.k for c in caches], 1)
         v = torch.stack([c.v for c in caches], 1)
-        past = [LayerKV(apply_rope(k[i], cos, sin), v[i]) for i in range(len(k))]
         mask = torch.stack([c.valid() for c in caches]).to(self.device)               # (B, L)
         nxt = torch.tensor([c.next_position() for c in caches], device=self.device)
-        return past, mask, nxt
+        return k, v, rope, mask, nxt
 
-    def _run(self, x: torch.Tensor, t: torch.Tensor, acts: torch.Tensor, frame_pos: torch.Tensor,
-             past: list[LayerKV], mask: torch.Tensor | None, dit: torch.nn.Module | None = None) -> torch.Tensor:
-        return (self.dit if dit is None else dit)(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
+    def _denoise(self, x: torch.Tensor, eps_ctx: torch.Tensor | None, acts: torch.Tensor, frame_pos: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of B sessions as a pure function (what :meth:`compile` captures whole): the
+        Euler passes from noise ``x`` (B, c, C, h, w), then the cache-writing pass. Returns the
+        latents and the new keys (unrotated) and values, (depth, B, H, c * N, d) each."""
+        b, chunk = acts.shape[:2]
+        past = [LayerKV(apply_rope(k[i], cos, sin), v[i]) for i in range(k.shape[0])]
+        levels = sampling.shifted_timesteps(self.stream.steps, self.stream.shift).tolist()
+        for t_now, t_next in zip(levels[:-1], levels[1:]):
+            t = torch.full((b, chunk), t_now, device=x.device)
+            x = x + (t_next - t_now) * self.dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
+        written = x if eps_ctx is None else sampling.add_noise(x, eps_ctx, self.stream.ctx_noise)
+        t = torch.full((b, chunk), self.stream.ctx_noise, device=x.device)
+        self.dit(written, t, acts, frame_pos=frame_pos, past=past, past_mask=mask)
+        return x, torch.stack([p.new[0] for p in past]), torch.stack([p.new[1] for p in past])
 
-    def _write(self, caches: list[KVCache], past: list[LayerKV]) -> None:
-        """Store each layer's new keys/values of the last pass into each session's cache."""
-        for b, c in enumerate(caches):
-            c.write([(p.new[0][b].to(self.cache_dtype), p.new[1][b].to(self.cache_dtype)) for p in past])
-
-    def _stabilise(self, z: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-        """Clean latents (B, T, ...) noised to ``ctx_noise`` with each session's generator."""
-        if self.stream.ctx_noise == 0:
-            return z
-        eps = torch.stack([_randn(z.shape[1:], g, self.device) for g in gens])
-        return sampling.add_noise(z, eps, self.stream.ctx_noise)
+    def _noise(self, gens: list[torch.Generator], frames: int,
+               sample: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Each session's sampler noise (if ``sample``) and, with ctx_noise > 0, stabilisation
+        noise, from its own generator in a fixed order: the same numbers alone or in a batch."""
+        shape = (frames, self.dit.cfg.latent_channels, *self.dit.cfg.latent_size)
+        x, ctx = [], []
+        for g in gens:
+            if sample:
+                x.append(_randn(shape, g, self.device))
+            if self.stream.ctx_noise > 0:
+                ctx.append(_randn(shape, g, self.device))
+        return torch.stack(x) if x else None, torch.stack(ctx) if ctx else None
 
     def _prefill(self, session: "Session", z: torch.Tensor, acts: torch.Tensor) -> None:
         """Write context latents (T, C, h, w) with their actions (T, A) into a cleared cache, in one
         block-causal pass: exactly what a full recompute would attend to."""
         c = session.cache
         c.clear()
-        t_ctx = torch.full((1, len(z)), self.stream.ctx_noise, device=self.device)
-        x = self._stabilise(z[None].float(), [session.generator])
-        past = [LayerKV(torch.zeros(1, c.k.shape[1], 0, c.k.shape[3], device=self.device, dtype=x.dtype),
-                        torch.zeros(1, c.k.shape[1], 0, c.k.shape[3], device=self.device, dtype=x.dtype))
-                for _ in range(self.dit.cfg.depth)]
-        self._run(x, t_ctx, acts[None], torch.arange(len(z), device=self.device), past, None)
-        self._write([c], past)
+        _, eps = self._noise([session.generator], len(z), sample=False)
+        x = z[None].float() if eps is None else sampling.add_noise(z[None].float(), eps, self.stream.ctx_noise)
+        empty = torch.zeros(1, c.k.shape[1], 0, c.k.shape[3], device=self.device)
+        past = [LayerKV(empty, empty) for _ in range(self.dit.cfg.depth)]
+        t = torch.full((1, len(z)), self.stream.ctx_noise, device=self.device)
+        self.dit(x, t, acts[None], frame_pos=torch.arange(len(z), device=self.device), past=past)
+        c.write(torch.stack([p.new[0][0] for p in past]), torch.stack([p.new[1][0] for p in past]))
 
     def _advance(self, sessions: Sequence["Session"], acts: torch.Tensor) -> torch.Tensor:
         """Denoise the next chunk of every session, write it to the caches: latents (B, c, C, h, w)."""
-        caches, gens = [s.cache for s in sessions], [s.generator for s in sessions]
-        b, chunk = acts.shape[:2]
-        past, mask, nxt = self._past(caches)
-        frame_pos = nxt[:, None] + torch.arange(chunk, device=self.device)              # (B, c)
-        shape = (chunk, self.dit.cfg.latent_channels, *self.dit.cfg.latent_size)
-        x = torch.stack([_randn(shape, g, self.device) for g in gens])                   # (B, c, C, h, w)
-        levels = sampling.shifted_timesteps(self.stream.steps, self.stream.shift).tolist()
-        for t_now, t_next in zip(levels[:-1], levels[1:]):
-            t = torch.full((b, chunk), t_now, device=self.device)
-            x = x + (t_next - t_now) * self._run(x, t, acts, frame_pos, past, mask, self._step_dit)
-        t = torch.full((b, chunk), self.stream.ctx_noise, device=self.device)
-        self._run(self._stabilise(x, gens), t, acts, frame_pos, past, mask, self._step_dit)
-        self._write(caches, past)
+        caches = [s.cache for s in sessions]
+        k, v, (cos, sin), mask, nxt = self._past(caches)
+        frame_pos = nxt[:, None] + torch.arange(acts.shape[1], device=self.device)       # (B, c)
+        x, eps_ctx = self._noise([s.generator for s in sessions], acts.shape[1])
+        x, k_new, v_new = self._step(x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask)
+        for b, c in enumerate(caches):
+            c.write(k_new[:, b], v_new[:, b])
         return x
 
 
