@@ -318,10 +318,13 @@ def make_reward_model(reward: Any, model_folder: Path | None, device: torch.devi
 
     ``"learned"``: the head stored in the world model's folder (``<model>/reward.json``), or for
     the packaged default model the one packaged beside this module; ``"zero"``; a checkpoint
-    folder path holding a head; a :class:`RewardHead`; or a function of one transition.
+    folder path holding a head; a :class:`RewardHead`; a reward model of this module (e.g.
+    ``LearnedReward(folder, death_threshold=0.2)``); or a function of one transition.
     """
     if isinstance(reward, str) and reward == "zero" or reward is None:
         return ZeroReward()
+    if isinstance(reward, (ZeroReward, FunctionReward, LearnedReward)):  # a batched reward model already
+        return reward
     if isinstance(reward, RewardHead):
         return LearnedReward(reward, weights, device=device)
     if isinstance(reward, str) and reward == "learned":

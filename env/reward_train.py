@@ -21,8 +21,10 @@ beside a model with ``--out`` pointing at a run and ``reward="RUN/ckpt"`` in the
 
 Held-out metrics (``summary.json`` and the head's config ``metrics``), per target: accuracy,
 balanced accuracy (mean recall of the three classes), the accuracy of always answering "same",
-recall per class and class counts; for death: recall, precision, balanced accuracy and ROC
-AUC; for the reward: Pearson correlation and mean absolute error against the real reward.
+recall per class and class counts (decisions by the most probable class at the game's own
+frequencies, so rare changes need confident evidence), and the ROC AUC of ``P(down)`` and
+``P(up)`` (ranking, whatever the threshold); for death: recall, precision, balanced accuracy
+and ROC AUC; for the reward: Pearson correlation and mean absolute error against the real one.
 
 Example:
     worldgen record --env doom --steps 160000 --out data/reward-doom --seed 7
@@ -291,11 +293,15 @@ class RewardTask:
             recall = {k: (float((p[c == j] == j).float().mean()) if (c == j).any() else None)
                       for j, k in enumerate(CLASSES)}
             present = [r for r in recall.values() if r is not None]
+            score = probs[:, i].cpu().numpy()
+            truth = c.cpu().numpy()
             res[f"{split}_{name}"] = {
                 "accuracy": float((p == c).float().mean()),
                 "balanced_accuracy": sum(present) / len(present),
                 "always_same_accuracy": float((c == 1).float().mean()),
                 "recall": recall, "counts": {k: int((c == j).sum()) for j, k in enumerate(CLASSES)},
+                # How well P(class) ranks the steps of that class above the rest, whatever the threshold.
+                "auc": {k: roc_auc(score[:, j], (truth == j).astype(float)) for j, k in enumerate(CLASSES) if k != "same"},
             }
         p_death = p_death_t.cpu().numpy()
         label = death.cpu().numpy()

@@ -183,8 +183,9 @@ class WorldModelEnv(gymnasium.Env):
         render_mode: ``"rgb_array"`` (``render()`` returns the frame) or ``"human"`` (a pygame
             window, updated every step; ``SDL_VIDEODRIVER=dummy`` runs it headless).
         reward: ``"learned"`` (the reward head stored with the model; the default model's ships
-            with worldgen), ``"zero"``, a checkpoint folder holding a head, or a function
-            ``fn(prev_frame, action, frame) -> reward | (reward, terminated)``.
+            with worldgen), ``"zero"``, a checkpoint folder holding a head, a reward model of
+            :mod:`worldgen.env.reward` (``LearnedReward(folder, death_threshold=0.2)``), or a
+            function ``fn(prev_frame, action, frame) -> reward | (reward, terminated)``.
         reward_weights: for a learned head, the weight of each predicted change and of
             ``"death"`` (default: those stored with the head).
         horizon: steps after which an episode is truncated; None never truncates.
