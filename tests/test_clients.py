@@ -207,10 +207,11 @@ def test_pygame_client_on_the_server(server, tmp_path):
         src.close()
     ref = reference(server.ws_url, 21, max(r.ids))
     assert r.frames == len(imageio.mimread(tmp_path / "remote.mp4")) == len(frames) == 18
-    assert r.ids == sorted(r.ids) and r.ids[0] == 0
+    first = r.ids[0]  # the newest frame wins: on a loaded machine the very first may be skipped
+    assert r.ids == sorted(r.ids) and first <= 1  # frames 0 and 1 come before any key
     assert r.latencies_ms, "held keys are sent with timestamps the server echoes"
     shown = dict(zip(r.ids, frames))
-    assert mad(shown[0], ref[0]) < 0.1
+    assert mad(shown[first], ref[first]) < 0.1
     late = [mad(shown[i], ref[i]) for i in r.ids if i >= 10]
     print(f"\nremote pygame: mean abs difference to the no-input session from frame 10: {np.mean(late):.2f}")
     assert np.mean(late) > 0.3
