@@ -52,6 +52,13 @@ class _OneThread:
         torch.set_num_threads(self.n)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Use with ``pytestmark = pytest.mark.usefixtures("one_thread")`` in CPU-heavy test modules."""
+    with _OneThread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def doom_recording(tmp_path_factory) -> Path:
     """A real ViZDoom recording of 110 steps in 3 episodes, in the worldgen dataset format."""

@@ -14,12 +14,7 @@ PLAY = [Action.from_keys(["forward"]), Action.from_keys(["turn_left"]), Action.f
         Action.from_keys(["strafe_right", "attack"]), Action.from_keys(["back"], pitch=-3.0)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 shared cores
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,7 @@ DYN = dict(model="tiny", window=4, batch_size=8, warmup=10, sample_every=0, log_
            sample_frames=4, eval_windows=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On 2 shared cores, torch's intra-op threads spin against each other (measured 10x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 shared cores
 
 
 @pytest.fixture(scope="module")

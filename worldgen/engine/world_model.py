@@ -166,18 +166,14 @@ class WorldModel:
             raise ValueError(f"{len(sessions)} sessions but {len(actions_)} actions")
         if len({id(s) for s in sessions}) != len(sessions):
             raise ValueError("a session appears twice in one step_many call")
-        vecs = []
-        for i, (s, a) in enumerate(zip(sessions, actions_)):
+        for i, s in enumerate(sessions):
             if s.model is not self or s.closed:
                 raise ValueError(f"session {i} is closed or belongs to another WorldModel")
-            try:
-                vecs.append(_action_vector(a))
-            except ActionError as e:
-                raise ActionError(f"action {i}: {e}") from None
+        vecs = _action_vectors(actions_, "action")
         if not sessions:
             return np.zeros((0, *self.frame_shape), np.uint8)
         chunk = self.dit.cfg.frames_per_block
-        acts = torch.from_numpy(np.stack(vecs)).to(self.device)[:, None].expand(-1, chunk, -1)  # (B, c, A)
+        acts = torch.from_numpy(vecs).to(self.device)[:, None].expand(-1, chunk, -1)  # (B, c, A)
         with torch.no_grad(), self._autocast():
             z = self._advance(sessions, acts)                       # (B, c, C, h, w)
             frames = tensor_to_frames(self._decode(z[:, -1].float()))
@@ -333,6 +329,17 @@ def _action_vector(a: ActionLike) -> np.ndarray:
     raise ActionError(f"an action must be an Action or a mapping with 'keys' and 'mouse', got {type(a).__name__}")
 
 
+def _action_vectors(acts: Sequence[ActionLike], what: str) -> np.ndarray:
+    """Model vectors (N, A) of N actions; an :class:`ActionError` names the index of a bad one."""
+    vecs = []
+    for i, a in enumerate(acts):
+        try:
+            vecs.append(_action_vector(a))
+        except ActionError as e:
+            raise ActionError(f"{what} {i}: {e}") from None
+    return np.stack(vecs) if vecs else np.zeros((0, actions.ACTION_DIM), np.float32)
+
+
 def _check_context(m: WorldModel, frames: Any, acts: Any) -> tuple[np.ndarray, np.ndarray]:
     """Validated context: frames uint8 (T, H, W, 3) and action vectors (T, A)."""
     if frames is None or acts is None:
@@ -344,13 +351,7 @@ def _check_context(m: WorldModel, frames: Any, acts: Any) -> tuple[np.ndarray, n
     if len(acts) != len(frames):
         raise ValueError(f"{len(frames)} context frames but {len(acts)} context actions (one per frame: "
                          f"the action that produced it)")
-    vecs = []
-    for i, a in enumerate(acts):
-        try:
-            vecs.append(_action_vector(a))
-        except ActionError as e:
-            raise ActionError(f"context action {i}: {e}") from None
-    return frames, np.stack(vecs)
+    return frames, _action_vectors(acts, "context action")
 
 
 def _randn(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
