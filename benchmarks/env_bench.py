@@ -7,7 +7,7 @@ per vector step, with the reward model in the loop (``--reward``). On a shared C
 steps per CPU-second (process time over all threads) is the steadier figure.
 
 Examples:
-    python benchmarks/env_bench.py --device cuda --envs 1,16,64 --steps 50                 # GPU, default model
+    python benchmarks/env_bench.py --device cuda --envs 1,16,64 --steps 50 --compile       # GPU, default model
     python benchmarks/env_bench.py --device cpu --envs 1,16,64 --steps 3 --warmup 1        # CPU, default model
     python benchmarks/env_bench.py --device cpu --checkpoint PATH/ckpt --reward zero       # CPU, a tiny model
 """
@@ -39,7 +39,8 @@ def machine(device: torch.device) -> str:
 
 
 def bench(n: int, args: argparse.Namespace) -> dict:
-    envs = WorldModelVectorEnv(n, args.checkpoint, device=args.device, reward=args.reward, horizon=None)
+    envs = WorldModelVectorEnv(n, args.checkpoint, device=args.device, reward=args.reward, horizon=None,
+                               compile=args.compile)
     envs.action_space.seed(0)
     envs.reset(seed=0)
     for _ in range(args.warmup):
@@ -72,6 +73,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed vector steps first (allocator, caches)")
     p.add_argument("--reward", default="learned", help="'learned', 'zero' or a folder with a reward head")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--compile", action="store_true", help="wm.compile() the engine (GPU; warmup steps compile)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     if args.threads:
@@ -80,6 +82,7 @@ def main() -> None:
     args.device = str(device)
     rows = [bench(int(n), args) for n in args.envs.split(",")]
     head = {"checkpoint": args.checkpoint, "device": str(device), "machine": machine(device), "reward": args.reward,
+            "compile": args.compile,
             "load_average": os.getloadavg(), "torch": torch.__version__}
     print(json.dumps(head))
     print(f"{'envs':>5} {'steps/s':>10} {'steps/CPU-s':>12} {'ms/vector step':>15} {'p50 ms':>9} {'max ms':>9}")

@@ -64,21 +64,24 @@ DEFAULT_HORIZON = 1000  # ~2 minutes of play at 8.75 steps/s
 _models: "weakref.WeakValueDictionary[tuple, Any]" = weakref.WeakValueDictionary()
 
 
-def load_model(model: Any = "default", device: Any = None, **stream: Any) -> Any:
+def load_model(model: Any = "default", device: Any = None, compile: bool = False, **stream: Any) -> Any:
     """A :class:`~worldgen.WorldModel` for ``model`` (a checkpoint folder, a packaged name, or a
     WorldModel, returned as is). Loaded models are shared while anyone holds them, so the
-    envs that ``gymnasium.make`` and ``check_env`` build load the weights once."""
+    envs that ``gymnasium.make`` and ``check_env`` build load the weights once. ``compile``:
+    ``wm.compile()`` (CUDA graphs of the step; each batch size compiles once, on first use)."""
     from worldgen.engine import WorldModel
 
     if isinstance(model, WorldModel):
-        if stream:
-            raise ValueError("stream settings apply when loading a model; this WorldModel is loaded already")
+        if stream or compile:
+            raise ValueError("stream settings and compile apply when loading a model; this WorldModel is "
+                             "loaded already (call its compile() yourself)")
         return model
     folder = checkpoint.resolve(model).resolve()
-    key = (str(folder), str(device), tuple(sorted(stream.items())))
+    key = (str(folder), str(device), compile, tuple(sorted(stream.items())))
     wm = _models.get(key)
     if wm is None:
-        wm = _models[key] = WorldModel.load(folder, device=device, **stream)
+        wm = WorldModel.load(folder, device=device, **stream)
+        _models[key] = wm.compile() if compile else wm
     return wm
 
 
@@ -120,10 +123,11 @@ class _World:
                  reward_weights: Mapping[str, float] | None = None, horizon: int | None = DEFAULT_HORIZON,
                  start: str = "auto", data: str | os.PathLike | None = None, split: str = "heldout",
                  maps: Sequence[str] = ("E1M1",), context: int | None = None,
-                 observations: Sequence[str] = ("rgb",), stream: Mapping[str, Any] | None = None):
+                 observations: Sequence[str] = ("rgb",), stream: Mapping[str, Any] | None = None,
+                 compile: bool = False):
         from worldgen.engine import WorldModel
 
-        self.wm = load_model(model, device, **dict(stream or {}))
+        self.wm = load_model(model, device, compile, **dict(stream or {}))
         folder = None if isinstance(model, WorldModel) else checkpoint.resolve(model)
         self.reward: RewardModel = make_reward_model(reward, folder, self.wm.device, reward_weights)
         if isinstance(self.reward, LearnedReward) and self.reward.frame_size != tuple(self.wm.frame_shape[:2]):
@@ -195,6 +199,8 @@ class WorldModelEnv(gymnasium.Env):
         context: frames in a dataset or ViZDoom start (default: as long as the stored starts).
         observations: ``("rgb",)``; ``"depth"``/``"pose"`` need a model that generates them.
         stream: engine settings for loading (``steps``, ``ctx_noise``, ``window``, ...).
+        compile: ``wm.compile()`` the engine (GPU: the step as one CUDA graph; the first step
+            compiles, seconds to a minute).
 
     Example:
         >>> env = WorldModelEnv("default", reward="zero", horizon=100)   # doctest: +SKIP
@@ -397,10 +403,15 @@ class WorldModelVectorEnv(VectorEnv):
         terms, truncs = np.zeros(self.num_envs, bool), np.zeros(self.num_envs, bool)
         infos: dict[str, Any] = {}
         stepping = np.flatnonzero(~self._autoreset)
+        # Every session steps, those about to be reset too (with a no-op, frame discarded: the
+        # reset re-seeds and refills their cache), so the batch always has one shape and a
+        # compiled engine replays one graph.
+        frames = self.world.wm.step_many([e.session for e in self.envs],
+                                         [Action.noop() if r else a for a, r in zip(acts, self._autoreset)])
         if len(stepping):
             envs = [self.envs[i] for i in stepping]
-            frames = self.world.wm.step_many([e.session for e in envs], [acts[i] for i in stepping])
-            for i, (_, r, term, trunc, info) in zip(stepping, _advance(self.world, envs, [acts[i] for i in stepping], frames)):
+            for i, (_, r, term, trunc, info) in zip(stepping, _advance(self.world, envs, [acts[i] for i in stepping],
+                                                                       frames[stepping])):
                 rewards[i], terms[i], truncs[i] = r, term, trunc
                 infos = self._add_info(infos, info, i)
         for i in np.flatnonzero(self._autoreset):  # next-step autoreset: this step only resets them

@@ -13,7 +13,7 @@ The agent picks one of a few schema actions (``ACTIONS``): the env's action spac
 schema (8 keys + mouse degrees), which a discrete policy covers well enough for Doom.
 
 Examples:
-    python examples/ppo_doom.py --device cuda --steps 200000 --num-envs 64           # GPU, default model
+    python examples/ppo_doom.py --device cuda --compile --steps 200000 --num-envs 64   # GPU, default model
     python examples/ppo_doom.py --device cpu --steps 2048 --num-envs 8 --eval-episodes 5  # a CPU taste
 
 Writes ``--out``/result.json (training curve, real-game returns of agent and random policy)
@@ -57,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--checkpoint", default="default", help="world model folder or packaged name")
     p.add_argument("--reward", default="learned", help="'learned' (the model's head) or a folder with a reward head")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help="compile the engine's step (GPU: CUDA graphs)")
     p.add_argument("--steps", type=int, default=20_000, help="total agent steps in imagination")
     p.add_argument("--num-envs", type=int, default=16, help="imagined games stepped together")
     p.add_argument("--num-steps", type=int, default=32, help="steps per env per PPO rollout")
@@ -126,7 +127,7 @@ def to_env_actions(idx: np.ndarray) -> dict[str, np.ndarray]:
 def train_in_imagination(args: argparse.Namespace, device: torch.device) -> tuple[Agent, dict, dict]:
     envs = gymnasium.make_vec("worldgen/Doom-v0", num_envs=args.num_envs, vectorization_mode="vector_entry_point",
                               model=args.checkpoint, device=str(device), reward=args.reward,
-                              max_episode_steps=args.horizon)
+                              max_episode_steps=args.horizon, compile=args.compile)
     reward_model = envs.unwrapped.world.reward
     weights = dict(reward_model.weights) if isinstance(reward_model, LearnedReward) else dict(DEFAULT_WEIGHTS)
     frame_shape = envs.single_observation_space.shape
