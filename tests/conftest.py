@@ -27,11 +27,9 @@ def _small(frames: np.ndarray, resample: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize(SIZE, resample)) for f in frames])
 
 
-def scripted_player(offset: int):
-    """Walk, turn by key, strafe, turn by mouse, in a fixed cycle (started at ``offset``): real
-    play whose statistics do not move when the exploration policy is retuned."""
-    cycle = [(["forward"], 0.0)] * 6 + [(["turn_right"], 0.0)] * 3 + [(["forward", "strafe_left"], 0.0)] * 3 \
-        + [([], -6.0)] * 3 + [(["back"], 0.0)] * 2
+def cycle_player(cycle: list[tuple[list[str], float]], offset: int = 0):
+    """A recorder policy that plays ``(key names, yaw degrees)`` steps in a fixed cycle, started
+    at ``offset``: real play whose statistics do not move when the exploration policy is retuned."""
     step = iter(range(offset, 10**9))
 
     def act(obs):
@@ -39,6 +37,11 @@ def scripted_player(offset: int):
         a = Action.from_keys(names, yaw=yaw)
         return a.keys, a.mouse
     return act
+
+
+# Walk, turn by key, strafe, turn by mouse, back.
+WALK_CYCLE = [(["forward"], 0.0)] * 6 + [(["turn_right"], 0.0)] * 3 + [(["forward", "strafe_left"], 0.0)] * 3 \
+    + [([], -6.0)] * 3 + [(["back"], 0.0)] * 2
 
 
 class _OneThread:
@@ -69,7 +72,7 @@ def doom_recording(tmp_path_factory) -> Path:
                          has_depth=True, has_pose=False)
     with DoomEnv(DoomConfig()) as env:
         for seed, (name, n) in enumerate(EPISODES):
-            chunks = list(rollout(env, scripted_player(7 * seed), "E1M1", seed, n))
+            chunks = list(rollout(env, cycle_player(WALK_CYCLE, 7 * seed), "E1M1", seed, n))
             ep = Episode(frames=_small(np.concatenate([c.frames for c in chunks]), Image.BILINEAR),
                          keys=np.concatenate([c.keys for c in chunks]),
                          mouse=np.concatenate([c.mouse for c in chunks]),

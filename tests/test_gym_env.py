@@ -22,12 +22,12 @@ from gymnasium.utils.env_checker import check_env
 from PIL import Image
 
 import worldgen.env  # noqa: F401  (registers worldgen/Doom-v0)
-from worldgen.actions import Action, ActionError
+from conftest import SIZE, cycle_player  # tests/ is on sys.path under pytest
+from worldgen.actions import ActionError
 from worldgen.data import Dataset, DatasetIndex, Episode, EpisodeInfo, write_episode_shards
 from worldgen.env.world_model_env import WorldModelEnv, WorldModelVectorEnv
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE = (32, 24)  # (W, H): the tiny model's frames, real 160x120 frames downscaled 5x
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 shared cores
@@ -49,17 +49,9 @@ def forward(yaw: float = 0.0) -> dict:
 
 
 # --- a real recording with game variables, and a reward head trained on it ---------------------
-def shooter(offset: int):
-    """Walk, turn and fire in a fixed cycle: real play in which the ammo counter moves."""
-    cycle = [(["forward"], 0.0)] * 3 + [(["attack"], 0.0)] * 4 + [(["turn_right"], 0.0)] * 2 \
-        + [(["forward", "attack"], 3.0)] * 3 + [([], -6.0)] * 2
-    step = iter(range(offset, 10**9))
-
-    def act(obs):
-        names, yaw = cycle[next(step) % len(cycle)]
-        a = Action.from_keys(names, yaw=yaw)
-        return a.keys, a.mouse
-    return act
+# Walk, turn and fire: real play in which the ammo counter moves.
+SHOOT_CYCLE = [(["forward"], 0.0)] * 3 + [(["attack"], 0.0)] * 4 + [(["turn_right"], 0.0)] * 2 \
+    + [(["forward", "attack"], 3.0)] * 3 + [([], -6.0)] * 2
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +64,7 @@ def variables_recording(tmp_path_factory) -> Path:
                          variables=VARIABLE_NAMES, has_depth=False, has_pose=False)
     with DoomEnv(DoomConfig()) as env:
         for seed, (name, n) in enumerate((("a", 70), ("b", 70), ("c", 40))):
-            chunks = list(rollout(env, shooter(5 * seed), "E1M1", seed, n))
+            chunks = list(rollout(env, cycle_player(SHOOT_CYCLE, 5 * seed), "E1M1", seed, n))
             frames = np.concatenate([c.frames for c in chunks])
             ep = Episode(frames=np.stack([np.asarray(Image.fromarray(f).resize(SIZE, Image.BILINEAR)) for f in frames]),
                          keys=np.concatenate([c.keys for c in chunks]), mouse=np.concatenate([c.mouse for c in chunks]),

@@ -39,7 +39,8 @@ STEPS = 4  # GameNGen and Self Forcing use 4 steps
 # Where sampling starts: pure noise, labelled a little below 1. Logit-normal training almost
 # never draws t ~ 1 (P(t > 0.97) ~ 3e-4), and the sinusoidal embedding of 1000 t does not
 # interpolate there: measured on the default model, the clean-context one-step estimate of the
-# next latent had MSE 0.91 labelled 1.0 but 0.37 labelled 0.97 (copying the last frame: 0.76).
+# next latent had MSE 0.91 labelled 1.0 but 0.37 labelled 0.97 (copying the last frame: 0.76;
+# benchmarks/one_step_probe.py).
 T_MAX = 0.97
 
 
@@ -63,6 +64,16 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Ten
     t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device)
     t = t.reshape(*t.shape, *[1] * (x0.ndim - t.ndim))
     return (1 - t) * x0 + t * eps
+
+
+def euler(x: torch.Tensor, velocity, steps: int = STEPS, shift: float = SHIFT) -> torch.Tensor:
+    """Integrate ``x`` (noise) from :data:`T_MAX` to 0 on the shifted schedule, ``velocity(x, t)``
+    giving the model's v at the float level ``t``: the one sampling loop of every sampler here
+    and of the streaming engine."""
+    levels = shifted_timesteps(steps, shift).tolist()
+    for t_now, t_next in zip(levels[:-1], levels[1:]):
+        x = x + (t_next - t_now) * velocity(x, t_now)
+    return x
 
 
 def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -97,12 +108,11 @@ def generate(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, act
     x = _randn((b, n, *ctx_latents.shape[2:]), ctx_latents, generator)
     acts = torch.cat([ctx_actions, actions], 1).float()
     t_ctx = torch.full((b, tc), ctx_noise, device=x.device)
-    levels = shifted_timesteps(steps, shift)
-    for t_now, t_next in zip(levels[:-1].tolist(), levels[1:].tolist()):
-        t = torch.cat([t_ctx, torch.full((b, n), t_now, device=x.device)], 1)
-        v = dit(torch.cat([ctx, x], 1), t, acts)[:, tc:].float()
-        x = x + (t_next - t_now) * v
-    return x
+
+    def velocity(x: torch.Tensor, level: float) -> torch.Tensor:
+        t = torch.cat([t_ctx, torch.full((b, n), level, device=x.device)], 1)
+        return dit(torch.cat([ctx, x], 1), t, acts)[:, tc:].float()
+    return euler(x, velocity, steps, shift)
 
 
 def predict_next(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, next_action: torch.Tensor,

@@ -220,10 +220,11 @@ class WorldModel:
         latents and the new keys (unrotated) and values, (depth, B, H, c * N, d) each."""
         b, chunk = acts.shape[:2]
         past = [LayerKV(apply_rope(k[i], cos, sin), v[i]) for i in range(k.shape[0])]
-        levels = sampling.shifted_timesteps(self.stream.steps, self.stream.shift).tolist()
-        for t_now, t_next in zip(levels[:-1], levels[1:]):
-            t = torch.full((b, chunk), t_now, device=x.device)
-            x = x + (t_next - t_now) * self.dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
+
+        def velocity(x: torch.Tensor, level: float) -> torch.Tensor:
+            t = torch.full((b, chunk), level, device=x.device)
+            return self.dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
+        x = sampling.euler(x, velocity, self.stream.steps, self.stream.shift)
         written = x if eps_ctx is None else sampling.add_noise(x, eps_ctx, self.stream.ctx_noise)
         t = torch.full((b, chunk), self.stream.ctx_noise, device=x.device)
         self.dit(written, t, acts, frame_pos=frame_pos, past=past, past_mask=mask)
