@@ -1,4 +1,6 @@
-"""Policies that play while the recorder records: a map-covering explorer and a uniform-random baseline.
+"""Policies that play while the recorder records: a map-covering explorer, the explorer with
+bursts of random actions ("babble": training data whose actions are not foretold by the frames),
+and a uniform-random baseline.
 
 A policy is called once per step with the current observation (anything with ``depth``
 (H, W), ``pose`` (5,) and ``variables`` (V,) like :class:`worldgen.env.doom.Observation`) and
@@ -227,6 +229,10 @@ class ExploreConfig:
     pitch_max: float = 12.0         # deg: small looks up/down, enough to keep pitch in the data
     stuck_steps: int = 10           # steps pushing forward that the stuck detector looks back over
     stuck_dist: float = 24.0        # moved less than this over them = stuck (walking covers 80+)
+    # Chance per step (while walking) of a short burst of one random action held 2-8 steps: moves
+    # that the recent frames do not foretell, so a world model must read the action to get them
+    # right. 0 keeps "explore" exactly as recorded before (no extra random draws).
+    babble_p: float = 0.0
 
 
 class ExplorePolicy:
@@ -266,6 +272,7 @@ class ExplorePolicy:
         self.strafe, self.strafe_left = 0, 0  # strafe direction (-1 left, +1 right) and steps left
         self.attack_left, self.wander, self.pitch_target = 0, 0.0, 0.0
         self.damage: float | None = None     # last damage counter seen
+        self.babble_keys, self.babble_yaw = np.zeros(actions.NUM_KEYS, np.uint8), 0.0  # a burst's action
 
     # --- perception -----------------------------------------------------------------------------
     def _cell(self, v: np.ndarray | float) -> np.ndarray:
@@ -413,6 +420,11 @@ class ExplorePolicy:
             self._start("idle", int(r.integers(3, 12)))
         elif r.random() < c.back_p:
             self._start("back", int(r.integers(2, 6)))
+        elif c.babble_p > 0 and r.random() < c.babble_p:
+            self._start("babble", int(r.integers(2, 9)))
+            self.babble_keys = (r.random(actions.NUM_KEYS) < 0.3).astype(np.uint8)
+            self.babble_keys[[K["use"], K["attack"]]] = 0  # movement and turning, what a view shows
+            self.babble_yaw = float(r.uniform(-20, 20)) if r.random() < 0.7 else 0.0
         return keys
 
     def __call__(self, obs: Obs) -> tuple[np.ndarray, np.ndarray]:
@@ -474,6 +486,9 @@ class ExplorePolicy:
             keys[K["back"]] = 1
         elif self.mode == "idle":
             yaw = float(r.normal(0, 4))
+        elif self.mode == "babble":
+            keys |= self.babble_keys
+            yaw = self.babble_yaw
         # "door": stand still while it opens
 
         if self.mode != "walk":
@@ -507,7 +522,7 @@ class ExplorePolicy:
             self._start("walk", 0)
 
 
-POLICIES = ("explore", "random")
+POLICIES = ("explore", "babble", "random")
 
 
 def make_policy(name: str, variable_names: Sequence[str] = ()) -> Policy:
@@ -518,6 +533,8 @@ def make_policy(name: str, variable_names: Sequence[str] = ()) -> Policy:
     """
     if name == "explore":
         return ExplorePolicy(variable_names=variable_names)
+    if name == "babble":  # the explorer with bursts of random actions (ExploreConfig.babble_p)
+        return ExplorePolicy(ExploreConfig(babble_p=0.05), variable_names=variable_names)
     if name == "random":
         return RandomPolicy()
     raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
