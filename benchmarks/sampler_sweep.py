@@ -26,6 +26,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--ctx-noise", type=float, nargs="+", default=[0.0, 0.05, 0.1])
     p.add_argument("--shift", type=float, nargs="+", default=[1.0])
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0],
+                   help="action guidance scales (> 1 needs a model trained with action dropout)")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--horizon", type=int, default=16)
     p.add_argument("--device", default=None)
@@ -34,34 +36,39 @@ def main() -> None:
     args = p.parse_args()
 
     rows = []
-    grid = [(steps, noise, shift) for steps in args.steps for noise in args.ctx_noise for shift in args.shift]
-    for steps, noise, shift in grid:
-        r = evaluate(args.checkpoint, args.data, EvalConfig(steps=steps, ctx_noise=noise, shift=shift,
+    grid = [(steps, noise, shift, g) for steps in args.steps for noise in args.ctx_noise for shift in args.shift
+            for g in args.guidance]
+    for steps, noise, shift, g in grid:
+        r = evaluate(args.checkpoint, args.data, EvalConfig(steps=steps, ctx_noise=noise, shift=shift, guidance=g,
                                                            windows=args.windows,
                                                            horizon=args.horizon, video_windows=0),
                      device=args.device, log=lambda *_: None)
         tf, ro = r["teacher_forced"], r["rollout"]
         h = min(16, r["horizon"])
-        row = {"steps": steps, "ctx_noise": noise, "shift": shift, "tf_psnr": tf["psnr"], "tf_gain_db": tf["gain_db"],
+        row = {"steps": steps, "ctx_noise": noise, "shift": shift, "guidance": g, "tf_psnr": tf["psnr"], "tf_gain_db": tf["gain_db"],
                "rollout_psnr": ro["curve"][h - 1], "rollout_baseline": ro["baseline_curve"][h - 1],
                "control_db": r["controllability"]["delta_db"], "seconds": r["seconds"]}
-        row["score"] = round(row["tf_psnr"] + row["rollout_psnr"], 3)
+        row["score"] = round(row["tf_psnr"] + row["rollout_psnr"] + row["control_db"], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
     best = max(rows, key=lambda r: r["score"])
-    print("| steps | ctx_noise | shift | teacher-forced dB (gain) | rollout@16 dB (baseline) | controllability dB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| steps | ctx_noise | shift | guidance | teacher-forced dB (gain) | rollout@16 dB (baseline) "
+          "| controllability dB | score |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         mark = " **best**" if r is best else ""
-        print(f"| {r['steps']} | {r['ctx_noise']} | {r['shift']} | {r['tf_psnr']:.2f} ({r['tf_gain_db']:+.2f}) | "
-              f"{r['rollout_psnr']:.2f} ({r['rollout_baseline']:.2f}) | {r['control_db']} |{mark}")
+        print(f"| {r['steps']} | {r['ctx_noise']} | {r['shift']} | {r['guidance']} | {r['tf_psnr']:.2f} "
+              f"({r['tf_gain_db']:+.2f}) | {r['rollout_psnr']:.2f} ({r['rollout_baseline']:.2f}) | "
+              f"{r['control_db']:+.2f} | {r['score']:.2f} |{mark}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "best": best}, indent=1))
     if args.apply:
         sampler = checkpoint.config(args.checkpoint, "dynamics").get("sampler", {})
         checkpoint.update_config(args.checkpoint, "dynamics", {"sampler": {
-            **sampler, "steps": best["steps"], "ctx_noise": best["ctx_noise"], "shift": best["shift"], "chosen_by": "benchmarks/sampler_sweep.py"}})
-        print(f"stored steps={best['steps']} ctx_noise={best['ctx_noise']} shift={best['shift']} in {args.checkpoint}")
+            **sampler, **{k: best[k] for k in ("steps", "ctx_noise", "shift", "guidance")},
+            "chosen_by": "benchmarks/sampler_sweep.py"}})
+        print(f"stored steps={best['steps']} ctx_noise={best['ctx_noise']} shift={best['shift']} "
+              f"guidance={best['guidance']} in {args.checkpoint}")
 
 
 if __name__ == "__main__":

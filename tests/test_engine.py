@@ -38,11 +38,13 @@ def test_loads_with_starts_and_plays(wm):
     assert np.abs(a.astype(int) - b).mean() > 0.1  # the tiny model reacts, if weakly
 
 
-def test_streaming_equals_full_recompute_within_window(tiny_checkpoint):
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_streaming_equals_full_recompute_within_window(tiny_checkpoint, guidance):
     """(a): with nothing evicted yet, each streamed frame equals a block-causal recompute over the
     whole history (same sampler noise), within float tolerance. Exact conditioning (ctx_noise 0),
-    as the recompute of worldgen.sampling draws fresh context noise at every frame."""
-    wm = WorldModel.load(tiny_checkpoint, device="cpu", ctx_noise=0.0)
+    as the recompute of worldgen.sampling draws fresh context noise at every frame. Also with
+    action guidance (the tiny model is trained with action dropout)."""
+    wm = WorldModel.load(tiny_checkpoint, device="cpu", ctx_noise=0.0, guidance=guidance)
     frames, acts = wm.start(1)
     frames, acts = frames[:2], acts[:2]
     s = wm.session(frames, acts, seed=7)
@@ -56,7 +58,8 @@ def test_streaming_equals_full_recompute_within_window(tiny_checkpoint):
         streamed = s.step(act)
         v = torch.from_numpy(act.vector())[None, None]
         with torch.no_grad():
-            zn = sampling.generate(wm.dit, z, a, v, steps=wm.stream.steps, shift=wm.stream.shift, generator=g)
+            zn = sampling.generate(wm.dit, z, a, v, steps=wm.stream.steps, shift=wm.stream.shift, generator=g,
+                                   guidance=guidance)
             full = tensor_to_frames(wm.tokenizer.decode(zn[:, 0]))[0]
         assert np.abs(full.astype(int) - streamed).max() <= 1
         z, a = torch.cat([z, zn], 1), torch.cat([a, v], 1)

@@ -197,7 +197,7 @@ def test_eval_end_to_end(doom, ckpt, tmp_path):
     assert r["version"] == 1 and r["windows"] == 2 and r["split"] == "all" and r["episodes"] == 3
     assert r["heldout_fraction"] is None
     assert r["context"] == CONTEXT and r["horizon"] == 64          # from the checkpoint's sampler window
-    assert r["sampler"] == {"steps": 2, "ctx_noise": 0.0, "shift": 1.0, "window": CONTEXT + 1, "seed": 0}
+    assert r["sampler"] == {"steps": 2, "ctx_noise": 0.0, "shift": 1.0, "guidance": 1.0, "window": CONTEXT + 1, "seed": 0}
     assert set(r["tokenizer"]) == {"psnr", "ssim", "frames"} and r["tokenizer"]["frames"] == 2 * 68
     assert set(r["teacher_forced"]) == {"psnr", "ssim", "baseline_psnr", "baseline_ssim", "gain_db", "frames"}
     assert r["teacher_forced"]["frames"] == 2 * 64

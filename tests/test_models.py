@@ -439,3 +439,35 @@ def test_rollout_generates_whole_blocks_for_chunked_models():
     rollout(Spy(), torch.randn(1, 3, 4, 3, 4), torch.zeros(1, 3, 10), torch.zeros(1, 5, 10), steps=1, window=6)
     # 3 context frames trim to one whole block (2); then 2+2, 4+2 (window 6), 4+1 new frames.
     assert seen == [(1, 4), (1, 6), (1, 5)]
+
+
+def test_dropped_actions_use_the_null_action():
+    """Action dropout: a dropped frame's output no longer depends on its action; the others'
+    do; a model without a null action refuses drop_actions."""
+    cfg = dataclasses.replace(SMALL, null_action=True)
+    dit = randomized(cfg)
+    x, t, a = inputs(cfg, b=1, t=3)
+    drop = torch.tensor([[False, False, True]])
+    other = a.clone()
+    other[:, 2] += 1.0
+    with torch.no_grad():
+        assert torch.equal(dit(x, t, a, drop_actions=drop)[:, 2], dit(x, t, other, drop_actions=drop)[:, 2])
+        assert not torch.equal(dit(x, t, a)[:, 2], dit(x, t, other)[:, 2])
+    with pytest.raises(ValueError, match="null action"):
+        randomized(SMALL)(x, t, a, drop_actions=drop)
+
+
+def test_guidance_extrapolates_from_the_action_free_prediction():
+    """generate() with guidance g takes v_free + g (v_act - v_free) at every step: one Euler step
+    from T_MAX checks it against the two plain predictions."""
+    cfg = dataclasses.replace(SMALL, null_action=True)
+    dit = randomized(cfg)
+    ctx, ca, na = torch.randn(1, 2, 4, 3, 4), torch.randn(1, 2, 10), torch.randn(1, 1, 10)
+    noise = torch.randn(1, 1, 4, 3, 4, generator=torch.Generator().manual_seed(3))
+    out = generate(dit, ctx, ca, na, steps=1, guidance=3.0, generator=torch.Generator().manual_seed(3))
+    xs, t = torch.cat([ctx, noise], 1), torch.tensor([[0.0, 0.0, sampling.T_MAX]])
+    acts = torch.cat([ca, na], 1)
+    with torch.no_grad():
+        v_act = dit(xs, t, acts)[:, 2:]
+        v_free = dit(xs, t, acts, drop_actions=torch.tensor([[False, False, True]]))[:, 2:]
+    torch.testing.assert_close(out, noise - sampling.T_MAX * (v_free + 3.0 * (v_act - v_free)), atol=1e-5, rtol=1e-5)

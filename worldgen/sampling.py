@@ -42,6 +42,10 @@ STEPS = 4  # GameNGen and Self Forcing use 4 steps
 # next latent had MSE 0.91 labelled 1.0 but 0.37 labelled 0.97 (copying the last frame: 0.76;
 # benchmarks/one_step_probe.py).
 T_MAX = 0.97
+# Action guidance (classifier-free guidance on the new frames' actions): v = v_free + g (v_act -
+# v_free), v_free predicted with the learned null action. 1 = plain conditional sampling (one
+# pass); g > 1 exaggerates what the action changes, at a second pass per step.
+GUIDANCE = 1.0
 
 
 def shifted_timesteps(steps: int, shift: float = SHIFT, device: torch.device | str | None = None,
@@ -76,6 +80,25 @@ def euler(x: torch.Tensor, velocity, steps: int = STEPS, shift: float = SHIFT) -
     return x
 
 
+def guided(v: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Combine a doubled batch's velocities, first half with the actions, second half without
+    (null action on the frames being made): ``v_free + guidance (v_act - v_free)``.
+
+    Example:
+        >>> guided(torch.tensor([[3.0], [1.0]]), 2.0).tolist()
+        [[5.0]]
+    """
+    v_act, v_free = v.float().chunk(2)
+    return v_free + guidance * (v_act - v_free)
+
+
+def guidance_mask(b: int, frames: int, new: int, device: torch.device | str) -> torch.Tensor:
+    """``drop_actions`` (2B, frames) of a guided doubled batch: the second half drops the last ``new`` frames' actions."""
+    drop = torch.zeros(2 * b, frames, dtype=torch.bool, device=device)
+    drop[b:, frames - new:] = True
+    return drop
+
+
 def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     # Drawn on the generator's device, so a seed gives the same noise wherever the model runs.
     device = generator.device if generator is not None else like.device
@@ -85,13 +108,14 @@ def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generato
 @torch.no_grad()
 def generate(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, actions: torch.Tensor,
              steps: int = STEPS, ctx_noise: float = 0.0, shift: float = SHIFT,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, guidance: float = GUIDANCE) -> torch.Tensor:
     """Denoise ``n`` new frames jointly after the context: the step both functions below build on.
 
     Args:
         ctx_latents: (B, Tc, C, h, w) clean context latents, oldest first (Tc may be 0).
         ctx_actions: (B, Tc, A) the actions that produced them.
         actions: (B, n, A) the actions that produce the new frames.
+        guidance: action guidance scale (:data:`GUIDANCE`); != 1 needs a DiT with a null action.
     Returns:
         (B, n, C, h, w) float32 latents.
     """
@@ -109,27 +133,34 @@ def generate(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, act
     acts = torch.cat([ctx_actions, actions], 1).float()
     t_ctx = torch.full((b, tc), ctx_noise, device=x.device)
 
+    drop = guidance_mask(b, tc + n, n, x.device) if guidance != 1 else None
+
     def velocity(x: torch.Tensor, level: float) -> torch.Tensor:
         t = torch.cat([t_ctx, torch.full((b, n), level, device=x.device)], 1)
-        return dit(torch.cat([ctx, x], 1), t, acts)[:, tc:].float()
+        xs = torch.cat([ctx, x], 1)
+        if drop is None:
+            return dit(xs, t, acts)[:, tc:].float()
+        return guided(dit(xs.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), acts.repeat(2, 1, 1), drop_actions=drop)[:, tc:],
+                      guidance)
     return euler(x, velocity, steps, shift)
 
 
 def predict_next(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, next_action: torch.Tensor,
                  steps: int = STEPS, ctx_noise: float = 0.0, shift: float = SHIFT,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, guidance: float = GUIDANCE) -> torch.Tensor:
     """The next frame's latent (B, C, h, w) given the context and the action (B, A) that makes it.
 
     With ``frames_per_block > 1`` the new frame shares a block (bidirectional attention) with
     the last ``Tc % frames_per_block`` context frames, as frames at mixed noise levels do in
     Diffusion-Forcing training.
     """
-    return generate(dit, ctx_latents, ctx_actions, next_action[:, None], steps, ctx_noise, shift, generator)[:, 0]
+    return generate(dit, ctx_latents, ctx_actions, next_action[:, None], steps, ctx_noise, shift, generator,
+                    guidance)[:, 0]
 
 
 def rollout(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, actions: torch.Tensor,
             steps: int = STEPS, window: int = 16, ctx_noise: float = 0.0, shift: float = SHIFT,
-            generator: torch.Generator | None = None) -> torch.Tensor:
+            generator: torch.Generator | None = None, guidance: float = GUIDANCE) -> torch.Tensor:
     """Generate one frame per action (B, N, A) autoregressively -> (B, N, C, h, w).
 
     Frames are made a block (``frames_per_block``) at a time, each conditioned on at most
@@ -153,7 +184,7 @@ def rollout(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, acti
         # Keep whole blocks of context so the new frames start a block of their own.
         keep = min(window - new_acts.shape[1], frames.shape[1]) // chunk * chunk
         frames, acts = frames[:, frames.shape[1] - keep:], acts[:, acts.shape[1] - keep:]
-        new = generate(dit, frames, acts, new_acts, steps, ctx_noise, shift, generator)
+        new = generate(dit, frames, acts, new_acts, steps, ctx_noise, shift, generator, guidance)
         frames, acts = torch.cat([frames, new], 1), torch.cat([acts, new_acts], 1)
         out.append(new)
     return torch.cat(out, 1)

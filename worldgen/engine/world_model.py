@@ -51,6 +51,9 @@ class StreamConfig:
     steps: int = sampling.STEPS     # K Euler steps per frame, 1..8: latency is ~ (K + 1) passes
     shift: float = sampling.SHIFT   # schedule shift (worldgen.sampling)
     ctx_noise: float = 0.0          # stabilisation level of cached frames; 0 = exact conditioning
+    # Action guidance scale (worldgen.sampling.GUIDANCE); != 1 doubles each Euler pass's batch
+    # and needs a model trained with action dropout (a null action).
+    guidance: float = sampling.GUIDANCE
     # Cache: ``sinks`` first frames kept for ever plus the ``window`` latest. Positions run to
     # sinks + window + chunk - 1, which must stay within what the model was trained on.
     sinks: int = 1
@@ -62,6 +65,9 @@ class StreamConfig:
             raise ValueError(f"steps must lie in [1, 64], got {self.steps}")
         if not 0.0 <= self.ctx_noise < 1.0 or not self.shift > 0:
             raise ValueError(f"need 0 <= ctx_noise < 1 and shift > 0, got {self.ctx_noise}, {self.shift}")
+        if self.guidance != 1 and (not self.guidance > 0 or not dit.cfg.null_action):
+            raise ValueError(f"guidance {self.guidance} needs guidance > 0 and a model trained with action "
+                             f"dropout (this one has null_action={dit.cfg.null_action}); 1 = no guidance")
         if self.sinks < 0 or self.window < chunk or self.sinks % chunk or self.window % chunk:
             raise ValueError(f"sinks ({self.sinks}) and window ({self.window}) must be multiples of the "
                              f"model's chunk of {chunk} frames, window >= one chunk")
@@ -109,7 +115,7 @@ class WorldModel:
         """A checkpoint folder (or ``"default"``, the model that ships with worldgen).
 
         ``stream`` overrides :class:`StreamConfig` fields (``steps``, ``ctx_noise``, ``sinks``,
-        ``window``, ``shift``). Raises :class:`~worldgen.checkpoint.CheckpointError` naming
+        ``window``, ``shift``, ``guidance``). Raises :class:`~worldgen.checkpoint.CheckpointError` naming
         what is missing or does not fit.
         """
         folder = checkpoint.resolve(checkpoint_dir)
@@ -117,7 +123,7 @@ class WorldModel:
         dyn = checkpoint.config(folder, "dynamics")
         sampler = dyn.get("sampler", {})
         trained = int(sampler.get("window", dit.cfg.max_frames))
-        defaults = {k: sampler[k] for k in ("steps", "ctx_noise", "shift", "sinks") if k in sampler}
+        defaults = {k: sampler[k] for k in ("steps", "ctx_noise", "shift", "sinks", "guidance") if k in sampler}
         defaults.setdefault("window", trained - defaults.get("sinks", StreamConfig.sinks) - dit.cfg.frames_per_block)
         unknown = set(stream) - {f.name for f in dataclasses.fields(StreamConfig)}
         if unknown:
@@ -220,10 +226,18 @@ class WorldModel:
         latents and the new keys (unrotated) and values, (depth, B, H, c * N, d) each."""
         b, chunk = acts.shape[:2]
         past = [LayerKV(apply_rope(k[i], cos, sin), v[i]) for i in range(k.shape[0])]
+        g = self.stream.guidance
+        if g != 1:  # the batch twice: with the actions, and with the null action on the new frames
+            past2 = [LayerKV(p.k.repeat(2, 1, 1, 1), p.v.repeat(2, 1, 1, 1)) for p in past]
+            drop = sampling.guidance_mask(b, chunk, chunk, x.device)
+            pos2, mask2 = frame_pos.repeat(2, 1), None if mask is None else mask.repeat(2, 1)
 
         def velocity(x: torch.Tensor, level: float) -> torch.Tensor:
             t = torch.full((b, chunk), level, device=x.device)
-            return self.dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
+            if g == 1:
+                return self.dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
+            return sampling.guided(self.dit(x.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), acts.repeat(2, 1, 1),
+                                            frame_pos=pos2, past=past2, past_mask=mask2, drop_actions=drop), g)
         x = sampling.euler(x, velocity, self.stream.steps, self.stream.shift)
         written = x if eps_ctx is None else sampling.add_noise(x, eps_ctx, self.stream.ctx_noise)
         t = torch.full((b, chunk), self.stream.ctx_noise, device=x.device)

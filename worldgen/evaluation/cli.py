@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
     p.add_argument("--ctx-noise", type=float, default=None, help="context noise level (default: the checkpoint's)")
     p.add_argument("--shift", type=float, default=None, help="sampler schedule shift (default: the checkpoint's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="action guidance scale, 1 = none (default: the checkpoint's)")
     p.add_argument("--batch", type=int, default=d.batch, help=f"windows per forward (default {d.batch})")
     p.add_argument("--seed", type=int, default=d.seed, help="picks windows, shuffles actions, seeds noise")
     p.add_argument("--video-windows", type=int, default=d.video_windows, help="windows shown in the video")
@@ -43,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(context=args.context, horizon=args.horizon, windows=args.windows, steps=args.steps,
-                     ctx_noise=args.ctx_noise, shift=args.shift, batch=args.batch, split=args.split, seed=args.seed,
+                     ctx_noise=args.ctx_noise, shift=args.shift, guidance=args.guidance, batch=args.batch, split=args.split, seed=args.seed,
                      heldout_fraction=args.heldout_fraction, video_windows=args.video_windows)
     media = None if args.no_media else (args.out or args.json.with_name(f"{args.json.stem}_media"))
     try:

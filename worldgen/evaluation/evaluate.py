@@ -23,7 +23,7 @@ an existing one never changes meaning without bumping ``version``. Means are ove
 * ``windows``: N, windows evaluated. ``window_starts``: ``[[episode id, first frame], ...]``.
 * ``context``: real frames given as context. ``horizon``: frames predicted after the context:
   64, or where episodes are shorter the longest horizon at which two windows still fit.
-* ``sampler``: ``{"steps", "ctx_noise", "shift", "window", "seed"}`` as used by
+* ``sampler``: ``{"steps", "ctx_noise", "shift", "guidance", "window", "seed"}`` as used by
   ``worldgen.sampling`` (``window`` = context + one block: frames one prediction attends to).
 * ``tokenizer``: ``{"psnr", "ssim"}`` of encode-decode over every frame of the windows; the
   ceiling for everything below. ``frames``: how many frames.
@@ -82,6 +82,7 @@ class EvalConfig:
     steps: int | None = None   # sampler steps; None = the checkpoint's, else sampling.STEPS
     ctx_noise: float | None = None  # context noise level; None = the checkpoint's, else 0
     shift: float | None = None      # schedule shift; None = the checkpoint's, else sampling.SHIFT
+    guidance: float | None = None   # action guidance; None = the checkpoint's, else sampling.GUIDANCE
     batch: int = 32            # windows (or next-frame predictions) per forward; more if memory allows
     split: str = "heldout"     # "heldout": Dataset.split()'s held-out side; "all": every episode
     # Held-out share for split="heldout"; None = the trainer's (stored in the checkpoint), else 0.1,
@@ -185,6 +186,7 @@ def _sampler_settings(folder: Path, cfg: EvalConfig, dit_cfg) -> tuple[int, dict
     steps = cfg.steps if cfg.steps is not None else stored.get("steps", sampling.STEPS)
     ctx_noise = cfg.ctx_noise if cfg.ctx_noise is not None else stored.get("ctx_noise", 0.0)
     shift = cfg.shift if cfg.shift is not None else stored.get("shift", sampling.SHIFT)
+    guidance = cfg.guidance if cfg.guidance is not None else stored.get("guidance", sampling.GUIDANCE)
     block = dit_cfg.frames_per_block
     context = cfg.context if cfg.context is not None else stored.get("window", dit_cfg.max_frames) - block
     if steps < 1:
@@ -193,12 +195,15 @@ def _sampler_settings(folder: Path, cfg: EvalConfig, dit_cfg) -> tuple[int, dict
         raise EvaluationError(f"--ctx-noise must lie in [0, 1), got {ctx_noise}")
     if not shift > 0:
         raise EvaluationError(f"--shift must be > 0, got {shift}")
+    if guidance != 1 and (not guidance > 0 or not dit_cfg.null_action):
+        raise EvaluationError(f"--guidance {guidance}: needs > 0 and a model trained with action dropout "
+                              f"(null_action={dit_cfg.null_action}); 1 = no guidance")
     if not 1 <= context <= dit_cfg.max_frames - block:
         raise EvaluationError(f"--context must lie in [1, {dit_cfg.max_frames - block}]: the model of {folder} "
                               f"takes at most max_frames={dit_cfg.max_frames} frames, context plus a block "
                               f"of {block}; got {context}")
-    return context, {"steps": int(steps), "ctx_noise": float(ctx_noise), "shift": float(shift), "window": context + block,
-                     "seed": cfg.seed}
+    return context, {"steps": int(steps), "ctx_noise": float(ctx_noise), "shift": float(shift),
+                     "guidance": float(guidance), "window": context + block, "seed": cfg.seed}
 
 
 def select_windows(ds: Dataset, episodes: list[int], length: int, n: int, seed: int,
@@ -302,7 +307,7 @@ class _Runner:
             with self._autocast():
                 z = sampling.predict_next(self.dit, latents[i[:, None], span], acts[i[:, None], span],
                                           acts[i, t], steps=self.s["steps"], ctx_noise=self.s["ctx_noise"], shift=self.s["shift"],
-                                          generator=self._generator(k))
+                                          generator=self._generator(k), guidance=self.s["guidance"])
             out.append(self.decode(z.float()))
         return torch.cat(out)
 
@@ -314,7 +319,7 @@ class _Runner:
             with self._autocast():
                 z = sampling.rollout(self.dit, ctx[sl], ctx_acts[sl], future_acts[sl], steps=self.s["steps"],
                                      window=self.s["window"], ctx_noise=self.s["ctx_noise"], shift=self.s["shift"],
-                                     generator=self._generator(k))
+                                     generator=self._generator(k), guidance=self.s["guidance"])
             out.append(self.decode(z.float()))
         return torch.cat(out)
 

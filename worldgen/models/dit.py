@@ -52,6 +52,9 @@ class DiTConfig:
     # point-cloud view's latents); the output stays latent_channels.
     cond_channels: int = 0
     frames_per_block: int = 1                # 1 = frame-level causality: interaction per frame
+    # A learned "no action" embedding that stands in for dropped actions (trainer's
+    # action_dropout): the action-free prediction that action guidance steers away from.
+    null_action: bool = False
     max_frames: int = 64                     # most frames (prefix included) one forward accepts
     qk_norm: bool = True                     # bounds attention logits: stable bf16 training
     rope_theta: float = 10000.0
@@ -144,6 +147,8 @@ class DiT(nn.Module):
         self.patch_embed = nn.Linear((c + cfg.cond_channels) * p * p, d)
         self.t_embed = TimestepEmbedder(d)
         self.action_embed = nn.Sequential(nn.Linear(cfg.action_dim, d), nn.SiLU(), nn.Linear(d, d))
+        if cfg.null_action:
+            self.null_action = nn.Parameter(torch.zeros(d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(d, 2 * d)
@@ -168,7 +173,8 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor, *,
                 frame_pos: torch.Tensor | None = None, prefix_frames: int = 0,
                 cond: torch.Tensor | None = None, attn_impl: str | None = None,
-                past: list[LayerKV] | None = None, past_mask: torch.Tensor | None = None) -> torch.Tensor:
+                past: list[LayerKV] | None = None, past_mask: torch.Tensor | None = None,
+                drop_actions: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the flow velocity of every frame.
 
         Args:
@@ -186,12 +192,14 @@ class DiT(nn.Module):
                 (:mod:`worldgen.engine`). Each ``LayerKV.new`` receives this call's keys and
                 values. The frames here are block-causal among themselves as usual.
             past_mask: (B, Lc) bool, which past keys are real (a cache's empty slots are not).
+            drop_actions: (B, T) bool, frames whose action is replaced by the learned null
+                action (needs ``cfg.null_action``): action dropout, and guidance's other half.
         Returns:
             v: (B, T, C, h, w) predicted velocity ``eps - x0``.
         """
         cfg = self.cfg
         b, n_frames = x.shape[:2]
-        self._check_inputs(x, t, actions, cond, prefix_frames)
+        self._check_inputs(x, t, actions, cond, prefix_frames, drop_actions)
         p, (gh, gw) = cfg.patch_size, cfg.grid
         if cond is not None:
             x = torch.cat([x, cond], 2)
@@ -199,7 +207,10 @@ class DiT(nn.Module):
         x = F.pad(x, (0, gw * p - w_lat, 0, gh * p - h_lat))                 # whole patches
         tokens = rearrange(x, "b t c (h p) (w q) -> b t (h w) (p q c)", p=p, q=p)
         h = self.patch_embed(tokens)                                       # (B, T, N, D)
-        c = F.silu(self.t_embed(t) + self.action_embed(actions))           # (B, T, D)
+        a = self.action_embed(actions)                                      # (B, T, D)
+        if drop_actions is not None:
+            a = torch.where(drop_actions[..., None], self.null_action.to(a.dtype), a)
+        c = F.silu(self.t_embed(t) + a)                                    # (B, T, D)
 
         if frame_pos is None:
             frame_pos = torch.arange(n_frames, device=x.device)
@@ -234,7 +245,7 @@ class DiT(nn.Module):
         return cos[:, None], sin[:, None]
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor,
-                      cond: torch.Tensor | None, prefix_frames: int) -> None:
+                      cond: torch.Tensor | None, prefix_frames: int, drop_actions: torch.Tensor | None) -> None:
         cfg = self.cfg
         want = (cfg.latent_channels, *cfg.latent_size)
         if x.ndim != 5 or tuple(x.shape[2:]) != want:
@@ -247,6 +258,10 @@ class DiT(nn.Module):
         if tuple(actions.shape) != (b, n, cfg.action_dim):
             raise ValueError(f"actions must be (B, T, {cfg.action_dim}) = {(b, n, cfg.action_dim)}, "
                              f"got {tuple(actions.shape)}")
+        if drop_actions is not None and (not cfg.null_action or tuple(drop_actions.shape) != (b, n)
+                                         or drop_actions.dtype != torch.bool):
+            raise ValueError(f"drop_actions must be a (B, T) = {(b, n)} bool tensor and the model needs a null "
+                             f"action (null_action={cfg.null_action}: trained without action dropout)")
         if not 0 <= prefix_frames < n:
             raise ValueError(f"prefix_frames must be in [0, T={n}), got {prefix_frames}")
         if (cond is None) != (cfg.cond_channels == 0):

@@ -12,7 +12,8 @@ alignment lives in one place): the no-op for an episode's first frame.
 
 Loss (Diffusion Forcing with flow matching, DESIGN.md section 5): every frame block gets its own
 noise level t ~ logit-normal(0, 1) (SD3), ``x_t = (1 - t) x0 + t eps``, the DiT predicts
-``v = eps - x0``, MSE over all frames. Independent levels teach every context/target pattern;
+``v = eps - x0``, MSE over all frames. A share ``action_dropout`` of the frames gets the learned null action
+instead of its own (classifier-free guidance's unconditional half). Independent levels teach every context/target pattern;
 but with T = 16 almost no window has a clean 15-frame history, which is what inference
 conditions on (clean context labelled with a small stabilisation level). So a share
 ``prefix_prob`` of the windows gets the inference pattern: a random number of leading blocks at
@@ -64,6 +65,8 @@ class DynamicsTrainConfig(TrainConfig):
     ctx_noise: float = opt(0.05, "context noise label at inference (stabilisation); prefixes train on U[0, 2x this]")
     t_loc: float = opt(0.0, "logit-normal mean of t (SD3: 0)")
     t_scale: float = opt(1.0, "logit-normal std of t (SD3: 1)")
+    action_dropout: float = opt(0.1, "share of frames whose action is swapped for a learned null action: the "
+                                     "action-free prediction that action guidance at sampling steers from")
     encode_batch: int = opt(256, "frames per tokenizer batch when encoding the dataset")
     sample_steps: int = opt(8, "Euler steps for sample strips (stored as the checkpoint's sampler default)")
     sample_frames: int = opt(16, "frames generated in each sample strip after the real context")
@@ -99,12 +102,13 @@ def noise_levels(batch: int, frames: int, frames_per_block: int, generator: torc
 
 
 def flow_matching_loss(model: nn.Module, x0: torch.Tensor, acts: torch.Tensor, t: torch.Tensor,
-                       eps: torch.Tensor) -> torch.Tensor:
+                       eps: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between the predicted and the true velocity ``eps - x0`` at ``x_t = (1 - t) x0 + t eps``.
 
-    x0, eps: (B, T, C, h, w) clean latents and noise; acts: (B, T, 10); t: (B, T).
+    x0, eps: (B, T, C, h, w) clean latents and noise; acts: (B, T, 10); t: (B, T); drop: (B, T)
+    bool, frames whose action is dropped (None: none).
     """
-    v = model(sampling.add_noise(x0, eps, t), t, acts)
+    v = model(sampling.add_noise(x0, eps, t), t, acts, drop_actions=drop)
     return F.mse_loss(v.float(), eps - x0)
 
 
@@ -207,7 +211,7 @@ def dit_config(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tupl
     """The ``--model`` size fitted to the tokenizer's latents and the training window."""
     base = MODELS[cfg.model]
     return dataclasses.replace(base, latent_channels=latent_channels, latent_size=latent_size,
-                               max_frames=max(base.max_frames, cfg.window))
+                               max_frames=max(base.max_frames, cfg.window), null_action=cfg.action_dropout > 0)
 
 
 # --- the task --------------------------------------------------------------------------------
@@ -254,15 +258,18 @@ class DynamicsTask:
                for name, eps in (("train", train), ("heldout", held))}
         return cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder, (ds, held or train))
 
-    def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A batch of the step: ``(x0, actions, t, eps)``."""
+    def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, ...]:
+        """A batch of the step: ``(x0, actions, t, eps, drop)``."""
         cfg, fpb = self.cfg, self.model.cfg.frames_per_block
         i = torch.randint(len(self.starts), (batch,), generator=generator, device=self.device)
         x0, acts = self.train.windows(self.starts[i], cfg.window)               # (B, T, C, h, w), (B, T, 10)
         t = noise_levels(batch, cfg.window, fpb, generator, self.device, cfg.prefix_prob, cfg.ctx_noise,
                          cfg.t_loc, cfg.t_scale)                                 # (B, T)
         eps = torch.randn(x0.shape, generator=generator, device=self.device)
-        return x0, acts, t, eps
+        drop = None
+        if cfg.action_dropout > 0:
+            drop = torch.rand(t.shape, generator=generator, device=self.device) < cfg.action_dropout  # (B, T)
+        return x0, acts, t, eps, drop
 
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
         return flow_matching_loss(model, *self.draw(generator, self.cfg.batch_size))
