@@ -1,0 +1,535 @@
+"""``worldgen generate``: long videos offline, clip by clip, with overlapping-clip fusion.
+
+A clip is ``clip`` frames denoised jointly (rectified-flow Euler on the shifted schedule, full
+block-causal recompute, :mod:`worldgen.sampling`'s conventions), conditioned on the ``context``
+finished frames before it, labelled with the checkpoint's stabilisation level ``ctx_noise``.
+Context plus clip fit the model's trained window, so no position is ever out of training range.
+
+``fusion="overlap"`` (DESIGN.md section 6): clips start every ``hop = clip / 2`` frames, so each
+overlaps the previous one by half::
+
+    frames      0    hop   2hop  3hop  4hop
+    clip 0      [ A0  | B0  ]
+    clip 1            [ A1  | B1  ]            A1 starts from B0 noised to the starting level
+    clip 2                  [ A2  | B2  ]
+    output      [ A0  | f1  | f2  | B2  ]      f_k = refine(crossfade(B_{k-1}, A_k))
+
+After clip k is denoised, its first half ``A_k`` and the previous clip's second half
+``B_{k-1}`` are cross-faded (the new clip's weight rising linearly across the overlap, so the
+fused frames join ``B_{k-1}``'s past on the left and ``B_k`` on the right), the whole clip is
+re-noised to ``renoise`` and denoised once more: averaging two plausible frames gives a ghosted
+mix, and the light re-noise lets the model sharpen it without changing the layout.
+
+``fusion="none"``: clips of ``hop`` frames back to back, each from pure noise conditioned on the
+frames before it: the baseline, with the seams at the same frames.
+
+:func:`seam_measure` compares the frame-to-frame change where a new clip's fresh frames begin
+(frames ``hop, 2 hop, ...``) with the change inside clips: about 1 means no visible seam.
+
+Example:
+    worldgen generate --context data/heldout --episode 0 --start 100 --actions dataset --frames 48 \\
+        --out gen.mp4 --compare --json gen.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from worldgen import sampling
+from worldgen.actions import ACTION_DIM, Action, ActionError
+from worldgen.checkpoint import CheckpointError
+from worldgen.data import Dataset, DatasetError
+from worldgen.data.dataset import _atomic_write
+from worldgen.models import DiT, frames_to_tensor, tensor_to_frames
+
+FUSIONS = ("overlap", "none")
+
+
+class GenerateError(ValueError):
+    """Input that cannot be generated from; the message names the problem."""
+
+
+@dataclass
+class GenerateConfig:
+    fusion: str = "overlap"      # "overlap" (DESIGN.md section 6) or "none" (back-to-back clips)
+    # Frames each clip is conditioned on; None: the trained window minus the clip. The first
+    # clip's context is real frames, later clips' the finished frames before them.
+    context: int | None = None
+    # Frames per overlap clip (hop = clip / 2; "none" makes clips of hop frames). None: the
+    # largest even number of blocks within two thirds of the trained window: a third stays for
+    # context (recent motion and layout), and half a clip leaves several frames between seams.
+    clip: int | None = None
+    # Level the fused clip is re-noised to: enough noise to hide the blur of a blend of two
+    # frames, little enough that the layout both clips agree on survives. 0 skips the refinement.
+    renoise: float = 0.3
+    # Euler steps from ``renoise`` to 0: one is the model's clean estimate at low noise, where a
+    # single step is already accurate; it adds ~half a clip's denoising cost at 2 steps.
+    refine_steps: int = 1
+    seed: int = 0                # sampler noise (the same seed, input and settings: the same video)
+
+    def plan(self, window: int, block: int) -> tuple[int, int, int]:
+        """(context, clip, hop) for a model trained on ``window`` frames in blocks of ``block``.
+
+        Example:
+            >>> GenerateConfig().plan(16, 1)
+            (6, 10, 5)
+            >>> GenerateConfig(context=8).plan(16, 1)
+            (8, 8, 4)
+        """
+        if self.fusion not in FUSIONS:
+            raise GenerateError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if not 0.0 <= self.renoise < 1.0 or self.refine_steps < 1:
+            raise GenerateError(f"need 0 <= renoise < 1 and refine_steps >= 1, got {self.renoise}, {self.refine_steps}")
+        pair = 2 * block  # a clip holds two halves of whole blocks
+        clip = self.clip
+        if clip is None:
+            room = window - self.context if self.context is not None else window - max(block, window // 3)
+            clip = room // pair * pair
+        context = window - clip if self.context is None else self.context
+        if clip < pair or clip % pair:
+            raise GenerateError(f"clip must be a positive multiple of 2 x {block} frames (two halves of whole "
+                                f"blocks), got {clip}; the model was trained on {window} frames")
+        if context < 1 or context % block:
+            raise GenerateError(f"context must be a positive multiple of the model's {block}-frame blocks, got {context}")
+        if context + clip > window:
+            raise GenerateError(f"context {context} + clip {clip} frames exceed the {window} frames the model was "
+                                f"trained on")
+        return context, clip, clip // 2
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """The per-clip denoising settings (defaults: the checkpoint's, see ``WorldModel.load``)."""
+
+    steps: int = sampling.STEPS
+    shift: float = sampling.SHIFT
+    ctx_noise: float = 0.0
+    guidance: float = 1.0  # action guidance scale (worldgen.sampling); != 1 doubles every pass
+
+
+# --- the algorithm -----------------------------------------------------------------------------
+
+def clip_spans(n: int, length: int, hop: int) -> Iterator[tuple[int, int]]:
+    """``[start, stop)`` of each clip covering ``n`` frames: starts every ``hop``, the last cut at ``n``.
+
+    Example:
+        >>> list(clip_spans(10, 4, 2))
+        [(0, 4), (2, 6), (4, 8), (6, 10)]
+        >>> list(clip_spans(5, 2, 2))
+        [(0, 2), (2, 4), (4, 5)]
+    """
+    start = 0
+    while True:
+        stop = min(start + length, n)
+        yield start, stop
+        if stop == n:
+            return
+        start += hop
+
+
+def crossfade(prev: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Blend an overlap ``(T, ...)``: frame j weighs ``new`` by ``(j + 1) / (T + 1)``, so the
+    first frame stays close to ``prev`` (which continues the frames before it) and the last to
+    ``new`` (which continues into the frames after). A flat mean would put both seams' jumps
+    at half size at the two ends instead.
+
+    Example:
+        >>> crossfade(torch.zeros(3), torch.full((3,), 4.0)).tolist()
+        [1.0, 2.0, 3.0]
+    """
+    w = torch.arange(1, len(new) + 1, device=new.device, dtype=new.dtype) / (len(new) + 1)
+    w = w.reshape(-1, *[1] * (new.ndim - 1))
+    return (1 - w) * prev + w * new
+
+
+def _randn(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    # On the (CPU) generator, then moved: a seed gives the same video on any device.
+    return torch.randn(tuple(shape), generator=generator).to(like.device)
+
+
+def denoise(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, x: torch.Tensor, acts: torch.Tensor,
+            levels: Sequence[float], sampler: Sampler, generator: torch.Generator) -> torch.Tensor:
+    """Euler from ``x`` at ``levels[0]`` down ``levels`` to 0, full block-causal recompute.
+
+    :func:`worldgen.sampling.generate`'s loop, but from a given start ``x`` and level (the overlap
+    starts from the previous clip, the refinement from a lightly noised clip).
+
+    Args:
+        ctx: (Tc, C, h, w) clean context latents; ``ctx_acts`` (Tc, A) the actions that made them.
+        x: (n, C, h, w) the clip at level ``levels[0]``; ``acts`` (n, A) its actions.
+    Returns:
+        (n, C, h, w) float32 latents.
+    """
+    tc, n = len(ctx), len(x)
+    ctx = ctx.float()
+    if sampler.ctx_noise > 0:
+        ctx = sampling.add_noise(ctx, _randn(ctx.shape, generator, ctx), sampler.ctx_noise)
+    a = torch.cat([ctx_acts, acts])[None].float()                                 # (1, Tc + n, A)
+    t_ctx = torch.full((tc,), sampler.ctx_noise, device=x.device)
+    g = sampler.guidance
+
+    def velocity(x: torch.Tensor, level: float) -> torch.Tensor:
+        t = torch.cat([t_ctx, torch.full((n,), level, device=x.device)])[None]    # (1, Tc + n)
+        xs = torch.cat([ctx, x])[None]                                            # (1, Tc + n, C, h, w)
+        if g == 1:
+            return dit(xs, t, a)[0, tc:].float()
+        drop = sampling.guidance_mask(1, tc + n, n, x.device)  # second copy: the new frames' actions dropped
+        v = dit(xs.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), a.repeat(2, 1, 1), drop_actions=drop)
+        return sampling.guided(v[:, tc:], g)[0]
+    for t_now, t_next in zip(levels[:-1], levels[1:]):
+        x = x + (t_next - t_now) * velocity(x, t_now)
+    return x
+
+
+def generate_latents(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, acts: torch.Tensor, cfg: GenerateConfig,
+                     sampler: Sampler, window: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``len(acts)`` new latents after the context, clip by clip (module docstring).
+
+    Args:
+        ctx: (Tc, C, h, w) clean latents of real frames, Tc >= the plan's context (the last are used).
+        ctx_acts: (Tc, A) the action vectors that produced them; ``acts`` (N, A) those of the new frames.
+        window: frames the model was trained on (context + clip must fit).
+    Returns:
+        latents (N, C, h, w) and stats: the plan, clip starts (the
+        first output frames of clips after the first: where a clip's denoising starts from its
+        context, the seams :func:`seam_measure` looks at) and the DiT's work in frame-passes
+        (frames through one forward) per new frame.
+    """
+    context, clip, hop = cfg.plan(window, dit.cfg.frames_per_block)
+    n = len(acts)
+    if n < 1:
+        raise GenerateError(f"need at least 1 frame to generate, got {n}")
+    if len(ctx) < context:
+        raise GenerateError(f"the context has {len(ctx)} frames; clips are conditioned on {context}")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    levels = sampling.shifted_timesteps(sampler.steps, sampler.shift).tolist()
+    refine = sampling.shifted_timesteps(cfg.refine_steps, sampler.shift, t_max=cfg.renoise).tolist() \
+        if cfg.renoise > 0 else []
+    overlap = cfg.fusion == "overlap"
+    frames = torch.cat([ctx.float(), ctx.new_zeros((n, *ctx.shape[1:]))])       # (Tc + N, C, h, w)
+    all_acts = torch.cat([ctx_acts, acts]).float()
+    tc, passes = len(ctx), 0
+    width = 1 if sampler.guidance == 1 else 2  # guidance runs each pass twice
+    pending = frames[:0]  # overlap: the previous clip's second half, not yet final
+    spans = list(clip_spans(n, clip if overlap else hop, hop))
+    starts = [start for start, _ in spans[1:]]
+    for start, stop in spans:
+        s, e = tc + start, tc + stop
+        past, past_acts = frames[s - context:s], all_acts[s - context:s]
+        x = _randn((e - s, *ctx.shape[1:]), generator, ctx)
+        ov = len(pending)
+        x[:ov] = sampling.add_noise(pending, x[:ov], levels[0])
+        new = denoise(dit, past, past_acts, x, all_acts[s:e], levels, sampler, generator)
+        passes += (context + e - s) * (len(levels) - 1) * width
+        if ov:
+            new[:ov] = crossfade(pending, new[:ov])
+            if refine:
+                noisy = sampling.add_noise(new, _randn(new.shape, generator, new), refine[0])
+                new = denoise(dit, past, past_acts, noisy, all_acts[s:e], refine, sampler, generator)
+                passes += (context + e - s) * (len(refine) - 1) * width
+        keep = len(new) if stop == n else hop  # the rest waits for the next clip to overlap it
+        frames[s:s + keep] = new[:keep]
+        pending = new[keep:] if overlap else new[:0]
+    stats = {"frames": n, "context": context, "clip": clip if overlap else hop, "hop": hop,
+             "clip_starts": starts, "dit_frame_passes_per_frame": round(passes / n, 2)}
+    return frames[tc:], stats
+
+
+def seam_measure(frames: np.ndarray, starts: Sequence[int]) -> dict[str, Any]:
+    """How much a video jumps where clips meet, against how much it moves inside clips.
+
+    ``boundary``: mean |frame[i+1] - frame[i]| (uint8 RGB, over pixels and pairs) over the pairs
+    where ``i + 1`` is in ``starts`` (a clip's first output frame, after its context);
+    ``inside``: the same over every other pair; ``ratio`` = boundary / inside (None when
+    undefined). Seamless video: ~1.
+
+    Both fusions put a clip start every ``hop`` frames: with ``"none"`` a clip begins there from
+    pure noise; with ``"overlap"`` the fused stretch of the new clip, the part of it that
+    follows its context directly (its second half runs on jointly, not a seam).
+
+    Example:
+        >>> f = np.array([0, 1, 2, 10, 11, 12], np.uint8)[:, None, None, None].repeat(3, -1)
+        >>> seam_measure(f, [3])
+        {'boundary': 8.0, 'inside': 1.0, 'ratio': 8.0, 'boundary_pairs': 1, 'inside_pairs': 4}
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4:
+        raise ValueError(f"frames must be uint8 (N, H, W, 3), got {frames.dtype} {frames.shape}")
+    if bad := [s for s in starts if not 1 <= s < len(frames)]:
+        raise ValueError(f"clip starts {bad} outside 1..{len(frames) - 1}")
+    diffs = np.abs(np.diff(frames.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))  # (N - 1,): pair (i, i + 1)
+    at = np.zeros(len(diffs), bool)
+    at[np.asarray(starts, int) - 1] = True
+    boundary = float(diffs[at].mean()) if at.any() else None
+    inside = float(diffs[~at].mean()) if (~at).any() else None
+    ratio = boundary / inside if boundary is not None and inside else None
+    r = lambda v: None if v is None else round(v, 4)  # noqa: E731
+    return {"boundary": r(boundary), "inside": r(inside), "ratio": r(ratio),
+            "boundary_pairs": int(at.sum()), "inside_pairs": int((~at).sum())}
+
+
+@torch.no_grad()
+def generate_video(wm, context_frames: np.ndarray, context_actions: np.ndarray, actions: np.ndarray,
+                   cfg: GenerateConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Frames uint8 (N, H, W, 3) for action vectors ``actions`` (N, A) after real context frames
+    (T, H, W, 3) and the action vectors (T, A) that produced them, with a loaded
+    :class:`~worldgen.engine.world_model.WorldModel`'s tokenizer, DiT and sampler settings.
+
+    Example:
+        >>> wm = WorldModel.load("default", device="cpu")                           # doctest: +SKIP
+        >>> frames, acts = wm.start(0)                                              # doctest: +SKIP
+        >>> vecs = np.stack([a.vector() for a in acts])                             # doctest: +SKIP
+        >>> video, stats = generate_video(wm, frames, vecs, vecs[:4].repeat(8, 0), GenerateConfig())  # doctest: +SKIP
+        >>> video.shape, stats["seam"]["ratio"] > 0                                 # doctest: +SKIP
+        ((32, 120, 160, 3), True)
+    """
+    if context_frames.shape[1:] != wm.frame_shape:
+        (h, w, _), (mh, mw, _) = context_frames.shape[1:], wm.frame_shape
+        raise GenerateError(f"context frames are {w}x{h}; the model takes {mw}x{mh}")
+    context, _, _ = cfg.plan(wm.trained_window, wm.dit.cfg.frames_per_block)
+    t0 = time.perf_counter()
+    dev = wm.device
+    with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+        ctx = wm.tokenizer.encode(frames_to_tensor(context_frames[-context:], dev)).float()
+        z, stats = generate_latents(wm.dit, ctx, torch.from_numpy(context_actions[-context:]).to(dev),
+                                    torch.from_numpy(actions).to(dev), cfg,
+                                    _sampler(wm), wm.trained_window)
+        video = np.concatenate([tensor_to_frames(wm.tokenizer.decode(z[i:i + 64])) for i in range(0, len(z), 64)])
+    stats["seconds"] = round(time.perf_counter() - t0, 2)
+    stats["frames_per_s"] = round(len(video) / stats["seconds"], 3)
+    stats["seam"] = seam_measure(video, stats["clip_starts"])
+    return video, stats
+
+
+def _sampler(wm) -> Sampler:
+    s = wm.stream
+    return Sampler(s.steps, s.shift, s.ctx_noise, getattr(s, "guidance", 1.0))
+
+
+# --- input files -------------------------------------------------------------------------------
+
+def _vectors(acts: Sequence[Any], where: str, line: Sequence[int] | None = None) -> np.ndarray:
+    """Action vectors (N, A) of wire-form actions or (keys, mouse) pairs; an error names the entry."""
+    out = []
+    for i, a in enumerate(acts):
+        try:
+            out.append(Action.from_dict(a).vector() if isinstance(a, dict) else Action(*a).vector())
+        except (ActionError, TypeError) as e:
+            at = f"line {line[i]}" if line else f"action {i}"
+            raise GenerateError(f"{where}: {at}: {e}") from None
+    return np.stack(out) if out else np.zeros((0, ACTION_DIM), np.float32)
+
+
+def _npz(path: Path, fields: Sequence[str]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as f:
+            missing = [k for k in fields if k not in f]
+            if missing:
+                raise GenerateError(f"{path}: no {', '.join(missing)} array (has {', '.join(f.files) or 'none'})")
+            return {k: f[k] for k in fields}
+    except (OSError, ValueError) as e:
+        raise GenerateError(f"{path}: not a readable .npz: {e}") from None
+
+
+def load_actions(path: str | Path) -> np.ndarray:
+    """Action vectors (N, A) from an .npz (``keys`` (N, 8), ``mouse`` (N, 2)), a .json list of wire
+    actions ``{"keys": [names], "mouse": [yaw, pitch]}`` (or an object with such an ``"actions"``
+    list, as ``worldgen record --replay`` takes) or a .jsonl file of one wire action a line."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenerateError(f"{path}: no such actions file")
+    if path.suffix == ".npz":
+        a = _npz(path, ("keys", "mouse"))
+        if a["keys"].ndim != 2 or len(a["keys"]) != len(a["mouse"]):
+            raise GenerateError(f"{path}: keys must be (N, 8) and mouse (N, 2), got {a['keys'].shape} and "
+                                f"{a['mouse'].shape}")
+        return _vectors(list(zip(a["keys"], a["mouse"])), str(path))
+    if path.suffix not in (".json", ".jsonl"):
+        raise GenerateError(f"{path}: actions must be a .npz, .json or .jsonl file (or the word 'dataset')")
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        rows = [(i + 1, s) for i, s in enumerate(text.splitlines()) if s.strip()]
+        acts = []
+        for line, s in rows:
+            try:
+                acts.append(json.loads(s))
+            except json.JSONDecodeError as e:
+                raise GenerateError(f"{path}: line {line}: not JSON: {e}") from None
+        return _vectors(acts, str(path), [line for line, _ in rows])
+    try:
+        acts = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise GenerateError(f"{path}: not JSON: {e}") from None
+    if isinstance(acts, dict) and "actions" in acts:
+        acts = acts["actions"]
+    if not isinstance(acts, list) or not all(isinstance(a, dict) for a in acts):
+        raise GenerateError(f'{path}: expected a list of {{"keys": [...], "mouse": [yaw, pitch]}} actions')
+    return _vectors(acts, str(path))
+
+
+def load_context(path: str | Path, frames: int, episode: int = 0, start: int = 0,
+                 future: int | None = 0) -> dict[str, np.ndarray]:
+    """Context frames (T, H, W, 3) uint8 and their action vectors (T, A): the last ``frames`` of an
+    .npz (``frames``, ``keys``, ``mouse``: the action that produced each frame), or ``frames``
+    steps of a recording's ``episode`` from ``start``. From a recording, ``future`` more steps
+    (None: the rest of the episode) come as ``real`` (N, H, W, 3) and ``real_actions`` (N, A)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise GenerateError(f"{path}: no such context file")
+        a = _npz(path, ("frames", "keys", "mouse"))
+        f = a["frames"]
+        if f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3:
+            raise GenerateError(f"{path}: frames must be uint8 (T, H, W, 3), got {f.dtype} {f.shape}")
+        if not len(f) == len(a["keys"]) == len(a["mouse"]):
+            raise GenerateError(f"{path}: {len(f)} frames but {len(a['keys'])} keys and {len(a['mouse'])} mouse rows "
+                                f"(one action per frame: the one that produced it)")
+        if len(f) < frames:
+            raise GenerateError(f"{path}: {len(f)} context frames; clips are conditioned on {frames}")
+        return {"frames": f[-frames:], "actions": _vectors(list(zip(a["keys"], a["mouse"])), str(path))[-frames:]}
+    from worldgen.data import WindowDataset
+
+    ds = Dataset(path)
+    if not 0 <= episode < len(ds):
+        raise GenerateError(f"{path}: no episode {episode}; episodes are 0..{len(ds) - 1}")
+    length = ds.episodes[episode].length
+    future = length - start - frames if future is None else future
+    if start < 0 or future < 0 or start + frames + future > length:
+        raise GenerateError(f"{path}: episode {episode} has {length} steps; {frames} context frames from step "
+                            f"{start} plus {future} more do not fit")
+    item = WindowDataset(ds, frames + future, [episode], fields=())[start]  # actions aligned to their frames
+    vecs = _vectors(list(zip(item["keys"], item["mouse"])), str(path))
+    return {"frames": item["frames"][:frames], "actions": vecs[:frames],
+            "real": item["frames"][frames:], "real_actions": vecs[frames:]}
+
+
+def write_video(frames: np.ndarray, path: Path, fps: float) -> None:
+    """H.264 mp4 of uint8 (N, H, W, 3) frames, written atomically."""
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # yuv420p needs even sides: pad by a pixel rather than let imageio rescale.
+    frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)))
+    _atomic_write(path, lambda tmp: imageio.mimwrite(tmp, list(frames), format="FFMPEG", fps=fps,
+                                                     codec="libx264", macro_block_size=1))
+
+
+# --- the command -------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = GenerateConfig()
+    p.add_argument("--checkpoint", default="default", help="model folder or packaged name (default: default)")
+    p.add_argument("--context", required=True,
+                   help="a recording folder (with --episode, --start) or an .npz with frames (T, H, W, 3) uint8, "
+                        "keys (T, 8), mouse (T, 2): the action that produced each frame")
+    p.add_argument("--episode", type=int, default=0, help="recording: episode index (default 0)")
+    p.add_argument("--start", type=int, default=0, help="recording: step of the first context frame (default 0)")
+    p.add_argument("--context-frames", type=int, default=d.context,
+                   help="frames each clip is conditioned on, real ones first (default: the trained window "
+                        "minus the clip)")
+    p.add_argument("--actions", required=True,
+                   help="an .npz (keys (N, 8), mouse (N, 2)), a .json list or .jsonl file of "
+                        '{"keys": [names], "mouse": [yaw, pitch]}, or "dataset": the recorded actions after '
+                        "the context (then the real frames are compared too)")
+    p.add_argument("--frames", type=int, default=None, help="frames to generate (default: one per given action)")
+    p.add_argument("--fusion", default=d.fusion, choices=FUSIONS, help=f"clip fusion (default {d.fusion})")
+    p.add_argument("--compare", action="store_true",
+                   help="also run the other fusion (video next to --out, suffixed with its name) and print both")
+    p.add_argument("--clip", type=int, default=d.clip, help="frames per overlap clip, even (default: fits the window)")
+    p.add_argument("--renoise", type=float, default=d.renoise, help=f"re-noise level of a fused clip (default {d.renoise})")
+    p.add_argument("--out", type=Path, required=True, help="the video, .mp4")
+    p.add_argument("--json", type=Path, default=None, help="also write seam measure, settings and timing here")
+    p.add_argument("--seed", type=int, default=d.seed, help="sampler noise (default 0)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def _inputs(args: argparse.Namespace, context: int) -> dict[str, np.ndarray]:
+    """Context, actions (N, A) and, with ``--actions dataset``, the real frames to compare with."""
+    if args.frames is not None and args.frames < 1:
+        raise GenerateError(f"--frames must be at least 1, got {args.frames}")
+    from_data = args.actions == "dataset"
+    if from_data and Path(args.context).suffix == ".npz":
+        raise GenerateError("--actions dataset needs --context to be a recording folder")
+    got = load_context(args.context, context, args.episode, args.start, args.frames if from_data else 0)
+    real_actions = got.pop("real_actions", None)
+    if not from_data:
+        got.pop("real", None)
+    got["todo"] = real_actions if from_data else load_actions(args.actions)
+    n = len(got["todo"]) if args.frames is None else args.frames
+    if n < 1 or n > len(got["todo"]):
+        raise GenerateError(f"{len(got['todo'])} actions given; {n} frames asked for")
+    got["todo"] = got["todo"][:n]
+    return got
+
+
+def run(args: argparse.Namespace) -> int:
+    from worldgen.engine.world_model import WorldModel
+    from worldgen.evaluation.metrics import psnr
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modes = [args.fusion] + [m for m in FUSIONS if m != args.fusion] * args.compare
+    try:
+        if args.out.suffix != ".mp4":
+            raise GenerateError(f"--out must be an .mp4 file, got {args.out}")
+        cfgs = {m: GenerateConfig(fusion=m, context=args.context_frames, clip=args.clip, renoise=args.renoise,
+                                  seed=args.seed) for m in modes}
+        wm = WorldModel.load(args.checkpoint, device=args.device, **({"steps": args.steps} if args.steps else {}))
+        context, _, _ = cfgs[args.fusion].plan(wm.trained_window, wm.dit.cfg.frames_per_block)
+        got = _inputs(args, context)
+        runs = {}
+        for m in modes:
+            video, stats = generate_video(wm, got["frames"], got["actions"], got["todo"], cfgs[m])
+            path = args.out if m == args.fusion else args.out.with_name(f"{args.out.stem}_{m}.mp4")
+            write_video(video, path, wm.fps)
+            if "real" in got:
+                stats["psnr"] = round(float(psnr(video, got["real"][:len(video)]).mean()), 3)
+            runs[m] = {"video": str(path), **stats}
+    except (GenerateError, ActionError, DatasetError, CheckpointError) as e:
+        print(f"worldgen generate: {e}", file=sys.stderr)
+        return 2
+    real = None
+    if "real" in got:
+        real = seam_measure(got["real"][:len(got["todo"])], runs[modes[0]]["clip_starts"])
+    _report(args, wm, cfgs[args.fusion], runs, real)
+    return 0
+
+
+def _report(args: argparse.Namespace, wm, cfg: GenerateConfig, runs: dict[str, dict], real: dict | None) -> None:
+    first = next(iter(runs.values()))
+    print(f"worldgen generate: {first['frames']} frames, clip starts every {first['hop']} frames, context "
+          f"{first['context']}, {wm.stream.steps} steps, renoise {cfg.renoise}, on {wm.device}")
+    print(f"{'fusion':<9}{'clips':>6}{'seam ratio':>11}{'boundary':>10}{'inside':>8}{'PSNR':>8}"
+          f"{'DiT passes/frame':>18}{'frames/s':>10}  video")
+    for m, r in runs.items():
+        s = r["seam"]
+        print(f"{m:<9}{len(r['clip_starts']) + 1:>6}{_f(s['ratio']):>11}{_f(s['boundary']):>10}{_f(s['inside']):>8}"
+              f"{_f(r.get('psnr')):>8}{r['dit_frame_passes_per_frame']:>18}{r['frames_per_s']:>10}  {r['video']}")
+    if real:
+        print(f"{'real':<9}{'':>6}{_f(real['ratio']):>11}{_f(real['boundary']):>10}{_f(real['inside']):>8}")
+    if args.json:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+        out = {"checkpoint": str(wm.checkpoint), "device": str(wm.device), "threads": torch.get_num_threads(),
+               "context": args.context, "episode": args.episode, "start": args.start, "actions": args.actions,
+               "frames": first["frames"], "config": asdict(cfg), "sampler": asdict(_sampler(wm)), "runs": runs, "real": real, "date": datetime.date.today().isoformat(), "commit": commit or None,
+               "torch": torch.__version__}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
