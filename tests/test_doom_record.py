@@ -225,6 +225,37 @@ def test_explorer_escapes_when_stuck_and_turns_at_walls():
     assert k[:, actions.KEYS.index("use")].any()                # and tries it as a door
 
 
+def test_babble_adds_bursts_of_one_held_random_action(env):
+    """In the real game the 'babble' explorer spends a good share of its steps in bursts of one
+    random action (movement keys and a mouse turn held 2-8 steps); 'explore' never does."""
+    def play(name):
+        policy, out = make_policy(name, VARIABLE_NAMES), []
+        policy.reset(5)
+        obs = env.reset("E1M1", 5)
+        for _ in range(600):
+            keys, mouse = policy(obs)
+            out.append((policy.mode, keys.copy(), float(mouse[0])))
+            obs = env.step(keys, mouse)
+            if obs is None:
+                break
+        return out
+    steps = play("babble")
+    bursts, run = [], []
+    for mode, keys, yaw in steps + [("end", None, 0.0)]:
+        if mode == "babble":
+            run.append((keys, yaw))
+        elif run:
+            bursts.append(run)
+            run = []
+    assert len(bursts) >= 5 and sum(map(len, bursts)) > 0.1 * len(steps), (len(bursts), len(steps))
+    moves = [actions.KEYS.index(k) for k in ("forward", "back", "strafe_left", "strafe_right", "turn_left", "turn_right")]
+    for burst in bursts:
+        assert 1 <= len(burst) <= 8
+        assert len({yaw for _, yaw in burst}) == 1                        # one mouse turn held
+        assert len({keys[moves].tobytes() for keys, _ in burst}) == 1     # one set of movement keys held
+    assert all(mode != "babble" for mode, _, _ in play("explore"))
+
+
 def test_frontier_map_plans_around_walls_to_unexplored_space():
     m = FrontierMap(cell=32.0)
     # A corridor going east from the origin, then north: walls seen around it, unknown beyond.
