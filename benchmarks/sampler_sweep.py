@@ -1,9 +1,13 @@
-"""Pick a checkpoint's sampler settings (Euler steps, context noise) on validation windows.
+"""Pick a checkpoint's sampler settings (Euler steps, context noise, guidance) on validation windows.
 
 Runs ``worldgen eval`` for every combination on held-out episodes of the *training* recording
-(the trainer's own split: never trained on, but not the unseen-seed test data), scores each by
-teacher-forced PSNR + rollout PSNR at horizon 16, prints the table and, with ``--apply``, stores
-the best settings as the checkpoint's sampler defaults (its final eval then uses them).
+(the trainer's own split: never trained on, but not the unseen-seed test data), prints the table
+and, with ``--apply``, stores the best settings as the checkpoint's sampler defaults (its final
+eval then uses them). Best: of the settings that clear the two PSNR bars of a useful model
+(teacher-forced at least ``--min-gain`` dB over repeating the last frame, rollout@16 above
+holding it), the most controllable (real minus shuffled actions at 16); if none clears them,
+the highest teacher-forced + rollout@16 PSNR + controllability. PSNR alone rewards blurry
+means that ignore the action: a game has to follow its player first.
 
     python benchmarks/sampler_sweep.py --checkpoint runs/dyn/ckpt --data data/doom_train \\
         --steps 2 4 8 --ctx-noise 0 0.05 0.1 --json sweep.json --apply
@@ -28,6 +32,7 @@ def main() -> None:
     p.add_argument("--shift", type=float, nargs="+", default=[1.0])
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0],
                    help="action guidance scales (> 1 needs a model trained with action dropout)")
+    p.add_argument("--min-gain", type=float, default=2.0, help="teacher-forced dB over repeat-last-frame to qualify")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--horizon", type=int, default=16)
     p.add_argument("--device", default=None)
@@ -48,10 +53,12 @@ def main() -> None:
         row = {"steps": steps, "ctx_noise": noise, "shift": shift, "guidance": g, "tf_psnr": tf["psnr"], "tf_gain_db": tf["gain_db"],
                "rollout_psnr": ro["curve"][h - 1], "rollout_baseline": ro["baseline_curve"][h - 1],
                "control_db": r["controllability"]["delta_db"], "seconds": r["seconds"]}
-        row["score"] = round(row["tf_psnr"] + row["rollout_psnr"] + row["control_db"], 3)
+        control = row["control_db"] if row["control_db"] is not None else 0.0  # None: horizon < 16
+        row["score"] = round(row["tf_psnr"] + row["rollout_psnr"] + control, 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    best = max(rows, key=lambda r: r["score"])
+    useful = [r for r in rows if r["tf_gain_db"] >= args.min_gain and r["rollout_psnr"] > r["rollout_baseline"]]
+    best = max(useful, key=lambda r: (r["control_db"] or 0.0, r["score"])) if useful else max(rows, key=lambda r: r["score"])
     print("| steps | ctx_noise | shift | guidance | teacher-forced dB (gain) | rollout@16 dB (baseline) "
           "| controllability dB | score |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -59,7 +66,7 @@ def main() -> None:
         mark = " **best**" if r is best else ""
         print(f"| {r['steps']} | {r['ctx_noise']} | {r['shift']} | {r['guidance']} | {r['tf_psnr']:.2f} "
               f"({r['tf_gain_db']:+.2f}) | {r['rollout_psnr']:.2f} ({r['rollout_baseline']:.2f}) | "
-              f"{r['control_db']:+.2f} | {r['score']:.2f} |{mark}")
+              f"{r['control_db'] if r['control_db'] is None else format(r['control_db'], '+.2f')} | {r['score']:.2f} |{mark}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "best": best}, indent=1))
     if args.apply:

@@ -452,6 +452,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write seam measure, settings and timing here")
     p.add_argument("--seed", type=int, default=d.seed, help="sampler noise (default 0)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
+    p.add_argument("--guidance", type=float, default=None, help="action guidance scale (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
@@ -487,7 +488,8 @@ def run(args: argparse.Namespace) -> int:
             raise GenerateError(f"--out must be an .mp4 file, got {args.out}")
         cfgs = {m: GenerateConfig(fusion=m, context=args.context_frames, clip=args.clip, renoise=args.renoise,
                                   seed=args.seed) for m in modes}
-        wm = WorldModel.load(args.checkpoint, device=args.device, **({"steps": args.steps} if args.steps else {}))
+        overrides = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance)) if v is not None}
+        wm = WorldModel.load(args.checkpoint, device=args.device, **overrides)
         context, _, _ = cfgs[args.fusion].plan(wm.trained_window, wm.dit.cfg.frames_per_block)
         got = _inputs(args, context)
         runs = {}
