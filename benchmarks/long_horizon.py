@@ -1,0 +1,433 @@
+"""Long-horizon stability of a world model: does a session stay in the range of real frames?
+
+Two measurements on one recording REC (record it with new seeds, so no frame was trained on):
+
+1. Stability. ``--sessions`` streaming sessions, each from a real context of REC (starts spread
+   evenly over the recording), stepped together (one ``wm.step_many`` per frame) for ``--frames``
+   frames with REC's real actions played in a loop (episodes concatenated; each session goes on
+   from where its context was recorded). Per generated frame: the mean and standard deviation
+   of its uint8 RGB values (all pixels and channels). The same two numbers over every frame of
+   REC give the real range: min / max and the 0.5 / 99.5 percentiles. A model that drifts
+   (fades to grey, saturates, blurs to one colour) leaves that range; a stable one stays inside.
+2. Settings table. For each ``--settings`` entry ``window,sinks,ctx_noise`` (the KV cache: the
+   ``sinks`` first frames kept for ever plus the ``window`` latest; the stabilisation noise of
+   cached frames), rollout PSNR against the real frames at ``--horizons`` on ``--windows``
+   windows of REC (``--context`` real frames + their actions, then the real actions), all
+   windows stepped as one batch, next to the repeat-last-context-frame baseline. The best
+   setting (highest PSNR averaged over the horizons) is marked: a candidate for the defaults.
+
+Prints markdown tables; ``--json`` holds everything (per-frame series included), ``--plot``
+draws mean and std against the frame index over the real band, and PSNR against horizon.
+
+Examples:
+    worldgen record --env doom --out data/heldout --steps 16000 --seed 1000      # unseen seeds
+    python benchmarks/long_horizon.py --checkpoint default --data data/heldout --device cuda \\
+        --frames 10000 --compile --json long_horizon.json --plot long_horizon.png
+    python benchmarks/long_horizon.py --checkpoint default --data data/heldout --device cpu \\
+        --threads 1 --frames 200 --sessions 1 --windows 2 --horizons 16 64        # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from worldgen.actions import Action
+from worldgen.data import Dataset, DatasetError, WindowDataset
+from worldgen.engine.world_model import StreamConfig, WorldModel
+from worldgen.evaluation.metrics import psnr
+
+# The table of the issue: the shipped cache (1 sink + 14), without stabilisation noise, without a
+# sink, and shorter windows. Every entry needs sinks + window + 1 <= the trained window (16).
+DEFAULT_SETTINGS = ("14,1,0.1", "14,1,0.0", "14,0,0.1", "6,1,0.1", "2,1,0.1")
+PERCENTILES = (0.5, 99.5)  # the real band: wide enough to hold rare dark rooms, not outliers
+
+
+class BenchmarkError(ValueError):
+    """Bad input for this benchmark (a setting the model cannot run, a recording too short)."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One engine configuration: what the KV cache keeps and how cached frames are noised."""
+
+    window: int       # latest frames attended to
+    sinks: int        # first frames kept for ever
+    ctx_noise: float  # stabilisation noise level of cached frames (0 = exact conditioning)
+
+    @property
+    def label(self) -> str:
+        return f"{self.window},{self.sinks},{self.ctx_noise:g}"
+
+
+def parse_setting(text: str) -> Setting:
+    """``"14,1,0.1"`` -> Setting(window=14, sinks=1, ctx_noise=0.1).
+
+    Example:
+        >>> parse_setting("6,0,0.05")
+        Setting(window=6, sinks=0, ctx_noise=0.05)
+    """
+    parts = text.split(",")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        return Setting(int(parts[0]), int(parts[1]), float(parts[2]))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a setting is window,sinks,ctx_noise (e.g. 14,1,0.1), got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    if not text.lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--checkpoint", default="default", help="model folder or 'default'")
+    p.add_argument("--data", required=True, help="recording REC: real range, contexts, actions, ground truth")
+    p.add_argument("--device", default=None, help="cuda if available, else cpu")
+    p.add_argument("--frames", type=positive_int, default=10_000, help="frames per stability session")
+    p.add_argument("--sessions", type=positive_int, default=4, help="stability sessions, batched (cheap on a GPU)")
+    p.add_argument("--stability-setting", type=parse_setting, default=None,
+                   help="window,sinks,ctx_noise of the stability sessions (default: the checkpoint's)")
+    p.add_argument("--segment", type=positive_int, default=1000, help="frames per segment of the drift table")
+    p.add_argument("--settings", type=parse_setting, nargs="*", default=[parse_setting(s) for s in DEFAULT_SETTINGS],
+                   help="window,sinks,ctx_noise entries of the PSNR table (none: skip the table)")
+    p.add_argument("--horizons", type=positive_int, nargs="+", default=[16, 64, 256])
+    p.add_argument("--windows", type=positive_int, default=16, help="rollout windows per setting, one batch")
+    p.add_argument("--context", type=positive_int, default=8, help="real frames before each rollout/session")
+    p.add_argument("--seed", type=int, default=0, help="session i draws its sampler noise from seed + i")
+    p.add_argument("--compile", action="store_true",
+                   help="wm.compile() for the stability sessions (one CUDA graph per step, GPU); the table's "
+                        "short runs stay eager: compiling each setting would cost more than it saves")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (1 is fastest on a small shared CPU)")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    return p, p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- real frames ---------------------------------------------------------------------------------
+
+def frame_stats(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of each uint8 frame over all its pixels and channels.
+
+    Example:
+        >>> f = np.zeros((2, 4, 4, 3), np.uint8); f[1, :2] = 255
+        >>> [v.tolist() for v in frame_stats(f)]
+        [[0.0, 127.5], [0.0, 127.5]]
+    """
+    flat = frames.reshape(len(frames), -1).astype(np.float32)  # (N, H * W * 3)
+    return flat.mean(1, dtype=np.float64), flat.std(1, dtype=np.float64)
+
+
+def real_stats(ds: Dataset, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`frame_stats` of every frame of ``ds``, read ``chunk`` frames at a time (bounded memory)."""
+    means, stds = [], []
+    for e, info in enumerate(ds.episodes):
+        for a in range(0, info.length, chunk):
+            m, s = frame_stats(ds.read(e, "frames", a, min(a + chunk, info.length)))
+            means.append(m)
+            stds.append(s)
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def band(values: np.ndarray) -> dict[str, float]:
+    lo, hi = np.percentile(values, PERCENTILES)
+    return {"min": float(values.min()), f"p{PERCENTILES[0]:g}": float(lo), f"p{PERCENTILES[1]:g}": float(hi),
+            "max": float(values.max())}
+
+
+def pick_windows(ds: Dataset, length: int, n: int, what: str) -> list[dict[str, Any]]:
+    """Up to ``n`` windows of ``length`` frames, each inside one episode, spread evenly over all
+    the places one fits (deterministic). Items are :class:`WindowDataset` items: actions aligned
+    with the frames they produced."""
+    try:
+        pool = WindowDataset(ds, length, stride=1, fields=())
+    except DatasetError:
+        longest = max(e.length for e in ds.episodes)
+        raise BenchmarkError(f"{ds.root}: no episode holds {what} ({length} frames; the longest has {longest}): "
+                             f"lower --context or --horizons, or record longer episodes") from None
+    picks = np.unique(np.linspace(0, len(pool) - 1, n).round().astype(int))
+    return [pool[int(i)] for i in picks]
+
+
+def action_loop(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every recorded action, episodes concatenated: keys (N, 8), mouse (N, 2), and where each
+    episode starts in them (E,). Action ``i`` of an episode produced its frame ``i + 1``."""
+    keys = [ds.read(e, "keys") for e in range(len(ds))]
+    mouse = [ds.read(e, "mouse") for e in range(len(ds))]
+    starts = np.cumsum([0] + [len(k) for k in keys[:-1]])
+    return np.concatenate(keys), np.concatenate(mouse), starts
+
+
+# --- stepping ------------------------------------------------------------------------------------
+
+def open_sessions(wm: WorldModel, items: list[dict[str, Any]], context: int, seed: int) -> list:
+    """One session per window item, from its first ``context`` real frames and their actions."""
+    return [wm.session(it["frames"][:context], [Action(k, m) for k, m in zip(it["keys"][:context], it["mouse"][:context])],
+                       seed=seed + i) for i, it in enumerate(items)]
+
+
+def play(wm: WorldModel, sessions: list, keys: np.ndarray, mouse: np.ndarray,
+         visit: Callable[[int, np.ndarray], None]) -> np.ndarray:
+    """Step all ``sessions`` together through actions keys (B, N, 8), mouse (B, N, 2): one
+    ``step_many`` per frame; ``visit(t, frames (B, H, W, 3))`` sees frame t. Returns seconds per step (N,)."""
+    times = np.zeros(keys.shape[1])
+    for t in range(keys.shape[1]):
+        acts = [Action(keys[b, t], mouse[b, t]) for b in range(len(sessions))]
+        t0 = time.perf_counter()
+        frames = wm.step_many(sessions, acts)  # uint8 on the host: the step has finished
+        times[t] = time.perf_counter() - t0
+        visit(t, frames)
+    return times
+
+
+def frames_per_s(times: np.ndarray, batch: int) -> float:
+    """Generated frames per second; the first step is left out when there are more (it holds the
+    compile with --compile, and allocator warm-up without)."""
+    steady = times[1:] if len(times) > 1 else times
+    return float(batch * len(steady) / steady.sum())
+
+
+def load(args: argparse.Namespace, setting: Setting, compile: bool = False) -> WorldModel:
+    wm = WorldModel.load(args.checkpoint, args.device, window=setting.window, sinks=setting.sinks,
+                         ctx_noise=setting.ctx_noise)
+    return wm.compile() if compile else wm
+
+
+# --- 1. stability --------------------------------------------------------------------------------
+
+def stability(wm: WorldModel, ds: Dataset, args: argparse.Namespace) -> dict[str, Any]:
+    """``--sessions`` sessions for ``--frames`` frames on looped real actions: per-frame stats."""
+    items = pick_windows(ds, args.context, args.sessions, f"a context of {args.context} frames")
+    loop_keys, loop_mouse, ep_starts = action_loop(ds)
+    # Session b goes on with the action that produced the frame after its context, then loops.
+    first = np.array([ep_starts[it["episode"]] + it["start"] + args.context - 1 for it in items])
+    idx = (first[:, None] + np.arange(args.frames)) % len(loop_keys)          # (B, F)
+    mean, std = np.zeros((len(items), args.frames)), np.zeros((len(items), args.frames))
+
+    def visit(t: int, frames: np.ndarray) -> None:
+        mean[:, t], std[:, t] = frame_stats(frames)
+        if (t + 1) % args.segment == 0:
+            log(f"stability: {t + 1}/{args.frames} frames, mean {mean[:, t].mean():.1f} std {std[:, t].mean():.1f}")
+
+    sessions = open_sessions(wm, items, args.context, args.seed)
+    times = play(wm, sessions, loop_keys[idx], loop_mouse[idx], visit)
+    return {"sessions": len(items), "frames": args.frames, "starts": _starts(ds, items),
+            "seconds": round(float(times.sum()), 3), "frames_per_s": round(frames_per_s(times, len(items)), 2),
+            "series": {"mean": mean.round(3).tolist(), "std": std.round(3).tolist()}}
+
+
+def judge(series: dict[str, list], real: dict[str, np.ndarray], segment: int) -> dict[str, Any]:
+    """Generated per-frame stats against the real range: how often outside, and per segment."""
+    lo_p, hi_p = (f"p{q:g}" for q in PERCENTILES)
+    out: dict[str, Any] = {"real": {}, "generated": {}, "segments": []}
+    outside_p = []
+    for stat in ("mean", "std"):
+        gen, ref = np.asarray(series[stat]), band(real[stat])                 # gen (B, F)
+        out["real"][stat] = {k: round(v, 3) for k, v in ref.items()}
+        beyond_p = (gen < ref[lo_p]) | (gen > ref[hi_p])
+        outside_p.append(beyond_p)
+        out["generated"][stat] = {
+            "min": round(float(gen.min()), 3), "max": round(float(gen.max()), 3),
+            "outside_minmax": round(float(((gen < ref["min"]) | (gen > ref["max"])).mean()), 5),
+            "outside_percentiles": round(float(beyond_p.mean()), 5)}
+    either = outside_p[0] | outside_p[1]                                      # (B, F)
+    frames = either.shape[1]
+    for a in range(0, frames, segment):
+        b = min(a + segment, frames)
+        out["segments"].append({"frames": [a + 1, b],
+                                "mean": round(float(np.mean(np.asarray(series["mean"])[:, a:b])), 3),
+                                "std": round(float(np.mean(np.asarray(series["std"])[:, a:b])), 3),
+                                "outside_percentiles": round(float(either[:, a:b].mean()), 5)})
+    return out
+
+
+# --- 2. settings table ---------------------------------------------------------------------------
+
+def rollout_psnr(wm: WorldModel, items: list[dict[str, Any]], context: int, horizons: list[int],
+                 seed: int) -> dict[str, Any]:
+    """PSNR of generated vs real frames at each horizon (h = 1 is the first generated frame),
+    averaged over the windows, all stepped as one batch."""
+    real = np.stack([it["frames"] for it in items])                          # (B, C + H, H_px, W_px, 3)
+    keys = np.stack([it["keys"][context:] for it in items])                   # (B, H, 8)
+    mouse = np.stack([it["mouse"][context:] for it in items])
+    scores: dict[str, float] = {}
+
+    def visit(t: int, frames: np.ndarray) -> None:
+        if t + 1 in horizons:
+            scores[str(t + 1)] = round(float(psnr(frames, real[:, context + t]).mean()), 3)
+
+    sessions = open_sessions(wm, items, context, seed)
+    times = play(wm, sessions, keys[:, :max(horizons)], mouse[:, :max(horizons)], visit)
+    for s in sessions:
+        s.close()
+    return {"psnr": scores, "seconds": round(float(times.sum()), 3),
+            "frames_per_s": round(frames_per_s(times, len(items)), 2)}
+
+
+def baseline_psnr(items: list[dict[str, Any]], context: int, horizons: list[int]) -> dict[str, float]:
+    """The last context frame held: what a model that changes nothing scores."""
+    real = np.stack([it["frames"] for it in items])
+    return {str(h): round(float(psnr(real[:, context - 1], real[:, context + h - 1]).mean()), 3) for h in horizons}
+
+
+# --- checks and output -----------------------------------------------------------------------------
+
+def check(wm: WorldModel, ds: Dataset, args: argparse.Namespace) -> None:
+    """Fail before any long run: every setting must fit the model, REC must fit the model."""
+    if wm.dit.cfg.frames_per_block != 1:
+        raise BenchmarkError(f"the model generates {wm.dit.cfg.frames_per_block} frames per step; this "
+                             f"benchmark scores one frame per step")
+    h, w, _ = wm.frame_shape
+    if tuple(ds.resolution) != (w, h):
+        raise BenchmarkError(f"{ds.root} has {ds.resolution[0]}x{ds.resolution[1]} frames, the model makes {w}x{h}")
+    for s in [*args.settings, *([args.stability_setting] if args.stability_setting else [])]:
+        try:
+            StreamConfig(steps=wm.stream.steps, shift=wm.stream.shift, ctx_noise=s.ctx_noise, sinks=s.sinks,
+                         window=s.window).check(wm.dit, wm.trained_window)
+        except ValueError as e:
+            raise BenchmarkError(f"setting {s.label} (window,sinks,ctx_noise): {e}") from None
+
+
+def _starts(ds: Dataset, items: list[dict[str, Any]]) -> list[list]:
+    return [[ds.episodes[it["episode"]].id, int(it["start"])] for it in items]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    st, lines = result["stability"], []
+    lo_p, hi_p = (f"p{q:g}" for q in PERCENTILES)
+    lines += [f"Stability: {st['sessions']} session(s) x {st['frames']} frames, setting {st['setting']}, "
+              f"{st['frames_per_s']} frames/s on {result['device_name']}", "",
+              f"| per-frame | real min | real {lo_p} | real {hi_p} | real max | generated min | generated max | "
+              f"outside real [min, max] | outside real [{lo_p}, {hi_p}] |", "|---|" + "---:|" * 8]
+    for stat in ("mean", "std"):
+        r, g = st["real"][stat], st["generated"][stat]
+        lines.append(f"| {stat} | {r['min']:.1f} | {r[lo_p]:.1f} | {r[hi_p]:.1f} | {r['max']:.1f} | {g['min']:.1f} | "
+                     f"{g['max']:.1f} | {g['outside_minmax']:.2%} | {g['outside_percentiles']:.2%} |")
+    lines += ["", f"| frames | mean | std | outside [{lo_p}, {hi_p}] (mean or std) |", "|---|---:|---:|---:|"]
+    lines += [f"| {s['frames'][0]}-{s['frames'][1]} | {s['mean']:.1f} | {s['std']:.1f} | {s['outside_percentiles']:.2%} |"
+              for s in st["segments"]]
+    if result["settings"]:
+        hs = result["horizons"]
+        lines += ["", f"Rollout PSNR (dB), {result['windows']} windows, context {result['context']}, "
+                  f"steps {result['sampler']['steps']}, shift {result['sampler']['shift']}", "",
+                  "| window | sinks | ctx_noise | " + " | ".join(f"PSNR@{h}" for h in hs) + " | frames/s | |",
+                  "|---:|---:|---:|" + "---:|" * (len(hs) + 1) + "---|"]
+        for r in result["settings"]:
+            mark = "**best**" if r["setting"] == result["best"] else ""
+            lines.append(f"| {r['window']} | {r['sinks']} | {r['ctx_noise']:g} | "
+                         + " | ".join(f"{r['psnr'][str(h)]:.2f}" for h in hs) + f" | {r['frames_per_s']} | {mark} |")
+        lines.append("| repeat last context frame | | | " + " | ".join(f"{result['baseline'][str(h)]:.2f}" for h in hs)
+                     + " | | |")
+    return "\n".join(lines)
+
+
+def write_plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = result["stability"]
+    panels = 3 if result["settings"] else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
+    for ax, stat in zip(axes, ("mean", "std")):
+        r = st["real"][stat]
+        ax.axhspan(r["min"], r["max"], color="tab:green", alpha=0.12, label="real min-max")
+        ax.axhspan(r[f"p{PERCENTILES[0]:g}"], r[f"p{PERCENTILES[1]:g}"], color="tab:green", alpha=0.25,
+                   label=f"real p{PERCENTILES[0]:g}-p{PERCENTILES[1]:g}")
+        for i, series in enumerate(st["series"][stat]):
+            ax.plot(np.arange(1, len(series) + 1), series, lw=0.6, alpha=0.8, label=f"session {i}" if i < 8 else None)
+        ax.set(xlabel="generated frame", ylabel=f"per-frame {stat} (uint8 RGB)", title=f"frame {stat}")
+        ax.legend(fontsize=7, loc="best")
+    if result["settings"]:
+        ax, hs = axes[2], result["horizons"]
+        for r in result["settings"]:
+            ax.plot(hs, [r["psnr"][str(h)] for h in hs], marker="o", label=f"W,S,c = {r['setting']}")
+        ax.plot(hs, [result["baseline"][str(h)] for h in hs], "k--", marker="x", label="repeat last context frame")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="horizon (frames)", ylabel="PSNR (dB)", title=f"rollout, {result['windows']} windows")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['checkpoint']} on {Path(result['data']).name}: {st['sessions']} x {st['frames']} frames, "
+                 f"setting {st['setting']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p, args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.horizons = sorted(set(args.horizons))
+    ds = Dataset(args.data)
+    base = WorldModel.load(args.checkpoint, args.device)  # the checkpoint's own settings
+    try:
+        check(base, ds, args)
+        longest = args.context + max(args.horizons)
+        items = pick_windows(ds, longest, args.windows, f"a context of {args.context} + {max(args.horizons)} frames") \
+            if args.settings else []
+    except BenchmarkError as e:
+        p.error(str(e))
+    defaults = Setting(base.stream.window, base.stream.sinks, base.stream.ctx_noise)
+    result: dict[str, Any] = {
+        "version": 1, "checkpoint": str(base.checkpoint), "data": str(ds.root), "device": str(base.device),
+        "device_name": device_name(base.device), "torch": torch.__version__, "compile": args.compile,
+        "sampler": {"steps": base.stream.steps, "shift": base.stream.shift}, "trained_window": base.trained_window,
+        "defaults": defaults.label, "context": args.context, "horizons": args.horizons, "seed": args.seed}
+
+    # 1. Stability: the per-frame statistics of long sessions against every real frame's.
+    setting = args.stability_setting or defaults
+    wm = load(args, setting, compile=args.compile)
+    real_mean, real_std = real_stats(ds)
+    log(f"stability: {args.sessions} session(s) x {args.frames} frames, setting {setting.label}")
+    run = stability(wm, ds, args)
+    result["stability"] = {"setting": setting.label, "real_frames": len(real_mean),
+                           **judge(run["series"], {"mean": real_mean, "std": real_std}, args.segment), **run}
+    del wm, base  # free the first model's memory before the table's
+
+    # 2. Settings table: rollout PSNR at each horizon, every window of a setting in one batch.
+    result["windows"], result["window_starts"] = len(items), _starts(ds, items)
+    result["baseline"] = baseline_psnr(items, args.context, args.horizons) if items else {}
+    result["settings"] = []
+    for s in args.settings:
+        log(f"setting {s.label}: {len(items)} windows x {max(args.horizons)} frames")
+        result["settings"].append({"setting": s.label, **asdict(s),
+                                   **rollout_psnr(load(args, s), items, args.context, args.horizons, args.seed)})
+    mean_psnr = lambda r: np.mean(list(r["psnr"].values()))
+    result["best"] = max(result["settings"], key=mean_psnr)["setting"] if result["settings"] else None
+
+    print(markdown(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    if args.plot:
+        write_plot(result, args.plot)
+    return result
+
+
+if __name__ == "__main__":
+    main()
