@@ -8,21 +8,26 @@
 # smoke: tiny budgets, to catch errors in a minute or two. full: the shipped default model
 # (>= 200k training frames, <= 25 GPU-minutes of tokenizer + dynamics training).
 # Everything lands in WORKDIR: datasets, runs, eval.json, logs, timings.txt.
-# TOKENIZER=FOLDER reuses a trained tokenizer (its training minutes count toward the budget);
-# TRAIN_POLICY picks who plays the training recording (default babble: the explorer with bursts
-# of random actions); the unseen-seed test play is always the plain explorer.
+# The defaults are the shipped model's recipe. Knobs for experiments: TOKENIZER=FOLDER reuses a
+# trained tokenizer (its training minutes count toward the budget); TRAIN_POLICY picks who plays
+# the training recording (explore; babble: the explorer with bursts of random actions; the
+# unseen-seed test play is always the explorer); DYN_MINUTES, DYN_ARGS (more `train dynamics`
+# flags) and SWEEP (sampler_sweep.py's grid) change the full run's training and sweep. The
+# 2026-12-02 experiment (benchmarks/RESULTS.md): TRAIN_POLICY=babble DYN_MINUTES=8
+# DYN_ARGS="--ctx-noise 0.1 --action-dropout 0.1" SWEEP="--steps 2 --ctx-noise 0.1 --guidance 1 2 3
+# --windows 24 --horizon 16".
 set -euo pipefail
 work=${1:?usage: train_default.sh WORKDIR [smoke|full]}
 scale=${2:-full}
 mkdir -p "$work"
 case "$scale" in
   smoke) train_steps=4000 held_steps=3200 tok_budget="--steps 5 --batch-size 4" dyn_budget="--steps 5 --batch-size 2"
-         windows=4 sweep="--steps 1 2 --ctx-noise 0 0.1 --guidance 1 2 --windows 2 --horizon 4"
+         windows=4 sweep="--steps 1 2 --ctx-noise 0 0.1 --windows 2 --horizon 4"
          long="--frames 20 --sessions 2 --segment 10 --windows 2 --horizons 2 4 --settings 14,1,0.1 6,1,0.1"
          bench="--batch 1 2 --frames 3" envs="1,2 --steps 2 --warmup 1" ;;
   full)  train_steps=220000 held_steps=16000 tok_budget="--minutes 4 --batch-size 64"
-         dyn_budget="--minutes ${DYN_MINUTES:-14} --batch-size 128 --lr 5e-4" windows=64
-         sweep="--steps 2 4 --ctx-noise 0.1 0.2 --guidance 1 2 3 --windows 24 --horizon 16"
+         dyn_budget="--minutes ${DYN_MINUTES:-13} --batch-size 128 --lr 5e-4" windows=64
+         sweep=${SWEEP:-"--steps 2 4 8 --ctx-noise 0.05 0.1 --shift 1 3 --windows 16 --horizon 16"}
          long="--frames 10000 --sessions 4 --windows 16 --horizons 16 64 256"
          bench="--batch 1 8 32 64 --frames 100" envs="1,16,64 --steps 50" ;;
   *) echo "scale must be smoke or full" >&2; exit 2 ;;
@@ -35,7 +40,7 @@ log "host $(hostname) cores $workers gpu $(nvidia-smi --query-gpu=name --format=
 t0=$(date +%s)
 # Training maps E1M1-E1M8 (freedoom1.wad); held-out play uses other seeds on the same maps.
 # A relaunch after a failure later on keeps finished recordings (marker files).
-policy=${TRAIN_POLICY:-babble}
+policy=${TRAIN_POLICY:-explore}
 [ -f "$work/doom_train.done" ] || { worldgen record --env doom --out "$work/doom_train" --steps $train_steps --workers $workers --seed 1 --policy $policy --quiet --overwrite && touch "$work/doom_train.done"; }
 t1=$(date +%s); log "recorded $train_steps train frames ($policy policy) in $((t1 - t0)) s with $workers workers"
 [ -f "$work/doom_heldout.done" ] || { worldgen record --env doom --out "$work/doom_heldout" --steps $held_steps --workers $workers --seed 1000 --policy explore --quiet --overwrite && touch "$work/doom_heldout.done"; }
@@ -47,7 +52,7 @@ if [ -z "${TOKENIZER:-}" ]; then
 fi
 t3=$(date +%s); log "tokenizer trained in $((t3 - t2)) s (${TOKENIZER:+reused $TOKENIZER})"
 worldgen train dynamics --data "$work/doom_train" --tokenizer "$tok" --run "$work/dyn" \
-  $dyn_budget --model M --window 16 --ctx-noise 0.1 --export-dtype bf16 $compile
+  $dyn_budget --model M --window 16 ${DYN_ARGS:---action-dropout 0} --export-dtype bf16 $compile
 t4=$(date +%s); log "dynamics trained in $((t4 - t3)) s"
 
 # Sampler settings chosen on the training recording's held-out episodes, never on the test data.
