@@ -17,25 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 
 import numpy as np
 import torch
 
 from worldgen.env.world_model_env import WorldModelVectorEnv
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "cpu"
-    return f"{name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+from worldgen.training.common import hardware
 
 
 def bench(n: int, args: argparse.Namespace) -> dict:
@@ -81,7 +69,7 @@ def main() -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device = str(device)
     rows = [bench(int(n), args) for n in args.envs.split(",")]
-    head = {"checkpoint": args.checkpoint, "device": str(device), "machine": machine(device), "reward": args.reward,
+    head = {"checkpoint": args.checkpoint, "device": str(device), "machine": hardware(device), "reward": args.reward,
             "compile": args.compile,
             "load_average": os.getloadavg(), "torch": torch.__version__}
     print(json.dumps(head))

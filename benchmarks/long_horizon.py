@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -46,6 +44,7 @@ from worldgen.actions import Action
 from worldgen.data import Dataset, DatasetError, WindowDataset
 from worldgen.engine.world_model import StreamConfig, WorldModel
 from worldgen.evaluation.metrics import psnr
+from worldgen.training.common import hardware
 
 # The table of the issue: the shipped cache (1 sink + 14), without stabilisation noise, without a
 # sink, and shorter windows. Every entry needs sinks + window + 1 <= the trained window (16).
@@ -311,12 +310,6 @@ def _starts(ds: Dataset, items: list[dict[str, Any]]) -> list[list]:
     return [[ds.episodes[it["episode"]].id, int(it["start"])] for it in items]
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
 def markdown(result: dict[str, Any]) -> str:
     st, lines = result["stability"], []
     lo_p, hi_p = (f"p{q:g}" for q in PERCENTILES)
@@ -397,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     defaults = Setting(base.stream.window, base.stream.sinks, base.stream.ctx_noise)
     result: dict[str, Any] = {
         "version": 1, "checkpoint": str(base.checkpoint), "data": str(ds.root), "device": str(base.device),
-        "device_name": device_name(base.device), "torch": torch.__version__, "compile": args.compile,
+        "device_name": hardware(base.device), "torch": torch.__version__, "compile": args.compile,
         "sampler": {"steps": base.stream.steps, "shift": base.stream.shift}, "trained_window": base.trained_window,
         "defaults": defaults.label, "context": args.context, "horizons": args.horizons, "seed": args.seed}
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from worldgen.actions import Action
 from worldgen.engine.world_model import WorldModel
 from worldgen.models import DiTConfig
-from worldgen.training.common import peak_flops
+from worldgen.training.common import hardware, peak_flops
 
 # A fixed, varied input: walking, turning by key and by mouse, strafing.
 PLAY = [Action.from_keys(["forward"]), Action.from_keys(["forward", "turn_left"]),
@@ -103,10 +102,7 @@ def run(args: argparse.Namespace) -> int:
                 wm = WorldModel.load(args.checkpoint, device=args.device, **overrides)
         else:
             compile_ = False
-    if wm.device.type == "cpu":
-        hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    else:
-        hw = torch.cuda.get_device_name(wm.device)
+    hw = hardware(wm.device)
     print(f"worldgen bench: {wm.checkpoint} on {hw}; K={wm.stream.steps} steps + 1 cache pass per frame, "
           f"cache {wm.stream.sinks} sink + {wm.stream.window} window frames, compile={compile_}", flush=True)
     rows = bench(wm, sorted(set(args.batch)), args.frames, args.warmup)

@@ -28,6 +28,8 @@ import datetime
 import json
 import math
 import os
+import platform
+import subprocess
 import sys
 import time
 import typing
@@ -183,6 +185,19 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
     ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("4090", 165e12),
 )
+
+
+def hardware(device: torch.device) -> str:
+    """What ran a measurement, for benchmark reports: the GPU's name, or the CPU's model name
+    (``lscpu``), its cores and the torch threads used."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine() or "cpu"
+    return f"{name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
 def peak_flops(device: torch.device) -> float | None:
