@@ -8,6 +8,7 @@ what engine, server, client and Gymnasium tests load with ``WorldModel.load``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,15 @@ EPISODES = (("a", 40), ("b", 40), ("c", 30))
 
 def _small(frames: np.ndarray, resample: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize(SIZE, resample)) for f in frames])
+
+
+def finite(x) -> bool:
+    """No NaN or infinity anywhere in a JSON-like result (nested dicts and lists)."""
+    if isinstance(x, dict):
+        return all(finite(v) for v in x.values())
+    if isinstance(x, list):
+        return all(finite(v) for v in x)
+    return not isinstance(x, float) or math.isfinite(x)
 
 
 def cycle_player(cycle: list[tuple[list[str], float]], offset: int = 0):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import finite  # tests/ is on sys.path under pytest
 
 from worldgen.cli import main
 from worldgen.data import Dataset, DatasetIndex, Episode, EpisodeInfo, write_episode_shards
@@ -165,14 +166,6 @@ def make_ckpt(folder: Path, in_channels: int = 3) -> Path:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     return make_ckpt(tmp_path_factory.mktemp("ckpt"))
-
-
-def finite(d) -> bool:
-    if isinstance(d, dict):
-        return all(finite(v) for v in d.values())
-    if isinstance(d, list):
-        return all(finite(v) for v in d)
-    return not isinstance(d, float) or math.isfinite(d)
 
 
 def test_select_windows_deterministic_tiles(doom):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import finite  # tests/ is on sys.path under pytest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,14 +25,6 @@ def bench():
     del sys.modules[spec.name]
 
 
-def _finite(x) -> bool:
-    if isinstance(x, dict):
-        return all(_finite(v) for v in x.values())
-    if isinstance(x, list):
-        return all(_finite(v) for v in x)
-    return not isinstance(x, float) or math.isfinite(x)
-
-
 def test_smoke_run_writes_json_and_plot(bench, tiny_checkpoint, doom_recording, tmp_path):
     out, plot = tmp_path / "lh.json", tmp_path / "lh.png"
     result = bench.main(["--checkpoint", str(tiny_checkpoint), "--data", str(doom_recording), "--device", "cpu",
@@ -42,7 +34,7 @@ def test_smoke_run_writes_json_and_plot(bench, tiny_checkpoint, doom_recording, 
     stored = json.loads(out.read_text())
     assert stored == json.loads(json.dumps(result))
     assert plot.stat().st_size > 0
-    assert _finite(stored)
+    assert finite(stored)
 
     st = stored["stability"]
     assert (st["sessions"], st["frames"], st["real_frames"]) == (2, 30, 110)   # 40 + 40 + 30 recorded frames
