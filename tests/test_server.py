@@ -58,6 +58,18 @@ async def collect(c: Client, last_id: int, act=None) -> dict[int, np.ndarray]:
             return frames
 
 
+async def connect_when_free(url: str) -> Client:
+    """Connect to the strict server once a slot is free: a client's close returns before the
+    server has ended that session, so the previous test's sessions may still count for a moment."""
+    for _ in range(100):
+        try:
+            return await Client.connect(url, token=TOKEN)
+        except ServerError as e:
+            assert e.code == "busy"
+            await asyncio.sleep(0.1)
+    raise AssertionError("the server stayed busy for 10 s after its sessions closed")
+
+
 def mad(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
 
@@ -288,19 +300,12 @@ def test_max_sessions_is_a_busy_error_and_frees_up(strict_server):
             await asyncio.sleep(0.3)
 
     async def main():
-        a = await Client.connect(strict_server.ws_url, token=TOKEN)
-        b = await Client.connect(strict_server.ws_url, token=TOKEN)
+        a = await connect_when_free(strict_server.ws_url)
+        b = await connect_when_free(strict_server.ws_url)
         alive = asyncio.create_task(keep_alive([a, b]))
         err, code = await refusal(strict_server.ws_url, P.pack(P.hello(token=TOKEN)))
         await a.close()
-        # The slot frees once the server has closed a's session; wait for that, then get in.
-        for _ in range(100):
-            try:
-                c = await Client.connect(strict_server.ws_url, token=TOKEN)
-                break
-            except ServerError as e:
-                assert e.code == "busy"
-                await asyncio.sleep(0.1)
+        c = await connect_when_free(strict_server.ws_url)
         frame = await c.next_frame()
         alive.cancel()
         await asyncio.gather(b.close(), c.close())
@@ -313,7 +318,7 @@ def test_max_sessions_is_a_busy_error_and_frees_up(strict_server):
 
 def test_idle_timeout(strict_server):
     async def silent():
-        c = await Client.connect(strict_server.ws_url, token=TOKEN)
+        c = await connect_when_free(strict_server.ws_url)
         frames = 0
         with pytest.raises(ServerError) as e:
             while True:
