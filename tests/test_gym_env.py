@@ -245,7 +245,11 @@ def test_vector_env_equals_single_envs_with_next_step_autoreset(tiny_checkpoint)
             r1 = native.step(a)
             counting[0] = False
             r2 = sync.step(a)
-            for x, y, what in zip(r1[:4], r2[:4], ("obs", "reward", "terminated", "truncated")):
+            # One batched forward against three single ones: the GEMMs sum in another order, so
+            # now and then a pixel rounds to the next uint8 level (as in the engine's own test).
+            assert np.abs(r1[0].astype(int) - r2[0]).max() <= 1, t
+            assert np.allclose(r1[1], r2[1], rtol=0, atol=1e-5), (t, r1[1], r2[1])
+            for x, y, what in zip(r1[2:4], r2[2:4], ("terminated", "truncated")):
                 assert np.array_equal(x, y), (t, what, x, y)
             assert r1[4]["steps"].tolist() == r2[4]["steps"].tolist(), t
     finally:
