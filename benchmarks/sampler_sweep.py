@@ -1,7 +1,9 @@
 """Pick a checkpoint's sampler settings (Euler steps, context noise, guidance) on validation windows.
 
 Runs ``worldgen eval`` for every combination on held-out episodes of the *training* recording
-(the trainer's own split: never trained on, but not the unseen-seed test data), prints the table
+(the trainer's own split: never trained on, but not the unseen-seed test data), or with
+``--split all`` on every episode of a validation recording made with other unseen seeds than
+the test's (when the training recording is not at hand), prints the table
 and, with ``--apply``, stores the best settings as the checkpoint's sampler defaults (its final
 eval then uses them). Best: of the settings that clear the two PSNR bars of a useful model
 (teacher-forced at least ``--min-gain`` dB over repeating the last frame, rollout@16 above
@@ -27,6 +29,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="the training recording (its held-out split is used)")
+    p.add_argument("--split", choices=["heldout", "all"], default="heldout",
+                   help="all: every episode, for a validation recording of seeds neither training nor the test used")
     p.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--ctx-noise", type=float, nargs="+", default=[0.0, 0.05, 0.1])
     p.add_argument("--shift", type=float, nargs="+", default=[1.0])
@@ -45,7 +49,7 @@ def main() -> None:
             for g in args.guidance]
     for steps, noise, shift, g in grid:
         r = evaluate(args.checkpoint, args.data, EvalConfig(steps=steps, ctx_noise=noise, shift=shift, guidance=g,
-                                                           windows=args.windows,
+                                                           windows=args.windows, split=args.split,
                                                            horizon=args.horizon, video_windows=0),
                      device=args.device, log=lambda *_: None)
         tf, ro = r["teacher_forced"], r["rollout"]
