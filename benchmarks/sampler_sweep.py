@@ -28,7 +28,7 @@ from worldgen.evaluation.evaluate import EvalConfig, evaluate
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="the training recording (its held-out split is used)")
+    p.add_argument("--data", required=True, help="the training recording (its held-out split is used), or see --split")
     p.add_argument("--split", choices=["heldout", "all"], default="heldout",
                    help="all: every episode, for a validation recording of seeds neither training nor the test used")
     p.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8])
