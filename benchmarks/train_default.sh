@@ -9,7 +9,8 @@
 # (>= 200k training frames, <= 25 GPU-minutes of tokenizer + dynamics training).
 # Everything lands in WORKDIR: datasets, runs, eval.json, logs, timings.txt.
 # The defaults are the shipped model's recipe. Knobs for experiments: TOKENIZER=FOLDER reuses a
-# trained tokenizer (its training minutes count toward the budget); TRAIN_POLICY picks who plays
+# trained tokenizer and DYNAMICS=FOLDER a trained DiT (their training minutes count toward the
+# budget); ROLLOUT_MINUTES sets the fine-tune on the model's own rollouts (0: none); TRAIN_POLICY picks who plays
 # the training recording (explore; babble: the explorer with bursts of random actions; the
 # unseen-seed test play is always the explorer); DYN_MINUTES, DYN_ARGS (more `train dynamics`
 # flags) and SWEEP (sampler_sweep.py's grid) change the full run's training and sweep. The
@@ -22,11 +23,13 @@ scale=${2:-full}
 mkdir -p "$work"
 case "$scale" in
   smoke) train_steps=4000 held_steps=3200 tok_budget="--steps 5 --batch-size 4" dyn_budget="--steps 5 --batch-size 2"
+         rollout_budget="--steps 3 --batch-size 2"
          windows=4 sweep="--steps 1 2 --ctx-noise 0 0.1 --windows 2 --horizon 4"
          long="--frames 20 --sessions 2 --segment 10 --windows 2 --horizons 2 4 --settings 14,1,0.1 6,1,0.1"
          bench="--batch 1 2 --frames 3" envs="1,2 --steps 2 --warmup 1" ;;
   full)  train_steps=220000 held_steps=16000 tok_budget="--minutes 4 --batch-size 64"
          dyn_budget="--minutes ${DYN_MINUTES:-13} --batch-size 128 --lr 5e-4" windows=64
+         rollout_budget="--minutes ${ROLLOUT_MINUTES:-6} --batch-size 128 --lr 1e-4 --warmup 50 --ema-decay 0.99"
          sweep=${SWEEP:-"--steps 2 4 8 --ctx-noise 0.05 0.1 --shift 1 3 --windows 16 --horizon 16"}
          long="--frames 10000 --sessions 4 --windows 16 --horizons 16 64 256"
          bench="--batch 1 8 32 64 --frames 100" envs="1,16,64 --steps 50" ;;
@@ -51,33 +54,46 @@ if [ -z "${TOKENIZER:-}" ]; then
   worldgen train tokenizer --data "$work/doom_train" --run "$work/tok" $tok_budget --export-dtype bf16 $compile
 fi
 t3=$(date +%s); log "tokenizer trained in $((t3 - t2)) s (${TOKENIZER:+reused $TOKENIZER})"
-worldgen train dynamics --data "$work/doom_train" --tokenizer "$tok" --run "$work/dyn" \
-  $dyn_budget --model M --window 16 ${DYN_ARGS:---action-dropout 0} --export-dtype bf16 $compile
-t4=$(date +%s); log "dynamics trained in $((t4 - t3)) s"
+dyn=${DYNAMICS:-$work/dyn/ckpt}
+if [ -z "${DYNAMICS:-}" ]; then
+  worldgen train dynamics --data "$work/doom_train" --tokenizer "$tok" --run "$work/dyn" \
+    $dyn_budget --model M --window 16 ${DYN_ARGS:---action-dropout 0} --export-dtype bf16 $compile
+fi
+t4=$(date +%s); log "dynamics trained in $((t4 - t3)) s (${DYNAMICS:+reused $DYNAMICS})"
+# Then on its own rollouts (worldgen/training/dynamics.py): windows that end in up to 15 frames
+# the model generated itself with the inference sampler, trained towards the real frames after.
+model=$dyn
+if [ "${ROLLOUT_MINUTES:-6}" != 0 ]; then
+  worldgen train dynamics --data "$work/doom_train" --tokenizer "$tok" --init "$dyn" --run "$work/rollout" \
+    $rollout_budget --window 16 --rollout-frames 15 --sample-steps 2 --ctx-noise 0.1 \
+    ${ROLLOUT_ARGS:---action-dropout 0} --export-dtype bf16 $compile
+  model=$work/rollout/ckpt
+fi
+t4b=$(date +%s); log "rollout fine-tune in $((t4b - t4)) s"
 
 # Sampler settings chosen on the training recording's held-out episodes, never on the test data.
-python benchmarks/sampler_sweep.py --checkpoint "$work/dyn/ckpt" --data "$work/doom_train" $sweep \
+python benchmarks/sampler_sweep.py --checkpoint "$model" --data "$work/doom_train" $sweep \
   --json "$work/sampler_sweep.json" --apply > "$work/sampler_sweep.md" 2>&1 || log "sampler sweep failed"
 log "sampler sweep done"
-worldgen eval --checkpoint "$work/dyn/ckpt" --data "$work/doom_heldout" --split all \
+worldgen eval --checkpoint "$model" --data "$work/doom_heldout" --split all \
   --windows $windows --json "$work/eval.json" --no-media \
   || log "eval failed"  # (no ffmpeg on the GPU image: media are made elsewhere from the JSON)
 t5=$(date +%s); log "evaluated in $((t5 - t4)) s"
 # Long-horizon stability (per-frame stats over 10,000 frames) and the cache-settings table.
-python benchmarks/long_horizon.py --checkpoint "$work/dyn/ckpt" --data "$work/doom_heldout" $long \
+python benchmarks/long_horizon.py --checkpoint "$model" --data "$work/doom_heldout" $long \
   $([ "$compile" = --compile ] && echo --compile) --json "$work/long_horizon.json" --plot "$work/long_horizon.png" \
   > "$work/long_horizon.md" 2> "$work/long_horizon.log" || log "long-horizon benchmark failed"
 log "long-horizon benchmark done in $(( $(date +%s) - t5 )) s"
-# The Gymnasium vector env over this model, its reward head in the loop (issue 6).
-python benchmarks/env_bench.py --device $([ "$compile" = --compile ] && echo cuda || echo cpu) \
-  --checkpoint "$work/dyn/ckpt" --reward env/heads/default --envs $envs $([ "$compile" = --compile ] && echo --compile) \
-  --json "$work/env_bench.json" > "$work/env_bench.md" 2>&1 || log "env bench failed"
-log "env bench done"
 # Speed depends on the config alone: BENCH=0 skips these when the architecture is unchanged.
 [ "${BENCH:-1}" = 0 ] && { log "done in $(( $(date +%s) - t0 )) s (benchmarks skipped)"; exit 0; }
-worldgen bench --checkpoint "$work/dyn/ckpt" $bench $([ "$compile" = --compile ] && echo --compile || echo --no-compile) \
+# The Gymnasium vector env over this model, its reward head in the loop (issue 6).
+python benchmarks/env_bench.py --device $([ "$compile" = --compile ] && echo cuda || echo cpu) \
+  --checkpoint "$model" --reward env/heads/default --envs $envs $([ "$compile" = --compile ] && echo --compile) \
+  --json "$work/env_bench.json" > "$work/env_bench.md" 2>&1 || log "env bench failed"
+log "env bench done"
+worldgen bench --checkpoint "$model" $bench $([ "$compile" = --compile ] && echo --compile || echo --no-compile) \
   --json "$work/bench.json" > "$work/bench.md" 2>&1 || log "streaming bench failed"
 log "streaming bench done"
 python benchmarks/tokenizer_bench.py --device cuda --dtype bf16 --batch 1 64 256 \
-  --checkpoint "$work/dyn/ckpt" > "$work/tokenizer_bench.md" 2>&1 || log "tokenizer bench failed"
+  --checkpoint "$model" > "$work/tokenizer_bench.md" 2>&1 || log "tokenizer bench failed"
 log "done in $(( $(date +%s) - t0 )) s"

@@ -7,6 +7,7 @@ to 32x24 so a CPU trains on them in seconds: latent grids of 3 x 4 tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,8 +25,9 @@ from worldgen import checkpoint
 from worldgen.checkpoint import CheckpointError
 from worldgen.data import Dataset, DatasetIndex, EpisodeInfo, write_episode_shards
 from worldgen.models import MODELS, DiT, load_dit, load_tokenizer
-from worldgen.training.common import EMA, Run, load_state, param_groups, save_state
-from worldgen.training.dynamics import DynamicsTrainConfig, Latents, flow_matching_loss, noise_levels
+from worldgen.training.common import EMA, Dist, Run, load_state, param_groups, save_state
+from worldgen.training.dynamics import (DynamicsTask, DynamicsTrainConfig, Latents, flow_matching_loss,
+                                       noise_levels)
 from worldgen.training.dynamics import train as train_dynamics
 
 # Shared by every dynamics run here: the tiny DiT on 4-frame windows.
@@ -123,6 +125,46 @@ def test_tiny_dit_overfits_tiny_recording(tokenizer_run, recording, tmp_path):
     assert all(torch.equal(v, state[f"ema.{k}"]) for k, v in exported.items())
     assert config["sampler"]["steps"] == DYN["sample_steps"] and config["train"]["steps"] == 300
     assert load_tokenizer(run / "ckpt").cfg == load_tokenizer(tokenizer_run[0] / "ckpt").cfg
+
+
+def test_rollout_training_continues_the_models_own_rollouts(tiny_checkpoint, tokenizer_run, recording, tmp_path):
+    """A fine-tune from a trained model (--init) on windows that end in the model's own rollout:
+    the real frames are where they were, the generated ones replace the real, and only the real
+    frames after them are targets."""
+    cfg = DynamicsTrainConfig(data=str(recording), out=str(tmp_path / "ft"), tokenizer=str(tokenizer_run[0]),
+                              init=str(tiny_checkpoint), rollout_frames=3, steps=4, ckpt_every=1000,
+                              **{**DYN, "window": 6})
+    task = DynamicsTask.from_run(cfg, Run(cfg.out), Dist())
+    init = load_dit(tiny_checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(task.model.state_dict().values(), init.state_dict().values()))
+
+    T, b = cfg.window, 5
+    # A seed whose step generates frames (g = 0, real context alone, is one draw in G + 1).
+    seed = next(i for i in range(100) if torch.randint(cfg.rollout_frames + 1, (),
+                                                       generator=torch.Generator().manual_seed(i)) > 0)
+    (x0, acts, t, eps, drop), first_target = task.draw_rollout(torch.Generator().manual_seed(seed), b)
+    again = torch.Generator().manual_seed(seed)  # the same draws, in draw_rollout's order
+    g = int(torch.randint(cfg.rollout_frames + 1, (), generator=again))
+    s = 1 + int(torch.randint(T - g, (), generator=again))
+    starts = task.starts[torch.randint(len(task.starts), (b,), generator=again)]
+    real, real_acts = task.train.windows(starts, T - 1 + g + s)
+    real, real_acts = real[:, -T:], real_acts[:, -T:]
+    assert x0.shape == real.shape and first_target == T - s and torch.equal(acts, real_acts)
+    n_real = T - g - s
+    assert torch.equal(x0[:, :n_real], real[:, :n_real]) and torch.equal(x0[:, T - s:], real[:, T - s:])
+    assert (x0[:, n_real:T - s] - real[:, n_real:T - s]).abs().amax() > 0.1      # generated, not real
+    assert (t[:, :T - s] <= 2 * cfg.ctx_noise).all()                             # labelled as context
+    assert torch.isfinite(flow_matching_loss(task.model, x0, acts, t, eps, drop, first_target))
+
+    summary = train_dynamics(cfg)
+    assert summary["finished"] and summary["steps"] == 4
+    stored = checkpoint.config(tmp_path / "ft" / "ckpt", "dynamics")["train"]["config"]
+    assert stored["init"] == str(tiny_checkpoint) and stored["rollout_frames"] == 3
+
+    with pytest.raises(ValueError, match="--init .* has null action, so --action-dropout must be > 0"):
+        DynamicsTask.from_run(dataclasses.replace(cfg, action_dropout=0.0), Run(tmp_path / "x"), Dist())
+    with pytest.raises(ValueError, match="--rollout-frames must lie in"):
+        DynamicsTask.from_run(dataclasses.replace(cfg, rollout_frames=T), Run(tmp_path / "y"), Dist())
 
 
 def _flags(d: dict) -> list[str]:

@@ -19,6 +19,17 @@ conditions on (clean context labelled with a small stabilisation level). So a sh
 ``prefix_prob`` of the windows gets the inference pattern: a random number of leading blocks at
 t ~ U[0, 2 ctx_noise], the rest logit-normal.
 
+Training on its own rollouts (``rollout_frames`` G > 0, Self Forcing's idea with a regression
+target; DESIGN.md section 5). A model trained only on real context never sees the blur of
+its own past frames, and a long rollout drifts to an average frame that no longer follows the
+actions. So each step first lets the model play: from ``window - 1`` real frames it generates
+g ~ U{0..G} frames with the real actions (the inference sampler: ``sample_steps`` Euler steps,
+context noise ``ctx_noise``, no gradient), and the training window is the last ``window``
+frames of real context + generated frames + s ~ U{1..window - g} real frames that follow. Only
+those s frames are trained on (Diffusion Forcing levels, the generated frames labelled as
+context): the model learns to continue its own rollout towards what really came next, which
+only the actions can tell it. ``init`` starts such a fine-tune from a trained model.
+
 Example:
     worldgen train dynamics --data data/doom --tokenizer runs/tok --out runs/dyn --minutes 15
 """
@@ -44,8 +55,8 @@ from torch import nn
 
 from worldgen import actions, checkpoint, sampling
 from worldgen.data import Dataset, WindowDataset
-from worldgen.models import (MODELS, DiT, DiTConfig, flops_per_frame, frames_to_tensor, load_tokenizer, save_part,
-                             tensor_to_frames)
+from worldgen.models import (MODELS, DiT, DiTConfig, flops_per_frame, frames_to_tensor, load_dit, load_tokenizer,
+                             save_part, tensor_to_frames)
 from worldgen.training import common
 from worldgen.training.common import (Dist, Run, TrainConfig, atomic_write, autocast, barrier, opt,
                                       save_image_rows)
@@ -71,6 +82,10 @@ class DynamicsTrainConfig(TrainConfig):
     sample_steps: int = opt(8, "Euler steps for sample strips (stored as the checkpoint's sampler default)")
     sample_frames: int = opt(16, "frames generated in each sample strip after the real context")
     eval_windows: int = opt(64, "held-out windows for the held-out loss at checkpoints")
+    init: str = opt("", "start from this model folder's dynamics weights (a fine-tune); its DiT size is used, "
+                        "not --model")
+    rollout_frames: int = opt(0, "G > 0: train on the model's own rollouts of up to G frames (see the module "
+                                 "docstring; a step costs G/2 x sample_steps window passes more); 0: real context only")
     starts: int = opt(8, "real start contexts (held-out play) stored with the exported model for new sessions")
     start_frames: int = opt(8, "frames per start context")
 
@@ -102,14 +117,16 @@ def noise_levels(batch: int, frames: int, frames_per_block: int, generator: torc
 
 
 def flow_matching_loss(model: nn.Module, x0: torch.Tensor, acts: torch.Tensor, t: torch.Tensor,
-                       eps: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+                       eps: torch.Tensor, drop: torch.Tensor | None = None,
+                       first_target: int = 0) -> torch.Tensor:
     """MSE between the predicted and the true velocity ``eps - x0`` at ``x_t = (1 - t) x0 + t eps``.
 
     x0, eps: (B, T, C, h, w) clean latents and noise; acts: (B, T, 10); t: (B, T); drop: (B, T)
-    bool, frames whose action is dropped (None: none).
+    bool, frames whose action is dropped (None: none); frames before ``first_target`` are
+    context only, left out of the loss.
     """
     v = model(sampling.add_noise(x0, eps, t), t, acts, drop_actions=drop)
-    return F.mse_loss(v.float(), eps - x0)
+    return F.mse_loss(v[:, first_target:].float(), (eps - x0)[:, first_target:])
 
 
 # --- latents on the device -------------------------------------------------------------------
@@ -214,6 +231,23 @@ def dit_config(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tupl
                                max_frames=max(base.max_frames, cfg.window), null_action=cfg.action_dropout > 0)
 
 
+def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int]) -> DiT:
+    """A fresh ``--model`` DiT, or the ``--init`` model's, checked against this run's settings."""
+    if not cfg.init:
+        return DiT(dit_config(cfg, latent_channels, latent_size))
+    model = load_dit(cfg.init).train()
+    got = model.cfg
+    if (got.latent_channels, tuple(got.latent_size)) != (latent_channels, tuple(latent_size)):
+        raise ValueError(f"--init {cfg.init}: its DiT takes {got.latent_channels}x{tuple(got.latent_size)} "
+                         f"latents, the tokenizer makes {latent_channels}x{tuple(latent_size)}")
+    if got.max_frames < cfg.window:
+        raise ValueError(f"--init {cfg.init}: its DiT holds {got.max_frames} frames, --window is {cfg.window}")
+    if got.null_action != (cfg.action_dropout > 0):
+        raise ValueError(f"--init {cfg.init}: its DiT {'has' if got.null_action else 'has no'} null action, "
+                         f"so --action-dropout must be {'> 0' if got.null_action else '0'}")
+    return model
+
+
 # --- the task --------------------------------------------------------------------------------
 class DynamicsTask:
     """The :class:`~worldgen.training.common.Task` of Diffusion Forcing a :class:`DiT` on latents
@@ -228,14 +262,22 @@ class DynamicsTask:
         self.train, self.held = train, held if held is not None else train
         self.eval_split = "heldout" if held is not None else "train"
         self.tokenizer, self.tok_folder = tokenizer, tok_folder
-        starts = train.starts(cfg.window)
+        if not 0 <= cfg.rollout_frames < cfg.window:
+            raise ValueError(f"--rollout-frames must lie in [0, --window - 1 = {cfg.window - 1}], "
+                             f"got {cfg.rollout_frames}")
+        if cfg.rollout_frames and model.cfg.frames_per_block != 1:
+            raise ValueError("--rollout-frames needs one-frame blocks (frames_per_block 1)")
+        # A rollout window: window - 1 real frames, up to window frames generated and followed.
+        self.span = 2 * cfg.window - 1 if cfg.rollout_frames else cfg.window
+        starts = train.starts(self.span)
         if len(starts) == 0:
-            raise ValueError(f"{cfg.data}: no train episode has --window {cfg.window} frames")
+            raise ValueError(f"{cfg.data}: no train episode has {self.span} frames "
+                             f"(--window {cfg.window}{', with --rollout-frames' if cfg.rollout_frames else ''})")
         self.starts = starts[d.rank::d.world_size]  # each rank draws from its own share of windows
         self.tokens_per_sample = cfg.window * model.cfg.tokens_per_frame
         self.metrics: dict[str, float] = {}
         if d.main:
-            print(f"[train] dynamics: DiT {cfg.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+            print(f"[train] dynamics: DiT {f'of {cfg.init}' if cfg.init else cfg.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"params; {len(train.z)} train frames ({len(starts)} windows of {cfg.window}), "
                   f"{len(self.held.z)} {self.eval_split} frames", file=sys.stderr)
 
@@ -252,7 +294,7 @@ class DynamicsTask:
             raise ValueError(f"{tok_folder}: tokenizer takes {tokenizer.cfg.image_size} (H, W) frames, "
                              f"{cfg.data} has {(h, w)}")
         torch.manual_seed(cfg.seed)
-        model = DiT(dit_config(cfg, tokenizer.cfg.latent_channels, tuple(tokenizer.cfg.latent_size)))
+        model = initial_dit(cfg, tokenizer.cfg.latent_channels, tuple(tokenizer.cfg.latent_size))
         lat = {name: cached_latents(run.root / f"latents-{name}.safetensors", ds, eps, tok_folder, tokenizer, d,
                                     cfg.encode_batch) if eps else None
                for name, eps in (("train", train), ("heldout", held))}
@@ -271,11 +313,46 @@ class DynamicsTask:
             drop = torch.rand(t.shape, generator=generator, device=self.device) < cfg.action_dropout  # (B, T)
         return x0, acts, t, eps, drop
 
+    @torch.no_grad()
+    def draw_rollout(self, generator: torch.Generator, batch: int) -> tuple[tuple[torch.Tensor, ...], int]:
+        """A batch of windows ending in the model's own rollout (see the module docstring):
+        ``((x0, actions, t, eps, drop), first_target)``, x0 holding the generated latents."""
+        cfg, T = self.cfg, self.cfg.window
+        g = int(torch.randint(cfg.rollout_frames + 1, (), generator=generator, device=self.device))
+        s = 1 + int(torch.randint(T - g, (), generator=generator, device=self.device))
+        i = torch.randint(len(self.starts), (batch,), generator=generator, device=self.device)
+        x0, acts = self.train.windows(self.starts[i], T - 1 + g + s)            # (B, T - 1 + g + s, ...)
+        if g:  # g = 0: real context alone, so the teacher-forced skill is kept up too
+            was_training = self.model.training
+            self.model.eval()
+            gen = sampling.rollout(self.model, x0[:, :T - 1], acts[:, :T - 1], acts[:, T - 1:T - 1 + g],
+                                   steps=cfg.sample_steps, window=T, ctx_noise=cfg.ctx_noise,
+                                   generator=generator)                        # (B, g, C, h, w)
+            self.model.train(was_training)
+            x0 = torch.cat([x0[:, :T - 1], gen.to(x0.dtype), x0[:, T - 1 + g:]], 1)
+        x0 = x0[:, -T:]
+        acts = acts[:, -T:]
+        # Real and generated context at the levels inference labels context with; targets at DF levels.
+        t = noise_levels(batch, T, 1, generator, self.device, 0.0, cfg.ctx_noise, cfg.t_loc, cfg.t_scale)
+        ctx = torch.rand((batch, T - s), generator=generator, device=self.device) * 2 * cfg.ctx_noise
+        t = torch.cat([ctx, t[:, T - s:]], 1)
+        eps = torch.randn(x0.shape, generator=generator, device=self.device)
+        drop = None
+        if cfg.action_dropout > 0:
+            drop = torch.rand(t.shape, generator=generator, device=self.device) < cfg.action_dropout
+        return (x0, acts, t, eps, drop), T - s
+
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
+        if self.cfg.rollout_frames:
+            batch, first_target = self.draw_rollout(generator, self.cfg.batch_size)
+            return flow_matching_loss(model, *batch, first_target=first_target)
         return flow_matching_loss(model, *self.draw(generator, self.cfg.batch_size))
 
     def flops_per_sample(self) -> float | None:
-        return 3 * flops_per_frame(self.model.cfg, self.cfg.window) * self.cfg.window
+        cfg = self.cfg
+        window_pass = flops_per_frame(self.model.cfg, cfg.window) * cfg.window
+        # The rollout: on average G / 2 frames of sample_steps passes over a full window each.
+        return (3 + cfg.rollout_frames / 2 * cfg.sample_steps) * window_pass
 
     @torch.no_grad()
     def evaluate(self, ema_model: nn.Module) -> dict[str, float]:
