@@ -77,6 +77,13 @@ def test_noise_levels_mix_inference_pattern():
     assert torch.equal(t[:, 0::2], t[:, 1::2])                     # one level per block of 2 frames
 
 
+def test_window_starts_skip_episodes_shorter_than_the_window():
+    # Episodes of 5, 2 (a quick death) and 4 frames; windows of 4 fit only in the first and last.
+    lat = Latents(torch.zeros(11, 1, 1, 1), torch.zeros(11, 10), torch.tensor([0, 5, 7, 11]))
+    assert lat.starts(4).tolist() == [0, 1, 7]
+    assert lat.starts(6).tolist() == []
+
+
 def _measure_set(run: Path, n: int = 16) -> tuple[torch.Tensor, ...]:
     """Fixed train windows and noise, levels t in [0.3, 0.8] on every frame: mid noise, where a
     model that predicts nothing scores ~2 and one that has learnt the frames ~0."""

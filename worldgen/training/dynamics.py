@@ -144,7 +144,7 @@ class Latents:
     def starts(self, window: int) -> torch.Tensor:
         """Every row where a window of ``window`` frames fits inside one episode."""
         off = self.offsets.tolist()
-        return torch.cat([torch.arange(a, b - window + 1, dtype=torch.long) for a, b in zip(off[:-1], off[1:])]
+        return torch.cat([torch.arange(a, max(a, b - window + 1), dtype=torch.long) for a, b in zip(off[:-1], off[1:])]
                          + [torch.zeros(0, dtype=torch.long)]).to(self.z.device)
 
     def windows(self, starts: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
