@@ -197,11 +197,15 @@ def test_eval_end_to_end(doom, ckpt, tmp_path):
     keys = {f"{p}psnr@{h}" for p in ("", "baseline_") for h in (1, 16, 64)}
     assert set(r["rollout"]) == keys | {"curve", "baseline_curve", "shuffled_curve"}
     assert all(len(r["rollout"][k]) == 64 for k in ("curve", "baseline_curve", "shuffled_curve"))
-    assert set(r["controllability"]) == {"psnr@16_real", "psnr@16_shuffled", "delta_db"}
+    ctl = r["controllability"]
+    assert set(ctl) == {"psnr@16_real", "psnr@16_shuffled", "delta_db", "windows_real", "windows_shuffled",
+                        "shuffled_from"}
     assert finite(r) and all(v is not None for part in ("tokenizer", "teacher_forced", "rollout", "controllability")
                              for v in r[part].values())
-    assert r["controllability"]["delta_db"] == pytest.approx(
-        r["controllability"]["psnr@16_real"] - r["controllability"]["psnr@16_shuffled"], abs=1e-3)
+    assert ctl["delta_db"] == pytest.approx(ctl["psnr@16_real"] - ctl["psnr@16_shuffled"], abs=1e-3)
+    for name in ("real", "shuffled"):  # the per-window PSNRs are what the means are of
+        assert ctl[f"psnr@16_{name}"] == pytest.approx(np.mean(ctl[f"windows_{name}"]), abs=1e-3)
+    assert ctl["shuffled_from"] == [1, 0]
     assert r["rollout"]["curve"] != r["rollout"]["shuffled_curve"]  # the shuffled actions were used
     for f in r["files"].values():
         assert Path(f).is_file() and Path(f).stat().st_size > 1000

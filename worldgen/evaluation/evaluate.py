@@ -39,7 +39,9 @@ an existing one never changes meaning without bumping ``version``. Means are ove
 * ``controllability``: ``psnr@16_real``, ``psnr@16_shuffled``: rollout PSNR at h = 16 with
   the real actions and with the actions of another window (a seeded permutation without fixed
   points; same context, same sampler noise); ``delta_db`` = real - shuffled. A model that
-  ignores actions scores 0.
+  ignores actions scores 0. Per window (in ``window_starts`` order; absent when the horizon is
+  shorter than 16): ``windows_real``, ``windows_shuffled``, the two PSNRs at h = 16, and
+  ``shuffled_from``, the window whose actions the shuffled rollout took.
 * ``psnr_cap_db``: PSNR of identical frames (metrics.PSNR_CAP_DB).
 * ``device``, ``seconds``: where it ran and the wall time.
 * ``files``: ``{"plot", "video"}`` paths written, or null.
@@ -156,11 +158,17 @@ def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalCo
         perm = _derangement(n, cfg.seed).to(device)
         shuffled = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[perm, c:c + horizon])
         still = frames_d[:, c - 1:c].expand_as(future)
-        curves = {"curve": psnr(real, future).mean(0), "shuffled_curve": psnr(shuffled, future).mean(0),
+        per_window = {"curve": psnr(real, future), "shuffled_curve": psnr(shuffled, future)}  # each (N, horizon)
+        curves = {**{k: v.mean(0) for k, v in per_window.items()},
                   "baseline_curve": psnr(still, future).mean(0)}          # each (horizon,)
 
     result = _report(folder, ds, cfg, c, fraction, sampler, device, starts, n_episodes, horizon, tok_psnr,
                      tok_ssim, tf, {k: v.tolist() for k, v in curves.items()})
+    if horizon >= CONTROL_HORIZON:  # which windows the actions matter in (benchmarks/control_by_turn.py)
+        result["controllability"].update(
+            {f"windows_{name}": [round(v, 4) for v in per_window[key][:, CONTROL_HORIZON - 1].tolist()]
+             for name, key in (("real", "curve"), ("shuffled", "shuffled_curve"))}, shuffled_from=perm.tolist())
+
     if media is not None:
         media, v = Path(media), cfg.video_windows
         write_plot(result, media / "psnr_vs_horizon.png")
