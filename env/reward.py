@@ -87,7 +87,44 @@ class RewardHeadConfig:
         return (self.frame_size[0] // self.downsample, self.frame_size[1] // self.downsample)
 
 
-class RewardHead(nn.Module):
+class TransitionEncoder(nn.Module):
+    """A transition (frame, action, next frame) -> ``hidden`` features: strided convs over both
+    frames and their difference (a flash, a fall or a turn is in the difference), mean and max
+    pooled (a whole-screen flash moves the mean, a small sprite the max), with the action
+    embedded. The trunk of :class:`RewardHead` and of the geometry head's odometry."""
+
+    def __init__(self, channels: Sequence[int], hidden: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 9  # frame, next frame and their difference
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8 if c % 8 == 0 else 1, c), nn.SiLU()]
+            c_in = c
+        self.convs = nn.Sequential(*layers)
+        self.action = nn.Sequential(nn.Linear(actions.ACTION_DIM, 64), nn.SiLU())
+        self.mlp = nn.Sequential(nn.Linear(2 * c_in + 64, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+
+    def features(self, prev: torch.Tensor, nxt: torch.Tensor, action_vec: torch.Tensor) -> torch.Tensor:
+        """``prev``, ``nxt``: uint8 ``(B, 3, h, w)``; ``action_vec``: ``(B, 10)`` -> ``(B, hidden)``."""
+        a = prev.float().div(127.5).sub(1.0)
+        b = nxt.float().div(127.5).sub(1.0)
+        h = self.convs(torch.cat([a, b, b - a], 1))
+        return self.mlp(torch.cat([h.mean((2, 3)), h.amax((2, 3)), self.action(action_vec.float())], 1))
+
+
+def pool_frames(frames: torch.Tensor, frame_size: Sequence[int], downsample: int, what: str) -> torch.Tensor:
+    """uint8 ``(B, H, W, 3)`` frames of ``frame_size`` -> uint8 ``(B, 3, h, w)`` average-pooled by
+    ``downsample``; anything else is a ValueError naming ``what`` reads which frames."""
+    if frames.dtype != torch.uint8 or tuple(frames.shape[1:]) != (*frame_size, 3):
+        raise ValueError(f"{what} reads uint8 frames (B, {frame_size[0]}, {frame_size[1]}, 3), "
+                         f"got {tuple(frames.shape)} {frames.dtype}")
+    x = frames.movedim(-1, 1)
+    if downsample > 1:
+        x = F.avg_pool2d(x.float(), downsample).round_().to(torch.uint8)
+    return x
+
+
+class RewardHead(TransitionEncoder):
     """Transition (frame, action, next frame) -> per target the sign of its change (3 logits)
     and its size (log1p of the absolute change), plus the logit that the player dies next step.
 
@@ -103,18 +140,8 @@ class RewardHead(nn.Module):
     """
 
     def __init__(self, cfg: RewardHeadConfig):
-        super().__init__()
+        super().__init__(cfg.channels, cfg.hidden)
         self.cfg = cfg
-        layers: list[nn.Module] = []
-        c_in = 9  # frame, next frame and their difference: a flash or a fall is in the difference
-        for c in cfg.channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8 if c % 8 == 0 else 1, c), nn.SiLU()]
-            c_in = c
-        self.convs = nn.Sequential(*layers)
-        self.action = nn.Sequential(nn.Linear(actions.ACTION_DIM, 64), nn.SiLU())
-        # Mean and max pooling: a whole-screen flash moves the mean, a small dying sprite the max.
-        self.mlp = nn.Sequential(nn.Linear(2 * c_in + 64, cfg.hidden), nn.SiLU(),
-                                 nn.Linear(cfg.hidden, cfg.hidden), nn.SiLU())
         n = len(cfg.targets)
         self.out = nn.Linear(cfg.hidden, 4 * n + 1)
         # Prior correction, set by the trainer: it over-samples rare changes, so the raw logits
@@ -125,23 +152,13 @@ class RewardHead(nn.Module):
 
     def prepare(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` frames -> uint8 ``(B, 3, h, w)`` pooled by ``downsample``."""
-        if frames.dtype != torch.uint8 or tuple(frames.shape[1:]) != (*self.cfg.frame_size, 3):
-            raise ValueError(f"reward head reads uint8 frames (B, {self.cfg.frame_size[0]}, {self.cfg.frame_size[1]}, 3), "
-                             f"got {tuple(frames.shape)} {frames.dtype}")
-        x = frames.movedim(-1, 1)
-        if self.cfg.downsample > 1:
-            x = F.avg_pool2d(x.float(), self.cfg.downsample).round_().to(torch.uint8)
-        return x
+        return pool_frames(frames, self.cfg.frame_size, self.cfg.downsample, "reward head")
 
     def forward(self, prev: torch.Tensor, nxt: torch.Tensor, action_vec: torch.Tensor) -> dict[str, torch.Tensor]:
         """``prev``, ``nxt``: prepared uint8 ``(B, 3, h, w)``; ``action_vec``: ``(B, 10)``
         (:func:`worldgen.actions.to_vector`). Returns ``logits`` (B, targets, 3), ``size``
         (B, targets) (predicted log1p |change|) and ``death`` (B,) logits."""
-        a = prev.float().div(127.5).sub(1.0)
-        b = nxt.float().div(127.5).sub(1.0)
-        h = self.convs(torch.cat([a, b, b - a], 1))
-        h = torch.cat([h.mean((2, 3)), h.amax((2, 3)), self.action(action_vec.float())], 1)
-        out = self.out(self.mlp(h))
+        out = self.out(self.features(prev, nxt, action_vec))
         n = len(self.cfg.targets)
         return {"logits": out[:, :3 * n].reshape(-1, n, 3), "size": out[:, 3 * n:4 * n], "death": out[:, -1]}
 
@@ -169,28 +186,50 @@ def save_head(folder: str | os.PathLike, head: RewardHead, weights: Mapping[str,
     checkpoint.save(folder, PART, tensors, config)
 
 
-def has_head(folder: str | os.PathLike) -> bool:
-    """Whether checkpoint folder ``folder`` (or a packaged name) holds a reward head."""
+def has_part(folder: str | os.PathLike | None, part: str) -> bool:
+    """Whether checkpoint folder ``folder`` (or a packaged name) holds a head stored as ``part``."""
     try:
-        return (checkpoint.resolve(folder) / f"{PART}.json").is_file()
+        return folder is not None and (checkpoint.resolve(folder) / f"{part}.json").is_file()
     except CheckpointError:
         return False
+
+
+def load_part(folder: str | os.PathLike, part: str, cls: type, cfg_cls: type,
+              device: torch.device | str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The head ``cls(cfg_cls(...))`` stored as ``part`` of checkpoint folder ``folder``, in eval
+    mode, and its stored config. Raises :class:`CheckpointError` naming the problem."""
+    from worldgen.models import config_from_dict
+
+    tensors, config = checkpoint.load(folder, part)
+    where = f"{checkpoint.resolve(folder) / part}.json"
+    try:
+        actions.check_schema(config.get("action_schema", {}), where)
+    except actions.ActionError as e:
+        raise CheckpointError(str(e)) from None
+    head = cls(config_from_dict(cfg_cls, config.get("model"), where))
+    checkpoint.load_state(head, {k: v.float() for k, v in tensors.items()}, where)
+    return head.to(device).eval(), config
+
+
+def stored_head(model_folder: Path | None, part: str) -> Path | None:
+    """Where the head ``part`` of the world model in ``model_folder`` is: the model folder itself,
+    or for a packaged model the heads packaged beside this module; None if neither holds one."""
+    packaged = model_folder is not None and model_folder.resolve().parent == checkpoint.PACKAGED.resolve()
+    for folder in (model_folder, PACKAGED_HEADS.get(model_folder.name) if packaged else None):
+        if has_part(folder, part):
+            return folder
+    return None
+
+
+def has_head(folder: str | os.PathLike) -> bool:
+    """Whether checkpoint folder ``folder`` (or a packaged name) holds a reward head."""
+    return has_part(folder, PART)
 
 
 def load_head(folder: str | os.PathLike, device: torch.device | str | None = None) -> tuple[RewardHead, dict[str, Any]]:
     """The reward head of checkpoint folder ``folder`` in eval mode, and its stored config
     (``reward_weights``, ``metrics``, ``train``). Raises :class:`CheckpointError` naming the problem."""
-    from worldgen.models import config_from_dict
-
-    tensors, config = checkpoint.load(folder, PART)
-    where = f"{checkpoint.resolve(folder) / PART}.json"
-    try:
-        actions.check_schema(config.get("action_schema", {}), where)
-    except actions.ActionError as e:
-        raise CheckpointError(str(e)) from None
-    head = RewardHead(config_from_dict(RewardHeadConfig, config.get("model"), where))
-    checkpoint.load_state(head, {k: v.float() for k, v in tensors.items()}, where)
-    return head.to(device).eval(), config
+    return load_part(folder, PART, RewardHead, RewardHeadConfig, device)
 
 
 # --- reward models: what the env calls --------------------------------------------------------
@@ -297,10 +336,10 @@ def reward_from_variables(prev: np.ndarray, now: np.ndarray | None, names: Seque
     :data:`worldgen.env.doom.VARIABLE_NAMES`); ``now=None`` means the player died on this step.
 
     Example:
-        >>> names = ["health", "killcount"]
-        >>> reward_from_variables(np.array([100.0, 0.0]), np.array([90.0, 1.0]), names)
+        >>> names = ["health", "killcount", "itemcount"]
+        >>> reward_from_variables(np.array([100.0, 0.0, 2.0]), np.array([90.0, 1.0, 2.0]), names)
         0.9
-        >>> reward_from_variables(np.array([10.0, 3.0]), None, names)
+        >>> reward_from_variables(np.array([10.0, 3.0, 2.0]), None, names)
         -1.0
     """
     if now is None:
@@ -328,10 +367,9 @@ def make_reward_model(reward: Any, model_folder: Path | None, device: torch.devi
     if isinstance(reward, RewardHead):
         return LearnedReward(reward, weights, device=device)
     if isinstance(reward, str) and reward == "learned":
-        packaged = model_folder is not None and model_folder.resolve().parent == checkpoint.PACKAGED.resolve()
-        for folder in (model_folder, PACKAGED_HEADS.get(model_folder.name) if packaged else None):
-            if folder is not None and has_head(folder):
-                return LearnedReward(folder, weights, device=device)
+        folder = stored_head(model_folder, PART)
+        if folder is not None:
+            return LearnedReward(folder, weights, device=device)
         raise CheckpointError(f"reward='learned': the model folder {model_folder} has no reward head ({PART}.json); "
                               f"train one with `worldgen train reward --data DATASET --out RUN` and pass "
                               f"reward='RUN/ckpt', or use reward='zero' or a function")

@@ -22,9 +22,13 @@ Spaces (the action schema of :mod:`worldgen.actions`, as the recorder stores it)
   ``{"keys": ["forward"], "mouse": [5.0, 0.0]}``. A bad action raises
   :class:`~worldgen.actions.ActionError` naming the problem, and the env is unchanged.
 * observation: the frame, ``Box(0, 255, (H, W, 3), uint8)``, (120, 160, 3) for the default
-  model. ``observations=("rgb", "depth", "pose")`` asks for depth and pose too, which needs a
-  model that generates them (``wm.has_depth``/``has_pose``); none does yet, so asking is an
-  error that says so.
+  model. ``observations=("rgb", "depth", "pose")`` (any of them) gives a ``Dict`` instead:
+  ``depth`` ``Box(0, 255, (H, W), uint8)`` in the recorder's depth levels (larger = farther) and
+  ``pose`` ``Box(POSE_LOW, POSE_HIGH, (5,), float32)``, x, y, z (map units), yaw, pitch (degrees)
+  relative to where the episode started (its start frame at the origin, looking along +x). The
+  model makes RGB only, so both are read off its frames by a learned geometry head
+  (:mod:`worldgen.env.geometry`: depth per frame, odometry per step, integrated): ``geometry=``
+  the head stored with the model (default; the default model's ships with worldgen) or a folder.
 
 Episodes: ``reset(seed=...)`` draws a real start context (:mod:`worldgen.env.starts`: the
 checkpoint's stored starts by default, else a fresh ViZDoom game; or ``start="dataset"`` with
@@ -55,6 +59,7 @@ from gymnasium.vector.utils import batch_space
 
 from worldgen import actions, checkpoint
 from worldgen.actions import Action, ActionError
+from worldgen.env.geometry import POSE_HIGH, POSE_LOW, find_head, integrate, predict_depth, predict_motion
 from worldgen.env.reward import LearnedReward, RewardModel, make_reward_model
 from worldgen.env.starts import DatasetStarts, DoomStarts, Start, StartSource, StoredStarts
 
@@ -123,8 +128,8 @@ class _World:
                  reward_weights: Mapping[str, float] | None = None, horizon: int | None = DEFAULT_HORIZON,
                  start: str = "auto", data: str | os.PathLike | None = None, split: str = "heldout",
                  maps: Sequence[str] = ("E1M1",), context: int | None = None,
-                 observations: Sequence[str] = ("rgb",), stream: Mapping[str, Any] | None = None,
-                 compile: bool = False):
+                 observations: Sequence[str] = ("rgb",), geometry: Any = "learned",
+                 stream: Mapping[str, Any] | None = None, compile: bool = False):
         from worldgen.engine import WorldModel
 
         self.wm = load_model(model, device, compile, **dict(stream or {}))
@@ -141,15 +146,17 @@ class _World:
         bad = [k for k in self.observations if k not in OBSERVATION_KEYS]
         if bad or not self.observations or len(set(self.observations)) != len(self.observations):
             raise ValueError(f"observations must be distinct keys of {OBSERVATION_KEYS}, got {observations!r}")
-        for key, has in (("depth", self.wm.has_depth), ("pose", self.wm.has_pose)):
-            if key in self.observations:
-                # The engine's step returns RGB alone so far; a Dict of rgb/depth/pose comes with
-                # the first model and engine that generate them.
-                raise ValueError(f"observations asks for {key!r}, but this model generates RGB frames only "
-                                 f"(has_{key} is {has})" if not has else
-                                 f"observations asks for {key!r}: this env does not read it from the engine yet")
         h, w, _ = self.wm.frame_shape
-        self.observation_space = spaces.Box(0, 255, (h, w, 3), np.uint8)
+        self.geometry = None
+        if {"depth", "pose"} & set(self.observations):
+            self.geometry = find_head(geometry, folder, self.wm.device)
+            if tuple(self.geometry.cfg.frame_size) != (h, w):
+                raise ValueError(f"the geometry head reads {tuple(self.geometry.cfg.frame_size)} frames, the model "
+                                 f"makes {(h, w)}; train a head on data at the model's resolution")
+        boxes = {"rgb": spaces.Box(0, 255, (h, w, 3), np.uint8), "depth": spaces.Box(0, 255, (h, w), np.uint8),
+                 "pose": spaces.Box(POSE_LOW, POSE_HIGH, (5,), np.float32)}
+        self.observation_space = boxes["rgb"] if self.observations == ("rgb",) else \
+            spaces.Dict({k: boxes[k] for k in self.observations})
         self.action_space = action_space()
 
     def _starts(self, start: str, data: Any, split: str, maps: Sequence[str], context: int | None) -> StartSource:
@@ -170,9 +177,27 @@ class _World:
             return DoomStarts(self.wm.frame_shape, context, maps)
         raise ValueError(f"start must be 'auto', 'stored', 'dataset' or 'doom', got {start!r}")
 
-    def observe(self, frame: np.ndarray) -> np.ndarray:
-        """The observation of ``frame`` (a fresh array: users may keep or change it)."""
-        return frame.copy()
+    def observe(self, env: "WorldModelEnv") -> Any:
+        """The observation of ``env``'s last frame (fresh arrays: users may keep or change them)."""
+        if self.observations == ("rgb",):
+            return env.frame.copy()
+        parts = {"rgb": env.frame, "depth": env.depth, "pose": env.pose.astype(np.float32)}
+        return {k: np.array(parts[k]) for k in self.observations}
+
+    def look(self, envs: Sequence["WorldModelEnv"], step: tuple[np.ndarray, ...] | None = None) -> None:
+        """Depth and pose of ``envs``' new frames by the geometry head, one batch for all: after a
+        reset (``step`` None: the pose starts at the origin) or after the step ``(prev_frames,
+        keys, mouse)``, whose odometry moves the pose."""
+        if self.geometry is None:
+            return
+        frames = np.stack([e.frame for e in envs])
+        depth = predict_depth(self.geometry, frames) if "depth" in self.observations else None
+        motion = predict_motion(self.geometry, *step[:3], frames) if step is not None and "pose" in self.observations \
+            else None
+        for i, e in enumerate(envs):
+            if depth is not None:
+                e.depth = depth[i]
+            e.pose = np.zeros(5) if step is None else e.pose if motion is None else integrate(e.pose, motion[i])
 
     def close(self) -> None:
         self.starts.close()
@@ -197,7 +222,11 @@ class WorldModelEnv(gymnasium.Env):
             ``"auto"``: stored if the model has start contexts, else dataset if ``data`` is given,
             else doom.
         context: frames in a dataset or ViZDoom start (default: as long as the stored starts).
-        observations: ``("rgb",)``; ``"depth"``/``"pose"`` need a model that generates them.
+        observations: ``("rgb",)`` (a Box), or any of ``"rgb"``, ``"depth"``, ``"pose"`` (a Dict; see
+            the module docstring).
+        geometry: the depth and odometry head for ``"depth"``/``"pose"``: ``"learned"`` (stored
+            with the model; the default model's ships with worldgen), a checkpoint folder, or a
+            :class:`~worldgen.env.geometry.GeometryHead`.
         stream: engine settings for loading (``steps``, ``ctx_noise``, ``window``, ...).
         compile: ``wm.compile()`` the engine (GPU: the step as one CUDA graph; the first step
             compiles, seconds to a minute).
@@ -230,6 +259,8 @@ class WorldModelEnv(gymnasium.Env):
         self.action_space = world.action_space
         self.session: Any = None
         self.frame: np.ndarray | None = None  # the last frame shown
+        self.depth: np.ndarray | None = None  # its depth, when observed
+        self.pose = np.zeros(5)               # start-relative x, y, z, yaw, pitch, when observed
         self.steps = 0
         self._window: Any = None
 
@@ -247,9 +278,10 @@ class WorldModelEnv(gymnasium.Env):
         else:
             self.session.reset(start.frames, start.actions, seed=session_seed)
         self.frame, self.steps = np.array(start.frames[-1]), 0
+        self.world.look([self])
         if self.render_mode == "human":
             self._show()
-        return self.world.observe(self.frame), {"start": start.label, "steps": 0}
+        return self.world.observe(self), {"start": start.label, "steps": 0}
 
     def _draw_start(self, options: Mapping[str, Any]) -> Start:
         unknown = set(options) - {"start", "context_frames", "context_actions"}
@@ -321,15 +353,17 @@ def _advance(world: _World, envs: Sequence[WorldModelEnv], acts: Sequence[Action
     prev = np.stack([e.frame for e in envs])
     keys, mouse = np.stack([a.keys for a in acts]), np.stack([a.mouse for a in acts])
     out = world.reward(prev, keys, mouse, frames)
-    results = []
     for i, e in enumerate(envs):
         e.frame = np.array(frames[i])
+    world.look(envs, (prev, keys, mouse))
+    results = []
+    for i, e in enumerate(envs):
         e.steps += 1
         truncated = world.horizon is not None and e.steps >= world.horizon
         info: dict[str, Any] = {"steps": e.steps}
         if out.terms:
             info["reward_terms"] = {k: float(v[i]) for k, v in out.terms.items()}
-        results.append((world.observe(e.frame), float(out.reward[i]), bool(out.terminated[i]), truncated, info))
+        results.append((world.observe(e), float(out.reward[i]), bool(out.terminated[i]), truncated, info))
         if e.render_mode == "human":
             e._show()
     return results
@@ -448,8 +482,11 @@ class WorldModelVectorEnv(VectorEnv):
                 raise ActionError(f"action of sub-env {i}: {e}") from None
         return out
 
-    def _observations(self) -> np.ndarray:
-        return np.stack([e.frame for e in self.envs])
+    def _observations(self) -> Any:
+        obs = [self.world.observe(e) for e in self.envs]
+        if isinstance(obs[0], dict):
+            return {k: np.stack([o[k] for o in obs]) for k in obs[0]}
+        return np.stack(obs)
 
     def render(self) -> tuple[np.ndarray | None, ...] | None:
         if self.render_mode != "rgb_array":

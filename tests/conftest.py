@@ -74,19 +74,21 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def doom_recording(tmp_path_factory) -> Path:
-    """A real ViZDoom recording of 110 steps in 3 episodes, in the worldgen dataset format."""
+    """A real ViZDoom recording of 110 steps in 3 episodes, in the worldgen dataset format, with
+    depth and camera poses."""
     from worldgen.env.doom import DoomConfig, DoomEnv, rollout
 
     root = tmp_path_factory.mktemp("doom")
     index = DatasetIndex(root, resolution=SIZE, frame_skip=4, source={"env": "doom", "test": "downscaled"},
-                         has_depth=True, has_pose=False)
+                         has_depth=True, has_pose=True)
     with DoomEnv(DoomConfig()) as env:
         for seed, (name, n) in enumerate(EPISODES):
             chunks = list(rollout(env, cycle_player(WALK_CYCLE, 7 * seed), "E1M1", seed, n))
             ep = Episode(frames=_small(np.concatenate([c.frames for c in chunks]), Image.BILINEAR),
                          keys=np.concatenate([c.keys for c in chunks]),
                          mouse=np.concatenate([c.mouse for c in chunks]),
-                         depth=_small(np.concatenate([c.depth for c in chunks]), Image.NEAREST))
+                         depth=_small(np.concatenate([c.depth for c in chunks]), Image.NEAREST),
+                         pose=np.concatenate([c.pose for c in chunks]))
             index.add(EpisodeInfo(id=name, length=len(ep), shards=write_episode_shards(root, name, ep)))
     return root
 
@@ -118,3 +120,16 @@ def tiny_checkpoint(doom_recording, tiny_tokenizer_run, tmp_path_factory) -> Pat
             steps=150, batch_size=8, lr=3e-3, warmup=10, ckpt_every=1000, sample_every=0, log_every=50,
             sample_steps=2, eval_windows=8, ema_decay=0.9))
     return out / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_geometry_run(doom_recording, tmp_path_factory) -> tuple[Path, dict]:
+    """`worldgen train geometry` for 200 steps on the recording: (run folder, summary)."""
+    from worldgen.env.geometry_train import GeometryTrainConfig, train
+
+    out = tmp_path_factory.mktemp("geometry")
+    with _OneThread():
+        summary = train(GeometryTrainConfig(
+            data=str(doom_recording), out=str(out), steps=200, batch_size=16, warmup=10, lr=3e-3,
+            ckpt_every=1000, log_every=20, drift_steps=8, device="cpu"))
+    return out, summary

@@ -189,6 +189,57 @@ def test_check_env_passes(tiny_checkpoint, reward_run):
     env.close()
 
 
+def test_depth_and_pose_observations(tiny_checkpoint, tiny_geometry_run):
+    """observations=("rgb", "depth", "pose"): a Dict that check_env accepts (determinism under a
+    seed included); depth is the geometry head's reading of each frame, and the pose starts at the
+    origin and integrates the head's odometry of every step (start-relative, as documented)."""
+    from worldgen.env.geometry import integrate, load_head, predict_depth, predict_motion
+
+    geometry = str(tiny_geometry_run[0] / "ckpt")
+    env = make(tiny_checkpoint, observations=("rgb", "depth", "pose"), geometry=geometry)
+    assert isinstance(env.observation_space, gymnasium.spaces.Dict)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env.unwrapped)
+    others = [str(w.message) for w in caught if "normalized space" not in str(w.message)]
+    assert not others, others
+
+    head, _ = load_head(geometry)
+    obs, _ = env.reset(seed=3)
+    assert set(obs) == {"rgb", "depth", "pose"} and obs in env.observation_space
+    assert obs["depth"].shape == (SIZE[1], SIZE[0]) and np.array_equal(obs["pose"], np.zeros(5, np.float32))
+    pose, prev = np.zeros(5), obs["rgb"]
+    turn_left = {"keys": np.zeros(8, np.int8), "mouse": np.array([-6.0, 0.0], np.float32)}  # as recorded
+    for a in (forward(), turn_left, turn_left, turn_left):
+        obs, *_ = env.step(a)
+        motion = predict_motion(head, prev[None], a["keys"][None], a["mouse"][None], obs["rgb"][None])[0]
+        pose, prev = integrate(pose, motion), obs["rgb"]
+        np.testing.assert_allclose(obs["pose"], pose.astype(np.float32), rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(obs["depth"], predict_depth(head, obs["rgb"][None])[0])
+    assert 9.0 < obs["pose"][3] < 30.0, obs["pose"]  # three mouse turns of 6 degrees left: yaw up ~18
+    obs, _ = env.reset(seed=4)
+    assert np.array_equal(obs["pose"], np.zeros(5, np.float32))  # a new episode starts at the origin
+    env.close()
+
+    # The native vector env gives the same Dict observations as single envs.
+    kwargs = dict(device="cpu", reward="zero", observations=("depth", "pose"), geometry=geometry)
+    envs = WorldModelVectorEnv(2, str(tiny_checkpoint), **kwargs)
+    singles = [WorldModelEnv(str(tiny_checkpoint), **kwargs) for _ in range(2)]
+    batch, _ = envs.reset(seed=5)
+    ones = [e.reset(seed=5 + i)[0] for i, e in enumerate(singles)]
+    for _ in range(3):
+        batch = envs.step([forward(), turn_left])[0]
+        ones = [e.step(a)[0] for e, a in zip(singles, (forward(), turn_left))]
+    assert set(batch) == {"depth", "pose"} and batch in envs.observation_space
+    for i, one in enumerate(ones):
+        # Batched GEMMs may round a pixel to the next level (see the test above): a near match.
+        assert np.abs(batch["depth"][i].astype(int) - one["depth"]).mean() < 0.5
+        np.testing.assert_allclose(batch["pose"][i], one["pose"], atol=0.5)
+    envs.close()
+    for e in singles:
+        e.close()
+
+
 def test_seeding_determinism(tiny_checkpoint):
     plan = [forward(), forward(5.0), {"keys": ["turn_left", "attack"], "mouse": [0.0, 0.0]}, forward(-3.0)]
 
@@ -336,8 +387,10 @@ def test_vector_env_bad_action_names_the_sub_env(tiny_checkpoint):
 
 
 def test_bad_settings_are_clear_errors(tiny_checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="has_depth is False"):
+    with pytest.raises(Exception, match="need a geometry head"):
         make(tiny_checkpoint, observations=("rgb", "depth"))
+    with pytest.raises(ValueError, match="observations must be distinct keys"):
+        make(tiny_checkpoint, observations=("rgb", "normals"))
     with pytest.raises(ValueError, match="start must be"):
         make(tiny_checkpoint, start="moon")
     with pytest.raises(ValueError, match="needs data="):

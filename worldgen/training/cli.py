@@ -1,11 +1,14 @@
-"""``worldgen train tokenizer|dynamics|reward``: train the per-frame tokenizer, then the DiT on its
-latents; ``reward`` fits the Gymnasium env's reward/termination head (:mod:`worldgen.env.reward_train`).
+"""``worldgen train tokenizer|dynamics|reward|geometry``: train the per-frame tokenizer, then the
+DiT on its latents; ``reward`` fits the Gymnasium env's reward/termination head
+(:mod:`worldgen.env.reward_train`), ``geometry`` its depth and odometry head
+(:mod:`worldgen.env.geometry_train`).
 
 Examples:
     worldgen train tokenizer --data data/doom --out runs/tok --minutes 8
     worldgen train dynamics --data data/doom --tokenizer runs/tok --out runs/dyn --minutes 15
     torchrun --nproc-per-node 4 -m worldgen.cli train dynamics --data data/doom --tokenizer runs/tok --out runs/dyn --steps 20000
     worldgen train reward --data data/doom --out runs/reward --minutes 10
+    worldgen train geometry --data data/doom --out runs/geometry --minutes 10
 
 A run folder that already holds a run is resumed: same config, same schedule, from its last
 checkpoint. ``RUN/ckpt`` is the model folder to use (`worldgen play RUN/ckpt`, `worldgen eval`).
@@ -26,6 +29,8 @@ TRAINERS: dict[str, tuple[str, str, str]] = {
                  "train the block-causal DiT by Diffusion Forcing on tokenizer latents"),
     "reward": ("worldgen.env.reward_train", "RewardTrainConfig",
                "train a reward/termination head on recorded game variables (for the Gymnasium env)"),
+    "geometry": ("worldgen.env.geometry_train", "GeometryTrainConfig",
+                 "train a depth + odometry head on recorded depth and poses (the env's depth and pose)"),
 }
 
 
