@@ -92,6 +92,6 @@ def test_drift_benchmark_runs_on_the_tiny_model(tiny_checkpoint, tiny_geometry_r
                          "--device", "cpu", "--json", str(out)])
     assert result["paths"] == 3 and finite(result) and json.loads(out.read_text())["mean"] == result["mean"]
     row = result["per_path"][0]
-    assert set(row) == {"walked", "displacement", "real_position_error", "imagined_position_error",
-                        "real_yaw_error", "imagined_yaw_error"}
+    assert set(row) == {"walked", "displacement", *(f"{a}_{b}_error" for a in ("real", "imagined")
+                                                     for b in ("position", "yaw", "height"))}
     assert all(r["walked"] >= r["displacement"] - 1e-6 for r in result["per_path"])
