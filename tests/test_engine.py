@@ -119,6 +119,29 @@ def test_batch_equals_sessions_alone(wm):
             assert np.abs(batch[j][i].astype(int) - solo[i][j]).max() <= 1
 
 
+def test_rollout_latents_plays_as_a_session(wm):
+    """The trainer's batched rollout on latents (engine.rollout_latents) is a session step for
+    step: B = 1 with the session's seed gives its frames, past the window too (the ring turns)."""
+    from worldgen.engine import rollout_latents
+
+    frames, acts = wm.start(0)
+    plan = (PLAY * 2)[:wm.stream.window + 3]
+    s = wm.session(frames, acts, seed=5)
+    streamed = np.stack([s.step(a) for a in plan])
+    keep = wm.stream.sinks + wm.stream.window
+    with torch.no_grad():
+        z = wm.tokenizer.encode(frames_to_tensor(frames[-keep:]))[None]
+        vec = lambda xs: torch.from_numpy(np.stack([x.vector() for x in xs]))[None]
+        lat = rollout_latents(wm.dit, wm.stream, z, vec(acts[-keep:]), vec(plan), torch.Generator().manual_seed(5))
+        out = tensor_to_frames(wm.tokenizer.decode(lat[0]))
+    assert np.abs(out.astype(int) - streamed).max() <= 1
+    # A batch plays its timelines together; each row is a timeline of its own noise.
+    with torch.no_grad():
+        two = rollout_latents(wm.dit, wm.stream, z.repeat(2, 1, 1, 1, 1), vec(acts[-keep:]).repeat(2, 1, 1),
+                              vec(plan).repeat(2, 1, 1), torch.Generator().manual_seed(5))
+    assert two.shape == (2, *lat.shape[1:]) and torch.isfinite(two).all() and not torch.equal(two[0], two[1])
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"keys": ["jump"], "mouse": [0, 0]}, "unknown key"),
     ({"keys": [], "mouse": [float("nan"), 0]}, "finite"),

@@ -8,6 +8,6 @@
 """
 
 from worldgen.engine.cache import KVCache
-from worldgen.engine.world_model import Session, StreamConfig, WorldModel, save_starts
+from worldgen.engine.world_model import Session, StreamConfig, WorldModel, rollout_latents, save_starts
 
-__all__ = ["KVCache", "Session", "StreamConfig", "WorldModel", "save_starts"]
+__all__ = ["KVCache", "Session", "StreamConfig", "WorldModel", "rollout_latents", "save_starts"]

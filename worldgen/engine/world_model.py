@@ -76,6 +76,90 @@ class StreamConfig:
                              f"{trained_window} frames the model was trained on")
 
 
+def denoise(dit: DiT, stream: StreamConfig, x: torch.Tensor, eps_ctx: torch.Tensor | None, acts: torch.Tensor,
+            frame_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of B timelines as a pure function: the Euler passes from noise ``x`` (B, c, C, h, w),
+    every pass attending to the cache (unrotated keys ``k`` and values ``v``, (depth, B, H, L, d),
+    RoPE ``cos``/``sin`` of their positions, key ``mask`` (B, L)), then the pass on the finished
+    latent noised with ``eps_ctx`` to the stabilisation level. Returns the latents and that
+    pass's keys (unrotated) and values, (depth, B, H, c * N, d) each, for the cache."""
+    b, chunk = acts.shape[:2]
+    past = [LayerKV(apply_rope(k[i], cos, sin), v[i]) for i in range(k.shape[0])]
+    g = stream.guidance
+    if g != 1:  # the batch twice: with the actions, and with the null action on the new frames
+        past2 = [LayerKV(p.k.repeat(2, 1, 1, 1), p.v.repeat(2, 1, 1, 1)) for p in past]
+        drop = sampling.guidance_mask(b, chunk, chunk, x.device)
+        pos2, mask2 = frame_pos.repeat(2, 1), None if mask is None else mask.repeat(2, 1)
+
+    def velocity(x: torch.Tensor, level: float) -> torch.Tensor:
+        t = torch.full((b, chunk), level, device=x.device)
+        if g == 1:
+            return dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
+        return sampling.guided(dit(x.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), acts.repeat(2, 1, 1),
+                                   frame_pos=pos2, past=past2, past_mask=mask2, drop_actions=drop), g)
+    x = sampling.euler(x, velocity, stream.steps, stream.shift)
+    written = x if eps_ctx is None else sampling.add_noise(x, eps_ctx, stream.ctx_noise)
+    t = torch.full((b, chunk), stream.ctx_noise, device=x.device)
+    dit(written, t, acts, frame_pos=frame_pos, past=past, past_mask=mask)
+    return x, torch.stack([p.new[0] for p in past]), torch.stack([p.new[1] for p in past])
+
+
+def prefill(dit: DiT, stream: StreamConfig, cache: KVCache, z: torch.Tensor, acts: torch.Tensor,
+            eps: torch.Tensor | None) -> None:
+    """Write context latents (B, T, C, h, w) with their actions (B, T, A), noised with ``eps`` to
+    the stabilisation level, into the cleared ``cache`` in one block-causal pass: exactly what a
+    full recompute would attend to. A cache without a batch axis takes B = 1."""
+    cache.clear()
+    x = z.float() if eps is None else sampling.add_noise(z.float(), eps, stream.ctx_noise)
+    b, t = z.shape[:2]
+    empty = torch.zeros(b, dit.cfg.heads, 0, dit.cfg.dim // dit.cfg.heads, device=z.device)
+    past = [LayerKV(empty, empty) for _ in range(dit.cfg.depth)]
+    dit(x, torch.full((b, t), stream.ctx_noise, device=z.device), acts, frame_pos=torch.arange(t, device=z.device),
+        past=past)
+    k, v = torch.stack([p.new[0] for p in past]), torch.stack([p.new[1] for p in past])   # (depth, B, H, T N, d)
+    cache.write(k if cache.k.ndim == k.ndim else k[:, 0], v if cache.v.ndim == v.ndim else v[:, 0])
+
+
+@torch.no_grad()
+def rollout_latents(dit: DiT, stream: StreamConfig, ctx: torch.Tensor, ctx_actions: torch.Tensor,
+                    actions_: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Play B timelines of one age on latents, step for step as sessions play (the same rolling
+    cache, re-positioned keys and stabilised writes; :func:`denoise`), with no tokenizer: what
+    the trainer generates when it trains on the model's own rollouts, so it trains on exactly
+    what inference makes (Self Forcing). Noise comes from ``generator`` in the order a session
+    draws it, so B = 1 with a session's seed gives that session's latents.
+
+    Args:
+        ctx: (B, T, C, h, w) context latents (the latest ``sinks + window`` are kept);
+        ctx_actions: (B, T, A); actions_: (B, n, A), n a multiple of the chunk.
+    Returns:
+        (B, n, C, h, w) float32 latents.
+    """
+    cfg = dit.cfg
+    b, chunk, keep = ctx.shape[0], cfg.frames_per_block, stream.sinks + stream.window
+    cache = KVCache(cfg.depth, cfg.heads, cfg.dim // cfg.heads, cfg.tokens_per_frame, stream.sinks, stream.window,
+                    ctx.device, torch.bfloat16 if ctx.device.type == "cuda" else torch.float32, batch=b)
+    ctx, ctx_actions = ctx[:, -keep:], ctx_actions[:, -keep:]
+
+    def randn(frames: int) -> torch.Tensor:
+        return sampling._randn((b, frames, cfg.latent_channels, *cfg.latent_size), ctx, generator)
+    prefill(dit, stream, cache, ctx, ctx_actions, randn(ctx.shape[1]) if stream.ctx_noise > 0 else None)
+    out = []
+    for i in range(0, actions_.shape[1], chunk):
+        pos = cache.positions()[None].to(ctx.device)                                  # (1, slots)
+        cos, sin = dit.rope(pos, pos.shape[1])
+        mask = cache.valid()[None].expand(b, -1).to(ctx.device)
+        frame_pos = (cache.next_position() + torch.arange(chunk, device=ctx.device))[None].expand(b, -1)
+        x = randn(chunk)
+        eps = randn(chunk) if stream.ctx_noise > 0 else None
+        x, k_new, v_new = denoise(dit, stream, x, eps, actions_[:, i:i + chunk], frame_pos, cache.k, cache.v,
+                                  cos, sin, mask)
+        cache.write(k_new, v_new)
+        out.append(x)
+    return torch.cat(out, 1)
+
+
 class WorldModel:
     """A tokenizer + DiT ready to play. Build it with :meth:`load`."""
 
@@ -221,28 +305,9 @@ class WorldModel:
     def _denoise(self, x: torch.Tensor, eps_ctx: torch.Tensor | None, acts: torch.Tensor, frame_pos: torch.Tensor,
                  k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One step of B sessions as a pure function (what :meth:`compile` captures whole): the
-        Euler passes from noise ``x`` (B, c, C, h, w), then the cache-writing pass. Returns the
-        latents and the new keys (unrotated) and values, (depth, B, H, c * N, d) each."""
-        b, chunk = acts.shape[:2]
-        past = [LayerKV(apply_rope(k[i], cos, sin), v[i]) for i in range(k.shape[0])]
-        g = self.stream.guidance
-        if g != 1:  # the batch twice: with the actions, and with the null action on the new frames
-            past2 = [LayerKV(p.k.repeat(2, 1, 1, 1), p.v.repeat(2, 1, 1, 1)) for p in past]
-            drop = sampling.guidance_mask(b, chunk, chunk, x.device)
-            pos2, mask2 = frame_pos.repeat(2, 1), None if mask is None else mask.repeat(2, 1)
-
-        def velocity(x: torch.Tensor, level: float) -> torch.Tensor:
-            t = torch.full((b, chunk), level, device=x.device)
-            if g == 1:
-                return self.dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
-            return sampling.guided(self.dit(x.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), acts.repeat(2, 1, 1),
-                                            frame_pos=pos2, past=past2, past_mask=mask2, drop_actions=drop), g)
-        x = sampling.euler(x, velocity, self.stream.steps, self.stream.shift)
-        written = x if eps_ctx is None else sampling.add_noise(x, eps_ctx, self.stream.ctx_noise)
-        t = torch.full((b, chunk), self.stream.ctx_noise, device=x.device)
-        self.dit(written, t, acts, frame_pos=frame_pos, past=past, past_mask=mask)
-        return x, torch.stack([p.new[0] for p in past]), torch.stack([p.new[1] for p in past])
+        """One step of B sessions (:func:`denoise` with this model's DiT and settings): what
+        :meth:`compile` captures whole."""
+        return denoise(self.dit, self.stream, x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask)
 
     def _noise(self, gens: list[torch.Generator], frames: int,
                sample: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -258,17 +323,9 @@ class WorldModel:
         return torch.stack(x) if x else None, torch.stack(ctx) if ctx else None
 
     def _prefill(self, session: "Session", z: torch.Tensor, acts: torch.Tensor) -> None:
-        """Write context latents (T, C, h, w) with their actions (T, A) into a cleared cache, in one
-        block-causal pass: exactly what a full recompute would attend to."""
-        c = session.cache
-        c.clear()
+        """Write context latents (T, C, h, w) with their actions (T, A) into the session's cache."""
         _, eps = self._noise([session.generator], len(z), sample=False)
-        x = z[None].float() if eps is None else sampling.add_noise(z[None].float(), eps, self.stream.ctx_noise)
-        empty = torch.zeros(1, c.k.shape[1], 0, c.k.shape[3], device=self.device)
-        past = [LayerKV(empty, empty) for _ in range(self.dit.cfg.depth)]
-        t = torch.full((1, len(z)), self.stream.ctx_noise, device=self.device)
-        self.dit(x, t, acts[None], frame_pos=torch.arange(len(z), device=self.device), past=past)
-        c.write(torch.stack([p.new[0][0] for p in past]), torch.stack([p.new[1][0] for p in past]))
+        prefill(self.dit, self.stream, session.cache, z[None], acts[None], eps)
 
     def _advance(self, sessions: Sequence["Session"], acts: torch.Tensor) -> torch.Tensor:
         """Denoise the next chunk of every session, write it to the caches: latents (B, c, C, h, w)."""

@@ -23,8 +23,9 @@ Training on its own rollouts (``rollout_frames`` G > 0, Self Forcing's idea with
 target; DESIGN.md section 5). A model trained only on real context never sees the blur of
 its own past frames, and a long rollout drifts to an average frame that no longer follows the
 actions. So each step first lets the model play: from ``window - 1`` real frames it generates
-g ~ U{0..G} frames with the real actions (the inference sampler: ``sample_steps`` Euler steps,
-context noise ``ctx_noise``, no gradient), and the training window is the last ``window``
+g ~ U{0..G} frames with the real actions exactly as a streaming session would
+(:func:`worldgen.engine.rollout_latents`: a KV cache of 1 sink + ``window - 2`` frames,
+``sample_steps`` Euler steps, writes stabilised at ``ctx_noise``; no gradient), and the training window is the last ``window``
 frames of real context + generated frames + s ~ U{1..window - g} real frames that follow. Only
 those s frames are trained on (Diffusion Forcing levels, the generated frames labelled as
 context): the model learns to continue its own rollout towards what really came next, which
@@ -55,6 +56,7 @@ from torch import nn
 
 from worldgen import actions, checkpoint, sampling
 from worldgen.data import Dataset, WindowDataset
+from worldgen.engine import StreamConfig, rollout_latents, save_starts
 from worldgen.models import (MODELS, DiT, DiTConfig, flops_per_frame, frames_to_tensor, load_dit, load_tokenizer,
                              save_part, tensor_to_frames)
 from worldgen.training import common
@@ -265,8 +267,8 @@ class DynamicsTask:
         if not 0 <= cfg.rollout_frames < cfg.window:
             raise ValueError(f"--rollout-frames must lie in [0, --window - 1 = {cfg.window - 1}], "
                              f"got {cfg.rollout_frames}")
-        if cfg.rollout_frames and model.cfg.frames_per_block != 1:
-            raise ValueError("--rollout-frames needs one-frame blocks (frames_per_block 1)")
+        if cfg.rollout_frames and (model.cfg.frames_per_block != 1 or cfg.window < 3):
+            raise ValueError("--rollout-frames needs one-frame blocks (frames_per_block 1) and --window >= 3")
         # A rollout window: window - 1 real frames, up to window frames generated and followed.
         self.span = 2 * cfg.window - 1 if cfg.rollout_frames else cfg.window
         starts = train.starts(self.span)
@@ -325,9 +327,10 @@ class DynamicsTask:
         if g:  # g = 0: real context alone, so the teacher-forced skill is kept up too
             was_training = self.model.training
             self.model.eval()
-            gen = sampling.rollout(self.model, x0[:, :T - 1], acts[:, :T - 1], acts[:, T - 1:T - 1 + g],
-                                   steps=cfg.sample_steps, window=T, ctx_noise=cfg.ctx_noise,
-                                   generator=generator)                        # (B, g, C, h, w)
+            # As a session plays: 1 sink + the latest T - 2 frames cached, stabilised writes.
+            stream = StreamConfig(steps=cfg.sample_steps, ctx_noise=cfg.ctx_noise, sinks=1, window=T - 2)
+            gen = rollout_latents(self.model, stream, x0[:, :T - 1], acts[:, :T - 1], acts[:, T - 1:T - 1 + g],
+                                  generator)                                   # (B, g, C, h, w)
             self.model.train(was_training)
             x0 = torch.cat([x0[:, :T - 1], gen.to(x0.dtype), x0[:, T - 1 + g:]], 1)
         x0 = x0[:, -T:]
@@ -349,10 +352,14 @@ class DynamicsTask:
         return flow_matching_loss(model, *self.draw(generator, self.cfg.batch_size))
 
     def flops_per_sample(self) -> float | None:
-        cfg = self.cfg
-        window_pass = flops_per_frame(self.model.cfg, cfg.window) * cfg.window
-        # The rollout: on average G / 2 frames of sample_steps passes over a full window each.
-        return (3 + cfg.rollout_frames / 2 * cfg.sample_steps) * window_pass
+        cfg, m, T = self.cfg, self.model.cfg, self.cfg.window
+        train = 3 * flops_per_frame(m, T) * T  # forward and backward over the window
+        if not cfg.rollout_frames:
+            return train
+        # The rollout: a prefill of T - 1 frames, then on average G / 2 frames of sample_steps + 1
+        # passes of one frame over the cache (its own tokens, plus attention to T - 1 cached frames).
+        one = flops_per_frame(m, 1) + m.depth * 4 * m.dim * m.tokens_per_frame ** 2 * (T - 1)
+        return train + flops_per_frame(m, T - 1) * (T - 1) + cfg.rollout_frames / 2 * (cfg.sample_steps + 1) * one
 
     @torch.no_grad()
     def evaluate(self, ema_model: nn.Module) -> dict[str, float]:
@@ -420,8 +427,6 @@ class DynamicsTask:
 def write_starts(folder: Path, ds: Dataset, episodes: list[int], n: int, frames: int) -> None:
     """Store ``n`` real contexts of ``frames`` frames, spread evenly over ``episodes``, with the
     model (:func:`worldgen.engine.save_starts`): what a new play session starts from."""
-    from worldgen.engine import save_starts  # the engine imports the models, not the trainers
-
     pool = WindowDataset(ds, frames, episodes, stride=frames, fields=(), verify=False)
     items = [pool[int(i)] for i in np.linspace(0, len(pool) - 1, min(n, len(pool))).round()]
     save_starts(folder, np.stack([it["frames"] for it in items]), np.stack([it["keys"] for it in items]),
