@@ -168,6 +168,19 @@ def test_rollout_training_continues_the_models_own_rollouts(tiny_checkpoint, tok
     stored = checkpoint.config(tmp_path / "ft" / "ckpt", "dynamics")["train"]["config"]
     assert stored["init"] == str(tiny_checkpoint) and stored["rollout_frames"] == 3
 
+    # --rollout-share: the share of steps on own rollouts, the rest plain Diffusion Forcing.
+    draw_rollout, draw = task.draw_rollout, task.draw
+    for share, expect in ((0.0, {"plain"}), (1.0, {"rollout"}), (0.5, {"plain", "rollout"})):
+        task.cfg, seen = dataclasses.replace(cfg, rollout_share=share, batch_size=2), set()
+        task.draw_rollout = lambda g, b: seen.add("rollout") or draw_rollout(g, b)
+        task.draw = lambda g, b: seen.add("plain") or draw(g, b)
+        for step in range(12):
+            assert torch.isfinite(task.loss(task.model, step, torch.Generator().manual_seed(step)))
+        assert seen == expect, (share, seen)
+    task.draw_rollout, task.draw, task.cfg = draw_rollout, draw, cfg
+    with pytest.raises(ValueError, match="--rollout-share must lie in"):
+        DynamicsTask.from_run(dataclasses.replace(cfg, rollout_share=1.5), Run(tmp_path / "z"), Dist())
+
     with pytest.raises(ValueError, match="--init .* has null action, so --action-dropout must be > 0"):
         DynamicsTask.from_run(dataclasses.replace(cfg, action_dropout=0.0), Run(tmp_path / "x"), Dist())
     with pytest.raises(ValueError, match="--rollout-frames must lie in"):

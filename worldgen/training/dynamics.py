@@ -87,7 +87,11 @@ class DynamicsTrainConfig(TrainConfig):
     init: str = opt("", "start from this model folder's dynamics weights (a fine-tune); its DiT size is used, "
                         "not --model")
     rollout_frames: int = opt(0, "G > 0: train on the model's own rollouts of up to G frames (see the module "
-                                 "docstring; a step costs G/2 x sample_steps window passes more); 0: real context only")
+                                 "docstring; a step costs G/2 x (sample_steps + 1) one-frame passes more); 0: real "
+                                 "context only")
+    rollout_share: float = opt(1.0, "with --rollout-frames, the share of steps on own rollouts; the others are "
+                                    "plain Diffusion Forcing steps on real windows (1 lost 0.5 dB teacher-forced "
+                                    "in 330 steps: benchmarks/RESULTS.md)")
     starts: int = opt(8, "real start contexts (held-out play) stored with the exported model for new sessions")
     start_frames: int = opt(8, "frames per start context")
 
@@ -267,6 +271,8 @@ class DynamicsTask:
         if not 0 <= cfg.rollout_frames < cfg.window:
             raise ValueError(f"--rollout-frames must lie in [0, --window - 1 = {cfg.window - 1}], "
                              f"got {cfg.rollout_frames}")
+        if not 0 <= cfg.rollout_share <= 1:
+            raise ValueError(f"--rollout-share must lie in [0, 1], got {cfg.rollout_share}")
         if cfg.rollout_frames and (model.cfg.frames_per_block != 1 or cfg.window < 3):
             raise ValueError("--rollout-frames needs one-frame blocks (frames_per_block 1) and --window >= 3")
         # A rollout window: window - 1 real frames, up to window frames generated and followed.
@@ -346,20 +352,22 @@ class DynamicsTask:
         return (x0, acts, t, eps, drop), T - s
 
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
-        if self.cfg.rollout_frames:
-            batch, first_target = self.draw_rollout(generator, self.cfg.batch_size)
+        cfg = self.cfg
+        if cfg.rollout_frames and float(torch.rand((), generator=generator, device=self.device)) < cfg.rollout_share:
+            batch, first_target = self.draw_rollout(generator, cfg.batch_size)
             return flow_matching_loss(model, *batch, first_target=first_target)
-        return flow_matching_loss(model, *self.draw(generator, self.cfg.batch_size))
+        return flow_matching_loss(model, *self.draw(generator, cfg.batch_size))
 
     def flops_per_sample(self) -> float | None:
         cfg, m, T = self.cfg, self.model.cfg, self.cfg.window
         train = 3 * flops_per_frame(m, T) * T  # forward and backward over the window
         if not cfg.rollout_frames:
             return train
-        # The rollout: a prefill of T - 1 frames, then on average G / 2 frames of sample_steps + 1
-        # passes of one frame over the cache (its own tokens, plus attention to T - 1 cached frames).
+        # The rollout (a share of the steps): a prefill of T - 1 frames, then on average G / 2 frames of
+        # sample_steps + 1 passes of one frame over the cache (its tokens, plus attention to T - 1 cached frames).
         one = flops_per_frame(m, 1) + m.depth * 4 * m.dim * m.tokens_per_frame ** 2 * (T - 1)
-        return train + flops_per_frame(m, T - 1) * (T - 1) + cfg.rollout_frames / 2 * (cfg.sample_steps + 1) * one
+        rollout = flops_per_frame(m, T - 1) * (T - 1) + cfg.rollout_frames / 2 * (cfg.sample_steps + 1) * one
+        return train + cfg.rollout_share * rollout
 
     @torch.no_grad()
     def evaluate(self, ema_model: nn.Module) -> dict[str, float]:
