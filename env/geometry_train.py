@@ -43,6 +43,7 @@ from worldgen import actions
 from worldgen.data import Dataset
 from worldgen.env.geometry import (MOTION_FIELDS, GeometryHead, GeometryHeadConfig, integrate, motion_between,
                                    save_head)
+from worldgen.env.reward import pool_factor
 from worldgen.training import common
 from worldgen.training.common import Dist, Run, TrainConfig, autocast, opt, save_image_rows
 
@@ -152,17 +153,11 @@ class GeometryTask:
 
         ds, train, held = open_dataset(cfg)
         w, h = ds.resolution
-
-        def factor(asked: int, base: int = 1) -> int:
-            """The largest multiple of ``base`` <= ``asked`` that divides the frame."""
-            f = max(base, asked - asked % base)
-            while w % f or h % f:
-                f -= base
-            return f
-        down = factor(cfg.downsample or max(1, w // 80))
+        down = pool_factor(w, h, cfg.downsample or max(1, w // 80))
         torch.manual_seed(cfg.seed)
         head = GeometryHead(GeometryHeadConfig(frame_size=(h, w), downsample=down,
-                                               depth_downsample=factor(cfg.depth_downsample or max(1, w // 40), down)))
+                                               depth_downsample=pool_factor(w, h, cfg.depth_downsample or
+                                                                            max(1, w // 40), down)))
         t0 = time.time()
         train_set, eval_set = build_set(ds, train, head), build_set(ds, held or train, head)
         if d.main:

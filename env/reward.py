@@ -124,6 +124,20 @@ def pool_frames(frames: torch.Tensor, frame_size: Sequence[int], downsample: int
     return x
 
 
+def pool_factor(width: int, height: int, asked: int, base: int = 1) -> int:
+    """The largest multiple of ``base`` at most ``asked`` that divides both sides of a frame: a
+    trainer's pooling factor.
+
+    Example:
+        >>> pool_factor(160, 120, 3), pool_factor(160, 120, 4, base=2)
+        (2, 4)
+    """
+    f = max(base, asked - asked % base)
+    while width % f or height % f:
+        f -= base
+    return f
+
+
 class RewardHead(TransitionEncoder):
     """Transition (frame, action, next frame) -> per target the sign of its change (3 logits)
     and its size (log1p of the absolute change), plus the logit that the player dies next step.

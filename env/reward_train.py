@@ -48,7 +48,7 @@ from torch import nn
 from worldgen import actions
 from worldgen.data import Dataset
 from worldgen.env.reward import (CLASSES, DEFAULT_TARGETS, DEFAULT_WEIGHTS, RewardHead, RewardHeadConfig,
-                                 save_head)
+                                 pool_factor, save_head)
 from worldgen.training import common
 from worldgen.training.common import Dist, Run, TrainConfig, autocast, opt, save_image_rows
 
@@ -238,9 +238,7 @@ class RewardTask:
 
         ds, train, held = open_dataset(cfg)
         w, h = ds.resolution
-        down = cfg.downsample or max(1, w // 80)
-        while w % down or h % down:  # the largest factor <= the asked one that divides the frame
-            down -= 1
+        down = pool_factor(w, h, cfg.downsample or max(1, w // 80))
         torch.manual_seed(cfg.seed)
         head = RewardHead(RewardHeadConfig(frame_size=(h, w), downsample=down,
                                            targets=tuple(t.strip() for t in cfg.targets.split(",") if t.strip()),
