@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import os
 import weakref
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import gymnasium
@@ -197,7 +196,10 @@ class _World:
         for i, e in enumerate(envs):
             if depth is not None:
                 e.depth = depth[i]
-            e.pose = np.zeros(5) if step is None else e.pose if motion is None else integrate(e.pose, motion[i])
+            if step is None:
+                e.pose = np.zeros(5)
+            elif motion is not None:
+                e.pose = integrate(e.pose, motion[i])
 
     def close(self) -> None:
         self.starts.close()

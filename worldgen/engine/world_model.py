@@ -105,25 +105,23 @@ def denoise(dit: DiT, stream: StreamConfig, x: torch.Tensor, eps_ctx: torch.Tens
     return x, torch.stack([p.new[0] for p in past]), torch.stack([p.new[1] for p in past])
 
 
-def prefill(dit: DiT, stream: StreamConfig, cache: KVCache, z: torch.Tensor, acts: torch.Tensor,
-            eps: torch.Tensor | None) -> None:
-    """Write context latents (B, T, C, h, w) with their actions (B, T, A), noised with ``eps`` to
-    the stabilisation level, into the cleared ``cache`` in one block-causal pass: exactly what a
-    full recompute would attend to. A cache without a batch axis takes B = 1."""
-    cache.clear()
+def prefill(dit: DiT, stream: StreamConfig, z: torch.Tensor, acts: torch.Tensor,
+            eps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys (unrotated) and values, (depth, B, H, T * N, d) each, that context latents
+    (B, T, C, h, w) with their actions (B, T, A), noised with ``eps`` to the stabilisation level,
+    leave in a cleared cache: one block-causal pass, exactly what a full recompute attends to."""
     x = z.float() if eps is None else sampling.add_noise(z.float(), eps, stream.ctx_noise)
     b, t = z.shape[:2]
     empty = torch.zeros(b, dit.cfg.heads, 0, dit.cfg.dim // dit.cfg.heads, device=z.device)
     past = [LayerKV(empty, empty) for _ in range(dit.cfg.depth)]
     dit(x, torch.full((b, t), stream.ctx_noise, device=z.device), acts, frame_pos=torch.arange(t, device=z.device),
         past=past)
-    k, v = torch.stack([p.new[0] for p in past]), torch.stack([p.new[1] for p in past])   # (depth, B, H, T N, d)
-    cache.write(k if cache.k.ndim == k.ndim else k[:, 0], v if cache.v.ndim == v.ndim else v[:, 0])
+    return torch.stack([p.new[0] for p in past]), torch.stack([p.new[1] for p in past])
 
 
 @torch.no_grad()
 def rollout_latents(dit: DiT, stream: StreamConfig, ctx: torch.Tensor, ctx_actions: torch.Tensor,
-                    actions_: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+                    actions_: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Play B timelines of one age on latents, step for step as sessions play (the same rolling
     cache, re-positioned keys and stabilised writes; :func:`denoise`), with no tokenizer: what
     the trainer generates when it trains on the model's own rollouts, so it trains on exactly
@@ -143,8 +141,8 @@ def rollout_latents(dit: DiT, stream: StreamConfig, ctx: torch.Tensor, ctx_actio
     ctx, ctx_actions = ctx[:, -keep:], ctx_actions[:, -keep:]
 
     def randn(frames: int) -> torch.Tensor:
-        return sampling._randn((b, frames, cfg.latent_channels, *cfg.latent_size), ctx, generator)
-    prefill(dit, stream, cache, ctx, ctx_actions, randn(ctx.shape[1]) if stream.ctx_noise > 0 else None)
+        return _randn((b, frames, cfg.latent_channels, *cfg.latent_size), generator, ctx.device)
+    cache.write(*prefill(dit, stream, ctx, ctx_actions, randn(ctx.shape[1]) if stream.ctx_noise > 0 else None))
     out = []
     for i in range(0, actions_.shape[1], chunk):
         pos = cache.positions()[None].to(ctx.device)                                  # (1, slots)
@@ -325,7 +323,9 @@ class WorldModel:
     def _prefill(self, session: "Session", z: torch.Tensor, acts: torch.Tensor) -> None:
         """Write context latents (T, C, h, w) with their actions (T, A) into the session's cache."""
         _, eps = self._noise([session.generator], len(z), sample=False)
-        prefill(self.dit, self.stream, session.cache, z[None], acts[None], eps)
+        k, v = prefill(self.dit, self.stream, z[None], acts[None], eps)
+        session.cache.clear()
+        session.cache.write(k[:, 0], v[:, 0])
 
     def _advance(self, sessions: Sequence["Session"], acts: torch.Tensor) -> torch.Tensor:
         """Denoise the next chunk of every session, write it to the caches: latents (B, c, C, h, w)."""

@@ -352,8 +352,10 @@ class DynamicsTask:
         return (x0, acts, t, eps, drop), T - s
 
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
-        cfg = self.cfg
-        if cfg.rollout_frames and float(torch.rand((), generator=generator, device=self.device)) < cfg.rollout_share:
+        cfg, share = self.cfg, self.cfg.rollout_share
+        # A coin only when the share leaves a choice: share 1 draws what it drew before the knob.
+        if cfg.rollout_frames and (share == 1 or share > 0 and
+                                   float(torch.rand((), generator=generator, device=self.device)) < share):
             batch, first_target = self.draw_rollout(generator, cfg.batch_size)
             return flow_matching_loss(model, *batch, first_target=first_target)
         return flow_matching_loss(model, *self.draw(generator, cfg.batch_size))
