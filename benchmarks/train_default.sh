@@ -10,7 +10,8 @@
 # Everything lands in WORKDIR: datasets, runs, eval.json, logs, timings.txt.
 # The defaults are the shipped model's recipe. Knobs for experiments: TOKENIZER=FOLDER reuses a
 # trained tokenizer and DYNAMICS=FOLDER a trained DiT (their training minutes count toward the
-# budget); ROLLOUT_MINUTES sets the fine-tune on the model's own rollouts (0: none); TRAIN_POLICY picks who plays
+# budget); ROLLOUT_MINUTES and ROLLOUT_ARGS set the fine-tune on the model's own rollouts (minutes 0:
+# none; the shipped one: 7.5 minutes, half its steps on rollouts); TRAIN_POLICY picks who plays
 # the training recording (explore; babble: the explorer with bursts of random actions; the
 # unseen-seed test play is always the explorer); DYN_MINUTES, DYN_ARGS (more `train dynamics`
 # flags) and SWEEP (sampler_sweep.py's grid) change the full run's training and sweep. The
@@ -29,7 +30,7 @@ case "$scale" in
          bench="--batch 1 2 --frames 3" envs="1,2 --steps 2 --warmup 1" ;;
   full)  train_steps=220000 held_steps=16000 tok_budget="--minutes 4 --batch-size 64"
          dyn_budget="--minutes ${DYN_MINUTES:-13} --batch-size 128 --lr 5e-4" windows=64
-         rollout_budget="--minutes ${ROLLOUT_MINUTES:-6} --batch-size 128 --lr 1e-4 --warmup 50 --ema-decay 0.99"
+         rollout_budget="--minutes ${ROLLOUT_MINUTES:-7.5} --batch-size 128 --lr 1e-4 --warmup 50 --ema-decay 0.99"
          sweep=${SWEEP:-"--steps 2 4 8 --ctx-noise 0.05 0.1 --shift 1 3 --windows 16 --horizon 16"}
          long="--frames 10000 --sessions 4 --windows 16 --horizons 16 64 256"
          bench="--batch 1 8 32 64 --frames 100" envs="1,16,64 --steps 50" ;;
@@ -63,10 +64,10 @@ t4=$(date +%s); log "dynamics trained in $((t4 - t3)) s (${DYNAMICS:+reused $DYN
 # Then on its own rollouts (worldgen/training/dynamics.py): windows that end in up to 15 frames
 # the model generated itself with the inference sampler, trained towards the real frames after.
 model=$dyn
-if [ "${ROLLOUT_MINUTES:-6}" != 0 ]; then
+if [ "${ROLLOUT_MINUTES:-7.5}" != 0 ]; then
   worldgen train dynamics --data "$work/doom_train" --tokenizer "$tok" --init "$dyn" --run "$work/rollout" \
     $rollout_budget --window 16 --rollout-frames 15 --sample-steps 2 --ctx-noise 0.1 \
-    ${ROLLOUT_ARGS:---action-dropout 0} --export-dtype bf16 $compile
+    ${ROLLOUT_ARGS:---action-dropout 0 --rollout-share 0.5} --export-dtype bf16 $compile
   model=$work/rollout/ckpt
 fi
 t4b=$(date +%s); log "rollout fine-tune in $((t4b - t4)) s"

@@ -50,10 +50,11 @@ class Source(Protocol):
 class LocalSource:
     """The engine in this process: one session stepped at ``fps`` with the current input."""
 
-    def __init__(self, checkpoint: str, device: str | None = None, seed: int | None = None, fps: float | None = None):
+    def __init__(self, checkpoint: str, device: str | None = None, seed: int | None = None, fps: float | None = None,
+                 steps: int | None = None):
         from worldgen import WorldModel  # torch only for the local mode
 
-        self.wm = WorldModel.load(checkpoint, device=device)
+        self.wm = WorldModel.load(checkpoint, device=device, **({} if steps is None else {"steps": steps}))
         self.seed = seed
         self.session = self.wm.session(seed=seed)
         self.fps = float(fps or self.wm.fps)
@@ -249,6 +250,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="default", help="local mode: checkpoint folder or packaged name (default: default)")
     p.add_argument("--device", default=None, help="local mode: cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--fps", type=float, default=None, help="local mode: frames per second (default: the model's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="local mode: Euler steps per frame (default: the checkpoint's; more = sharper, slower)")
     p.add_argument("--seed", type=int, default=None, help="picks the start context and the sampler noise")
     p.add_argument("--record", default=None, help="write the frames shown to this mp4")
     p.add_argument("--frames", type=int, default=None, help="quit after this many frames (default: play until closed)")
@@ -264,14 +267,15 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         source: Source = (RemoteSource(args.server, token=args.token, seed=args.seed) if args.server
-                          else LocalSource(args.checkpoint, device=args.device, seed=args.seed, fps=args.fps))
+                          else LocalSource(args.checkpoint, device=args.device, seed=args.seed, fps=args.fps,
+                                      steps=args.steps))
     except ServerError as e:
         print(f"worldgen play: {args.server} refused the session: {e}", file=sys.stderr)
         return 1
     except (OSError, WebSocketException) as e:
         print(f"worldgen play: cannot reach {args.server}: {e}", file=sys.stderr)
         return 1
-    except (CheckpointError, ValueError) as e:  # ValueError: e.g. a model with no start contexts
+    except (CheckpointError, ValueError) as e:  # ValueError: e.g. no start contexts, --steps out of range
         print(f"worldgen play: {e}", file=sys.stderr)
         return 1
     try:

@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None, help="secret every client must send in its hello (default: none)")
     p.add_argument("--max-sessions", type=int, default=16, help="live sessions at most; more get a busy error (default 16)")
     p.add_argument("--fps", type=float, default=None, help="frames per second per session (default: the model's own rate)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Euler steps per frame (default: the checkpoint's; more = sharper frames over long sessions, "
+                        "slower)")
     p.add_argument("--idle-timeout", type=float, default=300.0,
                    help="close a session that sends nothing for this many seconds (default 300)")
     p.add_argument("--max-message", type=int, default=P.MAX_MESSAGE_BYTES,
@@ -60,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(max(1, args.threads))
     try:
-        wm = WorldModel.load(args.checkpoint, device=args.device)
-    except CheckpointError as e:
+        wm = WorldModel.load(args.checkpoint, device=args.device, **({} if args.steps is None else {"steps": args.steps}))
+    except (CheckpointError, ValueError) as e:  # ValueError: --steps out of range
         print(f"worldgen serve: {e}", file=sys.stderr)
         return 1
     if wm.num_starts == 0:  # a session starts from a stored real context; without one there is no game

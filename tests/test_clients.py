@@ -198,6 +198,27 @@ def test_pygame_local_engine(tiny_checkpoint, tmp_path, one_thread):
     assert len(turned.latencies_ms) == 13 and all(ms > 0 for ms in turned.latencies_ms)
 
 
+def test_steps_option_reaches_the_sampler(tiny_checkpoint, one_thread):
+    """`--steps` of `worldgen play` (local) and `worldgen serve` sets the Euler steps per frame:
+    the same seed gives other frames at 3 steps than at the checkpoint's; 0 is a clear error."""
+    def run(**steps):
+        src = LocalSource(str(tiny_checkpoint), device="cpu", seed=4, fps=200, **steps)
+        shown = capture(src)
+        try:
+            play(src, frames=3, script=lambda i: [])
+            return src.wm.stream.steps, shown[-1]
+        finally:
+            src.close()
+
+    (own, last_own), (three, last_three) = run(), run(steps=3)
+    assert own != three == 3 and not np.array_equal(last_own, last_three)
+    with pytest.raises(ValueError, match="steps must lie"):
+        LocalSource(str(tiny_checkpoint), device="cpu", steps=0)
+    done = subprocess.run([sys.executable, "-m", "worldgen.cli", "serve", "--checkpoint", str(tiny_checkpoint),
+                           "--device", "cpu", "--steps", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "steps must lie in [1, 64], got 0" in done.stderr
+
+
 def test_pygame_client_on_the_server(server, tmp_path):
     src = RemoteSource(server.ws_url, token=TOKEN, seed=21)
     frames = capture(src)
