@@ -379,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     args.horizons = sorted(set(args.horizons))
     ds = Dataset(args.data)
-    base = WorldModel.load(args.checkpoint, args.device, **({"steps": args.steps} if args.steps else {}))
+    base = WorldModel.load(args.checkpoint, args.device, steps=args.steps)
     try:
         check(base, ds, args)
         longest = args.context + max(args.horizons)

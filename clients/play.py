@@ -54,7 +54,7 @@ class LocalSource:
                  steps: int | None = None):
         from worldgen import WorldModel  # torch only for the local mode
 
-        self.wm = WorldModel.load(checkpoint, device=device, **({} if steps is None else {"steps": steps}))
+        self.wm = WorldModel.load(checkpoint, device=device, steps=steps)
         self.seed = seed
         self.session = self.wm.session(seed=seed)
         self.fps = float(fps or self.wm.fps)
@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         source: Source = (RemoteSource(args.server, token=args.token, seed=args.seed) if args.server
                           else LocalSource(args.checkpoint, device=args.device, seed=args.seed, fps=args.fps,
-                                      steps=args.steps))
+                                           steps=args.steps))
     except ServerError as e:
         print(f"worldgen play: {args.server} refused the session: {e}", file=sys.stderr)
         return 1

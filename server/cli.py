@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(max(1, args.threads))
     try:
-        wm = WorldModel.load(args.checkpoint, device=args.device, **({} if args.steps is None else {"steps": args.steps}))
+        wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps)
     except (CheckpointError, ValueError) as e:  # ValueError: --steps out of range
         print(f"worldgen serve: {e}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from worldgen.actions import Action
+from worldgen.checkpoint import CheckpointError
 from worldgen.engine.world_model import WorldModel
 from worldgen.models import DiTConfig
 from worldgen.training.common import hardware, peak_flops
@@ -85,8 +87,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {"steps": args.steps} if args.steps else {}
-    wm = WorldModel.load(args.checkpoint, device=args.device, **overrides)
+    try:
+        wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps)
+    except (CheckpointError, ValueError) as e:  # ValueError: --steps out of range
+        print(f"worldgen bench: {e}", file=sys.stderr)
+        return 1
     compile_ = wm.device.type == "cuda" if args.compile is None else args.compile
     if compile_:
         # Compile errors surface at the first call: report them and fall back (CUDA graphs, then
@@ -99,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                 break
             except Exception as e:  # noqa: BLE001 - any compiler failure
                 print(f"torch.compile(mode={mode}) failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
-                wm = WorldModel.load(args.checkpoint, device=args.device, **overrides)
+                wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps)
         else:
             compile_ = False
     hw = hardware(wm.device)

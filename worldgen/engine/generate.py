@@ -488,8 +488,7 @@ def run(args: argparse.Namespace) -> int:
             raise GenerateError(f"--out must be an .mp4 file, got {args.out}")
         cfgs = {m: GenerateConfig(fusion=m, context=args.context_frames, clip=args.clip, renoise=args.renoise,
                                   seed=args.seed) for m in modes}
-        overrides = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance)) if v is not None}
-        wm = WorldModel.load(args.checkpoint, device=args.device, **overrides)
+        wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps, guidance=args.guidance)
         context, _, _ = cfgs[args.fusion].plan(wm.trained_window, wm.dit.cfg.frames_per_block)
         got = _inputs(args, context)
         runs = {}

@@ -197,7 +197,7 @@ class WorldModel:
         """A checkpoint folder (or ``"default"``, the model that ships with worldgen).
 
         ``stream`` overrides :class:`StreamConfig` fields (``steps``, ``ctx_noise``, ``sinks``,
-        ``window``, ``shift``, ``guidance``). Raises :class:`~worldgen.checkpoint.CheckpointError` naming
+        ``window``, ``shift``, ``guidance``; None keeps the checkpoint's). Raises :class:`~worldgen.checkpoint.CheckpointError` naming
         what is missing or does not fit.
         """
         folder = checkpoint.resolve(checkpoint_dir)
@@ -207,6 +207,7 @@ class WorldModel:
         trained = int(sampler.get("window", dit.cfg.max_frames))
         defaults = {k: sampler[k] for k in ("steps", "ctx_noise", "shift", "sinks", "guidance") if k in sampler}
         defaults.setdefault("window", trained - defaults.get("sinks", StreamConfig.sinks) - dit.cfg.frames_per_block)
+        stream = {k: v for k, v in stream.items() if v is not None}
         unknown = set(stream) - {f.name for f in dataclasses.fields(StreamConfig)}
         if unknown:
             raise TypeError(f"unknown stream settings {sorted(unknown)}; see StreamConfig")
