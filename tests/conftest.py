@@ -8,7 +8,9 @@ what engine, server, client and Gymnasium tests load with ``WorldModel.load``.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,15 @@ EPISODES = (("a", 40), ("b", 40), ("c", 30))
 
 def _small(frames: np.ndarray, resample: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize(SIZE, resample)) for f in frames])
+
+
+def benchmark_script(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the folder is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(module)
+    return module
 
 
 def finite(x) -> bool:

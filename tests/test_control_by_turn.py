@@ -3,27 +3,22 @@ pose is the turn the actions made, and windows are grouped by it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cycle_player
+from conftest import benchmark_script, cycle_player
 
 from worldgen.data import DatasetIndex, EpisodeInfo, write_episode_shards
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "control_by_turn.py"
 CONTEXT = 4
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("control_by_turn", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("control_by_turn")
 
 
 @pytest.fixture(scope="module")

@@ -4,26 +4,20 @@ window's actions give another future."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-from pathlib import Path
 
 import pytest
+from conftest import benchmark_script
 
 from worldgen.env import record as rec
 from worldgen.evaluation.metrics import PSNR_CAP_DB
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "control_ceiling.py"
 CONTEXT, HORIZON = 4, 8
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("control_ceiling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("control_ceiling")
 
 
 def test_replayed_futures(script, tmp_path, monkeypatch):

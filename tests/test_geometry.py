@@ -77,15 +77,9 @@ def test_bad_data_and_missing_heads_are_clear_errors(doom_recording, tmp_path):
 
 def test_drift_benchmark_runs_on_the_tiny_model(tiny_checkpoint, tiny_geometry_run, doom_recording, tmp_path):
     """benchmarks/geometry_drift.py end to end: odometry over real and over generated frames."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import benchmark_script, finite
 
-    from conftest import finite
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "geometry_drift.py"
-    spec = importlib.util.spec_from_file_location("geometry_drift", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("geometry_drift")
     out = tmp_path / "drift.json"
     result = bench.main(["--checkpoint", str(tiny_checkpoint), "--geometry", str(tiny_geometry_run[0] / "ckpt"),
                          "--data", str(doom_recording), "--paths", "3", "--steps", "4", "--context", "3",
