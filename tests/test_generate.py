@@ -187,6 +187,7 @@ def test_cli_npz_context_and_action_files(tiny_checkpoint, doom_recording, tmp_p
     ("too_many", "6 actions given; 9 frames asked for"),
     ("resolution", "context frames are 20x16; the model takes 32x24"),
     ("past_episode", "do not fit"),
+    ("steps", "steps must lie in [1, 64], got 0"),
 ])
 def test_cli_bad_inputs_name_the_problem(tiny_checkpoint, doom_recording, tmp_path, capsys, case, message):
     acts = tmp_path / "a.jsonl"
@@ -201,7 +202,8 @@ def test_cli_bad_inputs_name_the_problem(tiny_checkpoint, doom_recording, tmp_pa
                            (16, 20) if case == "resolution" else None))
     extra = {"missing": ["--context", str(tmp_path / "nowhere")], "zero": ["--frames", "0"],
              "too_many": ["--frames", "9"], "short": ["--context-frames", "3"],
-             "past_episode": ["--context", str(doom_recording), "--start", "39", "--actions", "dataset"]}
+             "past_episode": ["--context", str(doom_recording), "--start", "39", "--actions", "dataset"],
+             "steps": ["--steps", "0"]}
     args = ["generate", "--checkpoint", str(tiny_checkpoint), "--context", ctx, "--actions", str(acts),
             "--out", str(tmp_path / "v.mp4"), "--device", "cpu", *extra.get(case, [])]
     assert main(args) == 2

@@ -488,7 +488,10 @@ def run(args: argparse.Namespace) -> int:
             raise GenerateError(f"--out must be an .mp4 file, got {args.out}")
         cfgs = {m: GenerateConfig(fusion=m, context=args.context_frames, clip=args.clip, renoise=args.renoise,
                                   seed=args.seed) for m in modes}
-        wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps, guidance=args.guidance)
+        try:
+            wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps, guidance=args.guidance)
+        except ValueError as e:  # --steps or --guidance out of range for this model
+            raise GenerateError(str(e)) from None
         context, _, _ = cfgs[args.fusion].plan(wm.trained_window, wm.dit.cfg.frames_per_block)
         got = _inputs(args, context)
         runs = {}
