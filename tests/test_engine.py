@@ -175,3 +175,12 @@ def test_bad_context_and_settings_are_clear_errors(wm, tiny_checkpoint):
     s.close()
     with pytest.raises(ValueError, match="closed"):
         s.step(PLAY[0])
+
+
+def test_bench_cli_bad_settings_are_one_line_errors(tiny_checkpoint, capsys):
+    from worldgen.cli import main
+
+    assert main(["bench", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--steps", "0"]) == 1
+    assert capsys.readouterr().err.strip() == "worldgen bench: steps must lie in [1, 64], got 0"
+    assert main(["bench", "--checkpoint", "/no/such/model", "--device", "cpu"]) == 1
+    assert "no such checkpoint folder" in capsys.readouterr().err
