@@ -49,24 +49,12 @@ def actions_before(ds: Dataset, episode: int, frames: range) -> tuple[np.ndarray
 
 
 def replay_future(job: tuple[str, str, int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, bool]:
-    """Replay episode ``eid`` of ``data`` to frame ``last`` (checked against the recording), then
-    play ``actions``; returns the frames they make (h, H, W, 3) and whether the replay matched."""
-    from worldgen.env.doom import DoomEnv
-    from worldgen.env.record import load_replay
+    """``worldgen.env.record.branch`` for one window (a picklable job for the process pool)."""
+    from worldgen.env.record import branch
 
     data, eid, last, (keys, mouse) = job
-    spec = load_replay(f"{data}::{eid}")
-    ds, i = spec.reference
-    with DoomEnv(spec.config, spec.map) as env:
-        obs = env.reset(spec.map, spec.seed)
-        for t in range(last):
-            obs = env.step(spec.keys[t], spec.mouse[t])
-        matched = obs is not None and np.array_equal(obs.frame, ds.read(i, "frames", last, last + 1)[0])
-        out = []
-        for k, m in zip(keys, mouse):
-            obs = env.step(k, m) if obs is not None else None
-            out.append(out[-1] if obs is None else obs.frame)  # a death freezes the last frame
-    return np.stack(out), matched
+    frames, _, matched = branch(f"{data}::{eid}", last, keys, mouse)
+    return frames, matched
 
 
 def blur(frames: np.ndarray, k: int) -> np.ndarray:

@@ -348,6 +348,31 @@ def replay(source: str | Path, out: str | Path, overwrite: bool = False, progres
             "mismatch": mismatch}
 
 
+def branch(source: str | Path, at: int, keys: np.ndarray, mouse: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The game's answer to "what if the player had done this from here": replay a recorded
+    episode (``DATASET::EPISODE_ID``) to its frame ``at``, then play ``keys`` (K, 8) and ``mouse``
+    (K, 2) instead of what was recorded.
+
+    Returns the K frames (K, H, W, 3) and camera poses (K, 5) those actions make (a death freezes
+    the last ones) and whether the replay's frame ``at`` equals the recording's.
+    """
+    spec = load_replay(source)
+    if spec.reference is None or not 0 <= at < len(spec.keys):
+        raise DoomError(f"{source}: need a recorded episode and a frame in [0, {len(spec.keys)}), got {at}")
+    ds, i = spec.reference
+    with DoomEnv(spec.config, spec.map) as env:
+        obs = env.reset(spec.map, spec.seed)
+        for t in range(at):
+            obs = env.step(spec.keys[t], spec.mouse[t])
+        matched = obs is not None and np.array_equal(obs.frame, ds.read(i, "frames", at, at + 1)[0])
+        frames, poses = [], []
+        for k, m in zip(keys, mouse):
+            obs = env.step(k, m) if obs is not None else None
+            frames.append(frames[-1] if obs is None else obs.frame)
+            poses.append(poses[-1] if obs is None else obs.pose)
+    return np.stack(frames), np.stack(poses), matched
+
+
 def _compare(reference: tuple[Dataset, int], chunk: Any, start: int) -> str | None:
     """The first array and step where a replayed chunk differs from the recording, or None."""
     ds, i = reference
