@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import benchmark_script
 
@@ -53,5 +54,8 @@ def test_replayed_futures(script, tmp_path, monkeypatch):
     assert other[(HORIZON, "model (eval.json)")]["delta_db"] == pytest.approx(1.0)
     assert other[(1, "last context frame")]["delta_db"] == 0
 
+    from worldgen.env.doom import DoomError
+    with pytest.raises(DoomError, match="a frame in"):
+        rec.branch(f"{data}::{episode.id}", 90, np.zeros((1, 8), np.uint8), np.zeros((1, 2), np.float32))
     with pytest.raises(SystemExit, match="horizons must lie"):
         script.main(["--eval", str(tmp_path / "eval.json"), "--data", str(data), "--horizons", "9"])
