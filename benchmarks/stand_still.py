@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
         game.append(frames)
         matched += ok
     game = torch.from_numpy(np.stack(game))                                         # (P, K, H, W, 3)
+    # How often the recorded player itself stood still: what a model trained on such play saw.
+    steps = [(ds.read(i, "keys").any(1) | ds.read(i, "mouse").any(1)) for i in range(len(ds))]
+    noop_share = 1 - float(np.concatenate(steps).mean())
 
     def at(pred: torch.Tensor) -> dict[str, float]:  # mean PSNR of frame h over paths
         return {str(h): float(psnr(pred[:, h - 1], game[:, h - 1]).mean()) for h in args.horizons}
@@ -64,10 +67,12 @@ def main(argv: list[str] | None = None) -> dict:
         gen = [wm.rollout(it["frames"], [Action(a, m) for a, m in zip(it["keys"], it["mouse"])], [noop] * k,
                           seed=args.seed + n) for n, it in enumerate(items)]
         rows[ck] = at(torch.from_numpy(np.stack(gen)))
-    result = {"data": str(ds.root), "paths": len(items), "steps": k, "context": c, "replay_matched": matched,
+    result = {"data": str(ds.root), "noop_share": noop_share, "paths": len(items), "steps": k, "context": c,
+              "replay_matched": matched,
               "psnr": rows, "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1)}
     print(f"{len(items)} paths, {c} real context frames then {k} no-ops; the replay matched the recording at "
-          f"the last context frame in {matched}/{len(items)}; {result['seconds']} s\n")
+          f"the last context frame in {matched}/{len(items)}; the recorded player stood still on "
+          f"{noop_share:.1%} of its steps; {result['seconds']} s\n")
     print("| frames scored against the game's | " + " | ".join(f"PSNR@{h}" for h in args.horizons) + " |")
     print("|---|" + "---:|" * len(args.horizons))
     for name, r in rows.items():
