@@ -39,15 +39,6 @@ from worldgen.evaluation.metrics import psnr
 FACTORS = (2, 4, 8, 16)  # detail removed below k pixels; 160x120 frames
 
 
-def actions_before(ds: Dataset, episode: int, frames: range) -> tuple[np.ndarray, np.ndarray]:
-    """The actions that produced ``frames`` of an episode (the dataset's step t-1 made frame t)."""
-    keys, mouse = ds.read(episode, "keys"), ds.read(episode, "mouse")
-    idx = np.array(frames) - 1
-    if idx.min() < 0:
-        raise ValueError("frame 0 of an episode has no action before it")
-    return keys[idx], mouse[idx]
-
-
 def replay_future(job: tuple[str, str, int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, bool]:
     """``worldgen.env.record.branch`` for one window (a picklable job for the process pool)."""
     from worldgen.env.record import branch
@@ -90,8 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     last = [s + c - 1 for _, s in starts]                                        # last context frame
     real = np.stack([ds.read(ids[e], "frames", s + c, s + c + h) for e, s in starts])      # (N, h, H, W, 3)
     ctx = np.stack([ds.read(ids[e], "frames", s, s + c) for e, s in starts])               # (N, c, H, W, 3)
-    jobs = [(args.data, e, l, actions_before(ds, ids[starts[j][0]], range(starts[j][1] + c, starts[j][1] + c + h)))
-            for (e, _), l, j in zip(starts, last, perm)]
+    # Window j's actions after its context: the dataset's step t made frame t + 1 (worldgen.data.loader).
+    taken = [tuple(ds.read(ids[e], f, s + c - 1, s + c + h - 1) for f in ("keys", "mouse")) for e, s in starts]
+    jobs = [(args.data, e, l, taken[j]) for (e, _), l, j in zip(starts, last, perm)]
     if args.workers > 1:
         with ProcessPoolExecutor(args.workers) as pool:
             done = list(pool.map(replay_future, jobs))

@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
         matched += ok
     game = torch.from_numpy(np.stack(game))                                         # (P, K, H, W, 3)
     # How often the recorded player itself stood still: what a model trained on such play saw.
-    steps = [(ds.read(i, "keys").any(1) | ds.read(i, "mouse").any(1)) for i in range(len(ds))]
-    noop_share = 1 - float(np.concatenate(steps).mean())
+    moved = [ds.read(i, "keys").any(1) | ds.read(i, "mouse").any(1) for i in range(len(ds))]
+    noop_share = 1 - float(np.concatenate(moved).mean())
 
     def at(pred: torch.Tensor) -> dict[str, float]:  # mean PSNR of frame h over paths
         return {str(h): float(psnr(pred[:, h - 1], game[:, h - 1]).mean()) for h in args.horizons}
