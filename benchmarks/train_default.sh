@@ -12,9 +12,11 @@
 # trained tokenizer and DYNAMICS=FOLDER a trained DiT (their training minutes count toward the
 # budget); ROLLOUT_MINUTES and ROLLOUT_ARGS set the fine-tune on the model's own rollouts (minutes 0:
 # none; the shipped one: 7.5 minutes, half its steps on rollouts); TRAIN_POLICY picks who plays
-# the training recording (explore; babble: the explorer with bursts of random actions; the
-# unseen-seed test play is always the explorer); DYN_MINUTES, DYN_ARGS (more `train dynamics`
-# flags) and SWEEP (sampler_sweep.py's grid) change the full run's training and sweep. The
+# the training recording (explore; babble: the explorer with bursts of random actions; still: the
+# explorer with hands-off pauses; the unseen-seed test play is always the explorer) and
+# FINETUNE_POLICY who plays the fine-tune's (another recording, same seed, when it differs);
+# DYN_MINUTES, DYN_ARGS (more `train dynamics` flags) and SWEEP (sampler_sweep.py's grid) change
+# the full run's training and sweep. The
 # 2026-12-02 experiment (benchmarks/RESULTS.md): TRAIN_POLICY=babble DYN_MINUTES=8
 # DYN_ARGS="--ctx-noise 0.1 --action-dropout 0.1" SWEEP="--steps 2 --ctx-noise 0.1 --guidance 1 2 3
 # --windows 24 --horizon 16".
@@ -48,7 +50,12 @@ policy=${TRAIN_POLICY:-explore}
 [ -f "$work/doom_train.done" ] || { worldgen record --env doom --out "$work/doom_train" --steps $train_steps --workers $workers --seed 1 --policy $policy --quiet --overwrite && touch "$work/doom_train.done"; }
 t1=$(date +%s); log "recorded $train_steps train frames ($policy policy) in $((t1 - t0)) s with $workers workers"
 [ -f "$work/doom_heldout.done" ] || { worldgen record --env doom --out "$work/doom_heldout" --steps $held_steps --workers $workers --seed 1000 --policy explore --quiet --overwrite && touch "$work/doom_heldout.done"; }
-t2=$(date +%s); log "recorded $held_steps held-out frames in $((t2 - t1)) s"
+ft_policy=${FINETUNE_POLICY:-$policy} ft_data=$work/doom_train
+if [ "$ft_policy" != "$policy" ]; then
+  ft_data=$work/doom_finetune
+  [ -f "$ft_data.done" ] || { worldgen record --env doom --out "$ft_data" --steps $train_steps --workers $workers --seed 1 --policy $ft_policy --quiet --overwrite && touch "$ft_data.done"; }
+fi
+t2=$(date +%s); log "recorded $held_steps held-out frames (and the fine-tune's, $ft_policy policy) in $((t2 - t1)) s"
 
 tok=${TOKENIZER:-$work/tok}
 if [ -z "${TOKENIZER:-}" ]; then
@@ -65,7 +72,7 @@ t4=$(date +%s); log "dynamics trained in $((t4 - t3)) s (${DYNAMICS:+reused $DYN
 # the model generated itself with the inference sampler, trained towards the real frames after.
 model=$dyn
 if [ "${ROLLOUT_MINUTES:-7.5}" != 0 ]; then
-  worldgen train dynamics --data "$work/doom_train" --tokenizer "$tok" --init "$dyn" --run "$work/rollout" \
+  worldgen train dynamics --data "$ft_data" --tokenizer "$tok" --init "$dyn" --run "$work/rollout" \
     $rollout_budget --window 16 --rollout-frames 15 --sample-steps 2 --ctx-noise 0.1 \
     ${ROLLOUT_ARGS:---action-dropout 0 --rollout-share 0.5} --export-dtype bf16 $compile
   model=$work/rollout/ckpt

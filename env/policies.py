@@ -1,6 +1,7 @@
 """Policies that play while the recorder records: a map-covering explorer, the explorer with
 bursts of random actions ("babble": training data whose actions are not foretold by the frames),
-and a uniform-random baseline.
+the explorer with pauses where it lets go of every control ("still"), and a uniform-random
+baseline.
 
 A policy is called once per step with the current observation (anything with ``depth``
 (H, W), ``pose`` (5,) and ``variables`` (V,) like :class:`worldgen.env.doom.Observation`) and
@@ -233,6 +234,10 @@ class ExploreConfig:
     # that the recent frames do not foretell, so a world model must read the action to get them
     # right. 0 keeps "explore" exactly as recorded before (no extra random draws).
     babble_p: float = 0.0
+    # Chance per step (while walking) to stand completely still for 2-16 steps: no key, no mouse.
+    # In "explore" play that happens only at doors (~2% of steps), and a world model trained on it
+    # keeps walking when the player lets go. 0 keeps "explore" exactly as recorded before.
+    still_p: float = 0.0
 
 
 class ExplorePolicy:
@@ -420,6 +425,8 @@ class ExplorePolicy:
             self._start("idle", int(r.integers(3, 12)))
         elif r.random() < c.back_p:
             self._start("back", int(r.integers(2, 6)))
+        elif c.still_p > 0 and r.random() < c.still_p:
+            self._start("still", int(r.integers(2, 17)))
         elif c.babble_p > 0 and r.random() < c.babble_p:
             self._start("babble", int(r.integers(2, 9)))
             self.babble_keys = (r.random(actions.NUM_KEYS) < 0.3).astype(np.uint8)
@@ -491,11 +498,15 @@ class ExplorePolicy:
             yaw = self.babble_yaw
         # "door": stand still while it opens
 
+        still = self.mode == "still"  # hands off: none of the overlays below either
         if self.mode != "walk":
             self.left -= 1
             if self.left <= 0:
                 self._next(obs, scores)
 
+        if still:
+            self.attack_left, self.pitch_target = 0, float(obs.pose[4])
+            return keys, np.zeros(2, np.float32)
         if self.attack_left == 0 and r.random() < c.attack_p:
             self.attack_left = int(r.integers(1, 7))
         if self.attack_left > 0:
@@ -522,7 +533,7 @@ class ExplorePolicy:
             self._start("walk", 0)
 
 
-POLICIES = ("explore", "babble", "random")
+POLICIES = ("explore", "babble", "still", "random")
 
 
 def make_policy(name: str, variable_names: Sequence[str] = ()) -> Policy:
@@ -536,6 +547,8 @@ def make_policy(name: str, variable_names: Sequence[str] = ()) -> Policy:
     if name == "babble":  # the explorer with bursts of random actions: 0.3 puts ~22% of steps in
         # bursts (E1M1-E1M3, 1,676 steps), enough that an action often breaks the motion before it
         return ExplorePolicy(ExploreConfig(babble_p=0.3), variable_names=variable_names)
+    if name == "still":  # the explorer that also stands still: 0.02 puts ~12% of steps in pauses
+        return ExplorePolicy(ExploreConfig(still_p=0.02), variable_names=variable_names)
     if name == "random":
         return RandomPolicy()
     raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

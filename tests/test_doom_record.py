@@ -256,6 +256,38 @@ def test_babble_adds_bursts_of_one_held_random_action(env):
     assert all(mode != "babble" for mode, _, _ in play("explore"))
 
 
+def test_still_explorer_lets_go_and_the_view_settles(env):
+    """The 'still' explorer stands with no key and no mouse for 2-16 steps at a time, a good share
+    of its play; in the game the camera then stops turning and glides to a stop."""
+    policy, steps = make_policy("still", VARIABLE_NAMES), []
+    policy.reset(7)
+    obs = env.reset("E1M1", 7)
+    for _ in range(600):
+        keys, mouse = policy(obs)
+        steps.append((keys.copy(), mouse.copy(), obs.pose.copy()))
+        obs = env.step(keys, mouse)
+        if obs is None:
+            break
+    hands_off = [i for i, (k, m, _) in enumerate(steps[:-1]) if not k.any() and not m.any()]
+    assert len(hands_off) > 0.05 * len(steps), (len(hands_off), len(steps))
+    moved = {i: float(np.hypot(*(steps[i + 1][2][:2] - steps[i][2][:2]))) for i in hands_off}
+    for i in hands_off:  # no turn; Doom's friction only ever slows the glide down
+        assert turned(float(steps[i][2][3]), float(steps[i + 1][2][3])) == pytest.approx(0.0, abs=0.01)
+        if i - 1 in moved:
+            assert moved[i] <= moved[i - 1] + 1e-3, (i, moved[i - 1], moved[i])
+    assert any(all(j in moved for j in range(i - 9, i)) and moved[i] < 1.0 for i in moved), \
+        "no pause long enough to come to a stop"
+    explore = make_policy("explore", VARIABLE_NAMES)
+    explore.reset(7)
+    obs = env.reset("E1M1", 7)
+    for _ in range(300):
+        keys, mouse = explore(obs)
+        assert explore.mode != "still"
+        obs = env.step(keys, mouse)
+        if obs is None:
+            break
+
+
 def test_frontier_map_plans_around_walls_to_unexplored_space():
     m = FrontierMap(cell=32.0)
     # A corridor going east from the origin, then north: walls seen around it, unknown beyond.
