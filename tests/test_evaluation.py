@@ -11,6 +11,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,20 @@ def test_select_windows_deterministic_tiles(doom):
     many = select_windows(ds, [0, 1, 2], 30, 20, seed=3)  # more than the 5 + 4 + 1 tiles
     assert len({(w["episode"], w["start"]) for w in many}) == 20
     assert all(len(w["frames"]) == 30 for w in many)
+
+
+def test_select_windows_ignore_the_index_order(doom, tmp_path):
+    """The same recording indexed in another episode order (parallel workers finish in any
+    order) gives the same windows, in the same order, so evaluations of it pair up."""
+    shutil.copytree(doom, tmp_path / "doom")
+    index = json.loads((tmp_path / "doom" / "index.json").read_text())
+    index["episodes"] = index["episodes"][::-1]
+    (tmp_path / "doom" / "index.json").write_text(json.dumps(index))
+    a, b = Dataset(doom), Dataset(tmp_path / "doom")
+    assert [e.id for e in a.episodes] != [e.id for e in b.episodes]
+    spans = lambda ds: [(ds.episodes[w["episode"]].id, w["start"]) for w in
+                        select_windows(ds, list(range(len(ds))), 30, 6, seed=3)]
+    assert spans(a) == spans(b)
 
 
 def test_eval_end_to_end(doom, ckpt, tmp_path):

@@ -220,8 +220,11 @@ def select_windows(ds: Dataset, episodes: list[int], length: int, n: int, seed: 
 
     Non-overlapping tiles first, so no frame counts twice; only when the episodes hold fewer
     than ``n`` tiles do windows start at any frame (and may overlap). Items are
-    :class:`WindowDataset` items (actions aligned to the frames they produced), in data order.
+    :class:`WindowDataset` items (actions aligned to the frames they produced), in episode id
+    order: a parallel recorder indexes episodes as its workers finish them, so the same play
+    recorded twice can list them in another order, and the windows must not follow that.
     """
+    episodes = sorted(episodes, key=lambda e: ds.episodes[e].id)
     pool = WindowDataset(ds, length, episodes, stride=length, fields=fields)
     if len(pool) < n:
         pool = WindowDataset(ds, length, episodes, stride=1, fields=fields)
