@@ -109,6 +109,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     p.add_argument("--context", type=positive_int, default=8, help="real frames before each rollout/session")
     p.add_argument("--seed", type=int, default=0, help="session i draws its sampler noise from seed + i")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler Euler steps (default: the checkpoint's)")
+    p.add_argument("--shift", type=float, default=None, help="sampler timestep shift (default: the checkpoint's)")
     p.add_argument("--compile", action="store_true",
                    help="wm.compile() for the stability sessions (one CUDA graph per step, GPU); the table's "
                         "short runs stay eager: compiling each setting would cost more than it saves")
@@ -207,7 +208,7 @@ def frames_per_s(times: np.ndarray, batch: int) -> float:
 
 def load(args: argparse.Namespace, setting: Setting, compile: bool = False) -> WorldModel:
     wm = WorldModel.load(args.checkpoint, args.device, window=setting.window, sinks=setting.sinks,
-                         ctx_noise=setting.ctx_noise, **({"steps": args.steps} if args.steps else {}))
+                         ctx_noise=setting.ctx_noise, steps=args.steps, shift=args.shift)
     return wm.compile() if compile else wm
 
 
@@ -379,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     args.horizons = sorted(set(args.horizons))
     ds = Dataset(args.data)
-    base = WorldModel.load(args.checkpoint, args.device, steps=args.steps)
+    base = WorldModel.load(args.checkpoint, args.device, steps=args.steps, shift=args.shift)
     try:
         check(base, ds, args)
         longest = args.context + max(args.horizons)
