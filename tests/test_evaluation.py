@@ -195,6 +195,32 @@ def test_select_windows_ignore_the_index_order(doom, tmp_path):
     assert spans(a) == spans(b)
 
 
+def test_windows_from_pairs_two_evaluations(doom, ckpt, tmp_path):
+    """--windows-from scores exactly an earlier eval.json's windows and shuffled actions: the same
+    model and seed give the same numbers, from a recording indexed in another order too."""
+    first = evaluate(ckpt, doom, EvalConfig(windows=3, horizon=8, split="all", seed=1), device="cpu", log=lambda s: None)
+    (tmp_path / "first.json").write_text(json.dumps(first))
+    shutil.copytree(doom, tmp_path / "doom")
+    index = json.loads((tmp_path / "doom" / "index.json").read_text())
+    index["episodes"] = index["episodes"][::-1]
+    (tmp_path / "doom" / "index.json").write_text(json.dumps(index))
+    again = evaluate(ckpt, tmp_path / "doom", EvalConfig(split="all", seed=1, windows_from=tmp_path / "first.json"),
+                     device="cpu", log=lambda s: None)
+    assert again["window_starts"] == first["window_starts"] and again["horizon"] == 8
+    for key in ("teacher_forced", "rollout", "controllability"):
+        assert again[key] == first[key]
+    fresh = evaluate(ckpt, doom, EvalConfig(windows=3, horizon=8, split="all", seed=2), device="cpu", log=lambda s: None)
+    assert fresh["window_starts"] != first["window_starts"]  # a new draw: what --windows-from avoids
+
+    lost = dict(first, window_starts=[["no-such-episode", 0]] + first["window_starts"][1:])
+    (tmp_path / "lost.json").write_text(json.dumps(lost))
+    with pytest.raises(EvaluationError, match="no-such-episode .*not in this recording"):
+        evaluate(ckpt, doom, EvalConfig(windows_from=tmp_path / "lost.json"), device="cpu", log=lambda s: None)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(EvaluationError, match="not an eval.json"):
+        evaluate(ckpt, doom, EvalConfig(windows_from=tmp_path / "bad.json"), device="cpu", log=lambda s: None)
+
+
 def test_eval_end_to_end(doom, ckpt, tmp_path):
     out = tmp_path / "eval.json"
     rc = main(["eval", "--checkpoint", str(ckpt), "--data", str(doom), "--json", str(out), "--split", "all",

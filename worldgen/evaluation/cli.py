@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="action guidance scale, 1 = none (default: the checkpoint's)")
     p.add_argument("--batch", type=int, default=d.batch, help=f"windows per forward (default {d.batch})")
     p.add_argument("--seed", type=int, default=d.seed, help="picks windows, shuffles actions, seeds noise")
+    p.add_argument("--windows-from", type=Path, default=None, metavar="EVAL_JSON",
+                   help="score that eval.json's windows and shuffled actions (its context and horizon) instead "
+                        "of drawing new ones: pairs two evaluations window by window")
     p.add_argument("--video-windows", type=int, default=d.video_windows, help="windows shown in the video")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
 
@@ -46,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(context=args.context, horizon=args.horizon, windows=args.windows, steps=args.steps,
                      ctx_noise=args.ctx_noise, shift=args.shift, guidance=args.guidance, batch=args.batch, split=args.split, seed=args.seed,
-                     heldout_fraction=args.heldout_fraction, video_windows=args.video_windows)
+                     heldout_fraction=args.heldout_fraction, video_windows=args.video_windows,
+                     windows_from=args.windows_from)
     media = None if args.no_media else (args.out or args.json.with_name(f"{args.json.stem}_media"))
     try:
         result = evaluate(args.checkpoint, args.data, cfg, device=args.device, media=media)

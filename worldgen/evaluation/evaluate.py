@@ -1,7 +1,8 @@
 """Evaluate a checkpoint (tokenizer + dynamics) on held-out play: one function, one JSON.
 
 Every metric is computed on the same N windows of ``context + horizon`` consecutive frames,
-picked deterministically (seeded) from held-out episodes. Generated frames are decoded and
+picked deterministically (seeded, in episode-id order) from held-out episodes, or taken from an
+earlier eval.json (``windows_from``) to pair two evaluations window by window. Generated frames are decoded and
 rounded to uint8, exactly what a player would see, and compared with the recorded uint8
 frames (:mod:`worldgen.evaluation.metrics`; PSNR is capped at ``psnr_cap_db``). Only RGB is
 scored; a tokenizer that also encodes depth gets it as input.
@@ -49,6 +50,7 @@ an existing one never changes meaning without bumping ``version``. Means are ove
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -92,6 +94,9 @@ class EvalConfig:
     heldout_fraction: float | None = None
     seed: int = 0              # picks windows, shuffles actions, seeds sampler noise
     video_windows: int = 4     # windows shown in the side-by-side video
+    # An eval.json whose windows (and shuffled actions) to score instead of drawing new ones, so
+    # two evaluations pair up window by window; its context and horizon come with them.
+    windows_from: str | Path | None = None
 
 
 def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalConfig | None = None,
@@ -114,7 +119,13 @@ def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalCo
     folder = checkpoint.resolve(checkpoint_dir)
     tokenizer = load_tokenizer(folder, device=device).eval()
     dit = load_dit(folder, device=device).eval()
+    stored = _stored_windows(cfg.windows_from) if cfg.windows_from is not None else None
+    if stored is not None and cfg.context is None:
+        cfg = dataclasses.replace(cfg, context=stored["context"])
     c, sampler = _sampler_settings(folder, cfg, dit.cfg)
+    if stored is not None and c != stored["context"]:
+        raise EvaluationError(f"--windows-from {cfg.windows_from}: its windows have {stored['context']} "
+                              f"context frames, not {c}")
 
     ds = data if isinstance(data, Dataset) else Dataset(data)
     train = checkpoint.config(folder, "dynamics").get("train", {})
@@ -124,7 +135,7 @@ def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalCo
     if fraction is None:
         fraction = train.get("config", {}).get("heldout_fraction", 0.1)
     depth = tokenizer.cfg.in_channels == 4  # a tokenizer trained on RGB + depth (train --depth)
-    frames, acts, starts, horizon, n_episodes = _load_windows(ds, cfg, c, fraction, depth)
+    frames, acts, starts, horizon, n_episodes = _load_windows(ds, cfg, c, fraction, depth, stored)
     fraction = fraction if cfg.split == "heldout" else None
     expected = tuple(tokenizer.cfg.image_size)
     if tuple(frames.shape[2:4]) != expected:
@@ -155,7 +166,8 @@ def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalCo
         # Rollouts from the real context: real actions, another window's actions, a still frame.
         future = frames_d[:, c:c + horizon]                          # (N, horizon, H, W, 3)
         real = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[:, c:c + horizon])
-        perm = _derangement(n, cfg.seed).to(device)
+        perm = (_derangement(n, cfg.seed) if stored is None or stored["shuffled_from"] is None
+                else torch.tensor(stored["shuffled_from"])).to(device)
         shuffled = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[perm, c:c + horizon])
         still = frames_d[:, c - 1:c].expand_as(future)
         per_window = {"curve": psnr(real, future), "shuffled_curve": psnr(shuffled, future)}  # each (N, horizon)
@@ -232,10 +244,44 @@ def select_windows(ds: Dataset, episodes: list[int], length: int, n: int, seed: 
     return [pool[int(i)] for i in np.sort(picks)]
 
 
-def _load_windows(ds: Dataset, cfg: EvalConfig, context: int, heldout_fraction: float, depth: bool):
+def _stored_windows(path: str | Path) -> dict[str, Any]:
+    """``context``, ``horizon``, ``window_starts`` and ``shuffled_from`` of an eval.json, checked."""
+    try:
+        r = json.loads(Path(path).read_text())
+        starts = [(str(e), int(s)) for e, s in r["window_starts"]]
+        context, horizon = int(r["context"]), int(r["horizon"])
+        perm = (r.get("controllability") or {}).get("shuffled_from")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EvaluationError(f"--windows-from {path}: not an eval.json with window_starts, context and "
+                              f"horizon ({type(e).__name__}: {e})") from None
+    if len(starts) < 2 or context < 1 or horizon < 1:
+        raise EvaluationError(f"--windows-from {path}: needs 2 or more windows and context, horizon >= 1")
+    if perm is not None and sorted(perm) != list(range(len(starts))):
+        raise EvaluationError(f"--windows-from {path}: shuffled_from is not a permutation of its windows")
+    return {"path": path, "context": context, "horizon": horizon, "starts": starts, "shuffled_from": perm}
+
+
+def _load_windows(ds: Dataset, cfg: EvalConfig, context: int, heldout_fraction: float, depth: bool,
+                  stored: dict[str, Any] | None = None):
     """The evaluation windows as frames (N, L, H, W, 3 or 4 with depth) uint8 and actions
     (N, L, 10), plus their ``[episode id, start]``, the effective horizon and the number of
-    episodes drawn from."""
+    episodes drawn from: ``stored``'s windows (:func:`_stored_windows`), else drawn."""
+    if depth and "depth" not in ds.fields:
+        raise EvaluationError(f"{ds.root}: the tokenizer encodes RGB + depth, but this dataset has no depth")
+    fields = ("depth",) if depth else ()
+    if stored is not None:
+        horizon, length = stored["horizon"], context + stored["horizon"]
+        ids = {e.id: i for i, e in enumerate(ds.episodes)}
+        if missing := sorted({e for e, _ in stored["starts"] if e not in ids}):
+            raise EvaluationError(f"{ds.root}: episodes {', '.join(missing[:3])} of --windows-from "
+                                  f"{stored['path']} are not in this recording")
+        if outside := [(e, s) for e, s in stored["starts"] if not 0 <= s <= ds.episodes[ids[e]].length - length]:
+            raise EvaluationError(f"{ds.root}: window {list(outside[0])} of --windows-from {stored['path']} does "
+                                  f"not fit its episode ({length} frames from that start)")
+        episodes = sorted({ids[e] for e, _ in stored["starts"]})
+        ds.validate(episodes)
+        items = [WindowDataset(ds, length, [ids[e]], fields=fields, verify=False)[s] for e, s in stored["starts"]]
+        return _window_arrays(ds, items, depth) + (horizon, len(episodes))
     if cfg.split not in ("heldout", "all"):
         raise EvaluationError(f"--split must be 'heldout' or 'all', got {cfg.split!r}")
     if cfg.horizon < 1 or cfg.windows < 2 or cfg.batch < 1:
@@ -254,9 +300,12 @@ def _load_windows(ds: Dataset, cfg: EvalConfig, context: int, heldout_fraction: 
         raise EvaluationError(f"{ds.root}: the {cfg.split} episodes (longest {lengths.max()} frames) hold "
                               f"fewer than 2 windows of {context} context frames plus one to predict "
                               f"(lower --context)")
-    if depth and "depth" not in ds.fields:
-        raise EvaluationError(f"{ds.root}: the tokenizer encodes RGB + depth, but this dataset has no depth")
-    items = select_windows(ds, episodes, context + horizon, cfg.windows, cfg.seed, ("depth",) if depth else ())
+    items = select_windows(ds, episodes, context + horizon, cfg.windows, cfg.seed, fields)
+    return _window_arrays(ds, items, depth) + (horizon, len(episodes))
+
+
+def _window_arrays(ds: Dataset, items: list[dict[str, Any]], depth: bool) -> tuple:
+    """Frames (N, L, H, W, 3 or 4) and actions (N, L, 10) of window items, and their starts."""
     frames = np.stack([it["frames"] for it in items])                          # (N, L, H, W, 3)
     if depth:  # as the trainer feeds it; imported here because training imports these metrics
         from worldgen.training.tokenizer import depth_to_uint8
@@ -264,7 +313,7 @@ def _load_windows(ds: Dataset, cfg: EvalConfig, context: int, heldout_fraction: 
     frames = torch.from_numpy(frames)
     acts = torch.from_numpy(np.stack([actions.to_vector(it["keys"], it["mouse"]) for it in items]))
     starts = [[ds.episodes[it["episode"]].id, int(it["start"])] for it in items]
-    return frames, acts, starts, horizon, len(episodes)
+    return frames, acts, starts
 
 
 def _derangement(n: int, seed: int) -> torch.Tensor:
