@@ -547,7 +547,7 @@ def make_policy(name: str, variable_names: Sequence[str] = ()) -> Policy:
     if name == "babble":  # the explorer with bursts of random actions: 0.3 puts ~22% of steps in
         # bursts (E1M1-E1M3, 1,676 steps), enough that an action often breaks the motion before it
         return ExplorePolicy(ExploreConfig(babble_p=0.3), variable_names=variable_names)
-    if name == "still":  # the explorer that also stands still: 0.02 puts ~12% of steps in pauses
+    if name == "still":  # the explorer that also stands still: 0.02 puts ~11% of steps in pauses
         return ExplorePolicy(ExploreConfig(still_p=0.02), variable_names=variable_names)
     if name == "random":
         return RandomPolicy()

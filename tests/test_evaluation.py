@@ -181,14 +181,19 @@ def test_select_windows_deterministic_tiles(doom):
     assert all(len(w["frames"]) == 30 for w in many)
 
 
-def test_select_windows_ignore_the_index_order(doom, tmp_path):
-    """The same recording indexed in another episode order (parallel workers finish in any
-    order) gives the same windows, in the same order, so evaluations of it pair up."""
+def reindexed(doom: Path, tmp_path: Path) -> Path:
+    """A copy of the recording whose index lists the episodes in reverse."""
     shutil.copytree(doom, tmp_path / "doom")
     index = json.loads((tmp_path / "doom" / "index.json").read_text())
     index["episodes"] = index["episodes"][::-1]
     (tmp_path / "doom" / "index.json").write_text(json.dumps(index))
-    a, b = Dataset(doom), Dataset(tmp_path / "doom")
+    return tmp_path / "doom"
+
+
+def test_select_windows_ignore_the_index_order(doom, tmp_path):
+    """The same recording indexed in another episode order (parallel workers finish in any
+    order) gives the same windows, in the same order, so evaluations of it pair up."""
+    a, b = Dataset(doom), Dataset(reindexed(doom, tmp_path))
     assert [e.id for e in a.episodes] != [e.id for e in b.episodes]
     spans = lambda ds: [(ds.episodes[w["episode"]].id, w["start"]) for w in
                         select_windows(ds, list(range(len(ds))), 30, 6, seed=3)]
@@ -200,11 +205,7 @@ def test_windows_from_pairs_two_evaluations(doom, ckpt, tmp_path):
     model and seed give the same numbers, from a recording indexed in another order too."""
     first = evaluate(ckpt, doom, EvalConfig(windows=3, horizon=8, split="all", seed=1), device="cpu", log=lambda s: None)
     (tmp_path / "first.json").write_text(json.dumps(first))
-    shutil.copytree(doom, tmp_path / "doom")
-    index = json.loads((tmp_path / "doom" / "index.json").read_text())
-    index["episodes"] = index["episodes"][::-1]
-    (tmp_path / "doom" / "index.json").write_text(json.dumps(index))
-    again = evaluate(ckpt, tmp_path / "doom", EvalConfig(split="all", seed=1, windows_from=tmp_path / "first.json"),
+    again = evaluate(ckpt, reindexed(doom, tmp_path), EvalConfig(split="all", seed=1, windows_from=tmp_path / "first.json"),
                      device="cpu", log=lambda s: None)
     assert again["window_starts"] == first["window_starts"] and again["horizon"] == 8
     for key in ("teacher_forced", "rollout", "controllability"):

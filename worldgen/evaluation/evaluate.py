@@ -2,9 +2,9 @@
 
 Every metric is computed on the same N windows of ``context + horizon`` consecutive frames,
 picked deterministically (seeded, in episode-id order) from held-out episodes, or taken from an
-earlier eval.json (``windows_from``) to pair two evaluations window by window. Generated frames are decoded and
-rounded to uint8, exactly what a player would see, and compared with the recorded uint8
-frames (:mod:`worldgen.evaluation.metrics`; PSNR is capped at ``psnr_cap_db``). Only RGB is
+earlier eval.json (``windows_from``) to pair two evaluations window by window. Generated frames
+are decoded and rounded to uint8, exactly what a player would see, and compared with the
+recorded uint8 frames (:mod:`worldgen.evaluation.metrics`; PSNR is capped at ``psnr_cap_db``). Only RGB is
 scored; a tokenizer that also encodes depth gets it as input.
 
 What it costs: with N windows, horizon H and K sampler steps, N H teacher-forced predictions
@@ -266,6 +266,8 @@ def _load_windows(ds: Dataset, cfg: EvalConfig, context: int, heldout_fraction: 
     """The evaluation windows as frames (N, L, H, W, 3 or 4 with depth) uint8 and actions
     (N, L, 10), plus their ``[episode id, start]``, the effective horizon and the number of
     episodes drawn from: ``stored``'s windows (:func:`_stored_windows`), else drawn."""
+    if cfg.batch < 1:
+        raise EvaluationError(f"need --batch >= 1, got {cfg.batch}")
     if depth and "depth" not in ds.fields:
         raise EvaluationError(f"{ds.root}: the tokenizer encodes RGB + depth, but this dataset has no depth")
     fields = ("depth",) if depth else ()
@@ -284,9 +286,9 @@ def _load_windows(ds: Dataset, cfg: EvalConfig, context: int, heldout_fraction: 
         return _window_arrays(ds, items, depth) + (horizon, len(episodes))
     if cfg.split not in ("heldout", "all"):
         raise EvaluationError(f"--split must be 'heldout' or 'all', got {cfg.split!r}")
-    if cfg.horizon < 1 or cfg.windows < 2 or cfg.batch < 1:
-        raise EvaluationError(f"need --horizon >= 1, --windows >= 2 (shuffled actions come from another "
-                              f"window) and --batch >= 1, got {cfg.horizon}, {cfg.windows}, {cfg.batch}")
+    if cfg.horizon < 1 or cfg.windows < 2:
+        raise EvaluationError(f"need --horizon >= 1 and --windows >= 2 (shuffled actions come from another "
+                              f"window), got {cfg.horizon}, {cfg.windows}")
     episodes = ds.split(heldout_fraction)[1] if cfg.split == "heldout" else list(range(len(ds)))
     if not episodes:
         raise EvaluationError(f"{ds.root}: no held-out episodes among its {len(ds)} (Dataset.split() "
