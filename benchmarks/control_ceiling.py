@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from worldgen.data import Dataset
-from worldgen.evaluation.evaluate import CONTROL_HORIZON
+from worldgen.evaluation.evaluate import CONTROL_HORIZON, EvaluationError, windows_at
 from worldgen.evaluation.metrics import psnr
 
 FACTORS = (2, 4, 8, 16)  # detail removed below k pixels; 160x120 frames
@@ -68,22 +68,20 @@ def main(argv: list[str] | None = None) -> dict:
     result = json.loads(args.eval.read_text())
     if "shuffled_from" not in result.get("controllability", {}):
         raise SystemExit(f"{args.eval}: no per-window controllability (made by an older worldgen eval)")
-    ds = Dataset(args.data)
-    ids = {e.id: i for i, e in enumerate(ds.episodes)}
     c, h = result["context"], max(args.horizons)
     if not 1 <= min(args.horizons) <= h <= result["horizon"]:
         raise SystemExit(f"--horizons must lie in [1, {result['horizon']}] (the eval's horizon)")
     starts, perm = result["window_starts"], result["controllability"]["shuffled_from"]
-    missing = sorted({e for e, _ in starts} - set(ids))
-    if missing:
-        raise SystemExit(f"{args.eval}: windows from episodes {missing[:3]} that {args.data} does not hold")
+    try:
+        items = windows_at(Dataset(args.data), starts, c + h)
+    except EvaluationError as e:
+        raise SystemExit(f"{args.eval}: {e}") from None
 
-    last = [s + c - 1 for _, s in starts]                                        # last context frame
-    real = np.stack([ds.read(ids[e], "frames", s + c, s + c + h) for e, s in starts])      # (N, h, H, W, 3)
-    ctx = np.stack([ds.read(ids[e], "frames", s, s + c) for e, s in starts])               # (N, c, H, W, 3)
-    # Window j's actions after its context: the dataset's step t made frame t + 1 (worldgen.data.loader).
-    taken = [tuple(ds.read(ids[e], f, s + c - 1, s + c + h - 1) for f in ("keys", "mouse")) for e, s in starts]
-    jobs = [(args.data, e, l, taken[j]) for (e, _), l, j in zip(starts, last, perm)]
+    real = np.stack([it["frames"][c:] for it in items])                         # (N, h, H, W, 3)
+    ctx = np.stack([it["frames"][:c] for it in items])                          # (N, c, H, W, 3)
+    # From window i's last context frame, window perm[i]'s actions after its context.
+    jobs = [(args.data, e, s + c - 1, (items[j]["keys"][c:], items[j]["mouse"][c:]))
+            for (e, s), j in zip(starts, perm)]
     if args.workers > 1:
         with ProcessPoolExecutor(args.workers) as pool:
             done = list(pool.map(replay_future, jobs))

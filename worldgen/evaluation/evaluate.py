@@ -244,6 +244,21 @@ def select_windows(ds: Dataset, episodes: list[int], length: int, n: int, seed: 
     return [pool[int(i)] for i in np.sort(picks)]
 
 
+def windows_at(ds: Dataset, starts: list[tuple[str, int]], length: int,
+               fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The windows of ``length`` frames at ``[(episode id, first frame), ...]`` (an eval.json's
+    ``window_starts``), as :class:`WindowDataset` items, in that order; a window this recording
+    does not hold is an :class:`EvaluationError` naming it."""
+    ids = {e.id: i for i, e in enumerate(ds.episodes)}
+    if missing := sorted({e for e, _ in starts if e not in ids}):
+        raise EvaluationError(f"{ds.root}: episodes {', '.join(missing[:3])} are not in this recording")
+    if outside := [(e, s) for e, s in starts if not 0 <= s <= ds.episodes[ids[e]].length - length]:
+        raise EvaluationError(f"{ds.root}: window {list(outside[0])} does not fit its episode "
+                              f"({length} frames from that start)")
+    ds.validate(sorted({ids[e] for e, _ in starts}))
+    return [WindowDataset(ds, length, [ids[e]], fields=fields, verify=False)[s] for e, s in starts]
+
+
 def _stored_windows(path: str | Path) -> dict[str, Any]:
     """``context``, ``horizon``, ``window_starts`` and ``shuffled_from`` of an eval.json, checked."""
     try:
@@ -272,18 +287,11 @@ def _load_windows(ds: Dataset, cfg: EvalConfig, context: int, heldout_fraction: 
         raise EvaluationError(f"{ds.root}: the tokenizer encodes RGB + depth, but this dataset has no depth")
     fields = ("depth",) if depth else ()
     if stored is not None:
-        horizon, length = stored["horizon"], context + stored["horizon"]
-        ids = {e.id: i for i, e in enumerate(ds.episodes)}
-        if missing := sorted({e for e, _ in stored["starts"] if e not in ids}):
-            raise EvaluationError(f"{ds.root}: episodes {', '.join(missing[:3])} of --windows-from "
-                                  f"{stored['path']} are not in this recording")
-        if outside := [(e, s) for e, s in stored["starts"] if not 0 <= s <= ds.episodes[ids[e]].length - length]:
-            raise EvaluationError(f"{ds.root}: window {list(outside[0])} of --windows-from {stored['path']} does "
-                                  f"not fit its episode ({length} frames from that start)")
-        episodes = sorted({ids[e] for e, _ in stored["starts"]})
-        ds.validate(episodes)
-        items = [WindowDataset(ds, length, [ids[e]], fields=fields, verify=False)[s] for e, s in stored["starts"]]
-        return _window_arrays(ds, items, depth) + (horizon, len(episodes))
+        try:
+            items = windows_at(ds, stored["starts"], context + stored["horizon"], fields)
+        except EvaluationError as e:
+            raise EvaluationError(f"--windows-from {stored['path']}: {e}") from None
+        return _window_arrays(ds, items, depth) + (stored["horizon"], len({e for e, _ in stored["starts"]}))
     if cfg.split not in ("heldout", "all"):
         raise EvaluationError(f"--split must be 'heldout' or 'all', got {cfg.split!r}")
     if cfg.horizon < 1 or cfg.windows < 2:
