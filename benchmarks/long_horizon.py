@@ -2,13 +2,11 @@
 
 Two measurements on one recording REC (record it with new seeds, so no frame was trained on):
 
-1. Stability. ``--sessions`` streaming sessions, each from a real context of REC (starts spread
-   evenly over the recording), stepped together (one ``wm.step_many`` per frame) for ``--frames``
-   frames with REC's real actions played in a loop (episodes concatenated; each session goes on
-   from where its context was recorded). Per generated frame: the mean and standard deviation
-   of its uint8 RGB values (all pixels and channels). The same two numbers over every frame of
-   REC give the real range: min / max and the 0.5 / 99.5 percentiles. A model that drifts
-   (fades to grey, saturates, blurs to one colour) leaves that range; a stable one stays inside.
+1. Stability (``worldgen.evaluation.stability``). ``--sessions`` streaming sessions, each from a
+   real context of REC, stepped together for ``--frames`` frames with REC's real actions played
+   in a loop. The mean and standard deviation of each generated frame's uint8 RGB values against
+   the same over every frame of REC (min / max and the 0.5 / 99.5 percentiles): a model that
+   drifts (fades to grey, saturates, blurs to one colour) leaves that range.
 2. Settings table. For each ``--settings`` entry ``window,sinks,ctx_noise`` (the KV cache: the
    ``sinks`` first frames kept for ever plus the ``window`` latest; the stabilisation noise of
    cached frames), rollout PSNR against the real frames at ``--horizons`` on ``--windows``
@@ -32,24 +30,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from worldgen.actions import Action
-from worldgen.data import Dataset, DatasetError, WindowDataset
+from worldgen.data import Dataset
 from worldgen.engine.world_model import StreamConfig, WorldModel
+from worldgen.evaluation import EvaluationError
 from worldgen.evaluation.metrics import psnr
+from worldgen.evaluation.stability import PERCENTILES, frames_per_s, open_sessions, pick_windows, play, stability
 from worldgen.training.common import hardware
 
 # The table of the issue: the shipped cache (1 sink + 14), without stabilisation noise, without a
 # sink, and shorter windows. Every entry needs sinks + window + 1 <= the trained window (16).
 DEFAULT_SETTINGS = ("14,1,0.1", "14,1,0.0", "14,0,0.1", "6,1,0.1", "2,1,0.1")
-PERCENTILES = (0.5, 99.5)  # the real band: wide enough to hold rare dark rooms, not outliers
 
 
 class BenchmarkError(ValueError):
@@ -123,141 +120,10 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# --- real frames ---------------------------------------------------------------------------------
-
-def frame_stats(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation of each uint8 frame over all its pixels and channels.
-
-    Example:
-        >>> f = np.zeros((2, 4, 4, 3), np.uint8); f[1, :2] = 255
-        >>> [v.tolist() for v in frame_stats(f)]
-        [[0.0, 127.5], [0.0, 127.5]]
-    """
-    flat = frames.reshape(len(frames), -1).astype(np.float32)  # (N, H * W * 3)
-    return flat.mean(1, dtype=np.float64), flat.std(1, dtype=np.float64)
-
-
-def real_stats(ds: Dataset, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`frame_stats` of every frame of ``ds``, read ``chunk`` frames at a time (bounded memory)."""
-    means, stds = [], []
-    for e, info in enumerate(ds.episodes):
-        for a in range(0, info.length, chunk):
-            m, s = frame_stats(ds.read(e, "frames", a, min(a + chunk, info.length)))
-            means.append(m)
-            stds.append(s)
-    return np.concatenate(means), np.concatenate(stds)
-
-
-def band(values: np.ndarray) -> dict[str, float]:
-    lo, hi = np.percentile(values, PERCENTILES)
-    return {"min": float(values.min()), f"p{PERCENTILES[0]:g}": float(lo), f"p{PERCENTILES[1]:g}": float(hi),
-            "max": float(values.max())}
-
-
-def pick_windows(ds: Dataset, length: int, n: int, what: str) -> list[dict[str, Any]]:
-    """Up to ``n`` windows of ``length`` frames, each inside one episode, spread evenly over all
-    the places one fits (deterministic). Items are :class:`WindowDataset` items: actions aligned
-    with the frames they produced."""
-    try:
-        pool = WindowDataset(ds, length, stride=1, fields=())
-    except DatasetError:
-        longest = max(e.length for e in ds.episodes)
-        raise BenchmarkError(f"{ds.root}: no episode holds {what} ({length} frames; the longest has {longest}): "
-                             f"lower --context or --horizons, or record longer episodes") from None
-    picks = np.unique(np.linspace(0, len(pool) - 1, n).round().astype(int))
-    return [pool[int(i)] for i in picks]
-
-
-def action_loop(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every recorded action, episodes concatenated: keys (N, 8), mouse (N, 2), and where each
-    episode starts in them (E,). Action ``i`` of an episode produced its frame ``i + 1``."""
-    keys = [ds.read(e, "keys") for e in range(len(ds))]
-    mouse = [ds.read(e, "mouse") for e in range(len(ds))]
-    starts = np.cumsum([0] + [len(k) for k in keys[:-1]])
-    return np.concatenate(keys), np.concatenate(mouse), starts
-
-
-# --- stepping ------------------------------------------------------------------------------------
-
-def open_sessions(wm: WorldModel, items: list[dict[str, Any]], context: int, seed: int) -> list:
-    """One session per window item, from its first ``context`` real frames and their actions."""
-    return [wm.session(it["frames"][:context], [Action(k, m) for k, m in zip(it["keys"][:context], it["mouse"][:context])],
-                       seed=seed + i) for i, it in enumerate(items)]
-
-
-def play(wm: WorldModel, sessions: list, keys: np.ndarray, mouse: np.ndarray,
-         visit: Callable[[int, np.ndarray], None]) -> np.ndarray:
-    """Step all ``sessions`` together through actions keys (B, N, 8), mouse (B, N, 2): one
-    ``step_many`` per frame; ``visit(t, frames (B, H, W, 3))`` sees frame t. Returns seconds per step (N,)."""
-    times = np.zeros(keys.shape[1])
-    for t in range(keys.shape[1]):
-        acts = [Action(keys[b, t], mouse[b, t]) for b in range(len(sessions))]
-        t0 = time.perf_counter()
-        frames = wm.step_many(sessions, acts)  # uint8 on the host: the step has finished
-        times[t] = time.perf_counter() - t0
-        visit(t, frames)
-    return times
-
-
-def frames_per_s(times: np.ndarray, batch: int) -> float:
-    """Generated frames per second; the first step is left out when there are more (it holds the
-    compile with --compile, and allocator warm-up without)."""
-    steady = times[1:] if len(times) > 1 else times
-    return float(batch * len(steady) / steady.sum())
-
-
 def load(args: argparse.Namespace, setting: Setting, compile: bool = False) -> WorldModel:
     wm = WorldModel.load(args.checkpoint, args.device, window=setting.window, sinks=setting.sinks,
                          ctx_noise=setting.ctx_noise, steps=args.steps, shift=args.shift)
     return wm.compile() if compile else wm
-
-
-# --- 1. stability --------------------------------------------------------------------------------
-
-def stability(wm: WorldModel, ds: Dataset, args: argparse.Namespace) -> dict[str, Any]:
-    """``--sessions`` sessions for ``--frames`` frames on looped real actions: per-frame stats."""
-    items = pick_windows(ds, args.context, args.sessions, f"a context of {args.context} frames")
-    loop_keys, loop_mouse, ep_starts = action_loop(ds)
-    # Session b goes on with the action that produced the frame after its context, then loops.
-    first = np.array([ep_starts[it["episode"]] + it["start"] + args.context - 1 for it in items])
-    idx = (first[:, None] + np.arange(args.frames)) % len(loop_keys)          # (B, F)
-    mean, std = np.zeros((len(items), args.frames)), np.zeros((len(items), args.frames))
-
-    def visit(t: int, frames: np.ndarray) -> None:
-        mean[:, t], std[:, t] = frame_stats(frames)
-        if (t + 1) % args.segment == 0:
-            log(f"stability: {t + 1}/{args.frames} frames, mean {mean[:, t].mean():.1f} std {std[:, t].mean():.1f}")
-
-    sessions = open_sessions(wm, items, args.context, args.seed)
-    times = play(wm, sessions, loop_keys[idx], loop_mouse[idx], visit)
-    return {"sessions": len(items), "frames": args.frames, "starts": _starts(ds, items),
-            "seconds": round(float(times.sum()), 3), "frames_per_s": round(frames_per_s(times, len(items)), 2),
-            "series": {"mean": mean.round(3).tolist(), "std": std.round(3).tolist()}}
-
-
-def judge(series: dict[str, list], real: dict[str, np.ndarray], segment: int) -> dict[str, Any]:
-    """Generated per-frame stats against the real range: how often outside, and per segment."""
-    lo_p, hi_p = (f"p{q:g}" for q in PERCENTILES)
-    out: dict[str, Any] = {"real": {}, "generated": {}, "segments": []}
-    outside_p = []
-    for stat in ("mean", "std"):
-        gen, ref = np.asarray(series[stat]), band(real[stat])                 # gen (B, F)
-        out["real"][stat] = {k: round(v, 3) for k, v in ref.items()}
-        beyond_p = (gen < ref[lo_p]) | (gen > ref[hi_p])
-        outside_p.append(beyond_p)
-        out["generated"][stat] = {
-            "min": round(float(gen.min()), 3), "max": round(float(gen.max()), 3),
-            "outside_minmax": round(float(((gen < ref["min"]) | (gen > ref["max"])).mean()), 5),
-            "outside_percentiles": round(float(beyond_p.mean()), 5)}
-    either = outside_p[0] | outside_p[1]                                      # (B, F)
-    frames = either.shape[1]
-    for a in range(0, frames, segment):
-        b = min(a + segment, frames)
-        out["segments"].append({"frames": [a + 1, b],
-                                "mean": round(float(np.mean(np.asarray(series["mean"])[:, a:b])), 3),
-                                "std": round(float(np.mean(np.asarray(series["std"])[:, a:b])), 3),
-                                "outside_percentiles": round(float(either[:, a:b].mean()), 5)})
-    return out
 
 
 # --- 2. settings table ---------------------------------------------------------------------------
@@ -305,10 +171,6 @@ def check(wm: WorldModel, ds: Dataset, args: argparse.Namespace) -> None:
                          window=s.window).check(wm.dit, wm.trained_window)
         except ValueError as e:
             raise BenchmarkError(f"setting {s.label} (window,sinks,ctx_noise): {e}") from None
-
-
-def _starts(ds: Dataset, items: list[dict[str, Any]]) -> list[list]:
-    return [[ds.episodes[it["episode"]].id, int(it["start"])] for it in items]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -386,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         longest = args.context + max(args.horizons)
         items = pick_windows(ds, longest, args.windows, f"a context of {args.context} + {max(args.horizons)} frames") \
             if args.settings else []
-    except BenchmarkError as e:
+    except (BenchmarkError, EvaluationError) as e:
         p.error(str(e))
     defaults = Setting(base.stream.window, base.stream.sinks, base.stream.ctx_noise)
     result: dict[str, Any] = {
@@ -398,15 +260,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # 1. Stability: the per-frame statistics of long sessions against every real frame's.
     setting = args.stability_setting or defaults
     wm = load(args, setting, compile=args.compile)
-    real_mean, real_std = real_stats(ds)
     log(f"stability: {args.sessions} session(s) x {args.frames} frames, setting {setting.label}")
-    run = stability(wm, ds, args)
-    result["stability"] = {"setting": setting.label, "real_frames": len(real_mean),
-                           **judge(run["series"], {"mean": real_mean, "std": real_std}, args.segment), **run}
+    try:
+        run = stability(wm, ds, args.frames, args.sessions, args.context, args.seed, segment=args.segment, log=log)
+    except EvaluationError as e:
+        p.error(str(e))
+    result["stability"] = {"setting": setting.label, **run}
     del wm, base  # free the first model's memory before the table's
 
     # 2. Settings table: rollout PSNR at each horizon, every window of a setting in one batch.
-    result["windows"], result["window_starts"] = len(items), _starts(ds, items)
+    result["windows"], result["window_starts"] = len(items), [[ds.episodes[it["episode"]].id, int(it["start"])]
+                                                             for it in items]
     result["baseline"] = baseline_psnr(items, args.context, args.horizons) if items else {}
     result["settings"] = []
     for s in args.settings:

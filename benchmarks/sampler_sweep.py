@@ -3,16 +3,24 @@
 Runs ``worldgen eval`` for every combination on held-out episodes of the *training* recording
 (the trainer's own split: never trained on, but not the unseen-seed test data), or with
 ``--split all`` on every episode of a validation recording made with other unseen seeds than
-the test's (when the training recording is not at hand), prints the table
-and, with ``--apply``, stores the best settings as the checkpoint's sampler defaults (its final
-eval then uses them). Best: of the settings that clear the two PSNR bars of a useful model
+the test's (when the training recording is not at hand), and plays ``--stability-sessions``
+long sessions of ``--stability-frames`` frames each from those episodes
+(``worldgen.evaluation.stability``). It prints the table and, with ``--apply``, stores the best
+settings as the checkpoint's sampler defaults (its final eval and every session then use them).
+
+Best, in this order. First, a game runs for hours: only settings whose long sessions stay in
+the range of real frames qualify (``stability.in_range``; all of them if none does, or with
+``--stability-frames 0``). Of those, the ones that clear the two PSNR bars of a useful model
 (teacher-forced at least ``--min-gain`` dB over repeating the last frame, rollout@16 above
 holding it), the most controllable (real minus shuffled actions at 16); if none clears them,
 the highest teacher-forced + rollout@16 PSNR + controllability. PSNR alone rewards blurry
-means that ignore the action: a game has to follow its player first.
+means that ignore the action and flatten over a long session: a game has to follow its player
+and keep its look.
 
     python benchmarks/sampler_sweep.py --checkpoint runs/dyn/ckpt --data data/doom_train \\
-        --steps 2 4 8 --ctx-noise 0 0.05 0.1 --json sweep.json --apply
+        --steps 2 3 4 --ctx-noise 0.05 0.1 --compile --json sweep.json --apply
+    python benchmarks/sampler_sweep.py --checkpoint runs/dyn/ckpt --data data/doom_train \\
+        --steps 2 4 --stability-frames 0 --device cpu          # PSNR only: a CPU is too slow for it
 """
 
 from __future__ import annotations
@@ -21,11 +29,32 @@ import argparse
 import json
 from pathlib import Path
 
-from worldgen import checkpoint
+import numpy as np
+
+from worldgen import WorldModel, checkpoint
+from worldgen.data import Dataset
 from worldgen.evaluation.evaluate import EvalConfig, evaluate
+from worldgen.evaluation.stability import in_range, stability
 
 
-def main() -> None:
+def choose(rows: list[dict], min_gain: float) -> dict:
+    """The best sweep row by the rule of the module docstring.
+
+    Example:
+        >>> sharp = {"in_range": True, "tf_gain_db": 1.3, "rollout_psnr": 16.2, "rollout_baseline": 15.1,
+        ...          "control_db": 0.1, "score": 36.3}
+        >>> flat = {**sharp, "in_range": False, "tf_gain_db": 2.0, "score": 37.0}
+        >>> choose([flat, sharp], min_gain=2.0) is sharp
+        True
+    """
+    pool = [r for r in rows if r.get("in_range", True)] or rows  # none stays in range: rank them all
+    useful = [r for r in pool if r["tf_gain_db"] >= min_gain and r["rollout_psnr"] > r["rollout_baseline"]]
+    if useful:
+        return max(useful, key=lambda r: (r["control_db"] or 0.0, r["score"]))
+    return max(pool, key=lambda r: r["score"])
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="the training recording (its held-out split is used), or see --split")
@@ -39,18 +68,26 @@ def main() -> None:
     p.add_argument("--min-gain", type=float, default=2.0, help="teacher-forced dB over repeat-last-frame to qualify")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--horizon", type=int, default=16)
+    p.add_argument("--stability-frames", type=int, default=10_000,
+                   help="frames per long session (0: skip the stability check)")
+    p.add_argument("--stability-sessions", type=int, default=4, help="long sessions, stepped as one batch")
+    p.add_argument("--compile", action="store_true", help="wm.compile() the long sessions (GPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--apply", action="store_true", help="store the best settings in the checkpoint")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     rows = []
     grid = [(steps, noise, shift, g) for steps in args.steps for noise in args.ctx_noise for shift in args.shift
             for g in args.guidance]
+    ds = Dataset(args.data)
+    train = checkpoint.config(args.checkpoint, "dynamics").get("train", {})
+    episodes = (ds.split(train.get("config", {}).get("heldout_fraction", 0.1))[1] if args.split == "heldout"
+                else list(range(len(ds))))  # the episodes eval scores: the trainer's held-out side
     for steps, noise, shift, g in grid:
-        r = evaluate(args.checkpoint, args.data, EvalConfig(steps=steps, ctx_noise=noise, shift=shift, guidance=g,
-                                                           windows=args.windows, split=args.split,
-                                                           horizon=args.horizon, video_windows=0),
+        r = evaluate(args.checkpoint, ds, EvalConfig(steps=steps, ctx_noise=noise, shift=shift, guidance=g,
+                                                     windows=args.windows, split=args.split,
+                                                     horizon=args.horizon, video_windows=0),
                      device=args.device, log=lambda *_: None)
         tf, ro = r["teacher_forced"], r["rollout"]
         h = min(16, r["horizon"])
@@ -59,18 +96,28 @@ def main() -> None:
                "control_db": r["controllability"]["delta_db"], "seconds": r["seconds"]}
         control = row["control_db"] if row["control_db"] is not None else 0.0  # None: horizon < 16
         row["score"] = round(row["tf_psnr"] + row["rollout_psnr"] + control, 3)
+        if args.stability_frames > 0:
+            wm = WorldModel.load(args.checkpoint, args.device, steps=steps, ctx_noise=noise, shift=shift, guidance=g)
+            st = stability(wm.compile() if args.compile else wm, ds, args.stability_frames, args.stability_sessions,
+                           episodes=episodes)
+            row.update(in_range=in_range(st), outside_minmax=st["outside_minmax"],
+                       outside_band=st["outside_percentiles"], real_outside_band=st["real_outside_percentiles"],
+                       std_mean=round(float(np.mean(st["series"]["std"])), 2), stability_seconds=st["seconds"])
+            del wm
         rows.append(row)
         print(json.dumps(row), flush=True)
-    useful = [r for r in rows if r["tf_gain_db"] >= args.min_gain and r["rollout_psnr"] > r["rollout_baseline"]]
-    best = max(useful, key=lambda r: (r["control_db"] or 0.0, r["score"])) if useful else max(rows, key=lambda r: r["score"])
+    best = choose(rows, args.min_gain)
     print("| steps | ctx_noise | shift | guidance | teacher-forced dB (gain) | rollout@16 dB (baseline) "
-          "| controllability dB | score |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| controllability dB | long sessions: std mean, outside real [min, max] / band (real) | score |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         mark = " **best**" if r is best else ""
+        long = (f"{r['std_mean']:.1f}, {r['outside_minmax']:.2%} / {r['outside_band']:.2%} ({r['real_outside_band']:.2%})"
+                f"{'' if r['in_range'] else ': out of range'}" if "in_range" in r else "not run")
         print(f"| {r['steps']} | {r['ctx_noise']} | {r['shift']} | {r['guidance']} | {r['tf_psnr']:.2f} "
               f"({r['tf_gain_db']:+.2f}) | {r['rollout_psnr']:.2f} ({r['rollout_baseline']:.2f}) | "
-              f"{r['control_db'] if r['control_db'] is None else format(r['control_db'], '+.2f')} | {r['score']:.2f} |{mark}")
+              f"{r['control_db'] if r['control_db'] is None else format(r['control_db'], '+.2f')} | {long} | "
+              f"{r['score']:.2f} |{mark}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "best": best}, indent=1))
     if args.apply:
@@ -80,6 +127,7 @@ def main() -> None:
             "chosen_by": "benchmarks/sampler_sweep.py"}})
         print(f"stored steps={best['steps']} ctx_noise={best['ctx_noise']} shift={best['shift']} "
               f"guidance={best['guidance']} in {args.checkpoint}")
+    return {"rows": rows, "best": best}
 
 
 if __name__ == "__main__":

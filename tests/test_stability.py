@@ -1,0 +1,59 @@
+"""Long-session stability (worldgen.evaluation.stability) and the sampler sweep that ranks by it,
+on the tiny model and the tiny ViZDoom recording."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import benchmark_script, finite  # tests/ is on sys.path under pytest
+
+from worldgen import WorldModel, checkpoint
+from worldgen.data import Dataset
+from worldgen.evaluation.stability import in_range, stability
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_sessions_start_play_and_are_judged_on_the_given_episodes_only(tiny_checkpoint, doom_recording):
+    ds = Dataset(doom_recording)
+    wm = WorldModel.load(tiny_checkpoint, "cpu")
+    r = stability(wm, ds, frames=25, sessions=2, context=3, episodes=[2], segment=10)
+    assert r["real_frames"] == ds.episodes[2].length
+    assert {e for e, _ in r["starts"]} == {ds.episodes[2].id} and r["starts"][0] != r["starts"][1]
+    assert [len(s) for s in r["series"]["std"]] == [25, 25] and len(r["segments"]) == 3
+    assert 0 <= r["outside_minmax"] <= r["outside_percentiles"] <= 1
+    # Of 30 real frames only the lowest and the highest lie beyond p0.5 / p99.5, for mean or std.
+    assert 0 < r["real_outside_percentiles"] <= 4 / 30
+    assert in_range(r) == (r["outside_minmax"] == 0 and r["outside_percentiles"] <= r["real_outside_percentiles"])
+    assert finite(r)
+
+
+def test_sweep_ranks_settings_by_long_sessions_too_and_stores_the_best(tiny_checkpoint, doom_recording, tmp_path):
+    sweep = benchmark_script("sampler_sweep")
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    result = sweep.main(["--checkpoint", str(ckpt), "--data", str(doom_recording), "--steps", "1", "3",
+                         "--ctx-noise", "0.05", "--windows", "2", "--horizon", "2", "--stability-frames", "12",
+                         "--stability-sessions", "2", "--device", "cpu", "--json", str(tmp_path / "s.json"), "--apply"])
+    rows, best = result["rows"], result["best"]
+    assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(result))
+    assert [r["steps"] for r in rows] == [1, 3]
+    for r in rows:
+        assert isinstance(r["in_range"], bool) and 0 <= r["outside_minmax"] <= r["outside_band"] <= 1
+        assert r["std_mean"] > 0 and r["stability_seconds"] > 0
+    if any(r["in_range"] for r in rows):
+        assert best["in_range"]
+    stored = checkpoint.config(ckpt, "dynamics")["sampler"]
+    assert (stored["steps"], stored["ctx_noise"]) == (best["steps"], best["ctx_noise"])
+    assert WorldModel.load(ckpt, "cpu").stream.steps == best["steps"]
+
+
+def test_choosing_puts_staying_in_range_before_psnr():
+    sweep = benchmark_script("sampler_sweep")
+    good = {"tf_gain_db": 2.1, "rollout_psnr": 16.0, "rollout_baseline": 15.0, "control_db": 0.1, "score": 36.0}
+    flat = {**good, "in_range": False, "control_db": 0.5, "score": 37.0}
+    sharp = {**good, "in_range": True, "tf_gain_db": 1.3, "score": 35.0}
+    assert sweep.choose([flat, sharp], 2.0) is sharp                  # flat clears the bars, but leaves the range
+    assert sweep.choose([flat, {**flat, "score": 30.0}], 2.0) is flat  # none in range: all ranked as before
+    assert sweep.choose([good, {**good, "control_db": 0.3}], 2.0)["control_db"] == 0.3   # no check run: as before
