@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
             wm = WorldModel.load(args.checkpoint, args.device, steps=steps, ctx_noise=noise, shift=shift, guidance=g)
             st = stability(wm.compile() if args.compile else wm, ds, args.stability_frames, args.stability_sessions,
                            episodes=episodes)
-            row.update(in_range=in_range(st), outside_minmax=st["outside_minmax"],
+            row.update(in_range=in_range(st), outside_minmax=st["outside_minmax"], real_frames=st["real_frames"],
                        outside_band=st["outside_percentiles"], real_outside_band=st["real_outside_percentiles"],
                        std_mean=round(float(np.mean(st["series"]["std"])), 2), stability_seconds=st["seconds"])
             del wm

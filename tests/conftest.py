@@ -9,7 +9,9 @@ what engine, server, client and Gymnasium tests load with ``WorldModel.load``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,6 +39,16 @@ def benchmark_script(name: str):
     sys.modules[name] = module  # dataclasses look their module up while the script runs
     spec.loader.exec_module(module)
     return module
+
+
+def reindexed(recording: Path, tmp_path: Path) -> Path:
+    """A copy of the recording whose index lists the episodes in reverse (parallel recording
+    workers finish in any order)."""
+    shutil.copytree(recording, tmp_path / "reindexed")
+    index = json.loads((tmp_path / "reindexed" / "index.json").read_text())
+    index["episodes"] = index["episodes"][::-1]
+    (tmp_path / "reindexed" / "index.json").write_text(json.dumps(index))
+    return tmp_path / "reindexed"
 
 
 def finite(x) -> bool:

@@ -11,14 +11,13 @@ import importlib
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import finite  # tests/ is on sys.path under pytest
+from conftest import finite, reindexed  # tests/ is on sys.path under pytest
 
 from worldgen.cli import main
 from worldgen.data import Dataset, DatasetIndex, Episode, EpisodeInfo, write_episode_shards
@@ -179,15 +178,6 @@ def test_select_windows_deterministic_tiles(doom):
     many = select_windows(ds, [0, 1, 2], 30, 20, seed=3)  # more than the 5 + 4 + 1 tiles
     assert len({(w["episode"], w["start"]) for w in many}) == 20
     assert all(len(w["frames"]) == 30 for w in many)
-
-
-def reindexed(doom: Path, tmp_path: Path) -> Path:
-    """A copy of the recording whose index lists the episodes in reverse."""
-    shutil.copytree(doom, tmp_path / "doom")
-    index = json.loads((tmp_path / "doom" / "index.json").read_text())
-    index["episodes"] = index["episodes"][::-1]
-    (tmp_path / "doom" / "index.json").write_text(json.dumps(index))
-    return tmp_path / "doom"
 
 
 def test_select_windows_ignore_the_index_order(doom, tmp_path):

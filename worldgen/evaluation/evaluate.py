@@ -55,7 +55,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -226,6 +226,13 @@ def _sampler_settings(folder: Path, cfg: EvalConfig, dit_cfg) -> tuple[int, dict
                      "guidance": float(guidance), "window": context + block, "seed": cfg.seed}
 
 
+def by_id(ds: Dataset, episodes: Iterable[int]) -> list[int]:
+    """Episode indices in episode-id order. A parallel recorder indexes episodes as its workers
+    finish them, so the same play recorded twice can list them in another order; what is drawn
+    or played from a recording must not follow that."""
+    return sorted(episodes, key=lambda e: ds.episodes[e].id)
+
+
 def select_windows(ds: Dataset, episodes: list[int], length: int, n: int, seed: int,
                    fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """``n`` windows of ``length`` frames from ``episodes``, the same ones for the same seed.
@@ -233,10 +240,9 @@ def select_windows(ds: Dataset, episodes: list[int], length: int, n: int, seed: 
     Non-overlapping tiles first, so no frame counts twice; only when the episodes hold fewer
     than ``n`` tiles do windows start at any frame (and may overlap). Items are
     :class:`WindowDataset` items (actions aligned to the frames they produced), in episode id
-    order: a parallel recorder indexes episodes as its workers finish them, so the same play
-    recorded twice can list them in another order, and the windows must not follow that.
+    order (:func:`by_id`).
     """
-    episodes = sorted(episodes, key=lambda e: ds.episodes[e].id)
+    episodes = by_id(ds, episodes)
     pool = WindowDataset(ds, length, episodes, stride=length, fields=fields)
     if len(pool) < n:
         pool = WindowDataset(ds, length, episodes, stride=1, fields=fields)

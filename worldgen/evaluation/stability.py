@@ -8,8 +8,8 @@ A model that drifts (fades to grey, saturates, blurs to one colour) leaves that 
 one stays inside. ``benchmarks/long_horizon.py`` reports it for the issue's 10,000 frames and
 ``benchmarks/sampler_sweep.py`` keeps only sampler settings whose sessions stay inside.
 
-A model stays in range (:func:`in_range`) when no frame leaves the real [min, max] and no more
-frames leave the real percentile band than real frames do.
+A model stays in range (:func:`in_range`) when its frames leave the real [min, max] and the real
+percentile band not much more often than real frames would.
 
 Example:
     >>> wm = WorldModel.load("default")                                          # doctest: +SKIP
@@ -28,7 +28,7 @@ import numpy as np
 from worldgen.actions import Action
 from worldgen.data import Dataset, DatasetError, WindowDataset
 from worldgen.engine.world_model import WorldModel
-from worldgen.evaluation.evaluate import EvaluationError
+from worldgen.evaluation.evaluate import EvaluationError, by_id
 
 PERCENTILES = (0.5, 99.5)  # the real band: wide enough to hold rare dark rooms, not outliers
 
@@ -66,12 +66,14 @@ def band(values: np.ndarray) -> dict[str, float]:
 def pick_windows(ds: Dataset, length: int, n: int, what: str,
                  episodes: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Up to ``n`` windows of ``length`` frames, each inside one episode (of ``episodes`` if
-    given), spread evenly over all the places one fits (deterministic). Items are
+    given), spread evenly over all the places one fits, in episode-id order (the same play
+    recorded twice gives the same windows, whatever order its workers finished in). Items are
     :class:`WindowDataset` items: actions aligned with the frames they produced."""
+    episodes = by_id(ds, range(len(ds)) if episodes is None else episodes)
     try:
         pool = WindowDataset(ds, length, episodes=episodes, stride=1, fields=())
     except DatasetError:
-        longest = max(ds.episodes[e].length for e in (range(len(ds)) if episodes is None else episodes))
+        longest = max(ds.episodes[e].length for e in episodes)
         raise EvaluationError(f"{ds.root}: no episode holds {what} ({length} frames; the longest has {longest}): "
                               f"lower the context or horizons, or record longer episodes") from None
     picks = np.unique(np.linspace(0, len(pool) - 1, n).round().astype(int))
@@ -146,11 +148,11 @@ def stability(wm: WorldModel, ds: Dataset, frames: int = 10_000, sessions: int =
 
     Session i starts from a real context (starts spread evenly over the recording), draws its
     sampler noise from ``seed + i`` and goes on with the action that produced the frame after its
-    context, then with every later recorded action, episodes concatenated, in a loop. Returns
+    context, then with every later recorded action, episodes concatenated in id order, in a loop. Returns
     :func:`judge`'s verdict plus the per-frame ``series`` (mean, std: B lists of F), ``starts``
     (``[episode id, frame]``), ``seconds`` and ``frames_per_s``; ``log`` hears every ``segment`` frames.
     """
-    eps = list(range(len(ds)) if episodes is None else episodes)
+    eps = by_id(ds, range(len(ds)) if episodes is None else episodes)
     items = pick_windows(ds, context, sessions, f"a context of {context} frames", eps)
     keys = [ds.read(e, "keys") for e in eps]           # the action loop: every recorded action of eps
     mouse = [ds.read(e, "mouse") for e in eps]
@@ -176,13 +178,26 @@ def stability(wm: WorldModel, ds: Dataset, frames: int = 10_000, sessions: int =
             "series": series}
 
 
-def in_range(verdict: dict[str, Any]) -> bool:
-    """A :func:`judge` verdict says the sessions look like real play at both ends of the range:
-    no frame beyond the real min / max, and the percentile band left no more often than real
-    frames leave it (a flat or washed-out model fails the second long before the first).
+def in_range(verdict: dict[str, Any], tolerance: float = 2.0) -> bool:
+    """A :func:`judge` verdict (with ``real_frames``) says the sessions look like real play at
+    both ends: they leave the real [min, max] and the real percentile band at most
+    ``tolerance`` times as often as real frames would. A new real frame falls outside the
+    [min, max] of n real frames with probability 2 / (n + 1), so even real play, 40,000 frames
+    of it against a 16,000-frame recording, lands ~5 frames outside; and real frames leave
+    their own [p0.5, p99.5] band ~1.6% of the time (either statistic). A flat or washed-out
+    model fails the band long before the range. Why a tolerance of 2: a few correlated sessions
+    give a noisy share. The shipped model's 4-step sessions left the band on 1.00% of frames on
+    one recording (real: 1.64%) and 1.79% on another (real: 1.65%); its 3-step sessions on
+    11.6%, its 2-step ones on 34% (benchmarks/RESULTS.md, long-horizon section).
 
     Example:
-        >>> in_range({"outside_minmax": 0.0, "outside_percentiles": 0.011, "real_outside_percentiles": 0.016})
+        >>> in_range({"outside_minmax": 1 / 40_000, "outside_percentiles": 0.0179,
+        ...           "real_outside_percentiles": 0.0165, "real_frames": 16_000})
         True
+        >>> in_range({"outside_minmax": 0.0, "outside_percentiles": 0.116,
+        ...           "real_outside_percentiles": 0.0165, "real_frames": 16_000})
+        False
     """
-    return verdict["outside_minmax"] == 0 and verdict["outside_percentiles"] <= verdict["real_outside_percentiles"]
+    real_minmax = 2 / (verdict["real_frames"] + 1)
+    return (verdict["outside_minmax"] <= tolerance * real_minmax
+            and verdict["outside_percentiles"] <= tolerance * verdict["real_outside_percentiles"])
