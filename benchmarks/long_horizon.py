@@ -82,6 +82,14 @@ def parse_setting(text: str) -> Setting:
         raise argparse.ArgumentTypeError(f"a setting is window,sinks,ctx_noise (e.g. 14,1,0.1), got {text!r}") from None
 
 
+def parse_start(text: str) -> tuple[str, int]:
+    """``"s1000-w15-e0000:992"`` -> ("s1000-w15-e0000", 992): episode id and first context frame."""
+    episode, _, frame = text.rpartition(":")
+    if not episode or not frame.isdigit():
+        raise argparse.ArgumentTypeError(f"a start is EPISODE_ID:FRAME (e.g. s1000-w15-e0000:992), got {text!r}")
+    return episode, int(frame)
+
+
 def positive_int(text: str) -> int:
     if not text.lstrip("+").isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
@@ -96,6 +104,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--frames", type=positive_int, default=10_000, help="frames per stability session")
     p.add_argument("--sessions", type=positive_int, default=4, help="stability sessions, batched (cheap on a GPU)")
+    p.add_argument("--starts", type=parse_start, nargs="+", default=None, metavar="EPISODE:FRAME",
+                   help="the stability sessions' contexts (one session each; default: --sessions spread "
+                        "evenly), e.g. a session of an earlier JSON's starts again with its --seed + index")
     p.add_argument("--stability-setting", type=parse_setting, default=None,
                    help="window,sinks,ctx_noise of the stability sessions (default: the checkpoint's)")
     p.add_argument("--segment", type=positive_int, default=1000, help="frames per segment of the drift table")
@@ -260,9 +271,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # 1. Stability: the per-frame statistics of long sessions against every real frame's.
     setting = args.stability_setting or defaults
     wm = load(args, setting, compile=args.compile)
-    log(f"stability: {args.sessions} session(s) x {args.frames} frames, setting {setting.label}")
+    log(f"stability: {len(args.starts) if args.starts else args.sessions} session(s) x {args.frames} frames, "
+        f"setting {setting.label}")
     try:
-        run = stability(wm, ds, args.frames, args.sessions, args.context, args.seed, segment=args.segment, log=log)
+        run = stability(wm, ds, args.frames, args.sessions, args.context, args.seed, segment=args.segment, log=log,
+                        starts=args.starts)
     except EvaluationError as e:
         p.error(str(e))
     result["stability"] = {"setting": setting.label, **run}

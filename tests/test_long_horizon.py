@@ -64,3 +64,9 @@ def test_setting_syntax(bench):
     assert bench.parse_setting("14,1,0.1") == bench.Setting(14, 1, 0.1)
     with pytest.raises(Exception, match="window,sinks,ctx_noise"):
         bench.parse_setting("14,1")
+
+
+def test_start_syntax(bench):
+    assert bench.parse_start("s1000-w15-e0000:992") == ("s1000-w15-e0000", 992)
+    with pytest.raises(Exception, match="EPISODE_ID:FRAME"):
+        bench.parse_start("s1000-w15-e0000")

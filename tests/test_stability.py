@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from conftest import benchmark_script, finite, reindexed  # tests/ is on sys.path under pytest
 
@@ -36,6 +37,16 @@ def test_sessions_do_not_follow_the_index_order(tiny_checkpoint, doom_recording,
     a, b = (stability(wm, Dataset(d), frames=6, sessions=3, context=3, segment=6)
             for d in (doom_recording, reindexed(doom_recording, tmp_path)))
     assert a["starts"] == b["starts"] and a["series"] == b["series"]
+
+
+def test_a_session_of_a_run_replays_alone_from_its_start(tiny_checkpoint, doom_recording):
+    """--starts with --seed: one session of an earlier run again, without the others."""
+    wm, ds = WorldModel.load(tiny_checkpoint, "cpu"), Dataset(doom_recording)
+    run = stability(wm, ds, frames=6, sessions=3, context=3, segment=6)
+    alone = stability(wm, ds, frames=6, context=3, seed=2, segment=6, starts=[tuple(run["starts"][2])])
+    assert alone["starts"] == run["starts"][2:] and alone["sessions"] == 1
+    for stat in ("mean", "std"):  # batched and alone agree within float rounding of uint8 frames
+        np.testing.assert_allclose(alone["series"][stat][0], run["series"][stat][2], atol=0.5)
 
 
 def test_sweep_ranks_settings_by_long_sessions_too_and_stores_the_best(tiny_checkpoint, doom_recording, tmp_path):
