@@ -23,6 +23,8 @@ Examples:
         --frames 10000 --compile --json long_horizon.json --plot long_horizon.png
     python benchmarks/long_horizon.py --checkpoint default --data data/heldout --device cpu \\
         --threads 1 --frames 200 --sessions 1 --windows 2 --horizons 16 64        # CPU smoke run
+    python benchmarks/long_horizon.py --checkpoint default --data data/heldout --device cpu \
+        --frames 400 --starts s1000-w15-e0000:992 --seed 3 --steps 6 --settings   # session 3 of a run, again
 """
 
 from __future__ import annotations
