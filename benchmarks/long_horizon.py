@@ -43,7 +43,8 @@ from worldgen.data import Dataset
 from worldgen.engine.world_model import StreamConfig, WorldModel
 from worldgen.evaluation import EvaluationError
 from worldgen.evaluation.metrics import psnr
-from worldgen.evaluation.stability import PERCENTILES, frames_per_s, open_sessions, pick_windows, play, stability
+from worldgen.evaluation.stability import (PERCENTILES, frames_per_s, open_sessions, pick_windows, play, stability,
+                                          starts_of)
 from worldgen.training.common import hardware
 
 # The table of the issue: the shipped cache (1 sink + 14), without stabilisation noise, without a
@@ -284,8 +285,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     del wm, base  # free the first model's memory before the table's
 
     # 2. Settings table: rollout PSNR at each horizon, every window of a setting in one batch.
-    result["windows"], result["window_starts"] = len(items), [[ds.episodes[it["episode"]].id, int(it["start"])]
-                                                             for it in items]
+    result["windows"], result["window_starts"] = len(items), starts_of(ds, items)
     result["baseline"] = baseline_psnr(items, args.context, args.horizons) if items else {}
     result["settings"] = []
     for s in args.settings:

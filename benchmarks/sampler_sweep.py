@@ -33,7 +33,7 @@ import numpy as np
 
 from worldgen import WorldModel, checkpoint
 from worldgen.data import Dataset
-from worldgen.evaluation.evaluate import EvalConfig, evaluate
+from worldgen.evaluation.evaluate import EvalConfig, evaluate, trainer_heldout_fraction
 from worldgen.evaluation.stability import in_range, stability
 
 
@@ -81,9 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     grid = [(steps, noise, shift, g) for steps in args.steps for noise in args.ctx_noise for shift in args.shift
             for g in args.guidance]
     ds = Dataset(args.data)
-    train = checkpoint.config(args.checkpoint, "dynamics").get("train", {})
-    episodes = (ds.split(train.get("config", {}).get("heldout_fraction", 0.1))[1] if args.split == "heldout"
-                else list(range(len(ds))))  # the episodes eval scores: the trainer's held-out side
+    episodes = (ds.split(trainer_heldout_fraction(args.checkpoint))[1] if args.split == "heldout"
+                else list(range(len(ds))))  # the episodes eval scores
     for steps, noise, shift, g in grid:
         r = evaluate(args.checkpoint, ds, EvalConfig(steps=steps, ctx_noise=noise, shift=shift, guidance=g,
                                                      windows=args.windows, split=args.split,

@@ -12,6 +12,7 @@ from conftest import benchmark_script, finite, reindexed  # tests/ is on sys.pat
 
 from worldgen import WorldModel, checkpoint
 from worldgen.data import Dataset
+from worldgen.evaluation import EvaluationError
 from worldgen.evaluation.stability import in_range, stability
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,6 +48,8 @@ def test_a_session_of_a_run_replays_alone_from_its_start(tiny_checkpoint, doom_r
     assert alone["starts"] == run["starts"][2:] and alone["sessions"] == 1
     for stat in ("mean", "std"):  # batched and alone agree within float rounding of uint8 frames
         np.testing.assert_allclose(alone["series"][stat][0], run["series"][stat][2], atol=0.5)
+    with pytest.raises(EvaluationError, match="which the given episodes do not hold"):
+        stability(wm, ds, frames=2, context=3, episodes=[2], starts=[(ds.episodes[0].id, 0)])
 
 
 def test_sweep_ranks_settings_by_long_sessions_too_and_stores_the_best(tiny_checkpoint, doom_recording, tmp_path):

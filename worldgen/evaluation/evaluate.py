@@ -131,9 +131,7 @@ def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalCo
     train = checkpoint.config(folder, "dynamics").get("train", {})
     if cfg.split == "all" and train.get("data") and Path(train["data"]).resolve() == ds.root.resolve():
         log(f"warning: {folder} was trained on {ds.root}; --split all scores frames it trained on")
-    fraction = cfg.heldout_fraction
-    if fraction is None:
-        fraction = train.get("config", {}).get("heldout_fraction", 0.1)
+    fraction = trainer_heldout_fraction(folder) if cfg.heldout_fraction is None else cfg.heldout_fraction
     depth = tokenizer.cfg.in_channels == 4  # a tokenizer trained on RGB + depth (train --depth)
     frames, acts, starts, horizon, n_episodes = _load_windows(ds, cfg, c, fraction, depth, stored)
     fraction = fraction if cfg.split == "heldout" else None
@@ -224,6 +222,12 @@ def _sampler_settings(folder: Path, cfg: EvalConfig, dit_cfg) -> tuple[int, dict
                               f"of {block}; got {context}")
     return context, {"steps": int(steps), "ctx_noise": float(ctx_noise), "shift": float(shift),
                      "guidance": float(guidance), "window": context + block, "seed": cfg.seed}
+
+
+def trainer_heldout_fraction(folder: str | Path) -> float:
+    """The share of episodes ``Dataset.split()`` held out when the checkpoint's DiT was trained
+    (0.1 where its config does not say): what ``split="heldout"`` scores."""
+    return checkpoint.config(folder, "dynamics").get("train", {}).get("config", {}).get("heldout_fraction", 0.1)
 
 
 def by_id(ds: Dataset, episodes: Iterable[int]) -> list[int]:

@@ -80,6 +80,11 @@ def pick_windows(ds: Dataset, length: int, n: int, what: str,
     return [pool[int(i)] for i in picks]
 
 
+def starts_of(ds: Dataset, items: list[dict[str, Any]]) -> list[list]:
+    """``[episode id, first frame]`` of window items: where an eval.json or a run's JSON says they are."""
+    return [[ds.episodes[it["episode"]].id, int(it["start"])] for it in items]
+
+
 def open_sessions(wm: WorldModel, items: list[dict[str, Any]], context: int, seed: int) -> list:
     """One session per window item, from its first ``context`` real frames and their actions."""
     return [wm.session(it["frames"][:context], [Action(k, m) for k, m in zip(it["keys"][:context], it["mouse"][:context])],
@@ -157,6 +162,8 @@ def stability(wm: WorldModel, ds: Dataset, frames: int = 10_000, sessions: int =
     eps = by_id(ds, range(len(ds)) if episodes is None else episodes)
     items = (windows_at(ds, starts, context) if starts else
              pick_windows(ds, context, sessions, f"a context of {context} frames", eps))
+    if outside := sorted({ds.episodes[it["episode"]].id for it in items if it["episode"] not in eps}):
+        raise EvaluationError(f"starts in episodes {', '.join(outside[:3])}, which the given episodes do not hold")
     keys = [ds.read(e, "keys") for e in eps]           # the action loop: every recorded action of eps
     mouse = [ds.read(e, "mouse") for e in eps]
     offset = dict(zip(eps, np.cumsum([0] + [len(k) for k in keys[:-1]])))
@@ -176,7 +183,7 @@ def stability(wm: WorldModel, ds: Dataset, frames: int = 10_000, sessions: int =
     series = {"mean": mean.round(3).tolist(), "std": std.round(3).tolist()}
     return {"real_frames": len(real_mean), **judge(series, {"mean": real_mean, "std": real_std}, segment),
             "sessions": len(items), "frames": frames,
-            "starts": [[ds.episodes[it["episode"]].id, int(it["start"])] for it in items],
+            "starts": starts_of(ds, items),
             "seconds": round(float(times.sum()), 3), "frames_per_s": round(frames_per_s(times, len(items)), 2),
             "series": series}
 
