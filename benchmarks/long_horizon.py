@@ -106,7 +106,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     p.add_argument("--data", required=True, help="recording REC: real range, contexts, actions, ground truth")
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--frames", type=positive_int, default=10_000, help="frames per stability session")
-    p.add_argument("--sessions", type=positive_int, default=4, help="stability sessions, batched (cheap on a GPU)")
+    p.add_argument("--sessions", type=positive_int, default=8, help="stability sessions, batched (cheap on a GPU)")
     p.add_argument("--starts", type=parse_start, nargs="+", default=None, metavar="EPISODE:FRAME",
                    help="the stability sessions' contexts (one session each; default: --sessions spread "
                         "evenly), e.g. a session of an earlier JSON's starts again with its --seed + index")

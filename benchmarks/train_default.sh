@@ -32,8 +32,8 @@ case "$scale" in
   full)  train_steps=220000 held_steps=16000 tok_budget="--minutes 4 --batch-size 64"
          dyn_budget="--minutes ${DYN_MINUTES:-13} --batch-size 128 --lr 5e-4" windows=64
          rollout_budget="--minutes ${ROLLOUT_MINUTES:-7.5} --batch-size 128 --lr 1e-4 --warmup 50 --ema-decay 0.99"
-         sweep=${SWEEP:-"--steps 2 3 4 --ctx-noise 0.1 --shift 1 --windows 16 --horizon 16"}  # + 4 x 10,000-frame sessions each
-         long="--frames 10000 --sessions 4 --windows 16 --horizons 16 64 256"
+         sweep=${SWEEP:-"--steps 4 5 6 --ctx-noise 0.1 --shift 1 --windows 16 --horizon 16"}  # + 8 x 10,000-frame sessions each
+         long="--frames 10000 --sessions 8 --windows 16 --horizons 16 64 256"
          bench="--batch 1 8 32 64 --frames 100" envs="1,16,64 --steps 50" ;;
   *) echo "scale must be smoke or full" >&2; exit 2 ;;
 esac
