@@ -43,7 +43,7 @@ from worldgen.data import Dataset
 from worldgen.engine.world_model import StreamConfig, WorldModel
 from worldgen.evaluation import EvaluationError
 from worldgen.evaluation.metrics import psnr
-from worldgen.evaluation.stability import (PERCENTILES, frames_per_s, open_sessions, pick_windows, play, stability,
+from worldgen.evaluation.stability import (PERCENTILES, frames_per_s, in_range, open_sessions, pick_windows, play, stability,
                                           starts_of)
 from worldgen.training.common import hardware
 
@@ -198,6 +198,9 @@ def markdown(result: dict[str, Any]) -> str:
         r, g = st["real"][stat], st["generated"][stat]
         lines.append(f"| {stat} | {r['min']:.1f} | {r[lo_p]:.1f} | {r[hi_p]:.1f} | {r['max']:.1f} | {g['min']:.1f} | "
                      f"{g['max']:.1f} | {g['outside_minmax']:.2%} | {g['outside_percentiles']:.2%} |")
+    lines += ["", f"Outside real [{lo_p}, {hi_p}] (mean or std), session by session: "
+              + ", ".join(f"{v:.2%}" for v in st["session_outside_percentiles"])
+              + f" (real frames: {st['real_outside_percentiles']:.2%}); in range: {in_range(st)}"]
     lines += ["", f"| frames | mean | std | outside [{lo_p}, {hi_p}] (mean or std) |", "|---|---:|---:|---:|"]
     lines += [f"| {s['frames'][0]}-{s['frames'][1]} | {s['mean']:.1f} | {s['std']:.1f} | {s['outside_percentiles']:.2%} |"
               for s in st["segments"]]

@@ -8,8 +8,8 @@ A model that drifts (fades to grey, saturates, blurs to one colour) leaves that 
 one stays inside. ``benchmarks/long_horizon.py`` reports it for the issue's 10,000 frames and
 ``benchmarks/sampler_sweep.py`` keeps only sampler settings whose sessions stay inside.
 
-A model stays in range (:func:`in_range`) when its frames leave the real [min, max] and the real
-percentile band not much more often than real frames would.
+A model stays in range (:func:`in_range`) when its frames leave the real [min, max], and each
+session's frames the real percentile band, not much more often than real frames would.
 
 Example:
     >>> wm = WorldModel.load("default")                                          # doctest: +SKIP
@@ -115,7 +115,8 @@ def frames_per_s(times: np.ndarray, batch: int) -> float:
 def judge(series: dict[str, list], real: dict[str, np.ndarray], segment: int) -> dict[str, Any]:
     """Generated per-frame stats against the real range: how often outside, and per segment.
     ``outside_minmax`` / ``outside_percentiles``: the share of frames whose mean or std left the
-    real [min, max] / [p0.5, p99.5]; ``real_outside_percentiles``: the same for the real frames."""
+    real [min, max] / [p0.5, p99.5] (``session_outside_percentiles``: the latter per session);
+    ``real_outside_percentiles``: the same for the real frames."""
     lo_p, hi_p = (f"p{q:g}" for q in PERCENTILES)
     out: dict[str, Any] = {"real": {}, "generated": {}, "segments": []}
     outside_p, outside_r = [], []
@@ -132,6 +133,7 @@ def judge(series: dict[str, list], real: dict[str, np.ndarray], segment: int) ->
     either = outside_p[0] | outside_p[1]                                      # (B, F)
     out["outside_minmax"] = round(float((outside_r[0] | outside_r[1]).mean()), 5)
     out["outside_percentiles"] = round(float(either.mean()), 5)
+    out["session_outside_percentiles"] = [round(float(v), 5) for v in either.mean(1)]
     # Real frames leave their own band too (about 1% per statistic, by definition of the band).
     real_beyond = [(real[s] < out["real"][s][lo_p]) | (real[s] > out["real"][s][hi_p]) for s in ("mean", "std")]
     out["real_outside_percentiles"] = round(float((real_beyond[0] | real_beyond[1]).mean()), 5)
@@ -190,24 +192,27 @@ def stability(wm: WorldModel, ds: Dataset, frames: int = 10_000, sessions: int =
 
 def in_range(verdict: dict[str, Any], tolerance: float = 2.0) -> bool:
     """A :func:`judge` verdict (with ``real_frames``) says the sessions look like real play at
-    both ends: they leave the real [min, max] and the real percentile band at most
-    ``tolerance`` times as often as real frames would. A new real frame falls outside the
-    [min, max] of n real frames with probability 2 / (n + 1), so even real play, 40,000 frames
-    of it against a 16,000-frame recording, lands ~5 frames outside; and real frames leave
-    their own [p0.5, p99.5] band ~1.6% of the time (either statistic). A flat or washed-out
-    model fails the band long before the range. Why a tolerance of 2: a few correlated sessions
-    give a noisy share. The shipped model's 4-step sessions left the band on 1.79% of frames in
-    the sweep and on 1.00% and 5.12% in two test runs (one session of four started in a flat
-    scene); at 3 and 2 steps on 12% and 34% (benchmarks/RESULTS.md, long-horizon section).
+    both ends: together they leave the real [min, max], and each of them leaves the real
+    percentile band, at most ``tolerance`` times as often as real frames would. A new real frame
+    falls outside the [min, max] of n real frames with probability 2 / (n + 1), so even real
+    play, 40,000 frames of it against a 16,000-frame recording, lands ~5 frames outside; and real
+    frames leave their own [p0.5, p99.5] band ~1.6% of the time (either statistic). A flat or
+    washed-out model fails the band long before the range.
+
+    Each session, not their sum: a player plays one. Ten thousand frames of real play span
+    dozens of episodes and scenes, so a session that starts in a flat scene and keeps its look
+    for all of them (the shipped 4-step sampler did, 17% of its frames below the band while
+    three other sessions sat at 1.2%) is out of range even when the four together are not.
+    Why a tolerance of 2: one session's share is a noisy measure of 10,000 correlated frames.
 
     Example:
-        >>> in_range({"outside_minmax": 1 / 40_000, "outside_percentiles": 0.0179,
+        >>> in_range({"outside_minmax": 1 / 40_000, "session_outside_percentiles": [0.012, 0.025],
         ...           "real_outside_percentiles": 0.0165, "real_frames": 16_000})
         True
-        >>> in_range({"outside_minmax": 0.0, "outside_percentiles": 0.116,
+        >>> in_range({"outside_minmax": 0.0, "session_outside_percentiles": [0.012, 0.17],
         ...           "real_outside_percentiles": 0.0165, "real_frames": 16_000})
         False
     """
     real_minmax = 2 / (verdict["real_frames"] + 1)
     return (verdict["outside_minmax"] <= tolerance * real_minmax
-            and verdict["outside_percentiles"] <= tolerance * verdict["real_outside_percentiles"])
+            and max(verdict["session_outside_percentiles"]) <= tolerance * verdict["real_outside_percentiles"])
