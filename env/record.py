@@ -261,11 +261,7 @@ def load_replay(source: str | Path) -> ReplaySpec:
     if "::" in text:
         root, eid = text.rsplit("::", 1)
         ds = Dataset(root)
-        ids = [e.id for e in ds.episodes]
-        if eid not in ids:
-            raise DatasetError(f"{root}: no episode {eid!r} (it has {', '.join(ids[:5])}"
-                               f"{' ...' if len(ids) > 5 else ''})")
-        i = ids.index(eid)
+        i = ds.episode_index(eid)
         info, src = ds.episodes[i], ds.index["source"]
         if src.get("env") != "doom" or "doom" not in src or info.map is None or info.seed is None:
             raise DatasetError(f"{ds.index_path}: episode {eid!r} was not recorded from ViZDoom by "

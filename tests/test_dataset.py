@@ -361,7 +361,7 @@ def test_data_info(data, capsys):
     assert shard.name in json.loads(capsys.readouterr().out)["validation"]
 
 
-def test_data_view_writes_strip_and_clip(data, tmp_path):
+def test_data_view_writes_strip_and_clip(data, tmp_path, capsys):
     from PIL import Image
 
     from worldgen.cli import main
@@ -375,3 +375,10 @@ def test_data_view_writes_strip_and_clip(data, tmp_path):
     clip = iio.imread(out / "clip.mp4")
     assert clip.shape == (len(episodes[2]), H, 2 * W, 3)  # every frame, depth alongside
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left
+    # by its id: the same episode, whatever order the index lists them in
+    eid = Dataset(root).episodes[2].id
+    assert main(["data", "view", str(root), "--out", str(tmp_path / "by_id"), "--episode", eid, "--frames", "5"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "by_id" / "strip.png")), strip)
+    assert main(["data", "view", str(root), "--episode", "nope"]) == 1
+    assert f"worldgen data: {root / 'index.json'}: no episode 'nope' (it has {Dataset(root).episodes[0].id}" \
+        in capsys.readouterr().err

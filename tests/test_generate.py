@@ -12,6 +12,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
+from conftest import reindexed  # tests/ is on sys.path under pytest
 
 from worldgen.cli import main
 from worldgen.data import Dataset
@@ -156,6 +157,19 @@ def test_cli_both_fusions_write_n_frames(tiny_checkpoint, doom_recording, tmp_pa
     assert r["real"]["ratio"] > 0
 
 
+def test_cli_episode_by_id_is_the_same_episode_in_any_index_order(tiny_checkpoint, doom_recording, tmp_path):
+    ds = Dataset(doom_recording)
+    runs = []
+    for rec, ref in ((doom_recording, "1"), (reindexed(doom_recording, tmp_path), ds.episodes[1].id)):
+        js = tmp_path / f"{len(runs)}.json"
+        assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--context", str(rec), "--episode", ref,
+                     "--actions", "dataset", "--frames", "6", "--fusion", "none", "--out", str(tmp_path / "v.mp4"),
+                     "--json", str(js), "--device", "cpu"]) == 0
+        runs.append(json.loads(js.read_text()))
+    assert runs[0]["episode"] == runs[1]["episode"] == ds.episodes[1].id
+    assert runs[0]["runs"]["none"]["psnr"] == runs[1]["runs"]["none"]["psnr"]
+
+
 def _context_npz(recording, path, frames=4, size=None):
     ds = Dataset(recording)
     f = ds.read(0, "frames", 0, frames)
@@ -187,6 +201,7 @@ def test_cli_npz_context_and_action_files(tiny_checkpoint, doom_recording, tmp_p
     ("too_many", "6 actions given; 9 frames asked for"),
     ("resolution", "context frames are 20x16; the model takes 32x24"),
     ("past_episode", "do not fit"),
+    ("bad_episode", "no episode 'nope' (it has a, b, c)"),
     ("steps", "steps must lie in [1, 64], got 0"),
 ])
 def test_cli_bad_inputs_name_the_problem(tiny_checkpoint, doom_recording, tmp_path, capsys, case, message):
@@ -203,6 +218,7 @@ def test_cli_bad_inputs_name_the_problem(tiny_checkpoint, doom_recording, tmp_pa
     extra = {"missing": ["--context", str(tmp_path / "nowhere")], "zero": ["--frames", "0"],
              "too_many": ["--frames", "9"], "short": ["--context-frames", "3"],
              "past_episode": ["--context", str(doom_recording), "--start", "39", "--actions", "dataset"],
+             "bad_episode": ["--context", str(doom_recording), "--episode", "nope", "--actions", "dataset"],
              "steps": ["--steps", "0"]}
     args = ["generate", "--checkpoint", str(tiny_checkpoint), "--context", ctx, "--actions", str(acts),
             "--out", str(tmp_path / "v.mp4"), "--device", "cpu", *extra.get(case, [])]

@@ -1,7 +1,7 @@
 """``worldgen data``: look at a recorded dataset.
 
     worldgen data info DATASET [--json]        counts, maps, seeds, split, action histogram, validation
-    worldgen data view DATASET [--out DIR] [--episode N] [--frames K]
+    worldgen data view DATASET [--out DIR] [--episode ID|N] [--frames K]
                                                strip.png (frames over their depth), clip.mp4,
                                                coverage.png (when poses were recorded)
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     view = sub.add_parser("view", help="strip.png of frames over depth, clip.mp4, coverage.png")
     view.add_argument("dataset", type=Path)
     view.add_argument("--out", type=Path, help="output folder (default: DATASET/view)")
-    view.add_argument("--episode", type=int, default=0, help="episode index (0-based, see `data info`)")
+    view.add_argument("--episode", default="0", help="episode id or index (0-based), see `data info`")
     view.add_argument("--frames", type=int, default=8, help="frames in the strip, evenly spaced")
     view.add_argument("--clip-steps", type=int, default=1000, help="steps of the episode in clip.mp4")
     view.add_argument("--fps", type=float,
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         ds = Dataset(args.dataset)
         return info(ds, args) if args.data_command == "info" else view(ds, args)
     except (DatasetError, ValueError) as e:
-        print(f"error: {e}")
+        print(f"worldgen data: {e}", file=sys.stderr)
         return 1
 
 
@@ -68,7 +69,7 @@ def summarize(ds: Dataset, heldout_fraction: float = 0.1) -> dict[str, Any]:
         "episode_length": {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())}
         if len(ds) else None,
         "maps": sorted(per_map), "steps_per_map": dict(sorted(per_map.items())),
-        "seeds": [e.seed for e in ds.episodes],
+        "seeds": [e.seed for e in ds.episodes], "ids": [e.id for e in ds.episodes],
         "resolution": list(ds.resolution), "frame_skip": ds.frame_skip, "fields": ds.fields,
         "variables": ds.variable_names,
         "split": {"heldout_fraction": heldout_fraction, "train_episodes": len(train), "heldout_episodes": len(held),
@@ -123,6 +124,7 @@ def info(ds: Dataset, args: argparse.Namespace) -> int:
         f"arrays {', '.join(s['fields'])}" + (f"; variables {', '.join(s['variables'])}" if s["variables"] else ""),
         "maps       " + ", ".join(f"{m} {n:,} steps ({n / max(s['steps'], 1):.0%})" for m, n in s["steps_per_map"].items()),
         f"seeds      {_short(s['seeds'])}",
+        f"ids        {_short(s['ids'])} (index order; `--episode` takes an id or an index)",
         f"split      train {s['split']['train_episodes']} episodes / {s['split']['train_steps']:,} steps, "
         f"held-out {s['split']['heldout_episodes']} / {s['split']['heldout_steps']:,} "
         f"(fraction {s['split']['heldout_fraction']}, by episode id hash)",
@@ -201,17 +203,16 @@ def write_clip(ds: Dataset, episode: int, path: Path, steps: int, fps: float) ->
 def view(ds: Dataset, args: argparse.Namespace) -> int:
     from PIL import Image
 
-    if not 0 <= args.episode < len(ds):
-        raise DatasetError(f"{ds.index_path}: no episode {args.episode}; episodes are 0..{len(ds) - 1}")
+    episode = ds.episode_index(args.episode)
     if args.frames < 1 or args.clip_steps < 1:
         raise ValueError("--frames and --clip-steps must be >= 1")
     out = args.out or ds.root / "view"
-    info = ds.episodes[args.episode]
-    image, steps = strip(ds, args.episode, args.frames)
+    info = ds.episodes[episode]
+    image, steps = strip(ds, episode, args.frames)
     _atomic_write(out / "strip.png", lambda tmp: Image.fromarray(image).save(tmp))
     print(f"{out / 'strip.png'}: episode {info.id} steps {steps}" + (" with depth under" if "depth" in ds.fields else ""))
     fps = args.fps or ds.index["source"].get("fps") or DOOM_TICS_PER_SECOND / ds.frame_skip
-    n = write_clip(ds, args.episode, out / "clip.mp4", args.clip_steps, fps)
+    n = write_clip(ds, episode, out / "clip.mp4", args.clip_steps, fps)
     print(f"{out / 'clip.mp4'}: {n} frames at {fps:g} fps")
     if "pose" in ds.fields:
         try:

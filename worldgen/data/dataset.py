@@ -456,6 +456,26 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.episodes)
 
+    def episode_index(self, ref: int | str) -> int:
+        """The index of an episode named by its id (stable: the same play recorded twice gives
+        the same ids, while a parallel recorder lists them in the order its workers finished)
+        or by its index (an int or a string of digits).
+
+        Example:
+            >>> ds.episode_index("s1000-w15-e0000"), ds.episode_index("3")   # doctest: +SKIP
+            (41, 3)
+        """
+        if isinstance(ref, int) or ref.isdigit():
+            if not 0 <= int(ref) < len(self):
+                raise DatasetError(f"{self.index_path}: no episode {ref}; episodes are 0..{len(self) - 1} "
+                                   f"(or an episode id, see `worldgen data info`)")
+            return int(ref)
+        ids = [e.id for e in self.episodes]
+        if ref not in ids:
+            raise DatasetError(f"{self.index_path}: no episode {ref!r} (it has {', '.join(ids[:5]) or 'none'}"
+                               f"{' ...' if len(ids) > 5 else ''})")
+        return ids.index(ref)
+
     @property
     def fields(self) -> list[str]:
         """The arrays every episode of this dataset has, in :data:`ARRAY_FIELDS` order."""

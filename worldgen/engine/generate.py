@@ -378,11 +378,11 @@ def load_actions(path: str | Path) -> np.ndarray:
     return _vectors(acts, str(path))
 
 
-def load_context(path: str | Path, frames: int, episode: int = 0, start: int = 0,
+def load_context(path: str | Path, frames: int, episode: int | str = 0, start: int = 0,
                  future: int | None = 0) -> dict[str, np.ndarray]:
     """Context frames (T, H, W, 3) uint8 and their action vectors (T, A): the last ``frames`` of an
     .npz (``frames``, ``keys``, ``mouse``: the action that produced each frame), or ``frames``
-    steps of a recording's ``episode`` from ``start``. From a recording, ``future`` more steps
+    steps of a recording's ``episode`` (id or index) from ``start``. From a recording, ``future`` more steps
     (None: the rest of the episode) come as ``real`` (N, H, W, 3) and ``real_actions`` (N, A)."""
     path = Path(path)
     if path.suffix == ".npz":
@@ -401,16 +401,15 @@ def load_context(path: str | Path, frames: int, episode: int = 0, start: int = 0
     from worldgen.data import WindowDataset
 
     ds = Dataset(path)
-    if not 0 <= episode < len(ds):
-        raise GenerateError(f"{path}: no episode {episode}; episodes are 0..{len(ds) - 1}")
+    episode = ds.episode_index(episode)
     length = ds.episodes[episode].length
     future = length - start - frames if future is None else future
     if start < 0 or future < 0 or start + frames + future > length:
-        raise GenerateError(f"{path}: episode {episode} has {length} steps; {frames} context frames from step "
-                            f"{start} plus {future} more do not fit")
+        raise GenerateError(f"{path}: episode {ds.episodes[episode].id} has {length} steps; {frames} context frames "
+                            f"from step {start} plus {future} more do not fit")
     item = WindowDataset(ds, frames + future, [episode], fields=())[start]  # actions aligned to their frames
     vecs = _vectors(list(zip(item["keys"], item["mouse"])), str(path))
-    return {"frames": item["frames"][:frames], "actions": vecs[:frames],
+    return {"frames": item["frames"][:frames], "actions": vecs[:frames], "episode_id": ds.episodes[episode].id,
             "real": item["frames"][frames:], "real_actions": vecs[frames:]}
 
 
@@ -433,7 +432,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", required=True,
                    help="a recording folder (with --episode, --start) or an .npz with frames (T, H, W, 3) uint8, "
                         "keys (T, 8), mouse (T, 2): the action that produced each frame")
-    p.add_argument("--episode", type=int, default=0, help="recording: episode index (default 0)")
+    p.add_argument("--episode", default="0",
+                   help="recording: episode id (stable across re-recordings, see `worldgen data info`) or index (default 0)")
     p.add_argument("--start", type=int, default=0, help="recording: step of the first context frame (default 0)")
     p.add_argument("--context-frames", type=int, default=d.context,
                    help="frames each clip is conditioned on, real ones first (default: the trained window "
@@ -508,11 +508,12 @@ def run(args: argparse.Namespace) -> int:
     real = None
     if "real" in got:
         real = seam_measure(got["real"][:len(got["todo"])], runs[modes[0]]["clip_starts"])
-    _report(args, wm, cfgs[args.fusion], runs, real)
+    _report(args, wm, cfgs[args.fusion], runs, real, got.get("episode_id"))
     return 0
 
 
-def _report(args: argparse.Namespace, wm, cfg: GenerateConfig, runs: dict[str, dict], real: dict | None) -> None:
+def _report(args: argparse.Namespace, wm, cfg: GenerateConfig, runs: dict[str, dict], real: dict | None,
+            episode_id: str | None) -> None:
     first = next(iter(runs.values()))
     print(f"worldgen generate: {first['frames']} frames, clip starts every {first['hop']} frames, context "
           f"{first['context']}, {wm.stream.steps} steps, renoise {cfg.renoise}, on {wm.device}")
@@ -528,7 +529,7 @@ def _report(args: argparse.Namespace, wm, cfg: GenerateConfig, runs: dict[str, d
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()
         out = {"checkpoint": str(wm.checkpoint), "device": str(wm.device), "threads": torch.get_num_threads(),
-               "context": args.context, "episode": args.episode, "start": args.start, "actions": args.actions,
+               "context": args.context, "episode": episode_id, "start": args.start, "actions": args.actions,
                "frames": first["frames"], "config": asdict(cfg), "sampler": asdict(_sampler(wm)), "runs": runs, "real": real, "date": datetime.date.today().isoformat(), "commit": commit or None,
                "torch": torch.__version__}
         args.json.parent.mkdir(parents=True, exist_ok=True)
