@@ -465,7 +465,7 @@ class Dataset:
             >>> ds.episode_index("s1000-w15-e0000"), ds.episode_index("3")   # doctest: +SKIP
             (41, 3)
         """
-        if isinstance(ref, int) or ref.isdigit():
+        if not isinstance(ref, str) or ref.isdigit():
             if not 0 <= int(ref) < len(self):
                 raise DatasetError(f"{self.index_path}: no episode {ref}; episodes are 0..{len(self) - 1} "
                                    f"(or an episode id, see `worldgen data info`)")

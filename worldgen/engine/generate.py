@@ -382,8 +382,9 @@ def load_context(path: str | Path, frames: int, episode: int | str = 0, start: i
                  future: int | None = 0) -> dict[str, np.ndarray]:
     """Context frames (T, H, W, 3) uint8 and their action vectors (T, A): the last ``frames`` of an
     .npz (``frames``, ``keys``, ``mouse``: the action that produced each frame), or ``frames``
-    steps of a recording's ``episode`` (id or index) from ``start``. From a recording, ``future`` more steps
-    (None: the rest of the episode) come as ``real`` (N, H, W, 3) and ``real_actions`` (N, A)."""
+    steps of a recording's ``episode`` (id or index) from ``start``. From a recording, ``future``
+    more steps (None: the rest of the episode) come as ``real`` (N, H, W, 3) and ``real_actions``
+    (N, A), and ``episode_id`` names the episode."""
     path = Path(path)
     if path.suffix == ".npz":
         if not path.is_file():
@@ -433,7 +434,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a recording folder (with --episode, --start) or an .npz with frames (T, H, W, 3) uint8, "
                         "keys (T, 8), mouse (T, 2): the action that produced each frame")
     p.add_argument("--episode", default="0",
-                   help="recording: episode id (stable across re-recordings, see `worldgen data info`) or index (default 0)")
+                   help="recording: episode id (stable across re-recordings, see `worldgen data info`) "
+                        "or index (default 0)")
     p.add_argument("--start", type=int, default=0, help="recording: step of the first context frame (default 0)")
     p.add_argument("--context-frames", type=int, default=d.context,
                    help="frames each clip is conditioned on, real ones first (default: the trained window "
