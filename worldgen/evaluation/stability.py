@@ -115,7 +115,7 @@ def frames_per_s(times: np.ndarray, batch: int) -> float:
 def judge(series: dict[str, list], real: dict[str, np.ndarray], segment: int) -> dict[str, Any]:
     """Generated per-frame stats against the real range: how often outside, and per segment.
     ``outside_minmax`` / ``outside_percentiles``: the share of frames whose mean or std left the
-    real [min, max] / [p0.5, p99.5] (``session_outside_percentiles``: the latter per session);
+    real [min, max] / [p0.5, p99.5] (``session_outside_minmax`` / ``..._percentiles``: per session);
     ``real_outside_percentiles``: the same for the real frames."""
     lo_p, hi_p = (f"p{q:g}" for q in PERCENTILES)
     out: dict[str, Any] = {"real": {}, "generated": {}, "segments": []}
@@ -133,6 +133,7 @@ def judge(series: dict[str, list], real: dict[str, np.ndarray], segment: int) ->
     either = outside_p[0] | outside_p[1]                                      # (B, F)
     out["outside_minmax"] = round(float((outside_r[0] | outside_r[1]).mean()), 5)
     out["outside_percentiles"] = round(float(either.mean()), 5)
+    out["session_outside_minmax"] = [round(float(v), 5) for v in (outside_r[0] | outside_r[1]).mean(1)]
     out["session_outside_percentiles"] = [round(float(v), 5) for v in either.mean(1)]
     # Real frames leave their own band too (about 1% per statistic, by definition of the band).
     real_beyond = [(real[s] < out["real"][s][lo_p]) | (real[s] > out["real"][s][hi_p]) for s in ("mean", "std")]
