@@ -29,6 +29,7 @@ def test_sessions_start_play_and_are_judged_on_the_given_episodes_only(tiny_chec
     # Of 30 real frames only the lowest and the highest lie beyond p0.5 / p99.5, for mean or std.
     assert 0 < r["real_outside_percentiles"] <= 4 / 30
     assert np.mean(r["session_outside_percentiles"]) == pytest.approx(r["outside_percentiles"], abs=1e-4)
+    assert np.mean(r["session_outside_minmax"]) == pytest.approx(r["outside_minmax"], abs=1e-4)
     assert in_range(r) == (r["outside_minmax"] <= 4 / 31
                            and max(r["session_outside_percentiles"]) <= 2 * r["real_outside_percentiles"])
     assert finite(r)
