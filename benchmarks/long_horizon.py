@@ -200,9 +200,11 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{g['max']:.1f} | {g['outside_minmax']:.2%} | {g['outside_percentiles']:.2%} |")
     lines += ["", f"Session by session (real frames outside [{lo_p}, {hi_p}]: {st['real_outside_percentiles']:.2%}; "
               f"in range: {in_range(st)}):", "",
-              f"| start | std mean | outside real [min, max] | outside real [{lo_p}, {hi_p}] |", "|---|---:|---:|---:|"]
-    lines += [f"| {e}:{f} | {np.mean(std):.1f} | {r:.2%} | {p:.2%} |" for (e, f), std, r, p in
-              zip(st["starts"], st["series"]["std"], st["session_outside_minmax"], st["session_outside_percentiles"])]
+              f"| start | std mean | outside real [min, max] | outside real [{lo_p}, {hi_p}] | "
+              f"the start episode's real frames outside [{lo_p}, {hi_p}] |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {e}:{f} | {np.mean(std):.1f} | {r:.2%} | {p:.2%} | {q:.2%} |" for (e, f), std, r, p, q in
+              zip(st["starts"], st["series"]["std"], st["session_outside_minmax"], st["session_outside_percentiles"],
+                  st["start_episode_outside_percentiles"])]
     lines += ["", f"| frames | mean | std | outside [{lo_p}, {hi_p}] (mean or std) |", "|---|---:|---:|---:|"]
     lines += [f"| {s['frames'][0]}-{s['frames'][1]} | {s['mean']:.1f} | {s['std']:.1f} | {s['outside_percentiles']:.2%} |"
               for s in st["segments"]]

@@ -205,7 +205,7 @@ def test_windows_from_pairs_two_evaluations(doom, ckpt, tmp_path):
 
     lost = dict(first, window_starts=[["no-such-episode", 0]] + first["window_starts"][1:])
     (tmp_path / "lost.json").write_text(json.dumps(lost))
-    with pytest.raises(EvaluationError, match="no-such-episode .*not in this recording"):
+    with pytest.raises(EvaluationError, match="not in this recording: .*no episode 'no-such-episode'"):
         evaluate(ckpt, doom, EvalConfig(windows_from=tmp_path / "lost.json"), device="cpu", log=lambda s: None)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(EvaluationError, match="not an eval.json"):

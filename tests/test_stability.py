@@ -13,7 +13,7 @@ from conftest import benchmark_script, finite, reindexed  # tests/ is on sys.pat
 from worldgen import WorldModel, checkpoint
 from worldgen.data import Dataset
 from worldgen.evaluation import EvaluationError
-from worldgen.evaluation.stability import in_range, stability
+from worldgen.evaluation.stability import in_range, judge, stability
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,6 +30,7 @@ def test_sessions_start_play_and_are_judged_on_the_given_episodes_only(tiny_chec
     assert 0 < r["real_outside_percentiles"] <= 4 / 30
     assert np.mean(r["session_outside_percentiles"]) == pytest.approx(r["outside_percentiles"], abs=1e-4)
     assert np.mean(r["session_outside_minmax"]) == pytest.approx(r["outside_minmax"], abs=1e-4)
+    assert r["start_episode_outside_percentiles"] == [r["real_outside_percentiles"]] * 2  # the one episode given
     assert in_range(r) == (r["outside_minmax"] <= 4 / 31
                            and max(r["session_outside_percentiles"]) <= 2 * r["real_outside_percentiles"])
     assert finite(r)
@@ -72,6 +73,18 @@ def test_sweep_ranks_settings_by_long_sessions_too_and_stores_the_best(tiny_chec
     stored = checkpoint.config(ckpt, "dynamics")["sampler"]
     assert (stored["steps"], stored["ctx_noise"]) == (best["steps"], best["ctx_noise"])
     assert WorldModel.load(ckpt, "cpu").stream.steps == best["steps"]
+
+
+def test_each_session_is_compared_with_the_real_play_of_its_start_episode():
+    # Real frames: a 4-frame episode, half of it flat (std 5), and a 996-frame one spanning std
+    # 10-100. The band's low end sits above 5: half the first episode falls below it.
+    real = {"mean": np.full(1000, 80.0), "std": np.r_[5.0, 5.0, 50.0, 50.0, np.linspace(10, 100, 996)]}
+    series = {"mean": [[80.0] * 4, [80.0] * 4], "std": [[5.0, 5.0, 50.0, 50.0], [50.0] * 4]}
+    v = judge(series, real, segment=4, start_episodes=[slice(0, 4), slice(4, 1000)])
+    assert v["session_outside_percentiles"] == [0.5, 0.0]
+    assert v["start_episode_outside_percentiles"][0] == 0.5
+    assert v["start_episode_outside_percentiles"][1] < 0.02
+    assert "start_episode_outside_percentiles" not in judge(series, real, segment=4)
 
 
 def test_choosing_puts_staying_in_range_before_psnr():

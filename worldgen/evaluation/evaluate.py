@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from worldgen import actions, checkpoint, sampling
-from worldgen.data import Dataset, WindowDataset
+from worldgen.data import Dataset, DatasetError, WindowDataset
 from worldgen.data.cli import DOOM_TICS_PER_SECOND
 from worldgen.data.dataset import _atomic_write
 from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
@@ -259,14 +259,15 @@ def windows_at(ds: Dataset, starts: list[tuple[str, int]], length: int,
     """The windows of ``length`` frames at ``[(episode id, first frame), ...]`` (an eval.json's
     ``window_starts``), as :class:`WindowDataset` items, in that order; a window this recording
     does not hold is an :class:`EvaluationError` naming it."""
-    ids = {e.id: i for i, e in enumerate(ds.episodes)}
-    if missing := sorted({e for e, _ in starts if e not in ids}):
-        raise EvaluationError(f"{ds.root}: episodes {', '.join(missing[:3])} are not in this recording")
-    if outside := [(e, s) for e, s in starts if not 0 <= s <= ds.episodes[ids[e]].length - length]:
+    try:
+        index = [ds.episode_index(e) for e, _ in starts]
+    except DatasetError as err:
+        raise EvaluationError(f"a window's episode is not in this recording: {err}") from None
+    if outside := [(e, s) for (e, s), i in zip(starts, index) if not 0 <= s <= ds.episodes[i].length - length]:
         raise EvaluationError(f"{ds.root}: window {list(outside[0])} does not fit its episode "
                               f"({length} frames from that start)")
-    ds.validate(sorted({ids[e] for e, _ in starts}))
-    return [WindowDataset(ds, length, [ids[e]], fields=fields, verify=False)[s] for e, s in starts]
+    ds.validate(sorted(set(index)))
+    return [WindowDataset(ds, length, [i], fields=fields, verify=False)[s] for (_, s), i in zip(starts, index)]
 
 
 def _stored_windows(path: str | Path) -> dict[str, Any]:

@@ -112,11 +112,15 @@ def frames_per_s(times: np.ndarray, batch: int) -> float:
     return float(batch * len(steady) / steady.sum())
 
 
-def judge(series: dict[str, list], real: dict[str, np.ndarray], segment: int) -> dict[str, Any]:
+def judge(series: dict[str, list], real: dict[str, np.ndarray], segment: int,
+          start_episodes: Sequence[slice] = ()) -> dict[str, Any]:
     """Generated per-frame stats against the real range: how often outside, and per segment.
     ``outside_minmax`` / ``outside_percentiles``: the share of frames whose mean or std left the
     real [min, max] / [p0.5, p99.5] (``session_outside_minmax`` / ``..._percentiles``: per session);
-    ``real_outside_percentiles``: the same for the real frames."""
+    ``real_outside_percentiles``: the same for the real frames, and with ``start_episodes`` (per
+    session, the slice of the real arrays its start episode fills)
+    ``start_episode_outside_percentiles``: for that episode's real frames alone, what the real
+    play of the scene a session starts in shows."""
     lo_p, hi_p = (f"p{q:g}" for q in PERCENTILES)
     out: dict[str, Any] = {"real": {}, "generated": {}, "segments": []}
     outside_p, outside_r = [], []
@@ -137,7 +141,10 @@ def judge(series: dict[str, list], real: dict[str, np.ndarray], segment: int) ->
     out["session_outside_percentiles"] = [round(float(v), 5) for v in either.mean(1)]
     # Real frames leave their own band too (about 1% per statistic, by definition of the band).
     real_beyond = [(real[s] < out["real"][s][lo_p]) | (real[s] > out["real"][s][hi_p]) for s in ("mean", "std")]
-    out["real_outside_percentiles"] = round(float((real_beyond[0] | real_beyond[1]).mean()), 5)
+    real_either = real_beyond[0] | real_beyond[1]
+    out["real_outside_percentiles"] = round(float(real_either.mean()), 5)
+    if start_episodes:
+        out["start_episode_outside_percentiles"] = [round(float(real_either[s].mean()), 5) for s in start_episodes]
     frames = either.shape[1]
     for a in range(0, frames, segment):
         b = min(a + segment, frames)
@@ -148,7 +155,7 @@ def judge(series: dict[str, list], real: dict[str, np.ndarray], segment: int) ->
     return out
 
 
-def stability(wm: WorldModel, ds: Dataset, frames: int = 10_000, sessions: int = 4, context: int = 8,
+def stability(wm: WorldModel, ds: Dataset, frames: int = 10_000, sessions: int = 8, context: int = 8,
               seed: int = 0, episodes: Sequence[int] | None = None, segment: int = 1000,
               log: Callable[[str], None] | None = None,
               starts: Sequence[tuple[str, int]] | None = None) -> dict[str, Any]:
@@ -184,7 +191,9 @@ def stability(wm: WorldModel, ds: Dataset, frames: int = 10_000, sessions: int =
     times = play(wm, open_sessions(wm, items, context, seed), keys[idx], mouse[idx], visit)
     real_mean, real_std = real_stats(ds, eps)
     series = {"mean": mean.round(3).tolist(), "std": std.round(3).tolist()}
-    return {"real_frames": len(real_mean), **judge(series, {"mean": real_mean, "std": real_std}, segment),
+    # real_stats reads eps in the action loop's order: the loop's offsets place each start episode.
+    spans = [slice(offset[it["episode"]], offset[it["episode"]] + ds.episodes[it["episode"]].length) for it in items]
+    return {"real_frames": len(real_mean), **judge(series, {"mean": real_mean, "std": real_std}, segment, spans),
             "sessions": len(items), "frames": frames,
             "starts": starts_of(ds, items),
             "seconds": round(float(times.sum()), 3), "frames_per_s": round(frames_per_s(times, len(items)), 2),
