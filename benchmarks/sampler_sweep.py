@@ -1,4 +1,4 @@
-"""Pick a checkpoint's sampler settings (Euler steps, context noise, guidance) on validation windows.
+"""Pick a checkpoint's sampler settings (Euler steps, context noise, guidance, cache sinks) on validation windows.
 
 Runs ``worldgen eval`` for every combination on held-out episodes of the *training* recording
 (the trainer's own split: never trained on, but not the unseen-seed test data), or with
@@ -7,18 +7,21 @@ the test's (when the training recording is not at hand), and plays ``--stability
 long sessions of ``--stability-frames`` frames each from those episodes
 (``worldgen.evaluation.stability``). It prints the table and, with ``--apply``, stores the best
 settings as the checkpoint's sampler defaults (its final eval and every session then use them).
+``--sinks`` (the frames a session's KV cache keeps for ever; its window holds the rest of the
+trained window) changes the long sessions alone: eval's windows fit in the trained window.
 
 Best, in this order. First, a game runs for hours: only settings whose long sessions stay in
 the range of real frames qualify (``stability.in_range``; all of them if none does, or with
 ``--stability-frames 0``). Of those, the ones that clear the two PSNR bars of a useful model
 (teacher-forced at least ``--min-gain`` dB over repeating the last frame, rollout@16 above
 holding it), the most controllable (real minus shuffled actions at 16); if none clears them,
-the highest teacher-forced + rollout@16 PSNR + controllability. PSNR alone rewards blurry
+the highest teacher-forced + rollout@16 PSNR + controllability; between settings that differ in
+their sinks alone, the one whose worst long session stays furthest inside the band. PSNR alone rewards blurry
 means that ignore the action and flatten over a long session: a game has to follow its player
 and keep its look.
 
     python benchmarks/sampler_sweep.py --checkpoint runs/dyn/ckpt --data data/doom_train \\
-        --steps 2 3 4 --ctx-noise 0.05 0.1 --compile --json sweep.json --apply
+        --steps 5 6 --ctx-noise 0.1 --sinks 0 1 --compile --json sweep.json --apply
     python benchmarks/sampler_sweep.py --checkpoint runs/dyn/ckpt --data data/doom_train \\
         --steps 2 4 --stability-frames 0 --device cpu          # PSNR only: a CPU is too slow for it
 """
@@ -49,9 +52,12 @@ def choose(rows: list[dict], min_gain: float) -> dict:
     """
     pool = [r for r in rows if r.get("in_range", True)] or rows  # none stays in range: rank them all
     useful = [r for r in pool if r["tf_gain_db"] >= min_gain and r["rollout_psnr"] > r["rollout_baseline"]]
+
+    def margin(r: dict) -> float:  # the sinks change neither PSNR nor control: the long sessions decide
+        return -r.get("worst_session_band", 0.0)
     if useful:
-        return max(useful, key=lambda r: (r["control_db"] or 0.0, r["score"]))
-    return max(pool, key=lambda r: r["score"])
+        return max(useful, key=lambda r: (r["control_db"] or 0.0, r["score"], margin(r)))
+    return max(pool, key=lambda r: (r["score"], margin(r)))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shift", type=float, nargs="+", default=[1.0])
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0],
                    help="action guidance scales (> 1 needs a model trained with action dropout)")
+    p.add_argument("--sinks", type=int, nargs="+", default=[None],
+                   help="cache sink frames of the long sessions (default: the checkpoint's)")
     p.add_argument("--min-gain", type=float, default=2.0, help="teacher-forced dB over repeat-last-frame to qualify")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--horizon", type=int, default=16)
@@ -91,32 +99,36 @@ def main(argv: list[str] | None = None) -> dict:
                      device=args.device, log=lambda *_: None)
         tf, ro = r["teacher_forced"], r["rollout"]
         h = min(16, r["horizon"])
-        row = {"steps": steps, "ctx_noise": noise, "shift": shift, "guidance": g, "tf_psnr": tf["psnr"], "tf_gain_db": tf["gain_db"],
-               "rollout_psnr": ro["curve"][h - 1], "rollout_baseline": ro["baseline_curve"][h - 1],
-               "control_db": r["controllability"]["delta_db"], "seconds": r["seconds"]}
-        control = row["control_db"] if row["control_db"] is not None else 0.0  # None: horizon < 16
-        row["score"] = round(row["tf_psnr"] + row["rollout_psnr"] + control, 3)
-        if args.stability_frames > 0:
-            wm = WorldModel.load(args.checkpoint, args.device, steps=steps, ctx_noise=noise, shift=shift, guidance=g)
-            st = stability(wm.compile() if args.compile else wm, ds, args.stability_frames, args.stability_sessions,
-                           episodes=episodes)
-            row.update(in_range=in_range(st), outside_minmax=st["outside_minmax"], real_frames=st["real_frames"],
-                       outside_band=st["outside_percentiles"], real_outside_band=st["real_outside_percentiles"],
-                       worst_session_band=max(st["session_outside_percentiles"]),
-                       std_mean=round(float(np.mean(st["series"]["std"])), 2), stability_seconds=st["seconds"])
+        scored = {"steps": steps, "ctx_noise": noise, "shift": shift, "guidance": g, "tf_psnr": tf["psnr"],
+                  "tf_gain_db": tf["gain_db"], "rollout_psnr": ro["curve"][h - 1],
+                  "rollout_baseline": ro["baseline_curve"][h - 1],
+                  "control_db": r["controllability"]["delta_db"], "seconds": r["seconds"]}
+        control = scored["control_db"] if scored["control_db"] is not None else 0.0  # None: horizon < 16
+        scored["score"] = round(scored["tf_psnr"] + scored["rollout_psnr"] + control, 3)
+        for sinks in args.sinks:  # the window keeps what the sinks leave of the trained window
+            wm = WorldModel.load(args.checkpoint, args.device, steps=steps, ctx_noise=noise, shift=shift, guidance=g,
+                                 sinks=sinks)
+            row = {**scored, "sinks": wm.stream.sinks, "window": wm.stream.window}
+            if args.stability_frames > 0:
+                st = stability(wm.compile() if args.compile else wm, ds, args.stability_frames,
+                               args.stability_sessions, episodes=episodes)
+                row.update(in_range=in_range(st), outside_minmax=st["outside_minmax"], real_frames=st["real_frames"],
+                           outside_band=st["outside_percentiles"], real_outside_band=st["real_outside_percentiles"],
+                           worst_session_band=max(st["session_outside_percentiles"]),
+                           std_mean=round(float(np.mean(st["series"]["std"])), 2), stability_seconds=st["seconds"])
             del wm
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     best = choose(rows, args.min_gain)
-    print("| steps | ctx_noise | shift | guidance | teacher-forced dB (gain) | rollout@16 dB (baseline) "
+    print("| steps | ctx_noise | shift | guidance | sinks | teacher-forced dB (gain) | rollout@16 dB (baseline) "
           "| controllability dB | long sessions: std mean, outside real [min, max] / band, worst session (real) | score |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         mark = " **best**" if r is best else ""
         long = (f"{r['std_mean']:.1f}, {r['outside_minmax']:.2%} / {r['outside_band']:.2%}, {r['worst_session_band']:.2%} "
                 f"({r['real_outside_band']:.2%})"
                 f"{'' if r['in_range'] else ': out of range'}" if "in_range" in r else "not run")
-        print(f"| {r['steps']} | {r['ctx_noise']} | {r['shift']} | {r['guidance']} | {r['tf_psnr']:.2f} "
+        print(f"| {r['steps']} | {r['ctx_noise']} | {r['shift']} | {r['guidance']} | {r['sinks']} | {r['tf_psnr']:.2f} "
               f"({r['tf_gain_db']:+.2f}) | {r['rollout_psnr']:.2f} ({r['rollout_baseline']:.2f}) | "
               f"{r['control_db'] if r['control_db'] is None else format(r['control_db'], '+.2f')} | {long} | "
               f"{r['score']:.2f} |{mark}")
@@ -125,10 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.apply:
         sampler = checkpoint.config(args.checkpoint, "dynamics").get("sampler", {})
         checkpoint.update_config(args.checkpoint, "dynamics", {"sampler": {
-            **sampler, **{k: best[k] for k in ("steps", "ctx_noise", "shift", "guidance")},
+            **sampler, **{k: best[k] for k in ("steps", "ctx_noise", "shift", "guidance", "sinks")},
             "chosen_by": "benchmarks/sampler_sweep.py"}})
         print(f"stored steps={best['steps']} ctx_noise={best['ctx_noise']} shift={best['shift']} "
-              f"guidance={best['guidance']} in {args.checkpoint}")
+              f"guidance={best['guidance']} sinks={best['sinks']} in {args.checkpoint}")
     return {"rows": rows, "best": best}
 
 

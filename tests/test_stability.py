@@ -60,19 +60,22 @@ def test_sweep_ranks_settings_by_long_sessions_too_and_stores_the_best(tiny_chec
     sweep = benchmark_script("sampler_sweep")
     ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
     result = sweep.main(["--checkpoint", str(ckpt), "--data", str(doom_recording), "--steps", "1", "3",
-                         "--ctx-noise", "0.05", "--windows", "2", "--horizon", "2", "--stability-frames", "12",
+                         "--ctx-noise", "0.05", "--sinks", "0", "1", "--windows", "2", "--horizon", "2", "--stability-frames", "12",
                          "--stability-sessions", "2", "--device", "cpu", "--json", str(tmp_path / "s.json"), "--apply"])
     rows, best = result["rows"], result["best"]
     assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(result))
-    assert [r["steps"] for r in rows] == [1, 3]
+    assert [(r["steps"], r["sinks"]) for r in rows] == [(1, 0), (1, 1), (3, 0), (3, 1)]
+    assert rows[0]["window"] == rows[1]["window"] + 1     # the window keeps what the sinks leave
+    assert rows[0]["tf_psnr"] == rows[1]["tf_psnr"]        # one eval per sampler setting
     for r in rows:
         assert isinstance(r["in_range"], bool) and 0 <= r["outside_minmax"] <= r["outside_band"] <= 1
         assert r["std_mean"] > 0 and r["stability_seconds"] > 0
     if any(r["in_range"] for r in rows):
         assert best["in_range"]
     stored = checkpoint.config(ckpt, "dynamics")["sampler"]
-    assert (stored["steps"], stored["ctx_noise"]) == (best["steps"], best["ctx_noise"])
-    assert WorldModel.load(ckpt, "cpu").stream.steps == best["steps"]
+    assert (stored["steps"], stored["ctx_noise"], stored["sinks"]) == (best["steps"], best["ctx_noise"], best["sinks"])
+    stream = WorldModel.load(ckpt, "cpu").stream
+    assert (stream.steps, stream.sinks, stream.window) == (best["steps"], best["sinks"], best["window"])
 
 
 def test_each_session_is_compared_with_the_real_play_of_its_start_episode():
@@ -95,3 +98,5 @@ def test_choosing_puts_staying_in_range_before_psnr():
     assert sweep.choose([flat, sharp], 2.0) is sharp                  # flat clears the bars, but leaves the range
     assert sweep.choose([flat, {**flat, "score": 30.0}], 2.0) is flat  # none in range: all ranked as before
     assert sweep.choose([good, {**good, "control_db": 0.3}], 2.0)["control_db"] == 0.3   # no check run: as before
+    sink, no_sink = {**sharp, "worst_session_band": 0.02}, {**sharp, "worst_session_band": 0.005}
+    assert sweep.choose([sink, no_sink], 2.0) is no_sink  # same PSNR: the long sessions' margin decides

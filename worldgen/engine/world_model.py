@@ -197,7 +197,8 @@ class WorldModel:
         """A checkpoint folder (or ``"default"``, the model that ships with worldgen).
 
         ``stream`` overrides :class:`StreamConfig` fields (``steps``, ``ctx_noise``, ``sinks``,
-        ``window``, ``shift``, ``guidance``; None keeps the checkpoint's). Raises :class:`~worldgen.checkpoint.CheckpointError` naming
+        ``window``, ``shift``, ``guidance``; None keeps the checkpoint's, and the window keeps what
+        the sinks leave of the trained window). Raises :class:`~worldgen.checkpoint.CheckpointError` naming
         what is missing or does not fit.
         """
         folder = checkpoint.resolve(checkpoint_dir)
@@ -206,16 +207,17 @@ class WorldModel:
         sampler = dyn.get("sampler", {})
         trained = int(sampler.get("window", dit.cfg.max_frames))
         defaults = {k: sampler[k] for k in ("steps", "ctx_noise", "shift", "sinks", "guidance") if k in sampler}
-        defaults.setdefault("window", trained - defaults.get("sinks", StreamConfig.sinks) - dit.cfg.frames_per_block)
-        stream = {k: v for k, v in stream.items() if v is not None}
+        stream = {**defaults, **{k: v for k, v in stream.items() if v is not None}}
         unknown = set(stream) - {f.name for f in dataclasses.fields(StreamConfig)}
         if unknown:
             raise TypeError(f"unknown stream settings {sorted(unknown)}; see StreamConfig")
+        # The window keeps what the sinks leave of the trained window.
+        stream.setdefault("window", trained - stream.get("sinks", StreamConfig.sinks) - dit.cfg.frames_per_block)
         starts = None
         if (folder / "starts.json").is_file():
             starts, _ = checkpoint.load(folder, "starts")
         fps = DOOM_TICS_PER_SECOND / (dyn.get("frame_skip") or 4)
-        model = cls(tok, dit, StreamConfig(**{**defaults, **stream}), starts, fps, trained, device)
+        model = cls(tok, dit, StreamConfig(**stream), starts, fps, trained, device)
         model.checkpoint = folder
         return model
 
