@@ -26,13 +26,13 @@ mkdir -p "$work"
 case "$scale" in
   smoke) train_steps=4000 held_steps=3200 tok_budget="--steps 5 --batch-size 4" dyn_budget="--steps 5 --batch-size 2"
          rollout_budget="--steps 3 --batch-size 2"
-         windows=4 sweep="--steps 1 2 --ctx-noise 0 0.1 --windows 2 --horizon 4 --stability-frames 20 --stability-sessions 2"
+         windows=4 sweep="--steps 1 2 --ctx-noise 0 0.1 --sinks 0 1 --windows 2 --horizon 4 --stability-frames 20 --stability-sessions 2"
          long="--frames 20 --sessions 2 --segment 10 --windows 2 --horizons 2 4 --settings 14,1,0.1 6,1,0.1"
          bench="--batch 1 2 --frames 3" envs="1,2 --steps 2 --warmup 1" ;;
   full)  train_steps=220000 held_steps=16000 tok_budget="--minutes 4 --batch-size 64"
          dyn_budget="--minutes ${DYN_MINUTES:-13} --batch-size 128 --lr 5e-4" windows=64
          rollout_budget="--minutes ${ROLLOUT_MINUTES:-7.5} --batch-size 128 --lr 1e-4 --warmup 50 --ema-decay 0.99"
-         sweep=${SWEEP:-"--steps 4 5 6 --ctx-noise 0.1 --shift 1 --windows 16 --horizon 16"}  # + 8 x 10,000-frame sessions each
+         sweep=${SWEEP:-"--steps 4 5 6 --ctx-noise 0.1 --shift 1 --sinks 0 1 --windows 16 --horizon 16"}  # + 8 x 10,000-frame sessions each
          long="--frames 10000 --sessions 8 --windows 16 --horizons 16 64 256"
          bench="--batch 1 8 32 64 --frames 100" envs="1,16,64 --steps 50" ;;
   *) echo "scale must be smoke or full" >&2; exit 2 ;;
