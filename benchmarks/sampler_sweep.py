@@ -16,9 +16,10 @@ the range of real frames qualify (``stability.in_range``; all of them if none do
 (teacher-forced at least ``--min-gain`` dB over repeating the last frame, rollout@16 above
 holding it), the most controllable (real minus shuffled actions at 16); if none clears them,
 the highest teacher-forced + rollout@16 PSNR + controllability; between settings that differ in
-their sinks alone, the one whose worst long session stays furthest inside the band. PSNR alone rewards blurry
-means that ignore the action and flatten over a long session: a game has to follow its player
-and keep its look.
+their sinks alone, the one whose worst long session stays furthest inside the band. PSNR alone
+rewards blurry means that ignore the action and flatten over a long session: a game has to
+follow its player and keep its look. The sinks' effect on PSNR beyond the trained window is not
+scored here: ``long_horizon.py``'s settings table shows it (horizons 16, 64, 256).
 
     python benchmarks/sampler_sweep.py --checkpoint runs/dyn/ckpt --data data/doom_train \\
         --steps 5 6 --ctx-noise 0.1 --sinks 0 1 --compile --json sweep.json --apply
@@ -53,7 +54,7 @@ def choose(rows: list[dict], min_gain: float) -> dict:
     pool = [r for r in rows if r.get("in_range", True)] or rows  # none stays in range: rank them all
     useful = [r for r in pool if r["tf_gain_db"] >= min_gain and r["rollout_psnr"] > r["rollout_baseline"]]
 
-    def margin(r: dict) -> float:  # the sinks change neither PSNR nor control: the long sessions decide
+    def margin(r: dict) -> float:  # eval's windows fit the trained window: the sinks change only this
         return -r.get("worst_session_band", 0.0)
     if useful:
         return max(useful, key=lambda r: (r["control_db"] or 0.0, r["score"], margin(r)))
