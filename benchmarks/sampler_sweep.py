@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         for sinks in args.sinks:  # the window keeps what the sinks leave of the trained window
             wm = WorldModel.load(args.checkpoint, args.device, steps=steps, ctx_noise=noise, shift=shift, guidance=g,
                                  sinks=sinks)
-            row = {**scored, "sinks": wm.stream.sinks, "window": wm.stream.window}
+            row = {**scored, "sinks": wm.stream.sinks}
             if args.stability_frames > 0:
                 st = stability(wm.compile() if args.compile else wm, ds, args.stability_frames,
                                args.stability_sessions, episodes=episodes)

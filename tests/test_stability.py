@@ -65,7 +65,6 @@ def test_sweep_ranks_settings_by_long_sessions_too_and_stores_the_best(tiny_chec
     rows, best = result["rows"], result["best"]
     assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(result))
     assert [(r["steps"], r["sinks"]) for r in rows] == [(1, 0), (1, 1), (3, 0), (3, 1)]
-    assert rows[0]["window"] == rows[1]["window"] + 1     # the window keeps what the sinks leave
     assert rows[0]["tf_psnr"] == rows[1]["tf_psnr"]        # one eval per sampler setting
     for r in rows:
         assert isinstance(r["in_range"], bool) and 0 <= r["outside_minmax"] <= r["outside_band"] <= 1
@@ -74,8 +73,11 @@ def test_sweep_ranks_settings_by_long_sessions_too_and_stores_the_best(tiny_chec
         assert best["in_range"]
     stored = checkpoint.config(ckpt, "dynamics")["sampler"]
     assert (stored["steps"], stored["ctx_noise"], stored["sinks"]) == (best["steps"], best["ctx_noise"], best["sinks"])
-    stream = WorldModel.load(ckpt, "cpu").stream
-    assert (stream.steps, stream.sinks, stream.window) == (best["steps"], best["sinks"], best["window"])
+    wm = WorldModel.load(ckpt, "cpu")
+    assert (wm.stream.steps, wm.stream.sinks) == (best["steps"], best["sinks"])
+    for sinks in (0, 1):  # the window keeps what the sinks leave of the trained window
+        stream = WorldModel.load(ckpt, "cpu", sinks=sinks).stream
+        assert stream.sinks + stream.window + 1 == wm.trained_window
 
 
 def test_each_session_is_compared_with_the_real_play_of_its_start_episode():
