@@ -41,7 +41,7 @@ def test_smoke_run_writes_json_and_plot(bench, tiny_checkpoint, doom_recording, 
     assert stored["windows"] == 3 and len(stored["window_starts"]) == 3
     for scores in [r["psnr"] for r in stored["settings"]] + [stored["baseline"]]:
         assert set(scores) == {"2", "4"} and all(0 < v <= 59 for v in scores.values())
-    assert stored["defaults"] == st["setting"] == "4,1,0.05" and stored["trained_window"] == 6
+    assert stored["defaults"] == st["setting"] == "5,0,0.05" and stored["trained_window"] == 6
     assert stored["torch"] and stored["device_name"]
 
 

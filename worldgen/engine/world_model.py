@@ -55,9 +55,12 @@ class StreamConfig:
     # and needs a model trained with action dropout (a null action).
     guidance: float = sampling.GUIDANCE
     # Cache: ``sinks`` first frames kept for ever plus the ``window`` latest. Positions run to
-    # sinks + window + chunk - 1, which must stay within what the model was trained on.
-    sinks: int = 1
-    window: int = 14
+    # sinks + window + chunk - 1, which must stay within what the model was trained on. No sink by
+    # default: a sink holds a session to the look it started in (a dark start stays dark for
+    # 10,000 frames). It scores better PSNR at 64-256 frames, but a game has to keep its look
+    # (benchmarks/RESULTS.md, long horizon).
+    sinks: int = 0
+    window: int = 15
 
     def check(self, dit: DiT, trained_window: int) -> None:
         chunk = dit.cfg.frames_per_block
