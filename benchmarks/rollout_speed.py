@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ctx = torch.randn(b, t - 1, dit.cfg.latent_channels, *dit.cfg.latent_size, device=device)
     acts, future = torch.zeros(b, t - 1, dit.cfg.action_dim, device=device), \
         torch.zeros(b, args.frames, dit.cfg.action_dim, device=device)
-    stream = StreamConfig(steps=args.steps, ctx_noise=args.ctx_noise, sinks=0, window=t - 1)
+    stream = StreamConfig(steps=args.steps, ctx_noise=args.ctx_noise, window=t - 1 - StreamConfig.sinks)
 
     def timed(fn) -> float:
         fn()  # warm-up (allocator, kernels)

@@ -24,7 +24,7 @@ target; DESIGN.md section 5). A model trained only on real context never sees th
 its own past frames, and a long rollout drifts to an average frame that no longer follows the
 actions. So each step first lets the model play: from ``window - 1`` real frames it generates
 g ~ U{0..G} frames with the real actions exactly as a streaming session would
-(:func:`worldgen.engine.rollout_latents`: a KV cache of the latest ``window - 1`` frames,
+(:func:`worldgen.engine.rollout_latents`: a session's default KV cache of ``window - 1`` frames,
 ``sample_steps`` Euler steps, writes stabilised at ``ctx_noise``; no gradient), and the training window is the last ``window``
 frames of real context + generated frames + s ~ U{1..window - g} real frames that follow. Only
 those s frames are trained on (Diffusion Forcing levels, the generated frames labelled as
@@ -333,8 +333,9 @@ class DynamicsTask:
         if g:  # g = 0: real context alone, so the teacher-forced skill is kept up too
             was_training = self.model.training
             self.model.eval()
-            # As a session plays: the latest T - 1 frames cached, no sink, stabilised writes.
-            stream = StreamConfig(steps=cfg.sample_steps, ctx_noise=cfg.ctx_noise, sinks=0, window=T - 1)
+            # As a session plays: its default sinks, the window the rest, stabilised writes.
+            sinks = StreamConfig.sinks
+            stream = StreamConfig(steps=cfg.sample_steps, ctx_noise=cfg.ctx_noise, sinks=sinks, window=T - 1 - sinks)
             gen = rollout_latents(self.model, stream, x0[:, :T - 1], acts[:, :T - 1], acts[:, T - 1:T - 1 + g],
                                   generator)                                   # (B, g, C, h, w)
             self.model.train(was_training)
