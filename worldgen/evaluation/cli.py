@@ -1,12 +1,21 @@
 """``worldgen eval``: evaluate a checkpoint on held-out episodes, write a JSON, a plot and a video.
 
-Example:
+``--suite plain`` (the default) scores rollouts against the recorded future
+(:mod:`worldgen.evaluation.evaluate`); ``--suite play`` scores what a player feels against the
+game's own answers: action branches, revisits, camera motion (:mod:`worldgen.evaluation.play`).
+The play suite replays ViZDoom, so this module hands it to the env side
+(``worldgen.env.play_suite``), imported by name only when asked for, as ``worldgen train``
+does with the env's heads: nothing under worldgen/ imports the env.
+
+Examples:
     worldgen eval --checkpoint default --data data/doom-heldout --split all --json eval.json
+    worldgen eval --suite play --checkpoint default --data data/doom-heldout --split all --json play.json
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -15,10 +24,17 @@ from worldgen.data import DatasetError
 from worldgen.evaluation.evaluate import EvalConfig, EvaluationError, evaluate, summary, write_json
 
 
+PLAY_WINDOWS = 32  # the play suite's default: each window is 14 cases of 16-68 frames
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = EvalConfig()
+    p.add_argument("--suite", choices=("plain", "play"), default="plain",
+                   help="plain: rollouts against the recorded future; play: action branches, revisits and "
+                        "camera motion against the game itself (docs/evaluation.md)")
     p.add_argument("--checkpoint", default="default", help="checkpoint folder or packaged name (default: default)")
-    p.add_argument("--data", required=True, help="dataset folder to draw held-out windows from")
+    p.add_argument("--data", required=True, help="dataset folder to draw held-out windows from (play suite: a "
+                   "ViZDoom recording, or a branch recording made from one)")
     p.add_argument("--json", required=True, type=Path, help="where to write the results (keys: evaluate.py docstring)")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for psnr_vs_horizon.png and real_vs_generated.mp4 (default: <json stem>_media "
@@ -30,8 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heldout-fraction", type=float, default=None,
                    help="share of episodes Dataset.split() holds out (default: the trainer's, else 0.1)")
     p.add_argument("--context", type=int, default=d.context, help=f"real context frames (default {d.context})")
-    p.add_argument("--horizon", type=int, default=d.horizon, help=f"longest rollout (default {d.horizon})")
-    p.add_argument("--windows", type=int, default=d.windows, help=f"held-out windows (default {d.windows})")
+    p.add_argument("--horizon", type=int, default=None,
+                   help=f"longest rollout (default {d.horizon}; play suite: steps per branch, default 16)")
+    p.add_argument("--windows", type=int, default=None,
+                   help=f"held-out windows (default {d.windows}; play suite: {PLAY_WINDOWS})")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
     p.add_argument("--ctx-noise", type=float, default=None, help="context noise level (default: the checkpoint's)")
     p.add_argument("--shift", type=float, default=None, help="sampler schedule shift (default: the checkpoint's)")
@@ -44,10 +62,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "of drawing new ones: pairs two evaluations window by window")
     p.add_argument("--video-windows", type=int, default=d.video_windows, help="windows shown in the video")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    play = p.add_argument_group("play suite")
+    play.add_argument("--branches", type=Path, default=None,
+                      help="where the game's branch recording is made from --data, or reused when it matches "
+                           "(default: <json stem>_branches next to the JSON)")
+    play.add_argument("--workers", type=int, default=None, help="game replay processes (default: one per core)")
+    play.add_argument("--geometry", default="learned",
+                      help="odometry for camera motion: 'learned' (the model's geometry head), a checkpoint "
+                           "folder holding one, or 'none'")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = EvalConfig(context=args.context, horizon=args.horizon, windows=args.windows, steps=args.steps,
+    if args.suite == "play":
+        args.windows = PLAY_WINDOWS if args.windows is None else args.windows
+        return importlib.import_module("worldgen.env.play_suite").run(args)
+    d = EvalConfig()
+    cfg = EvalConfig(context=args.context, horizon=d.horizon if args.horizon is None else args.horizon,
+                     windows=d.windows if args.windows is None else args.windows,
+                     steps=args.steps,
                      ctx_noise=args.ctx_noise, shift=args.shift, guidance=args.guidance, batch=args.batch, split=args.split, seed=args.seed,
                      heldout_fraction=args.heldout_fraction, video_windows=args.video_windows,
                      windows_from=args.windows_from)

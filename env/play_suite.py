@@ -1,0 +1,266 @@
+"""The game's side of the play suite (:mod:`worldgen.evaluation.play`): branch recordings, the
+geometry head's odometry, and ``worldgen eval --suite play``.
+
+:func:`record_branches` picks windows from a ViZDoom recording (episode-id order, seeded, as
+``worldgen eval`` does), replays each episode in the real game to the window's last context
+frame, and from there plays every case of a :class:`~worldgen.evaluation.play.PlayScript`: the
+branches and the revisits. It writes what the game showed as a *branch recording*, a worldgen
+dataset (checksummed shards, an index rewritten atomically after every window; layout in
+:mod:`worldgen.evaluation.play`). ViZDoom is deterministic given map, seed and actions; each
+replay checks that it reproduced the recorded departure frame (``replay_matched``).
+
+Windows replay in parallel processes (``workers``, one game each); a window costs one replay of
+its episode's prefix per case, at roughly 1,500 steps/s a game on one core.
+
+Examples::
+
+    worldgen eval --suite play --checkpoint default --data HELDOUT --split all --json play.json
+    python -c "from worldgen.env.play_suite import record_branches; record_branches('HELDOUT', 'BRANCHES', windows=64)"
+    worldgen eval --suite play --checkpoint default --data BRANCHES --json play.json   # score a branch recording
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from worldgen.data import Dataset, DatasetError
+from worldgen.data.dataset import DatasetIndex, Episode, EpisodeInfo, write_episode_shards
+from worldgen.env.doom import DoomConfig, DoomEnv, DoomError
+from worldgen.env.geometry import find_head, motion_between, predict_motion
+from worldgen.evaluation.evaluate import (EvaluationError, select_windows, trainer_heldout_fraction,
+                                          write_json)
+from worldgen.evaluation.play import KIND, PlayScript
+
+# What a case episode's last step holds: no action follows the last frame.
+_NOOP_KEYS, _NOOP_MOUSE = np.zeros((1, 8), np.uint8), np.zeros((1, 2), np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Window:
+    """One window's replay job (picklable for the process pool)."""
+
+    w: int
+    config: DoomConfig
+    map: str
+    seed: int
+    keys: np.ndarray      # (at, 8) the recorded actions up to the departure frame
+    mouse: np.ndarray     # (at, 2)
+    departure: np.ndarray  # (H, W, 3) the recorded departure frame, to check the replay against
+    cases: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> keys (K, 8), mouse (K, 2)
+
+
+def _play_window(job: _Window) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
+    """Replay to the departure frame once per case, then play the case: name -> frames (K, H, W, 3),
+    poses (K + 1, 5) from the departure on, and whether the replay matched the recording. A death
+    or the map's exit mid-case freezes the last frame, as ``worldgen.env.record.branch`` does."""
+    out = {}
+    with DoomEnv(job.config, job.map) as env:
+        for name, (keys, mouse) in job.cases.items():
+            obs = env.reset(job.map, job.seed)
+            for k, m in zip(job.keys, job.mouse):
+                obs = env.step(k, m)
+            if obs is None:
+                raise DoomError(f"window {job.w}: the game ended before the departure frame on replay")
+            matched = bool(np.array_equal(obs.frame, job.departure))
+            frames, poses = [], [obs.pose]
+            for k, m in zip(keys, mouse):
+                obs = env.step(k, m) if obs is not None else None
+                frames.append(frames[-1] if obs is None else obs.frame)
+                poses.append(poses[-1] if obs is None else obs.pose)
+            out[name] = (np.stack(frames), np.stack(poses).astype(np.float32), matched)
+    return out
+
+
+def _resize(frames: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """(N, H, W, 3) uint8 to ``size`` (W, H) by bilinear filtering, as a model trained on
+    downscaled frames saw them; unchanged without a size or at that size already."""
+    if size is None or tuple(frames.shape[2:0:-1]) == tuple(size):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize(tuple(size), Image.BILINEAR)) for f in frames])
+
+
+def record_branches(data: str | Path, out: str | Path, *, windows: int = 32, context: int = 15,
+                    script: PlayScript = PlayScript(), split: str = "all", heldout_fraction: float = 0.1,
+                    seed: int = 0, workers: int | None = None, size: tuple[int, int] | None = None,
+                    overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Make a branch recording of ``windows`` windows of ViZDoom recording ``data`` into ``out``.
+
+    ``split``: ``"all"`` (every episode: play recorded with seeds never used in training) or
+    ``"heldout"`` (``Dataset.split(heldout_fraction)``'s held-out side of a training recording).
+    ``size``: (W, H) to store frames at, for a model trained on downscaled frames.
+    Returns a summary: ``out``, ``windows``, ``replay_matched`` (share of replays).
+    """
+    ds = Dataset(data)
+    src = ds.index["source"]
+    if src.get("env") != "doom" or "doom" not in src:
+        raise EvaluationError(f"{ds.root}: the play suite replays play in ViZDoom, but this recording's source "
+                              f"is {src.get('env')!r} without game settings (record it with `worldgen record --env doom`)")
+    if split not in ("all", "heldout"):
+        raise EvaluationError(f"split must be 'all' or 'heldout', got {split!r}")
+    if windows < 1 or context < 1:
+        raise EvaluationError(f"need windows >= 1 and context >= 1, got {windows}, {context}")
+    episodes = list(range(len(ds))) if split == "all" else ds.split(heldout_fraction)[1]
+    replayable = [e for e in episodes if ds.episodes[e].map is not None and ds.episodes[e].seed is not None]
+    if not replayable:
+        raise EvaluationError(f"{ds.root}: none of its {split} episodes names its map and seed; cannot replay")
+    d = src["doom"]
+    config = DoomConfig(wad=d["wad"], resolution=tuple(d["resolution"]), frame_skip=d["frame_skip"],
+                        skill=d["skill"], render_hud=d["render_hud"])
+    # One frame before the context: it carries the action that produced the first context frame.
+    if "pose" not in ds.fields:
+        raise EvaluationError(f"{ds.root}: has no camera poses; record it with `worldgen record --env doom`")
+    items = select_windows(ds, replayable, context + 1, windows, seed, fields=("pose",))
+    if not items:
+        raise EvaluationError(f"{ds.root}: its {split} episodes hold no window of {context + 1} frames")
+    cases = {name: (np.stack([a.keys for a in acts]), np.stack([a.mouse for a in acts]))
+             for name, acts in script.cases().items()}
+    resolution = tuple(size) if size is not None else ds.resolution
+    index = DatasetIndex(out, resolution=resolution, frame_skip=ds.frame_skip, variables=(), has_depth=False,
+                         overwrite=overwrite, source={
+                             "env": "doom", "kind": KIND, "of": str(ds.root), "doom": d, "context": context,
+                             "windows": len(items), "windows_asked": windows, "split": split,
+                             "heldout_fraction": heldout_fraction if split == "heldout" else None,
+                             "seed": seed, "script": dataclasses.asdict(script)})
+    jobs = []
+    for w, it in enumerate(items):
+        info = ds.episodes[it["episode"]]
+        at = int(it["start"]) + context  # the departure: the last context frame
+        jobs.append(_Window(w, config, info.map, int(info.seed), ds.read(it["episode"], "keys", 0, at),
+                            ds.read(it["episode"], "mouse", 0, at), it["frames"][-1], cases))
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    matched = []
+    bar = tqdm(total=len(jobs), unit="window", desc=f"replay branches into {Path(out).name}", disable=not progress)
+    # Fork where it exists (no torch import per worker); nothing is mid-flight in this process.
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx) if workers > 1 else None
+    try:
+        done = pool.map(_play_window, jobs) if pool else map(_play_window, jobs)
+        for job, it, played in zip(jobs, items, done):  # in window order: the index lists them so
+            eid = ds.episodes[it["episode"]].id
+            _write_window(index, job, it, played, eid, context, size)
+            matched += [m for _, _, m in played.values()]
+            bar.update(1)
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return {"out": str(out), "windows": len(jobs), "replay_matched": float(np.mean(matched))}
+
+
+def _write_window(index: DatasetIndex, job: _Window, item: dict[str, Any], played: dict, eid: str,
+                  context: int, size: tuple[int, int] | None) -> None:
+    """The window's context episode and one episode per case, in the dataset's alignment."""
+    first = int(item["start"]) + 1  # the first context frame (item frame 0 is the lead-in)
+    extra = {"window": job.w, "of": [eid, first]}
+    # WindowDataset items hold the actions that produced each frame; the dataset stores each
+    # after its frame: shift by one, the last context frame followed by nothing recorded here.
+    ctx = Episode(frames=_resize(item["frames"], size), keys=np.concatenate([item["keys"][1:], _NOOP_KEYS]),
+                  mouse=np.concatenate([item["mouse"][1:], _NOOP_MOUSE]), pose=item["pose"])
+    name = f"w{job.w:03d}-context"
+    index.add(EpisodeInfo(id=name, length=len(ctx), shards=write_episode_shards(index.root, name, ctx),
+                          map=job.map, seed=job.seed, extra={**extra, "case": "context", "replay_matched": True}))
+    for case, (frames, poses, matched) in played.items():
+        keys, mouse = job.cases[case]
+        ep = Episode(frames=_resize(np.concatenate([item["frames"][-1:], frames]), size),
+                     keys=np.concatenate([keys, _NOOP_KEYS]), mouse=np.concatenate([mouse, _NOOP_MOUSE]), pose=poses)
+        name = f"w{job.w:03d}-{case}"
+        index.add(EpisodeInfo(id=name, length=len(ep), shards=write_episode_shards(index.root, name, ep),
+                              map=job.map, seed=job.seed, extra={**extra, "case": case, "replay_matched": matched}))
+
+
+class GeometryOdometry:
+    """The geometry head's odometry as the play suite's :class:`~worldgen.evaluation.play.Odometry`;
+    true motion from the game's poses by the same convention (:func:`motion_between`)."""
+
+    def __init__(self, head: Any, name: str, batch: int = 256):
+        self.head, self.name, self.batch = head, name, batch
+
+    def estimate(self, prev: np.ndarray, keys: np.ndarray, mouse: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        return np.concatenate([predict_motion(self.head, prev[i:i + self.batch], keys[i:i + self.batch],
+                                              mouse[i:i + self.batch], nxt[i:i + self.batch])
+                               for i in range(0, len(prev), self.batch)])
+
+    def truth(self, pose: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        return motion_between(pose, nxt)
+
+
+# --- `worldgen eval --suite play` ------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    """``worldgen eval --suite play`` (its options: ``worldgen.evaluation.cli``)."""
+    from worldgen.checkpoint import CheckpointError
+    from worldgen.engine import WorldModel
+    from worldgen.evaluation.play import EnginePlayer, PlayConfig, evaluate_play, summary
+
+    unused = [f"--{k.replace('_', '-')}" for k in ("context", "windows_from") if getattr(args, k) is not None]
+    if unused:
+        print(f"worldgen eval --suite play: {', '.join(unused)}: not used by the play suite (the context is the "
+              f"model's streaming window)", file=sys.stderr)
+        return 2
+    try:
+        wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps, ctx_noise=args.ctx_noise,
+                             shift=args.shift, guidance=args.guidance)
+        recording = _recording_for(args, wm)
+        odometry = None
+        if args.geometry != "none":
+            try:
+                head = find_head(args.geometry, wm.checkpoint, wm.device)
+                odometry = GeometryOdometry(head, f"geometry head ({args.geometry})")
+            except CheckpointError as e:
+                if args.geometry != "learned":
+                    raise
+                print(f"warning: no camera-motion scores: {e}", file=sys.stderr)
+        media = None if args.no_media else (args.out or args.json.with_name(f"{args.json.stem}_media"))
+        cfg = PlayConfig(seed=args.seed, video_windows=min(args.video_windows, 2))
+        result = evaluate_play(recording, EnginePlayer(wm, args.batch), odometry=odometry, cfg=cfg, media=media,
+                               checkpoint=str(wm.checkpoint), device=wm.device)
+    except (EvaluationError, DatasetError, CheckpointError, DoomError, ValueError) as e:
+        print(f"worldgen eval --suite play: {e}", file=sys.stderr)
+        return 2
+    write_json(result, args.json)
+    print(summary(result))
+    print("wrote " + ", ".join([str(args.json)] + [f for f in result["files"].values() if f]))
+    return 0
+
+
+def _recording_for(args: argparse.Namespace, wm: Any) -> Path:
+    """``--data`` itself if it is a branch recording, else one made from it at ``--branches``
+    (default: ``<json stem>_branches`` next to the JSON; reused when its settings match)."""
+    data = Path(args.data)
+    if Dataset(data).index["source"].get("kind") == KIND:
+        return data
+    out = args.branches or args.json.with_name(f"{args.json.stem}_branches")
+    context = wm.stream.sinks + wm.stream.window
+    fraction = args.heldout_fraction
+    if fraction is None:
+        fraction = trainer_heldout_fraction(wm.checkpoint)
+    script = PlayScript(horizon=args.horizon or PlayScript.horizon)
+    h, w, _ = wm.frame_shape
+    wanted = {"of": str(Dataset(data).root), "context": context, "split": args.split, "seed": args.seed,
+              "script": dataclasses.asdict(script), "windows_asked": args.windows}
+    wanted = json.loads(json.dumps(wanted))  # tuples as the index gives them back: lists
+    if (Path(out) / "index.json").is_file():
+        src = Dataset(out).index["source"]
+        if src.get("kind") != KIND:
+            raise EvaluationError(f"--branches {out}: holds a dataset that is not a branch recording; "
+                                  f"choose another folder")
+        if all(src.get(k) == v for k, v in wanted.items()) and Dataset(out).resolution == (w, h):
+            print(f"reusing the branch recording {out} (same windows, context and script)")
+            return Path(out)
+    s = record_branches(data, out, windows=args.windows, context=context, script=script, split=args.split,
+                        heldout_fraction=fraction, seed=args.seed, workers=args.workers, size=(w, h),
+                        overwrite=True)
+    print(f"recorded {s['windows']} windows of branches into {s['out']}; replays matched the recording in "
+          f"{s['replay_matched']:.0%}")
+    return Path(out)

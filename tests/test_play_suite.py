@@ -1,0 +1,111 @@
+"""The play suite (worldgen.evaluation.play, worldgen.env.play_suite) on a tiny real ViZDoom
+recording: the game's branches, a model that is given the game's frames scores the game's
+ceiling, the held last frame scores chance, and the whole command runs on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import SIZE, finite
+from worldgen.cli import main
+from worldgen.evaluation.metrics import PSNR_CAP_DB
+from worldgen.evaluation.play import (BRANCHES, HoldLast, PlayConfig, PlayScript, evaluate_play, load_recording)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SCRIPT = PlayScript(horizon=8, yaw_step=45.0, walks=(2,))  # short cases: seconds on a CPU
+
+
+@pytest.fixture(scope="module")
+def play_recording(tmp_path_factory):
+    """Real play that ViZDoom can replay: 3 episodes of 40 steps on E1M1 at 160x120."""
+    from worldgen.env.record import record_doom
+
+    out = tmp_path_factory.mktemp("play") / "doom"
+    record_doom(out, 120, workers=2, episode_steps=40, maps=["E1M1"], seed=5, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def branches(play_recording, tmp_path_factory):
+    from worldgen.env.play_suite import record_branches
+
+    out = tmp_path_factory.mktemp("branches") / "b"
+    summary = record_branches(play_recording, out, windows=3, context=5, script=SCRIPT, workers=2, size=SIZE,
+                              progress=False)
+    return out, summary
+
+
+class Oracle:
+    """A "model" that is given the true future: the game's own frames for each case."""
+
+    def __init__(self, rec):
+        self.rec = rec
+
+    def play(self, context, context_keys, context_mouse, keys, mouse, seeds):
+        name = next(n for n in self.rec.cases if np.array_equal(self.rec.keys[n], keys)
+                    and np.array_equal(self.rec.mouse[n], mouse))
+        return self.rec.frames[name]
+
+
+def test_branch_recording_holds_the_games_answers(branches, play_recording):
+    out, summary = branches
+    rec = load_recording(out)
+    assert summary["replay_matched"] == 1.0 and rec.matched == 1.0  # ViZDoom replays exactly
+    assert list(rec.cases) == [*BRANCHES, "turn360", "out_back_2"]
+    assert rec.context.shape == (3, 5, SIZE[1], SIZE[0], 3) and rec.frames["forward"].shape[:2] == (3, 8)
+    # Windows in episode-id order; the context is the recording's own play.
+    assert [s[0] for s in rec.starts] == sorted(s[0] for s in rec.starts)
+    # The game answers the keys: walking forward moves the camera, noop barely, the yaw turns it.
+    moved = lambda case: np.linalg.norm(rec.pose[case][:, -1, :2] - rec.context_pose[:, -1, :2], axis=1)
+    assert (moved("forward") > 50).all() or (moved("forward") > moved("noop") + 20).all()
+    turned = (rec.pose["yaw_right"][:, 0, 3] - rec.context_pose[:, -1, 3] + 180) % 360 - 180
+    np.testing.assert_allclose(turned, -45.0, atol=1.0)  # yaw > 0 turns right: Doom's angle drops
+    # Back where it started after the 360-degree turn.
+    back = (rec.pose["turn360"][:, -1, 3] - rec.context_pose[:, -1, 3] + 180) % 360 - 180
+    np.testing.assert_allclose(back, 0.0, atol=1.0)
+
+
+def test_oracle_scores_the_ceiling_and_hold_last_scores_chance(branches):
+    rec = load_recording(branches[0])
+    cfg = PlayConfig(progress=False)
+    oracle = evaluate_play(rec, Oracle(rec), cfg=cfg, device="cpu")
+    br = oracle["branches"]
+    assert br["model"] == br["game"]
+    for h in oracle["horizons"]:
+        assert br["model"]["mean"][f"psnr@{h}"] == pytest.approx(PSNR_CAP_DB, abs=1e-3)
+        assert br["model"]["mean"][f"ssim@{h}"] == pytest.approx(1.0, abs=1e-4)
+        assert br["model"]["mean"][f"accuracy@{h}"] in (1.0, None)
+        assert br["model"]["mean"][f"gap_db@{h}"] > 3  # the game's branches differ
+    assert br["told_apart@8"] > 0.3 and br["chance@8"] < 1.0
+
+    held = evaluate_play(rec, HoldLast(), cfg=cfg, device="cpu")
+    br = held["branches"]
+    assert br["model"] == br["hold_last"]
+    for h in held["horizons"]:
+        assert br["model"]["mean"][f"gap_db@{h}"] == pytest.approx(0.0, abs=1e-3)
+        if br[f"chance@{h}"] is not None:
+            assert br["model"]["mean"][f"accuracy@{h}"] == pytest.approx(br[f"chance@{h}"], abs=1e-3)
+    r = held["revisits"]["turn360"]
+    assert r["model"]["psnr_vs_departure"] == pytest.approx(PSNR_CAP_DB, abs=1e-3)  # why vs_game is there too
+    assert r["model"]["psnr_vs_game"] == r["hold_last"]["psnr_vs_game"]
+
+
+def test_play_command_end_to_end(play_recording, tiny_checkpoint, tiny_geometry_run, tmp_path, capsys):
+    args = ["eval", "--suite", "play", "--checkpoint", str(tiny_checkpoint), "--data", str(play_recording),
+            "--split", "all", "--windows", "2", "--horizon", "4", "--json", str(tmp_path / "play.json"),
+            "--geometry", str(tiny_geometry_run[0] / "ckpt"), "--workers", "2", "--device", "cpu"]
+    assert main(args) == 0
+    r = json.loads((tmp_path / "play.json").read_text())
+    assert finite(r) and r["suite"] == "play" and r["windows"] == 2 and r["horizons"] == [1, 4]
+    assert r["context"] == 5 and r["replay_matched"] == 1.0
+    assert set(r["revisits"]) == {"turn360", "out_back_8", "out_back_16"}
+    assert r["camera"]["model"]["all"]["yaw_err_deg"] >= 0 and "forward" in r["camera"]["game"]
+    assert (tmp_path / "play_media" / "play_dashboard.png").stat().st_size > 10_000
+    assert (tmp_path / "play_media" / "play.mp4").stat().st_size > 1_000
+    assert "play suite" in capsys.readouterr().out
+    # A second run reuses the branch recording made from the same play.
+    assert main(args) == 0
+    assert "reusing the branch recording" in capsys.readouterr().out
