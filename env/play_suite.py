@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from worldgen.data import Dataset, DatasetError
 from worldgen.data.dataset import DatasetIndex, Episode, EpisodeInfo, write_episode_shards
-from worldgen.env.doom import DoomConfig, DoomEnv, DoomError
-from worldgen.env.geometry import find_head, motion_between, predict_motion
+from worldgen.env.doom import HFOV_DEG, DoomConfig, DoomEnv, DoomError
+from worldgen.env.geometry import find_head, motion_between
 from worldgen.evaluation.evaluate import (EvaluationError, select_windows, trainer_heldout_fraction,
                                           write_json)
 from worldgen.evaluation.play import KIND, PlayScript
@@ -180,17 +181,88 @@ def _write_window(index: DatasetIndex, job: _Window, item: dict[str, Any], playe
                               map=job.map, seed=job.seed, extra={**extra, "case": case, "replay_matched": matched}))
 
 
-class GeometryOdometry:
-    """The geometry head's odometry as the play suite's :class:`~worldgen.evaluation.play.Odometry`;
-    true motion from the game's poses by the same convention (:func:`motion_between`)."""
+class FrameOdometry:
+    """Camera motion read off two frames alone: the play suite's
+    :class:`~worldgen.evaluation.play.Odometry`, true motion from the game's poses by the
+    recorder's convention (:func:`~worldgen.env.geometry.motion_between`).
 
-    def __init__(self, head: Any, name: str, batch: int = 256):
-        self.head, self.name, self.batch = head, name, batch
+    No action goes in. The geometry head's odometry also reads the action, and given it credits
+    a frame held still with the action's motion (measured: yaw sign right on 100% of the held
+    frame's steps); given a no-op instead it cannot read a turn off the frames (37% on the game's
+    own frames). So:
+
+    * yaw by registration: Doom projects columns on a plane, column x at bearing
+      ``atan((x - cx) / f)``; resampled to bearings, a turn by theta is a shift by theta. The
+      shift (within ``max_yaw``) that best matches the two frames' column profiles (the mean
+      grey of ``bands`` bands of rows) is the yaw, > 0 counter-clockwise as the pose's;
+    * forward from the geometry head's depth, when there is one: Doom's depth is planar, so a
+      step forward by d brings every static point d nearer; the median change over the centre
+      of the view (where points move least across the image), in map units.
+
+    Left, up and pitch are not measured (NaN).
+    """
+
+    def __init__(self, head: Any | None = None, hfov_deg: float = HFOV_DEG, max_yaw: float = 30.0,
+                 step_deg: float = 0.5, bands: int = 6, rows: tuple[float, float] = (0.1, 0.6),
+                 centre_deg: float = 25.0, depth_units: float = 7.0, batch: int = 512):
+        self.head, self.hfov, self.max_yaw, self.step, self.bands = head, hfov_deg, max_yaw, step_deg, bands
+        self.rows, self.centre = rows, centre_deg
+        self.depth_units, self.batch = depth_units, batch
+        self.name = "yaw: column registration; forward: " + ("geometry head depth" if head is not None else "none")
+
+    def _profiles(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, bands, J) mean grey of row bands at bearings -hfov/2 .. hfov/2."""
+        b, h, w, _ = frames.shape
+        # Rows from the ceiling to below the horizon: the weapon sprite below does not turn with the world.
+        top, bottom = int(h * self.rows[0]), int(h * self.rows[1])
+        grey = frames[:, top:bottom].float().mean(-1)                                    # (B, h', W)
+        grey = grey[:, :max(len(grey[0]) // self.bands, 1) * self.bands]
+        rows = grey.reshape(b, min(self.bands, grey.shape[1]), -1, w).mean(2)           # (B, bands, W)
+        f = (w / 2) / np.tan(np.radians(self.hfov / 2))
+        bearing = np.arange(-self.hfov / 2, self.hfov / 2 + 1e-9, self.step)
+        x = torch.as_tensor((w - 1) / 2 + f * np.tan(np.radians(bearing)), dtype=torch.float32).clamp(0, w - 1)
+        lo = x.floor().long().clamp(max=w - 2)
+        frac = x - lo                                                                   # (J,)
+        return rows[..., lo] * (1 - frac) + rows[..., lo + 1] * frac
+
+    def yaw(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        """(B,) degrees counter-clockwise from ``prev`` to ``nxt``."""
+        a, b = self._profiles(torch.from_numpy(prev)), self._profiles(torch.from_numpy(nxt))
+        n = int(self.max_yaw / self.step)
+        shifts = range(-n, n + 1)
+        # A left turn by theta moves what was at bearing phi to phi + theta: nxt[j] = prev[j - k].
+        # Only nxt's central bearings are matched: walking forward spreads the view outwards, least
+        # at the centre, and every shift then compares the same number of bearings.
+        mid, half = a.shape[-1] // 2, min(int(self.centre / self.step), a.shape[-1] // 2 - n)
+        err = torch.stack([(b[..., mid - half:mid + half] - a[..., mid - half - k:mid + half - k]).square().mean((1, 2))
+                           for k in shifts], 1)                                          # (B, S)
+        best = err.argmin(1)
+        # Sub-step: the vertex of the parabola through the best shift and its neighbours.
+        i = best.clamp(1, err.shape[1] - 2)
+        e0, e1, e2 = (err.gather(1, (i + d)[:, None])[:, 0] for d in (-1, 0, 1))
+        denom = e0 - 2 * e1 + e2
+        frac = torch.where(denom > 0, 0.5 * (e0 - e2) / denom.clamp(min=1e-9), torch.zeros_like(denom)).clamp(-1, 1)
+        return ((i - len(shifts) // 2).double() + frac.double()).numpy() * self.step
+
+    def forward(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        """(B,) map units walked forward (NaN without a geometry head)."""
+        if self.head is None:
+            return np.full(len(prev), np.nan)
+        device = self.head.motion_scale.device
+        with torch.no_grad():
+            d0, d1 = (self.head.depth(self.head.prepare(torch.from_numpy(f).to(device))) * 255 for f in (prev, nxt))
+        h, w = d0.shape[-2:]
+        centre = (slice(None), slice(h // 4, h - h // 4), slice(w // 4, w - w // 4))
+        d0, d1 = d0[centre].flatten(1), d1[centre].flatten(1)
+        change = torch.where((d0 < 250) & (d1 < 250), d0 - d1, torch.nan)  # saturated: nothing in range
+        return (change.nanmedian(1).values * self.depth_units).double().cpu().numpy()
 
     def estimate(self, prev: np.ndarray, keys: np.ndarray, mouse: np.ndarray, nxt: np.ndarray) -> np.ndarray:
-        return np.concatenate([predict_motion(self.head, prev[i:i + self.batch], keys[i:i + self.batch],
-                                              mouse[i:i + self.batch], nxt[i:i + self.batch])
-                               for i in range(0, len(prev), self.batch)])
+        out = np.full((len(prev), 5), np.nan)
+        for i in range(0, len(prev), self.batch):
+            p, n = prev[i:i + self.batch], nxt[i:i + self.batch]
+            out[i:i + self.batch, 0], out[i:i + self.batch, 3] = self.forward(p, n), self.yaw(p, n)
+        return out
 
     def truth(self, pose: np.ndarray, nxt: np.ndarray) -> np.ndarray:
         return motion_between(pose, nxt)
@@ -212,15 +284,15 @@ def run(args: argparse.Namespace) -> int:
         wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps, ctx_noise=args.ctx_noise,
                              shift=args.shift, guidance=args.guidance)
         recording = _recording_for(args, wm)
-        odometry = None
+        head = None
         if args.geometry != "none":
             try:
                 head = find_head(args.geometry, wm.checkpoint, wm.device)
-                odometry = GeometryOdometry(head, f"geometry head ({args.geometry})")
             except CheckpointError as e:
                 if args.geometry != "learned":
                     raise
-                print(f"warning: no camera-motion scores: {e}", file=sys.stderr)
+                print(f"warning: no forward-motion scores (yaw is measured without it): {e}", file=sys.stderr)
+        odometry = FrameOdometry(head)
         media = None if args.no_media else (args.out or args.json.with_name(f"{args.json.stem}_media"))
         cfg = PlayConfig(seed=args.seed, video_windows=min(args.video_windows, 2))
         result = evaluate_play(recording, EnginePlayer(wm, args.batch), odometry=odometry, cfg=cfg, media=media,

@@ -102,7 +102,10 @@ def test_play_command_end_to_end(play_recording, tiny_checkpoint, tiny_geometry_
     assert finite(r) and r["suite"] == "play" and r["windows"] == 2 and r["horizons"] == [1, 4]
     assert r["context"] == 5 and r["replay_matched"] == 1.0
     assert set(r["revisits"]) == {"turn360", "out_back_8", "out_back_16"}
-    assert r["camera"]["model"]["all"]["yaw_err_deg"] >= 0 and "forward" in r["camera"]["game"]
+    cam = r["camera"]
+    assert cam["model"]["all"]["yaw_err_deg"] >= 0 and "forward" in cam["game"] and "geometry" in cam["odometry"]
+    # Turns are read off the frames, not the actions: the held frame never turns.
+    assert cam["hold_last"]["turn360"]["yaw_sign_agreement"] == 0.0 and cam["game"]["turn360"]["yaw_sign_agreement"] > 0.5
     assert (tmp_path / "play_media" / "play_dashboard.png").stat().st_size > 10_000
     assert (tmp_path / "play_media" / "play.mp4").stat().st_size > 1_000
     assert "play suite" in capsys.readouterr().out

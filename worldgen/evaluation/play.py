@@ -57,7 +57,7 @@ without bumping ``version``). ``P`` below is one of ``model``, ``hold_last``, ``
   ``{case: {"yaw_err_deg", "forward_err", "yaw_sign_agreement", "forward_sign_agreement"},
   "all": {...}}``: mean absolute errors per step against the game's true motion, and the share
   of steps with a true turn (|yaw| >= 1 degree) or walk (|forward| >= 1 map unit) whose sign
-  the measure on the frames got right. ``game`` is the odometry on the game's own frames: the
+  the measure on the frames got right (a measured motion under those counts as none). ``game`` is the odometry on the game's own frames: the
   measure's own error, the ceiling.
 * ``psnr_cap_db``, ``device``, ``seconds``, ``files`` (``{"dashboard", "video"}``).
 """
@@ -367,9 +367,10 @@ def _motion_scores(est: np.ndarray, true: np.ndarray) -> dict[str, float | None]
     """Mean absolute yaw (degrees) and forward (map units) error per step, and sign agreement."""
     yaw_err = np.abs((est[:, 3] - true[:, 3] + 180.0) % 360.0 - 180.0)
 
-    def agree(col: int, least: float) -> float | None:
+    def agree(col: int, least: float) -> float | None:  # a motion under `least` counts as none
         moving = np.abs(true[:, col]) >= least
-        return _r(np.mean(np.sign(est[moving, col]) == np.sign(true[moving, col]))) if moving.any() else None
+        sign = np.sign(est[moving, col]) * (np.abs(est[moving, col]) >= least)
+        return _r(np.mean(sign == np.sign(true[moving, col]))) if moving.any() else None
     return {"yaw_err_deg": _r(yaw_err.mean()), "forward_err": _r(np.abs(est[:, 0] - true[:, 0]).mean()),
             "yaw_sign_agreement": agree(3, 1.0), "forward_sign_agreement": agree(0, 1.0)}
 
