@@ -10,11 +10,19 @@ settings as the checkpoint's sampler defaults (its final eval and every session 
 ``--sinks`` (the frames a session's KV cache keeps for ever; its window holds the rest of the
 trained window) changes the long sessions alone: eval's windows fit in the trained window.
 
+Every setting (with its sinks) also plays the play suite (``worldgen.evaluation.play``) on
+``--play-windows`` windows of the same episodes: the game's own answers to each action branch
+from each window, replayed in ViZDoom once (``worldgen.env.play_suite.record_branches``, kept
+in ``--branches``) and scored for every setting: the own-versus-other gap and the branch
+identification accuracy at 16 steps, and the revisits' PSNR against the game's frame on return.
+
 Best, in this order. First, a game runs for hours: only settings whose long sessions stay in
 the range of real frames qualify (``stability.in_range``; all of them if none does, or with
 ``--stability-frames 0``). Of those, the ones that clear the two PSNR bars of a useful model
 (teacher-forced at least ``--min-gain`` dB over repeating the last frame, rollout@16 above
-holding it), the most controllable (real minus shuffled actions at 16); if none clears them,
+holding it), the most controllable: the play suite's own-versus-other gap at 16 (real minus
+shuffled actions at 16 with ``--play-windows 0``, a measure the issue-21 review found to be
+noise); if none clears them,
 the highest teacher-forced + rollout@16 PSNR + controllability; between settings that differ in
 their sinks alone, the one whose worst long session stays furthest inside the band. PSNR alone
 rewards blurry means that ignore the action and flatten over a long session: a game has to
@@ -34,6 +42,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from worldgen import WorldModel, checkpoint
 from worldgen.data import Dataset
@@ -56,8 +65,11 @@ def choose(rows: list[dict], min_gain: float) -> dict:
 
     def margin(r: dict) -> float:  # eval's windows fit the trained window: the sinks change only this
         return -r.get("worst_session_band", 0.0)
+
+    def control(r: dict) -> float:  # the play suite's gap where it ran
+        return r["play_gap_db"] if r.get("play_gap_db") is not None else (r["control_db"] or 0.0)
     if useful:
-        return max(useful, key=lambda r: (r["control_db"] or 0.0, r["score"], margin(r)))
+        return max(useful, key=lambda r: (control(r), r["score"], margin(r)))
     return max(pool, key=lambda r: (r["score"], margin(r)))
 
 
@@ -81,6 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="frames per long session (0: skip the stability check)")
     p.add_argument("--stability-sessions", type=int, default=8,
                    help="long sessions, stepped as one batch (four missed a flat start: RESULTS, long-horizon section)")
+    p.add_argument("--play-windows", type=int, default=16,
+                   help="windows of the play suite per setting (0: skip it; controllability is then eval's "
+                        "real-minus-shuffled PSNR)")
+    p.add_argument("--branches", type=Path, default=None,
+                   help="the play suite's branch recording: made here from --data if missing (default: "
+                        "<json stem>_branches, or sweep_branches without --json)")
+    p.add_argument("--workers", type=int, default=None, help="ViZDoom replay processes (default: one per core)")
+    p.add_argument("--batch", type=int, default=64, help="play-suite sessions stepped together")
     p.add_argument("--compile", action="store_true", help="wm.compile() the long sessions (GPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", type=Path, default=None)
@@ -88,15 +108,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     rows = []
+    rec = _branch_recording(args) if args.play_windows > 0 else None
     grid = [(steps, noise, shift, g) for steps in args.steps for noise in args.ctx_noise for shift in args.shift
             for g in args.guidance]
     ds = Dataset(args.data)
     episodes = (ds.split(trainer_heldout_fraction(args.checkpoint))[1] if args.split == "heldout"
                 else list(range(len(ds))))  # the episodes eval scores
-    for steps, noise, shift, g in grid:
+    for steps, noise, shift, g in tqdm(grid, desc="sampler sweep", unit="setting"):
         r = evaluate(args.checkpoint, ds, EvalConfig(steps=steps, ctx_noise=noise, shift=shift, guidance=g,
                                                      windows=args.windows, split=args.split,
-                                                     horizon=args.horizon, video_windows=0),
+                                                     horizon=args.horizon, video_windows=0, progress=False),
                      device=args.device, log=lambda *_: None)
         tf, ro = r["teacher_forced"], r["rollout"]
         h = min(16, r["horizon"])
@@ -110,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
             wm = WorldModel.load(args.checkpoint, args.device, steps=steps, ctx_noise=noise, shift=shift, guidance=g,
                                  sinks=sinks)
             row = {**scored, "sinks": wm.stream.sinks}
+            if rec is not None:
+                row.update(play_scores(rec, wm, args.batch))
             if args.stability_frames > 0:
                 st = stability(wm.compile() if args.compile else wm, ds, args.stability_frames,
                                args.stability_sessions, episodes=episodes)
@@ -122,8 +145,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(row), flush=True)
     best = choose(rows, args.min_gain)
     print("| steps | ctx_noise | shift | guidance | sinks | teacher-forced dB (gain) | rollout@16 dB (baseline) "
-          "| controllability dB | long sessions: std mean, outside real [min, max] / band, worst session (real) | score |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| controllability dB | play: gap dB, identified (chance), revisit dB | long sessions: std mean, outside "
+          "real [min, max] / band, worst session (real) | score |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         mark = " **best**" if r is best else ""
         long = (f"{r['std_mean']:.1f}, {r['outside_minmax']:.2%} / {r['outside_band']:.2%}, {r['worst_session_band']:.2%} "
@@ -131,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{'' if r['in_range'] else ': out of range'}" if "in_range" in r else "not run")
         print(f"| {r['steps']} | {r['ctx_noise']} | {r['shift']} | {r['guidance']} | {r['sinks']} | {r['tf_psnr']:.2f} "
               f"({r['tf_gain_db']:+.2f}) | {r['rollout_psnr']:.2f} ({r['rollout_baseline']:.2f}) | "
-              f"{r['control_db'] if r['control_db'] is None else format(r['control_db'], '+.2f')} | {long} | "
+              f"{r['control_db'] if r['control_db'] is None else format(r['control_db'], '+.2f')} | {_play_cell(r)} | {long} | "
               f"{r['score']:.2f} |{mark}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "best": best}, indent=1))
@@ -143,6 +167,47 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"stored steps={best['steps']} ctx_noise={best['ctx_noise']} shift={best['shift']} "
               f"guidance={best['guidance']} sinks={best['sinks']} in {args.checkpoint}")
     return {"rows": rows, "best": best}
+
+
+def _branch_recording(args: argparse.Namespace):
+    """The play suite's branch recording of --data's scored episodes: reused if it is at --branches."""
+    from worldgen.data import Dataset as _Dataset
+    from worldgen.env.play_suite import record_branches
+    from worldgen.evaluation.play import load_recording
+
+    out = args.branches or (args.json.with_name(f"{args.json.stem}_branches") if args.json else Path("sweep_branches"))
+    if not (out / "index.json").is_file():
+        wm = WorldModel.load(args.checkpoint, args.device)
+        h, w, _ = wm.frame_shape
+        record_branches(args.data, out, windows=args.play_windows, context=wm.stream.sinks + wm.stream.window,
+                        split=args.split, heldout_fraction=trainer_heldout_fraction(args.checkpoint),
+                        workers=args.workers, size=(w, h))
+        del wm
+    elif _Dataset(out).index["source"].get("of") != str(_Dataset(args.data).root):
+        raise SystemExit(f"--branches {out}: was made from another recording; remove it or pick another folder")
+    return load_recording(out)
+
+
+def play_scores(rec, wm, batch: int) -> dict:
+    """The play suite's headline numbers for one setting (no media, no camera: seconds matter)."""
+    from worldgen.evaluation.play import EnginePlayer, PlayConfig, evaluate_play
+
+    r = evaluate_play(rec, EnginePlayer(wm, batch), cfg=PlayConfig(video_windows=0, progress=False), log=lambda *_: None)
+    h = max(r["horizons"])
+    model = r["branches"]["model"]["mean"]
+    revisit = [v["model"]["psnr_vs_game"] for v in r["revisits"].values()]
+    return {"play_horizon": h, "play_gap_db": model[f"gap_db@{h}"], "play_accuracy": model[f"accuracy@{h}"],
+            "play_chance": r["branches"][f"chance@{h}"], "play_psnr": model[f"psnr@{h}"],
+            "play_revisit_psnr": round(float(np.mean(revisit)), 4) if revisit else None,
+            "play_seconds": r["seconds"]}
+
+
+def _play_cell(r: dict) -> str:
+    if "play_gap_db" not in r:
+        return "not run"
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)
+    return (f"{f(r['play_gap_db'], '+.2f')}, {f(r['play_accuracy'], '.2f')} ({f(r['play_chance'], '.2f')}), "
+            f"{f(r['play_revisit_psnr'], '.2f')}")
 
 
 if __name__ == "__main__":

@@ -112,3 +112,20 @@ def test_play_command_end_to_end(play_recording, tiny_checkpoint, tiny_geometry_
     # A second run reuses the branch recording made from the same play.
     assert main(args) == 0
     assert "reusing the branch recording" in capsys.readouterr().out
+
+
+def test_sampler_sweep_scores_settings_with_the_play_suite(play_recording, tiny_checkpoint, tmp_path):
+    from conftest import benchmark_script
+
+    sweep = benchmark_script("sampler_sweep")
+    result = sweep.main(["--checkpoint", str(tiny_checkpoint), "--data", str(play_recording), "--split", "all",
+                         "--steps", "1", "--ctx-noise", "0.0", "--windows", "2", "--horizon", "2",
+                         "--stability-frames", "0", "--play-windows", "2", "--workers", "2", "--device", "cpu",
+                         "--json", str(tmp_path / "sweep.json")])
+    row = result["rows"][0]
+    assert row["play_horizon"] == 16 and row["play_accuracy"] is not None and row["play_chance"] < 1
+    assert (tmp_path / "sweep_branches" / "index.json").is_file()
+    # The play suite's gap, not eval's real-minus-shuffled PSNR, decides between useful settings.
+    useful = {"tf_gain_db": 3.0, "rollout_psnr": 16.0, "rollout_baseline": 15.0, "score": 36.0}
+    follows = {**useful, "control_db": -0.2, "play_gap_db": 2.0}
+    assert sweep.choose([{**useful, "control_db": 0.5, "play_gap_db": 0.1}, follows], 2.0) is follows

@@ -45,6 +45,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from worldgen import sampling
 from worldgen.actions import ACTION_DIM, Action, ActionError
@@ -193,13 +194,14 @@ def denoise(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, x: torch.Tensor
 
 
 def generate_latents(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, acts: torch.Tensor, cfg: GenerateConfig,
-                     sampler: Sampler, window: int) -> tuple[torch.Tensor, dict[str, Any]]:
+                     sampler: Sampler, window: int, progress: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
     """``len(acts)`` new latents after the context, clip by clip (module docstring).
 
     Args:
         ctx: (Tc, C, h, w) clean latents of real frames, Tc >= the plan's context (the last are used).
         ctx_acts: (Tc, A) the action vectors that produced them; ``acts`` (N, A) those of the new frames.
         window: frames the model was trained on (context + clip must fit).
+        progress: show a progress bar with an ETA over the frames made (stderr).
     Returns:
         latents (N, C, h, w) and stats: the plan, clip starts (the
         first output frames of clips after the first: where a clip's denoising starts from its
@@ -224,6 +226,7 @@ def generate_latents(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, acts: 
     pending = frames[:0]  # overlap: the previous clip's second half, not yet final
     spans = list(clip_spans(n, clip if overlap else hop, hop))
     starts = [start for start, _ in spans[1:]]
+    bar = tqdm(total=n, unit="frame", desc=f"generate ({cfg.fusion})", disable=not progress)
     for start, stop in spans:
         s, e = tc + start, tc + stop
         past, past_acts = frames[s - context:s], all_acts[s - context:s]
@@ -241,6 +244,8 @@ def generate_latents(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, acts: 
         keep = len(new) if stop == n else hop  # the rest waits for the next clip to overlap it
         frames[s:s + keep] = new[:keep]
         pending = new[keep:] if overlap else new[:0]
+        bar.update(keep)
+    bar.close()
     stats = {"frames": n, "context": context, "clip": clip if overlap else hop, "hop": hop,
              "clip_starts": starts, "dit_frame_passes_per_frame": round(passes / n, 2)}
     return frames[tc:], stats
@@ -281,7 +286,7 @@ def seam_measure(frames: np.ndarray, starts: Sequence[int]) -> dict[str, Any]:
 
 @torch.no_grad()
 def generate_video(wm, context_frames: np.ndarray, context_actions: np.ndarray, actions: np.ndarray,
-                   cfg: GenerateConfig) -> tuple[np.ndarray, dict[str, Any]]:
+                   cfg: GenerateConfig, progress: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """Frames uint8 (N, H, W, 3) for action vectors ``actions`` (N, A) after real context frames
     (T, H, W, 3) and the action vectors (T, A) that produced them, with a loaded
     :class:`~worldgen.engine.world_model.WorldModel`'s tokenizer, DiT and sampler settings.
@@ -304,7 +309,7 @@ def generate_video(wm, context_frames: np.ndarray, context_actions: np.ndarray, 
         ctx = wm.tokenizer.encode(frames_to_tensor(context_frames[-context:], dev)).float()
         z, stats = generate_latents(wm.dit, ctx, torch.from_numpy(context_actions[-context:]).to(dev),
                                     torch.from_numpy(actions).to(dev), cfg,
-                                    _sampler(wm), wm.trained_window)
+                                    _sampler(wm), wm.trained_window, progress)
         video = np.concatenate([tensor_to_frames(wm.tokenizer.decode(z[i:i + 64])) for i in range(0, len(z), 64)])
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     stats["frames_per_s"] = round(len(video) / stats["seconds"], 3)
@@ -498,7 +503,7 @@ def run(args: argparse.Namespace) -> int:
         got = _inputs(args, context)
         runs = {}
         for m in modes:
-            video, stats = generate_video(wm, got["frames"], got["actions"], got["todo"], cfgs[m])
+            video, stats = generate_video(wm, got["frames"], got["actions"], got["todo"], cfgs[m], progress=True)
             path = args.out if m == args.fusion else args.out.with_name(f"{args.out.stem}_{m}.mp4")
             write_video(video, path, wm.fps)
             if "real" in got:

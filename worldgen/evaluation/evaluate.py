@@ -59,6 +59,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from worldgen import actions, checkpoint, sampling
 from worldgen.data import Dataset, DatasetError, WindowDataset
@@ -97,6 +98,7 @@ class EvalConfig:
     # An eval.json whose windows (and shuffled actions) to score instead of drawing new ones, so
     # two evaluations pair up window by window; its context and horizon come with them.
     windows_from: str | Path | None = None
+    progress: bool = True      # a progress bar with an ETA over the frames predicted (stderr)
 
 
 def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalConfig | None = None,
@@ -147,8 +149,10 @@ def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalCo
     frames_d = inputs[..., :3]                                       # (N, L, H, W, 3): what is scored
     acts_d = acts.to(device)                                         # (N, L, 10)
     run = _Runner(tokenizer, dit, sampler, cfg.batch, device)
+    # Every frame the DiT makes: teacher-forced, then rollouts with real and shuffled actions.
+    run.bar = tqdm(total=3 * n * horizon, unit="frame", desc="eval", disable=not cfg.progress)
 
-    with torch.no_grad():
+    with torch.no_grad(), run.bar:
         latents, recon = run.encode(inputs)                          # (N, L, C, h, w), RGB uint8
         tok_psnr, tok_ssim = psnr(recon, frames_d), ssim(recon, frames_d)
 
@@ -355,6 +359,7 @@ class _Runner:
 
     def __init__(self, tokenizer, dit, sampler: dict[str, Any], batch: int, device: torch.device):
         self.tokenizer, self.dit, self.s, self.batch, self.device = tokenizer, dit, sampler, batch, device
+        self.bar: tqdm | None = None  # advanced by the frames each call makes
 
     def _autocast(self):
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
@@ -390,7 +395,12 @@ class _Runner:
                                           acts[i, t], steps=self.s["steps"], ctx_noise=self.s["ctx_noise"], shift=self.s["shift"],
                                           generator=self._generator(k), guidance=self.s["guidance"])
             out.append(self.decode(z.float()))
+            self._advance(len(i))
         return torch.cat(out)
+
+    def _advance(self, frames: int) -> None:
+        if self.bar is not None:
+            self.bar.update(frames)
 
     def rollout(self, ctx: torch.Tensor, ctx_acts: torch.Tensor, future_acts: torch.Tensor) -> torch.Tensor:
         """Autoregressive frames after the context, ``(N, horizon, H, W, 3)`` uint8."""
@@ -402,6 +412,7 @@ class _Runner:
                                      window=self.s["window"], ctx_noise=self.s["ctx_noise"], shift=self.s["shift"],
                                      generator=self._generator(k), guidance=self.s["guidance"])
             out.append(self.decode(z.float()))
+            self._advance(z.shape[0] * z.shape[1])
         return torch.cat(out)
 
 
