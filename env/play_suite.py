@@ -74,7 +74,9 @@ def _play_window(job: _Window) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]
                 obs = env.step(k, m)
             if obs is None:
                 raise DoomError(f"window {job.w}: the game ended before the departure frame on replay")
-            matched = bool(np.array_equal(obs.frame, job.departure))
+            # At the recording's resolution: a recording may store the game's frames downscaled.
+            h, w = job.departure.shape[:2]
+            matched = bool(np.array_equal(_resize(obs.frame[None], (w, h))[0], job.departure))
             frames, poses = [], [obs.pose]
             for k, m in zip(keys, mouse):
                 obs = env.step(k, m) if obs is not None else None
@@ -100,7 +102,8 @@ def record_branches(data: str | Path, out: str | Path, *, windows: int = 32, con
 
     ``split``: ``"all"`` (every episode: play recorded with seeds never used in training) or
     ``"heldout"`` (``Dataset.split(heldout_fraction)``'s held-out side of a training recording).
-    ``size``: (W, H) to store frames at, for a model trained on downscaled frames.
+    ``size``: (W, H) to store frames at, for a model trained on downscaled frames (default: the
+    recording's resolution, which may itself be the game's frames downscaled).
     Returns a summary: ``out``, ``windows``, ``replay_matched`` (share of replays).
     """
     ds = Dataset(data)
@@ -127,8 +130,8 @@ def record_branches(data: str | Path, out: str | Path, *, windows: int = 32, con
         raise EvaluationError(f"{ds.root}: its {split} episodes hold no window of {context + 1} frames")
     cases = {name: (np.stack([a.keys for a in acts]), np.stack([a.mouse for a in acts]))
              for name, acts in script.cases().items()}
-    resolution = tuple(size) if size is not None else ds.resolution
-    index = DatasetIndex(out, resolution=resolution, frame_skip=ds.frame_skip, variables=(), has_depth=False,
+    size = tuple(size) if size is not None else ds.resolution  # the game renders at its own resolution
+    index = DatasetIndex(out, resolution=size, frame_skip=ds.frame_skip, variables=(), has_depth=False,
                          overwrite=overwrite, source={
                              "env": "doom", "kind": KIND, "of": str(ds.root), "doom": d, "context": context,
                              "windows": len(items), "windows_asked": windows, "split": split,
@@ -161,7 +164,7 @@ def record_branches(data: str | Path, out: str | Path, *, windows: int = 32, con
 
 
 def _write_window(index: DatasetIndex, job: _Window, item: dict[str, Any], played: dict, eid: str,
-                  context: int, size: tuple[int, int] | None) -> None:
+                  context: int, size: tuple[int, int]) -> None:
     """The window's context episode and one episode per case, in the dataset's alignment."""
     first = int(item["start"]) + 1  # the first context frame (item frame 0 is the lead-in)
     extra = {"window": job.w, "of": [eid, first]}
@@ -174,7 +177,7 @@ def _write_window(index: DatasetIndex, job: _Window, item: dict[str, Any], playe
                           map=job.map, seed=job.seed, extra={**extra, "case": "context", "replay_matched": True}))
     for case, (frames, poses, matched) in played.items():
         keys, mouse = job.cases[case]
-        ep = Episode(frames=_resize(np.concatenate([item["frames"][-1:], frames]), size),
+        ep = Episode(frames=np.concatenate([_resize(item["frames"][-1:], size), _resize(frames, size)]),
                      keys=np.concatenate([keys, _NOOP_KEYS]), mouse=np.concatenate([mouse, _NOOP_MOUSE]), pose=poses)
         name = f"w{job.w:03d}-{case}"
         index.add(EpisodeInfo(id=name, length=len(ep), shards=write_episode_shards(index.root, name, ep),
@@ -317,7 +320,8 @@ def _recording_for(args: argparse.Namespace, wm: Any) -> Path:
     fraction = args.heldout_fraction
     if fraction is None:
         fraction = trainer_heldout_fraction(wm.checkpoint)
-    script = PlayScript(horizon=args.horizon or PlayScript.horizon)
+    script = PlayScript(horizon=PlayScript.horizon if args.horizon is None else args.horizon,
+                        yaw_step=args.yaw_step, walks=tuple(args.walks))
     h, w, _ = wm.frame_shape
     wanted = {"of": str(Dataset(data).root), "context": context, "split": args.split, "seed": args.seed,
               "script": dataclasses.asdict(script), "windows_asked": args.windows}

@@ -5,6 +5,7 @@ ceiling, the held last frame scores chance, and the whole command runs on the ti
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -95,13 +96,14 @@ def test_oracle_scores_the_ceiling_and_hold_last_scores_chance(branches):
 
 def test_play_command_end_to_end(play_recording, tiny_checkpoint, tiny_geometry_run, tmp_path, capsys):
     args = ["eval", "--suite", "play", "--checkpoint", str(tiny_checkpoint), "--data", str(play_recording),
-            "--split", "all", "--windows", "2", "--horizon", "4", "--json", str(tmp_path / "play.json"),
+            "--split", "all", "--windows", "2", "--horizon", "4", "--yaw-step", "30", "--walks", "4", "8",
+            "--json", str(tmp_path / "play.json"),
             "--geometry", str(tiny_geometry_run[0] / "ckpt"), "--workers", "2", "--device", "cpu"]
     assert main(args) == 0
     r = json.loads((tmp_path / "play.json").read_text())
     assert finite(r) and r["suite"] == "play" and r["windows"] == 2 and r["horizons"] == [1, 4]
     assert r["context"] == 5 and r["replay_matched"] == 1.0
-    assert set(r["revisits"]) == {"turn360", "out_back_8", "out_back_16"}
+    assert set(r["revisits"]) == {"turn360", "out_back_4", "out_back_8"} and r["yaw_step_deg"] == 30
     cam = r["camera"]
     assert cam["model"]["all"]["yaw_err_deg"] >= 0 and "forward" in cam["game"] and "geometry" in cam["odometry"]
     # Turns are read off the frames, not the actions: the held frame never turns.
@@ -114,16 +116,37 @@ def test_play_command_end_to_end(play_recording, tiny_checkpoint, tiny_geometry_
     assert "reusing the branch recording" in capsys.readouterr().out
 
 
-def test_sampler_sweep_scores_settings_with_the_play_suite(play_recording, tiny_checkpoint, tmp_path):
+def replayable(recording, tmp_path):
+    """The tiny recording (the tiny model's own 32x24 play) told how to replay it: conftest
+    played each episode on E1M1 with seed = its number and the default game settings."""
+    from worldgen.env.doom import DoomConfig
+
+    shutil.copytree(recording, tmp_path / "replayable")
+    index = json.loads((tmp_path / "replayable" / "index.json").read_text())
+    index["source"] = {"env": "doom", "doom": DoomConfig().to_dict()}
+    for seed, e in enumerate(index["episodes"]):
+        e.update(map="E1M1", seed=seed)
+    (tmp_path / "replayable" / "index.json").write_text(json.dumps(index))
+    return tmp_path / "replayable"
+
+
+def test_sampler_sweep_scores_settings_with_the_play_suite(doom_recording, tiny_checkpoint, tmp_path):
     from conftest import benchmark_script
 
+    from worldgen.env.play_suite import record_branches
+
+    data = replayable(doom_recording, tmp_path)
+    # Made here with a short script (the sweep makes the default one when --branches is missing).
+    record_branches(data, tmp_path / "sweep_branches", windows=2, context=5, script=SCRIPT, workers=2, progress=False)
     sweep = benchmark_script("sampler_sweep")
-    result = sweep.main(["--checkpoint", str(tiny_checkpoint), "--data", str(play_recording), "--split", "all",
+    result = sweep.main(["--checkpoint", str(tiny_checkpoint), "--data", str(data), "--split", "all",
                          "--steps", "1", "--ctx-noise", "0.0", "--windows", "2", "--horizon", "2",
                          "--stability-frames", "0", "--play-windows", "2", "--workers", "2", "--device", "cpu",
                          "--json", str(tmp_path / "sweep.json")])
     row = result["rows"][0]
-    assert row["play_horizon"] == 16 and row["play_accuracy"] is not None and row["play_chance"] < 1
+    # Replays of the downscaled recording match it at its own resolution.
+    assert load_recording(tmp_path / "sweep_branches").matched == 1.0
+    assert row["play_horizon"] == 8 and row["play_accuracy"] is not None and row["play_chance"] < 1
     assert (tmp_path / "sweep_branches" / "index.json").is_file()
     # The play suite's gap, not eval's real-minus-shuffled PSNR, decides between useful settings.
     useful = {"tf_gain_db": 3.0, "rollout_psnr": 16.0, "rollout_baseline": 15.0, "score": 36.0}

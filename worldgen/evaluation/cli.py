@@ -66,6 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     play.add_argument("--branches", type=Path, default=None,
                       help="where the game's branch recording is made from --data, or reused when it matches "
                            "(default: <json stem>_branches next to the JSON)")
+    play.add_argument("--yaw-step", type=float, default=10.0,
+                      help="degrees per mouse-yaw step of the yaw branches and the revisits' turns (default 10)")
+    play.add_argument("--walks", type=int, nargs="+", default=[8, 16],
+                      help="k of the out-and-back walks: forward k, turn 180, forward k, turn 180 (default 8 16)")
     play.add_argument("--workers", type=int, default=None, help="game replay processes (default: one per core)")
     play.add_argument("--geometry", default="learned",
                       help="odometry for camera motion: 'learned' (the model's geometry head), a checkpoint "
