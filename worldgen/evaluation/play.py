@@ -226,7 +226,7 @@ class EnginePlayer:
     def sampler(self) -> dict[str, Any]:
         s = self.wm.stream
         return {"steps": s.steps, "ctx_noise": s.ctx_noise, "shift": s.shift, "guidance": s.guidance,
-                "sinks": s.sinks, "window": s.window}
+                "sinks": s.sinks, "window": s.window, "batch": self.batch}
 
     def play(self, context, context_keys, context_mouse, keys, mouse, seeds):
         acts = [Action(k, m) for k, m in zip(keys, mouse)]
@@ -485,9 +485,10 @@ def write_dashboard(result: dict[str, Any], rec: PlayRecording, made: dict[str, 
     revisits = list(result["revisits"])
     steps = sorted({min(4, horizon), horizon})
     cols = max(len(names), 3 * len(revisits), 3)
-    rows = 2 * len(steps) + 1 + (1 if revisits else 0)
+    rows = 2 * len(steps) + 1 + (2 if revisits else 0)  # frames, curves, a spacer for their labels, revisits
     fig = plt.figure(figsize=(1.6 * cols, 1.5 * rows + 1.5), dpi=110)
-    grid = fig.add_gridspec(rows, cols, height_ratios=[1] * (2 * len(steps)) + [2.2] + ([1] if revisits else []))
+    grid = fig.add_gridspec(rows, cols, hspace=0.45,
+                            height_ratios=[1] * (2 * len(steps)) + [2.2] + ([0.3, 1] if revisits else []))
 
     def show(r: int, col: int, img: np.ndarray, title: str = "", label: str = "") -> None:
         ax = fig.add_subplot(grid[r, col])
@@ -503,12 +504,18 @@ def write_dashboard(result: dict[str, Any], rec: PlayRecording, made: dict[str, 
             show(2 * j + 1, i, made["model"][name][0, t - 1], "", "model" if i == 0 else "")
 
     h = np.arange(1, horizon + 1)
-    panels = [("psnr", "PSNR vs the game's frame (dB)"), ("gap_db", "own - other gap (dB)"),
+    # The game's own PSNR sits at the cap and its gap some 40 dB up: named in the title, not
+    # drawn, so the model and the held frame are not squashed flat at the bottom.
+    game = br["game"]["mean"]
+    panels = [("psnr", f"PSNR vs the game's frame (dB; game: {result['psnr_cap_db']:.1f})"),
+              ("gap_db", f"own - other gap (dB; game: {game[f'gap_db@{horizon}'] or 0:+.1f} at {horizon})"),
               ("accuracy", "branch identification")]
     span = cols // 3
     for k, (key, title) in enumerate(panels):
         ax = fig.add_subplot(grid[2 * len(steps), k * span:(k + 1) * span])
         for p, style in (("model", "-"), ("hold_last", "--"), ("game", ":")):
+            if p == "game" and key != "accuracy":
+                continue
             ax.plot(h, [np.nan if v is None else v for v in br[p]["curves"][key]], style, label=p)
         if key == "accuracy":
             ax.plot(h, [np.nan if v is None else v for v in br["chance_curve"]], c="gray", lw=0.8, label="chance")
