@@ -91,7 +91,7 @@ class DynamicsTrainConfig(TrainConfig):
                                  "context only")
     rollout_share: float = opt(1.0, "with --rollout-frames, the share of steps on own rollouts; the others are "
                                     "plain Diffusion Forcing steps on real windows (1 lost 0.5 dB teacher-forced "
-                                    "in 330 steps: benchmarks/RESULTS.md)")
+                                    "in 330 steps: docs/history/results-2026-12.md)")
     starts: int = opt(8, "real start contexts (held-out play) stored with the exported model for new sessions")
     start_frames: int = opt(8, "frames per start context")
 
