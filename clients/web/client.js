@@ -1,4 +1,4 @@
-// worldgen browser client: speaks server/PROTOCOL.md (msgpack over one websocket), draws the
+// worldgen browser client: speaks docs/protocol.md (msgpack over one websocket), draws the
 // JPEG frames on a canvas and sends the keyboard and pointer-lock mouse as actions.
 // Plain script, no build step; MessagePack comes from msgpack.min.js (vendored).
 "use strict";

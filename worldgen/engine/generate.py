@@ -5,7 +5,7 @@ block-causal recompute, :mod:`worldgen.sampling`'s conventions), conditioned on 
 finished frames before it, labelled with the checkpoint's stabilisation level ``ctx_noise``.
 Context plus clip fit the model's trained window, so no position is ever out of training range.
 
-``fusion="overlap"`` (DESIGN.md section 6): clips start every ``hop = clip / 2`` frames, so each
+``fusion="overlap"``: clips start every ``hop = clip / 2`` frames, so each
 overlaps the previous one by half::
 
     frames      0    hop   2hop  3hop  4hop
@@ -62,7 +62,7 @@ class GenerateError(ValueError):
 
 @dataclass
 class GenerateConfig:
-    fusion: str = "overlap"      # "overlap" (DESIGN.md section 6) or "none" (back-to-back clips)
+    fusion: str = "overlap"      # "overlap" (module docstring) or "none" (back-to-back clips)
     # Frames each clip is conditioned on; None: the trained window minus the clip. The first
     # clip's context is real frames, later clips' the finished frames before them.
     context: int | None = None
