@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with seeds never used in training")
     p.add_argument("--heldout-fraction", type=float, default=None,
                    help="share of episodes Dataset.split() holds out (default: the trainer's, else 0.1)")
-    p.add_argument("--context", type=int, default=d.context, help=f"real context frames (default {d.context})")
+    p.add_argument("--context", type=int, default=d.context,
+                   help="real context frames (default: the trained window minus one block, i.e. one frame)")
     p.add_argument("--horizon", type=int, default=d.horizon, help=f"longest rollout (default {d.horizon})")
     p.add_argument("--windows", type=int, default=d.windows, help=f"held-out windows (default {d.windows})")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")

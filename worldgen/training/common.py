@@ -94,7 +94,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[TrainConfig], req
         kind = hints[f.name]
         base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
         help_ = f.metadata.get("help", "")
-        if f.name not in required:
+        if f.name not in required and f.default is not None:  # None: unset, its help says what that means
             help_ += f" (default: {f.default})"
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
