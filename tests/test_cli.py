@@ -14,8 +14,10 @@ from worldgen.training.cli import TRAINERS
 def test_top_level_help_is_whole_and_imports_no_command():
     """`worldgen --help` lists every command in full sentences and imports none of their modules
     (no torch), so it answers at once."""
-    probe = ("import sys; from worldgen.cli import build_parser; h = build_parser([]).format_help(); "
-             "print(repr(h)); print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('worldgen.')))")
+    probe = (
+        "import sys; from worldgen.cli import build_parser; h = build_parser([]).format_help(); "
+        "print(repr(h)); print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('worldgen.')))"
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     help_text, loaded = done.stdout.splitlines()
