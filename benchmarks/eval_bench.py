@@ -15,12 +15,12 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import time
 
 import torch
 
 from worldgen.evaluation import EvalConfig, evaluate, psnr, ssim, summary
+from worldgen.provenance import git_commit
 
 
 def per_call(fn, device: torch.device, seconds: float) -> tuple[float, float]:
@@ -49,7 +49,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()}-thread CPU"
     print(f"{datetime.date.today()}, commit {commit}, {hw}, torch {torch.__version__}, {platform.python_version()}, "
           f"1-min load average {os.getloadavg()[0]:.1f}")

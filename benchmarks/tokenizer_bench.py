@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import subprocess
 import time
 from contextlib import nullcontext
 from typing import Callable
@@ -23,6 +22,7 @@ from typing import Callable
 import torch
 
 from worldgen.models import Tokenizer, TokenizerConfig, load_tokenizer
+from worldgen.provenance import git_commit
 
 
 def measure(fn: Callable[[], torch.Tensor], device: torch.device, seconds: float) -> tuple[float, float]:
@@ -83,7 +83,7 @@ def main() -> None:
                                                   measure(lambda: decode(z), device, args.seconds))
             rows.append((b, b / t_enc, b / t_dec, 1e3 * t_enc, 1e3 * t_dec, b / cpu_enc, b / cpu_dec))
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     print(f"tokenizer {dataclasses.asdict(cfg)['channels']} widths, {params / 1e6:.2f}M params, "
           f"{cfg.image_size[1]}x{cfg.image_size[0]}x{cfg.in_channels} -> {cfg.latent_channels}x"
           f"{cfg.latent_size[0]}x{cfg.latent_size[1]}")

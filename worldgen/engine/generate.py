@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -50,8 +49,9 @@ from worldgen import sampling
 from worldgen.actions import ACTION_DIM, Action, ActionError
 from worldgen.checkpoint import CheckpointError
 from worldgen.data import Dataset, DatasetError
-from worldgen.data.dataset import _atomic_write
+from worldgen.files import atomic_write, write_mp4
 from worldgen.models import DiT, frames_to_tensor, tensor_to_frames
+from worldgen.provenance import git_commit
 
 FUSIONS = ("overlap", "none")
 
@@ -416,13 +416,7 @@ def load_context(path: str | Path, frames: int, episode: int | str = 0, start: i
 
 def write_video(frames: np.ndarray, path: Path, fps: float) -> None:
     """H.264 mp4 of uint8 (N, H, W, 3) frames, written atomically."""
-    import imageio.v2 as imageio
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # yuv420p needs even sides: pad by a pixel rather than let imageio rescale.
-    frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)))
-    _atomic_write(path, lambda tmp: imageio.mimwrite(tmp, list(frames), format="FFMPEG", fps=fps,
-                                                     codec="libx264", macro_block_size=1))
+    write_mp4(path, frames, fps)
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -528,14 +522,13 @@ def _report(args: argparse.Namespace, wm, cfg: GenerateConfig, runs: dict[str, d
     if real:
         print(f"{'real':<9}{'':>6}{_f(real['ratio']):>11}{_f(real['boundary']):>10}{_f(real['inside']):>8}")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = git_commit()
         out = {"checkpoint": str(wm.checkpoint), "device": str(wm.device), "threads": torch.get_num_threads(),
                "context": args.context, "episode": episode_id, "start": args.start, "actions": args.actions,
                "frames": first["frames"], "config": asdict(cfg), "sampler": asdict(_sampler(wm)), "runs": runs, "real": real, "date": datetime.date.today().isoformat(), "commit": commit or None,
                "torch": torch.__version__}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
 
 
 def _f(v: float | None) -> str:

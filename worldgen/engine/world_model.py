@@ -35,12 +35,12 @@ import torch
 from worldgen import actions, checkpoint, sampling
 from worldgen.actions import Action, ActionError
 from worldgen.checkpoint import CheckpointError
+from worldgen.data.dataset import DOOM_TICS_PER_SECOND
 from worldgen.engine.cache import KVCache
 from worldgen.models import DiT, Tokenizer, frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
 from worldgen.models.attention import LayerKV, apply_rope
 
 ActionLike = Action | Mapping[str, Any]
-DOOM_TICS_PER_SECOND = 35
 
 
 @dataclass
