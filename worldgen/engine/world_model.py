@@ -230,9 +230,6 @@ class WorldModel:
         h, w = self.tokenizer.cfg.image_size
         return h, w, 3
 
-    has_depth = False  # RGB tokenizers only so far; step() returns frames alone
-    has_pose = False
-
     @property
     def num_starts(self) -> int:
         return 0 if self._starts is None else len(self._starts["frames"])
