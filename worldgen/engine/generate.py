@@ -50,7 +50,7 @@ from worldgen.actions import ACTION_DIM, Action, ActionError
 from worldgen.checkpoint import CheckpointError
 from worldgen.data import Dataset, DatasetError
 from worldgen.files import atomic_write, write_mp4
-from worldgen.models import DiT, frames_to_tensor, tensor_to_frames
+from worldgen.models import DiT, autocast, frames_to_tensor, tensor_to_frames
 from worldgen.provenance import git_commit
 
 FUSIONS = ("overlap", "none")
@@ -153,11 +153,6 @@ def crossfade(prev: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return (1 - w) * prev + w * new
 
 
-def _randn(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    # On the (CPU) generator, then moved: a seed gives the same video on any device.
-    return torch.randn(tuple(shape), generator=generator).to(like.device)
-
-
 def denoise(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, x: torch.Tensor, acts: torch.Tensor,
             levels: Sequence[float], sampler: Sampler, generator: torch.Generator) -> torch.Tensor:
     """Euler from ``x`` at ``levels[0]`` down ``levels`` to 0, full block-causal recompute.
@@ -174,7 +169,7 @@ def denoise(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, x: torch.Tensor
     tc, n = len(ctx), len(x)
     ctx = ctx.float()
     if sampler.ctx_noise > 0:
-        ctx = sampling.add_noise(ctx, _randn(ctx.shape, generator, ctx), sampler.ctx_noise)
+        ctx = sampling.add_noise(ctx, sampling.randn(ctx.shape, generator, ctx.device), sampler.ctx_noise)
     a = torch.cat([ctx_acts, acts])[None].float()                                 # (1, Tc + n, A)
     t_ctx = torch.full((tc,), sampler.ctx_noise, device=x.device)
     g = sampler.guidance
@@ -227,7 +222,7 @@ def generate_latents(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, acts: 
     for start, stop in spans:
         s, e = tc + start, tc + stop
         past, past_acts = frames[s - context:s], all_acts[s - context:s]
-        x = _randn((e - s, *ctx.shape[1:]), generator, ctx)
+        x = sampling.randn((e - s, *ctx.shape[1:]), generator, ctx.device)
         ov = len(pending)
         x[:ov] = sampling.add_noise(pending, x[:ov], levels[0])
         new = denoise(dit, past, past_acts, x, all_acts[s:e], levels, sampler, generator)
@@ -235,7 +230,7 @@ def generate_latents(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, acts: 
         if ov:
             new[:ov] = crossfade(pending, new[:ov])
             if refine:
-                noisy = sampling.add_noise(new, _randn(new.shape, generator, new), refine[0])
+                noisy = sampling.add_noise(new, sampling.randn(new.shape, generator, new.device), refine[0])
                 new = denoise(dit, past, past_acts, noisy, all_acts[s:e], refine, sampler, generator)
                 passes += (context + e - s) * (len(refine) - 1) * width
         keep = len(new) if stop == n else hop  # the rest waits for the next clip to overlap it
@@ -300,7 +295,7 @@ def generate_video(wm, context_frames: np.ndarray, context_actions: np.ndarray, 
     context, _, _ = cfg.plan(wm.trained_window, wm.dit.cfg.frames_per_block)
     t0 = time.perf_counter()
     dev = wm.device
-    with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+    with autocast(dev):
         ctx = wm.tokenizer.encode(frames_to_tensor(context_frames[-context:], dev)).float()
         z, stats = generate_latents(wm.dit, ctx, torch.from_numpy(context_actions[-context:]).to(dev),
                                     torch.from_numpy(actions).to(dev), cfg,

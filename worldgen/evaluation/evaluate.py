@@ -65,7 +65,7 @@ from worldgen.data import Dataset, DatasetError, WindowDataset
 from worldgen.data.dataset import DOOM_TICS_PER_SECOND, depth_to_uint8
 from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
 from worldgen.files import atomic_write, write_mp4
-from worldgen.models import frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
+from worldgen.models import autocast, frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
 
 VERSION = 1
 HORIZONS = (1, 16, 64)    # rollout horizons reported by name (issue 3)
@@ -356,7 +356,7 @@ class _Runner:
         self.tokenizer, self.dit, self.s, self.batch, self.device = tokenizer, dit, sampler, batch, device
 
     def _autocast(self):
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
+        return autocast(self.device)
 
     def _generator(self, chunk: int) -> torch.Generator:
         # One seed per chunk: the real- and shuffled-action rollouts see the same noise.

@@ -21,7 +21,6 @@ saving.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -43,6 +42,7 @@ from torch import nn
 from worldgen import checkpoint
 from worldgen.checkpoint import CheckpointError
 from worldgen.files import atomic_write
+from worldgen.models import autocast  # noqa: F401  (was defined here; trainers import it from here)
 from worldgen.provenance import PEAK_BF16_FLOPS, hardware, peak_flops  # noqa: F401  (were defined here)
 
 STATE_FORMAT = "worldgen-train-state"
@@ -160,13 +160,6 @@ def teardown(d: Dist) -> None:
 def barrier(d: Dist) -> None:
     if d.world_size > 1:
         torch_dist.barrier()
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; float32 on CPU, where bf16 is slow and the tests want exactness."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
