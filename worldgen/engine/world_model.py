@@ -16,7 +16,7 @@ session gives the same frames whether stepped alone or in a batch.
 
 Example:
     >>> wm = WorldModel.load("default")                                  # doctest: +SKIP
-    >>> s = wm.session(seed=0)           # a real start context stored with the model
+    >>> s = wm.session(seed=0)           # a real start context stored with the model  # doctest: +SKIP
     >>> frame = s.step({"keys": ["forward"], "mouse": [5.0, 0.0]})      # doctest: +SKIP
     >>> frame.shape, frame.dtype                                         # doctest: +SKIP
     ((120, 160, 3), dtype('uint8'))
