@@ -15,26 +15,11 @@ import argparse
 import datetime
 import os
 import platform
-import time
 
 import torch
 
 from worldgen.evaluation import EvalConfig, evaluate, psnr, ssim, summary
-from worldgen.provenance import git_commit
-
-
-def per_call(fn, device: torch.device, seconds: float) -> tuple[float, float]:
-    """Wall and process-CPU seconds per call: one warmup call, then repeat for ``seconds``.
-    CPU seconds are the steadier figure on a shared machine."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    calls, start, cpu = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - start < seconds or calls < 3:
-        fn()
-        calls += 1
-    sync()
-    return (time.perf_counter() - start) / calls, (time.process_time() - cpu) / calls
+from worldgen.provenance import git_commit, time_per_call
 
 
 def main() -> None:
@@ -58,7 +43,7 @@ def main() -> None:
     for b in args.batch:
         x, y = (torch.randint(0, 256, (b, 120, 160, 3), dtype=torch.uint8, generator=g).to(device) for _ in "xy")
         for name, fn in (("psnr", psnr), ("ssim", ssim)):
-            wall, cpu = per_call(lambda: fn(x, y), device, args.seconds)
+            wall, cpu = time_per_call(lambda: fn(x, y), device, args.seconds)
             print(f"| {name} | {b} | {b / wall:,.0f} | {b / cpu:,.0f} |")
 
     if args.checkpoint:

@@ -1,5 +1,5 @@
-"""What ran a measurement, for benchmark reports: the device's name, its peak FLOP/s for MFU,
-and the commit of the code.
+"""What benchmark reports share: the device's name, its peak FLOP/s for MFU, the commit of the
+code, and the time a call takes.
 
 Example:
     >>> import torch
@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -64,3 +66,21 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
+
+
+def time_per_call(
+    fn: Callable[[], object], device: torch.device, seconds: float, warmup: int = 1
+) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per call of ``fn``: ``warmup`` calls, then calls until
+    ``seconds`` have passed (at least 3). CPU seconds stay meaningful when other work shares the
+    cores; on CUDA the queue is drained before each clock is read."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    calls, start, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - start < seconds or calls < 3:
+        fn()
+        calls += 1
+    sync()
+    return (time.perf_counter() - start) / calls, (time.process_time() - cpu) / calls
