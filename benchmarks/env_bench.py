@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from worldgen.env.world_model_env import WorldModelVectorEnv
-from worldgen.training.common import hardware
+from worldgen.provenance import hardware
 
 
 def bench(n: int, args: argparse.Namespace) -> dict:

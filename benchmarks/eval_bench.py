@@ -15,26 +15,11 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
-import time
 
 import torch
 
 from worldgen.evaluation import EvalConfig, evaluate, psnr, ssim, summary
-
-
-def per_call(fn, device: torch.device, seconds: float) -> tuple[float, float]:
-    """Wall and process-CPU seconds per call: one warmup call, then repeat for ``seconds``.
-    CPU seconds are the steadier figure on a shared machine."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    calls, start, cpu = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - start < seconds or calls < 3:
-        fn()
-        calls += 1
-    sync()
-    return (time.perf_counter() - start) / calls, (time.process_time() - cpu) / calls
+from worldgen.provenance import git_commit, time_per_call
 
 
 def main() -> None:
@@ -49,7 +34,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()}-thread CPU"
     print(f"{datetime.date.today()}, commit {commit}, {hw}, torch {torch.__version__}, {platform.python_version()}, "
           f"1-min load average {os.getloadavg()[0]:.1f}")
@@ -58,7 +43,7 @@ def main() -> None:
     for b in args.batch:
         x, y = (torch.randint(0, 256, (b, 120, 160, 3), dtype=torch.uint8, generator=g).to(device) for _ in "xy")
         for name, fn in (("psnr", psnr), ("ssim", ssim)):
-            wall, cpu = per_call(lambda: fn(x, y), device, args.seconds)
+            wall, cpu = time_per_call(lambda: fn(x, y), device, args.seconds)
             print(f"| {name} | {b} | {b / wall:,.0f} | {b / cpu:,.0f} |")
 
     if args.checkpoint:

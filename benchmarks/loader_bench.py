@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from worldgen.data import Dataset, DatasetIndex, Episode, EpisodeInfo, WindowDataset, write_episode_shards
+from worldgen.provenance import git_commit
 
 
 def build_synthetic(root: Path, steps: int, episode_steps: int = 2000, seed: int = 0) -> None:
@@ -123,8 +123,7 @@ def main() -> None:
     windows = WindowDataset(ds, args.window)
     verify = time.perf_counter() - t
     size = sum(s["bytes"] for e in ds.episodes for s in e.shards)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    commit = git_commit()
     header = {"dataset": str(ds.root), "source": ds.index["source"].get("kind") or ds.index["source"].get("env"),
               "steps": ds.num_steps, "episodes": len(ds), "resolution": ds.resolution, "fields": windows.fields,
               "bytes": size, "verify_s": round(verify, 2), "verify_MB_per_s": round(size / verify / 1e6),

@@ -45,7 +45,7 @@ from worldgen.evaluation import EvaluationError
 from worldgen.evaluation.metrics import psnr
 from worldgen.evaluation.stability import (PERCENTILES, frames_per_s, in_range, open_sessions, pick_windows, play, stability,
                                           starts_of)
-from worldgen.training.common import hardware
+from worldgen.provenance import hardware
 
 # The table of the issue: the shipped cache (15 frames, no sink), without stabilisation noise,
 # with 1 or 2 sinks, and a shorter window. Every entry needs sinks + window + 1 <= the trained

@@ -4,7 +4,7 @@ On held-out windows of ``context + 1`` frames, the last frame is replaced by pur
 ``t`` and the model's one-step estimate ``x0 = x_t - t v`` is compared with the true latent (MSE),
 with the real action and with another window's. Copying the last context latent is the
 reference; ``copy / variance`` tells how predictable consecutive latents are at all (a property
-of the tokenizer). This is the probe behind ``worldgen.sampling.T_MAX`` (benchmarks/RESULTS.md).
+of the tokenizer). This is the probe behind ``worldgen.sampling.T_MAX`` (docs/history/results-2026-12.md).
 
     python benchmarks/one_step_probe.py --checkpoint default --data data/doom-heldout --levels 1.0 0.97 0.9
 """

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 from datetime import date
@@ -25,14 +24,7 @@ from pathlib import Path
 from worldgen.data import Dataset
 from worldgen.data.coverage import plot_coverage
 from worldgen.env.record import DEFAULT_EPISODE_STEPS, DEFAULT_MAPS, record_doom
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from worldgen.provenance import git_commit
 
 
 def _cpu() -> float:
@@ -55,7 +47,7 @@ def main() -> None:
     steps = args.steps or (20_000 if args.what == "speed" else 10_000)
     policies = ["explore"] if args.what == "speed" else ["explore", "random"]
     print(f"# {' '.join(sys.argv)}\n# {os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}, "
-          f"{date.today()}, commit {_commit()}")
+          f"{date.today()}, commit {git_commit() or 'unknown'}")
     print("| policy | workers | frames | episodes | wall | frames/s | frames/CPU-s | cells per 10k frames "
           "| distinct cells | episode ends |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for policy in policies:

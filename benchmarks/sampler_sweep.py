@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stability-frames", type=int, default=10_000,
                    help="frames per long session (0: skip the stability check)")
     p.add_argument("--stability-sessions", type=int, default=8,
-                   help="long sessions, stepped as one batch (four missed a flat start: RESULTS, long-horizon section)")
+                   help="long sessions, stepped as one batch (four missed a flat start: docs/history/results-2026-12.md)")
     p.add_argument("--play-windows", type=int, default=16,
                    help="windows of the play suite per setting (0: skip it; controllability is then eval's "
                         "real-minus-shuffled PSNR)")

@@ -29,13 +29,13 @@ import json
 import os
 import platform
 import random
-import subprocess
 import time
 
 import numpy as np
 
 from worldgen.actions import KEYS
 from worldgen.clients.client import Client, LocalServer
+from worldgen.provenance import git_commit
 from worldgen.server.app import rss_bytes
 
 MB = 2**20
@@ -136,7 +136,7 @@ def main() -> None:
             rows.append(r)
             print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     print(f"\n{args.checkpoint} on {args.device} ({threads or 'default'} torch threads), "
           f"{platform.processor() or platform.machine()}, {datetime.date.today()}, commit {commit}\n")
     print("| clients | target fps | fps per client (mean / slowest) | latency p50 / p99 ms | dropped (server) / id gaps "

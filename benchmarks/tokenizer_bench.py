@@ -15,29 +15,12 @@ import dataclasses
 import datetime
 import os
 import platform
-import subprocess
-import time
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 
 from worldgen.models import Tokenizer, TokenizerConfig, load_tokenizer
-
-
-def measure(fn: Callable[[], torch.Tensor], device: torch.device, seconds: float) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) per call: two warmup calls, then repeat until
-    ``seconds`` have passed. CPU seconds stay meaningful when other work shares the cores."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        fn()
-    sync()
-    calls, start, cpu = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - start < seconds or calls < 3:
-        fn()
-        calls += 1
-    sync()
-    return (time.perf_counter() - start) / calls, (time.process_time() - cpu) / calls
+from worldgen.provenance import git_commit, time_per_call
 
 
 def rate(frames_per_s: float) -> str:
@@ -79,11 +62,11 @@ def main() -> None:
         for b in args.batch:
             x = torch.rand(b, cfg.in_channels, *cfg.image_size, device=device).mul(2).sub(1).to(memory_format=fmt)
             z = encode(x).to(memory_format=fmt)
-            (t_enc, cpu_enc), (t_dec, cpu_dec) = (measure(lambda: encode(x), device, args.seconds),
-                                                  measure(lambda: decode(z), device, args.seconds))
+            (t_enc, cpu_enc), (t_dec, cpu_dec) = (time_per_call(lambda: encode(x), device, args.seconds, warmup=2),
+                                                  time_per_call(lambda: decode(z), device, args.seconds, warmup=2))
             rows.append((b, b / t_enc, b / t_dec, 1e3 * t_enc, 1e3 * t_dec, b / cpu_enc, b / cpu_dec))
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     print(f"tokenizer {dataclasses.asdict(cfg)['channels']} widths, {params / 1e6:.2f}M params, "
           f"{cfg.image_size[1]}x{cfg.image_size[0]}x{cfg.in_channels} -> {cfg.latent_channels}x"
           f"{cfg.latent_size[0]}x{cfg.latent_size[1]}")

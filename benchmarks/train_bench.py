@@ -18,13 +18,13 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import tempfile
 import time
 
 import torch
 
 from worldgen.models import DiT, Tokenizer, TokenizerConfig
+from worldgen.provenance import git_commit
 from worldgen.training.common import Run, fit, setup
 from worldgen.training.dynamics import DynamicsTask, DynamicsTrainConfig, Latents, dit_config
 from worldgen.training.tokenizer import TokenizerTask, TokenizerTrainConfig
@@ -70,7 +70,7 @@ def main() -> None:
     args.steps = args.steps or (120 if gpu else 20)
     args.log_every = max(args.steps // 6, 1)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     hw = torch.cuda.get_device_name() if gpu else f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU"
     rows = []
     for what in (("dit", "tokenizer") if args.what == "both" else (args.what,)):

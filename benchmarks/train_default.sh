@@ -16,7 +16,7 @@
 # explorer with hands-off pauses; the unseen-seed test play is always the explorer) and
 # FINETUNE_POLICY who plays the fine-tune's (another recording, same seed, when it differs);
 # DYN_MINUTES, DYN_ARGS (more `train dynamics` flags) and SWEEP (sampler_sweep.py's grid) change
-# the full run's training and sweep. The 2026-12-02 experiment (benchmarks/RESULTS.md):
+# the full run's training and sweep. The 2026-12-02 experiment (docs/history/results-2026-12.md):
 # TRAIN_POLICY=babble DYN_MINUTES=8 DYN_ARGS="--ctx-noise 0.1 --action-dropout 0.1"
 # SWEEP="--steps 2 --ctx-noise 0.1 --guidance 1 2 3 --windows 24 --horizon 16".
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""Clients that speak the wire protocol (``server/PROTOCOL.md``): the browser client
+"""Clients that speak the wire protocol (``docs/protocol.md``): the browser client
 (``web/``, static files the server hands out), the pygame client (``play``, ``worldgen play``)
 and the Python client (``client``) that scripts, tests and benchmarks use.
 """

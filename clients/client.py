@@ -1,5 +1,5 @@
 """Python client of ``worldgen serve``: what scripts, tests, the load benchmark and
-``worldgen play --server`` use. It speaks only the wire protocol (``server/PROTOCOL.md``).
+``worldgen play --server`` use. It speaks only the wire protocol (``docs/protocol.md``).
 
 Example (asyncio)::
 
@@ -37,7 +37,7 @@ from worldgen.server import protocol as P
 
 
 class ServerError(RuntimeError):
-    """An ``error`` message from the server: ``code`` (``PROTOCOL.md``), ``message``, ``fatal``."""
+    """An ``error`` message from the server: ``code`` (``docs/protocol.md``), ``message``, ``fatal``."""
 
     def __init__(self, code: str, message: str, fatal: bool = True):
         super().__init__(f"{code}: {message}")

@@ -3,7 +3,7 @@
 Examples::
 
     worldgen record --env doom --out data/doom --steps 100000                # one worker per core
-    worldgen record --env doom --out data/heldout --steps 20000 --seed 1000  # unseen seeds: held out
+    worldgen record --env doom --out data/doom-heldout --steps 16000 --workers 16 --seed 1000  # unseen seeds
     worldgen record --env doom --out data/e1m1 --steps 5000 --maps E1M1 --policy random
     worldgen record --replay data/doom::s0-w01-e0003 --out data/replay       # re-render an episode
     worldgen record --replay actions.json --out data/replay                  # or a hand-written one

@@ -1,1 +1,1 @@
-"""Frame memory bank and point-cloud world cache (DESIGN.md section 7). Knows nothing of the DiT."""
+"""Frame memory bank and point-cloud world cache. Knows nothing of the DiT."""

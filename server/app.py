@@ -1,4 +1,4 @@
-"""The streaming server behind ``worldgen serve`` (DESIGN.md section 8, ``PROTOCOL.md``).
+"""The streaming server behind ``worldgen serve`` (``docs/serving.md``, ``docs/protocol.md``).
 
 One asyncio event loop runs everything but the model:
 

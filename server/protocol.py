@@ -1,4 +1,4 @@
-"""The wire protocol between ``worldgen serve`` and its clients (``server/PROTOCOL.md`` has it
+"""The wire protocol between ``worldgen serve`` and its clients (``docs/protocol.md`` has it
 message by message). Pure data: no torch, no engine, so every client can import it.
 
 Every message is one binary websocket message holding one msgpack map with a ``type`` field.

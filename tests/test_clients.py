@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,6 +125,9 @@ def test_browser_client_plays(server, browser):
     assert before.shape == (24, 32, 3) and "seed 11" in state["s"]
     assert state["a"]["keys"] == ["turn_right"]
     assert "fps" in state["o"] and "latency –" not in state["o"]  # a measured latency is shown
+    # The status line shows the rate frames arrive at, beside the server's target (--fps 15).
+    got = re.search(r"· ([0-9.]+) fps \(target 15\.00\)", state["s"])
+    assert got and 0 < float(got.group(1)) <= 20, state["s"]
     # The canvas shows the server's frames: equal to the no-input reference before the key
     # (up to JPEG decoders), different while turning.
     print(f"browser: canvas vs no-input frame: {mad(before, ref[before_id]):.2f} before the key, "
@@ -217,6 +221,21 @@ def test_steps_option_reaches_the_sampler(tiny_checkpoint, one_thread):
     done = subprocess.run([sys.executable, "-m", "worldgen.cli", "serve", "--checkpoint", str(tiny_checkpoint),
                            "--device", "cpu", "--steps", "0"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "steps must lie in [1, 64], got 0" in done.stderr
+
+
+def test_play_threads_option(tiny_checkpoint, monkeypatch, one_thread, capsys):
+    """`worldgen play --threads N` (local mode) sets torch's CPU threads, as serve and generate do."""
+    import torch
+
+    from worldgen.cli import main
+
+    calls, set_threads = [], torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), set_threads(n)))
+    base = ["play", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--fps", "200", "--frames", "2"]
+    assert main(base + ["--threads", "1"]) == 0 and calls == [1]
+    assert "2 frames" in capsys.readouterr().out
+    assert main(base + ["--threads", "0"]) == 2 and calls == [1]
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_pygame_client_on_the_server(server, tmp_path):

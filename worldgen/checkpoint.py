@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from worldgen.files import atomic_write
 
 MAX_SHARD_BYTES = 16 * 2**20  # the project's limit per committed file
 PACKAGED = Path(__file__).parent / "checkpoints"
@@ -37,17 +38,6 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         known = sorted(d.name for d in PACKAGED.iterdir() if d.is_dir() and not d.name.startswith("_"))
         raise CheckpointError(f"{name_or_path}: no such checkpoint folder (packaged: {', '.join(known) or 'none'})")
     return p
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save(folder: str | os.PathLike, part: str, tensors: Mapping[str, torch.Tensor],
@@ -71,11 +61,11 @@ def save(folder: str | os.PathLike, part: str, tensors: Mapping[str, torch.Tenso
     files = []
     for i, shard in enumerate(shards):
         fname = f"{part}-{stamp}-{i:05d}.safetensors"
-        _atomic(folder / fname, lambda tmp, s=shard: save_file(s, tmp))
+        atomic_write(folder / fname, lambda tmp, s=shard: save_file(s, tmp))
         files.append(fname)
     old = _read_json(folder / f"{part}.json").get("files", []) if (folder / f"{part}.json").exists() else []
     meta = {"config": dict(config), "files": files}
-    _atomic(folder / f"{part}.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    atomic_write(folder / f"{part}.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     for f in set(old) - set(files):
         (folder / f).unlink(missing_ok=True)
 
@@ -86,7 +76,7 @@ def update_config(folder: str | os.PathLike, part: str, changes: Mapping[str, An
     path = resolve(folder) / f"{part}.json"
     meta = _read_json(path)
     meta["config"] = {**meta.get("config", {}), **changes}
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,5 +1,8 @@
-"""The ``worldgen`` command. Each subcommand lives in its own module, which provides
-``add_arguments(parser)`` and ``run(args) -> int | None``; this file only routes to them."""
+"""The ``worldgen`` command: record play, train, evaluate, and play or serve world models.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args) -> int | None``; this file only routes to them.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("worldgen.env.record", "record real play (ViZDoom or any Gymnasium env) into a dataset"),
     "data": ("worldgen.data.cli", "inspect a dataset: info, view"),
-    "train": ("worldgen.training.cli", "train the tokenizer or the dynamics model"),
+    "train": ("worldgen.training.cli", "train a tokenizer, dynamics model, reward head or geometry head"),
     "eval": ("worldgen.evaluation.cli", "evaluate a checkpoint on held-out episodes"),
     "bench": ("worldgen.engine.bench", "benchmark streaming: frames/s, latency p50/p99, MFU at several batch sizes"),
     "serve": ("worldgen.server.cli", "stream a world model to browsers and clients over websockets"),
@@ -21,14 +24,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="worldgen", description=__doc__.split("\n")[0].strip('"'))
+    parser = argparse.ArgumentParser(
+        prog="worldgen", description="Record play, train, evaluate, and play or serve world models.",
+        epilog="`worldgen COMMAND --help` shows a command's options; docs/README.md in the repository has the guides.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    # Import only the module of the command asked for, so `worldgen record` does not load torch
-    # models; `worldgen --help` lists everything.
+    # Import only the module of the command asked for: `worldgen record` does not load torch
+    # models, and `worldgen --help` (no command) imports none, so it answers at once.
     wanted = next((a for a in argv if a in COMMANDS), None)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        if wanted in (None, name):
+        if name == wanted:
             importlib.import_module(module).add_arguments(p)
             p.set_defaults(_module=module)
     return parser

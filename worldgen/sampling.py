@@ -26,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from worldgen.models.dit import DiT
@@ -99,10 +101,11 @@ def guidance_mask(b: int, frames: int, new: int, device: torch.device | str) -> 
     return drop
 
 
-def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    # Drawn on the generator's device, so a seed gives the same noise wherever the model runs.
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+def randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
+    """float32 standard normal noise of ``shape`` on ``device``, drawn on the generator's own
+    device: a seed gives the same noise wherever the model runs (every sampler draws through this)."""
+    where = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=where, dtype=torch.float32).to(device)
 
 
 @torch.no_grad()
@@ -128,8 +131,8 @@ def generate(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, act
         raise ValueError(f"ctx_noise must be in [0, 1), got {ctx_noise}")
     ctx = ctx_latents.float()
     if ctx_noise > 0:
-        ctx = add_noise(ctx, _randn(ctx.shape, ctx, generator), ctx_noise)
-    x = _randn((b, n, *ctx_latents.shape[2:]), ctx_latents, generator)
+        ctx = add_noise(ctx, randn(ctx.shape, generator, ctx.device), ctx_noise)
+    x = randn((b, n, *ctx_latents.shape[2:]), generator, ctx_latents.device)
     acts = torch.cat([ctx_actions, actions], 1).float()
     t_ctx = torch.full((b, tc), ctx_noise, device=x.device)
 

@@ -1,4 +1,4 @@
-// worldgen browser client: speaks server/PROTOCOL.md (msgpack over one websocket), draws the
+// worldgen browser client: speaks docs/protocol.md (msgpack over one websocket), draws the
 // JPEG frames on a canvas and sends the keyboard and pointer-lock mouse as actions.
 // Plain script, no build step; MessagePack comes from msgpack.min.js (vendored).
 "use strict";
@@ -6,6 +6,7 @@
 const PROTOCOL_VERSION = 1;
 const SENSITIVITY = 0.15;  // degrees of yaw/pitch per pixel of mouse movement
 const HELD_RESEND_MS = 100;  // while keys are held, resend them so latency keeps being measured
+const FPS_WINDOW_MS = 2000;  // frames/s shown = frames received over this long (a few even at 2 fps)
 // KeyboardEvent.code -> the action schema's key (worldgen/actions.py). Ctrl is avoided: Ctrl+W
 // would close the tab.
 const KEYMAP = {
@@ -92,7 +93,7 @@ function onMessage(msg) {
       canvas.width = msg.width;
       canvas.height = msg.height;
       fitCanvas();
-      setStatus(`session ${msg.session} · seed ${msg.seed} · ${msg.width}×${msg.height} at ${msg.fps.toFixed(2)} fps`);
+      drawStatus();
       break;
     case "frame": onFrame(msg); break;
     case "stats": state.stats = msg; break;
@@ -112,7 +113,6 @@ function onFrame(msg) {
   state.frames++;
   state.lastId = msg.id;
   state.frameTimes.push(now);
-  while (state.frameTimes.length && state.frameTimes[0] < now - 1000) state.frameTimes.shift();
   if (msg.t !== null && msg.t !== undefined) {  // the first frame that shows an action we sent
     state.latency = now - msg.t;
     state.latencySmooth = state.latencySmooth === null ? state.latency : 0.8 * state.latencySmooth + 0.2 * state.latency;
@@ -128,9 +128,24 @@ function onFrame(msg) {
   drawOverlay();
 }
 
+// Frames/s actually received lately: the server's target is only an upper bound (a slow machine
+// or network delivers fewer), and when frames stop coming this falls to 0.
+function measuredFps() {
+  const t = state.frameTimes, now = performance.now();
+  while (t.length && t[0] < now - FPS_WINDOW_MS) t.shift();
+  return t.length < 2 ? 0 : (t.length - 1) * 1000 / (t[t.length - 1] - t[0]);
+}
+
+function drawStatus() {
+  const w = state.welcome;
+  setStatus(`session ${w.session} · seed ${w.seed} · ${w.width}×${w.height} · ` +
+            `${measuredFps().toFixed(1)} fps (target ${w.fps.toFixed(2)})`);
+}
+
 function drawOverlay() {
   if (!state.welcome) { overlay.textContent = ""; return; }
-  const fps = state.frameTimes.length;
+  drawStatus();
+  const fps = measuredFps().toFixed(1);
   const lat = state.latencySmooth === null ? "–" : `${state.latencySmooth.toFixed(0)} ms`;
   const s = state.stats;
   overlay.textContent = `${fps} fps · latency ${lat} · frame ${state.lastId}` +

@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 
 from worldgen import actions
-from worldgen.data.dataset import Dataset, DatasetError, _atomic_write
-
-DOOM_TICS_PER_SECOND = 35  # ViZDoom's fixed tic rate: a clip plays at 35 / frame_skip steps per second
+from worldgen.data.dataset import DOOM_TICS_PER_SECOND, Dataset, DatasetError
+from worldgen.files import atomic_write, write_mp4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,22 +180,12 @@ def strip(ds: Dataset, episode: int, k: int) -> tuple[np.ndarray, list[int]]:
 
 def write_clip(ds: Dataset, episode: int, path: Path, steps: int, fps: float) -> int:
     """The episode's first ``steps`` frames (depth alongside) as an H.264 mp4; returns frames written."""
-    import imageio.v2 as imageio
-
     stop = min(steps, ds.episodes[episode].length)
     video = ds.read(episode, "frames", 0, stop)                       # (T, H, W, 3)
     if "depth" in ds.fields:
         depth = ds.read(episode, "depth", 0, stop)
         video = np.concatenate([video, depth_to_rgb(depth)], axis=2)  # (T, H, 2W, 3)
-    # yuv420p needs even sides; pad by one pixel rather than let imageio rescale
-    video = np.pad(video, ((0, 0), (0, video.shape[1] % 2), (0, video.shape[2] % 2), (0, 0)))
-
-    def write(tmp: str) -> None:
-        with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1) as w:
-            for frame in video:
-                w.append_data(frame)
-
-    _atomic_write(path, write)
+    write_mp4(path, video, fps)
     return stop
 
 
@@ -209,7 +198,7 @@ def view(ds: Dataset, args: argparse.Namespace) -> int:
     out = args.out or ds.root / "view"
     info = ds.episodes[episode]
     image, steps = strip(ds, episode, args.frames)
-    _atomic_write(out / "strip.png", lambda tmp: Image.fromarray(image).save(tmp))
+    atomic_write(out / "strip.png", lambda tmp: Image.fromarray(image).save(tmp))
     print(f"{out / 'strip.png'}: episode {info.id} steps {steps}" + (" with depth under" if "depth" in ds.fields else ""))
     fps = args.fps or ds.index["source"].get("fps") or DOOM_TICS_PER_SECOND / ds.frame_skip
     n = write_clip(ds, episode, out / "clip.mp4", args.clip_steps, fps)

@@ -24,7 +24,8 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from worldgen.data.dataset import Dataset, DatasetError, _atomic_write
+from worldgen.data.dataset import Dataset, DatasetError
+from worldgen.files import atomic_write
 
 CELL = 64.0       # map units; one floor tile, two player widths
 PER = 10_000      # frames per coverage block: the unit of comparison
@@ -86,7 +87,7 @@ def save_map_lines(root: str | Path, map: str, lines: np.ndarray, **meta: Any) -
     path = Path(root) / "maps" / f"{map}.json"
     data = {"map": map, **meta, "fields": list(LINE_FIELDS),
             "lines": np.asarray(lines, np.float32).reshape(-1, 5).tolist()}
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
     return path
 
 
@@ -165,5 +166,5 @@ def plot_coverage(dataset_or_poses: Dataset | np.ndarray | Sequence[Any], out_pn
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))
     return out_png

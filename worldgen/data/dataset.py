@@ -36,24 +36,22 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from worldgen import actions
+from worldgen.files import atomic_write
 
 FORMAT = "worldgen-dataset"
 FORMAT_VERSION = 1
 POSE_FIELDS = ("x", "y", "z", "yaw", "pitch")  # map units and degrees, from game variables
+DOOM_TICS_PER_SECOND = 35  # ViZDoom's fixed tic rate: a recording plays at 35 / frame_skip steps per second
 SHARD_DIR = "shards"
-# mkstemp makes 0600 files; datasets are shared, so written files get the usual umask mode.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class DatasetError(RuntimeError):
@@ -192,31 +190,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """Write through a temp file in the same folder, fsync, rename: all or nothing.
+# The old private name of files.atomic_write, for code that imports it from here.
+_atomic_write = atomic_write
 
-    The temp name keeps ``path``'s suffix (``.clip.x1y2.tmp.mp4``) so writers that pick a format
-    from the extension (PIL, ffmpeg) work; a dot prefix and ``.tmp`` mark it as not ours to read.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename itself must reach the disk too, or a crash can bring back the old name.
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+
+def depth_to_uint8(depth: np.ndarray) -> np.ndarray:
+    """A recorded depth buffer (uint8 or uint16, larger = farther) as uint8, so it rides along
+    the RGB frames as a 4th channel."""
+    if depth.dtype == np.uint8:
+        return depth
+    if depth.dtype == np.uint16:
+        return (depth.astype(np.float32) / 257.0).round().astype(np.uint8)
+    raise ValueError(f"--depth needs an integer depth buffer, this dataset stores {depth.dtype}")
 
 
 def write_episode_shards(root: str | Path, name: str, episode: Episode,
@@ -244,7 +229,7 @@ def write_episode_shards(root: str | Path, name: str, episode: Episode,
         part = episode.slice(start, start + shard_steps)
         rel = f"{SHARD_DIR}/{name}-{k:04d}.safetensors"
         tensors = {key: np.ascontiguousarray(v) for key, v in part.arrays().items()}
-        _atomic_write(root / rel, lambda tmp: save_file(tensors, tmp, metadata={"episode": name}))
+        atomic_write(root / rel, lambda tmp: save_file(tensors, tmp, metadata={"episode": name}))
         entries.append({"file": rel, "steps": len(part), "bytes": (root / rel).stat().st_size,
                         "sha256": _sha256(root / rel)})
     return entries
@@ -298,7 +283,7 @@ class DatasetIndex:
         """Write ``data`` (default: the current index) and make it the current index."""
         data = self.data if data is None else data
         text = json.dumps(data, indent=1)  # fails on a non-JSON value before anything changes
-        _atomic_write(self.root / "index.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(self.root / "index.json", lambda tmp: Path(tmp).write_text(text))
         self.data = data
 
 

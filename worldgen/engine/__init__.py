@@ -1,4 +1,4 @@
-"""Streaming inference: sessions on a rolling KV cache (DESIGN.md section 6).
+"""Streaming inference: sessions on a rolling KV cache (docs/architecture.md, streaming).
 
     >>> from worldgen import WorldModel                      # doctest: +SKIP
     >>> wm = WorldModel.load("default")                      # doctest: +SKIP

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from worldgen.actions import Action
 from worldgen.checkpoint import CheckpointError
 from worldgen.engine.world_model import WorldModel
 from worldgen.models import DiTConfig
-from worldgen.training.common import hardware, peak_flops
+from worldgen.provenance import git_commit, hardware, peak_flops
 
 # A fixed, varied input: walking, turning by key and by mouse, strafing.
 PLAY = [Action.from_keys(["forward"]), Action.from_keys(["forward", "turn_left"]),
@@ -111,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"worldgen bench: {wm.checkpoint} on {hw}; K={wm.stream.steps} steps + 1 cache pass per frame, "
           f"cache {wm.stream.sinks} sink + {wm.stream.window} window frames, compile={compile_}", flush=True)
     rows = bench(wm, sorted(set(args.batch)), args.frames, args.warmup)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     result = {"checkpoint": str(wm.checkpoint), "device": hw, "compile": compile_, "stream": vars(wm.stream),
               "date": datetime.date.today().isoformat(), "commit": commit or None, "torch": torch.__version__,
               "results": rows}

@@ -1,4 +1,4 @@
-"""The rolling KV cache of one streaming session (DESIGN.md section 6).
+"""The rolling KV cache of one streaming session (docs/architecture.md, streaming).
 
 A session keeps, for every DiT layer, the keys and values of ``sinks`` frames held for ever (its
 first frames) and of the ``window`` most recent frames (a ring), so its memory is fixed from the

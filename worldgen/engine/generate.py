@@ -5,7 +5,7 @@ block-causal recompute, :mod:`worldgen.sampling`'s conventions), conditioned on 
 finished frames before it, labelled with the checkpoint's stabilisation level ``ctx_noise``.
 Context plus clip fit the model's trained window, so no position is ever out of training range.
 
-``fusion="overlap"`` (DESIGN.md section 6): clips start every ``hop = clip / 2`` frames, so each
+``fusion="overlap"``: clips start every ``hop = clip / 2`` frames, so each
 overlaps the previous one by half::
 
     frames      0    hop   2hop  3hop  4hop
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -51,8 +50,9 @@ from worldgen import sampling
 from worldgen.actions import ACTION_DIM, Action, ActionError
 from worldgen.checkpoint import CheckpointError
 from worldgen.data import Dataset, DatasetError
-from worldgen.data.dataset import _atomic_write
-from worldgen.models import DiT, frames_to_tensor, tensor_to_frames
+from worldgen.files import atomic_write, write_mp4
+from worldgen.models import DiT, autocast, frames_to_tensor, tensor_to_frames
+from worldgen.provenance import git_commit
 
 FUSIONS = ("overlap", "none")
 
@@ -63,7 +63,7 @@ class GenerateError(ValueError):
 
 @dataclass
 class GenerateConfig:
-    fusion: str = "overlap"      # "overlap" (DESIGN.md section 6) or "none" (back-to-back clips)
+    fusion: str = "overlap"      # "overlap" (module docstring) or "none" (back-to-back clips)
     # Frames each clip is conditioned on; None: the trained window minus the clip. The first
     # clip's context is real frames, later clips' the finished frames before them.
     context: int | None = None
@@ -154,11 +154,6 @@ def crossfade(prev: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return (1 - w) * prev + w * new
 
 
-def _randn(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    # On the (CPU) generator, then moved: a seed gives the same video on any device.
-    return torch.randn(tuple(shape), generator=generator).to(like.device)
-
-
 def denoise(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, x: torch.Tensor, acts: torch.Tensor,
             levels: Sequence[float], sampler: Sampler, generator: torch.Generator) -> torch.Tensor:
     """Euler from ``x`` at ``levels[0]`` down ``levels`` to 0, full block-causal recompute.
@@ -175,7 +170,7 @@ def denoise(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, x: torch.Tensor
     tc, n = len(ctx), len(x)
     ctx = ctx.float()
     if sampler.ctx_noise > 0:
-        ctx = sampling.add_noise(ctx, _randn(ctx.shape, generator, ctx), sampler.ctx_noise)
+        ctx = sampling.add_noise(ctx, sampling.randn(ctx.shape, generator, ctx.device), sampler.ctx_noise)
     a = torch.cat([ctx_acts, acts])[None].float()                                 # (1, Tc + n, A)
     t_ctx = torch.full((tc,), sampler.ctx_noise, device=x.device)
     g = sampler.guidance
@@ -230,7 +225,7 @@ def generate_latents(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, acts: 
     for start, stop in spans:
         s, e = tc + start, tc + stop
         past, past_acts = frames[s - context:s], all_acts[s - context:s]
-        x = _randn((e - s, *ctx.shape[1:]), generator, ctx)
+        x = sampling.randn((e - s, *ctx.shape[1:]), generator, ctx.device)
         ov = len(pending)
         x[:ov] = sampling.add_noise(pending, x[:ov], levels[0])
         new = denoise(dit, past, past_acts, x, all_acts[s:e], levels, sampler, generator)
@@ -238,7 +233,7 @@ def generate_latents(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, acts: 
         if ov:
             new[:ov] = crossfade(pending, new[:ov])
             if refine:
-                noisy = sampling.add_noise(new, _randn(new.shape, generator, new), refine[0])
+                noisy = sampling.add_noise(new, sampling.randn(new.shape, generator, new.device), refine[0])
                 new = denoise(dit, past, past_acts, noisy, all_acts[s:e], refine, sampler, generator)
                 passes += (context + e - s) * (len(refine) - 1) * width
         keep = len(new) if stop == n else hop  # the rest waits for the next clip to overlap it
@@ -305,7 +300,7 @@ def generate_video(wm, context_frames: np.ndarray, context_actions: np.ndarray, 
     context, _, _ = cfg.plan(wm.trained_window, wm.dit.cfg.frames_per_block)
     t0 = time.perf_counter()
     dev = wm.device
-    with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+    with autocast(dev):
         ctx = wm.tokenizer.encode(frames_to_tensor(context_frames[-context:], dev)).float()
         z, stats = generate_latents(wm.dit, ctx, torch.from_numpy(context_actions[-context:]).to(dev),
                                     torch.from_numpy(actions).to(dev), cfg,
@@ -421,13 +416,7 @@ def load_context(path: str | Path, frames: int, episode: int | str = 0, start: i
 
 def write_video(frames: np.ndarray, path: Path, fps: float) -> None:
     """H.264 mp4 of uint8 (N, H, W, 3) frames, written atomically."""
-    import imageio.v2 as imageio
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # yuv420p needs even sides: pad by a pixel rather than let imageio rescale.
-    frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)))
-    _atomic_write(path, lambda tmp: imageio.mimwrite(tmp, list(frames), format="FFMPEG", fps=fps,
-                                                     codec="libx264", macro_block_size=1))
+    write_mp4(path, frames, fps)
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -533,14 +522,13 @@ def _report(args: argparse.Namespace, wm, cfg: GenerateConfig, runs: dict[str, d
     if real:
         print(f"{'real':<9}{'':>6}{_f(real['ratio']):>11}{_f(real['boundary']):>10}{_f(real['inside']):>8}")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = git_commit()
         out = {"checkpoint": str(wm.checkpoint), "device": str(wm.device), "threads": torch.get_num_threads(),
                "context": args.context, "episode": episode_id, "start": args.start, "actions": args.actions,
                "frames": first["frames"], "config": asdict(cfg), "sampler": asdict(_sampler(wm)), "runs": runs, "real": real, "date": datetime.date.today().isoformat(), "commit": commit or None,
                "torch": torch.__version__}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
 
 
 def _f(v: float | None) -> str:

@@ -16,7 +16,7 @@ session gives the same frames whether stepped alone or in a batch.
 
 Example:
     >>> wm = WorldModel.load("default")                                  # doctest: +SKIP
-    >>> s = wm.session(seed=0)           # a real start context stored with the model
+    >>> s = wm.session(seed=0)           # a real start context stored with the model  # doctest: +SKIP
     >>> frame = s.step({"keys": ["forward"], "mouse": [5.0, 0.0]})      # doctest: +SKIP
     >>> frame.shape, frame.dtype                                         # doctest: +SKIP
     ((120, 160, 3), dtype('uint8'))
@@ -35,12 +35,12 @@ import torch
 from worldgen import actions, checkpoint, sampling
 from worldgen.actions import Action, ActionError
 from worldgen.checkpoint import CheckpointError
+from worldgen.data.dataset import DOOM_TICS_PER_SECOND
 from worldgen.engine.cache import KVCache
-from worldgen.models import DiT, Tokenizer, frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
+from worldgen.models import DiT, Tokenizer, autocast, frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
 from worldgen.models.attention import LayerKV, apply_rope
 
 ActionLike = Action | Mapping[str, Any]
-DOOM_TICS_PER_SECOND = 35
 
 
 @dataclass
@@ -144,7 +144,7 @@ def rollout_latents(dit: DiT, stream: StreamConfig, ctx: torch.Tensor, ctx_actio
     ctx, ctx_actions = ctx[:, -keep:], ctx_actions[:, -keep:]
 
     def randn(frames: int) -> torch.Tensor:
-        return _randn((b, frames, cfg.latent_channels, *cfg.latent_size), generator, ctx.device)
+        return sampling.randn((b, frames, cfg.latent_channels, *cfg.latent_size), generator, ctx.device)
     cache.write(*prefill(dit, stream, ctx, ctx_actions, randn(ctx.shape[1]) if stream.ctx_noise > 0 else None))
     out = []
     for i in range(0, actions_.shape[1], chunk):
@@ -230,9 +230,6 @@ class WorldModel:
         h, w = self.tokenizer.cfg.image_size
         return h, w, 3
 
-    has_depth = False  # RGB tokenizers only so far; step() returns frames alone
-    has_pose = False
-
     @property
     def num_starts(self) -> int:
         return 0 if self._starts is None else len(self._starts["frames"])
@@ -287,7 +284,7 @@ class WorldModel:
 
     # --- the hot path ----------------------------------------------------------------------------
     def _autocast(self):
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
+        return autocast(self.device)
 
     def _new_cache(self) -> KVCache:
         cfg = self.dit.cfg
@@ -321,9 +318,9 @@ class WorldModel:
         x, ctx = [], []
         for g in gens:
             if sample:
-                x.append(_randn(shape, g, self.device))
+                x.append(sampling.randn(shape, g, self.device))
             if self.stream.ctx_noise > 0:
-                ctx.append(_randn(shape, g, self.device))
+                ctx.append(sampling.randn(shape, g, self.device))
         return torch.stack(x) if x else None, torch.stack(ctx) if ctx else None
 
     def _prefill(self, session: "Session", z: torch.Tensor, acts: torch.Tensor) -> None:
@@ -430,10 +427,6 @@ def _check_context(m: WorldModel, frames: Any, acts: Any) -> tuple[np.ndarray, n
         raise ValueError(f"{len(frames)} context frames but {len(acts)} context actions (one per frame: "
                          f"the action that produced it)")
     return frames, _action_vectors(acts, "context action")
-
-
-def _randn(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
 
 
 def save_starts(folder: str | os.PathLike, frames: np.ndarray, keys: np.ndarray, mouse: np.ndarray,

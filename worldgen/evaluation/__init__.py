@@ -1,4 +1,4 @@
-"""Weights-free offline evaluation of a world model (DESIGN.md section 10): ``worldgen eval``."""
+"""Weights-free offline evaluation of a world model (docs/evaluation.md): ``worldgen eval``."""
 
 from worldgen.evaluation.evaluate import EvalConfig, EvaluationError, evaluate, summary, write_json
 from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim

@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with seeds never used in training")
     p.add_argument("--heldout-fraction", type=float, default=None,
                    help="share of episodes Dataset.split() holds out (default: the trainer's, else 0.1)")
-    p.add_argument("--context", type=int, default=d.context, help=f"real context frames (default {d.context})")
+    p.add_argument("--context", type=int, default=d.context,
+                   help="real context frames (default: the trained window minus one block, i.e. one frame)")
     p.add_argument("--horizon", type=int, default=None,
                    help=f"longest rollout (default {d.horizon}; play suite: steps per branch, default 16)")
     p.add_argument("--windows", type=int, default=None,

@@ -63,10 +63,10 @@ from tqdm import tqdm
 
 from worldgen import actions, checkpoint, sampling
 from worldgen.data import Dataset, DatasetError, WindowDataset
-from worldgen.data.cli import DOOM_TICS_PER_SECOND
-from worldgen.data.dataset import _atomic_write
+from worldgen.data.dataset import DOOM_TICS_PER_SECOND, depth_to_uint8
 from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
-from worldgen.models import frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
+from worldgen.files import atomic_write, write_mp4
+from worldgen.models import autocast, frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
 
 VERSION = 1
 HORIZONS = (1, 16, 64)    # rollout horizons reported by name (issue 3)
@@ -332,8 +332,7 @@ def _load_windows(ds: Dataset, cfg: EvalConfig, context: int, heldout_fraction: 
 def _window_arrays(ds: Dataset, items: list[dict[str, Any]], depth: bool) -> tuple:
     """Frames (N, L, H, W, 3 or 4) and actions (N, L, 10) of window items, and their starts."""
     frames = np.stack([it["frames"] for it in items])                          # (N, L, H, W, 3)
-    if depth:  # as the trainer feeds it; imported here because training imports these metrics
-        from worldgen.training.tokenizer import depth_to_uint8
+    if depth:  # as the trainer feeds it
         frames = np.concatenate([frames, depth_to_uint8(np.stack([it["depth"] for it in items]))[..., None]], -1)
     frames = torch.from_numpy(frames)
     acts = torch.from_numpy(np.stack([actions.to_vector(it["keys"], it["mouse"]) for it in items]))
@@ -362,7 +361,7 @@ class _Runner:
         self.bar: tqdm | None = None  # advanced by the frames each call makes
 
     def _autocast(self):
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
+        return autocast(self.device)
 
     def _generator(self, chunk: int) -> torch.Generator:
         # One seed per chunk: the real- and shuffled-action rollouts see the same noise.
@@ -451,7 +450,7 @@ def _report(folder, ds, cfg, context, fraction, sampler, device, starts, n_episo
 def write_json(result: dict[str, Any], path: str | Path) -> None:
     """Write the result atomically: a reader never sees half a JSON."""
     text = json.dumps(result, indent=1)
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def clip_fps(ds: Dataset) -> float:
@@ -476,7 +475,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
            title=f"rollout, {result['windows']} windows, context {result['context']}")
     ax.grid(alpha=0.3)
     ax.legend()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, bbox_inches="tight"))
     plt.close(fig)
 
 
@@ -497,20 +496,10 @@ def write_video(real: torch.Tensor, generated: torch.Tensor, last: torch.Tensor,
     context; ``last``: ``(V, H, W, 3)`` their last context frames. The windows play one after
     another, the panels separated by white bars.
     """
-    import imageio.v2 as imageio
-
     still = last[:, None].expand_as(real)  # what the repeat baseline shows: nothing moves
     gap = torch.full((*real.shape[:3], 2, 3), 255, dtype=torch.uint8)
     panels = torch.cat([real, gap, generated, gap, still], dim=3).flatten(0, 1).numpy()  # (V T, H, 3W + 4, 3)
-    # yuv420p needs even sides; pad by one pixel rather than let imageio rescale.
-    panels = np.pad(panels, ((0, 0), (0, panels.shape[1] % 2), (0, panels.shape[2] % 2), (0, 0)))
-
-    def write(tmp: str) -> None:
-        with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1) as w:
-            for frame in panels:
-                w.append_data(frame)
-
-    _atomic_write(path, write)
+    write_mp4(path, panels, fps)
 
 
 def summary(result: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Mapping, TypeVar
@@ -33,7 +34,7 @@ from worldgen.checkpoint import CheckpointError
 from worldgen.models.dit import MODELS, DiT, DiTConfig, flops_per_frame, flops_per_token
 from worldgen.models.tokenizer import Tokenizer, TokenizerConfig
 
-__all__ = ["MODELS", "CheckpointError", "DiT", "DiTConfig", "Tokenizer", "TokenizerConfig",
+__all__ = ["MODELS", "CheckpointError", "DiT", "DiTConfig", "Tokenizer", "TokenizerConfig", "autocast",
            "flops_per_frame", "flops_per_token", "frames_to_tensor", "load_dit", "load_tokenizer",
            "save_part", "tensor_to_frames"]
 
@@ -63,6 +64,15 @@ def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
     """
     u8 = ((x.detach().float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
     return u8.movedim(-3, -1).cpu().numpy()
+
+
+def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """How the models run: bf16 autocast on CUDA; float32 on the CPU, where bf16 is slow and
+    the tests want exactness."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 C = TypeVar("C")

@@ -1,4 +1,4 @@
-"""Block-causal diffusion transformer over per-frame latents (DESIGN.md section 4).
+"""Block-causal diffusion transformer over per-frame latents (docs/architecture.md).
 
 Each frame's latent (C, h, w) becomes h*w/p^2 patch tokens. The sequence of a forward is the
 frames' tokens, frame-major. Attention is bidirectional inside a block of

@@ -1,7 +1,7 @@
 """Per-frame VAE tokenizer: a frame (B, 3, H, W) in [-1, 1] <-> a latent grid (B, 16, H/8, W/8).
 
 Per-frame (image-level) latents keep interaction frame-granular: the DiT predicts one
-frame's latent per action, and any frame can be decoded alone (DESIGN.md section 3).
+frame's latent per action, and any frame can be decoded alone.
 
 Convolutional ResNet encoder/decoder (GroupNorm, SiLU), no attention: at 15x20 latents a
 3x3 conv stack already sees the whole frame, and convs are the fastest thing on any device.

@@ -21,15 +21,12 @@ saving.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import datetime
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 import typing
@@ -44,7 +41,9 @@ from torch import nn
 
 from worldgen import checkpoint
 from worldgen.checkpoint import CheckpointError
-from worldgen.data.dataset import _atomic_write as atomic_write
+from worldgen.files import atomic_write
+from worldgen.models import autocast  # noqa: F401  (was defined here; trainers import it from here)
+from worldgen.provenance import PEAK_BF16_FLOPS, hardware, peak_flops  # noqa: F401  (were defined here)
 
 STATE_FORMAT = "worldgen-train-state"
 STATE_VERSION = 1
@@ -94,7 +93,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[TrainConfig], req
         kind = hints[f.name]
         base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
         help_ = f.metadata.get("help", "")
-        if f.name not in required:
+        if f.name not in required and f.default is not None:  # None: unset, its help says what that means
             help_ += f" (default: {f.default})"
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
@@ -163,13 +162,6 @@ def barrier(d: Dist) -> None:
         torch_dist.barrier()
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; float32 on CPU, where bf16 is slow and the tests want exactness."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
     """The generator of every random draw of ``step`` on ``rank``: a resumed run redraws the same.
     Also reseeds torch's global RNG the same way, for randomness inside models (a VAE's sample)."""
@@ -178,34 +170,6 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
     g = torch.Generator(device)
     g.manual_seed(s)
     return g
-
-
-# Dense bf16 peaks (no sparsity), for model FLOPs utilisation; matched in order on the name.
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
-    ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("4090", 165e12),
-)
-
-
-def hardware(device: torch.device) -> str:
-    """What ran a measurement, for benchmark reports: the GPU's name, or the CPU's model name
-    (``lscpu``), its cores and the torch threads used."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine() or "cpu"
-    return f"{name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Peak dense bf16 FLOP/s of ``device``, or None where unknown (CPU: MFU is reported n/a)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
 
 
 # --- schedule and EMA ------------------------------------------------------------------------

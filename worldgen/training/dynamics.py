@@ -10,7 +10,7 @@ Actions: frame f's action is the one that *produced* it, exactly as
 :class:`worldgen.data.WindowDataset` aligns them (that class reads each episode, so the
 alignment lives in one place): the no-op for an episode's first frame.
 
-Loss (Diffusion Forcing with flow matching, DESIGN.md section 5): every frame block gets its own
+Loss (Diffusion Forcing with flow matching, docs/architecture.md): every frame block gets its own
 noise level t ~ logit-normal(0, 1) (SD3), ``x_t = (1 - t) x0 + t eps``, the DiT predicts
 ``v = eps - x0``, MSE over all frames. A share ``action_dropout`` of the frames gets the learned null action
 instead of its own (classifier-free guidance's unconditional half). Independent levels teach every context/target pattern;
@@ -20,7 +20,7 @@ conditions on (clean context labelled with a small stabilisation level). So a sh
 t ~ U[0, 2 ctx_noise], the rest logit-normal.
 
 Training on its own rollouts (``rollout_frames`` G > 0, Self Forcing's idea with a regression
-target; DESIGN.md section 5). A model trained only on real context never sees the blur of
+target). A model trained only on real context never sees the blur of
 its own past frames, and a long rollout drifts to an average frame that no longer follows the
 actions. So each step first lets the model play: from ``window - 1`` real frames it generates
 g ~ U{0..G} frames with the real actions exactly as a streaming session would
@@ -91,7 +91,7 @@ class DynamicsTrainConfig(TrainConfig):
                                  "context only")
     rollout_share: float = opt(1.0, "with --rollout-frames, the share of steps on own rollouts; the others are "
                                     "plain Diffusion Forcing steps on real windows (1 lost 0.5 dB teacher-forced "
-                                    "in 330 steps: benchmarks/RESULTS.md)")
+                                    "in 330 steps: docs/history/results-2026-12.md)")
     starts: int = opt(8, "real start contexts (held-out play) stored with the exported model for new sessions")
     start_frames: int = opt(8, "frames per start context")
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worldgen.data import Dataset
+from worldgen.data.dataset import depth_to_uint8
 from worldgen.evaluation.metrics import psnr, ssim
 from worldgen.models import Tokenizer, TokenizerConfig, frames_to_tensor, save_part, tensor_to_frames
 from worldgen.training import common
@@ -62,16 +63,6 @@ def open_dataset(cfg: TrainConfig) -> tuple[Dataset, list[int], list[int]]:
         print(f"[train] {cfg.data}: no held-out episodes; metrics are measured on train episodes",
               file=sys.stderr)
     return ds, train, held
-
-
-def depth_to_uint8(depth: np.ndarray) -> np.ndarray:
-    """A recorded depth buffer (uint8 or uint16, larger = farther) as uint8, so it rides along
-    the RGB frames as a 4th channel."""
-    if depth.dtype == np.uint8:
-        return depth
-    if depth.dtype == np.uint16:
-        return (depth.astype(np.float32) / 257.0).round().astype(np.uint8)
-    raise ValueError(f"--depth needs an integer depth buffer, this dataset stores {depth.dtype}")
 
 
 def read_frames(ds: Dataset, episode: int, depth: bool, start: int = 0, stop: int | None = None,
