@@ -72,7 +72,7 @@ class DynamicsTrainConfig(TrainConfig):
     tokenizer: str = opt("", "the trained tokenizer: a `train tokenizer` run folder or a model folder")
     model: str = opt("S", "DiT size from worldgen.models.MODELS", choices=tuple(MODELS))
     window: int = opt(16, "frames per training window: the context the model learns to use")
-    batch_size: int = opt(16, "windows per step per GPU (x window x 300 tokens)")
+    batch_size: int = opt(16, "windows per step over all GPUs (x window x 300 tokens)")
     lr: float = opt(3e-4, "peak AdamW LR; QK-norm and adaLN-zero keep a small DiT stable here")
     prefix_prob: float = opt(0.4, "share of windows with a clean-ish prefix and noisy rest (the inference pattern)")
     ctx_noise: float = opt(0.05, "context noise label at inference (stabilisation); prefixes train on U[0, 2x this]")
@@ -263,7 +263,7 @@ class DynamicsTask:
     def __init__(self, cfg: DynamicsTrainConfig, model: DiT, train: Latents, held: Latents | None, d: Dist,
                  tokenizer: nn.Module | None = None, tok_folder: Path | None = None,
                  data: tuple[Dataset, list[int]] | None = None):
-        self.cfg, self.model, self.device = cfg, model, d.device
+        self.cfg, self.model, self.device, self.dist = cfg, model, d.device, d
         self.data = data  # (dataset, episodes to take start contexts from)
         self.train, self.held = train, held if held is not None else train
         self.eval_split = "heldout" if held is not None else "train"
@@ -281,7 +281,7 @@ class DynamicsTask:
         if len(starts) == 0:
             raise ValueError(f"{cfg.data}: no train episode has {self.span} frames "
                              f"(--window {cfg.window}{', with --rollout-frames' if cfg.rollout_frames else ''})")
-        self.starts = starts[d.rank::d.world_size]  # each rank draws from its own share of windows
+        self.starts = starts  # every rank draws from all of them: the global batch is split, not the data
         self.tokens_per_sample = cfg.window * model.cfg.tokens_per_frame
         self.metrics: dict[str, float] = {}
         if d.main:
@@ -309,27 +309,32 @@ class DynamicsTask:
         return cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder, (ds, held or train))
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, ...]:
-        """A batch of the step: ``(x0, actions, t, eps, drop)``."""
-        cfg, fpb = self.cfg, self.model.cfg.frames_per_block
-        i = torch.randint(len(self.starts), (batch,), generator=generator, device=self.device)
-        x0, acts = self.train.windows(self.starts[i], cfg.window)               # (B, T, C, h, w), (B, T, 10)
-        t = noise_levels(batch, cfg.window, fpb, generator, self.device, cfg.prefix_prob, cfg.ctx_noise,
-                         cfg.t_loc, cfg.t_scale)                                 # (B, T)
-        eps = torch.randn(x0.shape, generator=generator, device=self.device)
+        """This rank's rows ``(x0, actions, t, eps, drop)`` of the step's global batch of ``batch``
+        windows (b = batch / ranks of them; every draw is made for the whole batch, then sharded)."""
+        cfg, fpb, shard = self.cfg, self.model.cfg.frames_per_block, self.dist.shard
+        i = shard(torch.randint(len(self.starts), (batch,), generator=generator, device=self.device))
+        x0, acts = self.train.windows(self.starts[i], cfg.window)               # (b, T, C, h, w), (b, T, 10)
+        t = shard(noise_levels(batch, cfg.window, fpb, generator, self.device, cfg.prefix_prob, cfg.ctx_noise,
+                               cfg.t_loc, cfg.t_scale))                          # (b, T)
+        eps = shard(torch.randn((batch, *x0.shape[1:]), generator=generator, device=self.device))
         drop = None
         if cfg.action_dropout > 0:
-            drop = torch.rand(t.shape, generator=generator, device=self.device) < cfg.action_dropout  # (B, T)
+            drop = shard(torch.rand((batch, cfg.window), generator=generator, device=self.device)
+                         < cfg.action_dropout)                                   # (b, T)
         return x0, acts, t, eps, drop
 
     @torch.no_grad()
-    def draw_rollout(self, generator: torch.Generator, batch: int) -> tuple[tuple[torch.Tensor, ...], int]:
-        """A batch of windows ending in the model's own rollout (see the module docstring):
-        ``((x0, actions, t, eps, drop), first_target)``, x0 holding the generated latents."""
-        cfg, T = self.cfg, self.cfg.window
+    def draw_rollout(self, generator: torch.Generator, batch: int,
+                     noise: torch.Generator | None = None) -> tuple[tuple[torch.Tensor, ...], int]:
+        """This rank's rows of a global batch of ``batch`` windows ending in the model's own rollout
+        (see the module docstring): ``((x0, actions, t, eps, drop), first_target)``, x0 holding the
+        generated latents. The rollout's sampler noise comes from ``noise`` (default: ``generator``):
+        it is drawn for this rank's rows only, so it must be the rank's own."""
+        cfg, T, shard = self.cfg, self.cfg.window, self.dist.shard
         g = int(torch.randint(cfg.rollout_frames + 1, (), generator=generator, device=self.device))
         s = 1 + int(torch.randint(T - g, (), generator=generator, device=self.device))
-        i = torch.randint(len(self.starts), (batch,), generator=generator, device=self.device)
-        x0, acts = self.train.windows(self.starts[i], T - 1 + g + s)            # (B, T - 1 + g + s, ...)
+        i = shard(torch.randint(len(self.starts), (batch,), generator=generator, device=self.device))
+        x0, acts = self.train.windows(self.starts[i], T - 1 + g + s)            # (b, T - 1 + g + s, ...)
         if g:  # g = 0: real context alone, so the teacher-forced skill is kept up too
             was_training = self.model.training
             self.model.eval()
@@ -337,7 +342,7 @@ class DynamicsTask:
             sinks = StreamConfig.sinks
             stream = StreamConfig(steps=cfg.sample_steps, ctx_noise=cfg.ctx_noise, sinks=sinks, window=T - 1 - sinks)
             gen = rollout_latents(self.model, stream, x0[:, :T - 1], acts[:, :T - 1], acts[:, T - 1:T - 1 + g],
-                                  generator)                                   # (B, g, C, h, w)
+                                  generator if noise is None else noise)       # (b, g, C, h, w)
             self.model.train(was_training)
             x0 = torch.cat([x0[:, :T - 1], gen.to(x0.dtype), x0[:, T - 1 + g:]], 1)
         x0 = x0[:, -T:]
@@ -345,11 +350,11 @@ class DynamicsTask:
         # Real and generated context at the levels inference labels context with; targets at DF levels.
         t = noise_levels(batch, T, 1, generator, self.device, 0.0, cfg.ctx_noise, cfg.t_loc, cfg.t_scale)
         ctx = torch.rand((batch, T - s), generator=generator, device=self.device) * 2 * cfg.ctx_noise
-        t = torch.cat([ctx, t[:, T - s:]], 1)
-        eps = torch.randn(x0.shape, generator=generator, device=self.device)
+        t = shard(torch.cat([ctx, t[:, T - s:]], 1))                              # (b, T)
+        eps = shard(torch.randn((batch, *x0.shape[1:]), generator=generator, device=self.device))
         drop = None
         if cfg.action_dropout > 0:
-            drop = torch.rand(t.shape, generator=generator, device=self.device) < cfg.action_dropout
+            drop = shard(torch.rand((batch, T), generator=generator, device=self.device) < cfg.action_dropout)
         return (x0, acts, t, eps, drop), T - s
 
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
@@ -357,7 +362,8 @@ class DynamicsTask:
         # A coin only when the share leaves a choice: share 1 draws what it drew before the knob.
         if cfg.rollout_frames and (share == 1 or share > 0 and
                                    float(torch.rand((), generator=generator, device=self.device)) < share):
-            batch, first_target = self.draw_rollout(generator, cfg.batch_size)
+            noise = common.rank_generator(cfg.seed, self.dist.rank, step, self.device)
+            batch, first_target = self.draw_rollout(generator, cfg.batch_size, noise)
             return flow_matching_loss(model, *batch, first_target=first_target)
         return flow_matching_loss(model, *self.draw(generator, cfg.batch_size))
 
