@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import benchmark_script
+
 from worldgen import checkpoint
 from worldgen.training.common import Dist
 from worldgen.training.dynamics import DynamicsTrainConfig
@@ -95,3 +97,36 @@ def test_two_processes_train_the_one_process_run_and_resume_across_counts(tiny_t
         steps = [e["step"] for e in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in e]
         assert steps == list(range(2, STEPS + 1, 2)), what  # none lost, none repeated across the resume
     assert json.loads((b / "summary.json").read_text())["world_size"] == 2
+
+
+def test_scaling_benchmark_runs_torchrun_and_tabulates(doom_recording, tmp_path, capsys):
+    """benchmarks/scaling.py on the CPU: the tokenizer trainer with 2 processes (gloo), the batch
+    per process fixed; a finished count is read back, not rerun. (One count: a launch costs ~10 s.)"""
+    scaling = benchmark_script("scaling")
+    argv = ["--what", "tokenizer", "--data", str(doom_recording), "--out", str(tmp_path / "scaling"), "--gpus", "2",
+            "--steps", "4", "--log-every", "1", "--batch-per-gpu", "4", "--device", "cpu",
+            "--json", str(tmp_path / "scaling.json"), "--", "--channels", "8,8,8,8", "--latent-channels", "4",
+            "--eval-frames", "8", "--warmup", "1"]
+    rows = scaling.main(argv)
+    assert [(r["gpus"], r["global_batch"], r["steps"], r["scaling_efficiency"]) for r in rows] == [(2, 8, 4, 1.0)]
+    assert rows[0]["tokens_per_s"] > 0 and rows[0]["mfu"] is None  # no MFU on a CPU
+    assert json.loads((tmp_path / "scaling.json").read_text())["rows"] == rows
+    assert "| 2 | 8 |" in capsys.readouterr().out
+    stamp = (tmp_path / "scaling" / "gpus-2" / "summary.json").stat().st_mtime_ns
+    assert scaling.main(argv) == rows
+    assert (tmp_path / "scaling" / "gpus-2" / "summary.json").stat().st_mtime_ns == stamp
+
+    # The table: per-GPU rates against the smallest count.
+    one = {"tokens_per_s": 1000.0, "samples_per_s": 10.0, "batch_size_total": 4, "mfu": 0.2, "steps": 4,
+           "wall_s": 1.0, "device": "H100"}
+    rows = scaling.scaling_rows({8: {**one, "tokens_per_s": 6800.0, "batch_size_total": 32}, 1: one})
+    assert [r["gpus"] for r in rows] == [1, 8]
+    assert rows[1]["tokens_per_s_per_gpu"] == 850.0 and rows[1]["scaling_efficiency"] == 0.85
+
+    # Dynamics runs share the first run's latent caches (linked, not encoded again).
+    first, later = tmp_path / "gpus-1", tmp_path / "gpus-2"
+    first.mkdir()
+    for name in scaling.LATENT_CACHES:
+        (first / name).write_bytes(b"latents")
+    scaling.share_latents([first], later)
+    assert all((later / name).samefile(first / name) for name in scaling.LATENT_CACHES)
