@@ -171,7 +171,7 @@ def setup(device: str = "auto") -> Dist:
     dev = torch.device(device, local) if device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    # Rank 0 encodes the latent cache while the others wait: allow that more than the default.
+    # Rank 0 joins the ranks' latent parts while the others wait: allow that more than the default.
     torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                   timeout=datetime.timedelta(minutes=60))
     return Dist(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), device=dev)

@@ -1,8 +1,8 @@
 """``worldgen train dynamics``: Diffusion Forcing of the block-causal DiT on tokenizer latents.
 
 Data path. First every train and held-out episode is encoded once by the frozen tokenizer, in
-big batches on the device, and cached as ``RUN/latents-{train,heldout}.safetensors`` (a resume
-does not re-encode). All latents (bf16, ~9.6 KB a frame at 16x15x20) and action vectors then
+big batches on the device (under torchrun each rank encodes its share of the episodes), and
+cached as ``RUN/latents-{train,heldout}.safetensors`` (a resume does not re-encode). All latents (bf16, ~9.6 KB a frame at 16x15x20) and action vectors then
 live on the device, and each step gathers its windows of T frames there: no DataLoader, no
 host-to-device copies, nothing to starve the GPU. Windows never cross an episode boundary.
 
@@ -197,8 +197,10 @@ def encode_episodes(ds: Dataset, episodes: list[int], tokenizer: nn.Module, devi
 
 def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Path, tokenizer: nn.Module,
                    d: Dist, batch: int) -> Latents:
-    """Latents of ``episodes`` from the cache file at ``path``, encoding (rank 0) and caching them
-    first if it is missing or stale (another dataset or tokenizer)."""
+    """Latents of ``episodes`` from the cache file at ``path``, encoding and caching them first if
+    it is missing or stale (another dataset or tokenizer). Under torchrun each rank encodes every
+    ``world_size``-th episode into a part file and rank 0 joins the parts into the cache: the
+    dataset is encoded once, N times faster, and no rank idles while another encodes it all."""
     key = _fingerprint(ds, episodes, tok_folder)
 
     def read() -> Latents | None:
@@ -211,23 +213,54 @@ def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Pat
             t = load_file(path)
             return Latents(t["z"], t["actions"], t["offsets"])
         except (SafetensorError, OSError, KeyError) as e:  # unreadable: encode afresh
-            print(f"[train] {path}: unreadable latent cache ({e}); encoding again", file=sys.stderr)
+            if d.main:
+                print(f"[train] {path}: unreadable latent cache ({e}); encoding again", file=sys.stderr)
             return None
 
-    lat = read() if d.main else None
-    if d.main and lat is None:
+    def write(file: Path, lat: Latents) -> None:
+        tensors = {"z": lat.z.cpu().contiguous(), "actions": lat.actions.cpu().contiguous(),
+                   "offsets": lat.offsets.cpu()}
+        atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata={"fingerprint": key}))
+
+    lat = read()  # the same file on every rank: all of them encode, or none
+    if lat is None:
         t0 = time.time()
-        lat = encode_episodes(ds, episodes, tokenizer, d.device, batch)
-        tensors = {"z": lat.z.cpu().contiguous(), "actions": lat.actions.cpu().contiguous(), "offsets": lat.offsets}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fingerprint": key}))
-        print(f"[train] encoded {len(lat.z)} frames of {len(episodes)} episodes -> {path.name} "
-              f"({time.time() - t0:.1f} s)", file=sys.stderr)
-    barrier(d)
-    if not d.main:
-        lat = read()
-        if lat is None:
-            raise RuntimeError(f"{path}: rank 0 did not write the latent cache")
+        parts = [path.with_name(f"{path.stem}.part-{r}-of-{d.world_size}.safetensors") for r in range(d.world_size)]
+        mine = episodes[d.rank::d.world_size]
+        if mine:  # more ranks than episodes: the last ones have none
+            lat = encode_episodes(ds, mine, tokenizer, d.device, batch)
+            if d.world_size > 1:
+                write(parts[d.rank], lat)
+        barrier(d)
+        if d.main:
+            if d.world_size > 1:
+                lat = _interleave([load_file(f) for f in parts[:len(episodes)]])
+            write(path, lat)
+            for f in path.parent.glob(f"{path.stem}.part-*.safetensors"):
+                f.unlink(missing_ok=True)
+            print(f"[train] encoded {len(lat.z)} frames of {len(episodes)} episodes on {d.world_size} rank(s) "
+                  f"-> {path.name} ({time.time() - t0:.1f} s)", file=sys.stderr)
+        barrier(d)
+        if not d.main:
+            lat = read()
+            if lat is None:
+                raise RuntimeError(f"{path}: rank 0 did not write the latent cache")
     return lat.to(d.device)
+
+
+def _interleave(parts: list[dict[str, torch.Tensor]]) -> Latents:
+    """One :class:`Latents` from the part files of :func:`cached_latents`: part r holds episodes
+    r, r + N, r + 2N, ...; the result holds them in their order, 0, 1, 2, ..."""
+    n = len(parts)
+    per_part = [len(p["offsets"]) - 1 for p in parts]
+    zs, acts, offsets = [], [], [0]
+    for k in range(sum(per_part)):
+        part, j = parts[k % n], k // n
+        a, b = int(part["offsets"][j]), int(part["offsets"][j + 1])
+        zs.append(part["z"][a:b])
+        acts.append(part["actions"][a:b])
+        offsets.append(offsets[-1] + b - a)
+    return Latents(torch.cat(zs), torch.cat(acts), torch.tensor(offsets, dtype=torch.long))
 
 
 def dit_config(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int]) -> DiTConfig:
