@@ -93,8 +93,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        lines.append(f"| {r['gpus']} | {r['global_batch']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} "
-                     f"| {r['scaling_efficiency']:.1%} | {mfu} | {r['step_ms']:.1f} |")
+        lines.append(f"| {r['gpus']} | {r['global_batch']} | {r['tokens_per_s']:,.0f} "
+                     f"| {r['tokens_per_s_per_gpu']:,.0f} | {r['scaling_efficiency']:.1%} | {mfu} | {r['step_ms']:.1f} |")
     return "\n".join(lines)
 
 
