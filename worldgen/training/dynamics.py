@@ -3,8 +3,9 @@
 Data path. First every train and held-out episode is encoded once by the frozen tokenizer, in
 big batches on the device (under torchrun each rank encodes its share of the episodes), and
 cached as ``RUN/latents-{train,heldout}.safetensors`` (a resume does not re-encode). All latents
-(bf16, ~9.6 KB a frame at 16x15x20) and action vectors then live on the device, and each step gathers its windows of T frames there: no DataLoader, no
-host-to-device copies, nothing to starve the GPU. Windows never cross an episode boundary.
+(bf16, ~9.6 KB a frame at 16x15x20) and action vectors then live on the device, and each step
+gathers its windows of T frames there: no DataLoader, no host-to-device copies, nothing to
+starve the GPU. Windows never cross an episode boundary.
 
 Actions: frame f's action is the one that *produced* it, exactly as
 :class:`worldgen.data.WindowDataset` aligns them (that class reads each episode, so the
