@@ -50,7 +50,7 @@ from worldgen.training.common import Dist, Run, TrainConfig, autocast, opt, save
 
 @dataclass
 class GeometryTrainConfig(TrainConfig):
-    batch_size: int = opt(64, "frames (depth) and transitions (odometry) per step")
+    batch_size: int = opt(64, "frames (depth) and transitions (odometry) per step over all GPUs")
     lr: float = opt(1e-3, "peak AdamW LR; small conv nets with GroupNorm train stably at this")
     warmup: int = opt(100, "linear LR warmup steps")
     ema_decay: float = opt(0.995, "EMA of weights; a ~200-step horizon suits runs of a few thousand steps")
@@ -139,7 +139,7 @@ class GeometryTask:
 
     def __init__(self, cfg: GeometryTrainConfig, model: GeometryHead, train_set: GeometrySet, eval_set: GeometrySet,
                  d: Dist, eval_split: str = "heldout"):
-        self.cfg, self.model, self.device = cfg, model, d.device
+        self.cfg, self.model, self.device, self.dist = cfg, model, d.device, d
         self.train_set, self.eval_set, self.eval_split = train_set.to(d.device), eval_set.to(d.device), eval_split
         model.motion_scale.copy_(train_set.motion.std(0).clamp_min(1e-3))
         # The baseline a depth map must beat: the train frames' mean depth, pixel by pixel.
@@ -170,6 +170,7 @@ class GeometryTask:
         s, b = self.train_set, self.cfg.batch_size
         frames = torch.randint(len(s.frames), (b,), generator=generator, device=self.device)
         trans = torch.randint(len(s.prev), (b,), generator=generator, device=self.device)
+        frames, trans = self.dist.shard(frames), self.dist.shard(trans)  # this rank's rows of the global batch
         return geometry_loss(model, s, frames, trans, self.model.motion_scale, self.cfg.depth_weight)
 
     def flops_per_sample(self) -> float | None:

@@ -55,7 +55,7 @@ from worldgen.training.common import Dist, Run, TrainConfig, autocast, opt, save
 
 @dataclass
 class RewardTrainConfig(TrainConfig):
-    batch_size: int = opt(64, "transitions per step; the head is small, a GPU wants more")
+    batch_size: int = opt(64, "transitions per step over all GPUs; the head is small, a GPU wants more")
     lr: float = opt(1e-3, "peak AdamW LR; a small conv net with GroupNorm trains stably at this")
     warmup: int = opt(100, "linear LR warmup steps")
     ema_decay: float = opt(0.995, "EMA of weights; a ~200-step horizon suits runs of a few thousand steps")
@@ -218,7 +218,7 @@ class RewardTask:
 
     def __init__(self, cfg: RewardTrainConfig, model: RewardHead, train_set: Transitions, eval_set: Transitions,
                  d: Dist, eval_split: str = "heldout"):
-        self.cfg, self.model, self.device = cfg, model, d.device
+        self.cfg, self.model, self.device, self.dist = cfg, model, d.device, d
         self.train_set, self.eval_set, self.eval_split = train_set.to(d.device), eval_set.to(d.device), eval_split
         self.cw, self.pos_weight = (x.to(d.device) for x in class_weights(train_set, cfg.balance))
         if not 0 <= cfg.event_fraction < 1:
@@ -259,6 +259,7 @@ class RewardTask:
         if self.n_events:
             j = torch.randint(len(self.event_idx), (self.n_events,), generator=generator, device=self.device)
             i = torch.cat([i, self.event_idx[j]])
+        i = self.dist.shard(i)  # this rank's transitions of the global batch (events spread over the ranks)
         out = model(t.frames[t.prev[i]], t.frames[t.prev[i] + 1], t.action[i])
         return head_loss(out, t.classes[i], t.change[i], t.death[i], self.cw, self.pos_weight)
 

@@ -13,9 +13,18 @@ A run folder ``RUN/`` holds::
     summary.json       the final figures: steps, wall time, tokens/s, MFU, final loss, params
 
 Reproducibility: every random draw of step ``s`` (which windows, which noise) comes from a
-generator seeded by ``(seed, rank, s)``, so a run resumed at step ``s`` draws exactly what the
+generator seeded by ``(seed, s)``, so a run resumed at step ``s`` draws exactly what the
 uninterrupted run would have; nothing but weights, optimizer moments and the schedule needs
 saving.
+
+Several GPUs (``torchrun --nproc-per-node N``): DDP, one process per GPU. ``--batch-size`` is the
+global batch, split evenly over the ranks. The step's generator is the same on every rank: a
+task draws the whole global batch with it and keeps its own rows (:meth:`Dist.shard`), so the
+N ranks together train on exactly the batch one process would, and a run stopped at N GPUs
+resumes at any other N (dividing the batch) as the same run. Randomness inside a model (a VAE's
+posterior sample) and a rank's own draws (:func:`rank_generator`: a rollout's sampler noise)
+are seeded by ``(seed, rank, s)``. Rank 0 alone writes the run folder. docs/multi-gpu.md has
+the details and the commands.
 """
 
 from __future__ import annotations
@@ -65,7 +74,8 @@ class TrainConfig:
     steps: int | None = opt(None, "optimizer steps: fixes the LR schedule (with --minutes: an upper bound)")
     minutes: float | None = opt(None, "wall-clock budget: the step count is fixed from the measured speed "
                                       "after the first steps and stored, so a resume finishes the same schedule")
-    batch_size: int = opt(32, "samples per step per GPU")
+    batch_size: int = opt(32, "samples per step over all GPUs (the global batch); torchrun splits it evenly over "
+                              "the ranks, so the same run resumes on another number of GPUs")
     lr: float = opt(3e-4, "peak AdamW learning rate")
     weight_decay: float = opt(0.01, "AdamW decay on matrices only (never on norms/biases)")
     warmup: int = opt(200, "linear LR warmup steps; long enough that early Adam moments settle")
@@ -81,6 +91,8 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda if available), cuda or cpu; torchrun uses cuda:LOCAL_RANK")
     compile: bool = opt(False, "torch.compile the model (faster on GPU after a compile of ~1 min)")
     export_dtype: str = opt("fp32", "dtype of the exported ckpt/ weights", choices=("fp32", "bf16"))
+    stop_at: int | None = opt(None, "stop this process at step S, state saved, to resume later (with any number "
+                                    "of GPUs); the schedule stays --steps. Not stored: a resume runs to the end")
 
 
 # --- config <-> command line ----------------------------------------------------------------
@@ -126,6 +138,19 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of ``x``, drawn for the whole global batch with the step's generator
+        (the same on every rank): every ``world_size``-th row from ``rank`` on, so the ranks'
+        rows together are the global batch, whatever its make-up (e.g. events last).
+
+        Example:
+            >>> Dist(rank=1, world_size=2).shard(torch.arange(6))
+            tensor([1, 3, 5])
+        """
+        if len(x) % self.world_size:
+            raise ValueError(f"a global batch of {len(x)} does not split evenly over {self.world_size} ranks")
+        return x[self.rank::self.world_size]
+
 
 def setup(device: str = "auto") -> Dist:
     """Pick the device; under torchrun (WORLD_SIZE > 1) join the process group (NCCL on GPUs,
@@ -145,7 +170,7 @@ def setup(device: str = "auto") -> Dist:
     dev = torch.device(device, local) if device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    # Rank 0 encodes the latent cache while the others wait: allow that more than the default.
+    # Rank 0 joins the ranks' latent parts while the others wait: allow that more than the default.
     torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                   timeout=datetime.timedelta(minutes=60))
     return Dist(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), device=dev)
@@ -162,14 +187,27 @@ def barrier(d: Dist) -> None:
         torch_dist.barrier()
 
 
+def step_seed(seed: int, rank: int, step: int, stream: int = 0) -> int:
+    """The seed of ``step``'s draws on ``rank``. Rank 0's stream 0 is what one process has always
+    used; ranks (shifted by 2^40) and streams (2^56) do not collide for seeds below ~10^6."""
+    return (seed * 1_000_003 + step + (rank << 40) + (stream << 56)) % 2**63
+
+
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
     """The generator of every random draw of ``step`` on ``rank``: a resumed run redraws the same.
-    Also reseeds torch's global RNG the same way, for randomness inside models (a VAE's sample)."""
-    s = (seed * 1_000_003 + rank * 7_919 + step) % 2**63
+    Also reseeds torch's global RNG the same way, for randomness inside models (a VAE's sample).
+    :func:`fit` hands tasks rank 0's, on every rank (see the module docstring)."""
+    s = step_seed(seed, rank, step)
     torch.manual_seed(s)
     g = torch.Generator(device)
     g.manual_seed(s)
     return g
+
+
+def rank_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator of ``step``'s draws that are this rank's own, not rows of the global batch
+    (e.g. the sampler noise of a rollout over this rank's rows), apart from the step's stream."""
+    return torch.Generator(device).manual_seed(step_seed(seed, rank, step, stream=1))
 
 
 # --- schedule and EMA ------------------------------------------------------------------------
@@ -330,13 +368,13 @@ class Run:
             fields = {f.name for f in dataclasses.fields(type(cfg))}
             old = type(cfg)(**{k: v for k, v in stored["config"].items() if k in fields})
             # The budget and device are about this process, not the schedule: take them anew.
-            keep_new = {"minutes", "device", "compile"}
+            keep_new = {"minutes", "device", "compile", "stop_at"}
             changed = {k: (getattr(old, k), v) for k, v in given.items() if k not in keep_new and getattr(old, k) != v}
             if changed and self.write:
                 print(f"[train] resuming {self.root}: ignoring flags that differ from its config.json: "
                       + ", ".join(f"{k}={new!r} (run has {was!r})" for k, (was, new) in changed.items()),
                       file=sys.stderr)
-            cfg = dataclasses.replace(old, **{k: v for k, v in given.items() if k in keep_new})
+            cfg = dataclasses.replace(old, **{"stop_at": None, **{k: v for k, v in given.items() if k in keep_new}})
             return cfg, has_state(self.state)
         if self.write:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -449,7 +487,8 @@ class Task(Protocol):
 
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
         """The training loss of ``step``; ``model`` may be DDP-wrapped or compiled; every random
-        draw comes from ``generator``."""
+        draw comes from ``generator``, the same on every rank: draw the global batch
+        (``cfg.batch_size``) and keep this rank's rows, :meth:`Dist.shard`."""
 
     def flops_per_sample(self) -> float | None:
         """Training FLOPs (forward + backward) per sample, for MFU; None if unknown."""
@@ -474,6 +513,17 @@ CALIB_STEPS = 20
 BUDGET_RESERVE = 0.08
 
 
+def _check_ranks_differ(loss: torch.Tensor, d: Dist) -> None:
+    """Fail at the first step if every rank computed the same loss: the task drew the same rows on
+    each (it must keep only its own, :meth:`Dist.shard`), so N GPUs would train on one GPU's batch."""
+    losses = torch.zeros(d.world_size, device=d.device)
+    losses[d.rank] = loss.detach().float()
+    torch_dist.all_reduce(losses)
+    if bool((losses == losses[0]).all()):
+        raise RuntimeError(f"all {d.world_size} ranks computed the same loss {losses[0].item():.6g}: the task drew the "
+                           "same batch on every rank; draw the global batch and keep Dist.shard(rows)")
+
+
 def _broadcast_int(value: int, d: Dist) -> int:
     if d.world_size == 1:
         return value
@@ -496,6 +546,9 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
     step, total, wall_before = 0, cfg.steps, 0.0
     if cfg.steps is None and cfg.minutes is None:
         raise ValueError("give --steps N, --minutes M or both")
+    if cfg.batch_size % d.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) does not split evenly over "
+                         f"{d.world_size} GPUs")
     if resuming:
         clean_orphans(run.state)
         meta = load_state(run.state, model, ema, optimizer)
@@ -504,6 +557,7 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
         if d.main:
             print(f"[train] resumed {run.root} at step {step} of {total}", file=sys.stderr)
     fixed = resuming or cfg.minutes is None  # else the budget fixes `total` after CALIB_STEPS
+    resumed_at = step
 
     train_model: nn.Module = model
     if d.world_size > 1:
@@ -515,7 +569,7 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
     params = count_params(model)
     flops = task.flops_per_sample()
     peak = peak_flops(d.device)
-    samples_per_step = cfg.batch_size * d.world_size
+    samples_per_step = cfg.batch_size
     cap = cfg.steps if cfg.steps is not None else 10**9
 
     def save(at: int, t_loop: float) -> None:
@@ -543,9 +597,12 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
         lr = lr_at(step, total if fixed else cap, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        gen = step_generator(cfg.seed, d.rank, step, d.device)
+        gen = step_generator(cfg.seed, 0, step, d.device)  # the global batch's draws: the same on every rank
+        torch.manual_seed(step_seed(cfg.seed, d.rank, step))  # randomness inside the model: this rank's own
         with autocast(d.device):
             loss = task.loss(train_model, step, gen)
+        if d.world_size > 1 and step == resumed_at:
+            _check_ranks_differ(loss, d)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -604,6 +661,8 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
             if over and not is_last:
                 stopped_by_budget = True
                 break
+        if cfg.stop_at is not None and fixed and step >= cfg.stop_at and not is_last:
+            break  # the state is saved below; a resume (any number of GPUs) goes on from here
 
         t_aside = time.perf_counter()  # samples and checkpoints do not count against throughput
         if d.main and cfg.sample_every and step % cfg.sample_every == 0 and not is_last:
@@ -654,8 +713,10 @@ def train(kind: str, cfg: TrainConfig, given: dict[str, Any] | None,
     d = setup(cfg.device)
     run = Run(cfg.out, write=d.main)
     try:
-        cfg, resuming = run.start(kind, cfg, given or {})
+        if d.main:  # rank 0 creates (or reopens) the run folder before the others read it
+            started = run.start(kind, cfg, given or {})
         barrier(d)
+        cfg, resuming = started if d.main else run.start(kind, cfg, given or {})
         return fit(make_task(cfg, run, d), cfg, run, d, resuming, t_start)
     finally:
         run.close()

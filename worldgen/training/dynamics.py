@@ -1,10 +1,11 @@
 """``worldgen train dynamics``: Diffusion Forcing of the block-causal DiT on tokenizer latents.
 
 Data path. First every train and held-out episode is encoded once by the frozen tokenizer, in
-big batches on the device, and cached as ``RUN/latents-{train,heldout}.safetensors`` (a resume
-does not re-encode). All latents (bf16, ~9.6 KB a frame at 16x15x20) and action vectors then
-live on the device, and each step gathers its windows of T frames there: no DataLoader, no
-host-to-device copies, nothing to starve the GPU. Windows never cross an episode boundary.
+big batches on the device (under torchrun each rank encodes its share of the episodes), and
+cached as ``RUN/latents-{train,heldout}.safetensors`` (a resume does not re-encode). All latents
+(bf16, ~9.6 KB a frame at 16x15x20) and action vectors then live on the device, and each step
+gathers its windows of T frames there: no DataLoader, no host-to-device copies, nothing to
+starve the GPU. Windows never cross an episode boundary.
 
 Actions: frame f's action is the one that *produced* it, exactly as
 :class:`worldgen.data.WindowDataset` aligns them (that class reads each episode, so the
@@ -72,7 +73,7 @@ class DynamicsTrainConfig(TrainConfig):
     tokenizer: str = opt("", "the trained tokenizer: a `train tokenizer` run folder or a model folder")
     model: str = opt("S", "DiT size from worldgen.models.MODELS", choices=tuple(MODELS))
     window: int = opt(16, "frames per training window: the context the model learns to use")
-    batch_size: int = opt(16, "windows per step per GPU (x window x 300 tokens)")
+    batch_size: int = opt(16, "windows per step over all GPUs (x window x 300 tokens)")
     lr: float = opt(3e-4, "peak AdamW LR; QK-norm and adaLN-zero keep a small DiT stable here")
     prefix_prob: float = opt(0.4, "share of windows with a clean-ish prefix and noisy rest (the inference pattern)")
     ctx_noise: float = opt(0.05, "context noise label at inference (stabilisation); prefixes train on U[0, 2x this]")
@@ -197,8 +198,10 @@ def encode_episodes(ds: Dataset, episodes: list[int], tokenizer: nn.Module, devi
 
 def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Path, tokenizer: nn.Module,
                    d: Dist, batch: int) -> Latents:
-    """Latents of ``episodes`` from the cache file at ``path``, encoding (rank 0) and caching them
-    first if it is missing or stale (another dataset or tokenizer)."""
+    """Latents of ``episodes`` from the cache file at ``path``, encoding and caching them first if
+    it is missing or stale (another dataset or tokenizer). Under torchrun each rank encodes every
+    ``world_size``-th episode into a part file and rank 0 joins the parts into the cache: the
+    dataset is encoded once, N times faster, and no rank idles while another encodes it all."""
     key = _fingerprint(ds, episodes, tok_folder)
 
     def read() -> Latents | None:
@@ -211,23 +214,54 @@ def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Pat
             t = load_file(path)
             return Latents(t["z"], t["actions"], t["offsets"])
         except (SafetensorError, OSError, KeyError) as e:  # unreadable: encode afresh
-            print(f"[train] {path}: unreadable latent cache ({e}); encoding again", file=sys.stderr)
+            if d.main:
+                print(f"[train] {path}: unreadable latent cache ({e}); encoding again", file=sys.stderr)
             return None
 
-    lat = read() if d.main else None
-    if d.main and lat is None:
+    def write(file: Path, lat: Latents) -> None:
+        tensors = {"z": lat.z.cpu().contiguous(), "actions": lat.actions.cpu().contiguous(),
+                   "offsets": lat.offsets.cpu()}
+        atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata={"fingerprint": key}))
+
+    lat = read()  # the same file on every rank: all of them encode, or none
+    if lat is None:
         t0 = time.time()
-        lat = encode_episodes(ds, episodes, tokenizer, d.device, batch)
-        tensors = {"z": lat.z.cpu().contiguous(), "actions": lat.actions.cpu().contiguous(), "offsets": lat.offsets}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fingerprint": key}))
-        print(f"[train] encoded {len(lat.z)} frames of {len(episodes)} episodes -> {path.name} "
-              f"({time.time() - t0:.1f} s)", file=sys.stderr)
-    barrier(d)
-    if not d.main:
-        lat = read()
-        if lat is None:
-            raise RuntimeError(f"{path}: rank 0 did not write the latent cache")
+        parts = [path.with_name(f"{path.stem}.part-{r}-of-{d.world_size}.safetensors") for r in range(d.world_size)]
+        mine = episodes[d.rank::d.world_size]
+        if mine:  # more ranks than episodes: the last ones have none
+            lat = encode_episodes(ds, mine, tokenizer, d.device, batch)
+            if d.world_size > 1:
+                write(parts[d.rank], lat)
+        barrier(d)
+        if d.main:
+            if d.world_size > 1:
+                lat = _interleave([load_file(f) for f in parts[:len(episodes)]])
+            write(path, lat)
+            for f in path.parent.glob(f"{path.stem}.part-*.safetensors"):
+                f.unlink(missing_ok=True)
+            print(f"[train] encoded {len(lat.z)} frames of {len(episodes)} episodes on {d.world_size} rank(s) "
+                  f"-> {path.name} ({time.time() - t0:.1f} s)", file=sys.stderr)
+        barrier(d)
+        if not d.main:
+            lat = read()
+            if lat is None:
+                raise RuntimeError(f"{path}: rank 0 did not write the latent cache")
     return lat.to(d.device)
+
+
+def _interleave(parts: list[dict[str, torch.Tensor]]) -> Latents:
+    """One :class:`Latents` from the part files of :func:`cached_latents`: part r holds episodes
+    r, r + N, r + 2N, ...; the result holds them in their order, 0, 1, 2, ..."""
+    n = len(parts)
+    per_part = [len(p["offsets"]) - 1 for p in parts]
+    zs, acts, offsets = [], [], [0]
+    for k in range(sum(per_part)):
+        part, j = parts[k % n], k // n
+        a, b = int(part["offsets"][j]), int(part["offsets"][j + 1])
+        zs.append(part["z"][a:b])
+        acts.append(part["actions"][a:b])
+        offsets.append(offsets[-1] + b - a)
+    return Latents(torch.cat(zs), torch.cat(acts), torch.tensor(offsets, dtype=torch.long))
 
 
 def dit_config(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int]) -> DiTConfig:
@@ -263,7 +297,7 @@ class DynamicsTask:
     def __init__(self, cfg: DynamicsTrainConfig, model: DiT, train: Latents, held: Latents | None, d: Dist,
                  tokenizer: nn.Module | None = None, tok_folder: Path | None = None,
                  data: tuple[Dataset, list[int]] | None = None):
-        self.cfg, self.model, self.device = cfg, model, d.device
+        self.cfg, self.model, self.device, self.dist = cfg, model, d.device, d
         self.data = data  # (dataset, episodes to take start contexts from)
         self.train, self.held = train, held if held is not None else train
         self.eval_split = "heldout" if held is not None else "train"
@@ -281,7 +315,7 @@ class DynamicsTask:
         if len(starts) == 0:
             raise ValueError(f"{cfg.data}: no train episode has {self.span} frames "
                              f"(--window {cfg.window}{', with --rollout-frames' if cfg.rollout_frames else ''})")
-        self.starts = starts[d.rank::d.world_size]  # each rank draws from its own share of windows
+        self.starts = starts  # every rank draws from all of them: the global batch is split, not the data
         self.tokens_per_sample = cfg.window * model.cfg.tokens_per_frame
         self.metrics: dict[str, float] = {}
         if d.main:
@@ -309,27 +343,32 @@ class DynamicsTask:
         return cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder, (ds, held or train))
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, ...]:
-        """A batch of the step: ``(x0, actions, t, eps, drop)``."""
-        cfg, fpb = self.cfg, self.model.cfg.frames_per_block
-        i = torch.randint(len(self.starts), (batch,), generator=generator, device=self.device)
-        x0, acts = self.train.windows(self.starts[i], cfg.window)               # (B, T, C, h, w), (B, T, 10)
-        t = noise_levels(batch, cfg.window, fpb, generator, self.device, cfg.prefix_prob, cfg.ctx_noise,
-                         cfg.t_loc, cfg.t_scale)                                 # (B, T)
-        eps = torch.randn(x0.shape, generator=generator, device=self.device)
+        """This rank's rows ``(x0, actions, t, eps, drop)`` of the step's global batch of ``batch``
+        windows (b = batch / ranks of them; every draw is made for the whole batch, then sharded)."""
+        cfg, fpb, shard = self.cfg, self.model.cfg.frames_per_block, self.dist.shard
+        i = shard(torch.randint(len(self.starts), (batch,), generator=generator, device=self.device))
+        x0, acts = self.train.windows(self.starts[i], cfg.window)               # (b, T, C, h, w), (b, T, 10)
+        t = shard(noise_levels(batch, cfg.window, fpb, generator, self.device, cfg.prefix_prob, cfg.ctx_noise,
+                               cfg.t_loc, cfg.t_scale))                          # (b, T)
+        eps = shard(torch.randn((batch, *x0.shape[1:]), generator=generator, device=self.device))
         drop = None
         if cfg.action_dropout > 0:
-            drop = torch.rand(t.shape, generator=generator, device=self.device) < cfg.action_dropout  # (B, T)
+            drop = shard(torch.rand((batch, cfg.window), generator=generator, device=self.device)
+                         < cfg.action_dropout)                                   # (b, T)
         return x0, acts, t, eps, drop
 
     @torch.no_grad()
-    def draw_rollout(self, generator: torch.Generator, batch: int) -> tuple[tuple[torch.Tensor, ...], int]:
-        """A batch of windows ending in the model's own rollout (see the module docstring):
-        ``((x0, actions, t, eps, drop), first_target)``, x0 holding the generated latents."""
-        cfg, T = self.cfg, self.cfg.window
+    def draw_rollout(self, generator: torch.Generator, batch: int,
+                     noise: torch.Generator | None = None) -> tuple[tuple[torch.Tensor, ...], int]:
+        """This rank's rows of a global batch of ``batch`` windows ending in the model's own rollout
+        (see the module docstring): ``((x0, actions, t, eps, drop), first_target)``, x0 holding the
+        generated latents. The rollout's sampler noise comes from ``noise`` (default: ``generator``):
+        it is drawn for this rank's rows only, so it must be the rank's own."""
+        cfg, T, shard = self.cfg, self.cfg.window, self.dist.shard
         g = int(torch.randint(cfg.rollout_frames + 1, (), generator=generator, device=self.device))
         s = 1 + int(torch.randint(T - g, (), generator=generator, device=self.device))
-        i = torch.randint(len(self.starts), (batch,), generator=generator, device=self.device)
-        x0, acts = self.train.windows(self.starts[i], T - 1 + g + s)            # (B, T - 1 + g + s, ...)
+        i = shard(torch.randint(len(self.starts), (batch,), generator=generator, device=self.device))
+        x0, acts = self.train.windows(self.starts[i], T - 1 + g + s)            # (b, T - 1 + g + s, ...)
         if g:  # g = 0: real context alone, so the teacher-forced skill is kept up too
             was_training = self.model.training
             self.model.eval()
@@ -337,7 +376,7 @@ class DynamicsTask:
             sinks = StreamConfig.sinks
             stream = StreamConfig(steps=cfg.sample_steps, ctx_noise=cfg.ctx_noise, sinks=sinks, window=T - 1 - sinks)
             gen = rollout_latents(self.model, stream, x0[:, :T - 1], acts[:, :T - 1], acts[:, T - 1:T - 1 + g],
-                                  generator)                                   # (B, g, C, h, w)
+                                  generator if noise is None else noise)       # (b, g, C, h, w)
             self.model.train(was_training)
             x0 = torch.cat([x0[:, :T - 1], gen.to(x0.dtype), x0[:, T - 1 + g:]], 1)
         x0 = x0[:, -T:]
@@ -345,11 +384,11 @@ class DynamicsTask:
         # Real and generated context at the levels inference labels context with; targets at DF levels.
         t = noise_levels(batch, T, 1, generator, self.device, 0.0, cfg.ctx_noise, cfg.t_loc, cfg.t_scale)
         ctx = torch.rand((batch, T - s), generator=generator, device=self.device) * 2 * cfg.ctx_noise
-        t = torch.cat([ctx, t[:, T - s:]], 1)
-        eps = torch.randn(x0.shape, generator=generator, device=self.device)
+        t = shard(torch.cat([ctx, t[:, T - s:]], 1))                              # (b, T)
+        eps = shard(torch.randn((batch, *x0.shape[1:]), generator=generator, device=self.device))
         drop = None
         if cfg.action_dropout > 0:
-            drop = torch.rand(t.shape, generator=generator, device=self.device) < cfg.action_dropout
+            drop = shard(torch.rand((batch, T), generator=generator, device=self.device) < cfg.action_dropout)
         return (x0, acts, t, eps, drop), T - s
 
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
@@ -357,7 +396,8 @@ class DynamicsTask:
         # A coin only when the share leaves a choice: share 1 draws what it drew before the knob.
         if cfg.rollout_frames and (share == 1 or share > 0 and
                                    float(torch.rand((), generator=generator, device=self.device)) < share):
-            batch, first_target = self.draw_rollout(generator, cfg.batch_size)
+            noise = common.rank_generator(cfg.seed, self.dist.rank, step, self.device)
+            batch, first_target = self.draw_rollout(generator, cfg.batch_size, noise)
             return flow_matching_loss(model, *batch, first_target=first_target)
         return flow_matching_loss(model, *self.draw(generator, cfg.batch_size))
 

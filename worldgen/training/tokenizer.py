@@ -39,7 +39,7 @@ from worldgen.training.common import Dist, Run, TrainConfig, autocast, opt, save
 
 @dataclass
 class TokenizerTrainConfig(TrainConfig):
-    batch_size: int = opt(32, "frames per step per GPU; small convs need a few dozen to fill a GPU")
+    batch_size: int = opt(32, "frames per step over all GPUs; small convs need a few dozen a GPU to fill it")
     lr: float = opt(5e-4, "peak AdamW LR; conv VAEs train stably here with warmup")
     weight_decay: float = opt(0.0, "no decay: the KL already regularises, decay only blurs")
     channels: str = opt("32,64,128,128", "tokenizer widths per resolution level, full resolution first")
@@ -98,7 +98,7 @@ class TokenizerTask:
 
     def __init__(self, cfg: TokenizerTrainConfig, model: Tokenizer, pool: torch.Tensor, eval_set: torch.Tensor,
                  d: Dist, eval_split: str = "heldout"):
-        self.cfg, self.model, self.device = cfg, model, d.device
+        self.cfg, self.model, self.device, self.dist = cfg, model, d.device, d
         self.pool, self.eval_set, self.eval_split = pool.to(d.device), eval_set, eval_split
         self.tokens_per_sample = math.prod(model.cfg.latent_size)
         self.metrics: dict[str, float] = {}
@@ -125,6 +125,7 @@ class TokenizerTask:
 
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
         idx = torch.randint(len(self.pool), (self.cfg.batch_size,), generator=generator, device=self.device)
+        idx = self.dist.shard(idx)  # this rank's frames of the global batch
         return tokenizer_loss(model, frames_to_tensor(self.pool[idx]))
 
     def flops_per_sample(self) -> float | None:
