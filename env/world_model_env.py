@@ -174,8 +174,8 @@ class _World:
             return env.stack.copy()
         if self.observations == ("rgb",):
             return env.frame.copy()
-        parts = {"rgb": env.frame, "depth": env.depth[..., None], "pose": env.pose.astype(np.float32)}
-        return {k: np.array(parts[k]) for k in self.observations}
+        parts = {"rgb": lambda: env.frame, "depth": lambda: env.depth[..., None], "pose": lambda: env.pose.astype(np.float32)}
+        return {k: np.array(parts[k]()) for k in self.observations}
 
     def look(self, envs: Sequence["WorldModelEnv"], step: tuple[np.ndarray, ...] | None = None) -> None:
         """Depth and pose of ``envs``' new frames by the geometry head, one batch for all: after a

@@ -207,7 +207,7 @@ def test_depth_and_pose_observations(tiny_checkpoint, tiny_geometry_run):
     head, _ = load_head(geometry)
     obs, _ = env.reset(seed=3)
     assert set(obs) == {"rgb", "depth", "pose"} and obs in env.observation_space
-    assert obs["depth"].shape == (SIZE[1], SIZE[0]) and np.array_equal(obs["pose"], np.zeros(5, np.float32))
+    assert obs["depth"].shape == (SIZE[1], SIZE[0], 1) and np.array_equal(obs["pose"], np.zeros(5, np.float32))
     pose, prev = np.zeros(5), obs["rgb"]
     turn_left = {"keys": np.zeros(8, np.int8), "mouse": np.array([-6.0, 0.0], np.float32)}  # as recorded
     for a in (forward(), turn_left, turn_left, turn_left):
