@@ -73,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-steps", type=int, default=300, help="steps per real-game episode at most")
     p.add_argument("--eval-envs", type=int, default=min(16, os.cpu_count() or 1),
                    help="real games (processes) playing the scoring episodes together")
+    p.add_argument("--processes", action=argparse.BooleanOptionalAction, default=True,
+                   help="one process per real game (--no-processes: all in this one, for tiny runs)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default="runs/ppo_doom")
     return p.parse_args()
@@ -135,12 +137,15 @@ def to_env_actions(action: torch.Tensor, space: gymnasium.Space) -> np.ndarray:
 
 
 def make_real_envs(n: int, frame_size, args: argparse.Namespace, horizon: int, weights: dict, mouse_range) -> gymnasium.vector.VectorEnv:
-    """``n`` real ViZDoom games, one process each, next-step autoreset like the world-model env."""
+    """``n`` real ViZDoom games (one process each unless ``--no-processes``), next-step autoreset
+    like the world-model env."""
     from worldgen.env.real_game import RealDoomEnv
 
     maps = [m.strip() for m in args.maps.split(",") if m.strip()]
     kwargs = dict(frame_size=tuple(frame_size), action_space=args.action_space, mouse_range=tuple(mouse_range),
                   reward_weights=weights, maps=maps, horizon=horizon)
+    if not args.processes:
+        return gymnasium.vector.SyncVectorEnv([lambda: RealDoomEnv(**kwargs)] * n)
     return gymnasium.vector.AsyncVectorEnv([lambda: RealDoomEnv(**kwargs)] * n, context="spawn")
 
 

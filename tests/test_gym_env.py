@@ -218,7 +218,7 @@ def test_depth_and_pose_observations(tiny_checkpoint, tiny_geometry_run):
         motion = predict_motion(head, prev[None], a["keys"][None], a["mouse"][None], obs["rgb"][None])[0]
         pose, prev = integrate(pose, motion), obs["rgb"]
         np.testing.assert_allclose(obs["pose"], pose.astype(np.float32), rtol=1e-5, atol=1e-4)
-        np.testing.assert_array_equal(obs["depth"], predict_depth(head, obs["rgb"][None])[0])
+        np.testing.assert_array_equal(obs["depth"], predict_depth(head, obs["rgb"][None])[0][..., None])
     assert 9.0 < obs["pose"][3] < 30.0, obs["pose"]  # three mouse turns of 6 degrees left: yaw up ~18
     obs, _ = env.reset(seed=4)
     assert np.array_equal(obs["pose"], np.zeros(5, np.float32))  # a new episode starts at the origin
@@ -459,7 +459,7 @@ def test_ppo_example_trains_in_the_model_and_in_the_real_game_and_scores_both(ti
     subprocess.run([sys.executable, str(ROOT / "examples" / "ppo_doom.py"), "--checkpoint", str(tiny_checkpoint),
                     "--reward", str(reward_run[0] / "ckpt"), "--device", "cpu", "--steps", "64", "--num-envs", "2",
                     "--num-steps", "16", "--horizon", "12", "--eval-episodes", "3", "--eval-steps", "10",
-                    "--eval-envs", "2", "--out", str(tmp_path)], check=True, env=env, capture_output=True, text=True,
+                    "--eval-envs", "2", "--no-processes", "--out", str(tmp_path)], check=True, env=env, capture_output=True, text=True,
                    timeout=600)
     result = json.loads((tmp_path / "result.json").read_text())
     for where in ("imagination", "real"):
