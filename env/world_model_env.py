@@ -12,23 +12,25 @@ them stepped together by one batched forward (``wm.step_many``). Both are regist
     >>> envs = gymnasium.make_vec("worldgen/Doom-v0", num_envs=16,
     ...                           vectorization_mode="vector_entry_point")        # doctest: +SKIP
 
-Spaces (the action schema of :mod:`worldgen.actions`, as the recorder stores it):
+Spaces (docs/agents.md has the full reference):
 
-* action: ``Dict(keys=MultiBinary(8), mouse=Box(-180, 180, (2,), float32))``; ``keys`` holds
-  forward, back, strafe_left, strafe_right, turn_left, turn_right, attack, use (1 = held),
-  ``mouse`` is (yaw, pitch) in degrees for this step, yaw > 0 turning right. Degrees, not a
-  [-1, 1] box, because they are the schema's unit; ``check_env`` warns about that, nothing
-  more. Also accepted: a :class:`~worldgen.actions.Action` or the wire form with key names,
+* action: ``action_space=`` ``"dict"`` (default; the schema of :mod:`worldgen.actions`,
+  ``Dict(keys=MultiBinary(8), mouse=Box(-range, range, (2,), float32))``, mouse in degrees per
+  step, yaw > 0 turning right), ``"discrete"``, ``"multidiscrete"`` or ``"box"``
+  (:mod:`worldgen.env.action_spaces`). The mouse range of every space is what the model's
+  training data covers (``mouse_range=`` overrides); a Dict action beyond it is clipped to it. The
+  Dict space also accepts a :class:`~worldgen.actions.Action` or the wire form with key names,
   ``{"keys": ["forward"], "mouse": [5.0, 0.0]}``. A bad action raises
   :class:`~worldgen.actions.ActionError` naming the problem, and the env is unchanged.
 * observation: the frame, ``Box(0, 255, (H, W, 3), uint8)``, (120, 160, 3) for the default
   model. ``observations=("rgb", "depth", "pose")`` (any of them) gives a ``Dict`` instead:
-  ``depth`` ``Box(0, 255, (H, W), uint8)`` in the recorder's depth levels (larger = farther) and
+  ``depth`` ``Box(0, 255, (H, W, 1), uint8)`` in the recorder's depth levels (larger = farther) and
   ``pose`` ``Box(POSE_LOW, POSE_HIGH, (5,), float32)``, x, y, z (map units), yaw, pitch (degrees)
   relative to where the episode started (its start frame at the origin, looking along +x). The
   model makes RGB only, so both are read off its frames by a learned geometry head
   (:mod:`worldgen.env.geometry`: depth per frame, odometry per step, integrated): ``geometry=``
   the head stored with the model (default; the default model's ships with worldgen) or a folder.
+  ``preset="atari"``: the last 4 frames in grayscale at 84x84, ``(4, 84, 84)`` uint8.
 
 Episodes: ``reset(seed=...)`` draws a real start context (:mod:`worldgen.env.starts`: the
 checkpoint's stored starts by default, else a fresh ViZDoom game; or ``start="dataset"`` with
@@ -36,12 +38,17 @@ checkpoint's stored starts by default, else a fresh ViZDoom game; or ``start="da
 gives the same episode for the same actions. ``reset(options={"start": i})`` picks stored
 start ``i``; ``options={"context_frames": F, "context_actions": A}`` starts from your frames.
 Reward and termination come from a reward model (:mod:`worldgen.env.reward`): the learned head
-by default, ``reward="zero"``, or your function. Episodes are truncated after ``horizon`` steps.
+by default, ``reward="zero"``, or your function. Episodes are truncated after ``horizon`` steps
+(``gymnasium.make`` leaves that to its ``TimeLimit`` of the registered ``max_episode_steps``).
+``info``: ``start`` (reset), ``steps``, and ``reward_terms`` (a learned head's parts of the reward).
+On a CPU of at most 4 cores torch gets one thread (``torch_threads=`` overrides).
 
 The vector env follows Gymnasium 1.x next-step autoreset (``AutoresetMode.NEXT_STEP``): the step
 after a sub-env terminates or truncates resets it (its action is ignored, reward 0), and
 ``reset(seed=s)`` seeds sub-env i with ``s + i``, exactly as ``SyncVectorEnv`` over
-:class:`WorldModelEnv` would, only with one forward for all sub-envs.
+:class:`WorldModelEnv` would, only with one forward for all sub-envs. ``autoreset_mode=SAME_STEP``
+resets in the step that ended the episode (``final_obs``/``final_info``), Stable-Baselines3's
+convention (:mod:`worldgen.env.sb3` wraps it in SB3's ``VecEnv`` API).
 """
 
 from __future__ import annotations
@@ -251,6 +258,12 @@ class WorldModelEnv(gymnasium.Env):
         stream: engine settings for loading (``steps``, ``ctx_noise``, ``window``, ...).
         compile: ``wm.compile()`` the engine (GPU: the step as one CUDA graph; the first step
             compiles, seconds to a minute).
+        action_space: ``"dict"``, ``"discrete"``, ``"multidiscrete"`` or ``"box"``
+            (:mod:`worldgen.env.action_spaces`).
+        mouse_range: (yaw, pitch) degrees per step every action space stays within (default:
+            what the model's training data covers, :func:`~worldgen.env.action_spaces.trained_mouse_range`).
+        preset: None, or ``"atari"``: observations are the last 4 frames, grayscale, 84x84.
+        torch_threads: torch intra-op threads (default: 1 on a CPU of at most 4 cores, else torch's).
 
     Example:
         >>> env = WorldModelEnv("default", reward="zero", horizon=100)   # doctest: +SKIP

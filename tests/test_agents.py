@@ -7,6 +7,7 @@ Everything runs the tiny model of ``tiny_checkpoint`` (conftest.py) on the CPU.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import gymnasium
@@ -19,11 +20,11 @@ import worldgen.env  # noqa: F401  (registers worldgen/Doom-v0)
 from worldgen import checkpoint
 from worldgen.actions import ActionError
 from worldgen.env.action_spaces import ACTION_SPACES, DISCRETE_ACTIONS, ActionCodec
-from worldgen.env.world_model_env import WorldModelEnv, WorldModelVectorEnv, set_torch_threads
+from worldgen.env.world_model_env import OBSERVATION_KEYS, WorldModelEnv, WorldModelVectorEnv, set_torch_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 shared cores
 
-OBSERVATIONS = [("rgb",), ("depth",), ("pose",), ("rgb", "depth"), ("rgb", "depth", "pose")]
+OBSERVATIONS = [c for n in (1, 2, 3) for c in itertools.combinations(OBSERVATION_KEYS, n)]  # all 7
 
 
 def test_every_action_space_stays_in_the_trained_mouse_range(tiny_checkpoint, doom_recording):
@@ -142,8 +143,10 @@ def test_same_step_autoreset_matches_gymnasium(tiny_checkpoint):
     single.close()
 
 
-# --- Stable-Baselines3 -------------------------------------------------------------------------
-sb3 = pytest.importorskip("stable_baselines3")
+# --- Stable-Baselines3 (the rl extra) ---------------------------------------------------------
+@pytest.fixture
+def sb3():
+    return pytest.importorskip("stable_baselines3")
 
 
 def forward_reward(prev, action, frame) -> float:
@@ -152,7 +155,7 @@ def forward_reward(prev, action, frame) -> float:
 
 
 @pytest.mark.parametrize("kind", ["discrete", "multidiscrete", "box"])
-def test_sb3_check_env_accepts_the_env(tiny_checkpoint, kind):
+def test_sb3_check_env_accepts_the_env(sb3, tiny_checkpoint, kind):
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
     env = WorldModelEnv(str(tiny_checkpoint), device="cpu", reward="zero", action_space=kind, preset="atari")
@@ -163,7 +166,7 @@ def test_sb3_check_env_accepts_the_env(tiny_checkpoint, kind):
 
 
 @pytest.mark.parametrize("kind, preset", [("discrete", None), ("multidiscrete", None), ("box", None)])
-def test_sb3_ppo_learns_in_the_model(tiny_checkpoint, kind, preset):
+def test_sb3_ppo_learns_in_the_model(sb3, tiny_checkpoint, kind, preset):
     """PPO over the SB3 vector env: episodes end as max_episode_steps says, each step is one
     batched forward of the model, and the policy learns to hold forward."""
     from stable_baselines3 import PPO
@@ -194,7 +197,7 @@ def test_sb3_ppo_learns_in_the_model(tiny_checkpoint, kind, preset):
     venv.close()
 
 
-def test_sb3_dqn_trains_on_the_atari_preset(tiny_checkpoint):
+def test_sb3_dqn_trains_on_the_atari_preset(sb3, tiny_checkpoint):
     from stable_baselines3 import DQN
 
     from worldgen.env.sb3 import SB3VecEnv
