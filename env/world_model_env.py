@@ -64,7 +64,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from worldgen import actions, checkpoint
+from worldgen import checkpoint
 from worldgen.actions import Action, ActionError
 from worldgen.env import DEFAULT_HORIZON
 from worldgen.env.action_spaces import ActionCodec, check_mouse_range, to_action, trained_mouse_range

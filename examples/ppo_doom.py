@@ -297,13 +297,16 @@ def main() -> None:
     frame_size, mouse_range = envs.single_observation_space.shape[:2], world.codec.mouse_range.tolist()
     space = envs.single_action_space
 
+    model_envs = envs
     trained, agents = {}, {}
     for where in where_all:
-        if where == "real":
-            envs = make_real_envs(args.num_envs, frame_size, args, args.horizon, weights, mouse_range)
+        envs = model_envs if where == "imagination" else \
+            make_real_envs(args.num_envs, frame_size, args, args.horizon, weights, mouse_range)
         agents[where], trained[where] = train_ppo(envs, args, device, where)
         envs.close()
         torch.save(agents[where].state_dict(), out / f"agent-{where}.pt")
+    if "imagination" not in where_all:
+        model_envs.close()
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
