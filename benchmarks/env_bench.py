@@ -28,7 +28,7 @@ from worldgen.provenance import hardware
 
 def bench(n: int, args: argparse.Namespace) -> dict:
     envs = WorldModelVectorEnv(n, args.checkpoint, device=args.device, reward=args.reward, horizon=None,
-                               compile=args.compile)
+                               compile=args.compile, torch_threads=args.threads)
     envs.action_space.seed(0)
     envs.reset(seed=0)
     for _ in range(args.warmup):
@@ -60,12 +60,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed vector steps per size")
     p.add_argument("--warmup", type=int, default=2, help="untimed vector steps first (allocator, caches)")
     p.add_argument("--reward", default="learned", help="'learned', 'zero' or a folder with a reward head")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (CPU; default: the env's, one on a CPU of <= 4 cores)")
     p.add_argument("--compile", action="store_true", help="wm.compile() the engine (GPU; warmup steps compile)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device = str(device)
     rows = [bench(int(n), args) for n in args.envs.split(",")]

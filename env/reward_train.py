@@ -72,6 +72,9 @@ class RewardTrainConfig(TrainConfig):
     balance: float = opt(0.0, "class loss weights = class frequency ** -balance (0: none; with event "
                               "over-sampling, weights would bias the corrected probabilities)")
     eval_transitions: int = opt(4096, "held-out transitions scored at checkpoints (all of them at the end)")
+    generated: str = opt("", "the world model's own transitions labelled by the game (a rollouts file of "
+                             "`python -m worldgen.env.reward_calibrate`), trained on beside the real ones: "
+                             "a head that only saw real frames mistakes the model's artefacts for events")
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -109,6 +112,13 @@ class Transitions:
 
     def to(self, device: torch.device) -> "Transitions":
         return Transitions(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+    @staticmethod
+    def cat(parts: list["Transitions"]) -> "Transitions":
+        """One set of transitions holding ``parts`` (frame indices shifted to the joined pool)."""
+        offsets = np.cumsum([0] + [len(p.frames) for p in parts[:-1]])
+        return Transitions(torch.cat([p.frames for p in parts]), torch.cat([p.prev + int(o) for p, o in zip(parts, offsets)]),
+                           *(torch.cat([getattr(p, f) for p in parts]) for f in ("action", "change", "death")))
 
     @property
     def classes(self) -> torch.Tensor:
@@ -149,6 +159,37 @@ def build_transitions(ds: Dataset, episodes: list[int], head: RewardHead) -> Tra
         raise ValueError(f"{ds.root}: no episode of 2 or more steps among {len(episodes)}: nothing to learn from")
     return Transitions(torch.cat(frames), torch.cat(prev), torch.cat(acts).float(), torch.cat(change).float(),
                        torch.cat(death))
+
+
+def rollout_transitions(path: str | Path, head: RewardHead) -> Transitions:
+    """The transitions of a rollouts file (:func:`worldgen.env.reward_calibrate.save_rollouts`):
+    rollout r's frames ``g_0 .. g_K`` (g_0 real, the rest the model's), the actions between them
+    and the game's variables after each; only its first ``valid[r]`` transitions count (a death
+    in the game ends the rollout there, the last of them labelled death)."""
+    from worldgen.env.reward_calibrate import load_rollouts
+
+    r = load_rollouts(path)
+    names = r["variables_names"]
+    missing = [t for t in head.cfg.targets if t not in names]
+    if missing:
+        raise ValueError(f"{path}: targets {missing} are not among its variables ({names})")
+    cols = [names.index(t) for t in head.cfg.targets]
+    n, k1 = r["frames"].shape[:2]
+    frames = head.prepare(torch.from_numpy(r["frames"].reshape(-1, *r["frames"].shape[2:])))
+    prev, acts, change, death = [], [], [], []
+    for i in range(n):
+        m = int(r["valid"][i])
+        if m == 0:
+            continue
+        prev.append(torch.arange(i * k1, i * k1 + m))
+        acts.append(torch.from_numpy(actions.to_vector(r["keys"][i, :m], r["mouse"][i, :m])))
+        change.append(torch.from_numpy(np.diff(r["variables"][i, :m + 1][:, cols], axis=0)))
+        d = torch.zeros(m)
+        d[-1] = float(r["died"][i])
+        death.append(d)
+    if not prev:
+        raise ValueError(f"{path}: no rollout has a transition")
+    return Transitions(frames, torch.cat(prev), torch.cat(acts).float(), torch.cat(change).float(), torch.cat(death))
 
 
 def class_weights(t: Transitions, balance: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,6 +287,11 @@ class RewardTask:
         t0 = time.time()
         train_set = build_transitions(ds, train, head)
         eval_set = build_transitions(ds, held or train, head)
+        if cfg.generated:
+            generated = rollout_transitions(cfg.generated, head)
+            if d.main:
+                print(f"[train] reward head: + {len(generated)} generated transitions of {cfg.generated}", file=sys.stderr)
+            train_set = Transitions.cat([train_set, generated])
         if d.main:
             print(f"[train] reward head: {len(train_set)} train transitions ({int(train_set.death.sum())} deaths, "
                   f"changes {dict(zip(head.cfg.targets, (train_set.classes != 1).sum(0).tolist()))}), "

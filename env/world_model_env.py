@@ -12,23 +12,25 @@ them stepped together by one batched forward (``wm.step_many``). Both are regist
     >>> envs = gymnasium.make_vec("worldgen/Doom-v0", num_envs=16,
     ...                           vectorization_mode="vector_entry_point")        # doctest: +SKIP
 
-Spaces (the action schema of :mod:`worldgen.actions`, as the recorder stores it):
+Spaces (docs/agents.md has the full reference):
 
-* action: ``Dict(keys=MultiBinary(8), mouse=Box(-180, 180, (2,), float32))``; ``keys`` holds
-  forward, back, strafe_left, strafe_right, turn_left, turn_right, attack, use (1 = held),
-  ``mouse`` is (yaw, pitch) in degrees for this step, yaw > 0 turning right. Degrees, not a
-  [-1, 1] box, because they are the schema's unit; ``check_env`` warns about that, nothing
-  more. Also accepted: a :class:`~worldgen.actions.Action` or the wire form with key names,
+* action: ``action_space=`` ``"dict"`` (default; the schema of :mod:`worldgen.actions`,
+  ``Dict(keys=MultiBinary(8), mouse=Box(-range, range, (2,), float32))``, mouse in degrees per
+  step, yaw > 0 turning right), ``"discrete"``, ``"multidiscrete"`` or ``"box"``
+  (:mod:`worldgen.env.action_spaces`). The mouse range of every space is what the model's
+  training data covers (``mouse_range=`` overrides); a Dict action beyond it is clipped to it. The
+  Dict space also accepts a :class:`~worldgen.actions.Action` or the wire form with key names,
   ``{"keys": ["forward"], "mouse": [5.0, 0.0]}``. A bad action raises
   :class:`~worldgen.actions.ActionError` naming the problem, and the env is unchanged.
 * observation: the frame, ``Box(0, 255, (H, W, 3), uint8)``, (120, 160, 3) for the default
   model. ``observations=("rgb", "depth", "pose")`` (any of them) gives a ``Dict`` instead:
-  ``depth`` ``Box(0, 255, (H, W), uint8)`` in the recorder's depth levels (larger = farther) and
+  ``depth`` ``Box(0, 255, (H, W, 1), uint8)`` in the recorder's depth levels (larger = farther) and
   ``pose`` ``Box(POSE_LOW, POSE_HIGH, (5,), float32)``, x, y, z (map units), yaw, pitch (degrees)
   relative to where the episode started (its start frame at the origin, looking along +x). The
   model makes RGB only, so both are read off its frames by a learned geometry head
   (:mod:`worldgen.env.geometry`: depth per frame, odometry per step, integrated): ``geometry=``
   the head stored with the model (default; the default model's ships with worldgen) or a folder.
+  ``preset="atari"``: the last 4 frames in grayscale at 84x84, ``(4, 84, 84)`` uint8.
 
 Episodes: ``reset(seed=...)`` draws a real start context (:mod:`worldgen.env.starts`: the
 checkpoint's stored starts by default, else a fresh ViZDoom game; or ``start="dataset"`` with
@@ -36,12 +38,17 @@ checkpoint's stored starts by default, else a fresh ViZDoom game; or ``start="da
 gives the same episode for the same actions. ``reset(options={"start": i})`` picks stored
 start ``i``; ``options={"context_frames": F, "context_actions": A}`` starts from your frames.
 Reward and termination come from a reward model (:mod:`worldgen.env.reward`): the learned head
-by default, ``reward="zero"``, or your function. Episodes are truncated after ``horizon`` steps.
+by default, ``reward="zero"``, or your function. Episodes are truncated after ``horizon`` steps
+(``gymnasium.make`` leaves that to its ``TimeLimit`` of the registered ``max_episode_steps``).
+``info``: ``start`` (reset), ``steps``, and ``reward_terms`` (a learned head's parts of the reward).
+On a CPU of at most 4 cores torch gets one thread (``torch_threads=`` overrides).
 
 The vector env follows Gymnasium 1.x next-step autoreset (``AutoresetMode.NEXT_STEP``): the step
 after a sub-env terminates or truncates resets it (its action is ignored, reward 0), and
 ``reset(seed=s)`` seeds sub-env i with ``s + i``, exactly as ``SyncVectorEnv`` over
-:class:`WorldModelEnv` would, only with one forward for all sub-envs.
+:class:`WorldModelEnv` would, only with one forward for all sub-envs. ``autoreset_mode=SAME_STEP``
+resets in the step that ended the episode (``final_obs``/``final_info``), Stable-Baselines3's
+convention (:mod:`worldgen.env.sb3` wraps it in SB3's ``VecEnv`` API).
 """
 
 from __future__ import annotations
@@ -52,18 +59,26 @@ from typing import Any, Mapping, Sequence
 
 import gymnasium
 import numpy as np
+import torch
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from worldgen import actions, checkpoint
+from worldgen import checkpoint
 from worldgen.actions import Action, ActionError
+from worldgen.env import DEFAULT_HORIZON
+from worldgen.env.action_spaces import ActionCodec, check_mouse_range, to_action, trained_mouse_range
 from worldgen.env.geometry import POSE_HIGH, POSE_LOW, find_head, integrate, predict_depth, predict_motion
 from worldgen.env.reward import LearnedReward, RewardModel, make_reward_model
-from worldgen.env.starts import DatasetStarts, DoomStarts, Start, StartSource, StoredStarts
+from worldgen.env.starts import DatasetStarts, DoomStarts, Start, StartSource, StoredStarts, resize_frames
 
 OBSERVATION_KEYS = ("rgb", "depth", "pose")
-DEFAULT_HORIZON = 1000  # ~2 minutes of play at 8.75 steps/s
+PRESETS = (None, "atari")
+ATARI_SIZE = 84   # DQN's (Mnih et al. 2015) grayscale frame side, what Atari-tuned nets and hyperparameters expect
+ATARI_STACK = 4   # frames per observation in that preset: enough to see motion
+# On this many cores or fewer, torch's intra-op threads fight each other (and the env's own
+# work) more than they help: measured 6-9x slower than one thread on a 2-core machine.
+SMALL_CPU = 4
 
 _models: "weakref.WeakValueDictionary[tuple, Any]" = weakref.WeakValueDictionary()
 
@@ -89,36 +104,6 @@ def load_model(model: Any = "default", device: Any = None, compile: bool = False
     return wm
 
 
-def action_space() -> spaces.Dict:
-    """The action schema as a Gymnasium space (see the module docstring)."""
-    return spaces.Dict({
-        "keys": spaces.MultiBinary(actions.NUM_KEYS),
-        "mouse": spaces.Box(-actions.MAX_MOUSE_DEG, actions.MAX_MOUSE_DEG, (actions.NUM_MOUSE,), np.float32),
-    })
-
-
-def to_action(a: Any) -> Action:
-    """One action of the action space (or an Action, or the wire form) -> a validated Action.
-
-    Example:
-        >>> to_action({"keys": np.array([1, 0, 0, 0, 0, 0, 0, 0]), "mouse": np.array([5.0, 0.0])}).to_dict()
-        {'keys': ['forward'], 'mouse': [5.0, 0.0]}
-        >>> to_action({"keys": [1, 0]})
-        Traceback (most recent call last):
-        ...
-        worldgen.actions.ActionError: keys must have shape (8,) (one 0/1 per key forward, back, strafe_left, strafe_right, turn_left, turn_right, attack, use), got (2,)
-    """
-    if isinstance(a, Action):
-        return a
-    if not isinstance(a, Mapping):
-        raise ActionError(f"an action must be a dict {{'keys': 8 x 0/1, 'mouse': [yaw, pitch] degrees}} (the action "
-                          f"space) or a worldgen Action, got {type(a).__name__}")
-    unknown = set(a) - {"keys", "mouse"}
-    if unknown or "keys" not in a:
-        raise ActionError(f"an action dict has 'keys' and 'mouse'; got keys {sorted(map(str, a))}")
-    return Action.from_dict(a)
-
-
 class _World:
     """What every env over one model shares: the model, the reward model, the start source,
     the spaces. A vector env builds one for all its sub-envs."""
@@ -128,9 +113,12 @@ class _World:
                  start: str = "auto", data: str | os.PathLike | None = None, split: str = "heldout",
                  maps: Sequence[str] = ("E1M1",), context: int | None = None,
                  observations: Sequence[str] = ("rgb",), geometry: Any = "learned",
-                 stream: Mapping[str, Any] | None = None, compile: bool = False):
+                 stream: Mapping[str, Any] | None = None, compile: bool = False, action_space: str = "dict",
+                 mouse_range: Sequence[float] | None = None, preset: str | None = None,
+                 torch_threads: int | None = None):
         from worldgen.engine import WorldModel
 
+        set_torch_threads(torch_threads, device)
         self.wm = load_model(model, device, compile, **dict(stream or {}))
         folder = None if isinstance(model, WorldModel) else checkpoint.resolve(model)
         self.reward: RewardModel = make_reward_model(reward, folder, self.wm.device, reward_weights)
@@ -152,11 +140,22 @@ class _World:
             if tuple(self.geometry.cfg.frame_size) != (h, w):
                 raise ValueError(f"the geometry head reads {tuple(self.geometry.cfg.frame_size)} frames, the model "
                                  f"makes {(h, w)}; train a head on data at the model's resolution")
-        boxes = {"rgb": spaces.Box(0, 255, (h, w, 3), np.uint8), "depth": spaces.Box(0, 255, (h, w), np.uint8),
+        boxes = {"rgb": spaces.Box(0, 255, (h, w, 3), np.uint8), "depth": spaces.Box(0, 255, (h, w, 1), np.uint8),
                  "pose": spaces.Box(POSE_LOW, POSE_HIGH, (5,), np.float32)}
         self.observation_space = boxes["rgb"] if self.observations == ("rgb",) else \
             spaces.Dict({k: boxes[k] for k in self.observations})
-        self.action_space = action_space()
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+        if preset == "atari":
+            if self.observations != ("rgb",):
+                raise ValueError(f"preset='atari' observes stacked grayscale frames; it takes observations=('rgb',), "
+                                 f"got {observations!r}")
+            self.observation_space = spaces.Box(0, 255, (ATARI_STACK, ATARI_SIZE, ATARI_SIZE), np.uint8)
+        self.preset = preset
+        if mouse_range is None:
+            mouse_range = trained_mouse_range(folder)
+        self.codec = ActionCodec(action_space, check_mouse_range(mouse_range))
+        self.action_space = self.codec.space
 
     def _starts(self, start: str, data: Any, split: str, maps: Sequence[str], context: int | None) -> StartSource:
         if start == "auto":  # the model's own starts; a model without them starts in a fresh game
@@ -178,15 +177,21 @@ class _World:
 
     def observe(self, env: "WorldModelEnv") -> Any:
         """The observation of ``env``'s last frame (fresh arrays: users may keep or change them)."""
+        if self.preset == "atari":
+            return env.stack.copy()
         if self.observations == ("rgb",):
             return env.frame.copy()
-        parts = {"rgb": env.frame, "depth": env.depth, "pose": env.pose.astype(np.float32)}
-        return {k: np.array(parts[k]) for k in self.observations}
+        parts = {"rgb": lambda: env.frame, "depth": lambda: env.depth[..., None], "pose": lambda: env.pose.astype(np.float32)}
+        return {k: np.array(parts[k]()) for k in self.observations}
 
     def look(self, envs: Sequence["WorldModelEnv"], step: tuple[np.ndarray, ...] | None = None) -> None:
         """Depth and pose of ``envs``' new frames by the geometry head, one batch for all: after a
         reset (``step`` None: the pose starts at the origin) or after the step ``(prev_frames,
-        keys, mouse)``, whose odometry moves the pose."""
+        keys, mouse)``, whose odometry moves the pose. The atari preset's frame stacks move too."""
+        if self.preset == "atari":
+            small = atari_frames(np.stack([e.frame for e in envs]))
+            for e, f in zip(envs, small):  # a reset fills the stack with its first frame, as Gymnasium's FrameStack
+                e.stack = np.repeat(f[None], ATARI_STACK, 0) if step is None else np.concatenate([e.stack[1:], f[None]])
         if self.geometry is None:
             return
         frames = np.stack([e.frame for e in envs])
@@ -203,6 +208,27 @@ class _World:
 
     def close(self) -> None:
         self.starts.close()
+
+
+def atari_frames(frames: np.ndarray) -> np.ndarray:
+    """uint8 ``(B, H, W, 3)`` frames -> uint8 ``(B, 84, 84)`` grayscale (ITU-R 601 luma, as
+    ALE's and OpenCV's), resized bilinearly first."""
+    small = resize_frames(frames, (ATARI_SIZE, ATARI_SIZE)).astype(np.float32)
+    return (small @ np.array([0.299, 0.587, 0.114], np.float32)).round().clip(0, 255).astype(np.uint8)
+
+
+def set_torch_threads(threads: int | None, device: Any) -> None:
+    """``torch.set_num_threads``: ``threads`` if given, else 1 when the model runs on a CPU of at
+    most :data:`SMALL_CPU` cores (see there), else torch's own choice. Process-wide, as torch's
+    setting is."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"torch_threads must be >= 1 or None (automatic), got {threads}")
+        torch.set_num_threads(int(threads))
+        return
+    on_cpu = str(device).startswith("cpu") if device is not None else not torch.cuda.is_available()
+    if on_cpu and (os.cpu_count() or 1) <= SMALL_CPU:
+        torch.set_num_threads(1)
 
 
 class WorldModelEnv(gymnasium.Env):
@@ -232,6 +258,12 @@ class WorldModelEnv(gymnasium.Env):
         stream: engine settings for loading (``steps``, ``ctx_noise``, ``window``, ...).
         compile: ``wm.compile()`` the engine (GPU: the step as one CUDA graph; the first step
             compiles, seconds to a minute).
+        action_space: ``"dict"``, ``"discrete"``, ``"multidiscrete"`` or ``"box"``
+            (:mod:`worldgen.env.action_spaces`).
+        mouse_range: (yaw, pitch) degrees per step every action space stays within (default:
+            what the model's training data covers, :func:`~worldgen.env.action_spaces.trained_mouse_range`).
+        preset: None, or ``"atari"``: observations are the last 4 frames, grayscale, 84x84.
+        torch_threads: torch intra-op threads (default: 1 on a CPU of at most 4 cores, else torch's).
 
     Example:
         >>> env = WorldModelEnv("default", reward="zero", horizon=100)   # doctest: +SKIP
@@ -261,7 +293,8 @@ class WorldModelEnv(gymnasium.Env):
         self.action_space = world.action_space
         self.session: Any = None
         self.frame: np.ndarray | None = None  # the last frame shown
-        self.depth: np.ndarray | None = None  # its depth, when observed
+        self.depth: np.ndarray | None = None  # its depth (H, W), when observed
+        self.stack: np.ndarray | None = None  # (4, 84, 84) the last grayscale frames, in the atari preset
         self.pose = np.zeros(5)               # start-relative x, y, z, yaw, pitch, when observed
         self.steps = 0
         self._window: Any = None
@@ -303,7 +336,7 @@ class WorldModelEnv(gymnasium.Env):
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         if self.session is None:
             raise gymnasium.error.ResetNeeded("call reset() before step()")
-        act = to_action(action)
+        act = self.world.codec.decode(action)
         frame = self.session.step(act)
         return _advance(self.world, [self], [act], frame[None])[0]
 
@@ -388,17 +421,21 @@ class WorldModelVectorEnv(VectorEnv):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 35 / 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
 
     def __init__(self, num_envs: int, model: Any = "default", *, render_mode: str | None = None,
-                 max_episode_steps: int | None = None, **kwargs: Any):
+                 max_episode_steps: int | None = None, autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+                 **kwargs: Any):
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"the vector env renders 'rgb_array' (a tuple of frames) only, got {render_mode!r}")
+        autoreset_mode = AutoresetMode(autoreset_mode)
+        if autoreset_mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP):
+            raise ValueError(f"autoreset_mode must be NEXT_STEP or SAME_STEP, got {autoreset_mode}")
         if max_episode_steps is not None:
-            kwargs["horizon"] = max_episode_steps
+            kwargs["horizon"] = None if max_episode_steps == -1 else max_episode_steps  # -1: make_vec's "no limit"
         self.world = _World(model, **kwargs)
         self.num_envs = int(num_envs)
         self.render_mode = render_mode
-        self.metadata = {**type(self).metadata, "render_fps": self.world.wm.fps}
+        self.metadata = {**type(self).metadata, "render_fps": self.world.wm.fps, "autoreset_mode": autoreset_mode}
         self.envs = [WorldModelEnv._on(self.world, render_mode) for _ in range(self.num_envs)]
         self.single_observation_space = self.world.observation_space
         self.single_action_space = self.world.action_space
@@ -438,6 +475,7 @@ class WorldModelVectorEnv(VectorEnv):
         rewards = np.zeros(self.num_envs, np.float64)
         terms, truncs = np.zeros(self.num_envs, bool), np.zeros(self.num_envs, bool)
         infos: dict[str, Any] = {}
+        step_infos: dict[int, dict[str, Any]] = {}
         stepping = np.flatnonzero(~self._autoreset)
         # Every session steps, those about to be reset too (with a no-op, frame discarded: the
         # reset re-seeds and refills their cache), so the batch always has one shape and a
@@ -450,17 +488,32 @@ class WorldModelVectorEnv(VectorEnv):
                                                                        frames[stepping])):
                 rewards[i], terms[i], truncs[i] = r, term, trunc
                 infos = self._add_info(infos, info, i)
+                step_infos[i] = info
         for i in np.flatnonzero(self._autoreset):  # next-step autoreset: this step only resets them
             _, info = self.envs[i].reset()
             infos = self._add_info(infos, info, i)
-        self._autoreset = terms | truncs
+        if self.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP:
+            # Same-step autoreset (Stable-Baselines3's convention): a finished sub-env starts its
+            # next episode now; its last observation and info go in final_obs / final_info.
+            for i in np.flatnonzero(terms | truncs):
+                final = {"final_obs": self.world.observe(self.envs[i]), "final_info": step_infos[i]}
+                infos = self._add_info(infos, final, i)
+                _, info = self.envs[i].reset()
+                infos = self._add_info(infos, info, i)
+        else:
+            self._autoreset = terms | truncs
         return self._observations(), rewards, terms, truncs, infos
 
     def _unbatch(self, a: Any) -> list[Action]:
         """The batched action (or a sequence of single actions) as N validated Actions; a bad one
         is an :class:`ActionError` naming its sub-env, before any sub-env moves."""
         n = self.num_envs
-        if isinstance(a, Mapping):
+        codec = self.world.codec
+        if codec.kind != "dict" and isinstance(a, np.ndarray):  # the batched space: (N,) or (N, D)
+            if a.shape[:1] != (n,):
+                raise ActionError(f"a batched {codec.kind} action has {n} rows, one per sub-env, got shape {a.shape}")
+            rows: Sequence[Any] = list(a)
+        elif isinstance(a, Mapping):
             unknown = set(a) - {"keys", "mouse"}
             if unknown or "keys" not in a or "mouse" not in a:
                 raise ActionError(f"a batched action is {{'keys': ({n}, 8), 'mouse': ({n}, 2)}}; got keys {sorted(map(str, a))}")
@@ -468,7 +521,7 @@ class WorldModelVectorEnv(VectorEnv):
             if keys.shape[:1] != (n,) or mouse.shape[:1] != (n,):
                 raise ActionError(f"a batched action needs keys ({n}, 8) and mouse ({n}, 2) for {n} sub-envs, "
                                   f"got {keys.shape} and {mouse.shape}")
-            rows: Sequence[Any] = [{"keys": keys[i], "mouse": mouse[i]} for i in range(n)]
+            rows = [{"keys": keys[i], "mouse": mouse[i]} for i in range(n)]
         elif isinstance(a, Sequence) and not isinstance(a, (str, bytes)):
             if len(a) != n:
                 raise ActionError(f"{len(a)} actions for {n} sub-envs")
@@ -479,7 +532,7 @@ class WorldModelVectorEnv(VectorEnv):
         out = []
         for i, row in enumerate(rows):
             try:
-                out.append(to_action(row))
+                out.append(codec.decode(row))
             except ActionError as e:
                 raise ActionError(f"action of sub-env {i}: {e}") from None
         return out

@@ -1,29 +1,37 @@
-"""Train a PPO agent inside the world model, then play it in the real ViZDoom game.
+"""Train a PPO agent inside the world model, the same agent in the real game, and score both
+against a uniform-random policy in the real ViZDoom game.
 
 A single-file, CleanRL-style PPO (https://docs.cleanrl.dev, ppo_atari.py): read it top to bottom.
 
 1. Imagination: ``gymnasium.make_vec("worldgen/Doom-v0", vectorization_mode="vector_entry_point")``
-   steps N agents inside the world model with one batched forward per step. Rewards and
-   terminations come from the model's learned reward head (kills, health, pickups, death).
-2. Reality: the trained agent and a uniform-random policy over the same actions play the real
-   game (``worldgen.env.doom``, ViZDoom, freedoom1.wad) from the same maps and seeds; their
-   returns are the same weighted sum of the real game variables (``reward_from_variables``).
+   steps N agents inside the world model with one batched forward per step, starting like a
+   real game (``start="doom"``: a fresh E1M1 game's first frames). Rewards and terminations come
+   from the model's learned reward head (kills, health, pickups, death).
+2. Reality, the same agent and PPO settings for the same number of steps in N real games
+   (:class:`worldgen.env.real_game.RealDoomEnv`, one process each): the comparison that says
+   what imagination costs.
+3. Scoring: each trained agent and a uniform-random policy over the same action space play
+   ``--eval-episodes`` real episodes from game seeds no training saw; the return is the same
+   weighted sum of the real game variables (``reward_from_variables``) the head predicts.
+   Each agent is reported beside random with the difference in standard errors.
 
-The agent picks one of a few schema actions (``ACTIONS``): the env's action space is the full
-schema (8 keys + mouse degrees), which a discrete policy covers well enough for Doom.
+The agent acts in the env's ``--action-space`` (default "discrete": the named key combinations of
+``worldgen.env.action_spaces.DISCRETE_ACTIONS``).
 
 Examples:
-    python examples/ppo_doom.py --device cuda --compile --steps 200000 --num-envs 64   # GPU, default model
-    python examples/ppo_doom.py --device cpu --steps 2048 --num-envs 8 --eval-episodes 5  # a CPU taste
+    # GPU, the headline (about 15 minutes on one H100; see docs/agents.md)
+    python examples/ppo_doom.py --device cuda --compile --steps 250000 --num-envs 64 --eval-episodes 128
+    python examples/ppo_doom.py --device cpu --steps 2048 --num-envs 8 --eval-episodes 8  # a CPU taste
 
-Writes ``--out``/result.json (training curve, real-game returns of agent and random policy)
-and ``--out``/agent.pt.
+Writes ``--out``/result.json (training curves, real-game returns of every policy, the
+comparisons) and ``--out``/agent-<where>.pt.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -34,22 +42,7 @@ import torch.nn as nn
 from torch.distributions import Categorical
 
 import worldgen.env  # noqa: F401  (registers worldgen/Doom-v0)
-from worldgen.actions import Action
-from worldgen.env.reward import DEFAULT_WEIGHTS, LearnedReward, reward_from_variables
-from worldgen.env.starts import resize_frames
-
-# The agent's action set: each entry is one schema action (keys held, no mouse).
-ACTIONS = [
-    Action.from_keys(["forward"]),
-    Action.from_keys(["forward", "turn_left"]),
-    Action.from_keys(["forward", "turn_right"]),
-    Action.from_keys(["turn_left"]),
-    Action.from_keys(["turn_right"]),
-    Action.from_keys(["attack"]),
-    Action.from_keys(["forward", "attack"]),
-    Action.from_keys(["back"]),
-]
-KEYS = np.stack([a.keys for a in ACTIONS])  # (A, 8)
+from worldgen.env.reward import DEFAULT_WEIGHTS, LearnedReward
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,10 +51,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reward", default="learned", help="'learned' (the model's head) or a folder with a reward head")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="compile the engine's step (GPU: CUDA graphs)")
-    p.add_argument("--steps", type=int, default=20_000, help="total agent steps in imagination")
-    p.add_argument("--num-envs", type=int, default=16, help="imagined games stepped together")
+    p.add_argument("--train-in", default="imagination,real",
+                   help="where to train the agent: 'imagination', 'real' or both (the same PPO, the same steps)")
+    p.add_argument("--action-space", default="discrete", choices=("discrete", "multidiscrete"),
+                   help="the env's action space (a categorical policy per discrete axis)")
+    p.add_argument("--steps", type=int, default=20_000, help="total agent steps of training, in each place")
+    p.add_argument("--num-envs", type=int, default=16, help="games stepped together (imagined or real)")
     p.add_argument("--num-steps", type=int, default=32, help="steps per env per PPO rollout")
-    p.add_argument("--horizon", type=int, default=256, help="imagined episodes are truncated after this")
+    p.add_argument("--horizon", type=int, default=256, help="training episodes are truncated after this")
+    p.add_argument("--maps", default="E1M1", help="comma-separated maps every episode starts on")
     p.add_argument("--lr", type=float, default=2.5e-4)
     p.add_argument("--gamma", type=float, default=0.99)
     p.add_argument("--gae-lambda", type=float, default=0.95)
@@ -71,9 +69,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ent-coef", type=float, default=0.01)
     p.add_argument("--vf-coef", type=float, default=0.5)
     p.add_argument("--max-grad-norm", type=float, default=0.5)
-    p.add_argument("--eval-episodes", type=int, default=10, help="real-game episodes per policy")
-    p.add_argument("--eval-steps", type=int, default=500, help="steps per real-game episode at most")
-    p.add_argument("--eval-maps", default="E1M1", help="comma-separated maps of the real-game episodes")
+    p.add_argument("--eval-episodes", type=int, default=100, help="real-game episodes per policy")
+    p.add_argument("--eval-steps", type=int, default=300, help="steps per real-game episode at most")
+    p.add_argument("--eval-envs", type=int, default=min(16, os.cpu_count() or 1),
+                   help="real games (processes) playing the scoring episodes together")
+    p.add_argument("--processes", action=argparse.BooleanOptionalAction, default=True,
+                   help="one process per real game (--no-processes: all in this one, for tiny runs)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default="runs/ppo_doom")
     return p.parse_args()
@@ -86,12 +87,14 @@ def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias: float = 0.0) -> 
 
 
 class Agent(nn.Module):
-    """A small CNN with policy and value heads. Frames are pooled to at most 80 pixels wide
-    first, and the convs end in an adaptive pool, so one net serves 160x120 and 32x24 models."""
+    """A small CNN with a value head and one categorical head per discrete action axis. Frames
+    are pooled to at most 80 pixels wide first, and the convs end in an adaptive pool, so one
+    net serves 160x120 and 32x24 models."""
 
-    def __init__(self, frame_shape: tuple[int, int, int], n_actions: int):
+    def __init__(self, frame_shape: tuple[int, int, int], nvec: list[int]):
         super().__init__()
         self.pool = max(1, frame_shape[1] // 80)
+        self.nvec = list(nvec)
         self.body = nn.Sequential(
             layer_init(nn.Conv2d(3, 32, 5, stride=2, padding=2)), nn.ReLU(),
             layer_init(nn.Conv2d(32, 64, 3, stride=2, padding=1)), nn.ReLU(),
@@ -99,7 +102,7 @@ class Agent(nn.Module):
             nn.AdaptiveAvgPool2d((4, 4)), nn.Flatten(),
             layer_init(nn.Linear(64 * 16, 256)), nn.ReLU(),
         )
-        self.actor = layer_init(nn.Linear(256, n_actions), std=0.01)
+        self.actor = layer_init(nn.Linear(256, sum(self.nvec)), std=0.01)
         self.critic = layer_init(nn.Linear(256, 1), std=1.0)
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
@@ -112,31 +115,50 @@ class Agent(nn.Module):
         return self.critic(self.features(obs)).squeeze(-1)
 
     def act(self, obs: torch.Tensor, action: torch.Tensor | None = None):
+        """(action (B, axes), log-prob (B,), entropy (B,), value (B,)); samples when ``action`` is None."""
         h = self.features(obs)
-        dist = Categorical(logits=self.actor(h))
+        dists = [Categorical(logits=lg) for lg in self.actor(h).split(self.nvec, -1)]
         if action is None:
-            action = dist.sample()
-        return action, dist.log_prob(action), dist.entropy(), self.critic(h).squeeze(-1)
+            action = torch.stack([d.sample() for d in dists], -1)
+        logp = sum(d.log_prob(a) for d, a in zip(dists, action.unbind(-1)))
+        entropy = sum(d.entropy() for d in dists)
+        return action, logp, entropy, self.critic(h).squeeze(-1)
 
 
-def to_env_actions(idx: np.ndarray) -> dict[str, np.ndarray]:
-    """Agent action indices (N,) -> the vector env's batched schema action."""
-    return {"keys": KEYS[idx], "mouse": np.zeros((len(idx), 2), np.float32)}
+def action_axes(space: gymnasium.Space) -> list[int]:
+    """Choices per axis of a Discrete or MultiDiscrete space."""
+    return [int(space.n)] if isinstance(space, gymnasium.spaces.Discrete) else [int(n) for n in space.nvec]
 
 
-def train_in_imagination(args: argparse.Namespace, device: torch.device) -> tuple[Agent, dict, dict]:
-    envs = gymnasium.make_vec("worldgen/Doom-v0", num_envs=args.num_envs, vectorization_mode="vector_entry_point",
-                              model=args.checkpoint, device=str(device), reward=args.reward,
-                              max_episode_steps=args.horizon, compile=args.compile)
-    reward_model = envs.unwrapped.world.reward
-    weights = dict(reward_model.weights) if isinstance(reward_model, LearnedReward) else dict(DEFAULT_WEIGHTS)
+def to_env_actions(action: torch.Tensor, space: gymnasium.Space) -> np.ndarray:
+    """Agent actions (N, axes) -> the vector env's batched action: (N,) for Discrete."""
+    a = action.cpu().numpy()
+    return a[:, 0] if isinstance(space, gymnasium.spaces.Discrete) else a
+
+
+def make_real_envs(n: int, frame_size, args: argparse.Namespace, horizon: int, weights: dict, mouse_range) -> gymnasium.vector.VectorEnv:
+    """``n`` real ViZDoom games (one process each unless ``--no-processes``), next-step autoreset
+    like the world-model env."""
+    from worldgen.env.real_game import RealDoomEnv
+
+    maps = [m.strip() for m in args.maps.split(",") if m.strip()]
+    kwargs = dict(frame_size=tuple(frame_size), action_space=args.action_space, mouse_range=tuple(mouse_range),
+                  reward_weights=weights, maps=maps, horizon=horizon)
+    if not args.processes:
+        return gymnasium.vector.SyncVectorEnv([lambda: RealDoomEnv(**kwargs)] * n)
+    return gymnasium.vector.AsyncVectorEnv([lambda: RealDoomEnv(**kwargs)] * n, context="spawn")
+
+
+def train_ppo(envs: gymnasium.vector.VectorEnv, args: argparse.Namespace, device: torch.device, where: str) -> tuple[Agent, dict]:
+    """CleanRL's PPO on a vector env with next-step autoreset (Gymnasium's default)."""
     frame_shape = envs.single_observation_space.shape
-    agent = Agent(frame_shape, len(ACTIONS)).to(device)
+    torch.manual_seed(args.seed)
+    agent = Agent(frame_shape, action_axes(envs.single_action_space)).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=1e-5)
 
-    n, t_len = args.num_envs, args.num_steps
+    n, t_len, axes = args.num_envs, args.num_steps, len(agent.nvec)
     obs_buf = torch.zeros((t_len, n, *frame_shape), dtype=torch.uint8, device=device)
-    act_buf = torch.zeros((t_len, n), dtype=torch.long, device=device)
+    act_buf = torch.zeros((t_len, n, axes), dtype=torch.long, device=device)
     logp_buf, rew_buf, done_buf, val_buf, valid_buf = (torch.zeros((t_len, n), device=device) for _ in range(5))
 
     next_obs, _ = envs.reset(seed=args.seed)
@@ -160,7 +182,7 @@ def train_in_imagination(args: argparse.Namespace, device: torch.device) -> tupl
             with torch.no_grad():
                 action, logp, _, value = agent.act(next_obs)
             act_buf[t], logp_buf[t], val_buf[t] = action, logp, value
-            obs, reward, term, trunc, _ = envs.step(to_env_actions(action.cpu().numpy()))
+            obs, reward, term, trunc, _ = envs.step(to_env_actions(action, envs.single_action_space))
             rew_buf[t] = torch.as_tensor(reward, dtype=torch.float32, device=device)
             ep_return += np.where(resetting, 0.0, reward)
             ep_len += ~resetting
@@ -185,7 +207,7 @@ def train_in_imagination(args: argparse.Namespace, device: torch.device) -> tupl
                 adv[t] = last
             returns = adv + val_buf
 
-        b_obs, b_act = obs_buf.reshape(-1, *frame_shape), act_buf.reshape(-1)
+        b_obs, b_act = obs_buf.reshape(-1, *frame_shape), act_buf.reshape(-1, axes)
         b_logp, b_adv, b_ret, b_val = logp_buf.reshape(-1), adv.reshape(-1), returns.reshape(-1), val_buf.reshape(-1)
         b_valid = valid_buf.reshape(-1) > 0
         idx_all = torch.nonzero(b_valid).flatten()
@@ -212,77 +234,117 @@ def train_in_imagination(args: argparse.Namespace, device: torch.device) -> tupl
         curve.append({"update": update + 1, "steps": (update + 1) * n * t_len, "seconds": round(time.time() - t0, 1),
                       "episodes": len(episodes), "mean_return_last20": float(np.mean([e["return"] for e in recent])) if recent else None,
                       "mean_reward_rollout": float(rew_buf[valid_buf > 0].mean())})
-        print(f"update {update + 1}/{updates}: {curve[-1]['steps']} steps, {curve[-1]['seconds']} s, "
+        print(f"[{where}] update {update + 1}/{updates}: {curve[-1]['steps']} steps, {curve[-1]['seconds']} s, "
               f"reward/step {curve[-1]['mean_reward_rollout']:+.4f}, episodes {len(episodes)}, "
               f"return(last 20) {curve[-1]['mean_return_last20']}", flush=True)
-    envs.close()
-    imagination = {"steps": updates * n * t_len, "seconds": round(time.time() - t0, 1),
-                   "steps_per_s": round(updates * n * t_len / (time.time() - t0), 2), "curve": curve,
-                   "episodes": len(episodes), "mean_return_all": float(np.mean([e["return"] for e in episodes])) if episodes else None}
-    return agent, imagination, {"weights": weights, "frame_shape": list(frame_shape)}
+    seconds = time.time() - t0
+    return agent, {"steps": updates * n * t_len, "seconds": round(seconds, 1),
+                   "steps_per_s": round(updates * n * t_len / seconds, 2), "curve": curve, "episodes": len(episodes),
+                   "mean_return_all": float(np.mean([e["return"] for e in episodes])) if episodes else None}
 
 
-def play_real_game(policy, episodes: int, max_steps: int, maps: list[str], weights: dict, frame_shape, seed: int) -> dict:
-    """Play ``policy(frame) -> action index`` in ViZDoom; returns per-episode returns and stats."""
-    from worldgen.env.doom import VARIABLE_NAMES, DoomConfig, DoomEnv
-
-    out = []
-    with DoomEnv(DoomConfig(), maps[0]) as game:
-        for e in range(episodes):
-            map_, game_seed = maps[e % len(maps)], seed + e
-            obs = game.reset(map_, game_seed)
-            total, steps, died = 0.0, 0, False
-            start_vars = obs.variables.copy()
-            while steps < max_steps:
-                a = ACTIONS[policy(resize_frames(obs.frame, tuple(frame_shape[:2])))]
-                nxt = game.step(a.keys, a.mouse)
-                total += reward_from_variables(obs.variables, None if nxt is None else nxt.variables, VARIABLE_NAMES, weights)
-                steps += 1
-                if nxt is None:
-                    died = game.end == "death"
-                    break
-                obs = nxt
-            col = {n: i for i, n in enumerate(VARIABLE_NAMES)}
-            out.append({"map": map_, "seed": game_seed, "return": round(total, 4), "steps": steps, "died": died,
-                        "kills": int(obs.variables[col["killcount"]] - start_vars[col["killcount"]]),
-                        "health_end": None if died else float(obs.variables[col["health"]])})
-    returns = [o["return"] for o in out]
-    return {"mean_return": float(np.mean(returns)), "std_return": float(np.std(returns)),
+def play_real_game(policy, envs: gymnasium.vector.VectorEnv, episodes: int, seed: int) -> dict:
+    """``policy(obs (N, ...)) -> actions`` plays ``episodes`` real episodes, the same number on
+    every game (counting the first to finish would favour short episodes, deaths); returns per-episode
+    returns and events, and the mean with its standard error."""
+    n = envs.num_envs
+    quota = np.full(n, episodes // n) + (np.arange(n) < episodes % n)
+    obs, _ = envs.reset(seed=seed)
+    ret, out = np.zeros(n), []
+    resetting = np.zeros(n, bool)
+    while (quota > 0).any():
+        obs, reward, term, trunc, info = envs.step(policy(obs))
+        ret += np.where(resetting, 0.0, reward)
+        for i in np.flatnonzero((term | trunc) & ~resetting):
+            if quota[i] > 0:
+                quota[i] -= 1
+                out.append({"return": round(float(ret[i]), 4), "steps": int(info["steps"][i]), "died": bool(term[i]),
+                            **{k: float(v[i]) for k, v in info["events"].items() if not k.startswith("_")}})
+            ret[i] = 0.0
+        resetting = term | trunc
+    returns = np.array([o["return"] for o in out])
+    return {"mean_return": float(returns.mean()), "se_return": float(returns.std(ddof=1) / np.sqrt(len(returns))) if len(returns) > 1 else None,
             "mean_steps": float(np.mean([o["steps"] for o in out])), "deaths": sum(o["died"] for o in out),
-            "kills": sum(o["kills"] for o in out), "episodes": out}
+            "events": {k: float(np.sum([o[k] for o in out])) for k in out[0] if k not in ("return", "steps", "died")},
+            "episodes": out}
+
+
+def versus(a: dict, b: dict) -> dict:
+    """``a`` against ``b``: the difference of mean returns and how many standard errors it is."""
+    diff = a["mean_return"] - b["mean_return"]
+    se = float(np.hypot(a["se_return"] or 0.0, b["se_return"] or 0.0))
+    return {"difference": round(diff, 4), "se": round(se, 4), "z": round(diff / se, 2) if se > 0 else None}
 
 
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    where_all = [w.strip() for w in args.train_in.split(",") if w.strip()]
+    if not where_all or set(where_all) - {"imagination", "real"}:
+        raise SystemExit(f"--train-in names 'imagination' and/or 'real', got {args.train_in!r}")
+    maps = [m.strip() for m in args.maps.split(",") if m.strip()]
 
-    agent, imagination, meta = train_in_imagination(args, device)
-    torch.save(agent.state_dict(), out / "agent.pt")
+    # The model env fixes what every agent sees and does: frame size, action space, mouse range,
+    # reward weights. Imagined episodes start like real ones: a fresh game on the same maps.
+    envs = gymnasium.make_vec("worldgen/Doom-v0", num_envs=args.num_envs, vectorization_mode="vector_entry_point",
+                              model=args.checkpoint, device=str(device), reward=args.reward, start="doom", maps=maps,
+                              max_episode_steps=args.horizon, compile=args.compile, action_space=args.action_space)
+    world = envs.unwrapped.world
+    weights = dict(world.reward.weights) if isinstance(world.reward, LearnedReward) else dict(DEFAULT_WEIGHTS)
+    frame_size, mouse_range = envs.single_observation_space.shape[:2], world.codec.mouse_range.tolist()
+    space = envs.single_action_space
 
-    gen = torch.Generator().manual_seed(args.seed)
+    model_envs = envs
+    trained, agents = {}, {}
+    for where in where_all:
+        envs = model_envs if where == "imagination" else \
+            make_real_envs(args.num_envs, frame_size, args, args.horizon, weights, mouse_range)
+        agents[where], trained[where] = train_ppo(envs, args, device, where)
+        envs.close()
+        torch.save(agents[where].state_dict(), out / f"agent-{where}.pt")
+    if "imagination" not in where_all:
+        model_envs.close()
 
-    @torch.no_grad()
-    def agent_policy(frame: np.ndarray) -> int:
-        logits = agent.actor(agent.features(torch.as_tensor(frame[None], device=device)))
-        return int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen))
-
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    maps = [m.strip() for m in args.eval_maps.split(",") if m.strip()]
-    common = dict(episodes=args.eval_episodes, max_steps=args.eval_steps, maps=maps, weights=meta["weights"],
-                  frame_shape=meta["frame_shape"], seed=10_000 + args.seed)  # game seeds the model never saw
-    real = {"agent": play_real_game(agent_policy, **common),
-            "random": play_real_game(lambda frame: int(rng.integers(len(ACTIONS))), **common)}
-    result = {"args": vars(args), "device": str(device), "reward_weights": meta["weights"],
-              "imagination": imagination, "real_game": real}
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-    a, r = real["agent"], real["random"]
-    print(f"real game, {args.eval_episodes} episodes of at most {args.eval_steps} steps on {','.join(maps)}: "
-          f"agent return {a['mean_return']:+.3f} +- {a['std_return']:.3f} (kills {a['kills']}, deaths {a['deaths']}), "
-          f"random {r['mean_return']:+.3f} +- {r['std_return']:.3f} (kills {r['kills']}, deaths {r['deaths']})")
+
+    def agent_policy(agent: Agent):
+        @torch.no_grad()
+        def act(obs: np.ndarray) -> np.ndarray:
+            logits = agent.actor(agent.features(torch.as_tensor(obs, device=device)))
+            picks = [torch.multinomial(lg.softmax(-1), 1, generator=gen)[:, 0] for lg in logits.split(agent.nvec, -1)]
+            return to_env_actions(torch.stack(picks, -1), space)
+        return act
+
+    def random_policy(obs: np.ndarray) -> np.ndarray:  # uniform over the same action space
+        return np.stack([space.sample() for _ in range(len(obs))]) if isinstance(space, gymnasium.spaces.MultiDiscrete) \
+            else rng.integers(space.n, size=len(obs))
+
+    space.seed(args.seed)
+    eval_envs = make_real_envs(min(args.eval_envs, args.eval_episodes), frame_size, args, args.eval_steps, weights,
+                               mouse_range)
+    eval_seed = 1_000_000 + args.seed  # game seeds drawn from a stream no training env uses
+    real = {"random": play_real_game(random_policy, eval_envs, args.eval_episodes, eval_seed)}
+    for where, agent in agents.items():
+        real[f"agent_{where}"] = play_real_game(agent_policy(agent), eval_envs, args.eval_episodes, eval_seed)
+    eval_envs.close()
+    comparisons = {f"{k}_vs_random": versus(v, real["random"]) for k, v in real.items() if k != "random"}
+    if len(agents) == 2:
+        comparisons["agent_imagination_vs_agent_real"] = versus(real["agent_imagination"], real["agent_real"])
+    result = {"args": vars(args), "device": str(device), "reward_weights": weights, "mouse_range": mouse_range,
+              "trained": trained, "real_game": real, "comparisons": comparisons}
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out / "result.json")  # atomic: a reader never sees half a result
+    print(f"real game, {args.eval_episodes} episodes of at most {args.eval_steps} steps on {args.maps}, unseen seeds:")
+    for k, v in real.items():
+        print(f"  {k:18s} return {v['mean_return']:+.3f} +- {v['se_return'] or 0:.3f} (SE)  deaths {v['deaths']}  "
+              f"events {v['events']}")
+    for k, c in comparisons.items():
+        print(f"  {k}: {c['difference']:+.3f} = {c['z']} standard errors")
     print(f"wrote {out / 'result.json'}")
 
 

@@ -472,7 +472,15 @@ class DynamicsTask:
             "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
             "frame_skip": self.data[0].frame_skip if self.data is not None else None,
             "sampler": {"steps": self.cfg.sample_steps, "ctx_noise": self.cfg.ctx_noise, "window": self.cfg.window},
+            # What the data's mouse covers: the Gymnasium env bounds its action spaces by it.
+            "mouse_range": mouse_range(self.data[0]) if self.data is not None else None,
             "metrics": self.metrics}, dtype=dtype)
+
+
+def mouse_range(ds: Dataset) -> list[float]:
+    """[yaw, pitch]: the largest |mouse delta| (degrees per step) anywhere in ``ds``."""
+    mouse = np.concatenate([ds.read(i, "mouse") for i in range(len(ds))] or [np.zeros((0, 2), np.float32)])
+    return [round(float(v), 3) for v in (np.abs(mouse).max(0) if len(mouse) else np.zeros(2))]
 
 
 def write_starts(folder: Path, ds: Dataset, episodes: list[int], n: int, frames: int) -> None:

@@ -1,0 +1,106 @@
+"""Calibrating the reward head on the model's own frames (issue 27): the game labels the model's
+rollouts (replaying the recorded episode to the same state, then the same actions), the head
+trains on real plus generated transitions, and the report compares event rates on held-out
+rollouts. Tiny model, a tiny real recording, CPU."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SIZE, cycle_player  # tests/ is on sys.path under pytest
+from worldgen.data import Dataset, DatasetIndex, Episode, EpisodeInfo, write_episode_shards
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 shared cores
+
+# Walk and fire: real play in which ammo (and sometimes health) moves.
+FIRE_CYCLE = [(["forward"], 0.0)] * 3 + [(["attack"], 0.0)] * 3 + [(["turn_right"], 0.0)] * 2 + [([], -6.0)] * 2
+
+
+@pytest.fixture(scope="module")
+def replayable_recording(tmp_path_factory):
+    """Real ViZDoom play (E1M1, 2 episodes) at 32x24 with game variables, its index naming the
+    game settings so the episodes can be replayed, as `worldgen record` writes it."""
+    from worldgen.env.doom import VARIABLE_NAMES, DoomConfig, DoomEnv, rollout
+
+    root = tmp_path_factory.mktemp("replayable")
+    config = DoomConfig()
+    index = DatasetIndex(root, resolution=SIZE, frame_skip=4, variables=VARIABLE_NAMES, has_depth=False,
+                         has_pose=False, source={"env": "doom", "doom": config.to_dict(), "test": "downscaled"})
+    with DoomEnv(config) as env:
+        for seed, (name, n) in enumerate((("a", 60), ("b", 60), ("c", 40))):
+            chunks = list(rollout(env, cycle_player(FIRE_CYCLE, 3 * seed), "E1M1", seed, n))
+            frames = np.concatenate([c.frames for c in chunks])
+            ep = Episode(frames=np.stack([np.asarray(Image.fromarray(f).resize(SIZE, Image.BILINEAR)) for f in frames]),
+                         keys=np.concatenate([c.keys for c in chunks]), mouse=np.concatenate([c.mouse for c in chunks]),
+                         variables=np.concatenate([c.variables for c in chunks]))
+            index.add(EpisodeInfo(id=name, length=len(ep), shards=write_episode_shards(root, name, ep),
+                                  map="E1M1", seed=seed))
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_head(replayable_recording, tmp_path_factory):
+    from worldgen.env.reward_train import RewardTrainConfig, train
+
+    out = tmp_path_factory.mktemp("head")
+    train(RewardTrainConfig(data=str(replayable_recording), out=str(out), steps=30, batch_size=16, warmup=5,
+                            targets="health,selected_weapon_ammo", weights="selected_weapon_ammo=0.1,health=0.01,death=-1",
+                            channels="8,16", ckpt_every=1000, log_every=10, eval_transitions=256, device="cpu"))
+    return out / "ckpt"
+
+
+def test_the_game_labels_the_models_rollouts(tiny_checkpoint, replayable_recording):
+    """Recorded actions: the game's labels are the recording's variables (replay is exact);
+    other actions: the game's own answer (firing spends ammo, not firing does not)."""
+    from worldgen.env.reward_calibrate import make_rollouts, plan, random_actions
+    from worldgen.env.world_model_env import load_model
+
+    wm, ds = load_model(str(tiny_checkpoint), "cpu"), Dataset(replayable_recording)
+    rng = np.random.default_rng(0)
+    starts = plan(ds, [0, 1], 4, 3, 5, True, rng)
+    keys = np.stack([ds.read(e, "keys", t, t + 5) for e, t in starts])
+    mouse = np.stack([ds.read(e, "mouse", t, t + 5) for e, t in starts])
+    r = make_rollouts(wm, ds, starts, keys, mouse, 3, batch=3, workers=1, seed=0)
+    assert r["frames"].shape == (4, 6, 24, 32, 3) and r["matched"].all() and (r["valid"] == 5).all()
+    for (e, t), v in zip(starts, r["variables"]):
+        assert np.array_equal(v, ds.read(e, "variables", t, t + 6))
+    for (e, t), f in zip(starts, r["frames"]):
+        assert np.array_equal(f[0], ds.read(e, "frames", t, t + 1)[0])  # g_0 real, the rest the model's
+
+    keys, mouse = random_actions(6, 8, 4, rng)
+    keys[:3, :, 6], keys[3:, :, 6] = 1, 0  # three rollouts fire throughout, three never
+    r = make_rollouts(wm, ds, plan(ds, [0, 1], 6, 3, 8, False, rng), keys, mouse, 3, batch=4, workers=1, seed=0)
+    ammo = r["variables"][..., r["variables_names"].index("selected_weapon_ammo")]
+    spent = ammo[:, 2] - ammo[:, -1]  # from step 2: a shot the recording fired just before t may land first
+    assert (spent[:3] > 0).all() and (spent[3:] == 0).all(), spent
+
+
+def test_calibrate_trains_on_generated_transitions_and_reports_event_rates(tiny_checkpoint, replayable_recording,
+                                                                          small_head, tmp_path):
+    from worldgen.env.reward_calibrate import CalibrateConfig, calibrate, load_rollouts
+
+    report = calibrate(CalibrateConfig(
+        data=str(replayable_recording), out=str(tmp_path), model=str(tiny_checkpoint), head=str(small_head),
+        rollouts=12, heldout_rollouts=6, length=6, context=3, batch=6, workers=1, train_steps=20, device="cpu",
+        train_args="batch_size=16,warmup=5,ckpt_every=1000,log_every=10,eval_transitions=256"))
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    held = load_rollouts(tmp_path / "rollouts-heldout.npz")
+    assert report["heldout_replays_matched"] == "6/6"
+    rates = report["generated_heldout"]
+    n = int(held["valid"].sum())
+    names = held["variables_names"]
+    ammo = held["variables"][..., names.index("selected_weapon_ammo")]
+    spent = sum(int((np.diff(ammo[i, :m + 1]) < 0).sum()) for i, m in enumerate(held["valid"]))
+    for when in ("before", "after"):
+        assert rates[when]["transitions"]["count"] == n
+        assert rates[when]["selected_weapon_ammo_down"]["actual"] == pytest.approx(spent / n)
+        assert 0 <= rates[when]["selected_weapon_ammo_down"]["predicted"] <= 1
+    # The calibrated head is a normal head, trained on real and generated transitions.
+    log = (tmp_path / "head" / "log.jsonl").read_text()
+    stored = json.loads((tmp_path / "head" / "ckpt" / "reward.json").read_text())["config"]
+    assert stored["train"]["config"]["generated"] == str(tmp_path / "rollouts-train.npz") and "loss" in log
+    assert stored["reward_weights"] == {"selected_weapon_ammo": 0.1, "health": 0.01, "death": -1.0}
