@@ -95,13 +95,20 @@ async def connect_eventually(url: str, limit: float) -> Client:
 def test_clients_that_stop_reading_lose_their_slot_and_do_not_block_shutdown(wm):
     """Two silent clients on a 3-session server: each is closed once a send to it has waited
     --send-timeout, so their slots free up; two more silent ones at shutdown do not hold it up."""
+    async def watch(c: Client, ids: list[int]) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                ids.append((await c.next_frame()).id)
+
     async def main():
-        async with running(wm, max_sessions=3, send_buffer=4096, send_timeout=1.0) as srv:
+        async with running(wm, max_sessions=3, send_buffer=4096, send_timeout=1.0, shutdown_timeout=1.0) as srv:
             silent = [await silent_client(srv.ws) for _ in range(2)]
-            healthy = await Client.connect(srv.ws)
+            healthy, ids = await Client.connect(srv.ws), []
+            watching = asyncio.create_task(watch(healthy, ids))
             # Both silent sessions must go within a few seconds: two new clients get in.
             t0 = time.monotonic()
-            late = [await connect_eventually(srv.ws, 15.0) for _ in range(2)]
+            for _ in range(2):
+                await (await connect_eventually(srv.ws, 15.0)).close()
             freed_after = time.monotonic() - t0
             for c in silent:
                 c.ws.transport.resume_reading()
@@ -111,30 +118,29 @@ def test_clients_that_stop_reading_lose_their_slot_and_do_not_block_shutdown(wm)
                     while True:
                         await c.next_frame()
                 codes.append(c.close_code)
-            frames = [(await healthy.next_frame()).id for _ in range(3)]
-            for c in late:
-                await c.close()
-            await healthy.close()
             stuck = [await silent_client(srv.ws) for _ in range(2)]
             await asyncio.sleep(0.5)
             took = await srv.shutdown()
+            await watching
             for c in stuck:
                 c.ws.transport.abort()
-            return freed_after, codes, frames, took
+            return freed_after, codes, ids, healthy.close_code, took
 
-    freed_after, codes, frames, took = arun(main())
+    freed_after, codes, ids, healthy_code, took = arun(main())
     print(f"\nsilent clients closed; slots free after {freed_after:.1f} s; shutdown took {took:.1f} s")
-    assert freed_after < 10 and frames == sorted(frames)
+    assert freed_after < 10
     # The close frame may not reach a client that never drains; when it does, it carries the code.
     assert all(code in (P.FATAL_CLOSE["slow_reader"], 1006) for code in codes), codes
-    assert took < 5
+    # The reading client streamed all along and was closed as the server went away.
+    assert len(ids) > 20 and ids == sorted(ids) and healthy_code == 1001
+    assert took < 3
 
 
 def test_a_flood_is_rate_limited_and_counted(wm):
     async def main():
         async with running(wm, max_rate=50) as srv:
             c = await Client.connect(srv.ws)
-            for _ in range(400):
+            for _ in range(120):
                 await c.send_raw(P.pack(P.action(["forward"])))
             err = await asyncio.wait_for(c.next_error(), 10)
             while (await c.recv()).get("type") != "stats":
