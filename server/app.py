@@ -97,6 +97,7 @@ class ServeConfig:
     compile: bool = False
 
 
+RECV_BUFFER = 64 * 1024  # kernel receive buffer per websocket; actions are ~60 bytes
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
 
@@ -336,6 +337,8 @@ class Server:
         sock = ws.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.cfg.send_buffer)
+            # Not the kernel's autotuned megabytes: a flood then stalls its sender early.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
         try:
             hello = await self._hello(ws)
             player = await self._open(ws, hello)
