@@ -30,11 +30,11 @@ import email.utils
 import hmac
 import http
 import io
+import ipaddress
 import logging
 import mimetypes
 import os
 import signal
-import ipaddress
 import socket
 import threading
 import time
@@ -98,6 +98,7 @@ class ServeConfig:
 
 
 RECV_BUFFER = 64 * 1024  # kernel receive buffer per websocket; actions are ~60 bytes
+CLOSE_GRACE = 1.0  # seconds a slow reader's close frame may take to queue before the socket is cut
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
 
@@ -117,6 +118,10 @@ def batch_sizes(max_sessions: int) -> list[int]:
     """Batch sizes a compiled server steps: powers of two below ``max_sessions``, and it. Each
     compiles once; a tick's batch is padded up to the next, so a few sizes cover every count."""
     return [2**i for i in range(max_sessions.bit_length()) if 2**i < max_sessions] + [max_sessions]
+
+
+class CompileError(RuntimeError):
+    """Compiling or warming the step failed; serving eagerly (``--no-compile``) still works."""
 
 
 class SlowReader(Exception):
@@ -264,7 +269,7 @@ class Server:
         self.web = self.load_web()
         self.tasks: set[asyncio.Task] = set()
         self.pending: set[ServerConnection] = set()  # websockets being opened or without a hello yet
-        self.sizes = batch_sizes(cfg.max_sessions) if cfg.compile else None
+        self.sizes: list[int] | None = batch_sizes(cfg.max_sessions) if cfg.compile else None
         self.pads: list[Any] = []  # idle sessions that fill a compiled batch up to its size
         self.engine_thread: int | None = None  # the thread that compiled: every step must run there
 
@@ -374,7 +379,7 @@ class Server:
         """Send the error, then close with its code. A client that does not take them in time
         (for ``slow_reader``: at once, only the close frame is queued) has its connection cut."""
         try:
-            async with asyncio.timeout(1.0 if code == "slow_reader" else self.cfg.send_timeout):
+            async with asyncio.timeout(CLOSE_GRACE if code == "slow_reader" else self.cfg.send_timeout):
                 if code != "slow_reader":
                     await ws.send(P.pack(P.error(code, message)))
                 await ws.close(P.FATAL_CLOSE[code], code)
@@ -536,10 +541,15 @@ class Server:
         for n in self.sizes:
             t0 = time.perf_counter()
             sessions = [self.wm.session(seed=i) for i in range(n)]
-            for _ in range(3):  # compile, then record the graph (CUDA graph trees warm up first)
-                self.wm.step_many(sessions, [Action.noop()] * n)
-            for s in sessions:
-                s.close()
+            try:
+                for _ in range(3):  # compile, then record the graph (CUDA graph trees warm up first)
+                    self.wm.step_many(sessions, [Action.noop()] * n)
+            except Exception as e:  # noqa: BLE001 - any compiler failure surfaces here, at the first call
+                raise CompileError(f"compiling the step for batch size {n} failed ({type(e).__name__}: "
+                                   f"{str(e)[:500]}); serve with --no-compile") from e
+            finally:
+                for s in sessions:
+                    s.close()
             log.info("compiled and warmed batch size %d in %.1f s", n, time.perf_counter() - t0)
 
     def _padded(self, sessions: list[Any], actions: list[Action]) -> tuple[list[Any], list[Action]]:

@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None,
                    help=f"secret every client must send in its hello (default: none). Visible in the process list: "
                         f"prefer --token-file or ${TOKEN_ENV}")
-    p.add_argument("--token-file", default=None, help="read the token from this file (its first line)")
+    p.add_argument("--token-file", default=None, help="read the token from this file (its whole content, surrounding whitespace stripped)")
     p.add_argument("--max-sessions", type=int, default=16, help="live sessions at most; more get a busy error (default 16)")
     p.add_argument("--fps", type=float, default=None, help="frames per second per session (default: the model's own rate)")
     p.add_argument("--steps", type=int, default=None,
@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from worldgen import WorldModel  # torch: only once we know we serve
     from worldgen.checkpoint import CheckpointError
-    from worldgen.server.app import ServeConfig, serve
+    from worldgen.server.app import CompileError, ServeConfig, serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
@@ -146,5 +146,8 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(serve(wm, cfg, model_name=str(args.checkpoint), on_ready=ready))
     except OSError as e:  # port taken, address not available, ...
         print(f"worldgen serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    except CompileError as e:
+        print(f"worldgen serve: {e}", file=sys.stderr)
         return 1
     return 0
