@@ -3,6 +3,10 @@
     python benchmarks/serve_load.py --checkpoint CKPT --device cpu --clients 8 32 64 --seconds 60
     python benchmarks/serve_load.py --checkpoint default --device cuda --clients 8 32 64 --seconds 60
 
+On CUDA the server runs compiled (`worldgen serve --compile`, its default there): it compiles and
+warms every padded batch size (1, 2, 4, ..., --max-sessions) on its engine thread before it
+listens, which takes minutes; --no-compile measures the eager server.
+
 One server process (`worldgen serve --port 0`, started here) serves every round in turn; each
 round connects N Python clients (one asyncio process, seeds 0..N-1) that play like people:
 held keys change every second or so and actions go out at random moments, about one per frame
@@ -115,6 +119,10 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=None, help="server --fps (default: the model's)")
     ap.add_argument("--threads", type=int, default=None,
                     help="server --threads (default: 1 on cpu, where the clients need a core too; torch's choice otherwise)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="server --compile / --no-compile (default: the server's, on for CUDA)")
+    ap.add_argument("--start-timeout", type=float, default=1800.0,
+                    help="seconds the server may take to load and compile before it listens")
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args()
 
@@ -122,8 +130,11 @@ def main() -> None:
                    "--log-level", "WARNING"] + (["--fps", str(args.fps)] if args.fps else [])
     threads = args.threads or (1 if args.device == "cpu" else None)
     server_args += ["--threads", str(threads)] if threads else []
+    server_args += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
     rows = []
-    with LocalServer(args.checkpoint, *server_args) as srv:
+    t0 = time.monotonic()
+    with LocalServer(args.checkpoint, *server_args, timeout=args.start_timeout) as srv:
+        print(f"server up in {time.monotonic() - t0:.0f} s: {srv.lines[-2] if len(srv.lines) > 1 else ''}", flush=True)
         fps = asyncio.run(_probe_fps(srv.ws_url))
         print(f"server pid {srv.pid} at {srv.url}, {fps:g} fps target; {os.cpu_count()} CPUs, "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -149,7 +160,7 @@ def main() -> None:
               f"{r['rss_after_mb']:.0f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "device": args.device, "commit": commit,
+            json.dump({"checkpoint": args.checkpoint, "device": args.device, "commit": commit, "compile": args.compile,
                        "date": str(datetime.date.today()), "threads": threads, "rounds": rows}, f, indent=1)
 
 

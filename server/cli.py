@@ -2,7 +2,7 @@
 
 Example:
     worldgen serve                                  # default model, http://127.0.0.1:8765/
-    worldgen serve --host 0.0.0.0 --token s3cret --max-sessions 32 --device cuda
+    WORLDGEN_TOKEN=s3cret worldgen serve --host 0.0.0.0 --max-sessions 32 --device cuda
 """
 
 from __future__ import annotations
@@ -10,9 +10,41 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+from pathlib import Path
+from typing import Mapping
 
 from worldgen.server import protocol as P
+
+TOKEN_ENV = "WORLDGEN_TOKEN"
+
+
+def read_token(flag: str | None, file: str | None, environ: Mapping[str, str]) -> str | None:
+    """The token from --token, else --token-file, else $WORLDGEN_TOKEN (None: no token). The
+    file and the variable keep it out of the process list, where any local user can read a flag."""
+    if flag is not None:
+        return flag
+    if file is not None:
+        try:
+            token = Path(file).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"--token-file {file}: cannot read it: {e.strerror or e}") from None
+        if not token:
+            raise ValueError(f"--token-file {file}: the file is empty")
+        return token
+    return environ.get(TOKEN_ENV) or None
+
+
+def exposure_warning(host: str, token: str | None) -> str | None:
+    """What to tell someone who serves beyond this machine with no token: anyone who can reach
+    the port can play (and keep the GPU busy)."""
+    from worldgen.server.app import is_loopback
+
+    if token is None and not is_loopback(host):
+        return (f"worldgen serve: warning: listening on {host} without a token: anyone who can reach this port "
+                f"can use the server; set one with --token-file FILE or ${TOKEN_ENV}")
+    return None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=P.DEFAULT_PORT, help=f"TCP port, 0 for any free one (default {P.DEFAULT_PORT})")
-    p.add_argument("--token", default=None, help="secret every client must send in its hello (default: none)")
+    p.add_argument("--token", default=None,
+                   help=f"secret every client must send in its hello (default: none). Visible in the process list: "
+                        f"prefer --token-file or ${TOKEN_ENV}")
+    p.add_argument("--token-file", default=None, help="read the token from this file (its whole content, surrounding whitespace stripped)")
     p.add_argument("--max-sessions", type=int, default=16, help="live sessions at most; more get a busy error (default 16)")
     p.add_argument("--fps", type=float, default=None, help="frames per second per session (default: the model's own rate)")
     p.add_argument("--steps", type=int, default=None,
@@ -35,6 +70,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--send-buffer", type=int, default=32 * 1024,
                    help="bytes that may wait for one client in the kernel (plus half as much in user space) before "
                         "its stale frames are dropped (default 32768)")
+    p.add_argument("--send-timeout", type=float, default=10.0,
+                   help="close a client (slow_reader) once a send to it has waited this many seconds (default 10)")
+    p.add_argument("--hello-timeout", type=float, default=10.0,
+                   help="close a websocket that has not sent its hello within this many seconds (default 10)")
+    p.add_argument("--max-pending", type=int, default=32,
+                   help="websockets waiting for their hello at most; more get HTTP 503 (default 32)")
+    p.add_argument("--max-rate", type=float, default=300.0,
+                   help="messages per second a client may send; the excess is dropped (default 300)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin besides the server's own that may connect, e.g. https://example.org; "
+                        "repeatable; '*' allows any page on any site to use this server")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the step with CUDA graphs, warmed for every padded batch size before the "
+                        "port opens (default: on for CUDA)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the model (default: torch's choice); on a small machine shared "
                         "with its clients 1 can be several times faster")
@@ -44,20 +93,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from worldgen import WorldModel  # torch: only once we know we serve
     from worldgen.checkpoint import CheckpointError
-    from worldgen.server.app import ServeConfig, serve
+    from worldgen.server.app import CompileError, ServeConfig, serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
     for name, value, low in (("--max-sessions", args.max_sessions, 1), ("--max-message", args.max_message, 64),
-                             ("--send-buffer", args.send_buffer, 1024),
+                             ("--send-buffer", args.send_buffer, 1024), ("--max-pending", args.max_pending, 1),
                              ("--jpeg-quality", args.jpeg_quality, 1)):
         if value < low:
             print(f"worldgen serve: {name} must be at least {low}, got {value}", file=sys.stderr)
             return 2
-    for name, value in (("--fps", args.fps), ("--idle-timeout", args.idle_timeout)):
+    for name, value in (("--fps", args.fps), ("--idle-timeout", args.idle_timeout),
+                        ("--send-timeout", args.send_timeout), ("--hello-timeout", args.hello_timeout),
+                        ("--max-rate", args.max_rate)):
         if value is not None and not value > 0:
             print(f"worldgen serve: {name} must be > 0, got {value}", file=sys.stderr)
             return 2
+    try:
+        token = read_token(args.token, args.token_file, os.environ)
+    except ValueError as e:
+        print(f"worldgen serve: {e}", file=sys.stderr)
+        return 2
+    if (warning := exposure_warning(args.host, token)) is not None:
+        print(warning, file=sys.stderr, flush=True)
     if args.threads is not None:
         import torch
 
@@ -71,19 +129,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"worldgen serve: {args.checkpoint} stores no start contexts (real frames a session begins from); "
               "serve a checkpoint exported with them by `worldgen train dynamics`", file=sys.stderr)
         return 1
-    cfg = ServeConfig(host=args.host, port=args.port, token=args.token, max_sessions=args.max_sessions,
+    cfg = ServeConfig(host=args.host, port=args.port, token=token, max_sessions=args.max_sessions,
                       fps=args.fps, max_message=args.max_message, idle_timeout=args.idle_timeout,
-                      jpeg_quality=min(args.jpeg_quality, 95), send_buffer=args.send_buffer)
+                      jpeg_quality=min(args.jpeg_quality, 95), send_buffer=args.send_buffer,
+                      send_timeout=args.send_timeout, hello_timeout=args.hello_timeout, max_pending=args.max_pending,
+                      max_rate=args.max_rate, allow_origins=tuple(args.allow_origin),
+                      compile=wm.device.type == "cuda" if args.compile is None else args.compile)
     h, w = wm.frame_shape[:2]
 
     def ready(url: str) -> None:
         print(f"worldgen serve: {args.checkpoint} model, {w}x{h} at {cfg.fps or wm.fps:g} fps, "
-              f"up to {cfg.max_sessions} sessions", flush=True)
+              f"up to {cfg.max_sessions} sessions{', compiled' if cfg.compile else ''}", flush=True)
         print(f"worldgen serve: open {url} (Ctrl-C stops)", flush=True)
 
     try:
         asyncio.run(serve(wm, cfg, model_name=str(args.checkpoint), on_ready=ready))
     except OSError as e:  # port taken, address not available, ...
         print(f"worldgen serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    except CompileError as e:
+        print(f"worldgen serve: {e}", file=sys.stderr)
         return 1
     return 0

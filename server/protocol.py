@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -36,6 +37,7 @@ FATAL_CLOSE = {
     "unauthorized": 4401,      # missing or wrong token
     "idle_timeout": 4408,      # nothing received for --idle-timeout seconds
     "version_mismatch": 4426,  # hello.version != VERSION
+    "slow_reader": 4413,       # a send to the client waited --send-timeout seconds: it does not read
     "internal": 4500,          # the engine failed on this session
     "busy": 4503,              # --max-sessions sessions already live
 }
@@ -46,6 +48,7 @@ NONFATAL = (
     "bad_field",     # a field is missing or of the wrong type
     "bad_action",    # fields have the right types but the action breaks the schema
     "unexpected",    # a known message at the wrong time (a second hello)
+    "rate_limited",  # more messages than --max-rate per second: the excess is dropped (at most one per second)
 )
 
 # Fields each client message may carry: name -> (accepted Python types, required). Unknown
@@ -109,10 +112,29 @@ def parse(raw: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any
         if isinstance(value, bool) or not isinstance(value, types):
             raise ProtocolError("bad_field", f"{msg['type']}.{name} must be {_type_name(types)}, "
                                              f"got {type(value).__name__}")
-    seed = msg.get("seed")
+    seed = msg.get("seed") if "seed" in fields else None  # elsewhere an ignored extra field
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ProtocolError("bad_field", f"{msg['type']}.seed must lie in [0, {MAX_SEED}], got {seed}")
+    if msg["type"] == "action":
+        _check_action_values(msg)
     return msg
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, _NUM) and not isinstance(v, bool)
+
+
+def _check_action_values(msg: dict[str, Any]) -> None:
+    """Element types the field table cannot express: keys all names or all integers, mouse
+    numbers (never strings or booleans, which numpy would quietly convert), ``t`` finite."""
+    keys, mouse, t = msg.get("keys"), msg.get("mouse"), msg.get("t")
+    if keys is not None and not (all(isinstance(k, str) for k in keys)
+                                 or all(isinstance(k, int) and not isinstance(k, bool) for k in keys)):
+        raise ProtocolError("bad_action", "action.keys must be all key names or all integers 0/1")
+    if mouse is not None and not all(_is_number(m) for m in mouse):
+        raise ProtocolError("bad_action", "action.mouse must be numbers [yaw, pitch]")
+    if t is not None and not math.isfinite(t):
+        raise ProtocolError("bad_field", f"action.t must be a finite number, got {t}")
 
 
 def now_ms() -> float:

@@ -323,8 +323,8 @@ def test_collate_matches_default_collate(data):
 def test_verification_is_done_once_and_survives_pickling(data, monkeypatch):
     root, _ = data
     hashed = []
-    real = dataset_mod._sha256
-    monkeypatch.setattr(dataset_mod, "_sha256", lambda p: hashed.append(p) or real(p))
+    real = dataset_mod.sha256_file
+    monkeypatch.setattr(dataset_mod, "sha256_file", lambda p: hashed.append(p) or real(p))
     w = WindowDataset(root, 4)  # verifies every shard up front
     assert len(hashed) == 6
     for i in range(len(w)):

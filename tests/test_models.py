@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from worldgen import actions
+from worldgen import actions, checkpoint
 from worldgen.checkpoint import CheckpointError
 from worldgen.models import (MODELS, DiT, DiTConfig, Tokenizer, TokenizerConfig, flops_per_frame, frames_to_tensor,
                              load_dit, load_tokenizer, save_part, tensor_to_frames)
@@ -338,11 +337,10 @@ def test_save_load_round_trip(tmp_path):
 
 def test_load_names_missing_or_misshapen_tensor(tmp_path):
     save_part(tmp_path, "dynamics", DiT(SMALL))
-    shard = next(tmp_path.glob("dynamics-*.safetensors"))
-    tensors = load_file(shard)
+    tensors, config = checkpoint.load(tmp_path, "dynamics")
     del tensors["final_proj.weight"]
     tensors["blocks.0.ada.bias"] = torch.zeros(3)
-    save_file(tensors, shard)
+    checkpoint.save(tmp_path, "dynamics", tensors, config)  # well-formed (its hashes match), misfitting
     with pytest.raises(CheckpointError, match=r"missing tensors \['final_proj\.weight'\].*wrong shapes \['blocks\.0\.ada\.bias"):
         load_dit(tmp_path)
     with pytest.raises(CheckpointError, match="tokenizer.json"):

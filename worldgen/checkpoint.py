@@ -2,8 +2,11 @@
 
 A checkpoint folder holds named parts, e.g. ``tokenizer`` and ``dynamics``::
 
-    <dir>/<part>.json                      config and metadata (written last)
+    <dir>/<part>.json                      config, shard names and their SHA-256 (written last)
     <dir>/<part>-00000.safetensors ...     tensors, shards of at most MAX_SHARD_BYTES
+
+Loading trusts nothing in the folder: shard names must be plain file names inside it, each
+shard must match the SHA-256 its JSON lists, and every floating tensor must be finite.
 
 ``"default"`` names the model that ships with worldgen (``worldgen/checkpoints/default``).
 """
@@ -11,7 +14,9 @@ A checkpoint folder holds named parts, e.g. ``tokenizer`` and ``dynamics``::
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,7 +24,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from worldgen.files import atomic_write
+from worldgen.files import atomic_write, sha256_file
+
+log = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 16 * 2**20  # the project's limit per committed file
 PACKAGED = Path(__file__).parent / "checkpoints"
@@ -64,7 +71,7 @@ def save(folder: str | os.PathLike, part: str, tensors: Mapping[str, torch.Tenso
         atomic_write(folder / fname, lambda tmp, s=shard: save_file(s, tmp))
         files.append(fname)
     old = _read_json(folder / f"{part}.json").get("files", []) if (folder / f"{part}.json").exists() else []
-    meta = {"config": dict(config), "files": files}
+    meta = {"config": dict(config), "files": files, "sha256": {f: sha256_file(folder / f) for f in files}}
     atomic_write(folder / f"{part}.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     for f in set(old) - set(files):
         (folder / f).unlink(missing_ok=True)
@@ -80,26 +87,66 @@ def update_config(folder: str | os.PathLike, part: str, changes: Mapping[str, An
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A part's JSON, its shape checked: every problem is a CheckpointError naming the file."""
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (not a checkpoint with this part?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
         raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: must be a JSON object, got {type(meta).__name__}")
+    files, hashes = meta.get("files", []), meta.get("sha256", {})
+    if not isinstance(meta.get("config", {}), dict):
+        raise CheckpointError(f"{path}: 'config' must be an object")
+    if not isinstance(files, list) or not all(isinstance(f, str) and _SHARD_NAME.fullmatch(f) for f in files):
+        raise CheckpointError(f"{path}: 'files' must list shard file names inside the checkpoint folder "
+                              f"(*.safetensors, no folders), got {str(files)[:200]}")
+    if not isinstance(hashes, dict) or not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h)
+                                               for h in hashes.values()):
+        raise CheckpointError(f"{path}: 'sha256' must map file names to 64 hex digits")
+    return meta
+
+
+# A shard is a plain file name in the checkpoint folder: never a path, never hidden (temp files).
+_SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.safetensors")
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], where: Path) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise CheckpointError(f"{where}: tensor {name} holds {nan} NaN and {inf} infinite values; "
+                                  f"refusing weights that would produce garbage")
 
 
 def load(folder: str | os.PathLike, part: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Return ``(tensors, config)`` of ``part`` in ``folder`` (a path or a packaged name)."""
+    """Return ``(tensors, config)`` of ``part`` in ``folder`` (a path or a packaged name).
+    Each shard is checked against its SHA-256 before it is parsed, and every float tensor
+    must be finite; a part saved before hashes existed loads with a warning."""
     folder = resolve(folder)
     meta = _read_json(folder / f"{part}.json")
+    hashes = meta.get("sha256")
+    if hashes is None:
+        log.warning("%s: no SHA-256 of its shards (saved by an older worldgen); loading them unverified",
+                    folder / f"{part}.json")
+    elif set(hashes) != set(meta.get("files", [])):
+        raise CheckpointError(f"{folder / part}.json: 'sha256' lists {sorted(hashes)}, 'files' lists "
+                              f"{sorted(meta.get('files', []))}")
     tensors: dict[str, torch.Tensor] = {}
     for fname in meta.get("files", []):
+        path = folder / fname
         try:
-            tensors.update(load_file(folder / fname))
+            if hashes is not None and sha256_file(path) != hashes[fname]:
+                raise CheckpointError(f"{path}: content does not match its SHA-256 in {part}.json "
+                                      f"(corrupt or altered)")
+            shard = load_file(path)
         except FileNotFoundError:
-            raise CheckpointError(f"{folder / fname}: shard listed in {part}.json is missing") from None
+            raise CheckpointError(f"{path}: shard listed in {part}.json is missing") from None
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{folder / fname}: unreadable safetensors shard: {e}") from None
+            raise CheckpointError(f"{path}: unreadable safetensors shard: {e}") from None
+        _check_finite(shard, path)
+        tensors.update(shard)
     return tensors, meta.get("config", {})
 
 

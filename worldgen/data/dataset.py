@@ -45,7 +45,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from worldgen import actions
-from worldgen.files import atomic_write
+from worldgen.files import atomic_write, sha256_file
 
 FORMAT = "worldgen-dataset"
 FORMAT_VERSION = 1
@@ -182,14 +182,6 @@ def _check_shard_entry(s: Any, where: str) -> None:
         raise DatasetError(f"{where}: shard {f}: sha256 must be 64 hex digits")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # The old private name of files.atomic_write, for code that imports it from here.
 _atomic_write = atomic_write
 
@@ -231,7 +223,7 @@ def write_episode_shards(root: str | Path, name: str, episode: Episode,
         tensors = {key: np.ascontiguousarray(v) for key, v in part.arrays().items()}
         atomic_write(root / rel, lambda tmp: save_file(tensors, tmp, metadata={"episode": name}))
         entries.append({"file": rel, "steps": len(part), "bytes": (root / rel).stat().st_size,
-                        "sha256": _sha256(root / rel)})
+                        "sha256": sha256_file(root / rel)})
     return entries
 
 
@@ -303,7 +295,7 @@ def _read_index(path: Path) -> dict[str, Any]:
         raise DatasetError(f"{path}: no dataset index here (is {path.parent} a dataset folder?)")
     try:
         index = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
         raise DatasetError(f"{path}: index is not valid JSON (truncated or corrupt?): {e}") from None
     if not isinstance(index, dict):
         raise DatasetError(f"{path}: index must be a JSON object, got {type(index).__name__}")
@@ -507,7 +499,7 @@ class Dataset:
         if size != entry["bytes"]:
             raise DatasetError(f"{path}: shard is {size} bytes, the index says {entry['bytes']} "
                                f"(truncated or overwritten)")
-        if rel not in self._verified and _sha256(path) != entry["sha256"]:
+        if rel not in self._verified and sha256_file(path) != entry["sha256"]:
             raise DatasetError(f"{path}: shard content does not match its SHA-256 in the index (corrupt)")
         shard = _Shard(path, size)
         if rel not in self._verified:
