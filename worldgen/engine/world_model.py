@@ -95,8 +95,8 @@ def denoise(dit: DiT, stream: StreamConfig, x: torch.Tensor, eps_ctx: torch.Tens
         drop = sampling.guidance_mask(b, chunk, chunk, x.device)
         pos2, mask2 = frame_pos.repeat(2, 1), None if mask is None else mask.repeat(2, 1)
 
-    def velocity(x: torch.Tensor, level: float) -> torch.Tensor:
-        t = torch.full((b, chunk), level, device=x.device)
+    def velocity(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        t = level.expand(b, chunk)  # a tensor level: one compiled graph serves every step
         if g == 1:
             return dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
         return sampling.guided(dit(x.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), acts.repeat(2, 1, 1),
