@@ -526,8 +526,10 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
     """
     model = task.model.to(d.device)
     torch.manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
-                                  fused=d.device.type == "cuda")
+    # A task with several trained parts may give its own groups, each with an "lr_scale" (distill's critic).
+    groups = task.param_groups(cfg.weight_decay) if hasattr(task, "param_groups") else \
+        param_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=d.device.type == "cuda")
     ema = EMA(model, cfg.ema_decay)
     step, total, wall_before = 0, cfg.steps, 0.0
     if cfg.steps is None and cfg.minutes is None:
@@ -578,7 +580,7 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
     while step < (total if fixed else cap):
         lr = lr_at(step, total if fixed else cap, cfg)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         gen = step_generator(cfg.seed, d.rank, step, d.device)
         with autocast(d.device):
             loss = task.loss(train_model, step, gen)
