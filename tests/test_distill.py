@@ -115,7 +115,7 @@ def test_one_step_student_session_equal_alone_and_batched(doom_recording, tiny_c
     """The exported 1-step student is a complete model folder whose sampler plays 1 step, and its
     sessions give the same frames alone and stepped together; it also samples at 2 and 4."""
     summary = train(config(doom_recording, tiny_checkpoint, tmp_path, steps=2, sample_steps=1))
-    assert summary["sample_steps"] == 1 and "heldout_rollout_mse_1" in summary
+    assert summary["sample_steps"] == 1 and {"heldout_rollout_mse_1", "dmd_loss", "critic_loss"} <= set(summary)
     wm = WorldModel.load(tmp_path / "ckpt", device="cpu")
     assert wm.stream.steps == 1 and wm.num_starts == 2
     teacher = WorldModel.load(tiny_checkpoint, device="cpu")

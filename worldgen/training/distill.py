@@ -205,6 +205,8 @@ class DistillTask:
         self.model = StudentCritic(self.teacher)
         self.tokens_per_sample = cfg.rollout_frames * self.teacher.cfg.tokens_per_frame
         self.metrics: dict[str, float] = {}
+        # Sums of the two losses since the last evaluation (logged there: no GPU sync per step).
+        self._sums = torch.zeros(3, device=d.device)
         if d.main:
             n = sum(p.numel() for p in self.teacher.parameters()) / 1e6
             print(f"[train] distill: student and critic from {cfg.teacher} ({n:.2f}M params each); steps "
@@ -268,6 +270,7 @@ class DistillTask:
         batch = self.draw(generator, self.cfg.batch_size)
         gen, critic = model(self.teacher, generator=generator, window=self.window,
                             guidance=self.cfg.teacher_guidance, **batch)
+        self._sums += torch.stack([gen.detach().float(), critic.detach().float(), torch.ones((), device=self.device)])
         return gen + critic
 
     def flops_per_sample(self) -> float | None:
@@ -299,6 +302,10 @@ class DistillTask:
             errors.append(((out.float() - z[:, self.ctx_frames:]) ** 2).mean(dim=(2, 3, 4)))  # (b, n)
         e = torch.cat(errors)
         self.metrics = {"heldout_rollout_mse_1": e[:, 0].mean().item(), f"heldout_rollout_mse_{n}": e.mean().item()}
+        gen, critic, steps = self._sums.tolist()
+        if steps:  # the two parts of the logged loss, averaged since the last evaluation
+            self.metrics.update(dmd_loss=gen / steps, critic_loss=critic / steps)
+            self._sums.zero_()
         return self.metrics
 
     def finish(self, ema_model: nn.Module) -> dict[str, Any]:
