@@ -83,6 +83,28 @@ def test_dmd_gradient_is_zero_when_critic_and_teacher_agree(doom_recording, tiny
     assert torch.count_nonzero(x.grad) == 0
 
 
+def test_ode_warmup_pairs_student_and_teacher_on_the_same_noise(doom_recording, tiny_checkpoint, tmp_path):
+    """The ODE warm-up's pairs: the student, still the teacher, at the teacher's step count and
+    its last exit step, from the same noise and on the teacher's history, makes the teacher's
+    frames (exact conditioning: no stabilisation noise); an earlier exit does not."""
+    import dataclasses
+
+    task = DistillTask.from_run(config(doom_recording, tiny_checkpoint, tmp_path, ode_steps=1), Run(tmp_path), Dist())
+    batch = task.draw(torch.Generator().manual_seed(0), 2, ode=True)
+    assert batch["ode_noise"].shape[1] == batch["acts"].shape[1] == TINY["grad_frames"]
+    teacher = dataclasses.replace(task.teacher_stream, ctx_noise=0.0)
+    k = teacher.steps
+    # 2 context frames: nothing leaves the cache, so the student's re-read history is the teacher's cache.
+    ctx, ctx_acts = batch["ctx"][:, -2:], batch["ctx_acts"][:, -2:]
+    with torch.no_grad():
+        student, target = task.model.ode_play(task.teacher, teacher, teacher, ctx, ctx_acts, batch["acts"],
+                                              [k - 1] * 2, batch["ode_noise"], torch.Generator())
+        early, _ = task.model.ode_play(task.teacher, teacher, teacher, ctx, ctx_acts, batch["acts"], [0] * 2,
+                                       batch["ode_noise"], torch.Generator())
+    torch.testing.assert_close(student, target, atol=1e-4, rtol=1e-4)
+    assert (early - target).abs().max() > 1e-2
+
+
 def test_resume_equals_an_uninterrupted_run(doom_recording, tiny_checkpoint, tmp_path, monkeypatch):
     """A run stopped after its step-2 checkpoint and resumed ends with the weights of a run that
     went straight through (every draw, rollout noise included, comes from the step's generator)."""
@@ -112,10 +134,11 @@ def test_resume_equals_an_uninterrupted_run(doom_recording, tiny_checkpoint, tmp
 
 
 def test_one_step_student_session_equal_alone_and_batched(doom_recording, tiny_checkpoint, tmp_path):
-    """The exported 1-step student is a complete model folder whose sampler plays 1 step, and its
-    sessions give the same frames alone and stepped together; it also samples at 2 and 4."""
-    summary = train(config(doom_recording, tiny_checkpoint, tmp_path, steps=2, sample_steps=1))
-    assert summary["sample_steps"] == 1 and {"heldout_rollout_mse_1", "dmd_loss", "critic_loss"} <= set(summary)
+    """The exported 1-step student (one ODE warm-up step, then DMD) is a complete model folder
+    whose sampler plays 1 step, and its sessions give the same frames alone and stepped
+    together; it also samples at 2 and 4."""
+    summary = train(config(doom_recording, tiny_checkpoint, tmp_path, steps=2, sample_steps=1, ode_steps=1))
+    assert summary["sample_steps"] == 1 and {"heldout_rollout_mse_1", "student_loss", "critic_loss"} <= set(summary)
     wm = WorldModel.load(tmp_path / "ckpt", device="cpu")
     assert wm.stream.steps == 1 and wm.num_starts == 2
     teacher = WorldModel.load(tiny_checkpoint, device="cpu")

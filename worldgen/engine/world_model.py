@@ -128,7 +128,7 @@ def prefill(dit: DiT, stream: StreamConfig, z: torch.Tensor, acts: torch.Tensor,
 
 def rollout_latents(dit: DiT, stream: StreamConfig, ctx: torch.Tensor, ctx_actions: torch.Tensor,
                     actions_: torch.Tensor, generator: torch.Generator,
-                    exit_steps: Sequence[int | None] | None = None) -> torch.Tensor:
+                    exit_steps: Sequence[int | None] | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Play B timelines of one age on latents, step for step as sessions play (the same rolling
     cache, re-positioned keys and stabilised writes; :func:`denoise`), with no tokenizer: what
     the trainer generates when it trains on the model's own rollouts, so it trains on exactly
@@ -142,6 +142,9 @@ def rollout_latents(dit: DiT, stream: StreamConfig, ctx: torch.Tensor, ctx_actio
             Forcing's exit step k: the chunk is the clean estimate of Euler step k, whose pass
             alone carries gradient (:func:`denoise`; :mod:`worldgen.training.distill`).
             None: every chunk played, without gradient.
+        noise: (B, n, C, h, w) the sampler's starting noise of the played frames, given rather
+            than drawn (distill's ODE warm-up pairs teacher and student on it); the
+            stabilisation noise is drawn all the same.
     Returns:
         (B, n, C, h, w) float32 latents.
     """
@@ -166,7 +169,7 @@ def rollout_latents(dit: DiT, stream: StreamConfig, ctx: torch.Tensor, ctx_actio
         cos, sin = dit.rope(pos, pos.shape[1])
         mask = cache.valid()[None].expand(b, -1).to(ctx.device)
         frame_pos = (cache.next_position() + torch.arange(chunk, device=ctx.device))[None].expand(b, -1)
-        x = randn(chunk)
+        x = randn(chunk) if noise is None else noise[:, i:i + chunk].float()
         eps = randn(chunk) if stream.ctx_noise > 0 else None
         with torch.set_grad_enabled(grad and exit_steps[j] is not None):
             x, k_new, v_new = denoise(dit, stream, x, eps, actions_[:, i:i + chunk], frame_pos, cache.k, cache.v,

@@ -29,6 +29,11 @@ One step, per window of the batch:
    of the teacher (``--teacher-guidance``, needs a teacher trained with action dropout).
 3. **The critic** learns the flow-matching loss on the same (detached) windows with fresh levels.
 
+Optionally (``--ode-steps``) the student first warms up by regression on the teacher's ODE
+solutions (CausVid's and Self Forcing's initialisation, here on the student's own Euler path):
+from the same starting noise and the teacher's played history, its exit-step estimate of each of
+G frames against the teacher's frame at the teacher's sampler steps.
+
 Student and critic are one module (:class:`StudentCritic`) for the shared trainer
 (:func:`worldgen.training.common.fit`: bf16 autocast on CUDA, EMA, resumable state, torchrun):
 one optimizer step updates both, the critic at ``--critic-lr`` (DMD2 trains the fake score
@@ -80,6 +85,10 @@ class DistillTrainConfig(TrainConfig):
     ema_decay: float = opt(0.99, "EMA of the weights; distillation runs are short (hundreds of steps)")
     t_min: float = opt(0.02, "lowest noise level of the distribution-matching loss (DMD: 0.02)")
     t_max: float = opt(0.98, "highest noise level (DMD: 0.98)")
+    ode_steps: int = opt(0, "warm-up: the first S steps train the student by regression instead of DMD: from the "
+                            "same noise and the teacher's history, its exit-step estimate of G frames against "
+                            "the teacher's frames at the teacher's sampler steps (the ODE solution); the critic "
+                            "trains on its frames throughout. 0: DMD from the first step")
     teacher_guidance: float = opt(1.0, "action guidance of the teacher's score (> 1 needs a teacher trained with "
                                        "action dropout); 1 = the plain conditional score")
     encode_batch: int = opt(256, "frames per tokenizer batch when encoding the dataset")
@@ -136,31 +145,63 @@ class StudentCritic(nn.Module):
     def forward(self, teacher: DiT, stream: StreamConfig, ctx: torch.Tensor, ctx_acts: torch.Tensor,
                 acts: torch.Tensor, exits: list[int | None], levels: torch.Tensor, eps: torch.Tensor,
                 critic_levels: torch.Tensor, critic_eps: torch.Tensor, generator: torch.Generator,
-                window: int, guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(DMD loss of the student, flow-matching loss of the critic) of one step.
+                window: int, guidance: float, ode_noise: torch.Tensor | None = None,
+                teacher_stream: StreamConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the student's loss, the critic's flow-matching loss) of one step.
 
         ctx (B, S, C, h, w) and ctx_acts (B, S, A): the real context (the session's cache);
         acts (B, n, A): the actions played; exits: per chunk, None or its exit step;
         levels, critic_levels (B, window): noise levels of the last ``window`` frames for the
         DMD loss and the critic's loss; eps, critic_eps (B, window, C, h, w): their noise.
+        ode_noise (B, n, C, h, w): an ODE warm-up step instead (:meth:`ode_play`), the student's
+        loss the regression on the teacher's frames, played with ``teacher_stream``.
         """
-        played = rollout_latents(self.student, stream, ctx, ctx_acts, acts, generator, exits)  # (B, n, C, h, w)
         g = self.student.cfg.frames_per_block * sum(e is not None for e in exits)     # frames with gradient
+        if ode_noise is None:
+            played = rollout_latents(self.student, stream, ctx, ctx_acts, acts, generator, exits)  # (B, n, C, h, w)
+        else:
+            played, target = self.ode_play(teacher, stream, teacher_stream, ctx, ctx_acts, acts, exits, ode_noise,
+                                           generator)
         seq = torch.cat([ctx.float(), played], 1)[:, -window:]                  # (B, T, C, h, w)
         seq_acts = torch.cat([ctx_acts, acts], 1)[:, -window:].float()
         first = window - g                                                      # the student's frames: first..
-        with torch.no_grad():
-            noisy = sampling.add_noise(seq.detach(), eps, levels)
-            drop = sampling.guidance_mask(len(seq), window, g, seq.device) if guidance != 1 else None
-            if drop is None:
-                real_v = teacher(noisy, levels, seq_acts)
-            else:
-                real_v = sampling.guided(teacher(noisy.repeat(2, 1, 1, 1, 1), levels.repeat(2, 1),
-                                                 seq_acts.repeat(2, 1, 1), drop_actions=drop), guidance)
-            fake_v = self.critic(noisy, levels, seq_acts)
-        gen = dmd_loss(seq[:, first:], real_v[:, first:], fake_v[:, first:], noisy[:, first:], levels[:, first:])
+        if ode_noise is not None:
+            gen = F.mse_loss(played[:, -g:].float(), target[:, -g:].float())
+        else:
+            with torch.no_grad():
+                noisy = sampling.add_noise(seq.detach(), eps, levels)
+                drop = sampling.guidance_mask(len(seq), window, g, seq.device) if guidance != 1 else None
+                if drop is None:
+                    real_v = teacher(noisy, levels, seq_acts)
+                else:
+                    real_v = sampling.guided(teacher(noisy.repeat(2, 1, 1, 1, 1), levels.repeat(2, 1),
+                                                     seq_acts.repeat(2, 1, 1), drop_actions=drop), guidance)
+                fake_v = self.critic(noisy, levels, seq_acts)
+            gen = dmd_loss(seq[:, first:], real_v[:, first:], fake_v[:, first:], noisy[:, first:], levels[:, first:])
         critic = flow_matching_loss(self.critic, seq.detach(), seq_acts, critic_levels, critic_eps, first_target=first)
         return gen, critic
+
+    def ode_play(self, teacher: DiT, stream: StreamConfig, teacher_stream: StreamConfig, ctx: torch.Tensor,
+                 ctx_acts: torch.Tensor, acts: torch.Tensor, exits: list[int | None], noise: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ODE warm-up's pairs: the teacher plays the frames from ``noise`` at its own sampler
+        steps (the ODE solution, no gradient); the student plays each chunk from the same noise at
+        its exit step, on the teacher's history (teacher forcing: the history is read into a
+        fresh cache, so once frames have left the window their traces in the keys of those that
+        stayed are gone, as in a recompute). Returns (student, teacher) latents, (B, n, C, h, w) each."""
+        with torch.no_grad():
+            target = rollout_latents(teacher, teacher_stream, ctx, ctx_acts, acts, generator, noise=noise)
+        # What the teacher's cache holds before chunk j: the sinks, then the window's latest frames.
+        s, w, chunk = stream.sinks, stream.window, self.student.cfg.frames_per_block
+        ctx, ctx_acts = ctx[:, -(s + w):].float(), ctx_acts[:, -(s + w):]
+        out = []
+        for j, e in enumerate(exits):
+            a, b = j * chunk, (j + 1) * chunk
+            hist = torch.cat([ctx[:, :s], torch.cat([ctx[:, s:], target[:, :a]], 1)[:, -w:]], 1)
+            hist_acts = torch.cat([ctx_acts[:, :s], torch.cat([ctx_acts[:, s:], acts[:, :a]], 1)[:, -w:]], 1)
+            out.append(rollout_latents(self.student, stream, hist, hist_acts, acts[:, a:b], generator, [e],
+                                       noise[:, a:b]))
+        return torch.cat(out, 1), target
 
 
 class DistillTask:
@@ -177,6 +218,7 @@ class DistillTask:
         chunk = self.teacher.cfg.frames_per_block
         # The student plays as its sessions will: the teacher's cache and stabilisation, one pass per step.
         self.stream = dataclasses.replace(teacher.stream, steps=cfg.sample_steps, guidance=1.0)
+        self.teacher_stream = teacher.stream  # its own sampler: the ODE warm-up's targets
         self.stream.check(self.teacher, teacher.trained_window)
         self.window = teacher.trained_window
         self.ctx_frames = self.stream.sinks + self.stream.window
@@ -194,6 +236,8 @@ class DistillTask:
         if cfg.teacher_guidance != 1 and (not cfg.teacher_guidance > 0 or not self.teacher.cfg.null_action):
             raise ValueError(f"--teacher-guidance {cfg.teacher_guidance} needs a teacher trained with action dropout "
                              f"(this one has null_action={self.teacher.cfg.null_action}); 1 = no guidance")
+        if cfg.ode_steps < 0:
+            raise ValueError(f"--ode-steps must be >= 0, got {cfg.ode_steps}")
         if cfg.compile:
             raise ValueError("--compile: distill plays rollouts in Python loops; run it uncompiled")
         self.span = self.ctx_frames + cfg.rollout_frames
@@ -238,13 +282,15 @@ class DistillTask:
         return param_groups(self.model.student, weight_decay) + \
             [{**g, "lr_scale": scale} for g in param_groups(self.model.critic, weight_decay)]
 
-    def draw(self, generator: torch.Generator, batch: int) -> dict[str, Any]:
-        """Everything random in a step but the rollout's own noise (drawn inside, as sessions draw it)."""
+    def draw(self, generator: torch.Generator, batch: int, ode: bool = False) -> dict[str, Any]:
+        """Everything random in a step but the rollout's own noise (drawn inside, as sessions draw
+        it); ``ode``: an ODE warm-up step, G frames from given noise (:meth:`StudentCritic.ode_play`)."""
         cfg, T, dev, chunk = self.cfg, self.window, self.device, self.teacher.cfg.frames_per_block
         def randint(hi: int) -> int:
             return int(torch.randint(hi, (), generator=generator, device=dev))
         steps = self.choices[randint(len(self.choices))]
-        n = cfg.grad_frames + chunk * randint((cfg.rollout_frames - cfg.grad_frames) // chunk + 1)
+        n = cfg.grad_frames if ode else \
+            cfg.grad_frames + chunk * randint((cfg.rollout_frames - cfg.grad_frames) // chunk + 1)
         g_chunks = cfg.grad_frames // chunk
         exits = [None] * (n // chunk - g_chunks) + [randint(steps) for _ in range(g_chunks)]
         i = torch.randint(len(self.starts), (batch,), generator=generator, device=dev)
@@ -254,9 +300,13 @@ class DistillTask:
         eps = torch.randn(shape, generator=generator, device=dev)
         critic_eps = torch.randn(shape, generator=generator, device=dev)
         stream = dataclasses.replace(self.stream, steps=steps)
+        extra = {}
+        if ode:
+            extra = dict(ode_noise=torch.randn((batch, n, *z.shape[2:]), generator=generator, device=dev),
+                         teacher_stream=self.teacher_stream)
         return dict(stream=stream, ctx=z[:, :self.ctx_frames], ctx_acts=acts[:, :self.ctx_frames],
                     acts=acts[:, self.ctx_frames:], exits=exits, levels=levels, eps=eps,
-                    critic_levels=critic_levels, critic_eps=critic_eps)
+                    critic_levels=critic_levels, critic_eps=critic_eps, **extra)
 
     def _levels(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """(B, window): context at the stabilisation level, the last G frames (per chunk) ~ U[t_min, t_max]."""
@@ -267,7 +317,7 @@ class DistillTask:
         return torch.cat([torch.full((batch, T - g), self.stream.ctx_noise, device=self.device), t], 1)
 
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
-        batch = self.draw(generator, self.cfg.batch_size)
+        batch = self.draw(generator, self.cfg.batch_size, ode=step < self.cfg.ode_steps)
         gen, critic = model(self.teacher, generator=generator, window=self.window,
                             guidance=self.cfg.teacher_guidance, **batch)
         self._sums += torch.stack([gen.detach().float(), critic.detach().float(), torch.ones((), device=self.device)])
@@ -303,8 +353,8 @@ class DistillTask:
         e = torch.cat(errors)
         self.metrics = {"heldout_rollout_mse_1": e[:, 0].mean().item(), f"heldout_rollout_mse_{n}": e.mean().item()}
         gen, critic, steps = self._sums.tolist()
-        if steps:  # the two parts of the logged loss, averaged since the last evaluation
-            self.metrics.update(dmd_loss=gen / steps, critic_loss=critic / steps)
+        if steps:  # the two parts of the logged loss (student: DMD, or ODE regression in the warm-up)
+            self.metrics.update(student_loss=gen / steps, critic_loss=critic / steps)
             self._sums.zero_()
         return self.metrics
 
