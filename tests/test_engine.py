@@ -184,3 +184,24 @@ def test_bench_cli_bad_settings_are_one_line_errors(tiny_checkpoint, capsys):
     assert capsys.readouterr().err.strip() == "worldgen bench: steps must lie in [1, 64], got 0"
     assert main(["bench", "--checkpoint", "/no/such/model", "--device", "cpu"]) == 1
     assert "no such checkpoint folder" in capsys.readouterr().err
+
+
+def test_compiled_step_is_one_graph_for_every_level(wm):
+    """Issue 26 (4): the noise level enters the model as a tensor, so torch.compile traces a
+    session's step once, whatever the number of denoising steps and whichever frame it is, and
+    gives the eager frames. (Dynamo's tracing alone, counted by a test backend: no C++ compile.)
+    The bench reports the first step's time and the graphs compiled per batch size."""
+    from torch._dynamo.testing import CompileCounter
+
+    from worldgen.engine.bench import bench
+
+    eager = WorldModel.load(wm.checkpoint, device="cpu", steps=2)
+    compiled = WorldModel.load(wm.checkpoint, device="cpu", steps=2)
+    counter = CompileCounter()
+    compiled._step = torch.compile(compiled._denoise, backend=counter, dynamic=False)
+    a, b = eager.session(seed=4), compiled.session(seed=4)
+    for act in (PLAY * 2)[:wm.stream.window + 2]:  # 2 levels a frame; the cache fills and its ring turns
+        assert np.array_equal(a.step(act), b.step(act))
+    assert counter.frame_count == 1
+    rows = bench(compiled, [1], frames=1, warmup=1)  # compiled already: the bench traces nothing new
+    assert rows[0]["new_graphs"] == 0 and rows[0]["first_step_s"] > 0

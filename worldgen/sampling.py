@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -72,13 +73,28 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Ten
     return (1 - t) * x0 + t * eps
 
 
-def euler(x: torch.Tensor, velocity, steps: int = STEPS, shift: float = SHIFT) -> torch.Tensor:
+def euler(x: torch.Tensor, velocity, steps: int = STEPS, shift: float = SHIFT,
+          exit_step: int | None = None) -> torch.Tensor:
     """Integrate ``x`` (noise) from :data:`T_MAX` to 0 on the shifted schedule, ``velocity(x, t)``
-    giving the model's v at the float level ``t``: the one sampling loop of every sampler here
-    and of the streaming engine."""
-    levels = shifted_timesteps(steps, shift).tolist()
-    for t_now, t_next in zip(levels[:-1], levels[1:]):
-        x = x + (t_next - t_now) * velocity(x, t_now)
+    giving the model's v at the level ``t``: the one sampling loop of every sampler here and of
+    the streaming engine.
+
+    ``t`` is a 0-d tensor on ``x``'s device, not a Python float: a compiled step then traces one
+    graph for every level (a float is a constant of the graph, a new one recompiles).
+
+    ``exit_step`` k (Self Forcing's exit step, :mod:`worldgen.training.distill`): stop at step k
+    with the jump to 0 along its velocity, ``x - t_k v`` (the clean estimate; for k = steps - 1
+    exactly the last Euler step), the earlier steps under no_grad, so only step k's pass carries
+    gradient. None: all steps, in the caller's grad mode.
+    """
+    levels = shifted_timesteps(steps, shift, x.device)
+    last = steps - 1 if exit_step is None else exit_step
+    if not 0 <= last < steps:
+        raise ValueError(f"exit_step must lie in [0, steps - 1 = {steps - 1}], got {exit_step}")
+    for i in range(last + 1):
+        t_next = levels[i + 1] if i < last else levels[-1]
+        with torch.no_grad() if exit_step is not None and i < last else contextlib.nullcontext():
+            x = x + (t_next - levels[i]) * velocity(x, levels[i])
     return x
 
 
@@ -138,8 +154,8 @@ def generate(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, act
 
     drop = guidance_mask(b, tc + n, n, x.device) if guidance != 1 else None
 
-    def velocity(x: torch.Tensor, level: float) -> torch.Tensor:
-        t = torch.cat([t_ctx, torch.full((b, n), level, device=x.device)], 1)
+    def velocity(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        t = torch.cat([t_ctx, level.expand(b, n)], 1)
         xs = torch.cat([ctx, x], 1)
         if drop is None:
             return dit(xs, t, acts)[:, tc:].float()

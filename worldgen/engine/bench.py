@@ -4,7 +4,9 @@ For each batch size B it opens B sessions from the model's start contexts, warms
 when asked), then times ``--frames`` calls of ``WorldModel.step_many`` (each a frame for every
 session, decoded to uint8 on the host: what a player receives). It reports aggregate frames/s,
 per-frame latency p50/p99 (the wall time of one step: every session waits for it), model FLOPs
-utilisation of the DiT passes, and cache memory per session; prints a table and writes JSON.
+utilisation of the DiT passes, cache memory per session, and the warm-up: the first step's time
+at each batch size and the graphs torch.compile traced for it (one for the step whatever the
+number of denoising steps, one for the decoder); prints a table and writes JSON.
 
 Example:
     worldgen bench --checkpoint default --batch 1 8 32 64 --json bench.json --compile
@@ -51,9 +53,15 @@ def bench(wm: WorldModel, batches: list[int], frames: int, warmup: int) -> list[
     peak = peak_flops(wm.device) if wm.device.type == "cuda" else None
     for b in batches:
         sessions = [wm.session(seed=i) for i in range(b)]
-        # Fill the caches first: the steady state of a long session is a full window.
+        # Fill the caches first: the steady state of a long session is a full window. The first
+        # step at a batch size compiles (when compiled): its time is the warm-up a server pays.
+        graphs = compiled_graphs()
         for i in range(max(warmup, cache_frames)):
+            t0 = time.perf_counter()
             wm.step_many(sessions, [PLAY[(i + j) % len(PLAY)] for j in range(b)])
+            if i == 0:
+                first_step_s = time.perf_counter() - t0
+        graphs = compiled_graphs() - graphs
         times = []
         for i in range(frames):
             acts = [PLAY[(i + j) % len(PLAY)] for j in range(b)]
@@ -65,12 +73,22 @@ def bench(wm: WorldModel, batches: list[int], frames: int, warmup: int) -> list[
         rows.append({"batch": b, "frames_per_s": round(fps, 1), "latency_ms_p50": round(1e3 * np.percentile(t, 50), 2),
                      "latency_ms_p99": round(1e3 * np.percentile(t, 99), 2),
                      "mfu": round(flops * fps / peak, 4) if peak else None,
-                     "cache_mib_per_session": round(sessions[0].cache_bytes() / 2**20, 2)})
+                     "cache_mib_per_session": round(sessions[0].cache_bytes() / 2**20, 2),
+                     "first_step_s": round(first_step_s, 2), "new_graphs": graphs})
         for s in sessions:
             s.close()
         print(f"batch {b:3d}: {fps:8.1f} frames/s, latency p50 {rows[-1]['latency_ms_p50']:.2f} ms "
-              f"p99 {rows[-1]['latency_ms_p99']:.2f} ms" + (f", MFU {rows[-1]['mfu']:.1%}" if peak else ""), flush=True)
+              f"p99 {rows[-1]['latency_ms_p99']:.2f} ms" + (f", MFU {rows[-1]['mfu']:.1%}" if peak else "")
+              + f"; first step {first_step_s:.2f} s, {graphs} graphs compiled", flush=True)
     return rows
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has traced in this process so far (dynamo's own counter): with the
+    noise levels as tensors, one per batch size for the step and one for the decoder; a number
+    that grows with the steps means recompiles."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,7 +116,10 @@ def run(args: argparse.Namespace) -> int:
         for mode in ("reduce-overhead", None):
             try:
                 wm.compile(mode)
+                t0 = time.perf_counter()
                 wm.step_many([wm.session(seed=0)], [PLAY[0]])
+                print(f"torch.compile(mode={mode}): first step {time.perf_counter() - t0:.1f} s, "
+                      f"{compiled_graphs()} graphs", flush=True)
                 compile_ = mode or "default"
                 break
             except Exception as e:  # noqa: BLE001 - any compiler failure
@@ -112,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     rows = bench(wm, sorted(set(args.batch)), args.frames, args.warmup)
     commit = git_commit()
     result = {"checkpoint": str(wm.checkpoint), "device": hw, "compile": compile_, "stream": vars(wm.stream),
+              "compiled_graphs": compiled_graphs(),
               "date": datetime.date.today().isoformat(), "commit": commit or None, "torch": torch.__version__,
               "results": rows}
     if args.json:

@@ -81,12 +81,15 @@ class StreamConfig:
 
 def denoise(dit: DiT, stream: StreamConfig, x: torch.Tensor, eps_ctx: torch.Tensor | None, acts: torch.Tensor,
             frame_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            mask: torch.Tensor | None, exit_step: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of B timelines as a pure function: the Euler passes from noise ``x`` (B, c, C, h, w),
     every pass attending to the cache (unrotated keys ``k`` and values ``v``, (depth, B, H, L, d),
     RoPE ``cos``/``sin`` of their positions, key ``mask`` (B, L)), then the pass on the finished
     latent noised with ``eps_ctx`` to the stabilisation level. Returns the latents and that
-    pass's keys (unrotated) and values, (depth, B, H, c * N, d) each, for the cache."""
+    pass's keys (unrotated) and values, (depth, B, H, c * N, d) each, for the cache.
+
+    ``exit_step``: stop the Euler passes there (:func:`worldgen.sampling.euler`; Self Forcing's
+    training, whose gradient flows through that pass alone). The cache pass never carries gradient."""
     b, chunk = acts.shape[:2]
     past = [LayerKV(apply_rope(k[i], cos, sin), v[i]) for i in range(k.shape[0])]
     g = stream.guidance
@@ -95,16 +98,17 @@ def denoise(dit: DiT, stream: StreamConfig, x: torch.Tensor, eps_ctx: torch.Tens
         drop = sampling.guidance_mask(b, chunk, chunk, x.device)
         pos2, mask2 = frame_pos.repeat(2, 1), None if mask is None else mask.repeat(2, 1)
 
-    def velocity(x: torch.Tensor, level: float) -> torch.Tensor:
-        t = torch.full((b, chunk), level, device=x.device)
+    def velocity(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        t = level.expand(b, chunk)  # a tensor level: one compiled graph serves every step
         if g == 1:
             return dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
         return sampling.guided(dit(x.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), acts.repeat(2, 1, 1),
                                    frame_pos=pos2, past=past2, past_mask=mask2, drop_actions=drop), g)
-    x = sampling.euler(x, velocity, stream.steps, stream.shift)
-    written = x if eps_ctx is None else sampling.add_noise(x, eps_ctx, stream.ctx_noise)
-    t = torch.full((b, chunk), stream.ctx_noise, device=x.device)
-    dit(written, t, acts, frame_pos=frame_pos, past=past, past_mask=mask)
+    x = sampling.euler(x, velocity, stream.steps, stream.shift, exit_step)
+    with torch.no_grad():
+        written = x if eps_ctx is None else sampling.add_noise(x, eps_ctx, stream.ctx_noise)
+        t = torch.full((b, chunk), stream.ctx_noise, device=x.device)
+        dit(written, t, acts, frame_pos=frame_pos, past=past, past_mask=mask)
     return x, torch.stack([p.new[0] for p in past]), torch.stack([p.new[1] for p in past])
 
 
@@ -122,9 +126,9 @@ def prefill(dit: DiT, stream: StreamConfig, z: torch.Tensor, acts: torch.Tensor,
     return torch.stack([p.new[0] for p in past]), torch.stack([p.new[1] for p in past])
 
 
-@torch.no_grad()
 def rollout_latents(dit: DiT, stream: StreamConfig, ctx: torch.Tensor, ctx_actions: torch.Tensor,
-                    actions_: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+                    actions_: torch.Tensor, generator: torch.Generator,
+                    exit_steps: Sequence[int | None] | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Play B timelines of one age on latents, step for step as sessions play (the same rolling
     cache, re-positioned keys and stabilised writes; :func:`denoise`), with no tokenizer: what
     the trainer generates when it trains on the model's own rollouts, so it trains on exactly
@@ -134,9 +138,21 @@ def rollout_latents(dit: DiT, stream: StreamConfig, ctx: torch.Tensor, ctx_actio
     Args:
         ctx: (B, T, C, h, w) context latents (the latest ``sinks + window`` are kept);
         ctx_actions: (B, T, A); actions_: (B, n, A), n a multiple of the chunk.
+        exit_steps: per chunk, None (played as a session plays it, without gradient) or Self
+            Forcing's exit step k: the chunk is the clean estimate of Euler step k, whose pass
+            alone carries gradient (:func:`denoise`; :mod:`worldgen.training.distill`).
+            None: every chunk played, without gradient.
+        noise: (B, n, C, h, w) the sampler's starting noise of the played frames, given rather
+            than drawn (distill's ODE warm-up pairs teacher and student on it); the
+            stabilisation noise is drawn all the same.
     Returns:
         (B, n, C, h, w) float32 latents.
     """
+    n_chunks = -(-actions_.shape[1] // dit.cfg.frames_per_block)
+    exit_steps = [None] * n_chunks if exit_steps is None else list(exit_steps)
+    if len(exit_steps) != n_chunks:
+        raise ValueError(f"exit_steps must give one entry per chunk ({n_chunks}), got {len(exit_steps)}")
+    grad = torch.is_grad_enabled()
     cfg = dit.cfg
     b, chunk, keep = ctx.shape[0], cfg.frames_per_block, stream.sinks + stream.window
     cache = KVCache(cfg.depth, cfg.heads, cfg.dim // cfg.heads, cfg.tokens_per_frame, stream.sinks, stream.window,
@@ -145,17 +161,19 @@ def rollout_latents(dit: DiT, stream: StreamConfig, ctx: torch.Tensor, ctx_actio
 
     def randn(frames: int) -> torch.Tensor:
         return sampling.randn((b, frames, cfg.latent_channels, *cfg.latent_size), generator, ctx.device)
-    cache.write(*prefill(dit, stream, ctx, ctx_actions, randn(ctx.shape[1]) if stream.ctx_noise > 0 else None))
+    with torch.no_grad():
+        cache.write(*prefill(dit, stream, ctx, ctx_actions, randn(ctx.shape[1]) if stream.ctx_noise > 0 else None))
     out = []
-    for i in range(0, actions_.shape[1], chunk):
+    for j, i in enumerate(range(0, actions_.shape[1], chunk)):
         pos = cache.positions()[None].to(ctx.device)                                  # (1, slots)
         cos, sin = dit.rope(pos, pos.shape[1])
         mask = cache.valid()[None].expand(b, -1).to(ctx.device)
         frame_pos = (cache.next_position() + torch.arange(chunk, device=ctx.device))[None].expand(b, -1)
-        x = randn(chunk)
+        x = randn(chunk) if noise is None else noise[:, i:i + chunk].float()
         eps = randn(chunk) if stream.ctx_noise > 0 else None
-        x, k_new, v_new = denoise(dit, stream, x, eps, actions_[:, i:i + chunk], frame_pos, cache.k, cache.v,
-                                  cos, sin, mask)
+        with torch.set_grad_enabled(grad and exit_steps[j] is not None):
+            x, k_new, v_new = denoise(dit, stream, x, eps, actions_[:, i:i + chunk], frame_pos, cache.k, cache.v,
+                                      cos, sin, mask, exit_steps[j])
         cache.write(k_new, v_new)
         out.append(x)
     return torch.cat(out, 1)

@@ -33,7 +33,7 @@ from einops import rearrange
 from torch import nn
 
 from worldgen.actions import ACTION_DIM
-from worldgen.models.attention import Attention, LayerKV, Mask, make_mask, rope_angles, rope_sections
+from worldgen.models.attention import Attention, LayerKV, Mask, dense_mask, make_mask, rope_angles, rope_sections
 
 
 @dataclass
@@ -215,12 +215,15 @@ class DiT(nn.Module):
         if frame_pos is None:
             frame_pos = torch.arange(n_frames, device=x.device)
         rope = self.rope(frame_pos, n_frames)
-        # A cache's keys come with a per-session mask: dense SDPA (streaming needs no flex).
-        impl = "sdpa" if past is not None else attn_impl or cfg.attn_impl
-        mask = make_mask(impl, cfg.tokens_per_frame, n_frames - prefix_frames, cfg.frames_per_block,
-                         prefix_frames, x.device)
+        # A cache's keys come with a per-session mask: dense SDPA (streaming needs no flex), the
+        # mask built in the graph rather than looked up, so a compiled streaming step is one graph.
         if past is not None:
+            mask = dense_mask(cfg.tokens_per_frame, n_frames - prefix_frames, cfg.frames_per_block, prefix_frames,
+                              x.device)
             mask = _with_past(mask, past_mask, past[0].k.shape[2], b)
+        else:
+            mask = make_mask(attn_impl or cfg.attn_impl, cfg.tokens_per_frame, n_frames - prefix_frames,
+                             cfg.frames_per_block, prefix_frames, x.device)
         for i, block in enumerate(self.blocks):
             h = block(h, c, rope, mask, past[i] if past is not None else None)
 

@@ -540,8 +540,10 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
     """
     model = task.model.to(d.device)
     torch.manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
-                                  fused=d.device.type == "cuda")
+    # A task with several trained parts may give its own groups, each with an "lr_scale" (distill's critic).
+    groups = task.param_groups(cfg.weight_decay) if hasattr(task, "param_groups") else \
+        param_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=d.device.type == "cuda")
     ema = EMA(model, cfg.ema_decay)
     step, total, wall_before = 0, cfg.steps, 0.0
     if cfg.steps is None and cfg.minutes is None:
@@ -596,7 +598,7 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
     while step < (total if fixed else cap):
         lr = lr_at(step, total if fixed else cap, cfg)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         gen = step_generator(cfg.seed, 0, step, d.device)  # the global batch's draws: the same on every rank
         torch.manual_seed(step_seed(cfg.seed, d.rank, step))  # randomness inside the model: this rank's own
         with autocast(d.device):
