@@ -324,6 +324,7 @@ def _recording_for(args: argparse.Namespace, wm: Any) -> Path:
                         yaw_step=args.yaw_step, walks=tuple(args.walks))
     h, w, _ = wm.frame_shape
     wanted = {"of": str(Dataset(data).root), "context": context, "split": args.split, "seed": args.seed,
+              "heldout_fraction": fraction if args.split == "heldout" else None,
               "script": dataclasses.asdict(script), "windows_asked": args.windows}
     wanted = json.loads(json.dumps(wanted))  # tuples as the index gives them back: lists
     if (Path(out) / "index.json").is_file():

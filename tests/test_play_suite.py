@@ -112,7 +112,7 @@ def test_play_command_end_to_end(play_recording, tiny_checkpoint, tiny_geometry_
     assert (tmp_path / "play_media" / "play.mp4").stat().st_size > 1_000
     assert "play suite" in capsys.readouterr().out
     # A second run reuses the branch recording made from the same play.
-    assert main(args) == 0
+    assert main(args + ["--no-media", "--geometry", "none"]) == 0
     assert "reusing the branch recording" in capsys.readouterr().out
 
 
@@ -152,3 +152,13 @@ def test_sampler_sweep_scores_settings_with_the_play_suite(doom_recording, tiny_
     useful = {"tf_gain_db": 3.0, "rollout_psnr": 16.0, "rollout_baseline": 15.0, "score": 36.0}
     follows = {**useful, "control_db": -0.2, "play_gap_db": 2.0}
     assert sweep.choose([{**useful, "control_db": 0.5, "play_gap_db": 0.1}, follows], 2.0) is follows
+
+
+def test_play_command_names_bad_input(doom_recording, tiny_checkpoint, tmp_path, capsys):
+    base = ["eval", "--suite", "play", "--checkpoint", str(tiny_checkpoint), "--json", str(tmp_path / "p.json")]
+    # The tiny recording does not say how to replay it in ViZDoom.
+    assert main(base + ["--data", str(doom_recording), "--split", "all"]) == 2
+    assert "worldgen record --env doom" in capsys.readouterr().err
+    assert main(base + ["--data", str(doom_recording), "--context", "3"]) == 2
+    assert "--context: not used by the play suite" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
