@@ -55,6 +55,7 @@ def test_branch_recording_holds_the_games_answers(branches, play_recording):
     out, summary = branches
     rec = load_recording(out)
     assert summary["replay_matched"] == 1.0 and rec.matched == 1.0  # ViZDoom replays exactly
+    assert summary["deterministic"] == 1.0 and rec.deterministic == 1.0
     assert list(rec.cases) == [*BRANCHES, "turn360", "out_back_2"]
     assert rec.context.shape == (3, 5, SIZE[1], SIZE[0], 3) and rec.frames["forward"].shape[:2] == (3, 8)
     # Windows in episode-id order; the context is the recording's own play.
@@ -102,7 +103,7 @@ def test_play_command_end_to_end(play_recording, tiny_checkpoint, tiny_geometry_
     assert main(args) == 0
     r = json.loads((tmp_path / "play.json").read_text())
     assert finite(r) and r["suite"] == "play" and r["windows"] == 2 and r["horizons"] == [1, 4]
-    assert r["context"] == 5 and r["replay_matched"] == 1.0
+    assert r["context"] == 5 and r["replay_matched"] == 1.0 and r["game_deterministic"] == 1.0
     assert set(r["revisits"]) == {"turn360", "out_back_4", "out_back_8"} and r["yaw_step_deg"] == 30
     cam = r["camera"]
     assert cam["model"]["all"]["yaw_err_deg"] >= 0 and "forward" in cam["game"] and "geometry" in cam["odometry"]

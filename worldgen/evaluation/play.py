@@ -42,6 +42,9 @@ without bumping ``version``). ``P`` below is one of ``model``, ``hold_last``, ``
   ``context``, ``horizon``, ``horizons`` (those reported by name), ``yaw_step_deg``, ``walks``.
 * ``sampler``: the model's settings as the player reported them.
 * ``replay_matched``: share of the game's replays that reproduced the recorded departure frame.
+  ``game_deterministic``: share of windows whose longest case, replayed a second time, gave the
+  same frames and poses: where it is 1 the game's own frames are the ceiling; below 1 the game
+  is not deterministic there and the ceiling is lower than the ``game`` rows say.
 * ``branches``: ``names``; ``distinct_db`` (two game frames closer than this PSNR count as the
   same, :func:`told_apart`); ``told_apart@h``: mean share of branches the game tells apart at
   step h; ``chance@h``: the identification accuracy of a guess; and per ``P``:
@@ -152,6 +155,7 @@ class PlayRecording:
     keys: dict[str, np.ndarray] = field(default_factory=dict)    # case -> (K, 8) its actions
     mouse: dict[str, np.ndarray] = field(default_factory=dict)   # case -> (K, 2)
     matched: float = 1.0           # share of replays that reproduced the recorded departure frame
+    deterministic: float | None = None  # share of windows whose longest case replayed twice came out identical
 
     @property
     def cases(self) -> list[str]:
@@ -189,6 +193,8 @@ def load_recording(path: str | Path) -> PlayRecording:
         context_pose=np.stack([ctx(w, "pose")[1:] for w in windows]))
     matched = [ds.episodes[w[k]].extra["replay_matched"] for w in windows for k in cases]
     rec.matched = float(np.mean(matched))
+    repeats = [ds.episodes[w["context"]].extra.get("repeat_identical") for w in windows]
+    rec.deterministic = None if None in repeats else float(np.mean(repeats))
     for name in cases:
         rec.frames[name] = np.stack([ds.read(w[name], "frames")[1:] for w in windows])
         rec.pose[name] = np.stack([ds.read(w[name], "pose")[1:] for w in windows])
@@ -454,6 +460,7 @@ def evaluate_play(recording: str | Path | PlayRecording, player: Player, *, odom
         "window_starts": rec.starts, "context": c, "horizon": horizon, "horizons": horizons,
         "yaw_step_deg": rec.source.get("script", {}).get("yaw_step"), "walks": rec.source.get("script", {}).get("walks"),
         "sampler": getattr(player, "sampler", None), "replay_matched": _r(rec.matched),
+        "game_deterministic": None if rec.deterministic is None else _r(rec.deterministic),
         "branches": branches, "revisits": revisit_report, "camera": camera,
         "psnr_cap_db": round(PSNR_CAP_DB, 4), "device": str(device), "seconds": None,
         "files": {"dashboard": None, "video": None},
@@ -585,7 +592,9 @@ def summary(result: dict[str, Any]) -> str:
             a = result["camera"][p]["all"]
             lines.append(f"camera {p:<10} yaw err {f(a['yaw_err_deg'])} deg, forward err {f(a['forward_err'])} units, "
                          f"turn signs {f(a['yaw_sign_agreement'], '5.2f')}, walk signs {f(a['forward_sign_agreement'], '5.2f')}")
-    lines.append(f"{result['windows']} windows, context {result['context']}, {result['seconds']} s on {result['device']}")
+    lines.append(f"{result['windows']} windows, context {result['context']}; the game's replays matched the recording "
+                 f"{f(result['replay_matched'], '.0%')}, repeated identically {f(result['game_deterministic'], '.0%')}; "
+                 f"{result['seconds']} s on {result['device']}")
     return "\n".join(lines)
 
 
