@@ -45,7 +45,7 @@ class Oracle:
     def __init__(self, rec):
         self.rec = rec
 
-    def play(self, context, context_keys, context_mouse, keys, mouse, seeds):
+    def play(self, context, context_keys, context_mouse, keys, mouse, seeds, progress=None):
         name = next(n for n in self.rec.cases if np.array_equal(self.rec.keys[n], keys)
                     and np.array_equal(self.rec.mouse[n], mouse))
         return self.rec.frames[name]

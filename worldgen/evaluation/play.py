@@ -173,10 +173,12 @@ def load_recording(path: str | Path) -> PlayRecording:
                               f"--data RECORDING` or worldgen.env.play_suite.record_branches")
     by_window: dict[int, dict[str, int]] = {}
     for i, e in enumerate(ds.episodes):
+        if not {"window", "case", "of", "replay_matched"} <= set(e.extra):
+            raise EvaluationError(f"{ds.root}: episode {e.id!r} does not say which window and case it is")
         by_window.setdefault(int(e.extra["window"]), {})[e.extra["case"]] = i
     windows = [by_window[w] for w in sorted(by_window)]
     cases = [c for c in windows[0] if c != "context"] if windows else []
-    if not windows or not cases or any(sorted(w) != sorted(windows[0]) for w in windows):
+    if not cases or "context" not in windows[0] or any(sorted(w) != sorted(windows[0]) for w in windows):
         raise EvaluationError(f"{ds.root}: every window must hold a context and the same cases")
     ds.validate()
     c = int(src["context"])
@@ -210,10 +212,12 @@ class Player(Protocol):
     """What the suite plays: N contexts, each continued by the same K actions."""
 
     def play(self, context: np.ndarray, context_keys: np.ndarray, context_mouse: np.ndarray,
-             keys: np.ndarray, mouse: np.ndarray, seeds: list[int]) -> np.ndarray:
+             keys: np.ndarray, mouse: np.ndarray, seeds: list[int],
+             progress: Callable[[int], None] | None = None) -> np.ndarray:
         """context (N, c, H, W, 3) uint8 with the actions that produced it (N, c, 8), (N, c, 2);
         keys (K, 8), mouse (K, 2): the actions to play; ``seeds``: one per context (the same
-        window gets the same noise in every case) -> (N, K, H, W, 3) uint8."""
+        window gets the same noise in every case); ``progress`` is called with the number of
+        frames made as they are made -> (N, K, H, W, 3) uint8."""
         ...
 
 
@@ -226,7 +230,6 @@ class EnginePlayer:
         if batch < 1:
             raise EvaluationError(f"need --batch >= 1, got {batch}")
         self.wm, self.batch = wm, batch
-        self.bar: tqdm | None = None  # advanced one frame per session-step when set
 
     @property
     def sampler(self) -> dict[str, Any]:
@@ -234,7 +237,7 @@ class EnginePlayer:
         return {"steps": s.steps, "ctx_noise": s.ctx_noise, "shift": s.shift, "guidance": s.guidance,
                 "sinks": s.sinks, "window": s.window, "batch": self.batch}
 
-    def play(self, context, context_keys, context_mouse, keys, mouse, seeds):
+    def play(self, context, context_keys, context_mouse, keys, mouse, seeds, progress=None):
         acts = [Action(k, m) for k, m in zip(keys, mouse)]
         out = []
         for lo in range(0, len(context), self.batch):
@@ -245,8 +248,8 @@ class EnginePlayer:
                 steps = []
                 for a in acts:
                     steps.append(self.wm.step_many(sessions, [a] * len(sessions)))  # (b, H, W, 3)
-                    if self.bar is not None:
-                        self.bar.update(len(sessions))
+                    if progress is not None:
+                        progress(len(sessions))
                 out.append(np.stack(steps, 1))                                    # (b, K, H, W, 3)
             finally:
                 for s in sessions:
@@ -257,7 +260,7 @@ class EnginePlayer:
 class HoldLast:
     """The floor: the last context frame, held still whatever the actions."""
 
-    def play(self, context, context_keys, context_mouse, keys, mouse, seeds):
+    def play(self, context, context_keys, context_mouse, keys, mouse, seeds, progress=None):
         return np.repeat(context[:, -1:], len(keys), 1)
 
 
@@ -401,21 +404,12 @@ def evaluate_play(recording: str | Path | PlayRecording, player: Player, *, odom
     total = n * sum(len(rec.keys[k]) for k in rec.cases)
     log(f"play suite: {n} windows x {len(rec.cases)} cases ({total} frames to make) from {rec.root}")
 
-    bar = tqdm(total=total, unit="frame", desc="play suite", disable=not cfg.progress)
-    if hasattr(player, "bar"):
-        player.bar = bar
     made: dict[str, dict[str, np.ndarray]] = {"model": {}, "hold_last": {}, "game": rec.frames}
-    try:
+    with tqdm(total=total, unit="frame", desc="play suite", disable=not cfg.progress) as bar:
         for name in rec.cases:
             args = (rec.context, rec.context_keys, rec.context_mouse, rec.keys[name], rec.mouse[name], seeds)
-            made["model"][name] = player.play(*args)
+            made["model"][name] = player.play(*args, progress=bar.update)
             made["hold_last"][name] = HoldLast().play(*args)
-            if not hasattr(player, "bar"):
-                bar.update(n * len(rec.keys[name]))
-    finally:
-        bar.close()
-        if hasattr(player, "bar"):
-            player.bar = None
     expect = rec.frames[names[0]].shape
     if made["model"][names[0]].shape != expect or made["model"][names[0]].dtype != np.uint8:
         raise EvaluationError(f"the player made {made['model'][names[0]].shape} {made['model'][names[0]].dtype} "
