@@ -296,9 +296,11 @@ def run(args: argparse.Namespace) -> int:
               f"model's streaming window)", file=sys.stderr)
         return 2
     try:
-        wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps, ctx_noise=args.ctx_noise,
-                             shift=args.shift, guidance=args.guidance)
-        recording = _recording_for(args, wm)
+        stream = dict(steps=args.steps, ctx_noise=args.ctx_noise, shift=args.shift, guidance=args.guidance)
+        # The game's replays fork worker processes: make them before any GPU work starts here
+        # (a forked CUDA context is undefined); the model on the CPU tells the context and size.
+        recording = _recording_for(args, WorldModel.load(args.checkpoint, device="cpu", **stream))
+        wm = WorldModel.load(args.checkpoint, device=args.device, **stream)
         head = None
         if args.geometry != "none":
             try:
