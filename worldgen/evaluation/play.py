@@ -77,7 +77,7 @@ import torch
 from tqdm import tqdm
 
 from worldgen.actions import Action
-from worldgen.data import Dataset, DatasetError
+from worldgen.data import Dataset
 from worldgen.data.dataset import _atomic_write
 from worldgen.evaluation.evaluate import EvaluationError, has_ffmpeg, write_json
 from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
