@@ -47,7 +47,8 @@ without bumping ``version``). ``P`` below is one of ``model``, ``hold_last``, ``
   is not deterministic there and the ceiling is lower than the ``game`` rows say.
 * ``branches``: ``names``; ``distinct_db`` (two game frames closer than this PSNR count as the
   same, :func:`told_apart`); ``told_apart@h``: mean share of branches the game tells apart at
-  step h; ``chance@h``: the identification accuracy of a guess; and per ``P``:
+  step h; ``chance@h``: the identification accuracy of a guess (``chance_curve``: at h = 1 ..
+  horizon); and per ``P``:
   ``P.mean`` = ``{"psnr@h", "ssim@h", "gap_db@h", "accuracy@h"}`` (means over windows and
   branches; accuracy over the branches told apart), ``P.per_branch`` = ``{name: {"psnr@h",
   "ssim@h", "gap_db@h", "accuracy@h"}}`` (accuracy null where the game never told the branch
@@ -60,8 +61,8 @@ without bumping ``version``). ``P`` below is one of ``model``, ``hold_last``, ``
   ``{case: {"yaw_err_deg", "forward_err", "yaw_sign_agreement", "forward_sign_agreement"},
   "all": {...}}``: mean absolute errors per step against the game's true motion, and the share
   of steps with a true turn (|yaw| >= 1 degree) or walk (|forward| >= 1 map unit) whose sign
-  the measure on the frames got right (a measured motion under those counts as none). ``game`` is the odometry on the game's own frames: the
-  measure's own error, the ceiling.
+  the measure on the frames got right (a measured motion under those counts as none). ``game``
+  is the measure on the game's own frames: its own error, the ceiling.
 * ``psnr_cap_db``, ``device``, ``seconds``, ``files`` (``{"dashboard", "video"}``).
 """
 
