@@ -1,5 +1,5 @@
-"""The game's side of the play suite (:mod:`worldgen.evaluation.play`): branch recordings, the
-geometry head's odometry, and ``worldgen eval --suite play``.
+"""The game's side of the play suite (:mod:`worldgen.evaluation.play`): branch recordings, camera
+motion read off frames (:class:`FrameOdometry`), and ``worldgen eval --suite play``.
 
 :func:`record_branches` picks windows from a ViZDoom recording (episode-id order, seeded, as
 ``worldgen eval`` does), replays each episode in the real game to the window's last context
@@ -7,16 +7,18 @@ frame, and from there plays every case of a :class:`~worldgen.evaluation.play.Pl
 branches and the revisits. It writes what the game showed as a *branch recording*, a worldgen
 dataset (checksummed shards, an index rewritten atomically after every window; layout in
 :mod:`worldgen.evaluation.play`). ViZDoom is deterministic given map, seed and actions; each
-replay checks that it reproduced the recorded departure frame (``replay_matched``).
+replay checks that it reproduced the recorded departure frame (``replay_matched``), and each
+window's longest case is played twice (``repeat_identical``).
 
 Windows replay in parallel processes (``workers``, one game each); a window costs one replay of
-its episode's prefix per case, at roughly 1,500 steps/s a game on one core.
+its episode's prefix per case and one more (ViZDoom's save and load do not reproduce a replay
+frame for frame), at a few hundred steps/s a game on one core.
 
 Examples::
 
     worldgen eval --suite play --checkpoint default --data HELDOUT --split all --json play.json
     python -c "from worldgen.env.play_suite import record_branches; record_branches('HELDOUT', 'BRANCHES', windows=64)"
-    worldgen eval --suite play --checkpoint default --data BRANCHES --json play.json   # score a branch recording
+    worldgen eval --suite play --checkpoint default --data BRANCHES --json play.json   # a branch recording
 """
 
 from __future__ import annotations
