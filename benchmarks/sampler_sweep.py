@@ -177,7 +177,7 @@ def _branch_recording(args: argparse.Namespace):
 
     out = args.branches or (args.json.with_name(f"{args.json.stem}_branches") if args.json else Path("sweep_branches"))
     if not (out / "index.json").is_file():
-        wm = WorldModel.load(args.checkpoint, args.device)
+        wm = WorldModel.load(args.checkpoint, "cpu")  # its context and frame size; replays fork before GPU work
         h, w, _ = wm.frame_shape
         record_branches(args.data, out, windows=args.play_windows, context=wm.stream.sinks + wm.stream.window,
                         split=args.split, heldout_fraction=trainer_heldout_fraction(args.checkpoint),

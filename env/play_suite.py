@@ -1,5 +1,5 @@
-"""The game's side of the play suite (:mod:`worldgen.evaluation.play`): branch recordings, the
-geometry head's odometry, and ``worldgen eval --suite play``.
+"""The game's side of the play suite (:mod:`worldgen.evaluation.play`): branch recordings, camera
+motion read off frames (:class:`FrameOdometry`), and ``worldgen eval --suite play``.
 
 :func:`record_branches` picks windows from a ViZDoom recording (episode-id order, seeded, as
 ``worldgen eval`` does), replays each episode in the real game to the window's last context
@@ -7,16 +7,18 @@ frame, and from there plays every case of a :class:`~worldgen.evaluation.play.Pl
 branches and the revisits. It writes what the game showed as a *branch recording*, a worldgen
 dataset (checksummed shards, an index rewritten atomically after every window; layout in
 :mod:`worldgen.evaluation.play`). ViZDoom is deterministic given map, seed and actions; each
-replay checks that it reproduced the recorded departure frame (``replay_matched``).
+replay checks that it reproduced the recorded departure frame (``replay_matched``), and each
+window's longest case is played twice (``repeat_identical``).
 
 Windows replay in parallel processes (``workers``, one game each); a window costs one replay of
-its episode's prefix per case, at roughly 1,500 steps/s a game on one core.
+its episode's prefix per case and one more (ViZDoom's save and load do not reproduce a replay
+frame for frame), at a few hundred steps/s a game on one core.
 
 Examples::
 
     worldgen eval --suite play --checkpoint default --data HELDOUT --split all --json play.json
     python -c "from worldgen.env.play_suite import record_branches; record_branches('HELDOUT', 'BRANCHES', windows=64)"
-    worldgen eval --suite play --checkpoint default --data BRANCHES --json play.json   # score a branch recording
+    worldgen eval --suite play --checkpoint default --data BRANCHES --json play.json   # a branch recording
 """
 
 from __future__ import annotations
@@ -62,28 +64,36 @@ class _Window:
     cases: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> keys (K, 8), mouse (K, 2)
 
 
-def _play_window(job: _Window) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
+def _play_window(job: _Window) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, bool]], bool]:
     """Replay to the departure frame once per case, then play the case: name -> frames (K, H, W, 3),
-    poses (K + 1, 5) from the departure on, and whether the replay matched the recording. A death
-    or the map's exit mid-case freezes the last frame, as ``worldgen.env.record.branch`` does."""
-    out = {}
+    poses (K + 1, 5) from the departure on, and whether the replay matched the recording; and
+    whether the longest case, played once more, came out identical (the game's determinism,
+    checked rather than assumed). A death or the map's exit mid-case freezes the last frame, as
+    ``worldgen.env.record.branch`` does."""
     with DoomEnv(job.config, job.map) as env:
-        for name, (keys, mouse) in job.cases.items():
-            obs = env.reset(job.map, job.seed)
-            for k, m in zip(job.keys, job.mouse):
-                obs = env.step(k, m)
-            if obs is None:
-                raise DoomError(f"window {job.w}: the game ended before the departure frame on replay")
-            # At the recording's resolution: a recording may store the game's frames downscaled.
-            h, w = job.departure.shape[:2]
-            matched = bool(np.array_equal(_resize(obs.frame[None], (w, h))[0], job.departure))
-            frames, poses = [], [obs.pose]
-            for k, m in zip(keys, mouse):
-                obs = env.step(k, m) if obs is not None else None
-                frames.append(frames[-1] if obs is None else obs.frame)
-                poses.append(poses[-1] if obs is None else obs.pose)
-            out[name] = (np.stack(frames), np.stack(poses).astype(np.float32), matched)
-    return out
+        out = {name: _play_case(env, job, keys, mouse) for name, (keys, mouse) in job.cases.items()}
+        longest = max(job.cases, key=lambda n: len(job.cases[n][0]))
+        again = _play_case(env, job, *job.cases[longest])
+    same = all(np.array_equal(a, b) for a, b in zip(again[:2], out[longest][:2]))
+    return out, same
+
+
+def _play_case(env: DoomEnv, job: _Window, keys: np.ndarray, mouse: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """One case of :func:`_play_window`: replay to the departure, then play ``keys``, ``mouse``."""
+    obs = env.reset(job.map, job.seed)
+    for k, m in zip(job.keys, job.mouse):
+        obs = env.step(k, m)
+    if obs is None:
+        raise DoomError(f"window {job.w}: the game ended before the departure frame on replay")
+    # At the recording's resolution: a recording may store the game's frames downscaled.
+    h, w = job.departure.shape[:2]
+    matched = bool(np.array_equal(_resize(obs.frame[None], (w, h))[0], job.departure))
+    frames, poses = [], [obs.pose]
+    for k, m in zip(keys, mouse):
+        obs = env.step(k, m) if obs is not None else None
+        frames.append(frames[-1] if obs is None else obs.frame)
+        poses.append(poses[-1] if obs is None else obs.pose)
+    return np.stack(frames), np.stack(poses).astype(np.float32), matched
 
 
 def _resize(frames: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
@@ -104,7 +114,8 @@ def record_branches(data: str | Path, out: str | Path, *, windows: int = 32, con
     ``"heldout"`` (``Dataset.split(heldout_fraction)``'s held-out side of a training recording).
     ``size``: (W, H) to store frames at, for a model trained on downscaled frames (default: the
     recording's resolution, which may itself be the game's frames downscaled).
-    Returns a summary: ``out``, ``windows``, ``replay_matched`` (share of replays).
+    Returns a summary: ``out``, ``windows``, ``replay_matched`` (share of replays),
+    ``deterministic`` (share of windows whose longest case replayed twice came out identical).
     """
     ds = Dataset(data)
     src = ds.index["source"]
@@ -144,26 +155,28 @@ def record_branches(data: str | Path, out: str | Path, *, windows: int = 32, con
         jobs.append(_Window(w, config, info.map, int(info.seed), ds.read(it["episode"], "keys", 0, at),
                             ds.read(it["episode"], "mouse", 0, at), it["frames"][-1], cases))
     workers = min(workers or os.cpu_count() or 1, len(jobs))
-    matched = []
+    matched, identical = [], []
     bar = tqdm(total=len(jobs), unit="window", desc=f"replay branches into {Path(out).name}", disable=not progress)
     # Fork where it exists (no torch import per worker); nothing is mid-flight in this process.
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=ctx) if workers > 1 else None
     try:
         done = pool.map(_play_window, jobs) if pool else map(_play_window, jobs)
-        for job, it, played in zip(jobs, items, done):  # in window order: the index lists them so
+        for job, it, (played, same) in zip(jobs, items, done):  # in window order: the index lists them so
             eid = ds.episodes[it["episode"]].id
-            _write_window(index, job, it, played, eid, context, size)
+            _write_window(index, job, it, played, same, eid, context, size)
             matched += [m for _, _, m in played.values()]
+            identical.append(same)
             bar.update(1)
     finally:
         bar.close()
         if pool:
             pool.shutdown(cancel_futures=True)
-    return {"out": str(out), "windows": len(jobs), "replay_matched": float(np.mean(matched))}
+    return {"out": str(out), "windows": len(jobs), "replay_matched": float(np.mean(matched)),
+            "deterministic": float(np.mean(identical))}
 
 
-def _write_window(index: DatasetIndex, job: _Window, item: dict[str, Any], played: dict, eid: str,
+def _write_window(index: DatasetIndex, job: _Window, item: dict[str, Any], played: dict, same: bool, eid: str,
                   context: int, size: tuple[int, int]) -> None:
     """The window's context episode and one episode per case, in the dataset's alignment."""
     first = int(item["start"]) + 1  # the first context frame (item frame 0 is the lead-in)
@@ -174,7 +187,8 @@ def _write_window(index: DatasetIndex, job: _Window, item: dict[str, Any], playe
                   mouse=np.concatenate([item["mouse"][1:], _NOOP_MOUSE]), pose=item["pose"])
     name = f"w{job.w:03d}-context"
     index.add(EpisodeInfo(id=name, length=len(ctx), shards=write_episode_shards(index.root, name, ctx),
-                          map=job.map, seed=job.seed, extra={**extra, "case": "context", "replay_matched": True}))
+                          map=job.map, seed=job.seed, extra={**extra, "case": "context", "replay_matched": True,
+                                                                  "repeat_identical": same}))
     for case, (frames, poses, matched) in played.items():
         keys, mouse = job.cases[case]
         ep = Episode(frames=np.concatenate([_resize(item["frames"][-1:], size), _resize(frames, size)]),
@@ -284,9 +298,11 @@ def run(args: argparse.Namespace) -> int:
               f"model's streaming window)", file=sys.stderr)
         return 2
     try:
-        wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps, ctx_noise=args.ctx_noise,
-                             shift=args.shift, guidance=args.guidance)
-        recording = _recording_for(args, wm)
+        stream = dict(steps=args.steps, ctx_noise=args.ctx_noise, shift=args.shift, guidance=args.guidance)
+        # The game's replays fork worker processes: make them before any GPU work starts here
+        # (a forked CUDA context is undefined); the model on the CPU tells the context and size.
+        recording = _recording_for(args, WorldModel.load(args.checkpoint, device="cpu", **stream))
+        wm = WorldModel.load(args.checkpoint, device=args.device, **stream)
         head = None
         if args.geometry != "none":
             try:
@@ -324,6 +340,7 @@ def _recording_for(args: argparse.Namespace, wm: Any) -> Path:
                         yaw_step=args.yaw_step, walks=tuple(args.walks))
     h, w, _ = wm.frame_shape
     wanted = {"of": str(Dataset(data).root), "context": context, "split": args.split, "seed": args.seed,
+              "heldout_fraction": fraction if args.split == "heldout" else None,
               "script": dataclasses.asdict(script), "windows_asked": args.windows}
     wanted = json.loads(json.dumps(wanted))  # tuples as the index gives them back: lists
     if (Path(out) / "index.json").is_file():
@@ -338,5 +355,5 @@ def _recording_for(args: argparse.Namespace, wm: Any) -> Path:
                         heldout_fraction=fraction, seed=args.seed, workers=args.workers, size=(w, h),
                         overwrite=True)
     print(f"recorded {s['windows']} windows of branches into {s['out']}; replays matched the recording in "
-          f"{s['replay_matched']:.0%}")
+          f"{s['replay_matched']:.0%}, a case played twice came out identical in {s['deterministic']:.0%}")
     return Path(out)

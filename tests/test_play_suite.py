@@ -45,7 +45,7 @@ class Oracle:
     def __init__(self, rec):
         self.rec = rec
 
-    def play(self, context, context_keys, context_mouse, keys, mouse, seeds):
+    def play(self, context, context_keys, context_mouse, keys, mouse, seeds, progress=None):
         name = next(n for n in self.rec.cases if np.array_equal(self.rec.keys[n], keys)
                     and np.array_equal(self.rec.mouse[n], mouse))
         return self.rec.frames[name]
@@ -55,6 +55,7 @@ def test_branch_recording_holds_the_games_answers(branches, play_recording):
     out, summary = branches
     rec = load_recording(out)
     assert summary["replay_matched"] == 1.0 and rec.matched == 1.0  # ViZDoom replays exactly
+    assert summary["deterministic"] == 1.0 and rec.deterministic == 1.0
     assert list(rec.cases) == [*BRANCHES, "turn360", "out_back_2"]
     assert rec.context.shape == (3, 5, SIZE[1], SIZE[0], 3) and rec.frames["forward"].shape[:2] == (3, 8)
     # Windows in episode-id order; the context is the recording's own play.
@@ -102,7 +103,7 @@ def test_play_command_end_to_end(play_recording, tiny_checkpoint, tiny_geometry_
     assert main(args) == 0
     r = json.loads((tmp_path / "play.json").read_text())
     assert finite(r) and r["suite"] == "play" and r["windows"] == 2 and r["horizons"] == [1, 4]
-    assert r["context"] == 5 and r["replay_matched"] == 1.0
+    assert r["context"] == 5 and r["replay_matched"] == 1.0 and r["game_deterministic"] == 1.0
     assert set(r["revisits"]) == {"turn360", "out_back_4", "out_back_8"} and r["yaw_step_deg"] == 30
     cam = r["camera"]
     assert cam["model"]["all"]["yaw_err_deg"] >= 0 and "forward" in cam["game"] and "geometry" in cam["odometry"]
@@ -112,7 +113,7 @@ def test_play_command_end_to_end(play_recording, tiny_checkpoint, tiny_geometry_
     assert (tmp_path / "play_media" / "play.mp4").stat().st_size > 1_000
     assert "play suite" in capsys.readouterr().out
     # A second run reuses the branch recording made from the same play.
-    assert main(args) == 0
+    assert main(args + ["--no-media", "--geometry", "none"]) == 0
     assert "reusing the branch recording" in capsys.readouterr().out
 
 
@@ -152,3 +153,13 @@ def test_sampler_sweep_scores_settings_with_the_play_suite(doom_recording, tiny_
     useful = {"tf_gain_db": 3.0, "rollout_psnr": 16.0, "rollout_baseline": 15.0, "score": 36.0}
     follows = {**useful, "control_db": -0.2, "play_gap_db": 2.0}
     assert sweep.choose([{**useful, "control_db": 0.5, "play_gap_db": 0.1}, follows], 2.0) is follows
+
+
+def test_play_command_names_bad_input(doom_recording, tiny_checkpoint, tmp_path, capsys):
+    base = ["eval", "--suite", "play", "--checkpoint", str(tiny_checkpoint), "--json", str(tmp_path / "p.json")]
+    # The tiny recording does not say how to replay it in ViZDoom.
+    assert main(base + ["--data", str(doom_recording), "--split", "all"]) == 2
+    assert "worldgen record --env doom" in capsys.readouterr().err
+    assert main(base + ["--data", str(doom_recording), "--context", "3"]) == 2
+    assert "--context: not used by the play suite" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()

@@ -42,9 +42,13 @@ without bumping ``version``). ``P`` below is one of ``model``, ``hold_last``, ``
   ``context``, ``horizon``, ``horizons`` (those reported by name), ``yaw_step_deg``, ``walks``.
 * ``sampler``: the model's settings as the player reported them.
 * ``replay_matched``: share of the game's replays that reproduced the recorded departure frame.
+  ``game_deterministic``: share of windows whose longest case, replayed a second time, gave the
+  same frames and poses: where it is 1 the game's own frames are the ceiling; below 1 the game
+  is not deterministic there and the ceiling is lower than the ``game`` rows say.
 * ``branches``: ``names``; ``distinct_db`` (two game frames closer than this PSNR count as the
   same, :func:`told_apart`); ``told_apart@h``: mean share of branches the game tells apart at
-  step h; ``chance@h``: the identification accuracy of a guess; and per ``P``:
+  step h; ``chance@h``: the identification accuracy of a guess (``chance_curve``: at h = 1 ..
+  horizon); and per ``P``:
   ``P.mean`` = ``{"psnr@h", "ssim@h", "gap_db@h", "accuracy@h"}`` (means over windows and
   branches; accuracy over the branches told apart), ``P.per_branch`` = ``{name: {"psnr@h",
   "ssim@h", "gap_db@h", "accuracy@h"}}`` (accuracy null where the game never told the branch
@@ -57,8 +61,8 @@ without bumping ``version``). ``P`` below is one of ``model``, ``hold_last``, ``
   ``{case: {"yaw_err_deg", "forward_err", "yaw_sign_agreement", "forward_sign_agreement"},
   "all": {...}}``: mean absolute errors per step against the game's true motion, and the share
   of steps with a true turn (|yaw| >= 1 degree) or walk (|forward| >= 1 map unit) whose sign
-  the measure on the frames got right (a measured motion under those counts as none). ``game`` is the odometry on the game's own frames: the
-  measure's own error, the ceiling.
+  the measure on the frames got right (a measured motion under those counts as none). ``game``
+  is the measure on the game's own frames: its own error, the ceiling.
 * ``psnr_cap_db``, ``device``, ``seconds``, ``files`` (``{"dashboard", "video"}``).
 """
 
@@ -74,7 +78,7 @@ import torch
 from tqdm import tqdm
 
 from worldgen.actions import Action
-from worldgen.data import Dataset, DatasetError
+from worldgen.data import Dataset
 from worldgen.data.dataset import _atomic_write
 from worldgen.evaluation.evaluate import EvaluationError, has_ffmpeg, write_json
 from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
@@ -152,6 +156,7 @@ class PlayRecording:
     keys: dict[str, np.ndarray] = field(default_factory=dict)    # case -> (K, 8) its actions
     mouse: dict[str, np.ndarray] = field(default_factory=dict)   # case -> (K, 2)
     matched: float = 1.0           # share of replays that reproduced the recorded departure frame
+    deterministic: float | None = None  # share of windows whose longest case replayed twice came out identical
 
     @property
     def cases(self) -> list[str]:
@@ -169,10 +174,12 @@ def load_recording(path: str | Path) -> PlayRecording:
                               f"--data RECORDING` or worldgen.env.play_suite.record_branches")
     by_window: dict[int, dict[str, int]] = {}
     for i, e in enumerate(ds.episodes):
+        if not {"window", "case", "of", "replay_matched"} <= set(e.extra):
+            raise EvaluationError(f"{ds.root}: episode {e.id!r} does not say which window and case it is")
         by_window.setdefault(int(e.extra["window"]), {})[e.extra["case"]] = i
     windows = [by_window[w] for w in sorted(by_window)]
     cases = [c for c in windows[0] if c != "context"] if windows else []
-    if not windows or not cases or any(sorted(w) != sorted(windows[0]) for w in windows):
+    if not cases or "context" not in windows[0] or any(sorted(w) != sorted(windows[0]) for w in windows):
         raise EvaluationError(f"{ds.root}: every window must hold a context and the same cases")
     ds.validate()
     c = int(src["context"])
@@ -189,6 +196,8 @@ def load_recording(path: str | Path) -> PlayRecording:
         context_pose=np.stack([ctx(w, "pose")[1:] for w in windows]))
     matched = [ds.episodes[w[k]].extra["replay_matched"] for w in windows for k in cases]
     rec.matched = float(np.mean(matched))
+    repeats = [ds.episodes[w["context"]].extra.get("repeat_identical") for w in windows]
+    rec.deterministic = None if None in repeats else float(np.mean(repeats))
     for name in cases:
         rec.frames[name] = np.stack([ds.read(w[name], "frames")[1:] for w in windows])
         rec.pose[name] = np.stack([ds.read(w[name], "pose")[1:] for w in windows])
@@ -204,10 +213,12 @@ class Player(Protocol):
     """What the suite plays: N contexts, each continued by the same K actions."""
 
     def play(self, context: np.ndarray, context_keys: np.ndarray, context_mouse: np.ndarray,
-             keys: np.ndarray, mouse: np.ndarray, seeds: list[int]) -> np.ndarray:
+             keys: np.ndarray, mouse: np.ndarray, seeds: list[int],
+             progress: Callable[[int], None] | None = None) -> np.ndarray:
         """context (N, c, H, W, 3) uint8 with the actions that produced it (N, c, 8), (N, c, 2);
         keys (K, 8), mouse (K, 2): the actions to play; ``seeds``: one per context (the same
-        window gets the same noise in every case) -> (N, K, H, W, 3) uint8."""
+        window gets the same noise in every case); ``progress`` is called with the number of
+        frames made as they are made -> (N, K, H, W, 3) uint8."""
         ...
 
 
@@ -220,7 +231,6 @@ class EnginePlayer:
         if batch < 1:
             raise EvaluationError(f"need --batch >= 1, got {batch}")
         self.wm, self.batch = wm, batch
-        self.bar: tqdm | None = None  # advanced one frame per session-step when set
 
     @property
     def sampler(self) -> dict[str, Any]:
@@ -228,7 +238,7 @@ class EnginePlayer:
         return {"steps": s.steps, "ctx_noise": s.ctx_noise, "shift": s.shift, "guidance": s.guidance,
                 "sinks": s.sinks, "window": s.window, "batch": self.batch}
 
-    def play(self, context, context_keys, context_mouse, keys, mouse, seeds):
+    def play(self, context, context_keys, context_mouse, keys, mouse, seeds, progress=None):
         acts = [Action(k, m) for k, m in zip(keys, mouse)]
         out = []
         for lo in range(0, len(context), self.batch):
@@ -239,8 +249,8 @@ class EnginePlayer:
                 steps = []
                 for a in acts:
                     steps.append(self.wm.step_many(sessions, [a] * len(sessions)))  # (b, H, W, 3)
-                    if self.bar is not None:
-                        self.bar.update(len(sessions))
+                    if progress is not None:
+                        progress(len(sessions))
                 out.append(np.stack(steps, 1))                                    # (b, K, H, W, 3)
             finally:
                 for s in sessions:
@@ -251,7 +261,7 @@ class EnginePlayer:
 class HoldLast:
     """The floor: the last context frame, held still whatever the actions."""
 
-    def play(self, context, context_keys, context_mouse, keys, mouse, seeds):
+    def play(self, context, context_keys, context_mouse, keys, mouse, seeds, progress=None):
         return np.repeat(context[:, -1:], len(keys), 1)
 
 
@@ -395,21 +405,12 @@ def evaluate_play(recording: str | Path | PlayRecording, player: Player, *, odom
     total = n * sum(len(rec.keys[k]) for k in rec.cases)
     log(f"play suite: {n} windows x {len(rec.cases)} cases ({total} frames to make) from {rec.root}")
 
-    bar = tqdm(total=total, unit="frame", desc="play suite", disable=not cfg.progress)
-    if hasattr(player, "bar"):
-        player.bar = bar
     made: dict[str, dict[str, np.ndarray]] = {"model": {}, "hold_last": {}, "game": rec.frames}
-    try:
+    with tqdm(total=total, unit="frame", desc="play suite", disable=not cfg.progress) as bar:
         for name in rec.cases:
             args = (rec.context, rec.context_keys, rec.context_mouse, rec.keys[name], rec.mouse[name], seeds)
-            made["model"][name] = player.play(*args)
+            made["model"][name] = player.play(*args, progress=bar.update)
             made["hold_last"][name] = HoldLast().play(*args)
-            if not hasattr(player, "bar"):
-                bar.update(n * len(rec.keys[name]))
-    finally:
-        bar.close()
-        if hasattr(player, "bar"):
-            player.bar = None
     expect = rec.frames[names[0]].shape
     if made["model"][names[0]].shape != expect or made["model"][names[0]].dtype != np.uint8:
         raise EvaluationError(f"the player made {made['model'][names[0]].shape} {made['model'][names[0]].dtype} "
@@ -454,6 +455,7 @@ def evaluate_play(recording: str | Path | PlayRecording, player: Player, *, odom
         "window_starts": rec.starts, "context": c, "horizon": horizon, "horizons": horizons,
         "yaw_step_deg": rec.source.get("script", {}).get("yaw_step"), "walks": rec.source.get("script", {}).get("walks"),
         "sampler": getattr(player, "sampler", None), "replay_matched": _r(rec.matched),
+        "game_deterministic": None if rec.deterministic is None else _r(rec.deterministic),
         "branches": branches, "revisits": revisit_report, "camera": camera,
         "psnr_cap_db": round(PSNR_CAP_DB, 4), "device": str(device), "seconds": None,
         "files": {"dashboard": None, "video": None},
@@ -585,7 +587,9 @@ def summary(result: dict[str, Any]) -> str:
             a = result["camera"][p]["all"]
             lines.append(f"camera {p:<10} yaw err {f(a['yaw_err_deg'])} deg, forward err {f(a['forward_err'])} units, "
                          f"turn signs {f(a['yaw_sign_agreement'], '5.2f')}, walk signs {f(a['forward_sign_agreement'], '5.2f')}")
-    lines.append(f"{result['windows']} windows, context {result['context']}, {result['seconds']} s on {result['device']}")
+    lines.append(f"{result['windows']} windows, context {result['context']}; the game's replays matched the recording "
+                 f"{f(result['replay_matched'], '.0%')}, repeated identically {f(result['game_deterministic'], '.0%')}; "
+                 f"{result['seconds']} s on {result['device']}")
     return "\n".join(lines)
 
 
