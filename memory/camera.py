@@ -12,12 +12,13 @@ renderer rotates the camera would need another model; ViZDoom's fits this one (b
 Depth in a dataset is a stored level (ViZDoom: uint8, larger = farther, see
 :mod:`worldgen.data.dataset`); :class:`Camera` maps it to *planar* depth (distance along the view
 axis, not along the ray) as ``depth_scale * level + depth_offset`` and marks levels at or above
-``max_level`` invalid (sky and the far clip saturate there).
+``max_level`` (sky and the far clip saturate there) or below ``min_level`` invalid.
 
 ViZDoom (:data:`DOOM`, measured with ``benchmarks/fit_camera.py`` on 160x120 E1M1 play, ViZDoom
 1.3.2): a pinhole from the 90-degree horizontal field of view with square pixels, ``fx = fy = 80``,
 ``cx, cy = 80, 60`` (free fits of fx land at 80.2-80.6); the depth buffer is *planar* depth
-(a floor row reads one level across), ``6.25 * level + 10`` map units, 255 = sky/far; looking up
+(a floor row reads one level across), ``6.25 * level + 10`` map units, 255 = sky/far, 0 = the
+weapon sprite (nothing in the world is nearer than the player's radius, 16 units); looking up
 moves the horizon by ``96 * tan(pitch)`` pixels, not 80: Doom's 1.2 pixel aspect (a free fit gives
 95.9). Reprojection error (each frame's depth reprojected into the next frame's, compared with
 what that frame sees): median 0.32 levels (2.0 map units), 89% within 2 levels on walking and
@@ -60,6 +61,7 @@ class Camera:
     depth_scale: float = 1.0   # world units per stored depth level
     depth_offset: float = 0.0  # world units at level 0
     max_level: float = math.inf  # levels >= this are not geometry (sky, far clip)
+    min_level: float = -math.inf  # levels < this are not geometry (ViZDoom draws the weapon sprite at 0)
     pitch_shear: float | None = None  # pixels the horizon moves per tan(pitch); None = fy
     near: float = 1e-3         # points closer than this (in world units) do not project
 
@@ -90,13 +92,15 @@ class Camera:
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and math.isinf(v) else v)
-                for k, v in dataclasses.asdict(self).items()}
+                for k, v in dataclasses.asdict(self).items()}  # JSON has no infinity
 
     @classmethod
     def from_dict(cls, d: dict) -> "Camera":
         d = dict(d)
         if d.get("max_level") is None:
             d["max_level"] = math.inf
+        if d.get("min_level") is None:
+            d["min_level"] = -math.inf
         return cls(**d)
 
     # depth units -----------------------------------------------------------------------------
@@ -117,7 +121,7 @@ class Camera:
         self._check_image(depth)
         h, w = depth.shape[-2:]
         z = self.depth_to_world(depth)                                   # (..., H, W) planar depth
-        valid = (depth < self.max_level) & (z > self.near)
+        valid = (depth >= self.min_level) & (depth < self.max_level) & (z > self.near)
         u = torch.arange(w, device=depth.device, dtype=z.dtype) + 0.5    # (W,)
         v = torch.arange(h, device=depth.device, dtype=z.dtype) + 0.5    # (H,)
         cy = self.horizon(pose)[..., None, None]                          # (..., 1, 1)
@@ -199,7 +203,8 @@ def relative_pose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ViZDoom at its 160x120 recording resolution, as fitted (module docstring).
-DOOM = Camera.from_hfov(160, 120, 90.0, depth_scale=6.25, depth_offset=10.0, max_level=255, pitch_shear=96.0)
+DOOM = Camera.from_hfov(160, 120, 90.0, depth_scale=6.25, depth_offset=10.0, min_level=1, max_level=255,
+                        pitch_shear=96.0)
 
 
 # fitting ---------------------------------------------------------------------------------------
@@ -226,7 +231,7 @@ def reprojection_error(camera: Camera, depth: torch.Tensor, pose: torch.Tensor, 
     col = ij[..., 0].clamp(0, camera.width - 1)
     row = ij[..., 1].clamp(0, camera.height - 1)
     target = depth[gap:].flatten(1).gather(1, row * camera.width + col)   # (N-g, HW) levels
-    seen &= target < camera.max_level
+    seen &= (target >= camera.min_level) & (target < camera.max_level)
     err = (camera.world_to_depth(z) - target.float())[seen].abs()
     if err.numel() == 0:
         raise ValueError("no point of any frame lands in view of the next: are the poses right?")
