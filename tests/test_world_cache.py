@@ -3,6 +3,7 @@ bounded memory, batched z-buffered rendering and .ply export, on the real ViZDoo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from worldgen.data import Dataset
 from worldgen.memory.camera import DOOM, Camera, reprojection_error
 from worldgen.memory.cloud import CacheConfig, WorldCache, write_ply
+from worldgen.memory.views import PoseNoise, history_views
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -219,3 +221,67 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="max_points"):
         CacheConfig(max_points=0)
     assert math.isclose(cam.hfov_deg, 90.0)
+
+
+def test_history_views_batch_every_frame_of_every_window(episode, camera):
+    frames, depth, pose = episode
+    starts = (3, 20)
+    win = lambda x: torch.stack([x[s:s + 5] for s in starts])  # noqa: E731  (2 windows, 5 frames)
+    view = history_views(camera, win(frames), win(depth), win(pose), history=2)
+    assert view.rgb.shape == (2, 5, 24, 32, 3) and view.mask.shape == (2, 5, 24, 32)
+    assert not view.mask[:, 0].any()                 # nothing before the window's first frame
+    # Frame 3 of window 1 is the cloud of its 2 predecessors (newest first) rendered at its pose.
+    one = WorldCache(camera, CacheConfig(max_points=2 * 24 * 32))
+    for t in (22, 21):
+        one.update(frames[t:t + 1], depth[t:t + 1], pose[t:t + 1])
+    alone = one.render(pose[23:24])
+    assert torch.equal(view.mask[1, 3], alone.mask[0]) and torch.equal(view.rgb[1, 3], alone.rgb[0])
+    # Pose noise moves the views, seeded.
+    noise = PoseNoise(position=8.0, yaw=3.0)
+    a = history_views(camera, win(frames), win(depth), win(pose), 2, noise=noise, generator=torch.Generator().manual_seed(1))
+    b = history_views(camera, win(frames), win(depth), win(pose), 2, noise=noise, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.rgb, b.rgb) and not torch.equal(a.rgb, view.rgb)
+
+
+def test_view_condition_shapes_and_a_model_without_depth(episode, camera, tiny_tokenizer_run):
+    from worldgen.models import DiT, MODELS, Tokenizer, TokenizerConfig, load_tokenizer
+    from worldgen.models.world_cache import cond_channels, view_condition
+
+    frames, depth, pose = episode
+    tok = Tokenizer(TokenizerConfig(image_size=(24, 32), in_channels=4, latent_channels=4, downsample=8,
+                                    channels=(8, 8, 8, 8)))
+    view = history_views(camera, frames[None, :6], depth[None, :6], pose[None, :6], history=2)
+    cond = view_condition(tok, view, camera)                              # (1, 6, 5, 3, 4)
+    assert cond.shape == (1, 6, 5, 3, 4)
+    assert torch.all(cond[0, 0, -1] == -1) and cond[0, 1:, -1].mean() > 0  # mask cover: none, then most
+    dit = DiT(dataclasses.replace(MODELS["tiny"], latent_channels=4, latent_size=(3, 4), cond_channels=cond_channels(tok.cfg)))
+    x = torch.randn(1, 6, 4, 3, 4)
+    out = dit(x, torch.rand(1, 6), torch.zeros(1, 6, 10), cond=cond)
+    assert out.shape == x.shape
+    # The shared tiny model's tokenizer is RGB only: it cannot carry the cache's depth.
+    rgb_tok = load_tokenizer(tiny_tokenizer_run[0] / "ckpt")
+    with pytest.raises(ValueError, match="needs a model that generates depth"):
+        view_condition(rgb_tok, view, camera)
+    with pytest.raises(ValueError, match="needs a model that generates depth"):
+        cond_channels(rgb_tok.cfg)
+
+
+def test_cloud_cli_builds_a_ply_and_a_picture(doom_recording, tmp_path, capsys):
+    from worldgen.cli import main
+
+    out = tmp_path / "a.ply"
+    assert main(["cloud", "build", str(doom_recording), "--episode", "a", "--out", str(out),
+                 "--picture", str(tmp_path / "a.png"), "--max-points", "3000"]) == 0
+    n = int(out.read_bytes().split(b"element vertex ")[1].split(b"\n")[0])
+    assert 0 < n <= 3000 and (tmp_path / "a.png").stat().st_size > 1000
+    assert main(["cloud", "view", str(tmp_path / "missing.ply")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_doctests():
+    import doctest
+
+    from worldgen.memory import camera as camera_module, cloud, views
+    from worldgen.models import world_cache
+    for module in (camera_module, cloud, views, world_cache):
+        assert doctest.testmod(module).failed == 0, module.__name__
