@@ -11,6 +11,7 @@ the cache is built from generated depth, and an RGB tokenizer could not encode t
 Example:
     >>> from worldgen.memory.camera import DOOM
     >>> from worldgen.memory.cloud import View
+from worldgen.memory.views import PoseNoise, history_views
     >>> tok = Tokenizer(TokenizerConfig(image_size=(24, 32), in_channels=4, latent_channels=4,
     ...                                 downsample=8, channels=(8, 8, 8, 8)))
     >>> view = View(torch.zeros(2, 3, 24, 32, 3, dtype=torch.uint8), torch.zeros(2, 3, 24, 32),
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from worldgen.memory.camera import Camera
 from worldgen.memory.cloud import View
+from worldgen.memory.views import PoseNoise, history_views
 from worldgen.models import frames_to_tensor
 from worldgen.models.tokenizer import Tokenizer, TokenizerConfig
 
@@ -63,3 +65,21 @@ def view_condition(tokenizer: Tokenizer, view: View, camera: Camera) -> torch.Te
     cover = F.avg_pool2d(view.mask.reshape(-1, 1, h, w).to(latents), cfg.downsample) * 2 - 1  # (N, 1, h', w')
     out = torch.cat([latents, cover], 1)
     return out.reshape(*lead, *out.shape[1:])
+
+
+@torch.no_grad()
+def episode_condition(tokenizer: Tokenizer, camera: Camera, rgb: torch.Tensor, depth: torch.Tensor,
+                      pose: torch.Tensor, history: int, noise: PoseNoise | None = None,
+                      generator: torch.Generator | None = None, chunk: int = 64) -> torch.Tensor:
+    """Every frame of an episode (``rgb (N, H, W, 3)`` uint8, ``depth (N, H, W)`` levels, ``pose
+    (N, 5)``) with its cache view from its ``history`` predecessors (:func:`history_views`, at
+    the pose plus ``noise``) as DiT conditioning ``(N, latent_channels + 1, h, w)``. ``chunk``
+    frames render at once (a cloud each), which bounds the memory."""
+    out = []
+    for start in range(0, len(rgb), chunk):
+        lo, hi = max(0, start - history), min(start + chunk, len(rgb))     # predecessors ride along
+        view = history_views(camera, rgb[None, lo:hi], depth[None, lo:hi], pose[None, lo:hi], history,
+                             noise=noise, generator=generator)
+        view = View(*(x[0, start - lo:] for x in view))
+        out.append(view_condition(tokenizer, view, camera))
+    return torch.cat(out)

@@ -55,10 +55,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from worldgen import actions, checkpoint, sampling
+from worldgen.cloud import dataset_camera
 from worldgen.data import Dataset, WindowDataset
 from worldgen.engine import StreamConfig, rollout_latents, save_starts
+from worldgen.memory.views import PoseNoise
 from worldgen.models import (MODELS, DiT, DiTConfig, flops_per_frame, frames_to_tensor, load_dit, load_tokenizer,
                              save_part, tensor_to_frames)
+from worldgen.models.world_cache import cond_channels, episode_condition
 from worldgen.training import common
 from worldgen.training.common import (Dist, Run, TrainConfig, atomic_write, autocast, barrier, opt,
                                       save_image_rows)
@@ -94,6 +97,9 @@ class DynamicsTrainConfig(TrainConfig):
                                     "in 330 steps: benchmarks/RESULTS.md)")
     starts: int = opt(8, "real start contexts (held-out play) stored with the exported model for new sessions")
     start_frames: int = opt(8, "frames per start context")
+    world_cache: int = opt(0, "H > 0: condition every frame on the point-cloud world cache of its H predecessors, "
+                              "rendered at its pose plus pose noise (docs/world_cache.md); needs an RGB-D tokenizer "
+                              "and a recording with depth and poses")
 
 
 # --- the loss --------------------------------------------------------------------------------
@@ -124,14 +130,15 @@ def noise_levels(batch: int, frames: int, frames_per_block: int, generator: torc
 
 def flow_matching_loss(model: nn.Module, x0: torch.Tensor, acts: torch.Tensor, t: torch.Tensor,
                        eps: torch.Tensor, drop: torch.Tensor | None = None,
-                       first_target: int = 0) -> torch.Tensor:
+                       first_target: int = 0, cond: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between the predicted and the true velocity ``eps - x0`` at ``x_t = (1 - t) x0 + t eps``.
 
     x0, eps: (B, T, C, h, w) clean latents and noise; acts: (B, T, 10); t: (B, T); drop: (B, T)
     bool, frames whose action is dropped (None: none); frames before ``first_target`` are
-    context only, left out of the loss.
+    context only, left out of the loss; cond: (B, T, cond_channels, h, w) for a model with
+    extra input channels (the world cache's view), else None.
     """
-    v = model(sampling.add_noise(x0, eps, t), t, acts, drop_actions=drop)
+    v = model(sampling.add_noise(x0, eps, t), t, acts, drop_actions=drop, cond=cond)
     return F.mse_loss(v[:, first_target:].float(), (eps - x0)[:, first_target:])
 
 
@@ -143,9 +150,11 @@ class Latents:
     z: torch.Tensor          # (N, C, h, w) bf16
     actions: torch.Tensor    # (N, 10) float32
     offsets: torch.Tensor    # (E + 1,) int64: episode e is rows offsets[e]:offsets[e + 1]
+    cond: torch.Tensor | None = None  # (N, cond_channels, h, w) bf16: each frame's world-cache view, if used
 
     def to(self, device: torch.device) -> "Latents":
-        return Latents(self.z.to(device), self.actions.to(device), self.offsets.to(device))
+        return Latents(self.z.to(device), self.actions.to(device), self.offsets.to(device),
+                       None if self.cond is None else self.cond.to(device))
 
     def starts(self, window: int) -> torch.Tensor:
         """Every row where a window of ``window`` frames fits inside one episode."""
@@ -158,6 +167,12 @@ class Latents:
         idx = starts[:, None] + torch.arange(window, device=starts.device)      # (B, T)
         return self.z[idx].float(), self.actions[idx]
 
+    def cond_windows(self, starts: torch.Tensor, window: int) -> torch.Tensor | None:
+        """The windows' world-cache conditioning ``(B, T, cond_channels, h, w)``, None without it."""
+        if self.cond is None:
+            return None
+        return self.cond[starts[:, None] + torch.arange(window, device=starts.device)].float()
+
 
 def tokenizer_folder(path: str) -> Path:
     """A tokenizer run folder means its exported ``ckpt/``; otherwise the folder itself."""
@@ -165,24 +180,36 @@ def tokenizer_folder(path: str) -> Path:
     return p / "ckpt" if (p / "ckpt" / "tokenizer.json").is_file() else p
 
 
-def _fingerprint(ds: Dataset, episodes: list[int], tok_folder: Path) -> str:
-    """What the cached latents depend on: the episodes' shards and the tokenizer's weights files."""
+def _fingerprint(ds: Dataset, episodes: list[int], tok_folder: Path, world_cache: int = 0) -> str:
+    """What the cached latents depend on: the episodes' shards, the tokenizer's weights files and
+    the world-cache history."""
     tok_files = json.loads((tok_folder / "tokenizer.json").read_text()).get("files", [])
     shards = [s["sha256"] for e in episodes for s in ds.episodes[e].shards]
     text = json.dumps({"v": CACHE_VERSION, "ids": [ds.episodes[e].id for e in episodes], "shards": shards,
-                       "tokenizer": tok_files})
+                       "tokenizer": tok_files, **({"world_cache": world_cache} if world_cache else {})})
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 @torch.no_grad()
 def encode_episodes(ds: Dataset, episodes: list[int], tokenizer: nn.Module, device: torch.device,
-                    batch: int) -> Latents:
-    """Encode every frame of ``episodes`` with ``tokenizer`` (on ``device``, in batches)."""
+                    batch: int, world_cache: int = 0) -> Latents:
+    """Encode every frame of ``episodes`` with ``tokenizer`` (on ``device``, in batches); with
+    ``world_cache`` = H > 0 also each frame's cache view of its H predecessors
+    (:func:`~worldgen.models.world_cache.episode_condition`, one pose-noise draw per frame, seeded)."""
     depth = tokenizer.cfg.in_channels == 4
-    zs, acts, offsets = [], [], [0]
+    camera = dataset_camera(ds) if world_cache else None
+    zs, acts, offsets, conds = [], [], [0], []
     for e in episodes:
         # The whole episode as one window: WindowDataset owns the frame/action alignment.
-        item = WindowDataset(ds, ds.episodes[e].length, episodes=[e], fields=("depth",) if depth else ())[0]
+        fields = ("depth", "pose") if world_cache else ("depth",) if depth else ()
+        item = WindowDataset(ds, ds.episodes[e].length, episodes=[e], fields=fields)[0]
+        if world_cache:
+            g = torch.Generator(device).manual_seed(e)
+            with autocast(device):
+                conds.append(episode_condition(
+                    tokenizer, camera, torch.from_numpy(item["frames"]).to(device),
+                    torch.from_numpy(item["depth"]).to(device), torch.from_numpy(item["pose"]).to(device),
+                    world_cache, PoseNoise(), g).to(torch.bfloat16))
         frames = item["frames"]
         if depth:
             frames = np.concatenate([frames, depth_to_uint8(item["depth"])[..., None]], -1)
@@ -192,14 +219,15 @@ def encode_episodes(ds: Dataset, episodes: list[int], tokenizer: nn.Module, devi
                 zs.append(tokenizer.encode(x).to(torch.bfloat16))
         acts.append(torch.from_numpy(actions.to_vector(item["keys"], item["mouse"])))
         offsets.append(offsets[-1] + len(frames))
-    return Latents(torch.cat(zs), torch.cat(acts).to(device), torch.tensor(offsets, dtype=torch.long))
+    return Latents(torch.cat(zs), torch.cat(acts).to(device), torch.tensor(offsets, dtype=torch.long),
+                   torch.cat(conds) if world_cache else None)
 
 
 def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Path, tokenizer: nn.Module,
-                   d: Dist, batch: int) -> Latents:
+                   d: Dist, batch: int, world_cache: int = 0) -> Latents:
     """Latents of ``episodes`` from the cache file at ``path``, encoding (rank 0) and caching them
-    first if it is missing or stale (another dataset or tokenizer)."""
-    key = _fingerprint(ds, episodes, tok_folder)
+    first if it is missing or stale (another dataset, tokenizer or world-cache history)."""
+    key = _fingerprint(ds, episodes, tok_folder, world_cache)
 
     def read() -> Latents | None:
         if not path.is_file():
@@ -209,7 +237,7 @@ def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Pat
                 if (f.metadata() or {}).get("fingerprint") != key:
                     return None
             t = load_file(path)
-            return Latents(t["z"], t["actions"], t["offsets"])
+            return Latents(t["z"], t["actions"], t["offsets"], t.get("cond"))
         except (SafetensorError, OSError, KeyError) as e:  # unreadable: encode afresh
             print(f"[train] {path}: unreadable latent cache ({e}); encoding again", file=sys.stderr)
             return None
@@ -217,8 +245,10 @@ def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Pat
     lat = read() if d.main else None
     if d.main and lat is None:
         t0 = time.time()
-        lat = encode_episodes(ds, episodes, tokenizer, d.device, batch)
+        lat = encode_episodes(ds, episodes, tokenizer, d.device, batch, world_cache)
         tensors = {"z": lat.z.cpu().contiguous(), "actions": lat.actions.cpu().contiguous(), "offsets": lat.offsets}
+        if lat.cond is not None:
+            tensors["cond"] = lat.cond.cpu().contiguous()
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fingerprint": key}))
         print(f"[train] encoded {len(lat.z)} frames of {len(episodes)} episodes -> {path.name} "
               f"({time.time() - t0:.1f} s)", file=sys.stderr)
@@ -230,17 +260,20 @@ def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Pat
     return lat.to(d.device)
 
 
-def dit_config(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int]) -> DiTConfig:
-    """The ``--model`` size fitted to the tokenizer's latents and the training window."""
+def dit_config(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int],
+               cond: int = 0) -> DiTConfig:
+    """The ``--model`` size fitted to the tokenizer's latents, the training window and the
+    ``cond`` extra input channels (the world cache's view)."""
     base = MODELS[cfg.model]
     return dataclasses.replace(base, latent_channels=latent_channels, latent_size=latent_size,
-                               max_frames=max(base.max_frames, cfg.window), null_action=cfg.action_dropout > 0)
+                               max_frames=max(base.max_frames, cfg.window), null_action=cfg.action_dropout > 0,
+                               cond_channels=cond)
 
 
-def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int]) -> DiT:
+def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int], cond: int = 0) -> DiT:
     """A fresh ``--model`` DiT, or the ``--init`` model's, checked against this run's settings."""
     if not cfg.init:
-        return DiT(dit_config(cfg, latent_channels, latent_size))
+        return DiT(dit_config(cfg, latent_channels, latent_size, cond))
     model = load_dit(cfg.init).train()
     got = model.cfg
     if (got.latent_channels, tuple(got.latent_size)) != (latent_channels, tuple(latent_size)):
@@ -248,6 +281,9 @@ def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tup
                          f"latents, the tokenizer makes {latent_channels}x{tuple(latent_size)}")
     if got.max_frames < cfg.window:
         raise ValueError(f"--init {cfg.init}: its DiT holds {got.max_frames} frames, --window is {cfg.window}")
+    if got.cond_channels != cond:
+        raise ValueError(f"--init {cfg.init}: its DiT takes {got.cond_channels} conditioning channels, this run "
+                         f"gives {cond} (--world-cache {cfg.world_cache})")
     if got.null_action != (cfg.action_dropout > 0):
         raise ValueError(f"--init {cfg.init}: its DiT {'has' if got.null_action else 'has no'} null action, "
                          f"so --action-dropout must be {'> 0' if got.null_action else '0'}")
@@ -275,6 +311,9 @@ class DynamicsTask:
             raise ValueError(f"--rollout-share must lie in [0, 1], got {cfg.rollout_share}")
         if cfg.rollout_frames and (model.cfg.frames_per_block != 1 or cfg.window < 3):
             raise ValueError("--rollout-frames needs one-frame blocks (frames_per_block 1) and --window >= 3")
+        if cfg.world_cache and cfg.rollout_frames:
+            raise ValueError("--world-cache does not train on own rollouts yet (--rollout-frames 0): a rollout's "
+                             "frames would need their cache views rendered from the generated depth")
         # A rollout window: window - 1 real frames, up to window frames generated and followed.
         self.span = 2 * cfg.window - 1 if cfg.rollout_frames else cfg.window
         starts = train.starts(self.span)
@@ -302,24 +341,29 @@ class DynamicsTask:
             raise ValueError(f"{tok_folder}: tokenizer takes {tokenizer.cfg.image_size} (H, W) frames, "
                              f"{cfg.data} has {(h, w)}")
         torch.manual_seed(cfg.seed)
-        model = initial_dit(cfg, tokenizer.cfg.latent_channels, tuple(tokenizer.cfg.latent_size))
+        cond = cond_channels(tokenizer.cfg) if cfg.world_cache else 0  # an RGB tokenizer: a clear error
+        if cfg.world_cache:
+            dataset_camera(ds)  # a world without a camera model or without depth/poses: a clear error
+        model = initial_dit(cfg, tokenizer.cfg.latent_channels, tuple(tokenizer.cfg.latent_size), cond)
         lat = {name: cached_latents(run.root / f"latents-{name}.safetensors", ds, eps, tok_folder, tokenizer, d,
-                                    cfg.encode_batch) if eps else None
+                                    cfg.encode_batch, cfg.world_cache) if eps else None
                for name, eps in (("train", train), ("heldout", held))}
         return cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder, (ds, held or train))
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, ...]:
-        """A batch of the step: ``(x0, actions, t, eps, drop)``."""
+        """A batch of the step: ``(x0, actions, t, eps, drop, cond)``; ``cond`` is None without
+        the world cache."""
         cfg, fpb = self.cfg, self.model.cfg.frames_per_block
         i = torch.randint(len(self.starts), (batch,), generator=generator, device=self.device)
         x0, acts = self.train.windows(self.starts[i], cfg.window)               # (B, T, C, h, w), (B, T, 10)
+        cond = self.train.cond_windows(self.starts[i], cfg.window)              # (B, T, C + 1, h, w) or None
         t = noise_levels(batch, cfg.window, fpb, generator, self.device, cfg.prefix_prob, cfg.ctx_noise,
                          cfg.t_loc, cfg.t_scale)                                 # (B, T)
         eps = torch.randn(x0.shape, generator=generator, device=self.device)
         drop = None
         if cfg.action_dropout > 0:
             drop = torch.rand(t.shape, generator=generator, device=self.device) < cfg.action_dropout  # (B, T)
-        return x0, acts, t, eps, drop
+        return x0, acts, t, eps, drop, cond
 
     @torch.no_grad()
     def draw_rollout(self, generator: torch.Generator, batch: int) -> tuple[tuple[torch.Tensor, ...], int]:
@@ -359,7 +403,8 @@ class DynamicsTask:
                                    float(torch.rand((), generator=generator, device=self.device)) < share):
             batch, first_target = self.draw_rollout(generator, cfg.batch_size)
             return flow_matching_loss(model, *batch, first_target=first_target)
-        return flow_matching_loss(model, *self.draw(generator, cfg.batch_size))
+        x0, acts, t, eps, drop, cond = self.draw(generator, cfg.batch_size)
+        return flow_matching_loss(model, x0, acts, t, eps, drop, cond=cond)
 
     def flops_per_sample(self) -> float | None:
         cfg, m, T = self.cfg, self.model.cfg, self.cfg.window
@@ -384,11 +429,12 @@ class DynamicsTask:
         total, n = 0.0, 0
         for i in range(0, len(pick), cfg.batch_size):
             x0, acts = self.held.windows(pick[i:i + cfg.batch_size], cfg.window)
+            cond = self.held.cond_windows(pick[i:i + cfg.batch_size], cfg.window)
             t = noise_levels(len(x0), cfg.window, ema_model.cfg.frames_per_block, g, self.device,
                              cfg.prefix_prob, cfg.ctx_noise, cfg.t_loc, cfg.t_scale)
             eps = torch.randn(x0.shape, generator=g, device=self.device)
             with autocast(self.device):
-                total += flow_matching_loss(ema_model, x0, acts, t, eps).item() * len(x0)
+                total += flow_matching_loss(ema_model, x0, acts, t, eps, cond=cond).item() * len(x0)
             n += len(x0)
         self.metrics = {"heldout_loss": total / n}
         return self.metrics
@@ -402,7 +448,7 @@ class DynamicsTask:
     def sample(self, ema_model: nn.Module, step: int, folder: Path) -> None:
         """Rows: the real frames; real context then generated frames (rollout with the real actions)."""
         cfg, lat = self.cfg, self.held
-        if self.tokenizer is None:
+        if self.tokenizer is None or cfg.world_cache:  # a cache model's rollout renders its cache as it plays: not here
             return
         ctx = max(min(cfg.window - 1, 8), 1)
         lengths = (lat.offsets[1:] - lat.offsets[:-1]).tolist()
@@ -432,6 +478,8 @@ class DynamicsTask:
             "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
             "frame_skip": self.data[0].frame_skip if self.data is not None else None,
             "sampler": {"steps": self.cfg.sample_steps, "ctx_noise": self.cfg.ctx_noise, "window": self.cfg.window},
+            **({"world_cache": {"history": self.cfg.world_cache, "camera": dataset_camera(self.data[0]).to_dict()}}
+               if self.cfg.world_cache and self.data is not None else {}),
             "metrics": self.metrics}, dtype=dtype)
 
 
