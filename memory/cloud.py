@@ -55,7 +55,7 @@ class CacheConfig:
     max_points: int = 65536     # per session: 85 frames of 160x120 if nothing were shared; ~2.6 MB a session
     depth_tol_levels: float = 2.0  # a cached point within this many depth levels (+ depth_tol_rel) explains a pixel
     depth_tol_rel: float = 0.05    # ... plus this share of the depth: far levels are coarse and splats slant
-    max_splat: int = 3          # splats are at most (2 * max_splat + 1)^2 pixels: bounds the render's work near walls
+    max_splat: int = 2          # splats are at most (2 * max_splat + 1)^2 pixels: bounds the render's work near walls
     splat_scale: float = 1.0    # splat side = this x the point's footprint: 1 tiles a surface seen from where it was seen
     blend_sigma: float = 0.5    # pixels: Gaussian blending of a surface's points, about bilinear resampling
 
@@ -138,24 +138,28 @@ class WorldCache:
         b, p = self.stamp.shape
         h, w = cam.height, cam.width
         uv, z = cam.project(self.xyz, pose)                                    # (B, P, 2), (B, P)
+        k = cfg.max_splat
+        # Only points whose splat can reach the image go on: the rest would only cost memory.
+        ok = (self.alive() & (z > cam.near) & (uv[..., 0] > -k - 1) & (uv[..., 0] < w + k + 1)
+              & (uv[..., 1] > -k - 1) & (uv[..., 1] < h + k + 1))
+        session, slot = ok.nonzero(as_tuple=True)                              # (M,), (M,)
+        uv, z = uv[session, slot], z[session, slot]                            # (M, 2), (M,)
         # Splat half-side in pixels: the footprint seen from here, never less than the half
         # diagonal of a pixel, so a surface seen at the same scale leaves no cracks.
-        half = (cfg.splat_scale * 0.5 * self.size * cam.fx / z.clamp_min(cam.near)).clamp(0.71, cfg.max_splat + 0.5)
-        ok = self.alive() & (z > cam.near)
-        k = cfg.max_splat
+        half = (cfg.splat_scale * 0.5 * self.size[session, slot] * cam.fx / z).clamp(0.71, k + 0.5)  # (M,)
         offsets = torch.arange(-k, k + 1, device=self.device, dtype=uv.dtype)
         du, dv = torch.meshgrid(offsets, offsets, indexing="xy")              # (S, S)
         du, dv = du.reshape(-1), dv.reshape(-1)                               # (S2,)
         # Pixels whose centres lie within the splat's half-side of the point.
-        col = (uv[..., 0, None].floor() + du)                                 # (B, P, S2)
-        row = (uv[..., 1, None].floor() + dv)
-        dx, dy = col + 0.5 - uv[..., 0, None], row + 0.5 - uv[..., 1, None]
-        near = (dx.abs() <= half[..., None]) & (dy.abs() <= half[..., None])
-        cover = ok[..., None] & near & (col >= 0) & (col < w) & (row >= 0) & (row < h)
-        pix = (torch.arange(b, device=self.device)[:, None, None] * (h * w)
-               + row.clamp(0, h - 1).long() * w + col.clamp(0, w - 1).long())  # (B, P, S2) flat over the batch
-        pix, zz = pix[cover], z[..., None].expand_as(cover)[cover]
-        slot = torch.arange(p, device=self.device).expand(b, p)[..., None].expand_as(cover)[cover]
+        col = uv[:, 0, None].floor() + du                                     # (M, S2)
+        row = uv[:, 1, None].floor() + dv
+        dx, dy = col + 0.5 - uv[:, 0, None], row + 0.5 - uv[:, 1, None]
+        cover = ((dx.abs() <= half[:, None]) & (dy.abs() <= half[:, None])
+                 & (col >= 0) & (col < w) & (row >= 0) & (row < h))            # (M, S2)
+        pix = session[:, None] * (h * w) + row.clamp(0, h - 1).long() * w + col.clamp(0, w - 1).long()
+        pix, zz = pix[cover], z[:, None].expand_as(cover)[cover]              # (K,) flat over the batch
+        slot = slot[:, None].expand_as(cover)[cover]
+        flat_slot = session[:, None].expand_as(cover)[cover] * p + slot       # (K,) in the (B*P) pool
         zbuf = torch.full((b * h * w,), math.inf, device=self.device).scatter_reduce(0, pix, zz, "amin")
         # Ties at the nearest depth go to the lowest slot: the render is deterministic.
         front = zz <= zbuf[pix]
@@ -165,9 +169,8 @@ class WorldCache:
         # Colour: the front surface's points, blended by their distance to the pixel centre.
         surface = zz <= zbuf[pix] + self._tolerance(zbuf[pix])
         d2 = (dx[cover] ** 2 + dy[cover] ** 2)[surface]
-        weight = torch.exp(-d2 / (2 * cfg.blend_sigma ** 2))                  # (M,)
-        flat_slot = (pix[surface] // (h * w)) * p + slot[surface]             # slot in the flattened (B*P) pool
-        colour = self.rgb.view(-1, 3)[flat_slot].float() * weight[:, None]
+        weight = torch.exp(-d2 / (2 * cfg.blend_sigma ** 2))                  # one per (point, pixel) on the surface
+        colour = self.rgb.view(-1, 3)[flat_slot[surface]].float() * weight[:, None]
         acc = torch.zeros(b * h * w, 3, device=self.device).index_add_(0, pix[surface], colour)
         norm = torch.zeros(b * h * w, device=self.device).index_add_(0, pix[surface], weight)
         rgb = acc / norm.clamp_min(1e-12)[:, None]

@@ -11,7 +11,6 @@ the cache is built from generated depth, and an RGB tokenizer could not encode t
 Example:
     >>> from worldgen.memory.camera import DOOM
     >>> from worldgen.memory.cloud import View
-from worldgen.memory.views import PoseNoise, history_views
     >>> tok = Tokenizer(TokenizerConfig(image_size=(24, 32), in_channels=4, latent_channels=4,
     ...                                 downsample=8, channels=(8, 8, 8, 8)))
     >>> view = View(torch.zeros(2, 3, 24, 32, 3, dtype=torch.uint8), torch.zeros(2, 3, 24, 32),
