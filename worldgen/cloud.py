@@ -52,25 +52,25 @@ def build(ds: Dataset, episode: int, frames: int | None = None, every: int = 1,
     return cache
 
 
-def picture(cache: WorldCache, path: Path, session: int = 0) -> Path:
-    """An oblique view of a session's cloud (ceilings left out, so the rooms show) as a PNG."""
+def picture(xyz: np.ndarray, rgb: np.ndarray, normal: np.ndarray, path: Path) -> Path:
+    """An oblique view of a cloud (ceilings left out, so the rooms show; colours brightened, as
+    Doom's are dark) as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xyz, rgb, normal = cache.points(session)
     keep = normal[:, 2] > -0.5  # surfaces that face down are ceilings: they would hide the rooms
     xyz, rgb = xyz[keep], rgb[keep]
-    fig = plt.figure(figsize=(8, 6), dpi=120)
-    ax = fig.add_subplot(projection="3d")
-    ax.scatter(xyz[:, 0], xyz[:, 1], xyz[:, 2], c=rgb / 255.0, s=2.0, linewidths=0, depthshade=False)
-    ax.view_init(elev=50, azim=-60)
-    ax.set_position((0, 0, 1, 1))  # the axes fill the figure: the cloud is the picture
-    ax.set_box_aspect(np.ptp(xyz, 0).clip(1.0) if len(xyz) else (1, 1, 1))
+    fig = plt.figure(figsize=(8, 6), dpi=120, facecolor="black")
+    ax = fig.add_axes((0, 0, 1, 1), projection="3d", facecolor="black")
+    ax.scatter(xyz[:, 0], xyz[:, 1], xyz[:, 2], c=(rgb / 255.0) ** 0.6, s=1.5, linewidths=0, depthshade=False)
+    if len(xyz):  # frame the bulk of the cloud: a few points seen through a window lie far off
+        lo, hi = np.percentile(xyz, 1, 0), np.percentile(xyz, 99, 0)
+        ax.set_xlim(lo[0], hi[0]), ax.set_ylim(lo[1], hi[1]), ax.set_zlim(lo[2], hi[2])
+        ax.set_box_aspect((hi - lo).clip(1.0))
+    ax.view_init(elev=40, azim=-60)
     ax.set_axis_off()
-    ax.set_facecolor("black")
-    fig.patch.set_facecolor("black")
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, bbox_inches="tight", facecolor="black"))
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, facecolor="black"))
     plt.close(fig)
     return path
 
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         cache.save_ply(args.out)
         print(f"{args.out}: {int(cache.num_points()[0])} points (bound {args.max_points})")
         if args.picture:
-            print(f"{picture(cache, args.picture)}")
+            print(picture(*cache.points(0), args.picture))
     except (DatasetError, ValueError) as e:
         print(f"worldgen cloud: {e}", file=sys.stderr)
         return 1
