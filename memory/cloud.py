@@ -201,9 +201,9 @@ class WorldCache:
         b, p = self.stamp.shape
         h, w = cam.height, cam.width
         self._check_pose(pose)
-        if rgb.shape != (b, h, w, 3) or depth.shape != (b, h, w):
-            raise ValueError(f"need rgb ({b}, {h}, {w}, 3) and depth ({b}, {h}, {w}), got "
-                             f"{tuple(rgb.shape)} and {tuple(depth.shape)}")
+        if rgb.shape != (b, h, w, 3) or depth.shape != (b, h, w) or rgb.dtype != torch.uint8:
+            raise ValueError(f"need rgb ({b}, {h}, {w}, 3) uint8 and depth ({b}, {h}, {w}), got "
+                             f"{tuple(rgb.shape)} {rgb.dtype} and {tuple(depth.shape)}")
         rgb, depth, pose = rgb.to(self.device), depth.to(self.device).float(), pose.to(self.device).float()
         active = torch.ones(b, dtype=torch.bool, device=self.device) if active is None else active.to(self.device)
 
@@ -241,7 +241,7 @@ class WorldCache:
         slots = order[rows, rank[add]]
         pixel_size = z_obs / cam.fx                                            # (B, H, W) world side of a pixel
         self.xyz[rows, slots] = points.flatten(1, 2)[add]
-        self.rgb[rows, slots] = rgb.flatten(1, 2)[add].to(torch.uint8)
+        self.rgb[rows, slots] = rgb.flatten(1, 2)[add]
         self.normal[rows, slots] = normal.flatten(1, 2)[add]
         self.size[rows, slots] = pixel_size.flatten(1)[add]
         self.stamp[rows, slots] = self.frames[rows]
