@@ -13,6 +13,7 @@ import torch
 from worldgen.data import Dataset
 from worldgen.memory.camera import DOOM, Camera, reprojection_error
 from worldgen.memory.cloud import CacheConfig, WorldCache, write_ply
+from worldgen.memory.motion import MotionModel
 from worldgen.memory.views import PoseNoise, history_views
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -308,6 +309,7 @@ def test_training_with_the_world_cache(doom_recording, tiny_tokenizer_run, tmp_p
     assert model.cfg.cond_channels == 4 + 1
     extra = checkpoint.config(tmp_path / "dyn" / "ckpt", "dynamics")["world_cache"]
     assert extra["history"] == 2 and Camera.from_dict(extra["camera"]) == DOOM.resized(32, 24)
+    assert MotionModel.from_dict(extra["motion"]).weight.shape == (5 + 2 * 10 + 1, 5)
 
 
 def test_motion_model_predicts_the_next_pose_from_the_actions(doom_recording):
@@ -315,7 +317,7 @@ def test_motion_model_predicts_the_next_pose_from_the_actions(doom_recording):
     follows the actions (a constant-velocity guess misses every change of turn)."""
     from worldgen import actions
     from worldgen.memory.camera import relative_pose
-    from worldgen.memory.motion import MotionModel, compose, momentum
+    from worldgen.memory.motion import compose, momentum
 
     ds = Dataset(doom_recording)
 

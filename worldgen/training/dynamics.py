@@ -58,6 +58,7 @@ from worldgen import actions, checkpoint, sampling
 from worldgen.cloud import dataset_camera
 from worldgen.data import Dataset, WindowDataset
 from worldgen.engine import StreamConfig, rollout_latents, save_starts
+from worldgen.memory.motion import MotionModel
 from worldgen.memory.views import PoseNoise
 from worldgen.models import (MODELS, DiT, DiTConfig, flops_per_frame, frames_to_tensor, load_dit, load_tokenizer,
                              save_part, tensor_to_frames)
@@ -323,6 +324,7 @@ class DynamicsTask:
         self.starts = starts[d.rank::d.world_size]  # each rank draws from its own share of windows
         self.tokens_per_sample = cfg.window * model.cfg.tokens_per_frame
         self.metrics: dict[str, float] = {}
+        self.motion: MotionModel | None = None  # world-cache runs: the camera's motion model (from_run fits it)
         if d.main:
             print(f"[train] dynamics: DiT {f'of {cfg.init}' if cfg.init else cfg.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"params; {len(train.z)} train frames ({len(starts)} windows of {cfg.window}), "
@@ -348,7 +350,10 @@ class DynamicsTask:
         lat = {name: cached_latents(run.root / f"latents-{name}.safetensors", ds, eps, tok_folder, tokenizer, d,
                                     cfg.encode_batch, cfg.world_cache) if eps else None
                for name, eps in (("train", train), ("heldout", held))}
-        return cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder, (ds, held or train))
+        task = cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder, (ds, held or train))
+        if cfg.world_cache:  # how a session predicts the pose its cache view renders at, stored with the model
+            task.motion = fit_motion(ds, train)
+        return task
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, ...]:
         """A batch of the step: ``(x0, actions, t, eps, drop, cond)``; ``cond`` is None without
@@ -478,9 +483,23 @@ class DynamicsTask:
             "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
             "frame_skip": self.data[0].frame_skip if self.data is not None else None,
             "sampler": {"steps": self.cfg.sample_steps, "ctx_noise": self.cfg.ctx_noise, "window": self.cfg.window},
-            **({"world_cache": {"history": self.cfg.world_cache, "camera": dataset_camera(self.data[0]).to_dict()}}
+            **({"world_cache": {"history": self.cfg.world_cache, "camera": dataset_camera(self.data[0]).to_dict(),
+                                "motion": self.motion.to_dict()}}
                if self.cfg.world_cache and self.data is not None else {}),
             "metrics": self.metrics}, dtype=dtype)
+
+
+def fit_motion(ds: Dataset, episodes: list[int]) -> MotionModel:
+    """The camera's motion model (:class:`~worldgen.memory.motion.MotionModel`) fitted to the
+    recorded poses and actions of ``episodes`` (those of 3 frames or more)."""
+    poses, acts = [], []
+    for e in episodes:
+        if ds.episodes[e].length >= 3:
+            poses.append(torch.from_numpy(ds.read(e, "pose")))
+            acts.append(torch.from_numpy(actions.to_vector(ds.read(e, "keys"), ds.read(e, "mouse"))))
+    if not poses:
+        raise ValueError(f"{ds.root}: no train episode of 3 frames or more to fit the camera's motion on")
+    return MotionModel.fit(poses, acts)
 
 
 def write_starts(folder: Path, ds: Dataset, episodes: list[int], n: int, frames: int) -> None:
