@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("worldgen.server.cli", "stream a world model to browsers and clients over websockets"),
     "play": ("worldgen.clients.play", "play a world model in a pygame window (local engine or --server)"),
     "generate": ("worldgen.engine.generate", "long video offline from context and actions (overlapping-clip fusion)"),
+    "cloud": ("worldgen.cloud", "build a point-cloud world cache from recorded play (.ply, picture); view it in open3d"),
 }
 
 

@@ -56,10 +56,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from worldgen import actions, checkpoint, sampling
+from worldgen.cloud import dataset_camera
 from worldgen.data import Dataset, WindowDataset
 from worldgen.engine import StreamConfig, rollout_latents, save_starts
+from worldgen.memory.motion import MotionModel
+from worldgen.memory.views import PoseNoise
 from worldgen.models import (MODELS, DiT, DiTConfig, flops_per_frame, frames_to_tensor, load_dit, load_tokenizer,
                              save_part, tensor_to_frames)
+from worldgen.models.world_cache import cond_channels, episode_condition
 from worldgen.training import common
 from worldgen.training.common import (Dist, Run, TrainConfig, atomic_write, autocast, barrier, opt,
                                       save_image_rows)
@@ -95,6 +99,9 @@ class DynamicsTrainConfig(TrainConfig):
                                     "in 330 steps: docs/history/results-2026-12.md)")
     starts: int = opt(8, "real start contexts (held-out play) stored with the exported model for new sessions")
     start_frames: int = opt(8, "frames per start context")
+    world_cache: int = opt(0, "H > 0: condition every frame on the point-cloud world cache of its H predecessors, "
+                              "rendered at its pose plus pose noise (docs/world_cache.md); needs an RGB-D tokenizer "
+                              "and a recording with depth and poses")
 
 
 # --- the loss --------------------------------------------------------------------------------
@@ -125,14 +132,15 @@ def noise_levels(batch: int, frames: int, frames_per_block: int, generator: torc
 
 def flow_matching_loss(model: nn.Module, x0: torch.Tensor, acts: torch.Tensor, t: torch.Tensor,
                        eps: torch.Tensor, drop: torch.Tensor | None = None,
-                       first_target: int = 0) -> torch.Tensor:
+                       first_target: int = 0, cond: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between the predicted and the true velocity ``eps - x0`` at ``x_t = (1 - t) x0 + t eps``.
 
     x0, eps: (B, T, C, h, w) clean latents and noise; acts: (B, T, 10); t: (B, T); drop: (B, T)
     bool, frames whose action is dropped (None: none); frames before ``first_target`` are
-    context only, left out of the loss.
+    context only, left out of the loss; cond: (B, T, cond_channels, h, w) for a model with
+    extra input channels (the world cache's view), else None.
     """
-    v = model(sampling.add_noise(x0, eps, t), t, acts, drop_actions=drop)
+    v = model(sampling.add_noise(x0, eps, t), t, acts, drop_actions=drop, cond=cond)
     return F.mse_loss(v[:, first_target:].float(), (eps - x0)[:, first_target:])
 
 
@@ -144,9 +152,11 @@ class Latents:
     z: torch.Tensor          # (N, C, h, w) bf16
     actions: torch.Tensor    # (N, 10) float32
     offsets: torch.Tensor    # (E + 1,) int64: episode e is rows offsets[e]:offsets[e + 1]
+    cond: torch.Tensor | None = None  # (N, cond_channels, h, w) bf16: each frame's world-cache view, if used
 
     def to(self, device: torch.device) -> "Latents":
-        return Latents(self.z.to(device), self.actions.to(device), self.offsets.to(device))
+        return Latents(self.z.to(device), self.actions.to(device), self.offsets.to(device),
+                       None if self.cond is None else self.cond.to(device))
 
     def starts(self, window: int) -> torch.Tensor:
         """Every row where a window of ``window`` frames fits inside one episode."""
@@ -159,6 +169,12 @@ class Latents:
         idx = starts[:, None] + torch.arange(window, device=starts.device)      # (B, T)
         return self.z[idx].float(), self.actions[idx]
 
+    def cond_windows(self, starts: torch.Tensor, window: int) -> torch.Tensor | None:
+        """The windows' world-cache conditioning ``(B, T, cond_channels, h, w)``, None without it."""
+        if self.cond is None:
+            return None
+        return self.cond[starts[:, None] + torch.arange(window, device=starts.device)].float()
+
 
 def tokenizer_folder(path: str) -> Path:
     """A tokenizer run folder means its exported ``ckpt/``; otherwise the folder itself."""
@@ -166,24 +182,36 @@ def tokenizer_folder(path: str) -> Path:
     return p / "ckpt" if (p / "ckpt" / "tokenizer.json").is_file() else p
 
 
-def _fingerprint(ds: Dataset, episodes: list[int], tok_folder: Path) -> str:
-    """What the cached latents depend on: the episodes' shards and the tokenizer's weights files."""
+def _fingerprint(ds: Dataset, episodes: list[int], tok_folder: Path, world_cache: int = 0) -> str:
+    """What the cached latents depend on: the episodes' shards, the tokenizer's weights files and
+    the world-cache history."""
     tok_files = json.loads((tok_folder / "tokenizer.json").read_text()).get("files", [])
     shards = [s["sha256"] for e in episodes for s in ds.episodes[e].shards]
     text = json.dumps({"v": CACHE_VERSION, "ids": [ds.episodes[e].id for e in episodes], "shards": shards,
-                       "tokenizer": tok_files})
+                       "tokenizer": tok_files, **({"world_cache": world_cache} if world_cache else {})})
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 @torch.no_grad()
 def encode_episodes(ds: Dataset, episodes: list[int], tokenizer: nn.Module, device: torch.device,
-                    batch: int) -> Latents:
-    """Encode every frame of ``episodes`` with ``tokenizer`` (on ``device``, in batches)."""
+                    batch: int, world_cache: int = 0) -> Latents:
+    """Encode every frame of ``episodes`` with ``tokenizer`` (on ``device``, in batches); with
+    ``world_cache`` = H > 0 also each frame's cache view of its H predecessors
+    (:func:`~worldgen.models.world_cache.episode_condition`, one pose-noise draw per frame, seeded)."""
     depth = tokenizer.cfg.in_channels == 4
-    zs, acts, offsets = [], [], [0]
+    camera = dataset_camera(ds) if world_cache else None
+    zs, acts, offsets, conds = [], [], [0], []
     for e in episodes:
         # The whole episode as one window: WindowDataset owns the frame/action alignment.
-        item = WindowDataset(ds, ds.episodes[e].length, episodes=[e], fields=("depth",) if depth else ())[0]
+        fields = ("depth", "pose") if world_cache else ("depth",) if depth else ()
+        item = WindowDataset(ds, ds.episodes[e].length, episodes=[e], fields=fields)[0]
+        if world_cache:
+            g = torch.Generator(device).manual_seed(e)
+            with autocast(device):
+                conds.append(episode_condition(
+                    tokenizer, camera, torch.from_numpy(item["frames"]).to(device),
+                    torch.from_numpy(item["depth"]).to(device), torch.from_numpy(item["pose"]).to(device),
+                    world_cache, PoseNoise(), g).to(torch.bfloat16))
         frames = item["frames"]
         if depth:
             frames = np.concatenate([frames, depth_to_uint8(item["depth"])[..., None]], -1)
@@ -193,16 +221,18 @@ def encode_episodes(ds: Dataset, episodes: list[int], tokenizer: nn.Module, devi
                 zs.append(tokenizer.encode(x).to(torch.bfloat16))
         acts.append(torch.from_numpy(actions.to_vector(item["keys"], item["mouse"])))
         offsets.append(offsets[-1] + len(frames))
-    return Latents(torch.cat(zs), torch.cat(acts).to(device), torch.tensor(offsets, dtype=torch.long))
+    return Latents(torch.cat(zs), torch.cat(acts).to(device), torch.tensor(offsets, dtype=torch.long),
+                   torch.cat(conds) if world_cache else None)
 
 
 def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Path, tokenizer: nn.Module,
-                   d: Dist, batch: int) -> Latents:
+                   d: Dist, batch: int, world_cache: int = 0) -> Latents:
     """Latents of ``episodes`` from the cache file at ``path``, encoding and caching them first if
-    it is missing or stale (another dataset or tokenizer). Under torchrun each rank encodes every
-    ``world_size``-th episode into a part file and rank 0 joins the parts into the cache: the
-    dataset is encoded once, N times faster, and no rank idles while another encodes it all."""
-    key = _fingerprint(ds, episodes, tok_folder)
+    it is missing or stale (another dataset, tokenizer or world-cache history). Under torchrun each
+    rank encodes every ``world_size``-th episode into a part file and rank 0 joins the parts into
+    the cache: the dataset is encoded once, N times faster, and no rank idles while another encodes
+    it all."""
+    key = _fingerprint(ds, episodes, tok_folder, world_cache)
 
     def read() -> Latents | None:
         if not path.is_file():
@@ -212,7 +242,7 @@ def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Pat
                 if (f.metadata() or {}).get("fingerprint") != key:
                     return None
             t = load_file(path)
-            return Latents(t["z"], t["actions"], t["offsets"])
+            return Latents(t["z"], t["actions"], t["offsets"], t.get("cond"))
         except (SafetensorError, OSError, KeyError) as e:  # unreadable: encode afresh
             if d.main:
                 print(f"[train] {path}: unreadable latent cache ({e}); encoding again", file=sys.stderr)
@@ -221,6 +251,8 @@ def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Pat
     def write(file: Path, lat: Latents) -> None:
         tensors = {"z": lat.z.cpu().contiguous(), "actions": lat.actions.cpu().contiguous(),
                    "offsets": lat.offsets.cpu()}
+        if lat.cond is not None:  # the world cache's views
+            tensors["cond"] = lat.cond.cpu().contiguous()
         atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata={"fingerprint": key}))
 
     lat = read()  # the same file on every rank: all of them encode, or none
@@ -229,7 +261,7 @@ def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Pat
         parts = [path.with_name(f"{path.stem}.part-{r}-of-{d.world_size}.safetensors") for r in range(d.world_size)]
         mine = episodes[d.rank::d.world_size]
         if mine:  # more ranks than episodes: the last ones have none
-            lat = encode_episodes(ds, mine, tokenizer, d.device, batch)
+            lat = encode_episodes(ds, mine, tokenizer, d.device, batch, world_cache)
             if d.world_size > 1:
                 write(parts[d.rank], lat)
         barrier(d)
@@ -254,27 +286,34 @@ def _interleave(parts: list[dict[str, torch.Tensor]]) -> Latents:
     r, r + N, r + 2N, ...; the result holds them in their order, 0, 1, 2, ..."""
     n = len(parts)
     per_part = [len(p["offsets"]) - 1 for p in parts]
-    zs, acts, offsets = [], [], [0]
+    has_cond = "cond" in parts[0]
+    zs, acts, conds, offsets = [], [], [], [0]
     for k in range(sum(per_part)):
         part, j = parts[k % n], k // n
         a, b = int(part["offsets"][j]), int(part["offsets"][j + 1])
         zs.append(part["z"][a:b])
         acts.append(part["actions"][a:b])
+        if has_cond:
+            conds.append(part["cond"][a:b])
         offsets.append(offsets[-1] + b - a)
-    return Latents(torch.cat(zs), torch.cat(acts), torch.tensor(offsets, dtype=torch.long))
+    return Latents(torch.cat(zs), torch.cat(acts), torch.tensor(offsets, dtype=torch.long),
+                   torch.cat(conds) if has_cond else None)
 
 
-def dit_config(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int]) -> DiTConfig:
-    """The ``--model`` size fitted to the tokenizer's latents and the training window."""
+def dit_config(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int],
+               cond: int = 0) -> DiTConfig:
+    """The ``--model`` size fitted to the tokenizer's latents, the training window and the
+    ``cond`` extra input channels (the world cache's view)."""
     base = MODELS[cfg.model]
     return dataclasses.replace(base, latent_channels=latent_channels, latent_size=latent_size,
-                               max_frames=max(base.max_frames, cfg.window), null_action=cfg.action_dropout > 0)
+                               max_frames=max(base.max_frames, cfg.window), null_action=cfg.action_dropout > 0,
+                               cond_channels=cond)
 
 
-def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int]) -> DiT:
+def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int], cond: int = 0) -> DiT:
     """A fresh ``--model`` DiT, or the ``--init`` model's, checked against this run's settings."""
     if not cfg.init:
-        return DiT(dit_config(cfg, latent_channels, latent_size))
+        return DiT(dit_config(cfg, latent_channels, latent_size, cond))
     model = load_dit(cfg.init).train()
     got = model.cfg
     if (got.latent_channels, tuple(got.latent_size)) != (latent_channels, tuple(latent_size)):
@@ -282,6 +321,9 @@ def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tup
                          f"latents, the tokenizer makes {latent_channels}x{tuple(latent_size)}")
     if got.max_frames < cfg.window:
         raise ValueError(f"--init {cfg.init}: its DiT holds {got.max_frames} frames, --window is {cfg.window}")
+    if got.cond_channels != cond:
+        raise ValueError(f"--init {cfg.init}: its DiT takes {got.cond_channels} conditioning channels, this run "
+                         f"gives {cond} (--world-cache {cfg.world_cache})")
     if got.null_action != (cfg.action_dropout > 0):
         raise ValueError(f"--init {cfg.init}: its DiT {'has' if got.null_action else 'has no'} null action, "
                          f"so --action-dropout must be {'> 0' if got.null_action else '0'}")
@@ -309,6 +351,9 @@ class DynamicsTask:
             raise ValueError(f"--rollout-share must lie in [0, 1], got {cfg.rollout_share}")
         if cfg.rollout_frames and (model.cfg.frames_per_block != 1 or cfg.window < 3):
             raise ValueError("--rollout-frames needs one-frame blocks (frames_per_block 1) and --window >= 3")
+        if cfg.world_cache and cfg.rollout_frames:
+            raise ValueError("--world-cache does not train on own rollouts yet (--rollout-frames 0): a rollout's "
+                             "frames would need their cache views rendered from the generated depth")
         # A rollout window: window - 1 real frames, up to window frames generated and followed.
         self.span = 2 * cfg.window - 1 if cfg.rollout_frames else cfg.window
         starts = train.starts(self.span)
@@ -318,6 +363,7 @@ class DynamicsTask:
         self.starts = starts  # every rank draws from all of them: the global batch is split, not the data
         self.tokens_per_sample = cfg.window * model.cfg.tokens_per_frame
         self.metrics: dict[str, float] = {}
+        self.motion: MotionModel | None = None  # world-cache runs: the camera's motion model (from_run fits it)
         if d.main:
             print(f"[train] dynamics: DiT {f'of {cfg.init}' if cfg.init else cfg.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"params; {len(train.z)} train frames ({len(starts)} windows of {cfg.window}), "
@@ -336,18 +382,26 @@ class DynamicsTask:
             raise ValueError(f"{tok_folder}: tokenizer takes {tokenizer.cfg.image_size} (H, W) frames, "
                              f"{cfg.data} has {(h, w)}")
         torch.manual_seed(cfg.seed)
-        model = initial_dit(cfg, tokenizer.cfg.latent_channels, tuple(tokenizer.cfg.latent_size))
+        cond = cond_channels(tokenizer.cfg) if cfg.world_cache else 0  # an RGB tokenizer: a clear error
+        if cfg.world_cache:
+            dataset_camera(ds)  # a world without a camera model or without depth/poses: a clear error
+        model = initial_dit(cfg, tokenizer.cfg.latent_channels, tuple(tokenizer.cfg.latent_size), cond)
         lat = {name: cached_latents(run.root / f"latents-{name}.safetensors", ds, eps, tok_folder, tokenizer, d,
-                                    cfg.encode_batch) if eps else None
+                                    cfg.encode_batch, cfg.world_cache) if eps else None
                for name, eps in (("train", train), ("heldout", held))}
-        return cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder, (ds, held or train))
+        task = cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder, (ds, held or train))
+        if cfg.world_cache:  # how a session predicts the pose its cache view renders at, stored with the model
+            task.motion = fit_motion(ds, train)
+        return task
 
     def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, ...]:
-        """This rank's rows ``(x0, actions, t, eps, drop)`` of the step's global batch of ``batch``
-        windows (b = batch / ranks of them; every draw is made for the whole batch, then sharded)."""
+        """This rank's rows ``(x0, actions, t, eps, drop, cond)`` of the step's global batch of
+        ``batch`` windows (b = batch / ranks of them; every draw is made for the whole batch, then
+        sharded); ``cond`` is None without the world cache."""
         cfg, fpb, shard = self.cfg, self.model.cfg.frames_per_block, self.dist.shard
         i = shard(torch.randint(len(self.starts), (batch,), generator=generator, device=self.device))
         x0, acts = self.train.windows(self.starts[i], cfg.window)               # (b, T, C, h, w), (b, T, 10)
+        cond = self.train.cond_windows(self.starts[i], cfg.window)              # (b, T, C + 1, h, w) or None
         t = shard(noise_levels(batch, cfg.window, fpb, generator, self.device, cfg.prefix_prob, cfg.ctx_noise,
                                cfg.t_loc, cfg.t_scale))                          # (b, T)
         eps = shard(torch.randn((batch, *x0.shape[1:]), generator=generator, device=self.device))
@@ -355,7 +409,7 @@ class DynamicsTask:
         if cfg.action_dropout > 0:
             drop = shard(torch.rand((batch, cfg.window), generator=generator, device=self.device)
                          < cfg.action_dropout)                                   # (b, T)
-        return x0, acts, t, eps, drop
+        return x0, acts, t, eps, drop, cond
 
     @torch.no_grad()
     def draw_rollout(self, generator: torch.Generator, batch: int,
@@ -399,7 +453,8 @@ class DynamicsTask:
             noise = common.rank_generator(cfg.seed, self.dist.rank, step, self.device)
             batch, first_target = self.draw_rollout(generator, cfg.batch_size, noise)
             return flow_matching_loss(model, *batch, first_target=first_target)
-        return flow_matching_loss(model, *self.draw(generator, cfg.batch_size))
+        x0, acts, t, eps, drop, cond = self.draw(generator, cfg.batch_size)
+        return flow_matching_loss(model, x0, acts, t, eps, drop, cond=cond)
 
     def flops_per_sample(self) -> float | None:
         cfg, m, T = self.cfg, self.model.cfg, self.cfg.window
@@ -424,11 +479,12 @@ class DynamicsTask:
         total, n = 0.0, 0
         for i in range(0, len(pick), cfg.batch_size):
             x0, acts = self.held.windows(pick[i:i + cfg.batch_size], cfg.window)
+            cond = self.held.cond_windows(pick[i:i + cfg.batch_size], cfg.window)
             t = noise_levels(len(x0), cfg.window, ema_model.cfg.frames_per_block, g, self.device,
                              cfg.prefix_prob, cfg.ctx_noise, cfg.t_loc, cfg.t_scale)
             eps = torch.randn(x0.shape, generator=g, device=self.device)
             with autocast(self.device):
-                total += flow_matching_loss(ema_model, x0, acts, t, eps).item() * len(x0)
+                total += flow_matching_loss(ema_model, x0, acts, t, eps, cond=cond).item() * len(x0)
             n += len(x0)
         self.metrics = {"heldout_loss": total / n}
         return self.metrics
@@ -442,7 +498,7 @@ class DynamicsTask:
     def sample(self, ema_model: nn.Module, step: int, folder: Path) -> None:
         """Rows: the real frames; real context then generated frames (rollout with the real actions)."""
         cfg, lat = self.cfg, self.held
-        if self.tokenizer is None:
+        if self.tokenizer is None or cfg.world_cache:  # a cache model's rollout renders its cache as it plays: not here
             return
         ctx = max(min(cfg.window - 1, 8), 1)
         lengths = (lat.offsets[1:] - lat.offsets[:-1]).tolist()
@@ -474,6 +530,9 @@ class DynamicsTask:
             "sampler": {"steps": self.cfg.sample_steps, "ctx_noise": self.cfg.ctx_noise, "window": self.cfg.window},
             # What the data's mouse covers: the Gymnasium env bounds its action spaces by it.
             "mouse_range": mouse_range(self.data[0]) if self.data is not None else None,
+            **({"world_cache": {"history": self.cfg.world_cache, "camera": dataset_camera(self.data[0]).to_dict(),
+                                "motion": self.motion.to_dict()}}
+               if self.cfg.world_cache and self.data is not None else {}),
             "metrics": self.metrics}, dtype=dtype)
 
 
@@ -481,6 +540,19 @@ def mouse_range(ds: Dataset) -> list[float]:
     """[yaw, pitch]: the largest |mouse delta| (degrees per step) anywhere in ``ds``."""
     mouse = np.concatenate([ds.read(i, "mouse") for i in range(len(ds))] or [np.zeros((0, 2), np.float32)])
     return [round(float(v), 3) for v in (np.abs(mouse).max(0) if len(mouse) else np.zeros(2))]
+
+
+def fit_motion(ds: Dataset, episodes: list[int]) -> MotionModel:
+    """The camera's motion model (:class:`~worldgen.memory.motion.MotionModel`) fitted to the
+    recorded poses and actions of ``episodes`` (those of 3 frames or more)."""
+    poses, acts = [], []
+    for e in episodes:
+        if ds.episodes[e].length >= 3:
+            poses.append(torch.from_numpy(ds.read(e, "pose")))
+            acts.append(torch.from_numpy(actions.to_vector(ds.read(e, "keys"), ds.read(e, "mouse"))))
+    if not poses:
+        raise ValueError(f"{ds.root}: no train episode of 3 frames or more to fit the camera's motion on")
+    return MotionModel.fit(poses, acts)
 
 
 def write_starts(folder: Path, ds: Dataset, episodes: list[int], n: int, frames: int) -> None:

@@ -1,0 +1,93 @@
+"""The point-cloud world cache on recorded play: speed per frame at several batch sizes, memory per
+session, and how well the cache predicts the next real frame (:mod:`worldgen.memory.cloud`).
+
+Each session plays one stretch of a recorded episode as a world-cache session would: render the
+cache at the next frame's (true) pose, then fuse the frame. Reported per batch size: milliseconds
+per step of the whole batch (render + update), frames/s, and, over every step after the first,
+the PSNR of the render against the real next frame where its mask is valid, the mask's cover,
+and hold-last-frame's PSNR on the same frames.
+
+    worldgen record --env doom --steps 16000 --workers 16 --seed 1000 --out HELDOUT
+    python benchmarks/world_cache_bench.py --data HELDOUT --batch 1,64 --steps 256 --json cache_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from worldgen.cloud import dataset_camera
+from worldgen.data import Dataset
+from worldgen.memory.cloud import CacheConfig, WorldCache
+
+
+def stretches(ds: Dataset, batch: int, steps: int) -> tuple[torch.Tensor, ...]:
+    """``batch`` stretches of ``steps + 1`` frames, spread over the episodes long enough:
+    rgb (B, S, H, W, 3), depth (B, S, H, W), pose (B, S, 5)."""
+    long = [e for e in range(len(ds)) if ds.episodes[e].length > steps]
+    if not long:
+        raise SystemExit(f"no episode has more than {steps} frames")
+    out = []
+    for i in range(batch):
+        e = long[i % len(long)]
+        start = (i // len(long)) * 97 % max(1, ds.episodes[e].length - steps - 1)
+        out.append([torch.from_numpy(ds.read(e, f, start, start + steps + 1)) for f in ("frames", "depth", "pose")])
+    return tuple(torch.stack(x) for x in zip(*out))
+
+
+def psnr(se: float) -> float:
+    return float(10 * np.log10(255.0 ** 2 / max(se, 1e-12)))
+
+
+def run(ds: Dataset, batch: int, steps: int, config: CacheConfig, device: torch.device) -> dict:
+    rgb, depth, pose = (x.to(device) for x in stretches(ds, batch, steps))
+    cache = WorldCache(dataset_camera(ds), config, batch=batch, device=device)
+    cache.update(rgb[:, 0], depth[:, 0], pose[:, 0])
+    se, n, held, cover, times = 0.0, 0, 0.0, 0.0, []
+    for t in range(1, steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        view = cache.render(pose[:, t])
+        cache.update(rgb[:, t], depth[:, t], pose[:, t])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        err = ((view.rgb.float() - rgb[:, t].float()) ** 2).mean(-1)   # (B, H, W)
+        se += float(err[view.mask].sum())
+        n += int(view.mask.sum())
+        cover += float(view.mask.float().mean())
+        held += float(((rgb[:, t - 1].float() - rgb[:, t].float()) ** 2).mean())
+    ms = 1000 * float(np.median(times[min(5, len(times) - 1):]))  # the first steps warm the allocator up
+    return {"batch": batch, "steps": steps, "ms_per_step": ms, "frames_per_s": batch * 1000 / ms,
+            "render_psnr": psnr(se / max(n, 1)), "mask_cover": cover / steps, "hold_last_psnr": psnr(held / steps),
+            "points_per_session": float(cache.num_points().float().mean()),
+            "bytes_per_session": cache.nbytes() // batch, "max_points": config.max_points}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="a recording with depth and poses (ViZDoom)")
+    p.add_argument("--batch", default="1,64", help="comma-separated batch sizes")
+    p.add_argument("--steps", type=int, default=256, help="frames each session plays")
+    p.add_argument("--max-points", type=int, default=CacheConfig.max_points, help="the per-session point bound")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args()
+    ds = Dataset(args.data)
+    rows = []
+    for b in (int(x) for x in args.batch.split(",")):
+        row = run(ds, b, args.steps, CacheConfig(max_points=args.max_points), torch.device(args.device))
+        print(json.dumps(row))
+        rows.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
