@@ -31,6 +31,15 @@ those s frames are trained on (Diffusion Forcing levels, the generated frames la
 context): the model learns to continue its own rollout towards what really came next, which
 only the actions can tell it. ``init`` starts such a fine-tune from a trained model.
 
+Frame memory (``memory_frames`` k > 0, DESIGN.md section 7, :mod:`worldgen.memory.bank`). On a
+share ``1 - memory_none`` of the plain Diffusion Forcing steps each window also gets m ~ U{1..k}
+frames from at least ``memory_gap`` frames earlier in its episode, with their true poses: of 64
+random earlier frames, the m that the bank's retrieval picks for the window's newest camera
+(what a session recalls), each with its pose relative to that camera and its age. They enter
+as clean non-causal context (:class:`~worldgen.models.dit.Memory`) and are never in the loss.
+The other steps have no memory, so the model works with and without it. Needs a dataset with
+camera poses; ``init`` from a model without memory adds a fresh memory embedder to it.
+
 Example:
     worldgen train dynamics --data data/doom --tokenizer runs/tok --out runs/dyn --minutes 15
 """
@@ -57,8 +66,10 @@ from torch import nn
 from worldgen import actions, checkpoint, sampling
 from worldgen.data import Dataset, WindowDataset
 from worldgen.engine import StreamConfig, rollout_latents, save_starts
+from worldgen.memory import bank
 from worldgen.models import (MODELS, DiT, DiTConfig, flops_per_frame, frames_to_tensor, load_dit, load_tokenizer,
                              save_part, tensor_to_frames)
+from worldgen.models.dit import Memory
 from worldgen.training import common
 from worldgen.training.common import (Dist, Run, TrainConfig, atomic_write, autocast, barrier, opt,
                                       save_image_rows)
@@ -94,6 +105,13 @@ class DynamicsTrainConfig(TrainConfig):
                                     "in 330 steps: benchmarks/RESULTS.md)")
     starts: int = opt(8, "real start contexts (held-out play) stored with the exported model for new sessions")
     start_frames: int = opt(8, "frames per start context")
+    memory_frames: int = opt(0, "k > 0: train with up to k recalled frames from far earlier in the episode as "
+                                "context (frame memory bank; needs recorded poses); 0: no memory")
+    memory_gap: int = opt(32, "recalled frames lie at least this many frames before the window's newest (older "
+                              "than a session's rolling window)")
+    memory_none: float = opt(0.25, "with --memory-frames, share of steps without memory: the model also plays "
+                                   "before it has anything to recall")
+    memory_cap: int = opt(256, "frames a session's bank holds (stored with the model as its default)")
 
 
 # --- the loss --------------------------------------------------------------------------------
@@ -124,14 +142,14 @@ def noise_levels(batch: int, frames: int, frames_per_block: int, generator: torc
 
 def flow_matching_loss(model: nn.Module, x0: torch.Tensor, acts: torch.Tensor, t: torch.Tensor,
                        eps: torch.Tensor, drop: torch.Tensor | None = None,
-                       first_target: int = 0) -> torch.Tensor:
+                       first_target: int = 0, memory: Memory | None = None) -> torch.Tensor:
     """MSE between the predicted and the true velocity ``eps - x0`` at ``x_t = (1 - t) x0 + t eps``.
 
     x0, eps: (B, T, C, h, w) clean latents and noise; acts: (B, T, 10); t: (B, T); drop: (B, T)
     bool, frames whose action is dropped (None: none); frames before ``first_target`` are
-    context only, left out of the loss.
+    context only, left out of the loss; ``memory``: recalled frames as context (never in the loss).
     """
-    v = model(sampling.add_noise(x0, eps, t), t, acts, drop_actions=drop)
+    v = model(sampling.add_noise(x0, eps, t), t, acts, drop_actions=drop, memory=memory)
     return F.mse_loss(v[:, first_target:].float(), (eps - x0)[:, first_target:])
 
 
@@ -143,9 +161,16 @@ class Latents:
     z: torch.Tensor          # (N, C, h, w) bf16
     actions: torch.Tensor    # (N, 10) float32
     offsets: torch.Tensor    # (E + 1,) int64: episode e is rows offsets[e]:offsets[e + 1]
+    pose: torch.Tensor | None = None  # (N, 5) float32 camera poses, for memory training
 
     def to(self, device: torch.device) -> "Latents":
-        return Latents(self.z.to(device), self.actions.to(device), self.offsets.to(device))
+        return Latents(self.z.to(device), self.actions.to(device), self.offsets.to(device),
+                       None if self.pose is None else self.pose.to(device))
+
+    def episode_start(self, rows: torch.Tensor) -> torch.Tensor:
+        """First row of the episode holding each of ``rows``."""
+        off = self.offsets.to(rows.device)
+        return off[torch.searchsorted(off, rows, right=True) - 1]
 
     def starts(self, window: int) -> torch.Tensor:
         """Every row where a window of ``window`` frames fits inside one episode."""
@@ -234,7 +259,8 @@ def dit_config(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tupl
     """The ``--model`` size fitted to the tokenizer's latents and the training window."""
     base = MODELS[cfg.model]
     return dataclasses.replace(base, latent_channels=latent_channels, latent_size=latent_size,
-                               max_frames=max(base.max_frames, cfg.window), null_action=cfg.action_dropout > 0)
+                               max_frames=max(base.max_frames, cfg.window + cfg.memory_frames),
+                               null_action=cfg.action_dropout > 0, memory_frames=cfg.memory_frames)
 
 
 def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int]) -> DiT:
@@ -243,6 +269,17 @@ def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tup
         return DiT(dit_config(cfg, latent_channels, latent_size))
     model = load_dit(cfg.init).train()
     got = model.cfg
+    if cfg.memory_frames != got.memory_frames:  # add (or resize) the memory embedder, keep the rest
+        if got.memory_frames and not cfg.memory_frames:
+            raise ValueError(f"--init {cfg.init}: its DiT was trained with memory; give --memory-frames > 0")
+        grown = DiT(dataclasses.replace(got, memory_frames=cfg.memory_frames,
+                                        max_frames=max(got.max_frames, cfg.window + cfg.memory_frames)))
+        missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("memory_embed.") for k in missing):
+            raise ValueError(f"--init {cfg.init}: weights do not fit a memory DiT (missing {missing}, "
+                             f"unexpected {unexpected})")
+        model = grown.train()
+        got = model.cfg
     if (got.latent_channels, tuple(got.latent_size)) != (latent_channels, tuple(latent_size)):
         raise ValueError(f"--init {cfg.init}: its DiT takes {got.latent_channels}x{tuple(got.latent_size)} "
                          f"latents, the tokenizer makes {latent_channels}x{tuple(latent_size)}")
@@ -283,6 +320,18 @@ class DynamicsTask:
                              f"(--window {cfg.window}{', with --rollout-frames' if cfg.rollout_frames else ''})")
         self.starts = starts[d.rank::d.world_size]  # each rank draws from its own share of windows
         self.tokens_per_sample = cfg.window * model.cfg.tokens_per_frame
+        if cfg.memory_frames:
+            if train.pose is None or len(train.pose) != len(train.z):
+                raise ValueError("--memory-frames needs the train latents' camera poses (a dataset with poses)")
+            if not 0 <= cfg.memory_none <= 1 or cfg.memory_gap < 1:
+                raise ValueError(f"need 0 <= --memory-none <= 1 and --memory-gap >= 1, got {cfg.memory_none}, "
+                                 f"{cfg.memory_gap}")
+            # Windows whose newest frame has at least one frame memory_gap or more before it.
+            newest = self.starts + cfg.window - 1
+            self.memory_starts = self.starts[newest - train.episode_start(newest) >= cfg.memory_gap]
+            if len(self.memory_starts) == 0:
+                raise ValueError(f"{cfg.data}: no window has a frame {cfg.memory_gap} frames before its newest "
+                                 f"(--memory-gap); record longer episodes or lower it")
         self.metrics: dict[str, float] = {}
         if d.main:
             print(f"[train] dynamics: DiT {f'of {cfg.init}' if cfg.init else cfg.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -306,20 +355,46 @@ class DynamicsTask:
         lat = {name: cached_latents(run.root / f"latents-{name}.safetensors", ds, eps, tok_folder, tokenizer, d,
                                     cfg.encode_batch) if eps else None
                for name, eps in (("train", train), ("heldout", held))}
+        if cfg.memory_frames:  # poses are small: read them afresh, in the latents' episode order
+            if "pose" not in ds.fields:
+                raise ValueError(f"{cfg.data}: --memory-frames needs a dataset recorded with camera poses")
+            lat["train"].pose = torch.from_numpy(np.concatenate([ds.read(e, "pose") for e in train])).to(d.device)
         return cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder, (ds, held or train))
 
-    def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, ...]:
-        """A batch of the step: ``(x0, actions, t, eps, drop)``."""
+    def draw(self, generator: torch.Generator, batch: int, memory: bool = False) -> tuple[torch.Tensor, ...]:
+        """A batch of the step: ``(x0, actions, t, eps, drop)``, and with ``memory`` windows that
+        have a far past, plus their :class:`Memory` (:meth:`recall`)."""
         cfg, fpb = self.cfg, self.model.cfg.frames_per_block
-        i = torch.randint(len(self.starts), (batch,), generator=generator, device=self.device)
-        x0, acts = self.train.windows(self.starts[i], cfg.window)               # (B, T, C, h, w), (B, T, 10)
+        pool = self.memory_starts if memory else self.starts
+        i = torch.randint(len(pool), (batch,), generator=generator, device=self.device)
+        x0, acts = self.train.windows(pool[i], cfg.window)                      # (B, T, C, h, w), (B, T, 10)
         t = noise_levels(batch, cfg.window, fpb, generator, self.device, cfg.prefix_prob, cfg.ctx_noise,
                          cfg.t_loc, cfg.t_scale)                                 # (B, T)
         eps = torch.randn(x0.shape, generator=generator, device=self.device)
         drop = None
         if cfg.action_dropout > 0:
             drop = torch.rand(t.shape, generator=generator, device=self.device) < cfg.action_dropout  # (B, T)
+        if memory:
+            return x0, acts, t, eps, drop, self.recall(pool[i] + cfg.window - 1, generator)
         return x0, acts, t, eps, drop
+
+    def recall(self, newest: torch.Tensor, generator: torch.Generator, candidates: int = 64) -> Memory:
+        """m ~ U{1..k} memory frames for windows whose newest frame is row ``newest`` (B,): of
+        ``candidates`` random rows from the episode's start to ``memory_gap`` before it, those
+        the bank's retrieval picks for its camera (module docstring)."""
+        cfg, lat = self.cfg, self.train
+        m = 1 + int(torch.randint(cfg.memory_frames, (), generator=generator, device=self.device))
+        first, last = lat.episode_start(newest), newest - cfg.memory_gap                   # (B,) each, inclusive
+        u = torch.rand((len(newest), candidates), generator=generator, device=self.device)
+        rows = first[:, None] + (u * (last - first + 1)[:, None]).long()                   # (B, M)
+        query = lat.pose[newest]                                                            # (B, 5)
+        bank_cfg = bank.BankConfig(k=m, cap=candidates)
+        # Time steps count from the episode's start, as a session's do.
+        pick, _ = bank.retrieve(lat.pose[rows], rows - first[:, None], torch.ones_like(rows, dtype=torch.bool), query,
+                                newest - first, m, bank_cfg)                                # (B, m)
+        chosen = rows.gather(1, pick)                                                       # (B, m)
+        return Memory(lat.z[chosen].float(), bank.relative_pose(lat.pose[chosen], query[:, None]),
+                      (newest[:, None] - chosen).float())
 
     @torch.no_grad()
     def draw_rollout(self, generator: torch.Generator, batch: int) -> tuple[tuple[torch.Tensor, ...], int]:
@@ -359,6 +434,9 @@ class DynamicsTask:
                                    float(torch.rand((), generator=generator, device=self.device)) < share):
             batch, first_target = self.draw_rollout(generator, cfg.batch_size)
             return flow_matching_loss(model, *batch, first_target=first_target)
+        if cfg.memory_frames and float(torch.rand((), generator=generator, device=self.device)) >= cfg.memory_none:
+            x0, acts, t, eps, drop, memory = self.draw(generator, cfg.batch_size, memory=True)
+            return flow_matching_loss(model, x0, acts, t, eps, drop, memory=memory)
         return flow_matching_loss(model, *self.draw(generator, cfg.batch_size))
 
     def flops_per_sample(self) -> float | None:
@@ -432,6 +510,7 @@ class DynamicsTask:
             "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
             "frame_skip": self.data[0].frame_skip if self.data is not None else None,
             "sampler": {"steps": self.cfg.sample_steps, "ctx_noise": self.cfg.ctx_noise, "window": self.cfg.window},
+            **({"memory": {"k": self.cfg.memory_frames, "cap": self.cfg.memory_cap}} if self.cfg.memory_frames else {}),
             "metrics": self.metrics}, dtype=dtype)
 
 
