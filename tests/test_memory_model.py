@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import numpy as np
@@ -134,3 +135,34 @@ def test_dead_reckoning_follows_doom_turns_and_walks():
     assert p[0, 3].item() == pytest.approx(104.1) and torch.equal(p[0, :3], pose[0, :3])
     p = dead_reckon(torch.tensor([[0.0, 0.0, 41.0, 90.0, 0.0]]), walk)      # facing +y: left is -x
     assert p[0, :2].tolist() == pytest.approx([-32.0, 33.0], abs=1e-4) and p[0, 4].item() == 5.0
+
+
+def test_revisit_benchmark_scores_variants_on_the_way_back(memory_checkpoint, tiny_checkpoint, doom_recording):
+    """benchmarks/revisit.py end to end on CPU. The game side is ViZDoom (env.record.branch, tested
+    with the recorder); this recording is downscaled, so a stand-in answers for the game here: the
+    way out's recorded frames and cameras in reverse, what walking the path back would roughly see.
+    The scripted player of the recording barely turns, so "out of view" is loosened to < 50% seen."""
+    from conftest import benchmark_script
+
+    revisit = benchmark_script("revisit")
+    ds = Dataset(doom_recording)
+
+    def stand_in(source, at, keys, mouse):
+        e = ds.episode_index(source.rsplit("::", 1)[1])
+        lo = at - len(keys)
+        return ds.read(e, "frames", lo, at)[::-1], ds.read(e, "pose", lo, at)[::-1]
+
+    args = argparse.Namespace(
+        data=str(doom_recording), variant=[f"no memory={memory_checkpoint},memory_k=0", f"bank={memory_checkpoint}"],
+        windows=2, context=3, out_frames=16, out_of_view=4, out_share=0.5, dead_reckon=False, seed=0, device="cpu")
+    result = revisit.run(args, game=stand_in)
+    assert [r["variant"] for r in result["rows"]] == ["no memory", "bank"] and len(result["windows"]) == 2
+    assert result["rows"][0]["memory"] is None and result["rows"][1]["memory"] == {"k": 2, "cap": 8}
+    for r in result["rows"]:
+        assert len(r["psnr_back_per_frame"]) == 16 and all(5 < v < 100 for v in r["psnr_back_per_frame"])
+    assert "| bank |" in revisit.table(result)
+    with pytest.raises(revisit.RevisitError, match="no window"):
+        revisit.run(argparse.Namespace(**{**vars(args), "out_of_view": 16}), game=stand_in)
+    with pytest.raises(revisit.RevisitError, match="trained without memory"):
+        revisit.run(argparse.Namespace(**{**vars(args), "variant": [f"x={tiny_checkpoint},memory_k=2"]}),
+                    game=stand_in)
