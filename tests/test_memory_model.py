@@ -166,3 +166,19 @@ def test_revisit_benchmark_scores_variants_on_the_way_back(memory_checkpoint, ti
     with pytest.raises(revisit.RevisitError, match="trained without memory"):
         revisit.run(argparse.Namespace(**{**vars(args), "variant": [f"x={tiny_checkpoint},memory_k=2"]}),
                     game=stand_in)
+
+
+def test_gym_vector_env_plays_with_memory_settings(memory_checkpoint, tiny_checkpoint):
+    from worldgen.env.world_model_env import WorldModelEnv, WorldModelVectorEnv
+
+    envs = WorldModelVectorEnv(2, str(memory_checkpoint), device="cpu", reward="zero", stream={"memory_cap": 6})
+    try:
+        envs.reset(seed=0)
+        act = {"keys": np.zeros((2, 8), np.int8), "mouse": np.full((2, 2), 4.0, np.float32)}
+        for _ in range(9):
+            obs, *_ = envs.step(act)
+        assert obs.shape[0] == 2 and all(len(e.session.bank) == 6 for e in envs.envs)
+    finally:
+        envs.close()
+    with pytest.raises(ValueError, match="trained without memory"):
+        WorldModelEnv(str(tiny_checkpoint), device="cpu", reward="zero", stream={"memory_k": 2})
