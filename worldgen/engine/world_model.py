@@ -469,7 +469,9 @@ class Session:
         :class:`~worldgen.actions.ActionError` and the session stays as it was. ``pose`` (5,):
         the new frame's true camera, if known (see :meth:`WorldModel.step_many`).
         """
-        return self.model.step_many([self], [action], None if pose is None else np.asarray(pose)[None])[0]
+        if pose is None:
+            return self.model.step_many([self], [action])[0]
+        return self.model.step_many([self], [action], np.asarray(pose)[None])[0]
 
     def close(self) -> None:
         """Release the cache's memory; the session cannot step afterwards."""

@@ -4,8 +4,9 @@ Each frame's latent (C, h, w) becomes h*w/p^2 patch tokens. The sequence of a fo
 frames' tokens, frame-major. Attention is bidirectional inside a block of
 ``frames_per_block`` frames and causal across blocks (see :mod:`worldgen.models.attention`);
 optional ``prefix_frames`` at the front are non-causal context visible to all: the frame memory
-bank's recalled frames enter this way (:class:`Memory`). Positions are 3D RoPE over (frame position, row, column); frame positions are an
-explicit argument so a streaming engine can use window-relative positions.
+bank's recalled frames enter this way (:class:`Memory`). Positions are 3D RoPE over (frame
+position, row, column); frame positions are an explicit argument so a streaming engine can use
+window-relative positions.
 
 Conditioning is adaLN-zero as in DiT, but per frame: frame f's tokens are modulated by
 ``c_f = t_embed(t_f) + action_mlp(a_f)``, its own noise level and the action that produced
@@ -205,7 +206,8 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for mlp in (self.t_embed.mlp, self.action_embed) + ((self.memory_embed.mlp,) if self.cfg.memory_frames else ()):
+        memory_mlp = (self.memory_embed.mlp,) if self.cfg.memory_frames else ()
+        for mlp in (self.t_embed.mlp, self.action_embed, *memory_mlp):
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
         for m in [blk.ada for blk in self.blocks] + [self.final_ada, self.final_proj]:
@@ -330,7 +332,6 @@ class DiT(nn.Module):
                              f"(cond_channels={cfg.cond_channels}, cond given: {cond is not None})")
         if cond is not None and tuple(cond.shape) != (b, n, cfg.cond_channels, *cfg.latent_size):
             raise ValueError(f"cond must be {(b, n, cfg.cond_channels, *cfg.latent_size)}, got {tuple(cond.shape)}")
-
 
     def _check_memory(self, memory: Memory, x: torch.Tensor, prefix_frames: int) -> int:
         """The number of memory frames P, after checking them against the model and ``x``."""
