@@ -14,6 +14,7 @@ from worldgen.actions import Action
 from worldgen.data import Dataset
 from worldgen.engine.memory import dead_reckon
 from worldgen.models import MODELS, DiT, load_dit
+from worldgen.models.attention import LayerKV
 from worldgen.models.dit import Memory
 from worldgen.training.dynamics import flow_matching_loss
 
@@ -64,6 +65,14 @@ def test_memory_is_context_every_frame_sees_and_masked_memory_is_none():
         moved = dit(x, t, a, memory=dataclasses.replace(mem, pose=mem.pose + 1.0))
         older = dit(x, t, a, memory=dataclasses.replace(mem, age=mem.age + 500))
         assert (moved - with_mem).abs().amax() > 1e-3 and (older - with_mem).abs().amax() > 1e-3
+        # Streaming: the recalled frames see each other only, never the cached past (as in training).
+        n, heads, hd = dit.cfg.tokens_per_frame, dit.cfg.heads, dit.cfg.dim // dit.cfg.heads
+        kv = [[torch.randn(2, heads, past * n, hd) for _ in range(2)] for past in (5, 0)]
+        caches = [[LayerKV(k, v) for _ in range(dit.cfg.depth)] for k, v in kv]
+        for past in caches:
+            dit(x[:, :1], t[:, :1], a[:, :1], frame_pos=torch.tensor([5]), past=past, memory=mem)
+        last = [past[-1].new[0][:, :, :3 * n] for past in caches]            # the memory frames' keys
+        assert torch.allclose(last[0], last[1], atol=1e-5)
     dit.train()
     loss = flow_matching_loss(dit, x, a, t, torch.randn_like(x), memory=mem)
     loss.backward()
