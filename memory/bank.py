@@ -60,7 +60,7 @@ class BankConfig:
     aspect: float = 4 / 3     # width / height of the frame (160x120): sets the vertical field of view
     near: float = 16.0        # frustum depth range in map units: the player's radius ...
     far: float = 768.0        # ... to about a large room across: farther views are mostly other rooms
-    samples: int = 512        # points per frustum: overlap resolves to 1/512 of a view
+    samples: int = 256        # points per frustum: overlap resolves to 1/256 of a view, plenty to rank views
     recency: float = 0.2      # age penalty weight (WorldMem): a tie-break, never beats real overlap
     min_age: int = 0          # frames younger than this are in the KV window already: never recalled
     evict_overlap: float = 0.7  # two frames overlapping this much are twins: one can go when full
@@ -75,12 +75,11 @@ class BankConfig:
 
 def _rotation(pose: torch.Tensor) -> torch.Tensor:
     """(..., 3, 3) camera-to-world rotation; camera axes are (forward, left, up)."""
-    yaw, pitch = torch.deg2rad(pose[..., 3]), torch.deg2rad(pose[..., 4])
-    cy, sy, cp, sp = yaw.cos(), yaw.sin(), pitch.cos(), pitch.sin()
-    forward = torch.stack([cy * cp, sy * cp, sp], -1)
-    left = torch.stack([-sy, cy, torch.zeros_like(cy)], -1)
-    up = torch.stack([-cy * sp, -sy * sp, cp], -1)
-    return torch.stack([forward, left, up], -1)                       # columns: the camera axes
+    angles = torch.deg2rad(pose[..., 3:5])
+    (cy, cp), (sy, sp) = angles.cos().unbind(-1), angles.sin().unbind(-1)
+    # Columns: forward (cy cp, sy cp, sp), left (-sy, cy, 0), up (-cy sp, -sy sp, cp).
+    return torch.stack([cy * cp, -sy, -cy * sp, sy * cp, cy, -sy * sp, sp, torch.zeros_like(cy), cp],
+                       -1).unflatten(-1, (3, 3))
 
 
 def to_camera(points: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
@@ -214,24 +213,20 @@ class FrameBank:
         cap = self.cfg.cap
         seen = in_frustum(torch.cat([pts.expand(cap, -1, -1), self._pts]),
                           torch.cat([self.pose, pose.expand(cap, -1)]), self.cfg).float().mean(-1)  # (2 cap,)
-        seen = seen * self.valid.repeat(2)
+        if self.added < cap:  # empty slots see nothing
+            seen = seen * self.valid.repeat(2)
         self._overlap[slot], self._overlap[:, slot] = seen[:cap], seen[cap:]
         self.added += 1
         return slot
 
     def _free_slot(self) -> int:
-        valid = self.valid
-        if not valid.all():
-            return int((~valid).nonzero()[0])
+        if self.added < self.cfg.cap:  # slots fill in order and only clear() empties them
+            return self.added
         # Full: the frame with the most twins (mutual overlap >= evict_overlap), the oldest on a tie.
         twin = (self._overlap >= self.cfg.evict_overlap) & (self._overlap.T >= self.cfg.evict_overlap)
         twins = twin.sum(1) - 1                                                            # minus itself
         age_rank = (self.time.max() - self.time).float() / (self.time.max() - self.time.min() + 1).float()
         return int((twins.float() + age_rank).argmax())
-
-    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Latents (k, C, h, w), poses (k, 5) and times (k,) at slots ``idx`` (k,)."""
-        return self.z[idx], self.pose[idx], self.time[idx]
 
 
 def stack(banks: Sequence[FrameBank]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

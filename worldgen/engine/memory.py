@@ -11,8 +11,8 @@ the game, the benchmark) passes it instead.
 Example:
     >>> from worldgen.actions import Action
     >>> a = torch.from_numpy(Action.from_keys(["forward"], yaw=90.0).vector())[None]
-    >>> dead_reckon(torch.zeros(1, 5), a).round().tolist()      # turned right to face -y, walked
-    [[0.0, -33.0, 0.0, -90.0, 0.0]]
+    >>> [round(v) for v in dead_reckon(torch.zeros(1, 5), a)[0].tolist()]    # turned right to face -y, walked
+    [0, -33, 0, -90, 0]
 """
 
 from __future__ import annotations

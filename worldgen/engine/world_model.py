@@ -425,7 +425,7 @@ class Session:
         self.cache = model._new_cache()
         # Frame memory (models trained with it): the bank, the last frame's camera and step.
         self.bank = FrameBank(model.memory, (model.dit.cfg.latent_channels, *model.dit.cfg.latent_size),
-                              model.device) if model.memory is not None else None
+                              model.device, model.cache_dtype) if model.memory is not None else None
         self.pose = torch.zeros(5, device=model.device)
         self.clock = 0
         self.closed = False
