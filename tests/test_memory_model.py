@@ -191,3 +191,25 @@ def test_gym_vector_env_plays_with_memory_settings(memory_checkpoint, tiny_check
         envs.close()
     with pytest.raises(ValueError, match="trained without memory"):
         WorldModelEnv(str(tiny_checkpoint), device="cpu", reward="zero", stream={"memory_k": 2})
+
+
+def test_training_recalls_frames_from_far_earlier_in_the_same_episode(doom_recording, tiny_checkpoint, tmp_path):
+    from worldgen.memory.bank import relative_pose
+    from worldgen.training.common import Dist, Run
+    from worldgen.training.dynamics import DynamicsTask, DynamicsTrainConfig
+
+    cfg = DynamicsTrainConfig(data=str(doom_recording), out=str(tmp_path / "run"), tokenizer=str(tiny_checkpoint),
+                              init=str(tiny_checkpoint), model="tiny", window=6, memory_frames=3, memory_gap=10)
+    task = DynamicsTask.from_run(cfg, Run(cfg.out), Dist())
+    lat = task.train
+    assert task.model.cfg.memory_frames == 3 and lat.pose is not None and len(lat.pose) == len(lat.z)
+    newest = task.memory_starts + cfg.window - 1
+    assert (newest - lat.episode_start(newest) >= cfg.memory_gap).all() and len(newest) < len(task.starts)
+    mem = task.recall(newest, torch.Generator().manual_seed(0))
+    rows = newest[:, None] - mem.age.long()                                   # (B, m) the recalled rows
+    assert (mem.age >= cfg.memory_gap).all() and (rows >= lat.episode_start(newest)[:, None]).all()
+    assert torch.equal(mem.z, lat.z[rows].float())
+    assert torch.allclose(mem.pose, relative_pose(lat.pose[rows], lat.pose[newest][:, None]))
+    x0, acts, t, eps, drop, memory = task.draw(torch.Generator().manual_seed(1), 4, memory=True)
+    assert x0.shape[:2] == (4, cfg.window) and memory.z.shape[:2] == (4, memory.age.shape[1])
+    assert torch.isfinite(flow_matching_loss(task.model, x0, acts, t, eps, drop, memory=memory))

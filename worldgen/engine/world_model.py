@@ -400,9 +400,7 @@ class WorldModel:
                 poses = dead_reckon(torch.stack([s.pose for s in sessions]), acts[:, -1])
             now = torch.tensor([s.clock for s in sessions], device=self.device)
             memory = recalled([s.bank for s in sessions], poses, now)
-            x, k_new, v_new = self._step(x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask, memory)
-        else:
-            x, k_new, v_new = self._step(x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask)
+        x, k_new, v_new = self._step(x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask, memory)
         for b, c in enumerate(caches):
             c.write(k_new[:, b], v_new[:, b])
         if memory is not None:
