@@ -52,8 +52,9 @@ _MIRROR = {"forward": "back", "back": "forward", "strafe_left": "strafe_right", 
            "turn_left": "turn_right", "turn_right": "turn_left"}
 INVERSE_KEY = np.array([KEYS.index(_MIRROR.get(k, k)) for k in KEYS])
 
-# (source "DATASET::EPISODE_ID", frame, keys (K, 8), mouse (K, 2)) -> the game's frames (K, H, W, 3), poses (K, 5)
-Game = Callable[[str, int, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+# (source "DATASET::EPISODE_ID", frame, keys (K, 8), mouse (K, 2)) -> the game's frames (K, H, W, 3),
+# poses (K, 5), and whether its replay reached the recorded frame exactly (env.record.branch)
+Game = Callable[[str, int, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, bool]]
 
 
 class RevisitError(ValueError):
@@ -97,14 +98,11 @@ def pick_windows(ds: Dataset, context: int, out_frames: int, out_of_view: int, n
     return [found[int(i)] for i in np.unique(np.linspace(0, len(found) - 1, min(n, len(found))).round())]
 
 
-def game_branch(source: str, at: int, keys: np.ndarray, mouse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The real game's way back (``worldgen.env.record.branch``), checked to start where the recording was."""
+def game_branch(source: str, at: int, keys: np.ndarray, mouse: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The real game's way back (``worldgen.env.record.branch``)."""
     from worldgen.env.record import branch  # ViZDoom only where the game side runs
 
-    frames, poses, matched = branch(source, at, keys, mouse)
-    if not matched:
-        raise RevisitError(f"{source}: replaying to frame {at} did not reproduce the recording")
-    return frames, poses
+    return branch(source, at, keys, mouse)
 
 
 class Window:
@@ -122,8 +120,9 @@ class Window:
         self.out_actions = [Action(k, m) for k, m in zip(keys[s:s + out_frames], mouse[s:s + out_frames])]
         back_k, back_m = reverse_path(keys[s:s + out_frames], mouse[s:s + out_frames])
         self.back_actions = [Action(k, m) for k, m in zip(back_k, back_m)]
-        self.back_frames, self.back_poses = game(f"{ds.root}::{ds.episodes[episode].id}", s + out_frames,
-                                                 back_k, back_m)
+        # matched: the game's replay reached frame s + L exactly; else its way back starts elsewhere.
+        self.back_frames, self.back_poses, self.matched = game(f"{ds.root}::{ds.episodes[episode].id}",
+                                                               s + out_frames, back_k, back_m)
         self.context = context
 
 
@@ -193,6 +192,10 @@ def run(args: argparse.Namespace, game: Game = game_branch) -> dict[str, Any]:
     t0 = time.perf_counter()
     picked = pick_windows(ds, args.context, args.out_frames, args.out_of_view, args.windows, args.out_share)
     windows = [Window(ds, e, s, args.context, args.out_frames, game) for e, s in picked]
+    unmatched = [[ds.episodes[w.episode].id, w.s] for w in windows if not w.matched]
+    windows = [w for w in windows if w.matched]
+    if not windows:
+        raise RevisitError(f"{args.data}: the game's replay reproduced none of the {len(picked)} windows")
     game_s = time.perf_counter() - t0
     rows = []
     for label, ckpt, kwargs in variants:
@@ -210,7 +213,8 @@ def run(args: argparse.Namespace, game: Game = game_branch) -> dict[str, Any]:
                      "memory": None if mem is None else {"k": mem.k, "cap": mem.cap},
                      **score(windows, out, back), "seconds": round(time.perf_counter() - t1, 1)})
         print(f"[revisit] {label}: way back {rows[-1]['psnr_back']:.2f} dB", file=sys.stderr)
-    return {"data": str(args.data), "windows": [[ds.episodes[e].id, s] for e, s in picked],
+    return {"data": str(args.data), "windows": [[ds.episodes[w.episode].id, w.s] for w in windows],
+            "skipped_replay_mismatch": unmatched,
             "context": args.context, "out_frames": args.out_frames, "out_of_view": args.out_of_view,
             "out_share": args.out_share,
             "poses": "dead-reckoned" if args.dead_reckon else "game", "game_seconds": round(game_s, 1),

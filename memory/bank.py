@@ -82,9 +82,18 @@ def _rotation(pose: torch.Tensor) -> torch.Tensor:
                        -1).unflatten(-1, (3, 3))
 
 
+def _times(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Row vectors ``v`` (..., P, 3) times matrices ``m`` (..., 3, 3), written out elementwise: a
+    batched matmul may round differently at another batch size, and a session must recall the
+    same frames alone or in a batch."""
+    m = m[..., None, :, :]                                              # (..., 1, 3, 3)
+    x, y, z = v.unbind(-1)
+    return torch.stack([x * m[..., 0, j] + y * m[..., 1, j] + z * m[..., 2, j] for j in range(3)], -1)
+
+
 def to_camera(points: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
     """World points (..., P, 3) in the camera frame of ``pose`` (..., 5): (forward, left, up)."""
-    return (points - pose[..., None, :3]) @ _rotation(pose)
+    return _times(points - pose[..., None, :3], _rotation(pose))
 
 
 def in_frustum(points: torch.Tensor, pose: torch.Tensor, cfg: BankConfig) -> torch.Tensor:
@@ -115,7 +124,7 @@ def view_points(pose: torch.Tensor, cfg: BankConfig, cam: torch.Tensor | None = 
     """(..., samples, 3) world points of the frustum of ``pose`` (..., 5); ``cam``: the
     :func:`frustum_points` of ``cfg`` if already made."""
     cam = (frustum_points(cfg, pose.device) if cam is None else cam).to(pose.dtype)
-    return cam @ _rotation(pose).transpose(-1, -2) + pose[..., None, :3]
+    return _times(cam.expand(*pose.shape[:-1], -1, -1), _rotation(pose).transpose(-1, -2)) + pose[..., None, :3]
 
 
 def relative_pose(pose: torch.Tensor, ref: torch.Tensor, scale: float = 256.0) -> torch.Tensor:

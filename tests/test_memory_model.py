@@ -119,21 +119,37 @@ def _recall_count(wm, s, pose) -> int:
     return recalled([s.bank], torch.from_numpy(pose)[None], torch.tensor([s.clock])).mask.sum()
 
 
-def test_memory_sessions_batch_as_they_play_alone(memory_checkpoint):
+def test_memory_sessions_batch_as_they_play_alone(memory_checkpoint, monkeypatch):
+    import worldgen.engine.world_model as engine
+
+    recalls = []  # per step_many call: what each session recalled (latents, relative poses, ages, mask)
+    real = engine.recalled
+    monkeypatch.setattr(engine, "recalled", lambda *a: recalls.append(real(*a)) or recalls[-1])
     wm = WorldModel.load(memory_checkpoint, device="cpu", memory_cap=6)
     plays = [PLAY * 3, (PLAY[::-1] * 3)[:13]]                             # different ages when batched
     alone = []
     for seed, play in zip((3, 4), plays):
         s = wm.session(seed=seed)
         alone.append(np.stack([s.step(a) for a in play]))
+    alone_recalls, recalls[:] = list(recalls), []
     s1, s2 = wm.session(seed=3), wm.session(seed=4)
     for a in plays[0][:2]:
         s1.step(a)
-    together = [wm.step_many([s1, s2], [a1, a2]) for a1, a2 in zip(plays[0][2:], plays[1])]
-    assert np.array_equal(np.stack([f[0] for f in together]), alone[0][2:])
-    assert np.array_equal(np.stack([f[1] for f in together]), alone[1])
+    together = np.stack([wm.step_many([s1, s2], [a1, a2]) for a1, a2 in zip(plays[0][2:], plays[1])], 1)
+    # Each session recalls the same frames (ages), at the same relative poses, in the batch as alone
+    # (the latents themselves carry the float rounding of the steps that made them, see below).
+    for i, m in enumerate(recalls[2:]):
+        for b, one in enumerate((alone_recalls[2 + i], alone_recalls[len(plays[0]) + i])):
+            for field in ("pose", "age", "mask"):
+                assert torch.equal(getattr(m, field)[b:b + 1], getattr(one, field)), (i, b, field)
+            assert torch.allclose(m.z[b:b + 1], one.z, atol=1e-5)
+    assert any(m.mask.any() for m in recalls)                              # the batch did recall frames
+    # Frames: the same up to float rounding. A batched matmul rounds differently from a single
+    # one (~1e-7 in the latents, without memory too), which can flip a pixel by one level.
+    for b in range(2):
+        diff = np.abs(together[b].astype(int) - alone[b][-len(together[b]):])
+        assert diff.max() <= 1 and diff.mean() < 1e-3
     assert wm.memory.k == 2 and len(s1.bank) == 6
-    assert _recall_count(wm, s1, s1.pose.numpy()) > 0                      # the batch did recall frames
 
 
 def test_dead_reckoning_follows_doom_turns_and_walks():
@@ -159,7 +175,7 @@ def test_revisit_benchmark_scores_variants_on_the_way_back(memory_checkpoint, ti
     def stand_in(source, at, keys, mouse):
         e = ds.episode_index(source.rsplit("::", 1)[1])
         lo = at - len(keys)
-        return ds.read(e, "frames", lo, at)[::-1], ds.read(e, "pose", lo, at)[::-1]
+        return ds.read(e, "frames", lo, at)[::-1], ds.read(e, "pose", lo, at)[::-1], True
 
     args = argparse.Namespace(
         data=str(doom_recording), variant=[f"no memory={memory_checkpoint},memory_k=0", f"bank={memory_checkpoint}"],
