@@ -62,6 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="Euler steps per frame (default: the checkpoint's; more = sharper frames over long sessions, "
                         "slower)")
+    p.add_argument("--memory-k", type=int, default=None,
+                   help="frames each session recalls from its frame memory per step, 0 = off (default: the "
+                        "checkpoint's; only models trained with memory)")
+    p.add_argument("--memory-cap", type=int, default=None,
+                   help="frames a session's memory holds (default: the checkpoint's)")
     p.add_argument("--idle-timeout", type=float, default=300.0,
                    help="close a session that sends nothing for this many seconds (default 300)")
     p.add_argument("--max-message", type=int, default=P.MAX_MESSAGE_BYTES,
@@ -121,8 +126,9 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(max(1, args.threads))
     try:
-        wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps)
-    except (CheckpointError, ValueError) as e:  # ValueError: --steps out of range
+        wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps, memory_k=args.memory_k,
+                             memory_cap=args.memory_cap)
+    except (CheckpointError, ValueError) as e:  # ValueError: --steps out of range, memory on a model without it
         print(f"worldgen serve: {e}", file=sys.stderr)
         return 1
     if wm.num_starts == 0:  # a session starts from a stored real context; without one there is no game

@@ -10,6 +10,11 @@
    exact pixels of its own past frames), and write that pass's keys and values to the cache;
 3. decode the latent to an RGB frame.
 
+A model trained with frame memory (``memory_frames`` > 0) also gives each session a
+:class:`~worldgen.memory.bank.FrameBank`: every frame's latent with its camera pose (the game's
+when the caller passes it, else :func:`~worldgen.engine.memory.dead_reckon`), and at every step
+the ``k`` frames whose view best covers the next camera enter the DiT as non-causal context.
+
 ``WorldModel.step_many`` steps many sessions in one batched forward (sessions of any age: the
 caches are fixed-size and masked) with each session's noise drawn from its own generator, so a
 session gives the same frames whether stepped alone or in a batch.
@@ -37,8 +42,11 @@ from worldgen.actions import Action, ActionError
 from worldgen.checkpoint import CheckpointError
 from worldgen.data.dataset import DOOM_TICS_PER_SECOND
 from worldgen.engine.cache import KVCache
+from worldgen.engine.memory import dead_reckon, recalled
+from worldgen.memory.bank import BankConfig, FrameBank
 from worldgen.models import DiT, Tokenizer, autocast, frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
 from worldgen.models.attention import LayerKV, apply_rope
+from worldgen.models.dit import Memory
 
 ActionLike = Action | Mapping[str, Any]
 
@@ -81,12 +89,14 @@ class StreamConfig:
 
 def denoise(dit: DiT, stream: StreamConfig, x: torch.Tensor, eps_ctx: torch.Tensor | None, acts: torch.Tensor,
             frame_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            mask: torch.Tensor | None, exit_step: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            mask: torch.Tensor | None, exit_step: int | None = None,
+            memory: Memory | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of B timelines as a pure function: the Euler passes from noise ``x`` (B, c, C, h, w),
     every pass attending to the cache (unrotated keys ``k`` and values ``v``, (depth, B, H, L, d),
-    RoPE ``cos``/``sin`` of their positions, key ``mask`` (B, L)), then the pass on the finished
-    latent noised with ``eps_ctx`` to the stabilisation level. Returns the latents and that
-    pass's keys (unrotated) and values, (depth, B, H, c * N, d) each, for the cache.
+    RoPE ``cos``/``sin`` of their positions, key ``mask`` (B, L)) and to the recalled ``memory``
+    frames if any, then the pass on the finished latent noised with ``eps_ctx`` to the
+    stabilisation level. Returns the latents and that pass's keys (unrotated) and values,
+    (depth, B, H, c * N, d) each, for the cache (the memory frames' own are dropped).
 
     ``exit_step``: stop the Euler passes there (:func:`worldgen.sampling.euler`; Self Forcing's
     training, whose gradient flows through that pass alone). The cache pass never carries gradient."""
@@ -97,19 +107,21 @@ def denoise(dit: DiT, stream: StreamConfig, x: torch.Tensor, eps_ctx: torch.Tens
         past2 = [LayerKV(p.k.repeat(2, 1, 1, 1), p.v.repeat(2, 1, 1, 1)) for p in past]
         drop = sampling.guidance_mask(b, chunk, chunk, x.device)
         pos2, mask2 = frame_pos.repeat(2, 1), None if mask is None else mask.repeat(2, 1)
+        mem2 = None if memory is None else memory.repeat(2)
 
     def velocity(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         t = level.expand(b, chunk)  # a tensor level: one compiled graph serves every step
         if g == 1:
-            return dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask).float()
+            return dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask, memory=memory).float()
         return sampling.guided(dit(x.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), acts.repeat(2, 1, 1),
-                                   frame_pos=pos2, past=past2, past_mask=mask2, drop_actions=drop), g)
+                                   frame_pos=pos2, past=past2, past_mask=mask2, drop_actions=drop, memory=mem2), g)
     x = sampling.euler(x, velocity, stream.steps, stream.shift, exit_step)
     with torch.no_grad():
         written = x if eps_ctx is None else sampling.add_noise(x, eps_ctx, stream.ctx_noise)
         t = torch.full((b, chunk), stream.ctx_noise, device=x.device)
-        dit(written, t, acts, frame_pos=frame_pos, past=past, past_mask=mask)
-    return x, torch.stack([p.new[0] for p in past]), torch.stack([p.new[1] for p in past])
+        dit(written, t, acts, frame_pos=frame_pos, past=past, past_mask=mask, memory=memory)
+    skip = 0 if memory is None else memory.z.shape[1] * dit.cfg.tokens_per_frame  # the memory frames' keys lead
+    return x, torch.stack([p.new[0][:, :, skip:] for p in past]), torch.stack([p.new[1][:, :, skip:] for p in past])
 
 
 def prefill(dit: DiT, stream: StreamConfig, z: torch.Tensor, acts: torch.Tensor,
@@ -184,7 +196,8 @@ class WorldModel:
 
     def __init__(self, tokenizer: Tokenizer, dit: DiT, stream: StreamConfig | None = None,
                  starts: dict[str, torch.Tensor] | None = None, fps: float = DOOM_TICS_PER_SECOND / 4,
-                 trained_window: int | None = None, device: torch.device | str | None = None):
+                 trained_window: int | None = None, device: torch.device | str | None = None,
+                 memory: BankConfig | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Weights in float32 on the CPU (no fast bf16 there); bf16 autocast on CUDA.
         self.tokenizer = tokenizer.float().to(self.device).eval()
@@ -200,6 +213,15 @@ class WorldModel:
             raise CheckpointError(f"tokenizer latents {tokenizer.cfg.latent_channels}x{tokenizer.cfg.latent_size} "
                                   f"do not fit the DiT's {dit.cfg.latent_channels}x{dit.cfg.latent_size}")
         self.cache_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # Frame memory: None (or k = 0) plays on the rolling window alone, exactly as before.
+        if memory is not None and memory.k and not 1 <= memory.k <= self.dit.cfg.memory_frames:
+            raise ValueError(f"memory k={memory.k}: this model takes 1..{self.dit.cfg.memory_frames} recalled frames"
+                             if self.dit.cfg.memory_frames else
+                             "this model was trained without memory (memory_frames=0): it takes no memory settings; "
+                             "train one with --memory-frames")
+        if memory is not None:
+            memory.check()
+        self.memory = memory if memory is not None and memory.k else None
         self._step, self._decode = self._denoise, self.tokenizer.decode  # compile() swaps these
 
     def compile(self, mode: str | None = "reduce-overhead") -> "WorldModel":
@@ -214,13 +236,17 @@ class WorldModel:
     # --- building -----------------------------------------------------------------------------
     @classmethod
     def load(cls, checkpoint_dir: str | os.PathLike = "default", device: torch.device | str | None = None,
-             **stream: Any) -> "WorldModel":
+             memory_k: int | None = None, memory_cap: int | None = None, **stream: Any) -> "WorldModel":
         """A checkpoint folder (or ``"default"``, the model that ships with worldgen).
 
         ``stream`` overrides :class:`StreamConfig` fields (``steps``, ``ctx_noise``, ``sinks``,
         ``window``, ``shift``, ``guidance``; None keeps the checkpoint's, and the window keeps what
         the sinks leave of the trained window). Raises :class:`~worldgen.checkpoint.CheckpointError` naming
         what is missing or does not fit.
+
+        ``memory_k`` (frames recalled per step; 0 = off) and ``memory_cap`` (frames a session's bank
+        holds) set the frame memory of a model trained with it (None: the checkpoint's); a model
+        trained without memory refuses them with a ValueError.
         """
         folder = checkpoint.resolve(checkpoint_dir)
         tok, dit = load_tokenizer(folder), load_dit(folder)
@@ -238,7 +264,17 @@ class WorldModel:
         if (folder / "starts.json").is_file():
             starts, _ = checkpoint.load(folder, "starts")
         fps = DOOM_TICS_PER_SECOND / (dyn.get("frame_skip") or 4)
-        model = cls(tok, dit, StreamConfig(**stream), starts, fps, trained, device)
+        memory = None
+        if memory_k is not None or memory_cap is not None or dit.cfg.memory_frames:
+            if not dit.cfg.memory_frames:
+                raise ValueError(f"{folder}: this model was trained without memory (memory_frames=0): it takes no "
+                                 f"memory settings (memory_k={memory_k}, memory_cap={memory_cap})")
+            saved = dyn.get("memory", {})
+            k = saved.get("k", dit.cfg.memory_frames) if memory_k is None else memory_k
+            cap = saved.get("cap", BankConfig.cap) if memory_cap is None else memory_cap
+            # Frames of ages 1..window are in the rolling KV window: recall only older ones.
+            memory = BankConfig(k=int(k), cap=int(cap), min_age=int(stream["window"]) + 1)
+        model = cls(tok, dit, StreamConfig(**stream), starts, fps, trained, device, memory)
         model.checkpoint = folder
         return model
 
@@ -261,15 +297,20 @@ class WorldModel:
 
     # --- sessions ----------------------------------------------------------------------------
     def session(self, context_frames: np.ndarray | None = None, context_actions: Sequence[ActionLike] | None = None,
-                seed: int | None = None) -> "Session":
-        """A new play session from real context frames (or a stored start chosen with ``seed``)."""
-        return Session(self, context_frames, context_actions, seed)
+                seed: int | None = None, context_poses: np.ndarray | None = None) -> "Session":
+        """A new play session from real context frames (or a stored start chosen with ``seed``);
+        ``context_poses`` (T, 5): their cameras, for the frame memory, if known."""
+        return Session(self, context_frames, context_actions, seed, context_poses)
 
-    def step_many(self, sessions: Sequence["Session"], actions_: Sequence[ActionLike]) -> np.ndarray:
+    def step_many(self, sessions: Sequence["Session"], actions_: Sequence[ActionLike],
+                  poses: np.ndarray | None = None) -> np.ndarray:
         """Advance every session by one chunk with its action, in one batched forward.
 
         Returns uint8 ``(B, H, W, 3)`` (the chunk's last frame per session). A bad action raises
         :class:`~worldgen.actions.ActionError` naming its index; then no session has advanced.
+        ``poses`` (B, 5): the true camera (x, y, z, yaw, pitch) of each new frame, where known
+        (a replay against the game); with memory, recall and the bank use it instead of the
+        dead-reckoned one. Ignored without memory.
         """
         if len(sessions) != len(actions_):
             raise ValueError(f"{len(sessions)} sessions but {len(actions_)} actions")
@@ -283,8 +324,13 @@ class WorldModel:
             return np.zeros((0, *self.frame_shape), np.uint8)
         chunk = self.dit.cfg.frames_per_block
         acts = torch.from_numpy(vecs).to(self.device)[:, None].expand(-1, chunk, -1)  # (B, c, A)
+        if poses is not None:
+            poses = np.asarray(poses, np.float32)
+            if poses.shape != (len(sessions), 5) or not np.isfinite(poses).all():
+                raise ValueError(f"poses must be finite (B, 5) = ({len(sessions)}, 5) x, y, z, yaw, pitch, got "
+                                 f"{poses.shape}")
         with torch.no_grad(), self._autocast():
-            z = self._advance(sessions, acts)                       # (B, c, C, h, w)
+            z = self._advance(sessions, acts, None if poses is None else torch.from_numpy(poses).to(self.device))
             frames = tensor_to_frames(self._decode(z[:, -1].float()))
         for s, f in zip(sessions, frames):
             s.frame, s.steps = f, s.steps + chunk
@@ -323,10 +369,10 @@ class WorldModel:
 
     def _denoise(self, x: torch.Tensor, eps_ctx: torch.Tensor | None, acts: torch.Tensor, frame_pos: torch.Tensor,
                  k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 mask: torch.Tensor | None, memory: Memory | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step of B sessions (:func:`denoise` with this model's DiT and settings): what
         :meth:`compile` captures whole."""
-        return denoise(self.dit, self.stream, x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask)
+        return denoise(self.dit, self.stream, x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask, memory=memory)
 
     def _noise(self, gens: list[torch.Generator], frames: int,
                sample: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -341,22 +387,42 @@ class WorldModel:
                 ctx.append(sampling.randn(shape, g, self.device))
         return torch.stack(x) if x else None, torch.stack(ctx) if ctx else None
 
-    def _prefill(self, session: "Session", z: torch.Tensor, acts: torch.Tensor) -> None:
-        """Write context latents (T, C, h, w) with their actions (T, A) into the session's cache."""
+    def _prefill(self, session: "Session", z: torch.Tensor, acts: torch.Tensor, poses: torch.Tensor | None) -> None:
+        """Write context latents (T, C, h, w) with their actions (T, A) into the session's cache,
+        and with memory into its bank at ``poses`` (T, 5) (None: dead-reckoned from the origin)."""
         _, eps = self._noise([session.generator], len(z), sample=False)
         k, v = prefill(self.dit, self.stream, z[None], acts[None], eps)
         session.cache.clear()
         session.cache.write(k[:, 0], v[:, 0])
+        if session.bank is not None:
+            session.bank.clear()
+            pose = torch.zeros(1, 5, device=self.device)
+            for i in range(len(z)):
+                pose = poses[i:i + 1] if poses is not None else dead_reckon(pose, acts[i:i + 1])
+                session.bank.add(z[i], pose[0], i)
+            session.pose, session.clock = pose[0], len(z)
 
-    def _advance(self, sessions: Sequence["Session"], acts: torch.Tensor) -> torch.Tensor:
-        """Denoise the next chunk of every session, write it to the caches: latents (B, c, C, h, w)."""
+    def _advance(self, sessions: Sequence["Session"], acts: torch.Tensor,
+                 poses: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoise the next chunk of every session, write it to the caches (and banks): latents
+        (B, c, C, h, w). ``poses`` (B, 5): the new frames' true cameras, if known."""
         caches = [s.cache for s in sessions]
         k, v, (cos, sin), mask, nxt = self._past(caches)
         frame_pos = nxt[:, None] + torch.arange(acts.shape[1], device=self.device)       # (B, c)
         x, eps_ctx = self._noise([s.generator for s in sessions], acts.shape[1])
-        x, k_new, v_new = self._step(x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask)
+        memory = None
+        if self.memory is not None:
+            if poses is None:
+                poses = dead_reckon(torch.stack([s.pose for s in sessions]), acts[:, -1])
+            now = torch.tensor([s.clock for s in sessions], device=self.device)
+            memory = recalled([s.bank for s in sessions], poses, now)
+        x, k_new, v_new = self._step(x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask, memory)
         for b, c in enumerate(caches):
             c.write(k_new[:, b], v_new[:, b])
+        if memory is not None:
+            for b, s in enumerate(sessions):
+                s.bank.add(x[b, -1], poses[b], s.clock)
+                s.pose, s.clock = poses[b], s.clock + acts.shape[1]
         return x
 
 
@@ -367,19 +433,26 @@ class Session:
     """
 
     def __init__(self, model: WorldModel, context_frames: np.ndarray | None,
-                 context_actions: Sequence[ActionLike] | None, seed: int | None):
+                 context_actions: Sequence[ActionLike] | None, seed: int | None,
+                 context_poses: np.ndarray | None = None):
         self.model = model
         self.cache = model._new_cache()
+        # Frame memory (models trained with it): the bank, the last frame's camera and step.
+        self.bank = FrameBank(model.memory, (model.dit.cfg.latent_channels, *model.dit.cfg.latent_size),
+                              model.device, model.cache_dtype) if model.memory is not None else None
+        self.pose = torch.zeros(5, device=model.device)
+        self.clock = 0
         self.closed = False
         self.generator = torch.Generator(model.device)
         self.frame: np.ndarray = np.zeros(model.frame_shape, np.uint8)
         self.steps = 0
-        self.reset(context_frames, context_actions, seed)
+        self.reset(context_frames, context_actions, seed, context_poses)
 
     def reset(self, context_frames: np.ndarray | None = None, context_actions: Sequence[ActionLike] | None = None,
-              seed: int | None = None) -> np.ndarray:
+              seed: int | None = None, context_poses: np.ndarray | None = None) -> np.ndarray:
         """Start again from real context (or a stored start chosen with ``seed``); returns the
-        last context frame, now :attr:`frame`. Bad input raises and leaves the session as it was."""
+        last context frame, now :attr:`frame`. Bad input raises and leaves the session as it was.
+        ``context_poses`` (T, 5): the context frames' cameras, for the frame memory, if known."""
         m = self.model
         seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else int(seed)
         if context_frames is None and context_actions is None:
@@ -387,31 +460,41 @@ class Session:
                 raise ValueError("this model stores no start contexts: pass context_frames and context_actions")
             context_frames, context_actions = m.start(int(np.random.default_rng(seed).integers(m.num_starts)))
         frames, acts = _check_context(m, context_frames, context_actions)
+        if context_poses is not None:
+            context_poses = np.asarray(context_poses, np.float32)
+            if context_poses.shape != (len(frames), 5) or not np.isfinite(context_poses).all():
+                raise ValueError(f"context_poses must be finite ({len(frames)}, 5), one camera per context frame, "
+                                 f"got {context_poses.shape}")
         keep = m.stream.sinks + m.stream.window   # a longer context keeps its latest frames
         frames, acts = frames[-keep:], acts[-keep:]
+        poses = None if context_poses is None else torch.from_numpy(context_poses[-keep:]).to(m.device)
         self.generator.manual_seed(seed)
         with torch.no_grad(), m._autocast():
             z = m.tokenizer.encode(frames_to_tensor(frames, m.device))
-            m._prefill(self, z, torch.from_numpy(acts).to(m.device))
+            m._prefill(self, z, torch.from_numpy(acts).to(m.device), poses)
         self.frame, self.steps, self.seed = frames[-1].copy(), 0, seed
         return self.frame
 
-    def step(self, action: ActionLike) -> np.ndarray:
+    def step(self, action: ActionLike, pose: np.ndarray | None = None) -> np.ndarray:
         """Generate the next frame for ``action``: uint8 (H, W, 3).
 
         ``action``: an :class:`~worldgen.actions.Action` or the wire form
         ``{"keys": [names] or 8 x 0/1, "mouse": [yaw, pitch]}`` (degrees). A bad action raises
-        :class:`~worldgen.actions.ActionError` and the session stays as it was.
+        :class:`~worldgen.actions.ActionError` and the session stays as it was. ``pose`` (5,):
+        the new frame's true camera, if known (see :meth:`WorldModel.step_many`).
         """
-        return self.model.step_many([self], [action])[0]
+        if pose is None:
+            return self.model.step_many([self], [action])[0]
+        return self.model.step_many([self], [action], np.asarray(pose)[None])[0]
 
     def close(self) -> None:
         """Release the cache's memory; the session cannot step afterwards."""
         self.closed = True
         self.cache.k = self.cache.v = torch.zeros(0)
+        self.bank = None
 
     def cache_bytes(self) -> int:
-        return self.cache.nbytes()
+        return self.cache.nbytes() + (self.bank.nbytes() if self.bank is not None else 0)
 
 
 def _action_vector(a: ActionLike) -> np.ndarray:

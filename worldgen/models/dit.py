@@ -3,9 +3,10 @@
 Each frame's latent (C, h, w) becomes h*w/p^2 patch tokens. The sequence of a forward is the
 frames' tokens, frame-major. Attention is bidirectional inside a block of
 ``frames_per_block`` frames and causal across blocks (see :mod:`worldgen.models.attention`);
-optional ``prefix_frames`` at the front are non-causal context visible to all (memory frames
-later). Positions are 3D RoPE over (frame position, row, column); frame positions are an
-explicit argument so a streaming engine can use window-relative positions.
+optional ``prefix_frames`` at the front are non-causal context visible to all: the frame memory
+bank's recalled frames enter this way (:class:`Memory`). Positions are 3D RoPE over (frame
+position, row, column); frame positions are an explicit argument so a streaming engine can use
+window-relative positions.
 
 Conditioning is adaLN-zero as in DiT, but per frame: frame f's tokens are modulated by
 ``c_f = t_embed(t_f) + action_mlp(a_f)``, its own noise level and the action that produced
@@ -56,6 +57,10 @@ class DiTConfig:
     # action_dropout): the action-free prediction that action guidance steers away from.
     null_action: bool = False
     max_frames: int = 64                     # most frames (prefix included) one forward accepts
+    # Most recalled frames (worldgen.memory.bank) a forward takes as non-causal context, each
+    # conditioned on its pose relative to the newest frame's camera and its age; 0: a model
+    # trained without memory (no memory embedder, memory refused).
+    memory_frames: int = 0
     qk_norm: bool = True                     # bounds attention logits: stable bf16 training
     rope_theta: float = 10000.0
     attn_impl: str = "auto"                  # "flex" | "sdpa" | "auto" (flex to train on CUDA, else sdpa)
@@ -66,9 +71,9 @@ class DiTConfig:
         if self.dim % self.heads:
             raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads}")
         rope_sections(self.dim // self.heads)  # raises if the head dim cannot be split three ways
-        if self.frames_per_block < 1 or self.max_frames < 1:
-            raise ValueError(f"frames_per_block and max_frames must be >= 1, got "
-                             f"{self.frames_per_block}, {self.max_frames}")
+        if self.frames_per_block < 1 or self.max_frames < 1 or self.memory_frames < 0:
+            raise ValueError(f"frames_per_block and max_frames must be >= 1 and memory_frames >= 0, got "
+                             f"{self.frames_per_block}, {self.max_frames}, {self.memory_frames}")
         if self.attn_impl not in ("flex", "sdpa", "auto"):
             raise ValueError(f"attn_impl must be 'flex', 'sdpa' or 'auto', got {self.attn_impl!r}")
 
@@ -114,6 +119,42 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([args.cos(), args.sin()], -1))
 
 
+@dataclass
+class Memory:
+    """Recalled frames (:func:`worldgen.memory.bank.recall`) that every frame of a forward sees as
+    non-causal context in front of it; they are never predicted, so never in a loss."""
+
+    z: torch.Tensor                      # (B, P, C, h, w) their clean latents
+    pose: torch.Tensor                   # (B, P, 6) pose relative to the newest frame's camera (bank.relative_pose)
+    age: torch.Tensor                    # (B, P) steps between each and the newest frame
+    mask: torch.Tensor | None = None     # (B, P) bool: real recalls (None: all); others are hidden from every frame
+    level: torch.Tensor | None = None    # (B, P) noise level they are labelled with; None: 0 (clean)
+
+    def repeat(self, n: int) -> "Memory":
+        """The batch ``n`` times over (guidance runs each pass on two copies)."""
+        def rep(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.repeat(n, *[1] * (x.ndim - 1))
+        return Memory(rep(self.z), rep(self.pose), rep(self.age), rep(self.mask), rep(self.level))
+
+
+class MemoryEmbedder(nn.Module):
+    """A memory frame's relative pose (6,) and age -> (D,), in place of its action embedding:
+    Fourier features (sizes from a step's move to a map's width), then an MLP."""
+
+    def __init__(self, dim: int, pose_dim: int = 6, n_freqs: int = 8):
+        super().__init__()
+        self.n_freqs = n_freqs
+        n_in = (pose_dim + 1) * (2 * n_freqs + 1)
+        self.mlp = nn.Sequential(nn.Linear(n_in, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, pose: torch.Tensor, age: torch.Tensor) -> torch.Tensor:  # (B, P, 6), (B, P) -> (B, P, D)
+        # log age: one step and 10,000 steps apart both stay in reach of the features.
+        f = torch.cat([pose.float(), (torch.log1p(age.float().clamp(min=0)) / math.log(1e4))[..., None]], -1)
+        freqs = 0.5 * 2.0 ** torch.arange(self.n_freqs, device=f.device)
+        ang = f[..., None] * freqs                                             # (B, P, 7, F)
+        return self.mlp(torch.cat([f, ang.sin().flatten(-2), ang.cos().flatten(-2)], -1))
+
+
 class Block(nn.Module):
     """adaLN-zero transformer block whose modulation varies per frame."""
 
@@ -149,6 +190,8 @@ class DiT(nn.Module):
         self.action_embed = nn.Sequential(nn.Linear(cfg.action_dim, d), nn.SiLU(), nn.Linear(d, d))
         if cfg.null_action:
             self.null_action = nn.Parameter(torch.zeros(d))
+        if cfg.memory_frames:
+            self.memory_embed = MemoryEmbedder(d)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(d, 2 * d)
@@ -163,7 +206,8 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for mlp in (self.t_embed.mlp, self.action_embed):
+        memory_mlp = (self.memory_embed.mlp,) if self.cfg.memory_frames else ()
+        for mlp in (self.t_embed.mlp, self.action_embed, *memory_mlp):
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
         for m in [blk.ada for blk in self.blocks] + [self.final_ada, self.final_proj]:
@@ -174,7 +218,7 @@ class DiT(nn.Module):
                 frame_pos: torch.Tensor | None = None, prefix_frames: int = 0,
                 cond: torch.Tensor | None = None, attn_impl: str | None = None,
                 past: list[LayerKV] | None = None, past_mask: torch.Tensor | None = None,
-                drop_actions: torch.Tensor | None = None) -> torch.Tensor:
+                drop_actions: torch.Tensor | None = None, memory: Memory | None = None) -> torch.Tensor:
         """Predict the flow velocity of every frame.
 
         Args:
@@ -194,12 +238,22 @@ class DiT(nn.Module):
             past_mask: (B, Lc) bool, which past keys are real (a cache's empty slots are not).
             drop_actions: (B, T) bool, frames whose action is replaced by the learned null
                 action (needs ``cfg.null_action``): action dropout, and guidance's other half.
+            memory: recalled frames (needs ``cfg.memory_frames``), put in front as the
+                ``prefix_frames`` at the newest frame's time position; their keys and values
+                lead each ``LayerKV.new``. Not with ``prefix_frames``.
         Returns:
-            v: (B, T, C, h, w) predicted velocity ``eps - x0``.
+            v: (B, T, C, h, w) predicted velocity ``eps - x0`` (memory frames left out).
         """
         cfg = self.cfg
         b, n_frames = x.shape[:2]
         self._check_inputs(x, t, actions, cond, prefix_frames, drop_actions)
+        n_mem = 0
+        if memory is not None:
+            n_mem = self._check_memory(memory, x, prefix_frames)
+            x = torch.cat([memory.z.to(x.dtype), x], 1)
+            if cond is not None:  # memory frames bring no extra channels
+                cond = torch.cat([cond.new_zeros(b, n_mem, *cond.shape[2:]), cond], 1)
+            prefix_frames, n_frames = n_mem, n_frames + n_mem
         p, (gh, gw) = cfg.patch_size, cfg.grid
         if cond is not None:
             x = torch.cat([x, cond], 2)
@@ -210,27 +264,36 @@ class DiT(nn.Module):
         a = self.action_embed(actions)                                      # (B, T, D)
         if drop_actions is not None:
             a = torch.where(drop_actions[..., None], self.null_action.to(a.dtype), a)
-        c = F.silu(self.t_embed(t) + a)                                    # (B, T, D)
-
+        c = self.t_embed(t) + a                                            # (B, T, D)
         if frame_pos is None:
-            frame_pos = torch.arange(n_frames, device=x.device)
+            frame_pos = torch.arange(n_frames - n_mem, device=x.device)
+        if memory is not None:
+            level = memory.level if memory.level is not None else torch.zeros(memory.age.shape, device=x.device)
+            c = torch.cat([self.t_embed(level) + self.memory_embed(memory.pose, memory.age), c], 1)
+            # Recalled frames sit at the newest frame's position: their time is the age embedding.
+            frame_pos = torch.cat([frame_pos[..., -1:].expand(*frame_pos.shape[:-1], n_mem), frame_pos], -1)
+        c = F.silu(c)
         rope = self.rope(frame_pos, n_frames)
-        # A cache's keys come with a per-session mask: dense SDPA (streaming needs no flex), the
-        # mask built in the graph rather than looked up, so a compiled streaming step is one graph.
-        if past is not None:
+        # A cache's keys (or recalled frames) come with a per-session mask: dense SDPA (streaming
+        # needs no flex), the mask built in the graph rather than looked up, so a compiled streaming
+        # step is one graph.
+        if past is not None or (memory is not None and memory.mask is not None):
             mask = dense_mask(cfg.tokens_per_frame, n_frames - prefix_frames, cfg.frames_per_block, prefix_frames,
                               x.device)
-            mask = _with_past(mask, past_mask, past[0].k.shape[2], b)
         else:
             mask = make_mask(attn_impl or cfg.attn_impl, cfg.tokens_per_frame, n_frames - prefix_frames,
                              cfg.frames_per_block, prefix_frames, x.device)
+        if memory is not None and memory.mask is not None:
+            mask = _hide_memory(mask, memory.mask, cfg.tokens_per_frame)
+        if past is not None:
+            mask = _with_past(mask, past_mask, past[0].k.shape[2], b, n_mem * cfg.tokens_per_frame)
         for i, block in enumerate(self.blocks):
             h = block(h, c, rope, mask, past[i] if past is not None else None)
 
         shift, scale = self.final_ada(c)[:, :, None].chunk(2, -1)         # (B, T, 1, D)
         out = self.final_proj(modulate(self.final_norm(h), shift, scale))  # (B, T, N, p*p*C)
         out = rearrange(out, "b t (h w) (p q c) -> b t c (h p) (w q)", h=gh, w=gw, p=p, q=p)
-        return out[..., :h_lat, :w_lat]
+        return out[:, n_mem:, :, :h_lat, :w_lat]
 
     def rope(self, frame_pos: torch.Tensor, n_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B or 1, 1, T*N, head_dim/2) for tokens at (frame_pos[f], row, column); a
@@ -273,15 +336,50 @@ class DiT(nn.Module):
         if cond is not None and tuple(cond.shape) != (b, n, cfg.cond_channels, *cfg.latent_size):
             raise ValueError(f"cond must be {(b, n, cfg.cond_channels, *cfg.latent_size)}, got {tuple(cond.shape)}")
 
+    def _check_memory(self, memory: Memory, x: torch.Tensor, prefix_frames: int) -> int:
+        """The number of memory frames P, after checking them against the model and ``x``."""
+        cfg, (b, n) = self.cfg, x.shape[:2]
+        if not cfg.memory_frames:
+            raise ValueError("this model was trained without memory (memory_frames=0): it takes no memory frames")
+        if prefix_frames:
+            raise ValueError("memory frames are the prefix: give memory or prefix_frames, not both")
+        p = memory.z.shape[1] if memory.z.ndim == 5 else -1
+        shapes = {"z": (memory.z, (b, p, *x.shape[2:])), "pose": (memory.pose, (b, p, 6)), "age": (memory.age, (b, p)),
+                  "mask": (memory.mask, (b, p)), "level": (memory.level, (b, p))}
+        for name, (got, want) in shapes.items():
+            if got is not None and tuple(got.shape) != want:
+                raise ValueError(f"memory.{name} must be {want}, got {tuple(got.shape)}")
+        if not 1 <= p <= cfg.memory_frames or p + n > cfg.max_frames:
+            raise ValueError(f"{p} memory frames: this model takes 1..{cfg.memory_frames}, and at most "
+                             f"max_frames={cfg.max_frames} frames with the {n} others")
+        if memory.mask is not None and memory.mask.dtype != torch.bool:
+            raise ValueError(f"memory.mask must be bool, got {memory.mask.dtype}")
+        return p
 
-def _with_past(mask: torch.Tensor, past_mask: torch.Tensor | None, n_past: int, b: int) -> torch.Tensor:
+
+def _hide_memory(mask: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, 1, L, L): the dense ``mask`` (L, L) with the tokens of memory frames not in ``keep``
+    (B, P) hidden from every query but their own frame's (a row must see something)."""
+    b, p = keep.shape
+    length = mask.shape[-1]
+    frame = torch.arange(length, device=mask.device) // n
+    own = frame[:, None] == frame[None, :]                                                  # (L, L)
+    key_ok = torch.cat([keep, keep.new_ones(b, length // n - p)], 1).repeat_interleave(n, 1)  # (B, L)
+    return (mask & (key_ok[:, None, :] | own))[:, None]
+
+
+def _with_past(mask: torch.Tensor, past_mask: torch.Tensor | None, n_past: int, b: int,
+               prefix_tokens: int = 0) -> torch.Tensor:
     """The dense (B, 1, Lq, Lc + Lq) mask: ``past_mask`` (B, Lc) over the past keys (all real
-    if None), then the block-causal ``mask`` (Lq, Lq) among the new tokens."""
+    if None), then the block-causal ``mask`` (Lq, Lq) or (B, 1, Lq, Lq) among the new tokens.
+    The first ``prefix_tokens`` (memory frames) see no past keys, as in training."""
     n_new = mask.shape[-1]
     if past_mask is None:
         past_mask = torch.ones(b, n_past, dtype=torch.bool, device=mask.device)
-    return torch.cat([past_mask[:, None, None, :].expand(b, 1, n_new, n_past),
-                      mask.expand(b, 1, n_new, n_new)], -1)
+    past = past_mask[:, None, None, :].expand(b, 1, n_new, n_past)
+    if prefix_tokens:
+        past = past & (torch.arange(n_new, device=mask.device) >= prefix_tokens)[:, None]
+    return torch.cat([past, mask.expand(b, 1, n_new, n_new)], -1)
 
 
 def flops_per_frame(cfg: DiTConfig, frames: int) -> float:

@@ -32,6 +32,15 @@ those s frames are trained on (Diffusion Forcing levels, the generated frames la
 context): the model learns to continue its own rollout towards what really came next, which
 only the actions can tell it. ``init`` starts such a fine-tune from a trained model.
 
+Frame memory (``memory_frames`` k > 0, DESIGN.md section 7, :mod:`worldgen.memory.bank`). On a
+share ``1 - memory_none`` of the plain Diffusion Forcing steps each window also gets m ~ U{1..k}
+frames from at least ``memory_gap`` frames earlier in its episode, with their true poses: of 64
+random earlier frames, the m that the bank's retrieval picks for the window's newest camera
+(what a session recalls), each with its pose relative to that camera and its age. They enter
+as clean non-causal context (:class:`~worldgen.models.dit.Memory`) and are never in the loss.
+The other steps have no memory, so the model works with and without it. Needs a dataset with
+camera poses; ``init`` from a model without memory adds a fresh memory embedder to it.
+
 Example:
     worldgen train dynamics --data data/doom --tokenizer runs/tok --out runs/dyn --minutes 15
 """
@@ -59,10 +68,12 @@ from worldgen import actions, checkpoint, sampling
 from worldgen.cloud import dataset_camera
 from worldgen.data import Dataset, WindowDataset
 from worldgen.engine import StreamConfig, rollout_latents, save_starts
+from worldgen.memory import bank
 from worldgen.memory.motion import MotionModel
 from worldgen.memory.views import PoseNoise
 from worldgen.models import (MODELS, DiT, DiTConfig, flops_per_frame, frames_to_tensor, load_dit, load_tokenizer,
                              save_part, tensor_to_frames)
+from worldgen.models.dit import Memory
 from worldgen.models.world_cache import cond_channels, episode_condition
 from worldgen.training import common
 from worldgen.training.common import (Dist, Run, TrainConfig, atomic_write, autocast, barrier, opt,
@@ -102,6 +113,13 @@ class DynamicsTrainConfig(TrainConfig):
     world_cache: int = opt(0, "H > 0: condition every frame on the point-cloud world cache of its H predecessors, "
                               "rendered at its pose plus pose noise (docs/world_cache.md); needs an RGB-D tokenizer "
                               "and a recording with depth and poses")
+    memory_frames: int = opt(0, "k > 0: train with up to k recalled frames from far earlier in the episode as "
+                                "context (frame memory bank; needs recorded poses); 0: no memory")
+    memory_gap: int = opt(32, "recalled frames lie at least this many frames before the window's newest (older "
+                              "than a session's rolling window)")
+    memory_none: float = opt(0.25, "with --memory-frames, share of steps without memory: the model also plays "
+                                   "before it has anything to recall")
+    memory_cap: int = opt(256, "frames a session's bank holds (stored with the model as its default)")
 
 
 # --- the loss --------------------------------------------------------------------------------
@@ -132,15 +150,17 @@ def noise_levels(batch: int, frames: int, frames_per_block: int, generator: torc
 
 def flow_matching_loss(model: nn.Module, x0: torch.Tensor, acts: torch.Tensor, t: torch.Tensor,
                        eps: torch.Tensor, drop: torch.Tensor | None = None,
-                       first_target: int = 0, cond: torch.Tensor | None = None) -> torch.Tensor:
+                       first_target: int = 0, cond: torch.Tensor | None = None,
+                       memory: Memory | None = None) -> torch.Tensor:
     """MSE between the predicted and the true velocity ``eps - x0`` at ``x_t = (1 - t) x0 + t eps``.
 
     x0, eps: (B, T, C, h, w) clean latents and noise; acts: (B, T, 10); t: (B, T); drop: (B, T)
     bool, frames whose action is dropped (None: none); frames before ``first_target`` are
     context only, left out of the loss; cond: (B, T, cond_channels, h, w) for a model with
-    extra input channels (the world cache's view), else None.
+    extra input channels (the world cache's view), else None; ``memory``: recalled frames as
+    context (never in the loss).
     """
-    v = model(sampling.add_noise(x0, eps, t), t, acts, drop_actions=drop, cond=cond)
+    v = model(sampling.add_noise(x0, eps, t), t, acts, drop_actions=drop, cond=cond, memory=memory)
     return F.mse_loss(v[:, first_target:].float(), (eps - x0)[:, first_target:])
 
 
@@ -153,10 +173,18 @@ class Latents:
     actions: torch.Tensor    # (N, 10) float32
     offsets: torch.Tensor    # (E + 1,) int64: episode e is rows offsets[e]:offsets[e + 1]
     cond: torch.Tensor | None = None  # (N, cond_channels, h, w) bf16: each frame's world-cache view, if used
+    pose: torch.Tensor | None = None  # (N, 5) float32 camera poses, for memory training
 
     def to(self, device: torch.device) -> "Latents":
-        return Latents(self.z.to(device), self.actions.to(device), self.offsets.to(device),
-                       None if self.cond is None else self.cond.to(device))
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device)
+        return Latents(self.z.to(device), self.actions.to(device), self.offsets.to(device), move(self.cond),
+                       move(self.pose))
+
+    def episode_start(self, rows: torch.Tensor) -> torch.Tensor:
+        """First row of the episode holding each of ``rows``."""
+        off = self.offsets.to(rows.device)
+        return off[torch.searchsorted(off, rows, right=True) - 1]
 
     def starts(self, window: int) -> torch.Tensor:
         """Every row where a window of ``window`` frames fits inside one episode."""
@@ -306,8 +334,9 @@ def dit_config(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tupl
     ``cond`` extra input channels (the world cache's view)."""
     base = MODELS[cfg.model]
     return dataclasses.replace(base, latent_channels=latent_channels, latent_size=latent_size,
-                               max_frames=max(base.max_frames, cfg.window), null_action=cfg.action_dropout > 0,
-                               cond_channels=cond)
+                               max_frames=max(base.max_frames, cfg.window + cfg.memory_frames),
+                               null_action=cfg.action_dropout > 0, cond_channels=cond,
+                               memory_frames=cfg.memory_frames)
 
 
 def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int], cond: int = 0) -> DiT:
@@ -316,6 +345,17 @@ def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tup
         return DiT(dit_config(cfg, latent_channels, latent_size, cond))
     model = load_dit(cfg.init).train()
     got = model.cfg
+    if cfg.memory_frames != got.memory_frames:  # add (or resize) the memory embedder, keep the rest
+        if got.memory_frames and not cfg.memory_frames:
+            raise ValueError(f"--init {cfg.init}: its DiT was trained with memory; give --memory-frames > 0")
+        grown = DiT(dataclasses.replace(got, memory_frames=cfg.memory_frames,
+                                        max_frames=max(got.max_frames, cfg.window + cfg.memory_frames)))
+        missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("memory_embed.") for k in missing):
+            raise ValueError(f"--init {cfg.init}: weights do not fit a memory DiT (missing {missing}, "
+                             f"unexpected {unexpected})")
+        model = grown.train()
+        got = model.cfg
     if (got.latent_channels, tuple(got.latent_size)) != (latent_channels, tuple(latent_size)):
         raise ValueError(f"--init {cfg.init}: its DiT takes {got.latent_channels}x{tuple(got.latent_size)} "
                          f"latents, the tokenizer makes {latent_channels}x{tuple(latent_size)}")
@@ -362,6 +402,18 @@ class DynamicsTask:
                              f"(--window {cfg.window}{', with --rollout-frames' if cfg.rollout_frames else ''})")
         self.starts = starts  # every rank draws from all of them: the global batch is split, not the data
         self.tokens_per_sample = cfg.window * model.cfg.tokens_per_frame
+        if cfg.memory_frames:
+            if train.pose is None or len(train.pose) != len(train.z):
+                raise ValueError("--memory-frames needs the train latents' camera poses (a dataset with poses)")
+            if not 0 <= cfg.memory_none <= 1 or cfg.memory_gap < 1:
+                raise ValueError(f"need 0 <= --memory-none <= 1 and --memory-gap >= 1, got {cfg.memory_none}, "
+                                 f"{cfg.memory_gap}")
+            # Windows whose newest frame has at least one frame memory_gap or more before it.
+            newest = self.starts + cfg.window - 1
+            self.memory_starts = self.starts[newest - train.episode_start(newest) >= cfg.memory_gap]
+            if len(self.memory_starts) == 0:
+                raise ValueError(f"{cfg.data}: no window has a frame {cfg.memory_gap} frames before its newest "
+                                 f"(--memory-gap); record longer episodes or lower it")
         self.metrics: dict[str, float] = {}
         self.motion: MotionModel | None = None  # world-cache runs: the camera's motion model (from_run fits it)
         if d.main:
@@ -389,19 +441,25 @@ class DynamicsTask:
         lat = {name: cached_latents(run.root / f"latents-{name}.safetensors", ds, eps, tok_folder, tokenizer, d,
                                     cfg.encode_batch, cfg.world_cache) if eps else None
                for name, eps in (("train", train), ("heldout", held))}
+        if cfg.memory_frames:  # poses are small: read them afresh, in the latents' episode order
+            if "pose" not in ds.fields:
+                raise ValueError(f"{cfg.data}: --memory-frames needs a dataset recorded with camera poses")
+            lat["train"].pose = torch.from_numpy(np.concatenate([ds.read(e, "pose") for e in train])).to(d.device)
         task = cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder, (ds, held or train))
         if cfg.world_cache:  # how a session predicts the pose its cache view renders at, stored with the model
             task.motion = fit_motion(ds, train)
         return task
 
-    def draw(self, generator: torch.Generator, batch: int) -> tuple[torch.Tensor, ...]:
-        """This rank's rows ``(x0, actions, t, eps, drop, cond)`` of the step's global batch of
-        ``batch`` windows (b = batch / ranks of them; every draw is made for the whole batch, then
-        sharded); ``cond`` is None without the world cache."""
+    def draw(self, generator: torch.Generator, batch: int, memory: bool = False) -> tuple[torch.Tensor, ...]:
+        """This rank's rows ``(x0, actions, t, eps, drop, cond, memory)`` of the step's global batch
+        of ``batch`` windows (b = batch / ranks of them; every draw is made for the whole batch, then
+        sharded). ``cond`` is None without the world cache; with ``memory``, the windows have a far
+        past and ``memory`` is their :class:`Memory` (:meth:`recall`), else None."""
         cfg, fpb, shard = self.cfg, self.model.cfg.frames_per_block, self.dist.shard
-        i = shard(torch.randint(len(self.starts), (batch,), generator=generator, device=self.device))
-        x0, acts = self.train.windows(self.starts[i], cfg.window)               # (b, T, C, h, w), (b, T, 10)
-        cond = self.train.cond_windows(self.starts[i], cfg.window)              # (b, T, C + 1, h, w) or None
+        pool = self.memory_starts if memory else self.starts
+        i = shard(torch.randint(len(pool), (batch,), generator=generator, device=self.device))
+        x0, acts = self.train.windows(pool[i], cfg.window)                      # (b, T, C, h, w), (b, T, 10)
+        cond = self.train.cond_windows(pool[i], cfg.window)                     # (b, T, C + 1, h, w) or None
         t = shard(noise_levels(batch, cfg.window, fpb, generator, self.device, cfg.prefix_prob, cfg.ctx_noise,
                                cfg.t_loc, cfg.t_scale))                          # (b, T)
         eps = shard(torch.randn((batch, *x0.shape[1:]), generator=generator, device=self.device))
@@ -409,7 +467,26 @@ class DynamicsTask:
         if cfg.action_dropout > 0:
             drop = shard(torch.rand((batch, cfg.window), generator=generator, device=self.device)
                          < cfg.action_dropout)                                   # (b, T)
-        return x0, acts, t, eps, drop, cond
+        recalled = self.recall(pool[i] + cfg.window - 1, generator) if memory else None
+        return x0, acts, t, eps, drop, cond, recalled
+
+    def recall(self, newest: torch.Tensor, generator: torch.Generator, candidates: int = 64) -> Memory:
+        """m ~ U{1..k} memory frames for windows whose newest frame is row ``newest`` (B,): of
+        ``candidates`` random rows from the episode's start to ``memory_gap`` before it, those
+        the bank's retrieval picks for its camera (module docstring)."""
+        cfg, lat = self.cfg, self.train
+        m = 1 + int(torch.randint(cfg.memory_frames, (), generator=generator, device=self.device))
+        first, last = lat.episode_start(newest), newest - cfg.memory_gap                   # (B,) each, inclusive
+        u = torch.rand((len(newest), candidates), generator=generator, device=self.device)
+        rows = first[:, None] + (u * (last - first + 1)[:, None]).long()                   # (B, M)
+        query = lat.pose[newest]                                                            # (B, 5)
+        bank_cfg = bank.BankConfig(k=m, cap=candidates)
+        # Time steps count from the episode's start, as a session's do.
+        pick, _ = bank.retrieve(lat.pose[rows], rows - first[:, None], torch.ones_like(rows, dtype=torch.bool), query,
+                                newest - first, m, bank_cfg)                                # (B, m)
+        chosen = rows.gather(1, pick)                                                       # (B, m)
+        return Memory(lat.z[chosen].float(), bank.relative_pose(lat.pose[chosen], query[:, None]),
+                      (newest[:, None] - chosen).float())
 
     @torch.no_grad()
     def draw_rollout(self, generator: torch.Generator, batch: int,
@@ -453,8 +530,10 @@ class DynamicsTask:
             noise = common.rank_generator(cfg.seed, self.dist.rank, step, self.device)
             batch, first_target = self.draw_rollout(generator, cfg.batch_size, noise)
             return flow_matching_loss(model, *batch, first_target=first_target)
-        x0, acts, t, eps, drop, cond = self.draw(generator, cfg.batch_size)
-        return flow_matching_loss(model, x0, acts, t, eps, drop, cond=cond)
+        use_memory = bool(cfg.memory_frames) and \
+            float(torch.rand((), generator=generator, device=self.device)) >= cfg.memory_none
+        x0, acts, t, eps, drop, cond, memory = self.draw(generator, cfg.batch_size, memory=use_memory)
+        return flow_matching_loss(model, x0, acts, t, eps, drop, cond=cond, memory=memory)
 
     def flops_per_sample(self) -> float | None:
         cfg, m, T = self.cfg, self.model.cfg, self.cfg.window
@@ -533,6 +612,7 @@ class DynamicsTask:
             **({"world_cache": {"history": self.cfg.world_cache, "camera": dataset_camera(self.data[0]).to_dict(),
                                 "motion": self.motion.to_dict()}}
                if self.cfg.world_cache and self.data is not None else {}),
+            **({"memory": {"k": self.cfg.memory_frames, "cap": self.cfg.memory_cap}} if self.cfg.memory_frames else {}),
             "metrics": self.metrics}, dtype=dtype)
 
 
