@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from worldgen.cloud import dataset_camera
+from worldgen.data.camera import dataset_camera
 from worldgen.data import Dataset
 from worldgen.memory.cloud import CacheConfig, WorldCache
 

@@ -41,6 +41,7 @@ CORE_RANKS = {
     "engine": 4,
     "training": 5,
     "evaluation": 5,
+    "cloud": 5,  # `worldgen cloud`: a session's point cloud from a recording, .ply, the viewer
 }
 
 

@@ -18,20 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worldgen.data.dataset import Dataset, DatasetError, _atomic_write
-from worldgen.memory.camera import DOOM, Camera
+from worldgen.data.dataset import Dataset, DatasetError
+from worldgen.files import atomic_write
+from worldgen.data.camera import dataset_camera
+from worldgen.memory.camera import Camera
 from worldgen.memory.cloud import CacheConfig, WorldCache
-
-
-def dataset_camera(ds: Dataset) -> Camera:
-    """The camera model of the world a dataset was recorded in, at its resolution."""
-    env = ds.index["source"].get("env")
-    if env != "doom":
-        raise ValueError(f"{ds.root}: no camera model for env {env!r} (only ViZDoom's is fitted: 'doom')")
-    if not ds.index["has_depth"] or not ds.index["pose"]:
-        raise ValueError(f"{ds.root}: a cloud needs recorded depth and camera poses; this dataset lacks "
-                         f"{'depth' if not ds.index['has_depth'] else 'poses'}")
-    return DOOM.resized(*ds.resolution)
 
 
 def build(ds: Dataset, episode: int, frames: int | None = None, every: int = 1,
@@ -70,7 +61,7 @@ def picture(xyz: np.ndarray, rgb: np.ndarray, normal: np.ndarray, path: Path) ->
         ax.set_box_aspect((hi - lo).clip(1.0))
     ax.view_init(elev=40, azim=-60)
     ax.set_axis_off()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, facecolor="black"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, facecolor="black"))
     plt.close(fig)
     return path
 

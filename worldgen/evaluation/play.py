@@ -79,7 +79,7 @@ from tqdm import tqdm
 
 from worldgen.actions import Action
 from worldgen.data import Dataset
-from worldgen.data.dataset import _atomic_write
+from worldgen.files import atomic_write
 from worldgen.evaluation.evaluate import EvaluationError, has_ffmpeg, write_json
 from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
 
@@ -533,7 +533,7 @@ def write_dashboard(result: dict[str, Any], rec: PlayRecording, made: dict[str, 
         show(rows - 1, 3 * k + 2, made["model"][name][0, -1], f"model return ({r['model']['psnr_vs_departure']:.1f} dB)")
     fig.suptitle(f"play suite: {result['checkpoint']} on {result['windows']} windows of {result['recording']}",
                  fontsize=9)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, bbox_inches="tight"))
     plt.close(fig)
 
 
@@ -561,7 +561,7 @@ def write_play_video(rec: PlayRecording, made: dict[str, dict[str, np.ndarray]],
             for f in frames:
                 writer.append_data(f)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def summary(result: dict[str, Any]) -> str:

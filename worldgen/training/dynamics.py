@@ -65,7 +65,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from worldgen import actions, checkpoint, sampling
-from worldgen.cloud import dataset_camera
+from worldgen.data.camera import dataset_camera
 from worldgen.data import Dataset, WindowDataset
 from worldgen.engine import StreamConfig, rollout_latents, save_starts
 from worldgen.memory import bank
