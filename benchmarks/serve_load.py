@@ -126,8 +126,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args()
 
+    # Every client of a round connects at once: all of them may wait for their hello together.
     server_args = ["--device", args.device, "--max-sessions", str(max(args.clients)), "--idle-timeout", "600",
-                   "--log-level", "WARNING"] + (["--fps", str(args.fps)] if args.fps else [])
+                   "--max-pending", str(max(args.clients)), "--log-level", "WARNING"] + (["--fps", str(args.fps)] if args.fps else [])
     threads = args.threads or (1 if args.device == "cpu" else None)
     server_args += ["--threads", str(threads)] if threads else []
     server_args += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
