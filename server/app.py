@@ -95,6 +95,9 @@ class ServeConfig:
     # torch.compile the step (CUDA graphs), compiled and warmed on the engine thread for every
     # padded batch size before the port opens, so no tick stalls on a compile mid-game.
     compile: bool = False
+    # A compile that fails on this machine: serve eagerly with a warning (True, what the CUDA
+    # default does) or stop with the error (False, what an explicit --compile asks for).
+    compile_fallback: bool = False
 
 
 RECV_BUFFER = 64 * 1024  # kernel receive buffer per websocket; actions are ~60 bytes
@@ -545,8 +548,13 @@ class Server:
                 for _ in range(3):  # compile, then record the graph (CUDA graph trees warm up first)
                     self.wm.step_many(sessions, [Action.noop()] * n)
             except Exception as e:  # noqa: BLE001 - any compiler failure surfaces here, at the first call
-                raise CompileError(f"compiling the step for batch size {n} failed ({type(e).__name__}: "
-                                   f"{str(e)[:500]}); serve with --no-compile") from e
+                why = f"compiling the step for batch size {n} failed ({type(e).__name__}: {str(e)[:500]})"
+                if not self.cfg.compile_fallback:
+                    raise CompileError(f"{why}; serve with --no-compile") from e
+                log.warning("%s; serving the eager step instead", why)
+                self.wm.eager()
+                self.sizes, self.cfg.compile = None, False  # the start-up line says "compiled" no more
+                return
             finally:
                 for s in sessions:
                     s.close()

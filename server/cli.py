@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
                       jpeg_quality=min(args.jpeg_quality, 95), send_buffer=args.send_buffer,
                       send_timeout=args.send_timeout, hello_timeout=args.hello_timeout, max_pending=args.max_pending,
                       max_rate=args.max_rate, allow_origins=tuple(args.allow_origin),
-                      compile=wm.device.type == "cuda" if args.compile is None else args.compile)
+                      compile=wm.device.type == "cuda" if args.compile is None else args.compile,
+                      compile_fallback=args.compile is None)
     h, w = wm.frame_shape[:2]
 
     def ready(url: str) -> None:

@@ -319,3 +319,36 @@ def test_compiled_serving_compiles_and_steps_on_the_engine_thread(wm, monkeypatc
     # Sizes: powers of two below --max-sessions, and --max-sessions itself.
     assert {n for _, n in batches} == {1, 2, 4, 5}
     assert all(i == sorted(i) and len(set(i)) == 4 for i in ids)
+
+
+def test_a_failed_default_compile_serves_eagerly(wm, monkeypatch):
+    """A compile that fails on the machine (faked: the warm-up's first step raises) stops a server
+    that was asked for ``--compile`` outright, and falls back to the eager step, with a warning,
+    when compiling was only the CUDA default: players still get frames."""
+    from worldgen.server.app import CompileError
+
+    def broken_compile(*a, **k):
+        def fail(*args, **kwargs):
+            raise RuntimeError("CUDA graphs said no")
+        wm._step = fail
+        return wm
+
+    monkeypatch.setattr(wm, "compile", broken_compile)
+
+    async def asked():
+        async with running(wm, compile=True, max_sessions=2):
+            pass
+
+    with pytest.raises(CompileError, match="CUDA graphs said no"):
+        arun(asked())
+    wm.eager()
+
+    async def defaulted():
+        async with running(wm, compile=True, compile_fallback=True, max_sessions=2) as srv:
+            c = await Client.connect(srv.ws, seed=0)
+            frame = await c.next_frame()
+            await c.close()
+            return frame
+
+    assert arun(defaulted()).image().shape == wm.frame_shape
+    assert wm._step == wm._denoise  # eager again

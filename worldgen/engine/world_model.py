@@ -223,6 +223,7 @@ class WorldModel:
             memory.check()
         self.memory = memory if memory is not None and memory.k else None
         self._step, self._decode = self._denoise, self.tokenizer.decode  # compile() swaps these
+        self._graphs = False  # compiled into CUDA graphs: each call's outputs live until the next call
 
     def compile(self, mode: str | None = "reduce-overhead") -> "WorldModel":
         """torch.compile the per-frame hot path: a whole step's DiT passes, and the decoder.
@@ -231,7 +232,25 @@ class WorldModel:
         default mode replays the step as one CUDA graph: no per-kernel launch cost."""
         self._step = torch.compile(self._denoise, mode=mode, dynamic=False)
         self._decode = torch.compile(self.tokenizer.decode, mode=mode, dynamic=False)
+        self._graphs = mode == "reduce-overhead" and self.device.type == "cuda"
         return self
+
+    def eager(self) -> "WorldModel":
+        """Undo :meth:`compile`: the step and the decoder run eagerly again (a fallback when
+        compiling fails on a machine)."""
+        self._step, self._decode = self._denoise, self.tokenizer.decode
+        self._graphs = False
+        return self
+
+    def _graph_call(self, fn, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args)``, marked as a new CUDA-graph step when compiled: CUDA graph trees reuse an
+        output's memory at the next replay, so every call starts a step and its tensor outputs are
+        cloned out of the graph's pool before anything keeps them."""
+        if not self._graphs:
+            return fn(*args, **kwargs)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = fn(*args, **kwargs)
+        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
 
     # --- building -----------------------------------------------------------------------------
     @classmethod
@@ -331,7 +350,7 @@ class WorldModel:
                                  f"{poses.shape}")
         with torch.no_grad(), self._autocast():
             z = self._advance(sessions, acts, None if poses is None else torch.from_numpy(poses).to(self.device))
-            frames = tensor_to_frames(self._decode(z[:, -1].float()))
+            frames = tensor_to_frames(self._graph_call(self._decode, z[:, -1].float()))
         for s, f in zip(sessions, frames):
             s.frame, s.steps = f, s.steps + chunk
         return frames
@@ -416,7 +435,7 @@ class WorldModel:
                 poses = dead_reckon(torch.stack([s.pose for s in sessions]), acts[:, -1])
             now = torch.tensor([s.clock for s in sessions], device=self.device)
             memory = recalled([s.bank for s in sessions], poses, now)
-        x, k_new, v_new = self._step(x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask, memory)
+        x, k_new, v_new = self._graph_call(self._step, x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask, memory)
         for b, c in enumerate(caches):
             c.write(k_new[:, b], v_new[:, b])
         if memory is not None:
