@@ -43,14 +43,20 @@ def net_turns(result: dict, ds: Dataset) -> np.ndarray:
 
 
 def table(label: str, angle: np.ndarray, real: np.ndarray, shuffled: np.ndarray) -> list[str]:
-    rows = [f"| {label} (deg) | windows | PSNR@16 real | PSNR@16 shuffled | controllability dB |",
-            "|---|---:|---:|---:|---:|"]
+    rows = [
+        f"| {label} (deg) | windows | PSNR@16 real | PSNR@16 shuffled | controllability dB |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for lo, hi in zip(EDGES[:-1], EDGES[1:]):
         m = (angle >= lo) & (angle < hi)
         if m.any():
-            rows.append(f"| {lo:g}-{min(hi, 180):g} | {m.sum()} | {real[m].mean():.2f} | {shuffled[m].mean():.2f} | "
-                        f"{real[m].mean() - shuffled[m].mean():+.2f} |")
-    rows.append(f"| all | {len(real)} | {real.mean():.2f} | {shuffled.mean():.2f} | {real.mean() - shuffled.mean():+.2f} |")
+            rows.append(
+                f"| {lo:g}-{min(hi, 180):g} | {m.sum()} | {real[m].mean():.2f} | {shuffled[m].mean():.2f} | "
+                f"{real[m].mean() - shuffled[m].mean():+.2f} |"
+            )
+    rows.append(
+        f"| all | {len(real)} | {real.mean():.2f} | {shuffled.mean():.2f} | {real.mean() - shuffled.mean():+.2f} |"
+    )
     return rows
 
 
@@ -62,18 +68,24 @@ def main(argv: list[str] | None = None) -> None:
     result = json.loads(args.eval.read_text())
     ctl = result["controllability"]
     if "windows_real" not in ctl:
-        raise SystemExit(f"{args.eval}: no per-window PSNRs (an eval older than this script, or a horizon "
-                         f"shorter than {CONTROL_HORIZON}); run worldgen eval again")
+        raise SystemExit(
+            f"{args.eval}: no per-window PSNRs (an eval older than this script, or a horizon "
+            f"shorter than {CONTROL_HORIZON}); run worldgen eval again"
+        )
     ds = Dataset(args.data or result["data"])
     if "pose" not in ds.fields:
         raise SystemExit(f"{ds.root}: no camera pose recorded; the turn cannot be measured")
     turn = net_turns(result, ds)
     real, shuffled = np.array(ctl["windows_real"]), np.array(ctl["windows_shuffled"])
     apart = np.abs(wrap(turn - turn[ctl["shuffled_from"]]))
-    print(f"{result['checkpoint']} on {result['data']}: {len(real)} windows, context {result['context']}, "
-          f"sampler {result['sampler']}")
-    print(f"real turn over {CONTROL_HORIZON} steps: median {np.median(np.abs(turn)):.0f} deg, "
-          f"{(np.abs(turn) < 30).mean():.0%} of windows under 30 deg\n")
+    print(
+        f"{result['checkpoint']} on {result['data']}: {len(real)} windows, context {result['context']}, "
+        f"sampler {result['sampler']}"
+    )
+    print(
+        f"real turn over {CONTROL_HORIZON} steps: median {np.median(np.abs(turn)):.0f} deg, "
+        f"{(np.abs(turn) < 30).mean():.0%} of windows under 30 deg\n"
+    )
     print("\n".join(table("real turn", np.abs(turn), real, shuffled)))
     print()
     print("\n".join(table("apart", apart, real, shuffled)))

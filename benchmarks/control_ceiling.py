@@ -77,11 +77,10 @@ def main(argv: list[str] | None = None) -> dict:
     except EvaluationError as e:
         raise SystemExit(f"{args.eval}: {e}") from None
 
-    real = np.stack([it["frames"][c:] for it in items])                         # (N, h, H, W, 3)
-    ctx = np.stack([it["frames"][:c] for it in items])                          # (N, c, H, W, 3)
+    real = np.stack([it["frames"][c:] for it in items])  # (N, h, H, W, 3)
+    ctx = np.stack([it["frames"][:c] for it in items])  # (N, c, H, W, 3)
     # From window i's last context frame, window perm[i]'s actions after its context.
-    jobs = [(args.data, e, s + c - 1, (items[j]["keys"][c:], items[j]["mouse"][c:]))
-            for (e, s), j in zip(starts, perm)]
+    jobs = [(args.data, e, s + c - 1, (items[j]["keys"][c:], items[j]["mouse"][c:])) for (e, s), j in zip(starts, perm)]
     if args.workers > 1:
         with ProcessPoolExecutor(args.workers) as pool:
             done = list(pool.map(replay_future, jobs))
@@ -93,24 +92,38 @@ def main(argv: list[str] | None = None) -> dict:
     mean = np.broadcast_to(ctx.reshape(-1, *ctx.shape[2:]).mean(0).round().astype(np.uint8), real.shape)
     blurred = {k: (np.stack([blur(f, k) for f in real]), np.stack([blur(f, k) for f in shuffled])) for k in FACTORS}
 
-    print(f"{len(starts)} windows of {args.eval} ({result['checkpoint']}), context {c}; the replay matched "
-          f"the recording at the last context frame in {matched}/{len(starts)}\n")
+    print(
+        f"{len(starts)} windows of {args.eval} ({result['checkpoint']}), context {c}; the replay matched "
+        f"the recording at the last context frame in {matched}/{len(starts)}\n"
+    )
     out = {"eval": str(args.eval), "data": args.data, "windows": len(starts), "replay_matched": matched, "rows": []}
     for hh in args.horizons:
+
         def at(pred: np.ndarray) -> np.ndarray:  # per-window PSNR of frame hh
-            return psnr(torch.from_numpy(np.ascontiguousarray(pred[:, hh - 1])),
-                        torch.from_numpy(real[:, hh - 1])).numpy()
+            return psnr(
+                torch.from_numpy(np.ascontiguousarray(pred[:, hh - 1])), torch.from_numpy(real[:, hh - 1])
+            ).numpy()
 
         rows = [("game", at(real), at(shuffled))]
         rows += [(f"game at 1/{k}", at(r), at(s)) for k, (r, s) in blurred.items()]
         ro = result["rollout"]
-        rows += [("model (eval.json)", np.array([ro["curve"][hh - 1]]), np.array([ro["shuffled_curve"][hh - 1]])),
-                 ("last context frame", at(held), at(held)), ("mean frame", at(mean), at(mean))]
+        rows += [
+            ("model (eval.json)", np.array([ro["curve"][hh - 1]]), np.array([ro["shuffled_curve"][hh - 1]])),
+            ("last context frame", at(held), at(held)),
+            ("mean frame", at(mean), at(mean)),
+        ]
         print(f"| h = {hh} | PSNR real actions | shuffled actions | controllability dB |")
         print("|---|---:|---:|---:|")
         for name, r, s in rows:
-            out["rows"].append({"horizon": hh, "predictor": name, "real": float(r.mean()),
-                                "shuffled": float(s.mean()), "delta_db": float((r - s).mean())})
+            out["rows"].append(
+                {
+                    "horizon": hh,
+                    "predictor": name,
+                    "real": float(r.mean()),
+                    "shuffled": float(s.mean()),
+                    "delta_db": float((r - s).mean()),
+                }
+            )
             print(f"| {name} | {r.mean():.2f} | {s.mean():.2f} | {(r - s).mean():+.2f} |")
         print()
     if args.json:

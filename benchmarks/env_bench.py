@@ -27,8 +27,15 @@ from worldgen.provenance import hardware
 
 
 def bench(n: int, args: argparse.Namespace) -> dict:
-    envs = WorldModelVectorEnv(n, args.checkpoint, device=args.device, reward=args.reward, horizon=None,
-                               compile=args.compile, torch_threads=args.threads)
+    envs = WorldModelVectorEnv(
+        n,
+        args.checkpoint,
+        device=args.device,
+        reward=args.reward,
+        horizon=None,
+        compile=args.compile,
+        torch_threads=args.threads,
+    )
     envs.action_space.seed(0)
     envs.reset(seed=0)
     for _ in range(args.warmup):
@@ -46,10 +53,15 @@ def bench(n: int, args: argparse.Namespace) -> dict:
     cpu = time.process_time() - cpu0
     envs.close()
     total = sum(times)
-    return {"envs": n, "vector_steps": args.steps, "steps_per_s": n * args.steps / total,
-            "steps_per_cpu_s": n * args.steps / cpu,
-            "ms_per_vector_step": 1e3 * total / args.steps, "ms_p50": 1e3 * float(np.median(times)),
-            "ms_max": 1e3 * max(times)}
+    return {
+        "envs": n,
+        "vector_steps": args.steps,
+        "steps_per_s": n * args.steps / total,
+        "steps_per_cpu_s": n * args.steps / cpu,
+        "ms_per_vector_step": 1e3 * total / args.steps,
+        "ms_p50": 1e3 * float(np.median(times)),
+        "ms_max": 1e3 * max(times),
+    }
 
 
 def main() -> None:
@@ -60,22 +72,34 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed vector steps per size")
     p.add_argument("--warmup", type=int, default=2, help="untimed vector steps first (allocator, caches)")
     p.add_argument("--reward", default="learned", help="'learned', 'zero' or a folder with a reward head")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (CPU; default: the env's, one on a CPU of <= 4 cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (CPU; default: the env's, one on a CPU of <= 4 cores)",
+    )
     p.add_argument("--compile", action="store_true", help="wm.compile() the engine (GPU; warmup steps compile)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device = str(device)
     rows = [bench(int(n), args) for n in args.envs.split(",")]
-    head = {"checkpoint": args.checkpoint, "device": str(device), "machine": hardware(device), "reward": args.reward,
-            "compile": args.compile,
-            "load_average": os.getloadavg(), "torch": torch.__version__}
+    head = {
+        "checkpoint": args.checkpoint,
+        "device": str(device),
+        "machine": hardware(device),
+        "reward": args.reward,
+        "compile": args.compile,
+        "load_average": os.getloadavg(),
+        "torch": torch.__version__,
+    }
     print(json.dumps(head))
     print(f"{'envs':>5} {'steps/s':>10} {'steps/CPU-s':>12} {'ms/vector step':>15} {'p50 ms':>9} {'max ms':>9}")
     for r in rows:
-        print(f"{r['envs']:>5} {r['steps_per_s']:>10.2f} {r['steps_per_cpu_s']:>12.2f} {r['ms_per_vector_step']:>15.1f} "
-              f"{r['ms_p50']:>9.1f} {r['ms_max']:>9.1f}")
+        print(
+            f"{r['envs']:>5} {r['steps_per_s']:>10.2f} {r['steps_per_cpu_s']:>12.2f} {r['ms_per_vector_step']:>15.1f} "
+            f"{r['ms_p50']:>9.1f} {r['ms_max']:>9.1f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**head, "rows": rows}, f, indent=1)

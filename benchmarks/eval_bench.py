@@ -36,8 +36,10 @@ def main() -> None:
 
     commit = git_commit()
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()}-thread CPU"
-    print(f"{datetime.date.today()}, commit {commit}, {hw}, torch {torch.__version__}, {platform.python_version()}, "
-          f"1-min load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{datetime.date.today()}, commit {commit}, {hw}, torch {torch.__version__}, {platform.python_version()}, "
+        f"1-min load average {os.getloadavg()[0]:.1f}"
+    )
     print("| metric | batch | frames/s | frames/CPU-s |\n| --- | ---: | ---: | ---: |")
     g = torch.Generator().manual_seed(0)
     for b in args.batch:
@@ -49,8 +51,7 @@ def main() -> None:
     if args.checkpoint:
         if not args.data:
             p.error("--checkpoint needs --data")
-        result = evaluate(args.checkpoint, args.data, EvalConfig(split=args.split, windows=args.windows),
-                          device=device)
+        result = evaluate(args.checkpoint, args.data, EvalConfig(split=args.split, windows=args.windows), device=device)
         print(summary(result))
 
 

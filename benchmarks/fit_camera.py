@@ -37,8 +37,13 @@ def main() -> None:
         depth = torch.from_numpy(ds.read(e, "depth", 0, stop))
         pose = torch.from_numpy(ds.read(e, "pose", 0, stop))
         fitted, err = fit_camera(depth, pose, preset)
-        row = {"episode": ds.episodes[e].id, "frames": stop, "preset_error": reprojection_error(preset, depth, pose),
-               "fitted": dataclasses.asdict(fitted), "fitted_error": err}
+        row = {
+            "episode": ds.episodes[e].id,
+            "frames": stop,
+            "preset_error": reprojection_error(preset, depth, pose),
+            "fitted": dataclasses.asdict(fitted),
+            "fitted_error": err,
+        }
         print(json.dumps(row))
         out.append(row)
     if args.json:

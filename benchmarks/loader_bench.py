@@ -35,17 +35,29 @@ from worldgen.provenance import git_commit
 def build_synthetic(root: Path, steps: int, episode_steps: int = 2000, seed: int = 0) -> None:
     """Random arrays with the shapes and dtypes of a 160x120 ViZDoom recording."""
     rng = np.random.default_rng(seed)
-    index = DatasetIndex(root, resolution=(160, 120), frame_skip=4, source={"kind": "synthetic", "seed": seed},
-                         variables=[f"v{i}" for i in range(12)], overwrite=True)
+    index = DatasetIndex(
+        root,
+        resolution=(160, 120),
+        frame_skip=4,
+        source={"kind": "synthetic", "seed": seed},
+        variables=[f"v{i}" for i in range(12)],
+        overwrite=True,
+    )
     for k, start in enumerate(range(0, steps, episode_steps)):
         n = min(episode_steps, steps - start)
-        ep = Episode(frames=rng.integers(0, 256, (n, 120, 160, 3), np.uint8),
-                     keys=rng.integers(0, 2, (n, 8), np.uint8), mouse=rng.normal(0, 5, (n, 2)).astype(np.float32),
-                     depth=rng.integers(0, 256, (n, 120, 160), np.uint8),
-                     pose=rng.normal(0, 500, (n, 5)).astype(np.float32),
-                     variables=rng.normal(size=(n, 12)).astype(np.float32))
-        index.add(EpisodeInfo(id=f"e{k:04d}", length=n, shards=write_episode_shards(root, f"e{k:04d}", ep),
-                              map="E1M1", seed=k))
+        ep = Episode(
+            frames=rng.integers(0, 256, (n, 120, 160, 3), np.uint8),
+            keys=rng.integers(0, 2, (n, 8), np.uint8),
+            mouse=rng.normal(0, 5, (n, 2)).astype(np.float32),
+            depth=rng.integers(0, 256, (n, 120, 160), np.uint8),
+            pose=rng.normal(0, 500, (n, 5)).astype(np.float32),
+            variables=rng.normal(size=(n, 12)).astype(np.float32),
+        )
+        index.add(
+            EpisodeInfo(
+                id=f"e{k:04d}", length=n, shards=write_episode_shards(root, f"e{k:04d}", ep), map="E1M1", seed=k
+            )
+        )
 
 
 def memcpy_gb_per_s(mb: int = 64) -> float:
@@ -74,8 +86,11 @@ def measure(windows: WindowDataset, batch_size: int, workers: int, collate: str,
     The second does not depend on what else the machine runs; on an idle machine a loader
     that keeps every core busy approaches (cores x frames per CPU-second).
     """
-    loader = (windows.loader(batch_size, shuffle=True, num_workers=workers, seed=0) if collate == "worldgen" else
-              torch.utils.data.DataLoader(windows, batch_size=batch_size, shuffle=True, num_workers=workers))
+    loader = (
+        windows.loader(batch_size, shuffle=True, num_workers=workers, seed=0)
+        if collate == "worldgen"
+        else torch.utils.data.DataLoader(windows, batch_size=batch_size, shuffle=True, num_workers=workers)
+    )
     cpu0, warmup, n, n_all, nbytes, t0 = _cpu_seconds(), 3, 0, 0, 0, None
     it = iter(loader)
     while n < frames:
@@ -95,9 +110,17 @@ def measure(windows: WindowDataset, batch_size: int, workers: int, collate: str,
     del it, batch, loader  # joins the workers (persistent ones live in the loader), counting their CPU time
     gc.collect()
     cpu = _cpu_seconds() - cpu0
-    return {"workers": workers, "collate": collate, "batch_size": batch_size, "frames": n, "seconds": round(dt, 2),
-            "frames_per_s": round(n / dt), "windows_per_s": round(n / windows.window / dt, 1),
-            "MB_per_s": round(nbytes / dt / 1e6), "frames_per_cpu_s": round(n_all / cpu)}
+    return {
+        "workers": workers,
+        "collate": collate,
+        "batch_size": batch_size,
+        "frames": n,
+        "seconds": round(dt, 2),
+        "frames_per_s": round(n / dt),
+        "windows_per_s": round(n / windows.window / dt, 1),
+        "MB_per_s": round(nbytes / dt / 1e6),
+        "frames_per_cpu_s": round(n_all / cpu),
+    }
 
 
 def main() -> None:
@@ -124,12 +147,24 @@ def main() -> None:
     verify = time.perf_counter() - t
     size = sum(s["bytes"] for e in ds.episodes for s in e.shards)
     commit = git_commit()
-    header = {"dataset": str(ds.root), "source": ds.index["source"].get("kind") or ds.index["source"].get("env"),
-              "steps": ds.num_steps, "episodes": len(ds), "resolution": ds.resolution, "fields": windows.fields,
-              "bytes": size, "verify_s": round(verify, 2), "verify_MB_per_s": round(size / verify / 1e6),
-              "window": args.window, "cpus": os.cpu_count(), "torch": torch.__version__,
-              "machine": platform.processor() or platform.machine(), "commit": commit,
-              "load_avg_before": round(os.getloadavg()[0], 1), "memcpy_GB_per_s": memcpy_gb_per_s()}
+    header = {
+        "dataset": str(ds.root),
+        "source": ds.index["source"].get("kind") or ds.index["source"].get("env"),
+        "steps": ds.num_steps,
+        "episodes": len(ds),
+        "resolution": ds.resolution,
+        "fields": windows.fields,
+        "bytes": size,
+        "verify_s": round(verify, 2),
+        "verify_MB_per_s": round(size / verify / 1e6),
+        "window": args.window,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "commit": commit,
+        "load_avg_before": round(os.getloadavg()[0], 1),
+        "memcpy_GB_per_s": memcpy_gb_per_s(),
+    }
     print(json.dumps(header))
     rows = []
     for collate in args.collate.split(","):
@@ -138,10 +173,14 @@ def main() -> None:
             row["load_avg"] = round(os.getloadavg()[0], 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| workers | collate | batch | frames/s | MB/s | frames per CPU-s | load avg |\n|---|---|---|---|---|---|---|")
+    print(
+        "\n| workers | collate | batch | frames/s | MB/s | frames per CPU-s | load avg |\n|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['workers']} | {r['collate']} | {r['batch_size']}x{args.window} | {r['frames_per_s']:,} | "
-              f"{r['MB_per_s']} | {r['frames_per_cpu_s']:,} | {r['load_avg']} |")
+        print(
+            f"| {r['workers']} | {r['collate']} | {r['batch_size']}x{args.window} | {r['frames_per_s']:,} | "
+            f"{r['MB_per_s']} | {r['frames_per_cpu_s']:,} | {r['load_avg']} |"
+        )
     if args.json:
         args.json.write_text(json.dumps({"setup": header, "results": rows}, indent=1))
 

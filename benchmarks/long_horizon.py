@@ -32,9 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,8 +44,16 @@ from worldgen.data import Dataset
 from worldgen.engine.world_model import StreamConfig, WorldModel
 from worldgen.evaluation import EvaluationError
 from worldgen.evaluation.metrics import psnr
-from worldgen.evaluation.stability import (PERCENTILES, frames_per_s, in_range, open_sessions, pick_windows, play, stability,
-                                          starts_of)
+from worldgen.evaluation.stability import (
+    PERCENTILES,
+    frames_per_s,
+    in_range,
+    open_sessions,
+    pick_windows,
+    play,
+    stability,
+    starts_of,
+)
 from worldgen.provenance import hardware
 
 # The table of the issue: the shipped cache (15 frames, no sink), without stabilisation noise,
@@ -61,8 +70,8 @@ class BenchmarkError(ValueError):
 class Setting:
     """One engine configuration: what the KV cache keeps and how cached frames are noised."""
 
-    window: int       # latest frames attended to
-    sinks: int        # first frames kept for ever
+    window: int  # latest frames attended to
+    sinks: int  # first frames kept for ever
     ctx_noise: float  # stabilisation noise level of cached frames (0 = exact conditioning)
 
     @property
@@ -101,31 +110,54 @@ def positive_int(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--checkpoint", default="default", help="model folder or 'default'")
     p.add_argument("--data", required=True, help="recording REC: real range, contexts, actions, ground truth")
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--frames", type=positive_int, default=10_000, help="frames per stability session")
     p.add_argument("--sessions", type=positive_int, default=8, help="stability sessions, batched (cheap on a GPU)")
-    p.add_argument("--starts", type=parse_start, nargs="+", default=None, metavar="EPISODE:FRAME",
-                   help="the stability sessions' contexts (one session each; default: --sessions spread "
-                        "evenly), e.g. a session of an earlier JSON's starts again with its --seed + index")
-    p.add_argument("--stability-setting", type=parse_setting, default=None,
-                   help="window,sinks,ctx_noise of the stability sessions (default: the checkpoint's)")
+    p.add_argument(
+        "--starts",
+        type=parse_start,
+        nargs="+",
+        default=None,
+        metavar="EPISODE:FRAME",
+        help="the stability sessions' contexts (one session each; default: --sessions spread "
+        "evenly), e.g. a session of an earlier JSON's starts again with its --seed + index",
+    )
+    p.add_argument(
+        "--stability-setting",
+        type=parse_setting,
+        default=None,
+        help="window,sinks,ctx_noise of the stability sessions (default: the checkpoint's)",
+    )
     p.add_argument("--segment", type=positive_int, default=1000, help="frames per segment of the drift table")
-    p.add_argument("--settings", type=parse_setting, nargs="*", default=[parse_setting(s) for s in DEFAULT_SETTINGS],
-                   help="window,sinks,ctx_noise entries of the PSNR table (none: skip the table)")
+    p.add_argument(
+        "--settings",
+        type=parse_setting,
+        nargs="*",
+        default=[parse_setting(s) for s in DEFAULT_SETTINGS],
+        help="window,sinks,ctx_noise entries of the PSNR table (none: skip the table)",
+    )
     p.add_argument("--horizons", type=positive_int, nargs="+", default=[16, 64, 256])
     p.add_argument("--windows", type=positive_int, default=16, help="rollout windows per setting, one batch")
     p.add_argument("--context", type=positive_int, default=8, help="real frames before each rollout/session")
     p.add_argument("--seed", type=int, default=0, help="session i draws its sampler noise from seed + i")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler Euler steps (default: the checkpoint's)")
     p.add_argument("--shift", type=float, default=None, help="sampler timestep shift (default: the checkpoint's)")
-    p.add_argument("--compile", action="store_true",
-                   help="wm.compile() for the stability sessions (one CUDA graph per step, GPU); the table's "
-                        "short runs stay eager: compiling each setting would cost more than it saves")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (1 is fastest on a small shared CPU)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="wm.compile() for the stability sessions (one CUDA graph per step, GPU); the table's "
+        "short runs stay eager: compiling each setting would cost more than it saves",
+    )
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (1 is fastest on a small shared CPU)"
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     return p, p.parse_args(argv)
@@ -136,19 +168,28 @@ def log(msg: str) -> None:
 
 
 def load(args: argparse.Namespace, setting: Setting, compile: bool = False) -> WorldModel:
-    wm = WorldModel.load(args.checkpoint, args.device, window=setting.window, sinks=setting.sinks,
-                         ctx_noise=setting.ctx_noise, steps=args.steps, shift=args.shift)
+    wm = WorldModel.load(
+        args.checkpoint,
+        args.device,
+        window=setting.window,
+        sinks=setting.sinks,
+        ctx_noise=setting.ctx_noise,
+        steps=args.steps,
+        shift=args.shift,
+    )
     return wm.compile() if compile else wm
 
 
 # --- 2. settings table ---------------------------------------------------------------------------
 
-def rollout_psnr(wm: WorldModel, items: list[dict[str, Any]], context: int, horizons: list[int],
-                 seed: int) -> dict[str, Any]:
+
+def rollout_psnr(
+    wm: WorldModel, items: list[dict[str, Any]], context: int, horizons: list[int], seed: int
+) -> dict[str, Any]:
     """PSNR of generated vs real frames at each horizon (h = 1 is the first generated frame),
     averaged over the windows, all stepped as one batch."""
-    real = np.stack([it["frames"] for it in items])                          # (B, C + H, H_px, W_px, 3)
-    keys = np.stack([it["keys"][context:] for it in items])                   # (B, H, 8)
+    real = np.stack([it["frames"] for it in items])  # (B, C + H, H_px, W_px, 3)
+    keys = np.stack([it["keys"][context:] for it in items])  # (B, H, 8)
     mouse = np.stack([it["mouse"][context:] for it in items])
     scores: dict[str, float] = {}
 
@@ -157,11 +198,14 @@ def rollout_psnr(wm: WorldModel, items: list[dict[str, Any]], context: int, hori
             scores[str(t + 1)] = round(float(psnr(frames, real[:, context + t]).mean()), 3)
 
     sessions = open_sessions(wm, items, context, seed)
-    times = play(wm, sessions, keys[:, :max(horizons)], mouse[:, :max(horizons)], visit)
+    times = play(wm, sessions, keys[:, : max(horizons)], mouse[:, : max(horizons)], visit)
     for s in sessions:
         s.close()
-    return {"psnr": scores, "seconds": round(float(times.sum()), 3),
-            "frames_per_s": round(frames_per_s(times, len(items)), 2)}
+    return {
+        "psnr": scores,
+        "seconds": round(float(times.sum()), 3),
+        "frames_per_s": round(frames_per_s(times, len(items)), 2),
+    }
 
 
 def baseline_psnr(items: list[dict[str, Any]], context: int, horizons: list[int]) -> dict[str, float]:
@@ -172,18 +216,22 @@ def baseline_psnr(items: list[dict[str, Any]], context: int, horizons: list[int]
 
 # --- checks and output -----------------------------------------------------------------------------
 
+
 def check(wm: WorldModel, ds: Dataset, args: argparse.Namespace) -> None:
     """Fail before any long run: every setting must fit the model, REC must fit the model."""
     if wm.dit.cfg.frames_per_block != 1:
-        raise BenchmarkError(f"the model generates {wm.dit.cfg.frames_per_block} frames per step; this "
-                             f"benchmark scores one frame per step")
+        raise BenchmarkError(
+            f"the model generates {wm.dit.cfg.frames_per_block} frames per step; this "
+            f"benchmark scores one frame per step"
+        )
     h, w, _ = wm.frame_shape
     if tuple(ds.resolution) != (w, h):
         raise BenchmarkError(f"{ds.root} has {ds.resolution[0]}x{ds.resolution[1]} frames, the model makes {w}x{h}")
     for s in [*args.settings, *([args.stability_setting] if args.stability_setting else [])]:
         try:
-            StreamConfig(steps=wm.stream.steps, shift=wm.stream.shift, ctx_noise=s.ctx_noise, sinks=s.sinks,
-                         window=s.window).check(wm.dit, wm.trained_window)
+            StreamConfig(
+                steps=wm.stream.steps, shift=wm.stream.shift, ctx_noise=s.ctx_noise, sinks=s.sinks, window=s.window
+            ).check(wm.dit, wm.trained_window)
         except ValueError as e:
             raise BenchmarkError(f"setting {s.label} (window,sinks,ctx_noise): {e}") from None
 
@@ -191,41 +239,72 @@ def check(wm: WorldModel, ds: Dataset, args: argparse.Namespace) -> None:
 def markdown(result: dict[str, Any]) -> str:
     st, lines = result["stability"], []
     lo_p, hi_p = (f"p{q:g}" for q in PERCENTILES)
-    lines += [f"Stability: {st['sessions']} session(s) x {st['frames']} frames, setting {st['setting']}, "
-              f"{st['frames_per_s']} frames/s on {result['device_name']}", "",
-              f"| per-frame | real min | real {lo_p} | real {hi_p} | real max | generated min | generated max | "
-              f"outside real [min, max] | outside real [{lo_p}, {hi_p}] |", "|---|" + "---:|" * 8]
+    lines += [
+        f"Stability: {st['sessions']} session(s) x {st['frames']} frames, setting {st['setting']}, "
+        f"{st['frames_per_s']} frames/s on {result['device_name']}",
+        "",
+        f"| per-frame | real min | real {lo_p} | real {hi_p} | real max | generated min | generated max | "
+        f"outside real [min, max] | outside real [{lo_p}, {hi_p}] |",
+        "|---|" + "---:|" * 8,
+    ]
     for stat in ("mean", "std"):
         r, g = st["real"][stat], st["generated"][stat]
-        lines.append(f"| {stat} | {r['min']:.1f} | {r[lo_p]:.1f} | {r[hi_p]:.1f} | {r['max']:.1f} | {g['min']:.1f} | "
-                     f"{g['max']:.1f} | {g['outside_minmax']:.2%} | {g['outside_percentiles']:.2%} |")
-    lines += ["", f"Session by session (real frames outside [{lo_p}, {hi_p}]: {st['real_outside_percentiles']:.2%}; "
-              f"in range: {in_range(st)}):", "",
-              f"| start | std mean | outside real [min, max] | outside real [{lo_p}, {hi_p}] | "
-              f"the start episode's real frames outside [{lo_p}, {hi_p}] |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {e}:{f} | {np.mean(std):.1f} | {r:.2%} | {p:.2%} | {q:.2%} |" for (e, f), std, r, p, q in
-              zip(st["starts"], st["series"]["std"], st["session_outside_minmax"], st["session_outside_percentiles"],
-                  st["start_episode_outside_percentiles"])]
+        lines.append(
+            f"| {stat} | {r['min']:.1f} | {r[lo_p]:.1f} | {r[hi_p]:.1f} | {r['max']:.1f} | {g['min']:.1f} | "
+            f"{g['max']:.1f} | {g['outside_minmax']:.2%} | {g['outside_percentiles']:.2%} |"
+        )
+    lines += [
+        "",
+        f"Session by session (real frames outside [{lo_p}, {hi_p}]: {st['real_outside_percentiles']:.2%}; "
+        f"in range: {in_range(st)}):",
+        "",
+        f"| start | std mean | outside real [min, max] | outside real [{lo_p}, {hi_p}] | "
+        f"the start episode's real frames outside [{lo_p}, {hi_p}] |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {e}:{f} | {np.mean(std):.1f} | {r:.2%} | {p:.2%} | {q:.2%} |"
+        for (e, f), std, r, p, q in zip(
+            st["starts"],
+            st["series"]["std"],
+            st["session_outside_minmax"],
+            st["session_outside_percentiles"],
+            st["start_episode_outside_percentiles"],
+        )
+    ]
     lines += ["", f"| frames | mean | std | outside [{lo_p}, {hi_p}] (mean or std) |", "|---|---:|---:|---:|"]
-    lines += [f"| {s['frames'][0]}-{s['frames'][1]} | {s['mean']:.1f} | {s['std']:.1f} | {s['outside_percentiles']:.2%} |"
-              for s in st["segments"]]
+    lines += [
+        f"| {s['frames'][0]}-{s['frames'][1]} | {s['mean']:.1f} | {s['std']:.1f} | {s['outside_percentiles']:.2%} |"
+        for s in st["segments"]
+    ]
     if result["settings"]:
         hs = result["horizons"]
-        lines += ["", f"Rollout PSNR (dB), {result['windows']} windows, context {result['context']}, "
-                  f"steps {result['sampler']['steps']}, shift {result['sampler']['shift']}", "",
-                  "| window | sinks | ctx_noise | " + " | ".join(f"PSNR@{h}" for h in hs) + " | frames/s | |",
-                  "|---:|---:|---:|" + "---:|" * (len(hs) + 1) + "---|"]
+        lines += [
+            "",
+            f"Rollout PSNR (dB), {result['windows']} windows, context {result['context']}, "
+            f"steps {result['sampler']['steps']}, shift {result['sampler']['shift']}",
+            "",
+            "| window | sinks | ctx_noise | " + " | ".join(f"PSNR@{h}" for h in hs) + " | frames/s | |",
+            "|---:|---:|---:|" + "---:|" * (len(hs) + 1) + "---|",
+        ]
         for r in result["settings"]:
             mark = "**best**" if r["setting"] == result["best"] else ""
-            lines.append(f"| {r['window']} | {r['sinks']} | {r['ctx_noise']:g} | "
-                         + " | ".join(f"{r['psnr'][str(h)]:.2f}" for h in hs) + f" | {r['frames_per_s']} | {mark} |")
-        lines.append("| repeat last context frame | | | " + " | ".join(f"{result['baseline'][str(h)]:.2f}" for h in hs)
-                     + " | | |")
+            lines.append(
+                f"| {r['window']} | {r['sinks']} | {r['ctx_noise']:g} | "
+                + " | ".join(f"{r['psnr'][str(h)]:.2f}" for h in hs)
+                + f" | {r['frames_per_s']} | {mark} |"
+            )
+        lines.append(
+            "| repeat last context frame | | | "
+            + " | ".join(f"{result['baseline'][str(h)]:.2f}" for h in hs)
+            + " | | |"
+        )
     return "\n".join(lines)
 
 
 def write_plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -235,8 +314,13 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     for ax, stat in zip(axes, ("mean", "std")):
         r = st["real"][stat]
         ax.axhspan(r["min"], r["max"], color="tab:green", alpha=0.12, label="real min-max")
-        ax.axhspan(r[f"p{PERCENTILES[0]:g}"], r[f"p{PERCENTILES[1]:g}"], color="tab:green", alpha=0.25,
-                   label=f"real p{PERCENTILES[0]:g}-p{PERCENTILES[1]:g}")
+        ax.axhspan(
+            r[f"p{PERCENTILES[0]:g}"],
+            r[f"p{PERCENTILES[1]:g}"],
+            color="tab:green",
+            alpha=0.25,
+            label=f"real p{PERCENTILES[0]:g}-p{PERCENTILES[1]:g}",
+        )
         for i, series in enumerate(st["series"][stat]):
             ax.plot(np.arange(1, len(series) + 1), series, lw=0.6, alpha=0.8, label=f"session {i}" if i < 8 else None)
         ax.set(xlabel="generated frame", ylabel=f"per-frame {stat} (uint8 RGB)", title=f"frame {stat}")
@@ -249,14 +333,18 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set(xlabel="horizon (frames)", ylabel="PSNR (dB)", title=f"rollout, {result['windows']} windows")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{result['checkpoint']} on {Path(result['data']).name}: {st['sessions']} x {st['frames']} frames, "
-                 f"setting {st['setting']}", fontsize=9)
+    fig.suptitle(
+        f"{result['checkpoint']} on {Path(result['data']).name}: {st['sessions']} x {st['frames']} frames, "
+        f"setting {st['setting']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 # --- main ----------------------------------------------------------------------------------------
+
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p, args = parse_args(argv)
@@ -268,25 +356,49 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         check(base, ds, args)
         longest = args.context + max(args.horizons)
-        items = pick_windows(ds, longest, args.windows, f"a context of {args.context} + {max(args.horizons)} frames") \
-            if args.settings else []
+        items = (
+            pick_windows(ds, longest, args.windows, f"a context of {args.context} + {max(args.horizons)} frames")
+            if args.settings
+            else []
+        )
     except (BenchmarkError, EvaluationError) as e:
         p.error(str(e))
     defaults = Setting(base.stream.window, base.stream.sinks, base.stream.ctx_noise)
     result: dict[str, Any] = {
-        "version": 1, "checkpoint": str(base.checkpoint), "data": str(ds.root), "device": str(base.device),
-        "device_name": hardware(base.device), "torch": torch.__version__, "compile": args.compile,
-        "sampler": {"steps": base.stream.steps, "shift": base.stream.shift}, "trained_window": base.trained_window,
-        "defaults": defaults.label, "context": args.context, "horizons": args.horizons, "seed": args.seed}
+        "version": 1,
+        "checkpoint": str(base.checkpoint),
+        "data": str(ds.root),
+        "device": str(base.device),
+        "device_name": hardware(base.device),
+        "torch": torch.__version__,
+        "compile": args.compile,
+        "sampler": {"steps": base.stream.steps, "shift": base.stream.shift},
+        "trained_window": base.trained_window,
+        "defaults": defaults.label,
+        "context": args.context,
+        "horizons": args.horizons,
+        "seed": args.seed,
+    }
 
     # 1. Stability: the per-frame statistics of long sessions against every real frame's.
     setting = args.stability_setting or defaults
     wm = load(args, setting, compile=args.compile)
-    log(f"stability: {len(args.starts) if args.starts else args.sessions} session(s) x {args.frames} frames, "
-        f"setting {setting.label}")
+    log(
+        f"stability: {len(args.starts) if args.starts else args.sessions} session(s) x {args.frames} frames, "
+        f"setting {setting.label}"
+    )
     try:
-        run = stability(wm, ds, args.frames, args.sessions, args.context, args.seed, segment=args.segment, log=log,
-                        starts=args.starts)
+        run = stability(
+            wm,
+            ds,
+            args.frames,
+            args.sessions,
+            args.context,
+            args.seed,
+            segment=args.segment,
+            log=log,
+            starts=args.starts,
+        )
     except EvaluationError as e:
         p.error(str(e))
     result["stability"] = {"setting": setting.label, **run}
@@ -298,8 +410,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["settings"] = []
     for s in args.settings:
         log(f"setting {s.label}: {len(items)} windows x {max(args.horizons)} frames")
-        result["settings"].append({"setting": s.label, **asdict(s),
-                                   **rollout_psnr(load(args, s), items, args.context, args.horizons, args.seed)})
+        result["settings"].append(
+            {
+                "setting": s.label,
+                **asdict(s),
+                **rollout_psnr(load(args, s), items, args.context, args.horizons, args.seed),
+            }
+        )
     mean_psnr = lambda r: np.mean(list(r["psnr"].values()))
     result["best"] = max(result["settings"], key=mean_psnr)["setting"] if result["settings"] else None
 

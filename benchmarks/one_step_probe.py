@@ -35,16 +35,18 @@ def main() -> None:
     tok, dit = load_tokenizer(args.checkpoint).eval(), load_dit(args.checkpoint).float().eval()
     ds, c = Dataset(args.data), args.context
     items = select_windows(ds, list(range(len(ds))), c + 1, args.windows, args.seed)
-    frames = torch.from_numpy(np.stack([i["frames"] for i in items]))                  # (N, c+1, H, W, 3)
+    frames = torch.from_numpy(np.stack([i["frames"] for i in items]))  # (N, c+1, H, W, 3)
     acts = torch.from_numpy(np.stack([actions.to_vector(i["keys"], i["mouse"]) for i in items]))
     n = len(items)
     with torch.no_grad():
         z = tok.encode(frames_to_tensor(frames.flatten(0, 1))).float()
-        z = z.reshape(n, c + 1, *z.shape[1:])                                            # (N, c+1, C, h, w)
-        target, last = z[:, c:], z[:, c - 1:c]
+        z = z.reshape(n, c + 1, *z.shape[1:])  # (N, c+1, C, h, w)
+        target, last = z[:, c:], z[:, c - 1 : c]
         copy = ((last - target) ** 2).mean().item()
-        print(f"{n} windows, context {c}: copy-last MSE {copy:.4f}, latent variance {z.var().item():.4f}, "
-              f"copy / variance {copy / z.var().item():.3f}")
+        print(
+            f"{n} windows, context {c}: copy-last MSE {copy:.4f}, latent variance {z.var().item():.4f}, "
+            f"copy / variance {copy / z.var().item():.3f}"
+        )
         eps = torch.randn(target.shape, generator=torch.Generator().manual_seed(args.seed))
         shuffled = acts[torch.roll(torch.arange(n), 1), c]
         for level in args.levels:

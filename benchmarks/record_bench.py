@@ -46,24 +46,38 @@ def main() -> None:
     maps = args.maps.split(",")
     steps = args.steps or (20_000 if args.what == "speed" else 10_000)
     policies = ["explore"] if args.what == "speed" else ["explore", "random"]
-    print(f"# {' '.join(sys.argv)}\n# {os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}, "
-          f"{date.today()}, commit {git_commit() or 'unknown'}")
-    print("| policy | workers | frames | episodes | wall | frames/s | frames/CPU-s | cells per 10k frames "
-          "| distinct cells | episode ends |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print(
+        f"# {' '.join(sys.argv)}\n# {os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}, "
+        f"{date.today()}, commit {git_commit() or 'unknown'}"
+    )
+    print(
+        "| policy | workers | frames | episodes | wall | frames/s | frames/CPU-s | cells per 10k frames "
+        "| distinct cells | episode ends |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    )
     for policy in policies:
         with tempfile.TemporaryDirectory(prefix="record-bench-") as tmp:
             cpu0 = _cpu()
-            s = record_doom(Path(tmp) / policy, steps, workers=args.workers, episode_steps=args.episode_steps,
-                            maps=maps, seed=args.seed, policy=policy, progress=False)
+            s = record_doom(
+                Path(tmp) / policy,
+                steps,
+                workers=args.workers,
+                episode_steps=args.episode_steps,
+                maps=maps,
+                seed=args.seed,
+                policy=policy,
+                progress=False,
+            )
             cpu = _cpu() - cpu0
             cov = s["coverage"]
             if args.plots:
                 png = plot_coverage(Dataset(s["out"]), args.plots / f"coverage_{policy}.png")
                 print(f"# plot {png} ({png.stat().st_size / 1024:.0f} KB)")
         per10k = "n/a" if cov["cells_per_block"] is None else f"{cov['cells_per_block']:.0f}"
-        print(f"| {policy} | {args.workers} | {s['frames']:,} | {s['episodes']} | {s['seconds']:.1f} s | "
-              f"{s['frames_per_s']:.0f} | {s['frames'] / cpu:.0f} | {per10k} | {cov['cells']} | "
-              f"{', '.join(f'{k} {v}' for k, v in sorted(s['ends'].items()))} |")
+        print(
+            f"| {policy} | {args.workers} | {s['frames']:,} | {s['episodes']} | {s['seconds']:.1f} s | "
+            f"{s['frames_per_s']:.0f} | {s['frames'] / cpu:.0f} | {per10k} | {cov['cells']} | "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(s['ends'].items()))} |"
+        )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,8 +49,14 @@ from worldgen.memory.bank import BankConfig, in_frustum, view_points
 from worldgen.training.common import hardware
 
 # The key each key becomes when walking a path backwards.
-_MIRROR = {"forward": "back", "back": "forward", "strafe_left": "strafe_right", "strafe_right": "strafe_left",
-           "turn_left": "turn_right", "turn_right": "turn_left"}
+_MIRROR = {
+    "forward": "back",
+    "back": "forward",
+    "strafe_left": "strafe_right",
+    "strafe_right": "strafe_left",
+    "turn_left": "turn_right",
+    "turn_right": "turn_left",
+}
 INVERSE_KEY = np.array([KEYS.index(_MIRROR.get(k, k)) for k in KEYS])
 
 # (source "DATASET::EPISODE_ID", frame, keys (K, 8), mouse (K, 2)) -> the game's frames (K, H, W, 3),
@@ -79,8 +86,9 @@ def view_share_left(poses: np.ndarray, cfg: BankConfig) -> np.ndarray:
     return in_frustum(view_points(p[0], cfg)[None], p[1:], cfg).float().mean(-1).numpy()
 
 
-def pick_windows(ds: Dataset, context: int, out_frames: int, out_of_view: int, n: int, out_share: float = 0.1,
-                 stride: int = 8) -> list[tuple[int, int]]:
+def pick_windows(
+    ds: Dataset, context: int, out_frames: int, out_of_view: int, n: int, out_share: float = 0.1, stride: int = 8
+) -> list[tuple[int, int]]:
     """Up to ``n`` windows ``(episode, s)`` whose way out leaves the start view (sees less than
     ``out_share`` of its frustum) for ``out_of_view`` frames, spread evenly over all that qualify
     (at most one start per ``stride`` frames)."""
@@ -90,11 +98,13 @@ def pick_windows(ds: Dataset, context: int, out_frames: int, out_of_view: int, n
     for e, info in enumerate(ds.episodes):
         pose = ds.read(e, "pose")
         for s in range(context - 1, info.length - out_frames - 1, stride):
-            if (view_share_left(pose[s:s + out_frames + 1], cfg) < out_share).sum() >= out_of_view:
+            if (view_share_left(pose[s : s + out_frames + 1], cfg) < out_share).sum() >= out_of_view:
                 found.append((e, s))
     if not found:
-        raise RevisitError(f"{ds.root}: no window of {out_frames} frames leaves the start view (< {out_share} of it "
-                           f"seen) for {out_of_view} frames; record longer episodes or lower --out-of-view")
+        raise RevisitError(
+            f"{ds.root}: no window of {out_frames} frames leaves the start view (< {out_share} of it "
+            f"seen) for {out_of_view} frames; record longer episodes or lower --out-of-view"
+        )
     return [found[int(i)] for i in np.unique(np.linspace(0, len(found) - 1, min(n, len(found))).round())]
 
 
@@ -112,25 +122,32 @@ class Window:
         self.episode, self.s = episode, s
         lo = s - context + 1
         keys, mouse = ds.read(episode, "keys"), ds.read(episode, "mouse")
-        self.frames = ds.read(episode, "frames", lo, s + out_frames + 1)        # context + way out
+        self.frames = ds.read(episode, "frames", lo, s + out_frames + 1)  # context + way out
         self.poses = ds.read(episode, "pose", lo, s + out_frames + 1)
         # keys[i] is the action after frame i, so frame i was made by keys[i - 1] (a no-op for frame 0).
         made_by = [Action(keys[i - 1], mouse[i - 1]) if i > 0 else Action.from_keys([]) for i in range(lo, s + 1)]
         self.context_actions = made_by
-        self.out_actions = [Action(k, m) for k, m in zip(keys[s:s + out_frames], mouse[s:s + out_frames])]
-        back_k, back_m = reverse_path(keys[s:s + out_frames], mouse[s:s + out_frames])
+        self.out_actions = [Action(k, m) for k, m in zip(keys[s : s + out_frames], mouse[s : s + out_frames])]
+        back_k, back_m = reverse_path(keys[s : s + out_frames], mouse[s : s + out_frames])
         self.back_actions = [Action(k, m) for k, m in zip(back_k, back_m)]
         # matched: the game's replay reached frame s + L exactly; else its way back starts elsewhere.
-        self.back_frames, self.back_poses, self.matched = game(f"{ds.root}::{ds.episodes[episode].id}",
-                                                               s + out_frames, back_k, back_m)
+        self.back_frames, self.back_poses, self.matched = game(
+            f"{ds.root}::{ds.episodes[episode].id}", s + out_frames, back_k, back_m
+        )
         self.context = context
 
 
 def play(wm: WorldModel, windows: Sequence[Window], seed: int, dead_reckon: bool) -> tuple[np.ndarray, np.ndarray]:
     """Every window as one batch: generated frames (W, L, H, W, 3) of the way out and of the way back."""
-    sessions = [wm.session(w.frames[:w.context], w.context_actions, seed=seed + i,
-                           context_poses=None if dead_reckon else w.poses[:w.context])
-                for i, w in enumerate(windows)]
+    sessions = [
+        wm.session(
+            w.frames[: w.context],
+            w.context_actions,
+            seed=seed + i,
+            context_poses=None if dead_reckon else w.poses[: w.context],
+        )
+        for i, w in enumerate(windows)
+    ]
     out, back = [], []
     try:
         for i in range(len(windows[0].out_actions)):
@@ -147,14 +164,17 @@ def play(wm: WorldModel, windows: Sequence[Window], seed: int, dead_reckon: bool
 
 def score(windows: Sequence[Window], out: np.ndarray, back: np.ndarray) -> dict[str, Any]:
     """PSNR against the game: means over windows of the way out, the way back and its last quarter."""
-    real_out = np.stack([w.frames[w.context:] for w in windows])
+    real_out = np.stack([w.frames[w.context :] for w in windows])
     real_back = np.stack([w.back_frames for w in windows])
-    p_out = psnr(out, real_out).numpy()                                        # (W, L)
+    p_out = psnr(out, real_out).numpy()  # (W, L)
     p_back = psnr(back, real_back).numpy()
-    last = p_back[:, -max(1, p_back.shape[1] // 4):]
-    return {"psnr_out": round(float(p_out.mean()), 3), "psnr_back": round(float(p_back.mean()), 3),
-            "psnr_back_last_quarter": round(float(last.mean()), 3),
-            "psnr_back_per_frame": [round(float(v), 3) for v in p_back.mean(0)]}
+    last = p_back[:, -max(1, p_back.shape[1] // 4) :]
+    return {
+        "psnr_out": round(float(p_out.mean()), 3),
+        "psnr_back": round(float(p_back.mean()), 3),
+        "psnr_back_last_quarter": round(float(last.mean()), 3),
+        "psnr_back_per_frame": [round(float(v), 3) for v in p_back.mean(0)],
+    }
 
 
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
@@ -187,8 +207,10 @@ def run(args: argparse.Namespace, game: Game = game_branch) -> dict[str, Any]:
     if not variants:
         raise RevisitError("give at least one --variant LABEL=CHECKPOINT[,key=value...]")
     if args.out_frames < 1 or not 0 < args.out_of_view <= args.out_frames or args.context < 1:
-        raise RevisitError(f"need --context >= 1 and 0 < --out-of-view <= --out-frames, got {args.context}, "
-                           f"{args.out_of_view}, {args.out_frames}")
+        raise RevisitError(
+            f"need --context >= 1 and 0 < --out-of-view <= --out-frames, got {args.context}, "
+            f"{args.out_of_view}, {args.out_frames}"
+        )
     t0 = time.perf_counter()
     picked = pick_windows(ds, args.context, args.out_frames, args.out_of_view, args.windows, args.out_share)
     windows = [Window(ds, e, s, args.context, args.out_frames, game) for e, s in picked]
@@ -205,28 +227,49 @@ def run(args: argparse.Namespace, game: Game = game_branch) -> dict[str, Any]:
         except (TypeError, ValueError) as e:
             raise RevisitError(f"--variant {label}: {e}") from None
         if windows[0].frames.shape[1:] != wm.frame_shape:
-            raise RevisitError(f"{args.data}: frames are {windows[0].frames.shape[1:]}, the model {label} makes "
-                               f"{wm.frame_shape}")
+            raise RevisitError(
+                f"{args.data}: frames are {windows[0].frames.shape[1:]}, the model {label} makes {wm.frame_shape}"
+            )
         out, back = play(wm, windows, args.seed, args.dead_reckon)
         mem = wm.memory
-        rows.append({"variant": label, "checkpoint": ckpt, "settings": kwargs,
-                     "memory": None if mem is None else {"k": mem.k, "cap": mem.cap},
-                     **score(windows, out, back), "seconds": round(time.perf_counter() - t1, 1)})
+        rows.append(
+            {
+                "variant": label,
+                "checkpoint": ckpt,
+                "settings": kwargs,
+                "memory": None if mem is None else {"k": mem.k, "cap": mem.cap},
+                **score(windows, out, back),
+                "seconds": round(time.perf_counter() - t1, 1),
+            }
+        )
         print(f"[revisit] {label}: way back {rows[-1]['psnr_back']:.2f} dB", file=sys.stderr)
-    return {"data": str(args.data), "windows": [[ds.episodes[w.episode].id, w.s] for w in windows],
-            "skipped_replay_mismatch": unmatched,
-            "context": args.context, "out_frames": args.out_frames, "out_of_view": args.out_of_view,
-            "out_share": args.out_share,
-            "poses": "dead-reckoned" if args.dead_reckon else "game", "game_seconds": round(game_s, 1),
-            "device": hardware(torch.device(args.device)), "rows": rows}
+    return {
+        "data": str(args.data),
+        "windows": [[ds.episodes[w.episode].id, w.s] for w in windows],
+        "skipped_replay_mismatch": unmatched,
+        "context": args.context,
+        "out_frames": args.out_frames,
+        "out_of_view": args.out_of_view,
+        "out_share": args.out_share,
+        "poses": "dead-reckoned" if args.dead_reckon else "game",
+        "game_seconds": round(game_s, 1),
+        "device": hardware(torch.device(args.device)),
+        "rows": rows,
+    }
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"Revisit: {len(result['windows'])} windows, {result['out_frames']} frames out and back "
-             f"({result['poses']} cameras), PSNR dB against the game",
-             "", "| variant | way out | way back | way back, last quarter |", "|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['psnr_out']:.2f} | {r['psnr_back']:.2f} | {r['psnr_back_last_quarter']:.2f} |"
-              for r in result["rows"]]
+    lines = [
+        f"Revisit: {len(result['windows'])} windows, {result['out_frames']} frames out and back "
+        f"({result['poses']} cameras), PSNR dB against the game",
+        "",
+        "| variant | way out | way back | way back, last quarter |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['variant']} | {r['psnr_out']:.2f} | {r['psnr_back']:.2f} | {r['psnr_back_last_quarter']:.2f} |"
+        for r in result["rows"]
+    ]
     return "\n".join(lines)
 
 
@@ -238,8 +281,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=8, help="real frames each session starts from")
     p.add_argument("--out-frames", type=int, default=96, help="frames of the way out (and of the way back)")
     p.add_argument("--out-of-view", type=int, default=64, help="way-out frames that must not see the start view")
-    p.add_argument("--out-share", type=float, default=0.1, help="a camera seeing less than this share of the "
-                                                                 "start view's frustum has left it")
+    p.add_argument(
+        "--out-share",
+        type=float,
+        default=0.1,
+        help="a camera seeing less than this share of the start view's frustum has left it",
+    )
     p.add_argument("--dead-reckon", action="store_true", help="sessions estimate their cameras, as in play")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

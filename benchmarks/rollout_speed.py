@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     dit = load_dit(args.checkpoint).float().to(device).eval()
     b, t = args.batch, args.window
     ctx = torch.randn(b, t - 1, dit.cfg.latent_channels, *dit.cfg.latent_size, device=device)
-    acts, future = torch.zeros(b, t - 1, dit.cfg.action_dim, device=device), \
-        torch.zeros(b, args.frames, dit.cfg.action_dim, device=device)
+    acts, future = (
+        torch.zeros(b, t - 1, dit.cfg.action_dim, device=device),
+        torch.zeros(b, args.frames, dit.cfg.action_dim, device=device),
+    )
     stream = StreamConfig(steps=args.steps, ctx_noise=args.ctx_noise, window=t - 1 - StreamConfig.sinks)
 
     def timed(fn) -> float:
@@ -51,11 +53,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return time.perf_counter() - t0
 
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        recompute = timed(lambda: sampling.rollout(dit, ctx, acts, future, steps=args.steps, window=t,
-                                                   ctx_noise=args.ctx_noise, generator=torch.Generator(device)))
+        recompute = timed(
+            lambda: sampling.rollout(
+                dit,
+                ctx,
+                acts,
+                future,
+                steps=args.steps,
+                window=t,
+                ctx_noise=args.ctx_noise,
+                generator=torch.Generator(device),
+            )
+        )
         cached = timed(lambda: rollout_latents(dit, stream, ctx, acts, future, torch.Generator(device)))
-    print(f"{b} windows x {args.frames} frames, {args.steps} Euler steps, {device}: recompute {recompute:.2f} s, "
-          f"cached {cached:.2f} s, {recompute / cached:.1f}x")
+    print(
+        f"{b} windows x {args.frames} frames, {args.steps} Euler steps, {device}: recompute {recompute:.2f} s, "
+        f"cached {cached:.2f} s, {recompute / cached:.1f}x"
+    )
     return {"recompute_s": recompute, "cached_s": cached}
 
 

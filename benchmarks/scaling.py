@@ -40,10 +40,35 @@ LATENT_CACHES = ("latents-train.safetensors", "latents-heldout.safetensors")
 
 def train_command(what: str, n: int, args: argparse.Namespace, run: Path, extra: list[str]) -> list[str]:
     """The ``torchrun`` command of ``n`` processes training ``what`` into ``run``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "-m", "worldgen.cli", "train", what, "--data", args.data, "--out", str(run),
-           "--steps", str(args.steps), "--batch-size", str(args.batch_per_gpu * n), "--log-every", str(args.log_every),
-           "--ckpt-every", str(10**9), "--ckpt-minutes", str(10**6), "--sample-every", "0", "--device", args.device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n}",
+        "-m",
+        "worldgen.cli",
+        "train",
+        what,
+        "--data",
+        args.data,
+        "--out",
+        str(run),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_per_gpu * n),
+        "--log-every",
+        str(args.log_every),
+        "--ckpt-every",
+        str(10**9),
+        "--ckpt-minutes",
+        str(10**6),
+        "--sample-every",
+        "0",
+        "--device",
+        args.device,
+    ]
     if what == "dynamics":
         cmd += ["--tokenizer", args.tokenizer]
     return cmd + extra
@@ -80,27 +105,40 @@ def scaling_rows(summaries: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for n, s in sorted(summaries.items()):
         per_gpu = s["tokens_per_s"] / n
-        rows.append({"gpus": n, "global_batch": s["batch_size_total"], "tokens_per_s": s["tokens_per_s"],
-                     "tokens_per_s_per_gpu": per_gpu, "scaling_efficiency": per_gpu / base,
-                     "step_ms": 1e3 * s["batch_size_total"] / s["samples_per_s"],
-                     "mfu": s["mfu"] if isinstance(s["mfu"], float) else None, "steps": s["steps"],
-                     "wall_s": s["wall_s"], "device": s["device"]})
+        rows.append(
+            {
+                "gpus": n,
+                "global_batch": s["batch_size_total"],
+                "tokens_per_s": s["tokens_per_s"],
+                "tokens_per_s_per_gpu": per_gpu,
+                "scaling_efficiency": per_gpu / base,
+                "step_ms": 1e3 * s["batch_size_total"] / s["samples_per_s"],
+                "mfu": s["mfu"] if isinstance(s["mfu"], float) else None,
+                "steps": s["steps"],
+                "wall_s": s["wall_s"],
+                "device": s["device"],
+            }
+        )
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| GPUs | global batch | tokens/s | tokens/s per GPU | scaling efficiency | MFU | ms/step |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| GPUs | global batch | tokens/s | tokens/s per GPU | scaling efficiency | MFU | ms/step |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        lines.append(f"| {r['gpus']} | {r['global_batch']} | {r['tokens_per_s']:,.0f} "
-                     f"| {r['tokens_per_s_per_gpu']:,.0f} | {r['scaling_efficiency']:.1%} | {mfu} | {r['step_ms']:.1f} |")
+        lines.append(
+            f"| {r['gpus']} | {r['global_batch']} | {r['tokens_per_s']:,.0f} "
+            f"| {r['tokens_per_s_per_gpu']:,.0f} | {r['scaling_efficiency']:.1%} | {mfu} | {r['step_ms']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--what", choices=("dynamics", "tokenizer"), default="dynamics")
     p.add_argument("--data", required=True, help="dataset folder (worldgen record)")
@@ -112,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--log-every", type=int, default=20, help="steps per rate window")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: gloo, to try the path")
     p.add_argument("--json", default=None, help="write the rows and the setting here")
-    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.what == "dynamics" and not args.tokenizer:
         p.error("--what dynamics needs --tokenizer")
     if args.steps < 2 * args.log_every:
@@ -140,14 +178,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         summaries[n] = summary
 
     rows = scaling_rows(summaries)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "?"
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+        or "?"
+    )
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
-    setting = {"what": args.what, "steps": args.steps, "batch_per_gpu": args.batch_per_gpu, "flags": extra,
-               "hardware": hardware(device), "date": datetime.date.today().isoformat(), "commit": commit,
-               "torch": torch.__version__}
-    print(f"\n`worldgen train {args.what}` {' '.join(extra)}, {args.steps} steps, {args.batch_per_gpu} a GPU; "
-          f"{setting['hardware']}; torch {torch.__version__}; {setting['date']}, commit {commit}\n")
+    setting = {
+        "what": args.what,
+        "steps": args.steps,
+        "batch_per_gpu": args.batch_per_gpu,
+        "flags": extra,
+        "hardware": hardware(device),
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "torch": torch.__version__,
+    }
+    print(
+        f"\n`worldgen train {args.what}` {' '.join(extra)}, {args.steps} steps, {args.batch_per_gpu} a GPU; "
+        f"{setting['hardware']}; torch {torch.__version__}; {setting['date']}, commit {commit}\n"
+    )
     print(markdown(rows))
     if args.json:
         text = json.dumps({"setting": setting, "rows": rows}, indent=1)

@@ -73,9 +73,16 @@ async def player(url: str, seed: int, seconds: float, fps: float, stats: dict) -
     finally:
         actor.cancel()
         await c.close()
-    stats.update(frames=frames, seconds=time.monotonic() - start, latencies=latencies, gaps=gaps,
-                 dropped=(c.stats or {}).get("dropped", 0), gen_ms=(c.stats or {}).get("gen_ms"),
-                 batch=(c.stats or {}).get("batch"), server_fps=(c.stats or {}).get("fps"))
+    stats.update(
+        frames=frames,
+        seconds=time.monotonic() - start,
+        latencies=latencies,
+        gaps=gaps,
+        dropped=(c.stats or {}).get("dropped", 0),
+        gen_ms=(c.stats or {}).get("gen_ms"),
+        batch=(c.stats or {}).get("batch"),
+        server_fps=(c.stats or {}).get("fps"),
+    )
 
 
 async def round_(url: str, n: int, seconds: float, fps: float, server_pid: int) -> dict:
@@ -94,10 +101,15 @@ async def round_(url: str, n: int, seconds: float, fps: float, server_pid: int) 
     lat = np.concatenate([p["latencies"] for p in per]) if any(p["latencies"] for p in per) else np.zeros(1)
     fps_each = [p["frames"] / p["seconds"] for p in per]
     return {
-        "clients": n, "seconds": seconds, "fps_mean": float(np.mean(fps_each)), "fps_min": float(np.min(fps_each)),
-        "latency_p50_ms": float(np.percentile(lat, 50)), "latency_p99_ms": float(np.percentile(lat, 99)),
+        "clients": n,
+        "seconds": seconds,
+        "fps_mean": float(np.mean(fps_each)),
+        "fps_min": float(np.min(fps_each)),
+        "latency_p50_ms": float(np.percentile(lat, 50)),
+        "latency_p99_ms": float(np.percentile(lat, 99)),
         "latency_samples": int(sum(len(p["latencies"]) for p in per)),
-        "dropped": int(sum(p["dropped"] for p in per)), "id_gaps": int(sum(p["gaps"] for p in per)),
+        "dropped": int(sum(p["dropped"] for p in per)),
+        "id_gaps": int(sum(p["gaps"] for p in per)),
         "frames": int(sum(p["frames"] for p in per)),
         "gen_ms": float(np.mean([p["gen_ms"] for p in per if p["gen_ms"] is not None] or [0])),
         "batch": float(np.mean([p["batch"] for p in per if p["batch"] is not None] or [0])),
@@ -117,18 +129,40 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[8, 32, 64])
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--fps", type=float, default=None, help="server --fps (default: the model's)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="server --threads (default: 1 on cpu, where the clients need a core too; torch's choice otherwise)")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="server --compile / --no-compile (default: the server's, on for CUDA)")
-    ap.add_argument("--start-timeout", type=float, default=1800.0,
-                    help="seconds the server may take to load and compile before it listens")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="server --threads (default: 1 on cpu, where the clients need a core too; torch's choice otherwise)",
+    )
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="server --compile / --no-compile (default: the server's, on for CUDA)",
+    )
+    ap.add_argument(
+        "--start-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds the server may take to load and compile before it listens",
+    )
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args()
 
     # Every client of a round connects at once: all of them may wait for their hello together.
-    server_args = ["--device", args.device, "--max-sessions", str(max(args.clients)), "--idle-timeout", "600",
-                   "--max-pending", str(max(args.clients)), "--log-level", "WARNING"] + (["--fps", str(args.fps)] if args.fps else [])
+    server_args = [
+        "--device",
+        args.device,
+        "--max-sessions",
+        str(max(args.clients)),
+        "--idle-timeout",
+        "600",
+        "--max-pending",
+        str(max(args.clients)),
+        "--log-level",
+        "WARNING",
+    ] + (["--fps", str(args.fps)] if args.fps else [])
     threads = args.threads or (1 if args.device == "cpu" else None)
     server_args += ["--threads", str(threads)] if threads else []
     server_args += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
@@ -137,32 +171,56 @@ def main() -> None:
     with LocalServer(args.checkpoint, *server_args, timeout=args.start_timeout) as srv:
         print(f"server up in {time.monotonic() - t0:.0f} s: {srv.lines[-2] if len(srv.lines) > 1 else ''}", flush=True)
         fps = asyncio.run(_probe_fps(srv.ws_url))
-        print(f"server pid {srv.pid} at {srv.url}, {fps:g} fps target; {os.cpu_count()} CPUs, "
-              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(
+            f"server pid {srv.pid} at {srv.url}, {fps:g} fps target; {os.cpu_count()} CPUs, "
+            f"load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
         for n in args.clients:
             before = idle_rss(srv.pid)
             load0 = os.getloadavg()[0]
             r = asyncio.run(round_(srv.ws_url, n, args.seconds, fps, srv.pid))
-            r.update(target_fps=fps, rss_before_mb=before, rss_after_mb=idle_rss(srv.pid),
-                     load_avg=max(load0, os.getloadavg()[0]))
+            r.update(
+                target_fps=fps,
+                rss_before_mb=before,
+                rss_after_mb=idle_rss(srv.pid),
+                load_avg=max(load0, os.getloadavg()[0]),
+            )
             rows.append(r)
             print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
 
     commit = git_commit()
-    print(f"\n{args.checkpoint} on {args.device} ({threads or 'default'} torch threads), "
-          f"{platform.processor() or platform.machine()}, {datetime.date.today()}, commit {commit}\n")
-    print("| clients | target fps | fps per client (mean / slowest) | latency p50 / p99 ms | dropped (server) / id gaps "
-          "| model step ms (batch) | server RSS MB before / peak / after |")
+    print(
+        f"\n{args.checkpoint} on {args.device} ({threads or 'default'} torch threads), "
+        f"{platform.processor() or platform.machine()}, {datetime.date.today()}, commit {commit}\n"
+    )
+    print(
+        "| clients | target fps | fps per client (mean / slowest) | latency p50 / p99 ms | dropped (server) / id gaps "
+        "| model step ms (batch) | server RSS MB before / peak / after |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['clients']} | {r['target_fps']:g} | {r['fps_mean']:.2f} / {r['fps_min']:.2f} "
-              f"| {r['latency_p50_ms']:.0f} / {r['latency_p99_ms']:.0f} | {r['dropped']} / {r['id_gaps']} "
-              f"| {r['gen_ms']:.1f} ({r['batch']:.0f}) | {r['rss_before_mb']:.0f} / {r['rss_peak_mb']:.0f} / "
-              f"{r['rss_after_mb']:.0f} |")
+        print(
+            f"| {r['clients']} | {r['target_fps']:g} | {r['fps_mean']:.2f} / {r['fps_min']:.2f} "
+            f"| {r['latency_p50_ms']:.0f} / {r['latency_p99_ms']:.0f} | {r['dropped']} / {r['id_gaps']} "
+            f"| {r['gen_ms']:.1f} ({r['batch']:.0f}) | {r['rss_before_mb']:.0f} / {r['rss_peak_mb']:.0f} / "
+            f"{r['rss_after_mb']:.0f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "device": args.device, "commit": commit, "compile": args.compile,
-                       "date": str(datetime.date.today()), "threads": threads, "rounds": rows}, f, indent=1)
+            json.dump(
+                {
+                    "checkpoint": args.checkpoint,
+                    "device": args.device,
+                    "commit": commit,
+                    "compile": args.compile,
+                    "date": str(datetime.date.today()),
+                    "threads": threads,
+                    "rounds": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 async def _probe_fps(url: str) -> float:

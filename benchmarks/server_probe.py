@@ -125,7 +125,9 @@ async def case_silent(url: str, healthy: Healthy, n: int, limit: float) -> str:
                     await c.recv()
         codes.append(c.close_code)
         c.ws.transport.abort()
-    return f"{live - 1 if live else '?'} of {n} still live after {took:.0f} s; close codes {sorted(set(map(str, codes)))}"
+    return (
+        f"{live - 1 if live else '?'} of {n} still live after {took:.0f} s; close codes {sorted(set(map(str, codes)))}"
+    )
 
 
 async def _flood(url: str, n: int, seconds: float) -> tuple[int, int, list]:
@@ -166,8 +168,7 @@ def flood_process(url: str, n: int, seconds: float) -> tuple[int, int, list]:
 async def case_flood(url: str, n: int, seconds: float) -> tuple[int, str]:
     """The flood comes from another process, so the healthy client's loop is not the one starved."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        total, dropped, codes = await asyncio.get_running_loop().run_in_executor(
-            pool, flood_process, url, n, seconds)
+        total, dropped, codes = await asyncio.get_running_loop().run_in_executor(pool, flood_process, url, n, seconds)
     closed = f"; closed by the server: {sorted(set(codes))}" if codes else ""
     return total, f"{total / seconds:,.0f} msg/s sent, {dropped:,} dropped by the rate limit{closed}"
 
@@ -203,8 +204,10 @@ async def case_no_hello(url: str, n: int, limit: float) -> str:
         codes.append(ws.close_code)
         await ws.close()
     closed = sum(c is not None for c in codes)
-    return (f"{len(opened)} opened, {refused} got 503{f', {errors} failed' if errors else ''}; {closed} closed by the "
-            f"hello deadline within {time.monotonic() - t0:.0f} s (codes {sorted(set(map(str, codes)))})")
+    return (
+        f"{len(opened)} opened, {refused} got 503{f', {errors} failed' if errors else ''}; {closed} closed by the "
+        f"hello deadline within {time.monotonic() - t0:.0f} s (codes {sorted(set(map(str, codes)))})"
+    )
 
 
 async def case_bad_input(url: str) -> str:
@@ -214,8 +217,12 @@ async def case_bad_input(url: str) -> str:
         with contextlib.suppress(ConnectionClosed):
             await ws.recv()
         code = ws.close_code
-    bad = [{"type": "action", "mouse": ["5", "5"]}, {"type": "action", "mouse": [True, False]},
-           {"type": "action", "keys": [True] * 8}, {"type": "action", "t": math.nan}]
+    bad = [
+        {"type": "action", "mouse": ["5", "5"]},
+        {"type": "action", "mouse": [True, False]},
+        {"type": "action", "keys": [True] * 8},
+        {"type": "action", "t": math.nan},
+    ]
     async with await Client.connect(url) as c:
         codes = []
         for m in bad:
@@ -240,7 +247,8 @@ def poisoned_checkpoints(checkpoint: str) -> list[Row]:
     """Load broken copies of the checkpoint; each must be a CheckpointError naming its file."""
     from safetensors.torch import load_file, save_file
 
-    from worldgen import WorldModel, checkpoint as ckpt
+    from worldgen import WorldModel
+    from worldgen import checkpoint as ckpt
     from worldgen.checkpoint import CheckpointError
 
     src = ckpt.resolve(checkpoint)
@@ -267,9 +275,13 @@ def poisoned_checkpoints(checkpoint: str) -> list[Row]:
         meta["files"] = ["../../../../../../etc/passwd"]
         (d / "tokenizer.json").write_text(json.dumps(meta))
 
-    cases = [("NaN weights", nan_bias), ("flipped byte", flip), ("shard outside folder", outside),
-             ("dynamics.json = []", lambda d: (d / "dynamics.json").write_text("[]")),
-             ("JSON nested 100,000 deep", lambda d: (d / "dynamics.json").write_text("[" * 100_000 + "]" * 100_000))]
+    cases = [
+        ("NaN weights", nan_bias),
+        ("flipped byte", flip),
+        ("shard outside folder", outside),
+        ("dynamics.json = []", lambda d: (d / "dynamics.json").write_text("[]")),
+        ("JSON nested 100,000 deep", lambda d: (d / "dynamics.json").write_text("[" * 100_000 + "]" * 100_000)),
+    ]
     rows = []
     for name, poison in cases:
         with tempfile.TemporaryDirectory() as tmp:
@@ -305,8 +317,7 @@ async def probe(srv: LocalServer, args: argparse.Namespace) -> list[Row]:
         t1, cpu1 = time.monotonic(), cpu_seconds(srv.pid)
         if isinstance(result, tuple):
             count, result = result
-        rows.append(Row(case, count, result, healthy.fps(t0, t1), (cpu1 - cpu0) / (t1 - t0), watch.rss / MB,
-                        watch.fds))
+        rows.append(Row(case, count, result, healthy.fps(t0, t1), (cpu1 - cpu0) / (t1 - t0), watch.rss / MB, watch.fds))
         print(rows[-1], flush=True)
 
     s = args.seconds
@@ -327,8 +338,13 @@ async def probe(srv: LocalServer, args: argparse.Namespace) -> list[Row]:
     while srv.proc.poll() is None and time.monotonic() - t0 < 60:
         await asyncio.sleep(0.05)
     took = time.monotonic() - t0
-    rows.append(Row("SIGTERM with 2 silent clients", 2, f"exited in {took:.1f} s" if srv.proc.poll() is not None
-                    else "still running after 60 s"))
+    rows.append(
+        Row(
+            "SIGTERM with 2 silent clients",
+            2,
+            f"exited in {took:.1f} s" if srv.proc.poll() is not None else "still running after 60 s",
+        )
+    )
     print(rows[-1], flush=True)
     sampler.cancel()
     playing.cancel()
@@ -338,12 +354,16 @@ async def probe(srv: LocalServer, args: argparse.Namespace) -> list[Row]:
 
 
 def table(rows: list[Row]) -> str:
-    out = ["| case | count | outcome | healthy client fps | server CPU s/s | server RSS MB | server fds |",
-           "|---|---:|---|---:|---:|---:|---:|"]
+    out = [
+        "| case | count | outcome | healthy client fps | server CPU s/s | server RSS MB | server fds |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        out.append(f"| {r.case} | {r.count:,} | {r.outcome} | {fmt(r.healthy_fps, '.2f')} | {fmt(r.server_cpu, '.2f')} "
-                   f"| {fmt(r.rss_mb, '.0f')} | {fmt(r.fds, 'd')} |")
+        out.append(
+            f"| {r.case} | {r.count:,} | {r.outcome} | {fmt(r.healthy_fps, '.2f')} | {fmt(r.server_cpu, '.2f')} "
+            f"| {fmt(r.rss_mb, '.0f')} | {fmt(r.fds, 'd')} |"
+        )
     return "\n".join(out)
 
 
@@ -356,8 +376,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap.add_argument("--threads", type=int, default=1, help="server --threads (1: the probe needs a core too)")
     ap.add_argument("--server-args", default="", help="more `worldgen serve` flags, e.g. '--send-timeout 3'")
     args = ap.parse_args(argv)
-    server_args = ["--device", args.device, "--threads", str(args.threads), "--max-sessions", "8",
-                   "--log-level", "WARNING", *args.server_args.split()]
+    server_args = [
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--max-sessions",
+        "8",
+        "--log-level",
+        "WARNING",
+        *args.server_args.split(),
+    ]
     rows = []
     with LocalServer(args.checkpoint, *server_args, timeout=1200) as srv:
         print(f"server pid {srv.pid} at {srv.url} ({' '.join(server_args)})", flush=True)

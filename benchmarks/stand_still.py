@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         frames, _, ok = branch(f"{args.data}::{ds.episodes[it['episode']].id}", int(it["start"]) + c - 1, keys, mouse)
         game.append(frames)
         matched += ok
-    game = torch.from_numpy(np.stack(game))                                         # (P, K, H, W, 3)
+    game = torch.from_numpy(np.stack(game))  # (P, K, H, W, 3)
     # How often the recorded player itself stood still: what a model trained on such play saw.
     moved = [ds.read(i, "keys").any(1) | ds.read(i, "mouse").any(1) for i in range(len(ds))]
     noop_share = 1 - float(np.concatenate(moved).mean())
@@ -64,15 +64,29 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {"last context frame held": at(held)}
     for ck in args.checkpoint:
         wm = WorldModel.load(ck, device=args.device)
-        gen = [wm.rollout(it["frames"], [Action(a, m) for a, m in zip(it["keys"], it["mouse"])], [noop] * k,
-                          seed=args.seed + n) for n, it in enumerate(items)]
+        gen = [
+            wm.rollout(
+                it["frames"], [Action(a, m) for a, m in zip(it["keys"], it["mouse"])], [noop] * k, seed=args.seed + n
+            )
+            for n, it in enumerate(items)
+        ]
         rows[ck] = at(torch.from_numpy(np.stack(gen)))
-    result = {"data": str(ds.root), "noop_share": noop_share, "paths": len(items), "steps": k, "context": c,
-              "replay_matched": matched,
-              "psnr": rows, "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"{len(items)} paths, {c} real context frames then {k} no-ops; the replay matched the recording at "
-          f"the last context frame in {matched}/{len(items)}; the recorded player stood still on "
-          f"{noop_share:.1%} of its steps; {result['seconds']} s\n")
+    result = {
+        "data": str(ds.root),
+        "noop_share": noop_share,
+        "paths": len(items),
+        "steps": k,
+        "context": c,
+        "replay_matched": matched,
+        "psnr": rows,
+        "torch": torch.__version__,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(
+        f"{len(items)} paths, {c} real context frames then {k} no-ops; the replay matched the recording at "
+        f"the last context frame in {matched}/{len(items)}; the recorded player stood still on "
+        f"{noop_share:.1%} of its steps; {result['seconds']} s\n"
+    )
     print("| frames scored against the game's | " + " | ".join(f"PSNR@{h}" for h in args.horizons) + " |")
     print("|---|" + "---:|" * len(args.horizons))
     for name, r in rows.items():

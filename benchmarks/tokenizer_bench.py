@@ -31,8 +31,10 @@ def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     # The load average shows whether other work shared the cores during the measurement.
-    return (f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} "
-            f"threads, load average {os.getloadavg()[0]:.1f}")
+    return (
+        f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} "
+        f"threads, load average {os.getloadavg()[0]:.1f}"
+    )
 
 
 def main() -> None:
@@ -62,24 +64,34 @@ def main() -> None:
         for b in args.batch:
             x = torch.rand(b, cfg.in_channels, *cfg.image_size, device=device).mul(2).sub(1).to(memory_format=fmt)
             z = encode(x).to(memory_format=fmt)
-            (t_enc, cpu_enc), (t_dec, cpu_dec) = (time_per_call(lambda: encode(x), device, args.seconds, warmup=2),
-                                                  time_per_call(lambda: decode(z), device, args.seconds, warmup=2))
+            (t_enc, cpu_enc), (t_dec, cpu_dec) = (
+                time_per_call(lambda: encode(x), device, args.seconds, warmup=2),
+                time_per_call(lambda: decode(z), device, args.seconds, warmup=2),
+            )
             rows.append((b, b / t_enc, b / t_dec, 1e3 * t_enc, 1e3 * t_dec, b / cpu_enc, b / cpu_dec))
 
     commit = git_commit()
-    print(f"tokenizer {dataclasses.asdict(cfg)['channels']} widths, {params / 1e6:.2f}M params, "
-          f"{cfg.image_size[1]}x{cfg.image_size[0]}x{cfg.in_channels} -> {cfg.latent_channels}x"
-          f"{cfg.latent_size[0]}x{cfg.latent_size[1]}")
-    print(f"hardware: {hardware(device)}; torch {torch.__version__}; {args.dtype}"
-          f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}; "
-          f"{datetime.date.today()}; commit {commit or 'unknown'}\n")
+    print(
+        f"tokenizer {dataclasses.asdict(cfg)['channels']} widths, {params / 1e6:.2f}M params, "
+        f"{cfg.image_size[1]}x{cfg.image_size[0]}x{cfg.in_channels} -> {cfg.latent_channels}x"
+        f"{cfg.latent_size[0]}x{cfg.latent_size[1]}"
+    )
+    print(
+        f"hardware: {hardware(device)}; torch {torch.__version__}; {args.dtype}"
+        f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}; "
+        f"{datetime.date.today()}; commit {commit or 'unknown'}\n"
+    )
     cpu = device.type == "cpu"
-    print("| batch | encode frames/s | decode frames/s | encode ms/batch | decode ms/batch |"
-          + (" encode frames/CPU-s | decode frames/CPU-s |" if cpu else ""))
+    print(
+        "| batch | encode frames/s | decode frames/s | encode ms/batch | decode ms/batch |"
+        + (" encode frames/CPU-s | decode frames/CPU-s |" if cpu else "")
+    )
     print("|---:|---:|---:|---:|---:|" + ("---:|---:|" if cpu else ""))
     for b, enc, dec, ms_e, ms_d, cpu_e, cpu_d in rows:
-        print(f"| {b} | {rate(enc)} | {rate(dec)} | {ms_e:.1f} | {ms_d:.1f} |"
-              + (f" {rate(cpu_e)} | {rate(cpu_d)} |" if cpu else ""))
+        print(
+            f"| {b} | {rate(enc)} | {rate(dec)} | {ms_e:.1f} | {ms_d:.1f} |"
+            + (f" {rate(cpu_e)} | {rate(cpu_d)} |" if cpu else "")
+        )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,20 @@ from worldgen.training.tokenizer import TokenizerTask, TokenizerTrainConfig
 
 def bench_dit(args: argparse.Namespace, out: str) -> dict:
     d = setup(args.device)
-    cfg = DynamicsTrainConfig(data="(random latents)", out=out, model=args.model, window=args.window,
-                              batch_size=args.batch, steps=args.steps, warmup=args.steps, log_every=args.log_every,
-                              sample_every=0, ckpt_every=10**9, compile=args.compile, eval_windows=args.batch)
+    cfg = DynamicsTrainConfig(
+        data="(random latents)",
+        out=out,
+        model=args.model,
+        window=args.window,
+        batch_size=args.batch,
+        steps=args.steps,
+        warmup=args.steps,
+        log_every=args.log_every,
+        sample_every=0,
+        ckpt_every=10**9,
+        compile=args.compile,
+        eval_windows=args.batch,
+    )
     model = DiT(dit_config(cfg, 16, (15, 20)))
     n = 64 * args.window  # frames of random latents: one "episode"
     lat = Latents(torch.randn(n, 16, 15, 20).bfloat16(), torch.rand(n, 10), torch.tensor([0, n]))
@@ -43,9 +54,18 @@ def bench_dit(args: argparse.Namespace, out: str) -> dict:
 
 def bench_tokenizer(args: argparse.Namespace, out: str) -> dict:
     d = setup(args.device)
-    cfg = TokenizerTrainConfig(data="(random frames)", out=out, batch_size=args.batch, steps=args.steps,
-                               warmup=args.steps, log_every=args.log_every, sample_every=0, ckpt_every=10**9,
-                               compile=args.compile, channels=args.channels)
+    cfg = TokenizerTrainConfig(
+        data="(random frames)",
+        out=out,
+        batch_size=args.batch,
+        steps=args.steps,
+        warmup=args.steps,
+        log_every=args.log_every,
+        sample_every=0,
+        ckpt_every=10**9,
+        compile=args.compile,
+        channels=args.channels,
+    )
     model = Tokenizer(TokenizerConfig(channels=tuple(int(c) for c in args.channels.split(","))))
     frames = torch.randint(0, 256, (max(4 * args.batch, 64), 120, 160, 3), dtype=torch.uint8)
     return fit(TokenizerTask(cfg, model, frames, frames[:16], d), cfg, Run(out), d, False, time.time())
@@ -58,7 +78,9 @@ def main() -> None:
     p.add_argument("--model", default=None, help="DiT size (default: tiny on CPU, S on CUDA)")
     p.add_argument("--window", type=int, default=None, help="frames per window (default: 4 on CPU, 16 on CUDA)")
     p.add_argument("--batch", type=int, default=None, help="samples per step (default: 4 on CPU, 32 on CUDA)")
-    p.add_argument("--channels", default=None, help="tokenizer widths (default: 8,16,32,32 on CPU, the config's on CUDA)")
+    p.add_argument(
+        "--channels", default=None, help="tokenizer widths (default: 8,16,32,32 on CPU, the config's on CUDA)"
+    )
     p.add_argument("--steps", type=int, default=None, help="steps timed (default: 20 on CPU, 120 on CUDA)")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args()
@@ -73,16 +95,20 @@ def main() -> None:
     commit = git_commit()
     hw = torch.cuda.get_device_name() if gpu else f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU"
     rows = []
-    for what in (("dit", "tokenizer") if args.what == "both" else (args.what,)):
+    for what in ("dit", "tokenizer") if args.what == "both" else (args.what,):
         with tempfile.TemporaryDirectory() as out:
             s = bench_dit(args, out) if what == "dit" else bench_tokenizer(args, out)
-        shape = (f"DiT {args.model}, T={args.window}" if what == "dit" else f"tokenizer {args.channels}, 160x120")
+        shape = f"DiT {args.model}, T={args.window}" if what == "dit" else f"tokenizer {args.channels}, 160x120"
         mfu = f"{s['mfu']:.1%}" if isinstance(s["mfu"], float) else s["mfu"]
-        rows.append(f"| {shape} | {args.batch} | {'yes' if args.compile else 'no'} | {s['params'] / 1e6:.2f}M "
-                    f"| {s['tokens_per_s']:,.0f} | {s['samples_per_s']:,.1f} | {mfu} |")
+        rows.append(
+            f"| {shape} | {args.batch} | {'yes' if args.compile else 'no'} | {s['params'] / 1e6:.2f}M "
+            f"| {s['tokens_per_s']:,.0f} | {s['samples_per_s']:,.1f} | {mfu} |"
+        )
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"\n{datetime.date.today()}, commit {commit}, {hw}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {load} (the machine may be shared)\n")
+    print(
+        f"\n{datetime.date.today()}, commit {commit}, {hw}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {load} (the machine may be shared)\n"
+    )
     print("| model | batch | compile | params | tokens/s | samples/s | MFU |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))

@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from worldgen.data.camera import dataset_camera
 from worldgen.data import Dataset
+from worldgen.data.camera import dataset_camera
 from worldgen.memory.cloud import CacheConfig, WorldCache
 
 
@@ -40,7 +40,7 @@ def stretches(ds: Dataset, batch: int, steps: int) -> tuple[torch.Tensor, ...]:
 
 
 def psnr(se: float) -> float:
-    return float(10 * np.log10(255.0 ** 2 / max(se, 1e-12)))
+    return float(10 * np.log10(255.0**2 / max(se, 1e-12)))
 
 
 def run(ds: Dataset, batch: int, steps: int, config: CacheConfig, device: torch.device) -> dict:
@@ -57,16 +57,24 @@ def run(ds: Dataset, batch: int, steps: int, config: CacheConfig, device: torch.
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        err = ((view.rgb.float() - rgb[:, t].float()) ** 2).mean(-1)   # (B, H, W)
+        err = ((view.rgb.float() - rgb[:, t].float()) ** 2).mean(-1)  # (B, H, W)
         se += float(err[view.mask].sum())
         n += int(view.mask.sum())
         cover += float(view.mask.float().mean())
         held += float(((rgb[:, t - 1].float() - rgb[:, t].float()) ** 2).mean())
-    ms = 1000 * float(np.median(times[min(5, len(times) - 1):]))  # the first steps warm the allocator up
-    return {"batch": batch, "steps": steps, "ms_per_step": ms, "frames_per_s": batch * 1000 / ms,
-            "render_psnr": psnr(se / max(n, 1)), "mask_cover": cover / steps, "hold_last_psnr": psnr(held / steps),
-            "points_per_session": float(cache.num_points().float().mean()),
-            "bytes_per_session": cache.nbytes() // batch, "max_points": config.max_points}
+    ms = 1000 * float(np.median(times[min(5, len(times) - 1) :]))  # the first steps warm the allocator up
+    return {
+        "batch": batch,
+        "steps": steps,
+        "ms_per_step": ms,
+        "frames_per_s": batch * 1000 / ms,
+        "render_psnr": psnr(se / max(n, 1)),
+        "mask_cover": cover / steps,
+        "hold_last_psnr": psnr(held / steps),
+        "points_per_session": float(cache.num_points().float().mean()),
+        "bytes_per_session": cache.nbytes() // batch,
+        "max_points": config.max_points,
+    }
 
 
 def main() -> None:

@@ -23,8 +23,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -48,11 +49,11 @@ class ServerError(RuntimeError):
 class Frame:
     id: int
     jpeg: bytes
-    t: float | None        # our timestamp echoed: the newest action this frame is the first to show
-    gen_ms: float          # the server's batched forward that made it
+    t: float | None  # our timestamp echoed: the newest action this frame is the first to show
+    gen_ms: float  # the server's batched forward that made it
     step: int
     reset: bool
-    received_ms: float     # our clock when it arrived
+    received_ms: float  # our clock when it arrived
     seed: int | None = None
 
     @property
@@ -65,8 +66,16 @@ class Frame:
 
 
 def as_frame(msg: dict[str, Any], received_ms: float) -> Frame:
-    return Frame(msg["id"], msg["jpeg"], msg.get("t"), msg.get("gen_ms", 0.0), msg.get("step", 0),
-                 bool(msg.get("reset")), received_ms, msg.get("seed"))
+    return Frame(
+        msg["id"],
+        msg["jpeg"],
+        msg.get("t"),
+        msg.get("gen_ms", 0.0),
+        msg.get("step", 0),
+        bool(msg.get("reset")),
+        received_ms,
+        msg.get("seed"),
+    )
 
 
 @dataclass
@@ -75,12 +84,19 @@ class Client:
 
     ws: ClientConnection
     welcome: dict[str, Any]
-    stats: dict[str, Any] | None = None        # the newest stats message
+    stats: dict[str, Any] | None = None  # the newest stats message
     errors: list[dict[str, Any]] = field(default_factory=list)  # non-fatal errors seen by next_frame
 
     @classmethod
-    async def connect(cls, url: str, token: str | None = None, seed: int | None = None,
-                      version: int = P.VERSION, client: str = "python", open_timeout: float = 30.0) -> "Client":
+    async def connect(
+        cls,
+        url: str,
+        token: str | None = None,
+        seed: int | None = None,
+        version: int = P.VERSION,
+        client: str = "python",
+        open_timeout: float = 30.0,
+    ) -> Client:
         """Open a session: hello, then the server's welcome. Raises :class:`ServerError` when
         the server refuses (``busy``, ``unauthorized``, ``version_mismatch``, ...)."""
         ws = await ws_connect(url, max_size=2**24, compression=None, open_timeout=open_timeout)
@@ -98,7 +114,7 @@ class Client:
             raise ServerError("bad_message", f"expected welcome, got {msg.get('type')!r}")
         return cls(ws, msg)
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -235,11 +251,13 @@ class LocalServer:
             print(srv.url, srv.pid)
     """
 
-    def __init__(self, checkpoint: str | os.PathLike, *args: str, timeout: float = 180.0,
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self, checkpoint: str | os.PathLike, *args: str, timeout: float = 180.0, env: dict[str, str] | None = None
+    ):
         cmd = [sys.executable, "-m", "worldgen.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+        )
         self.pid = self.proc.pid
         self.lines: list[str] = []
         ready = threading.Event()
@@ -258,13 +276,14 @@ class LocalServer:
         if not ready.wait(timeout) or not url:
             self.close()
             tail = "\n".join(self.lines[-30:])
-            raise RuntimeError(f"`{' '.join(cmd)}` did not start within {timeout:g} s "
-                               f"(exit code {self.proc.returncode}):\n{tail}")
+            raise RuntimeError(
+                f"`{' '.join(cmd)}` did not start within {timeout:g} s (exit code {self.proc.returncode}):\n{tail}"
+            )
         self.url = url[0]
         parts = urlsplit(self.url)
         self.ws_url = f"ws://{parts.netloc}{P.WS_PATH}"
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -16,8 +16,9 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,10 +28,19 @@ import pygame  # noqa: E402  (after the variable that silences its banner)
 from worldgen.actions import Action  # noqa: E402
 
 KEYMAP = {
-    pygame.K_w: "forward", pygame.K_UP: "forward", pygame.K_s: "back", pygame.K_DOWN: "back",
-    pygame.K_a: "strafe_left", pygame.K_d: "strafe_right", pygame.K_LEFT: "turn_left",
-    pygame.K_RIGHT: "turn_right", pygame.K_SPACE: "attack", pygame.K_LCTRL: "attack",
-    pygame.K_RCTRL: "attack", pygame.K_e: "use", pygame.K_f: "use",
+    pygame.K_w: "forward",
+    pygame.K_UP: "forward",
+    pygame.K_s: "back",
+    pygame.K_DOWN: "back",
+    pygame.K_a: "strafe_left",
+    pygame.K_d: "strafe_right",
+    pygame.K_LEFT: "turn_left",
+    pygame.K_RIGHT: "turn_right",
+    pygame.K_SPACE: "attack",
+    pygame.K_LCTRL: "attack",
+    pygame.K_RCTRL: "attack",
+    pygame.K_e: "use",
+    pygame.K_f: "use",
 }
 HELD_RESEND_S = 0.1  # remote: resend held keys this often, so latency keeps being measured
 
@@ -50,8 +60,14 @@ class Source(Protocol):
 class LocalSource:
     """The engine in this process: one session stepped at ``fps`` with the current input."""
 
-    def __init__(self, checkpoint: str, device: str | None = None, seed: int | None = None, fps: float | None = None,
-                 steps: int | None = None):
+    def __init__(
+        self,
+        checkpoint: str,
+        device: str | None = None,
+        seed: int | None = None,
+        fps: float | None = None,
+        steps: int | None = None,
+    ):
         from worldgen import WorldModel  # torch only for the local mode
 
         self.wm = WorldModel.load(checkpoint, device=device, steps=steps)
@@ -129,15 +145,21 @@ class RemoteSource:
 
 @dataclass
 class PlayResult:
-    frames: int = 0                 # frames shown
+    frames: int = 0  # frames shown
     ids: list[int] = field(default_factory=list)  # their frame ids (a gap: frames the server dropped)
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     record: str | None = None
 
 
-def play(source: Source, frames: int | None = None, record: str | None = None, scale: int | None = None,
-         sensitivity: float = 0.15, script: Callable[[int], list[pygame.event.Event]] | None = None) -> PlayResult:
+def play(
+    source: Source,
+    frames: int | None = None,
+    record: str | None = None,
+    scale: int | None = None,
+    sensitivity: float = 0.15,
+    script: Callable[[int], list[pygame.event.Event]] | None = None,
+) -> PlayResult:
     """Run the window until it is closed (or ``frames`` frames were shown).
 
     ``script(n)`` returns events to post when frame ``n`` is on screen (each ``n`` once): how
@@ -154,6 +176,7 @@ def play(source: Source, frames: int | None = None, record: str | None = None, s
     writer = None
     if record:
         import imageio.v2 as imageio
+
         writer = imageio.get_writer(record, fps=source.fps, codec="libx264", macro_block_size=1)
     held: set[int] = set()
     mouse_attack = captured = False
@@ -193,7 +216,7 @@ def play(source: Source, frames: int | None = None, record: str | None = None, s
                 elif e.type == pygame.MOUSEBUTTONUP and e.button == 1:
                     mouse_attack = False
                 elif e.type == pygame.MOUSEMOTION and captured:
-                    yaw += e.rel[0] * sensitivity   # right = yaw > 0
+                    yaw += e.rel[0] * sensitivity  # right = yaw > 0
                     pitch -= e.rel[1] * sensitivity  # up = pitch > 0
                 elif e.type == pygame.WINDOWFOCUSLOST:
                     held.clear()
@@ -245,16 +268,28 @@ def _overlay(screen, font, shown_at: list[float], latencies: list[float], info: 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default=None, help="ws://host:port/ws of a `worldgen serve` (default: run the model here)")
+    p.add_argument(
+        "--server", default=None, help="ws://host:port/ws of a `worldgen serve` (default: run the model here)"
+    )
     p.add_argument("--token", default=None, help="the server's --token")
-    p.add_argument("--checkpoint", default="default", help="local mode: checkpoint folder or packaged name (default: default)")
+    p.add_argument(
+        "--checkpoint", default="default", help="local mode: checkpoint folder or packaged name (default: default)"
+    )
     p.add_argument("--device", default=None, help="local mode: cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--fps", type=float, default=None, help="local mode: frames per second (default: the model's)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="local mode: Euler steps per frame (default: the checkpoint's; more = sharper, slower)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="local mode: torch CPU threads for the model (default: torch's choice); on a small machine "
-                        "1 or 2 can be faster")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="local mode: Euler steps per frame (default: the checkpoint's; more = sharper, slower)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="local mode: torch CPU threads for the model (default: torch's choice); on a small machine "
+        "1 or 2 can be faster",
+    )
     p.add_argument("--seed", type=int, default=None, help="picks the start context and the sampler noise")
     p.add_argument("--record", default=None, help="write the frames shown to this mp4")
     p.add_argument("--frames", type=int, default=None, help="quit after this many frames (default: play until closed)")
@@ -276,9 +311,11 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        source: Source = (RemoteSource(args.server, token=args.token, seed=args.seed) if args.server
-                          else LocalSource(args.checkpoint, device=args.device, seed=args.seed, fps=args.fps,
-                                           steps=args.steps))
+        source: Source = (
+            RemoteSource(args.server, token=args.token, seed=args.seed)
+            if args.server
+            else LocalSource(args.checkpoint, device=args.device, seed=args.seed, fps=args.fps, steps=args.steps)
+        )
     except ServerError as e:
         print(f"worldgen play: {args.server} refused the session: {e}", file=sys.stderr)
         return 1
@@ -296,5 +333,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         source.close()
     lat = f", latency p50 {np.percentile(r.latencies_ms, 50):.0f} ms" if r.latencies_ms else ""
-    print(f"worldgen play: {r.frames} frames in {r.seconds:.1f} s{lat}" + (f"; recorded {r.record}" if r.record else ""))
+    print(
+        f"worldgen play: {r.frames} frames in {r.seconds:.1f} s{lat}" + (f"; recorded {r.record}" if r.record else "")
+    )
     return 0

@@ -26,7 +26,10 @@ DEFAULT_HORIZON = 1000  # steps per episode, ~2 minutes of play at 8.75 steps/s
 def register_envs() -> None:
     """Register worldgen's Gymnasium ids; idempotent."""
     # horizon=None: the TimeLimit wrapper of max_episode_steps truncates, so the spec tells the truth.
-    for env_id, kwargs in (("worldgen/Doom-v0", {}), ("worldgen/DoomAtari-v0", {"preset": "atari", "action_space": "discrete"})):
+    for env_id, kwargs in (
+        ("worldgen/Doom-v0", {}),
+        ("worldgen/DoomAtari-v0", {"preset": "atari", "action_space": "discrete"}),
+    ):
         if env_id not in gymnasium.registry:
             gymnasium.register(
                 id=env_id,

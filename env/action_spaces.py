@@ -28,8 +28,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from gymnasium import spaces
@@ -46,17 +47,20 @@ RECORDER_MOUSE_RANGE = (45.0, 3.0)
 
 # Discrete actions: ppo_doom.py's set plus "no-op" (waiting is a real choice when a door opens or
 # a monster walks in) and "forward + use" (E1M1's doors and lifts gate most of its pickups).
-DISCRETE_ACTIONS: tuple[tuple[str, Action], ...] = tuple((name, Action.from_keys(keys)) for name, keys in (
-    ("noop", []),
-    ("forward", ["forward"]),
-    ("forward_left", ["forward", "turn_left"]),
-    ("forward_right", ["forward", "turn_right"]),
-    ("turn_left", ["turn_left"]),
-    ("turn_right", ["turn_right"]),
-    ("attack", ["attack"]),
-    ("forward_attack", ["forward", "attack"]),
-    ("forward_use", ["forward", "use"]),
-))
+DISCRETE_ACTIONS: tuple[tuple[str, Action], ...] = tuple(
+    (name, Action.from_keys(keys))
+    for name, keys in (
+        ("noop", []),
+        ("forward", ["forward"]),
+        ("forward_left", ["forward", "turn_left"]),
+        ("forward_right", ["forward", "turn_right"]),
+        ("turn_left", ["turn_left"]),
+        ("turn_right", ["turn_right"]),
+        ("attack", ["attack"]),
+        ("forward_attack", ["forward", "attack"]),
+        ("forward_use", ["forward", "use"]),
+    )
+)
 
 # Mouse levels per axis in "multidiscrete": odd, so 0 is one of them; 5 gives still, half and full.
 MOUSE_BINS = 5
@@ -96,9 +100,12 @@ class ActionCodec:
         self.kind = kind
         self.mouse_range = np.array(check_mouse_range(mouse_range), np.float32)  # (2,) degrees
         if kind == "dict":
-            self.space: spaces.Space = spaces.Dict({
-                "keys": spaces.MultiBinary(actions.NUM_KEYS),
-                "mouse": spaces.Box(-self.mouse_range, self.mouse_range, (actions.NUM_MOUSE,), np.float32)})
+            self.space: spaces.Space = spaces.Dict(
+                {
+                    "keys": spaces.MultiBinary(actions.NUM_KEYS),
+                    "mouse": spaces.Box(-self.mouse_range, self.mouse_range, (actions.NUM_MOUSE,), np.float32),
+                }
+            )
         elif kind == "discrete":
             self.space = spaces.Discrete(len(DISCRETE_ACTIONS))
         elif kind == "multidiscrete":
@@ -116,15 +123,19 @@ class ActionCodec:
         if self.kind == "discrete":
             i = np.asarray(a)
             if i.shape != () or not np.issubdtype(i.dtype, np.integer) or not 0 <= int(i) < len(DISCRETE_ACTIONS):
-                raise ActionError(f"a discrete action is an integer in [0, {len(DISCRETE_ACTIONS)}) "
-                                  f"({', '.join(n for n, _ in DISCRETE_ACTIONS)}), got {a!r}")
+                raise ActionError(
+                    f"a discrete action is an integer in [0, {len(DISCRETE_ACTIONS)}) "
+                    f"({', '.join(n for n, _ in DISCRETE_ACTIONS)}), got {a!r}"
+                )
             return DISCRETE_ACTIONS[int(i)][1]
         if self.kind == "multidiscrete":
             v = np.asarray(a)
             nvec = np.array(MULTIDISCRETE_NVEC)
             if v.shape != nvec.shape or not np.issubdtype(v.dtype, np.integer) or (v < 0).any() or (v >= nvec).any():
-                raise ActionError(f"a multidiscrete action is {len(nvec)} integers below {nvec.tolist()} (move, strafe, "
-                                  f"turn, attack, use, yaw, pitch), got {a!r}")
+                raise ActionError(
+                    f"a multidiscrete action is {len(nvec)} integers below {nvec.tolist()} (move, strafe, "
+                    f"turn, attack, use, yaw, pitch), got {a!r}"
+                )
             keys = np.zeros(actions.NUM_KEYS, np.uint8)
             for choice, (first, second) in zip(v[:3], _AXES):  # 0 none, 1 first key, 2 second key
                 if choice:
@@ -134,10 +145,13 @@ class ActionCodec:
             return Action(keys, levels * self.mouse_range)
         v = np.asarray(a, np.float32)
         if v.shape != (actions.ACTION_DIM,) or not np.isfinite(v).all():
-            raise ActionError(f"a box action is {actions.ACTION_DIM} finite numbers (8 keys held when > 0, then yaw "
-                              f"and pitch in [-1, 1] of the trained range), got shape {v.shape}")
-        return Action((v[:actions.NUM_KEYS] > 0).astype(np.uint8),
-                      np.clip(v[actions.NUM_KEYS:], -1.0, 1.0) * self.mouse_range)
+            raise ActionError(
+                f"a box action is {actions.ACTION_DIM} finite numbers (8 keys held when > 0, then yaw "
+                f"and pitch in [-1, 1] of the trained range), got shape {v.shape}"
+            )
+        return Action(
+            (v[: actions.NUM_KEYS] > 0).astype(np.uint8), np.clip(v[actions.NUM_KEYS :], -1.0, 1.0) * self.mouse_range
+        )
 
 
 def to_action(a: Any) -> Action:
@@ -154,8 +168,10 @@ def to_action(a: Any) -> Action:
     if isinstance(a, Action):
         return a
     if not isinstance(a, Mapping):
-        raise ActionError(f"an action must be a dict {{'keys': 8 x 0/1, 'mouse': [yaw, pitch] degrees}} (the action "
-                          f"space) or a worldgen Action, got {type(a).__name__}")
+        raise ActionError(
+            f"an action must be a dict {{'keys': 8 x 0/1, 'mouse': [yaw, pitch] degrees}} (the action "
+            f"space) or a worldgen Action, got {type(a).__name__}"
+        )
     unknown = set(a) - {"keys", "mouse"}
     if unknown or "keys" not in a:
         raise ActionError(f"an action dict has 'keys' and 'mouse'; got keys {sorted(map(str, a))}")

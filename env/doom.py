@@ -46,9 +46,9 @@ import struct
 import tempfile
 import threading
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import vizdoom as vzd
@@ -61,8 +61,14 @@ _B = vzd.Button
 
 # One button per schema key, in actions.KEYS order.
 KEY_BUTTONS: tuple[vzd.Button, ...] = (
-    _B.MOVE_FORWARD, _B.MOVE_BACKWARD, _B.MOVE_LEFT, _B.MOVE_RIGHT,
-    _B.TURN_LEFT, _B.TURN_RIGHT, _B.ATTACK, _B.USE,
+    _B.MOVE_FORWARD,
+    _B.MOVE_BACKWARD,
+    _B.MOVE_LEFT,
+    _B.MOVE_RIGHT,
+    _B.TURN_LEFT,
+    _B.TURN_RIGHT,
+    _B.ATTACK,
+    _B.USE,
 )
 # Then the mouse deltas, in actions.MOUSE order (yaw, pitch).
 MOUSE_BUTTONS: tuple[vzd.Button, ...] = (_B.TURN_LEFT_RIGHT_DELTA, _B.LOOK_UP_DOWN_DELTA)
@@ -70,14 +76,24 @@ BUTTONS = KEY_BUTTONS + MOUSE_BUTTONS
 assert len(KEY_BUTTONS) == actions.NUM_KEYS and len(MOUSE_BUTTONS) == actions.NUM_MOUSE
 
 # Camera pose, in POSE_FIELDS order; PITCH_SIGN flips ViZDoom's pitch (< 0 = up) to > 0 = up.
-POSE_VARIABLES = (_V.CAMERA_POSITION_X, _V.CAMERA_POSITION_Y, _V.CAMERA_POSITION_Z,
-                  _V.CAMERA_ANGLE, _V.CAMERA_PITCH)
+POSE_VARIABLES = (_V.CAMERA_POSITION_X, _V.CAMERA_POSITION_Y, _V.CAMERA_POSITION_Z, _V.CAMERA_ANGLE, _V.CAMERA_PITCH)
 PITCH_SIGN = -1.0
 # Game variables stored per step (names lower-cased into the dataset index): what rewards,
 # evaluation and HUD-free rendering need later.
-VARIABLES = (_V.HEALTH, _V.ARMOR, _V.SELECTED_WEAPON, _V.SELECTED_WEAPON_AMMO, _V.KILLCOUNT,
-             _V.ITEMCOUNT, _V.SECRETCOUNT, _V.DAMAGECOUNT, _V.DAMAGE_TAKEN, _V.HITCOUNT,
-             _V.HITS_TAKEN, _V.DEAD)
+VARIABLES = (
+    _V.HEALTH,
+    _V.ARMOR,
+    _V.SELECTED_WEAPON,
+    _V.SELECTED_WEAPON_AMMO,
+    _V.KILLCOUNT,
+    _V.ITEMCOUNT,
+    _V.SECRETCOUNT,
+    _V.DAMAGECOUNT,
+    _V.DAMAGE_TAKEN,
+    _V.HITCOUNT,
+    _V.HITS_TAKEN,
+    _V.DEAD,
+)
 VARIABLE_NAMES = [v.name.lower() for v in VARIABLES]
 HFOV_DEG = 90.0  # ViZDoom's default horizontal field of view (CAMERA_FOV)
 WAD_DIR = Path(vzd.__file__).parent
@@ -91,11 +107,11 @@ class DoomError(ValueError):
 class DoomConfig:
     """Game settings shared by every episode of a recording (stored in the dataset index)."""
 
-    wad: str = "freedoom1.wad"              # ships inside the vizdoom package: no download
+    wad: str = "freedoom1.wad"  # ships inside the vizdoom package: no download
     resolution: tuple[int, int] = (160, 120)  # (W, H); GameNGen-scale frames, cheap to model
-    frame_skip: int = 4                     # tics per step: 35/4 ~ 8.75 steps/s, as most Doom agents
-    skill: int = 2                          # 1-5; 2 has monsters but lets an explorer live long enough to roam
-    render_hud: bool = False                # the status bar repeats `variables` in pixels; keep frames about the world
+    frame_skip: int = 4  # tics per step: 35/4 ~ 8.75 steps/s, as most Doom agents
+    skill: int = 2  # 1-5; 2 has monsters but lets an explorer live long enough to roam
+    render_hud: bool = False  # the status bar repeats `variables` in pixels; keep frames about the world
 
     def __post_init__(self) -> None:
         resolution_enum(self.resolution)
@@ -106,17 +122,23 @@ class DoomConfig:
         wad_path(self.wad)
 
     def to_dict(self) -> dict:
-        return {"wad": self.wad, "resolution": list(self.resolution), "frame_skip": self.frame_skip,
-                "skill": self.skill, "render_hud": self.render_hud}
+        return {
+            "wad": self.wad,
+            "resolution": list(self.resolution),
+            "frame_skip": self.frame_skip,
+            "skill": self.skill,
+            "render_hud": self.render_hud,
+        }
 
 
 def resolution_enum(res: tuple[int, int]) -> vzd.ScreenResolution:
     name = f"RES_{res[0]}X{res[1]}"
     if not hasattr(vzd.ScreenResolution, name):
-        known = sorted((tuple(map(int, n[4:].split("X"))) for n in dir(vzd.ScreenResolution)
-                        if n.startswith("RES_")))
-        raise DoomError(f"resolution {res[0]}x{res[1]} is not a ViZDoom screen resolution; choose one "
-                        f"of {', '.join(f'{w}x{h}' for w, h in known)}")
+        known = sorted(tuple(map(int, n[4:].split("X"))) for n in dir(vzd.ScreenResolution) if n.startswith("RES_"))
+        raise DoomError(
+            f"resolution {res[0]}x{res[1]} is not a ViZDoom screen resolution; choose one "
+            f"of {', '.join(f'{w}x{h}' for w, h in known)}"
+        )
     return getattr(vzd.ScreenResolution, name)
 
 
@@ -140,7 +162,7 @@ def wad_maps(wad: str) -> list[str]:
             raise DoomError(f"{path}: not a WAD file")
         f.seek(offset)
         directory = f.read(16 * count)
-    names = (directory[i * 16 + 8:i * 16 + 16].rstrip(b"\0").decode("ascii", "replace") for i in range(count))
+    names = (directory[i * 16 + 8 : i * 16 + 16].rstrip(b"\0").decode("ascii", "replace") for i in range(count))
     return [n for n in names if re.fullmatch(r"E\dM\d|MAP\d\d", n)]
 
 
@@ -165,9 +187,9 @@ def to_buttons(keys: np.ndarray, mouse: np.ndarray, frame_skip: int) -> list[flo
 class Observation:
     """What the game shows after a step (or at the start of an episode)."""
 
-    frame: np.ndarray      # (H, W, 3) uint8 RGB
-    depth: np.ndarray      # (H, W) uint8, larger = farther
-    pose: np.ndarray       # (5,) float32: x, y, z, yaw, pitch (module docstring)
+    frame: np.ndarray  # (H, W, 3) uint8 RGB
+    depth: np.ndarray  # (H, W) uint8, larger = farther
+    pose: np.ndarray  # (5,) float32: x, y, z, yaw, pitch (module docstring)
     variables: np.ndarray  # (V,) float32, VARIABLE_NAMES
 
 
@@ -192,13 +214,13 @@ def _new_game(config: DoomConfig, first_map: str, workdir: str, sectors: bool = 
     game.set_depth_buffer_enabled(True)
     game.set_sectors_info_enabled(sectors)  # halves the step rate: only for map geometry
     game.set_render_hud(config.render_hud)
-    game.set_render_messages(False)   # pickup texts would be noise the model cannot predict
+    game.set_render_messages(False)  # pickup texts would be noise the model cannot predict
     game.set_render_crosshair(False)
-    game.set_render_weapon(True)      # the weapon sprite shows attacks and bob: part of the world
+    game.set_render_weapon(True)  # the weapon sprite shows attacks and bob: part of the world
     game.set_window_visible(False)
     game.set_sound_enabled(False)
-    game.set_episode_timeout(0)       # episode length is the recorder's business
-    game.set_mode(vzd.Mode.PLAYER)    # synchronous: deterministic given seed and actions
+    game.set_episode_timeout(0)  # episode length is the recorder's business
+    game.set_mode(vzd.Mode.PLAYER)  # synchronous: deterministic given seed and actions
     game.set_available_buttons(list(BUTTONS))
     game.set_available_game_variables(list(POSE_VARIABLES + VARIABLES))
     # The engine writes ./_vizdoom/ into its working directory: keep it out of the user's.
@@ -265,7 +287,7 @@ class DoomEnv:
     def close(self) -> None:
         self._close()
 
-    def __enter__(self) -> "DoomEnv":
+    def __enter__(self) -> DoomEnv:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -294,8 +316,7 @@ def map_lines(map: str, wad: str = "freedoom1.wad") -> np.ndarray:
 Act = Callable[[Observation], "tuple[np.ndarray, np.ndarray]"]
 
 
-def rollout(env: DoomEnv, act: Act, map: str, seed: int, max_steps: int,
-            chunk_steps: int = 512) -> Iterator[Episode]:
+def rollout(env: DoomEnv, act: Act, map: str, seed: int, max_steps: int, chunk_steps: int = 512) -> Iterator[Episode]:
     """Play one episode of at most ``max_steps`` steps; yield it as Episode chunks in order.
 
     Chunks keep memory bounded for long episodes. After the generator is exhausted,
@@ -306,19 +327,26 @@ def rollout(env: DoomEnv, act: Act, map: str, seed: int, max_steps: int,
     step = 0
     while obs is not None and step < max_steps:
         n = min(chunk_steps, max_steps - step)
-        frames = np.empty((n, res_h, res_w, 3), np.uint8)    # (N, H, W, 3)
-        depth = np.empty((n, res_h, res_w), np.uint8)        # (N, H, W)
-        pose = np.empty((n, 5), np.float32)                  # (N, 5)
+        frames = np.empty((n, res_h, res_w, 3), np.uint8)  # (N, H, W, 3)
+        depth = np.empty((n, res_h, res_w), np.uint8)  # (N, H, W)
+        pose = np.empty((n, 5), np.float32)  # (N, 5)
         variables = np.empty((n, len(VARIABLES)), np.float32)
-        keys = np.empty((n, actions.NUM_KEYS), np.uint8)     # (N, 8)
+        keys = np.empty((n, actions.NUM_KEYS), np.uint8)  # (N, 8)
         mouse = np.empty((n, actions.NUM_MOUSE), np.float32)  # (N, 2)
         i = 0
         while i < n and obs is not None:
             k, m = act(obs)
             frames[i], depth[i], pose[i], variables[i], keys[i], mouse[i] = (
-                obs.frame, obs.depth, obs.pose, obs.variables, k, m)
+                obs.frame,
+                obs.depth,
+                obs.pose,
+                obs.variables,
+                k,
+                m,
+            )
             obs = env.step(k, m)
             i += 1
         step += i
-        yield Episode(frames=frames[:i], keys=keys[:i], mouse=mouse[:i], depth=depth[:i],
-                      pose=pose[:i], variables=variables[:i])
+        yield Episode(
+            frames=frames[:i], keys=keys[:i], mouse=mouse[:i], depth=depth[:i], pose=pose[:i], variables=variables[:i]
+        )

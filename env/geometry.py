@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,9 +57,9 @@ class GeometryHeadConfig:
     """Architecture of a :class:`GeometryHead` (stored in its checkpoint part)."""
 
     frame_size: tuple[int, int] = (120, 160)  # (H, W) of the frames it reads: the world model's
-    downsample: int = 2              # average-pool frames by this first (the odometry's input, as the reward head's)
-    depth_downsample: int = 4        # depth is read and made at frame size / this (walls are smooth), then upsampled
-    depth_channels: tuple[int, ...] = (32, 64, 128)        # encoder widths, each halving; the decoder mirrors them
+    downsample: int = 2  # average-pool frames by this first (the odometry's input, as the reward head's)
+    depth_downsample: int = 4  # depth is read and made at frame size / this (walls are smooth), then upsampled
+    depth_channels: tuple[int, ...] = (32, 64, 128)  # encoder widths, each halving; the decoder mirrors them
     odometry_channels: tuple[int, ...] = (32, 64, 64, 128)  # transition trunk widths, as the reward head's
     hidden: int = 256
 
@@ -66,13 +67,16 @@ class GeometryHeadConfig:
         if self.downsample < 1 or any(s % self.downsample for s in self.frame_size):
             raise ValueError(f"downsample={self.downsample} must be >= 1 and divide frame_size {self.frame_size}")
         if self.depth_downsample % self.downsample or any(s % self.depth_downsample for s in self.frame_size):
-            raise ValueError(f"depth_downsample={self.depth_downsample} must be a multiple of downsample="
-                             f"{self.downsample} and divide frame_size {self.frame_size}")
+            raise ValueError(
+                f"depth_downsample={self.depth_downsample} must be a multiple of downsample="
+                f"{self.downsample} and divide frame_size {self.frame_size}"
+            )
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
-                         nn.GroupNorm(8 if c_out % 8 == 0 else 1, c_out), nn.SiLU())
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GroupNorm(8 if c_out % 8 == 0 else 1, c_out), nn.SiLU()
+    )
 
 
 class GeometryHead(nn.Module):
@@ -91,8 +95,9 @@ class GeometryHead(nn.Module):
         self.down = nn.ModuleList(_conv(c_in, c, 2) for c_in, c in zip((3, *widths[:-1]), widths))
         # Decoder: upsample, concatenate the encoder's map of that size (a U-Net), convolve.
         skips = (3, *widths[:-1])[::-1]
-        self.up = nn.ModuleList(_conv(c_in + s, s if s > 3 else widths[0])
-                                for c_in, s in zip((widths[-1], *skips[:-1]), skips))
+        self.up = nn.ModuleList(
+            _conv(c_in + s, s if s > 3 else widths[0]) for c_in, s in zip((widths[-1], *skips[:-1]), skips)
+        )
         self.depth_out = nn.Conv2d(widths[0], 1, 3, padding=1)
         self.odometry = TransitionEncoder(cfg.odometry_channels, cfg.hidden)
         self.motion_out = nn.Linear(cfg.hidden, len(MOTION_FIELDS))
@@ -111,7 +116,7 @@ class GeometryHead(nn.Module):
         for layer in self.down:
             h = layer(h)
             maps.append(h)
-        for layer, skip in zip(self.up, maps[-2::-1]):   # (B, C, h', w') back to the input size
+        for layer, skip in zip(self.up, maps[-2::-1]):  # (B, C, h', w') back to the input size
             h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             h = layer(torch.cat([h, skip], 1))
         return torch.sigmoid(self.depth_out(h)).squeeze(1)
@@ -120,8 +125,9 @@ class GeometryHead(nn.Module):
         """Prepared frames and ``(B, 10)`` action vectors -> normalised motion ``(B, 5)``."""
         return self.motion_out(self.odometry.features(prev, nxt, action_vec))
 
-    def forward(self, frames: torch.Tensor, prev: torch.Tensor, nxt: torch.Tensor,
-                action_vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, frames: torch.Tensor, prev: torch.Tensor, nxt: torch.Tensor, action_vec: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both at once, as training wants them (one call, so DDP sees every parameter):
         ``depth(frames)`` and ``motion(prev, nxt, action_vec)``."""
         return self.depth(frames), self.motion(prev, nxt, action_vec)
@@ -131,14 +137,15 @@ class GeometryHead(nn.Module):
 def predict_depth(head: GeometryHead, frames: np.ndarray | torch.Tensor) -> np.ndarray:
     """uint8 ``(B, H, W, 3)`` frames -> uint8 ``(B, H, W)`` depth (the recorder's levels)."""
     device = head.motion_scale.device
-    d = head.depth(head.prepare(torch.as_tensor(frames).to(device)))[:, None]       # (B, 1, h, w)
+    d = head.depth(head.prepare(torch.as_tensor(frames).to(device)))[:, None]  # (B, 1, h, w)
     d = F.interpolate(d, size=tuple(head.cfg.frame_size), mode="bilinear", align_corners=False)
     return d[:, 0].mul(255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
 @torch.no_grad()
-def predict_motion(head: GeometryHead, prev_frames: np.ndarray, keys: np.ndarray, mouse: np.ndarray,
-                   frames: np.ndarray) -> np.ndarray:
+def predict_motion(
+    head: GeometryHead, prev_frames: np.ndarray, keys: np.ndarray, mouse: np.ndarray, frames: np.ndarray
+) -> np.ndarray:
     """``(B, 5)`` float64 camera motion (:data:`MOTION_FIELDS`) of B transitions."""
     device = head.motion_scale.device
     prev = head.prepare(torch.as_tensor(prev_frames).to(device))
@@ -164,9 +171,16 @@ def motion_between(pose: np.ndarray, nxt: np.ndarray) -> np.ndarray:
     pose, nxt = np.asarray(pose, np.float64), np.asarray(nxt, np.float64)
     yaw = np.radians(pose[..., 3])
     dx, dy = nxt[..., 0] - pose[..., 0], nxt[..., 1] - pose[..., 1]
-    return np.stack([dx * np.cos(yaw) + dy * np.sin(yaw), -dx * np.sin(yaw) + dy * np.cos(yaw),
-                     nxt[..., 2] - pose[..., 2], wrap_degrees(nxt[..., 3] - pose[..., 3]),
-                     nxt[..., 4] - pose[..., 4]], -1)
+    return np.stack(
+        [
+            dx * np.cos(yaw) + dy * np.sin(yaw),
+            -dx * np.sin(yaw) + dy * np.cos(yaw),
+            nxt[..., 2] - pose[..., 2],
+            wrap_degrees(nxt[..., 3] - pose[..., 3]),
+            nxt[..., 4] - pose[..., 4],
+        ],
+        -1,
+    )
 
 
 def integrate(pose: np.ndarray, motion: np.ndarray) -> np.ndarray:
@@ -180,23 +194,38 @@ def integrate(pose: np.ndarray, motion: np.ndarray) -> np.ndarray:
     pose, motion = np.asarray(pose, np.float64), np.asarray(motion, np.float64)
     yaw = np.radians(pose[..., 3])
     f, l = motion[..., 0], motion[..., 1]
-    out = np.stack([pose[..., 0] + f * np.cos(yaw) - l * np.sin(yaw), pose[..., 1] + f * np.sin(yaw) + l * np.cos(yaw),
-                    pose[..., 2] + motion[..., 2], wrap_degrees(pose[..., 3] + motion[..., 3]),
-                    pose[..., 4] + motion[..., 4]], -1)
+    out = np.stack(
+        [
+            pose[..., 0] + f * np.cos(yaw) - l * np.sin(yaw),
+            pose[..., 1] + f * np.sin(yaw) + l * np.cos(yaw),
+            pose[..., 2] + motion[..., 2],
+            wrap_degrees(pose[..., 3] + motion[..., 3]),
+            pose[..., 4] + motion[..., 4],
+        ],
+        -1,
+    )
     return np.clip(out, POSE_LOW, POSE_HIGH)
 
 
 # --- checkpoints --------------------------------------------------------------------------------
-def save_head(folder: str | os.PathLike, head: GeometryHead, extra: Mapping[str, Any] | None = None,
-              dtype: torch.dtype | None = None) -> None:
+def save_head(
+    folder: str | os.PathLike,
+    head: GeometryHead,
+    extra: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write ``head`` as the ``geometry`` part of checkpoint folder ``folder`` (atomically)."""
-    tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() and k != "motion_scale" else v
-               for k, v in head.state_dict().items()}
+    tensors = {
+        k: v.to(dtype) if dtype is not None and v.is_floating_point() and k != "motion_scale" else v
+        for k, v in head.state_dict().items()
+    }
     config = {"model": dataclasses.asdict(head.cfg), "action_schema": actions.schema(), **dict(extra or {})}
     checkpoint.save(folder, PART, tensors, config)
 
 
-def load_head(folder: str | os.PathLike, device: torch.device | str | None = None) -> tuple[GeometryHead, dict[str, Any]]:
+def load_head(
+    folder: str | os.PathLike, device: torch.device | str | None = None
+) -> tuple[GeometryHead, dict[str, Any]]:
     """The geometry head of checkpoint folder ``folder`` in eval mode, and its stored config
     (``metrics``, ``train``). Raises :class:`CheckpointError` naming the problem."""
     return load_part(folder, PART, GeometryHead, GeometryHeadConfig, device)
@@ -212,9 +241,11 @@ def find_head(geometry: Any, model_folder: Path | None, device: torch.device | s
         folder = stored_head(model_folder, PART)
         if folder is not None:
             return load_head(folder, device)[0]
-        raise CheckpointError(f"depth and pose observations need a geometry head, and the model folder "
-                              f"{model_folder} has none ({PART}.json); train one with `worldgen train geometry "
-                              f"--data DATASET --out RUN` and pass geometry='RUN/ckpt'")
+        raise CheckpointError(
+            f"depth and pose observations need a geometry head, and the model folder "
+            f"{model_folder} has none ({PART}.json); train one with `worldgen train geometry "
+            f"--data DATASET --out RUN` and pass geometry='RUN/ckpt'"
+        )
     if isinstance(geometry, (str, os.PathLike)):
         return load_head(geometry, device)[0]
     raise TypeError(f"geometry must be 'learned', a checkpoint folder or a GeometryHead, got {geometry!r}")

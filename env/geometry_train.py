@@ -41,8 +41,7 @@ from torch import nn
 
 from worldgen import actions
 from worldgen.data import Dataset
-from worldgen.env.geometry import (MOTION_FIELDS, GeometryHead, GeometryHeadConfig, integrate, motion_between,
-                                   save_head)
+from worldgen.env.geometry import MOTION_FIELDS, GeometryHead, GeometryHeadConfig, integrate, motion_between, save_head
 from worldgen.env.reward import pool_factor
 from worldgen.training import common
 from worldgen.training.common import Dist, Run, TrainConfig, autocast, opt, save_image_rows
@@ -58,8 +57,11 @@ class GeometryTrainConfig(TrainConfig):
     sample_every: int = opt(0, "write sample images every N steps (0: only at the end)")
     downsample: int = opt(0, "average-pool frames by this first (0: auto, to at most 80 pixels wide)")
     depth_downsample: int = opt(0, "read and make depth at frame size / this (0: auto, at most 40 pixels wide)")
-    depth_weight: float = opt(10.0, "weight of the depth L1 (levels / 255, ~0.05 when trained) against the "
-                                    "odometry's smooth L1 in std units (~0.3): comparable gradients")
+    depth_weight: float = opt(
+        10.0,
+        "weight of the depth L1 (levels / 255, ~0.05 when trained) against the "
+        "odometry's smooth L1 in std units (~0.3): comparable gradients",
+    )
     eval_transitions: int = opt(4096, "held-out frames and transitions scored at checkpoints (all at the end)")
     drift_steps: int = opt(32, "steps of the held-out paths the odometry is integrated over (drift metric)")
 
@@ -70,13 +72,13 @@ class GeometrySet:
     ``frames[prev[i]] -> frames[prev[i] + 1]`` under ``action[i]``, the camera moving ``motion[i]``."""
 
     frames: torch.Tensor  # (F, 3, h, w) uint8
-    depth: torch.Tensor   # (F, h, w) uint8
-    pose: torch.Tensor    # (F, 5) float64, the recorded pose of each frame
-    prev: torch.Tensor    # (M,) int64
+    depth: torch.Tensor  # (F, h, w) uint8
+    pose: torch.Tensor  # (F, 5) float64, the recorded pose of each frame
+    prev: torch.Tensor  # (M,) int64
     action: torch.Tensor  # (M, 10) float32
     motion: torch.Tensor  # (M, 5) float32, MOTION_FIELDS
 
-    def to(self, device: torch.device) -> "GeometrySet":
+    def to(self, device: torch.device) -> GeometrySet:
         return GeometrySet(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
@@ -84,8 +86,10 @@ def build_set(ds: Dataset, episodes: list[int], head: GeometryHead) -> GeometryS
     """Frames, depth and transitions of ``episodes`` of ``ds``, pooled by ``head`` (CPU)."""
     missing = [f for f in ("depth", "pose") if f not in ds.fields]
     if missing:
-        raise ValueError(f"{ds.root}: the geometry head learns from recorded {' and '.join(missing)}, which this "
-                         f"dataset does not have (`worldgen record --env doom` records both)")
+        raise ValueError(
+            f"{ds.root}: the geometry head learns from recorded {' and '.join(missing)}, which this "
+            f"dataset does not have (`worldgen record --env doom` records both)"
+        )
     frames, depth, pose, prev, acts, motion = [], [], [], [], [], []
     offset = 0
     for e in episodes:
@@ -98,22 +102,35 @@ def build_set(ds: Dataset, episodes: list[int], head: GeometryHead) -> GeometryS
         p = ds.read(e, "pose").astype(np.float64)
         pose.append(torch.from_numpy(p))
         prev.append(torch.arange(offset, offset + n - 1))
-        acts.append(torch.from_numpy(actions.to_vector(ds.read(e, "keys")[:n - 1], ds.read(e, "mouse")[:n - 1])))
+        acts.append(torch.from_numpy(actions.to_vector(ds.read(e, "keys")[: n - 1], ds.read(e, "mouse")[: n - 1])))
         motion.append(torch.from_numpy(motion_between(p[:-1], p[1:])).float())
         offset += n
     if not frames or offset < 2:
         raise ValueError(f"{ds.root}: no frames in the {len(episodes)} episodes given")
-    return GeometrySet(torch.cat(frames), torch.cat(depth), torch.cat(pose), torch.cat(prev),
-                       torch.cat(acts).float(), torch.cat(motion))
+    return GeometrySet(
+        torch.cat(frames),
+        torch.cat(depth),
+        torch.cat(pose),
+        torch.cat(prev),
+        torch.cat(acts).float(),
+        torch.cat(motion),
+    )
 
 
-def geometry_loss(model: nn.Module, s: GeometrySet, frames: torch.Tensor, trans: torch.Tensor,
-                  motion_scale: torch.Tensor, depth_weight: float) -> torch.Tensor:
+def geometry_loss(
+    model: nn.Module,
+    s: GeometrySet,
+    frames: torch.Tensor,
+    trans: torch.Tensor,
+    motion_scale: torch.Tensor,
+    depth_weight: float,
+) -> torch.Tensor:
     """Depth L1 on frames ``frames`` plus odometry smooth L1 on transitions ``trans`` (indices),
     motion in units of ``motion_scale``."""
     depth, motion = model(s.frames[frames], s.frames[s.prev[trans]], s.frames[s.prev[trans] + 1], s.action[trans])
-    return (depth_weight * F.l1_loss(depth.float(), s.depth[frames].float() / 255.0)
-            + F.smooth_l1_loss(motion.float(), s.motion[trans] / motion_scale))
+    return depth_weight * F.l1_loss(depth.float(), s.depth[frames].float() / 255.0) + F.smooth_l1_loss(
+        motion.float(), s.motion[trans] / motion_scale
+    )
 
 
 def drift_windows(prev: torch.Tensor, steps: int) -> torch.Tensor:
@@ -137,8 +154,15 @@ def drift_windows(prev: torch.Tensor, steps: int) -> torch.Tensor:
 class GeometryTask:
     """The :class:`~worldgen.training.common.Task` of fitting a geometry head."""
 
-    def __init__(self, cfg: GeometryTrainConfig, model: GeometryHead, train_set: GeometrySet, eval_set: GeometrySet,
-                 d: Dist, eval_split: str = "heldout"):
+    def __init__(
+        self,
+        cfg: GeometryTrainConfig,
+        model: GeometryHead,
+        train_set: GeometrySet,
+        eval_set: GeometrySet,
+        d: Dist,
+        eval_split: str = "heldout",
+    ):
         self.cfg, self.model, self.device, self.dist = cfg, model, d.device, d
         self.train_set, self.eval_set, self.eval_split = train_set.to(d.device), eval_set.to(d.device), eval_split
         model.motion_scale.copy_(train_set.motion.std(0).clamp_min(1e-3))
@@ -148,22 +172,29 @@ class GeometryTask:
         self.metrics: dict[str, Any] = {}
 
     @classmethod
-    def from_run(cls, cfg: GeometryTrainConfig, run: Run, d: Dist) -> "GeometryTask":
+    def from_run(cls, cfg: GeometryTrainConfig, run: Run, d: Dist) -> GeometryTask:
         from worldgen.training.tokenizer import open_dataset
 
         ds, train, held = open_dataset(cfg)
         w, h = ds.resolution
         down = pool_factor(w, h, cfg.downsample or max(1, w // 80))
         torch.manual_seed(cfg.seed)
-        head = GeometryHead(GeometryHeadConfig(frame_size=(h, w), downsample=down,
-                                               depth_downsample=pool_factor(w, h, cfg.depth_downsample or
-                                                                            max(1, w // 40), down)))
+        head = GeometryHead(
+            GeometryHeadConfig(
+                frame_size=(h, w),
+                downsample=down,
+                depth_downsample=pool_factor(w, h, cfg.depth_downsample or max(1, w // 40), down),
+            )
+        )
         t0 = time.time()
         train_set, eval_set = build_set(ds, train, head), build_set(ds, held or train, head)
         if d.main:
-            print(f"[train] geometry head: {len(train_set.frames)} train frames, {len(train_set.prev)} transitions; "
-                  f"{len(eval_set.frames)} {'heldout' if held else 'train'} frames for metrics; frames pooled {down}x, "
-                  f"depth {head.cfg.depth_downsample}x ({time.time() - t0:.1f} s)", file=sys.stderr)
+            print(
+                f"[train] geometry head: {len(train_set.frames)} train frames, {len(train_set.prev)} transitions; "
+                f"{len(eval_set.frames)} {'heldout' if held else 'train'} frames for metrics; frames pooled {down}x, "
+                f"depth {head.cfg.depth_downsample}x ({time.time() - t0:.1f} s)",
+                file=sys.stderr,
+            )
         return cls(cfg, head, train_set, eval_set, d, "heldout" if held else "train")
 
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
@@ -192,18 +223,27 @@ class GeometryTask:
             ratio = torch.maximum(pred.clamp_min(1) / true.clamp_min(1), true.clamp_min(1) / pred.clamp_min(1))
             close += (ratio < 1.25).float().sum().item()
         pixels = nf * s.depth[0].numel()
-        motion = torch.cat([self._motion(model, torch.arange(a, min(a + batch, nt), device=self.device))
-                            for a in range(0, nt, batch)])                            # (nt, 5)
+        motion = torch.cat(
+            [self._motion(model, torch.arange(a, min(a + batch, nt), device=self.device)) for a in range(0, nt, batch)]
+        )  # (nt, 5)
         true_m = s.motion[:nt].double()
         res: dict[str, Any] = {
-            f"{split}_depth": {"mae_levels": err / pixels, "mean_map_mae_levels": base / pixels,
-                               "delta_1.25": close / pixels, "frames": nf},
-            f"{split}_motion": {f: {"mae": float((motion[:, k] - true_m[:, k]).abs().mean()),
-                                    "zero_motion_mae": float(true_m[:, k].abs().mean())}
-                                for k, f in enumerate(MOTION_FIELDS)},
+            f"{split}_depth": {
+                "mae_levels": err / pixels,
+                "mean_map_mae_levels": base / pixels,
+                "delta_1.25": close / pixels,
+                "frames": nf,
+            },
+            f"{split}_motion": {
+                f: {
+                    "mae": float((motion[:, k] - true_m[:, k]).abs().mean()),
+                    "zero_motion_mae": float(true_m[:, k].abs().mean()),
+                }
+                for k, f in enumerate(MOTION_FIELDS)
+            },
         }
         res[f"{split}_motion"]["transitions"] = nt
-        i = torch.randperm(nt, generator=torch.Generator().manual_seed(0))[:min(nt, 1024)].to(self.device)
+        i = torch.randperm(nt, generator=torch.Generator().manual_seed(0))[: min(nt, 1024)].to(self.device)
         with autocast(self.device):
             loss = geometry_loss(model, s, i.remainder(nf), i, model.motion_scale, self.cfg.depth_weight).item()
         res["heldout_loss"] = loss
@@ -223,7 +263,7 @@ class GeometryTask:
         starts = drift_windows(s.prev.cpu(), k)
         if not len(starts):
             return {"paths": 0}
-        idx = (starts[:, None] + torch.arange(k)).to(self.device)                    # (P, k) transitions
+        idx = (starts[:, None] + torch.arange(k)).to(self.device)  # (P, k) transitions
         motion = self._motion(model, idx.flatten()).reshape(*idx.shape, 5).cpu().numpy()
         pose = s.pose.cpu().numpy()
         first = s.prev[idx[:, 0]].cpu().numpy()
@@ -233,18 +273,23 @@ class GeometryTask:
         true_end = pose[first + k]
         steps = np.linalg.norm(np.diff(pose[first[:, None] + np.arange(k + 1)][..., :2], axis=1), axis=-1)
         yaw_err = np.abs((est[:, 3] - true_end[:, 3] + 180) % 360 - 180)
-        return {"paths": len(first), "steps": k,
-                "position_error": float(np.linalg.norm(est[:, :2] - true_end[:, :2], axis=1).mean()),
-                "distance_walked": float(steps.sum(1).mean()),
-                "displacement": float(np.linalg.norm(true_end[:, :2] - pose[first][:, :2], axis=1).mean()),
-                "yaw_error_deg": float(yaw_err.mean())}
+        return {
+            "paths": len(first),
+            "steps": k,
+            "position_error": float(np.linalg.norm(est[:, :2] - true_end[:, :2], axis=1).mean()),
+            "distance_walked": float(steps.sum(1).mean()),
+            "displacement": float(np.linalg.norm(true_end[:, :2] - pose[first][:, :2], axis=1).mean()),
+            "yaw_error_deg": float(yaw_err.mean()),
+        }
 
     def evaluate(self, ema_model: nn.Module) -> dict[str, float]:
         self.metrics = self._metrics(ema_model, self.cfg.eval_transitions)
         split = self.eval_split
-        return {"heldout_loss": self.metrics["heldout_loss"],
-                "depth_mae_levels": self.metrics[f"{split}_depth"]["mae_levels"],
-                "drift_position_error": self.metrics[f"{split}_drift"].get("position_error", float("nan"))}
+        return {
+            "heldout_loss": self.metrics["heldout_loss"],
+            "depth_mae_levels": self.metrics[f"{split}_depth"]["mae_levels"],
+            "drift_position_error": self.metrics[f"{split}_drift"].get("position_error", float("nan")),
+        }
 
     def finish(self, ema_model: nn.Module) -> dict[str, Any]:
         self.metrics = self._metrics(ema_model, None)
@@ -260,13 +305,21 @@ class GeometryTask:
         def gray(d: torch.Tensor) -> np.ndarray:  # at the frames' size, to stack the rows
             d = F.interpolate(d.float()[:, None], size=s.frames.shape[-2:], mode="nearest")[:, 0]
             return d.round().clamp(0, 255).to(torch.uint8)[..., None].expand(*d.shape, 3).cpu().numpy()
-        save_image_rows([s.frames[i].movedim(1, -1).cpu().numpy(), gray(s.depth[i]), gray(pred)],
-                        folder / f"step-{step:07d}.png")
+
+        save_image_rows(
+            [s.frames[i].movedim(1, -1).cpu().numpy(), gray(s.depth[i]), gray(pred)], folder / f"step-{step:07d}.png"
+        )
 
     def export(self, ema_model: nn.Module, folder: Path, dtype: torch.dtype, step: int) -> None:
-        save_head(folder, ema_model, {
-            "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
-            "metrics": self.metrics}, dtype=dtype)
+        save_head(
+            folder,
+            ema_model,
+            {
+                "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
+                "metrics": self.metrics,
+            },
+            dtype=dtype,
+        )
 
 
 def train(cfg: GeometryTrainConfig, given: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -27,8 +27,9 @@ or ``worldgen record --env gym:CartPole-v1 --steps 1000 --out data/cartpole``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -39,12 +40,13 @@ from worldgen import actions
 from worldgen.data import DatasetIndex, Episode, EpisodeInfo, write_episode_shards
 
 DEFAULT_RESOLUTION = (160, 120)  # (width, height): the ViZDoom default, so models transfer as is
-SHARD_STEPS = 512                # steps per shard, as write_episode_shards does by default
+SHARD_STEPS = 512  # steps per shard, as write_episode_shards does by default
 
 
 def _is_rgb(space: gym.Space) -> bool:
-    return (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3
-            and space.shape[2] == 3)
+    return (
+        isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3 and space.shape[2] == 3
+    )
 
 
 def key_mapping(space: gym.Space) -> tuple[str, Callable[[Any], np.ndarray]]:
@@ -56,16 +58,20 @@ def key_mapping(space: gym.Space) -> tuple[str, Callable[[Any], np.ndarray]]:
         ('Discrete: action start+i holds keys[i]', [0, 0, 1, 0, 0, 0, 0, 0])
     """
     if isinstance(space, gym.spaces.Discrete) and space.n <= actions.NUM_KEYS:
+
         def discrete(a: Any) -> np.ndarray:
             keys = np.zeros(actions.NUM_KEYS, np.uint8)
             keys[int(a) - int(space.start)] = 1
             return keys
+
         return "Discrete: action start+i holds keys[i]", discrete
     if isinstance(space, gym.spaces.MultiBinary) and space.shape[0] <= actions.NUM_KEYS and len(space.shape) == 1:
+
         def multibinary(a: Any) -> np.ndarray:
             keys = np.zeros(actions.NUM_KEYS, np.uint8)
-            keys[:space.shape[0]] = np.asarray(a, np.uint8)
+            keys[: space.shape[0]] = np.asarray(a, np.uint8)
             return keys
+
         return "MultiBinary: action[j] holds keys[j]", multibinary
     return "none: keys and mouse are zero; see env_actions", lambda a: np.zeros(actions.NUM_KEYS, np.uint8)
 
@@ -88,11 +94,12 @@ class _FrameGrabber:
             frame = obs if self.source == "observation" else self.env.render()
         except NotImplementedError:  # gymnasium.Env's default render()
             frame = None
-        if not (isinstance(frame, np.ndarray) and frame.ndim == 3 and frame.shape[2] == 3
-                and frame.dtype == np.uint8):
+        if not (isinstance(frame, np.ndarray) and frame.ndim == 3 and frame.shape[2] == 3 and frame.dtype == np.uint8):
             got = f"{frame.shape} {frame.dtype}" if isinstance(frame, np.ndarray) else type(frame).__name__
-            raise ValueError(f"{self.env_id}: no RGB frames: the observation space is "
-                             f"{self.env.observation_space} and render() gave {got}, not (H, W, 3) uint8")
+            raise ValueError(
+                f"{self.env_id}: no RGB frames: the observation space is "
+                f"{self.env.observation_space} and render() gave {got}, not (H, W, 3) uint8"
+            )
         native = (frame.shape[1], frame.shape[0])
         if self.native is None:
             self.native = native
@@ -115,8 +122,16 @@ def _make(env_id: str) -> gym.Env:
         raise ValueError(f"cannot make Gymnasium env {env_id!r}: {e}") from None
 
 
-def record_gym(env_id: str, out: Path, steps: int, seed: int = 0, episode_steps: int | None = None,
-               overwrite: bool = False, *, resolution: tuple[int, int] | None = DEFAULT_RESOLUTION) -> Path:
+def record_gym(
+    env_id: str,
+    out: Path,
+    steps: int,
+    seed: int = 0,
+    episode_steps: int | None = None,
+    overwrite: bool = False,
+    *,
+    resolution: tuple[int, int] | None = DEFAULT_RESOLUTION,
+) -> Path:
     """Record ``steps`` steps of uniform-random play in Gymnasium env ``env_id`` into dataset ``out``.
 
     Args:
@@ -147,23 +162,37 @@ def record_gym(env_id: str, out: Path, steps: int, seed: int = 0, episode_steps:
         obs, _ = env.reset(seed=episode_seed(seed, 0))
         first = grab(obs)
         index = DatasetIndex(
-            out, resolution=(first.shape[1], first.shape[0]), frame_skip=1, has_depth=False, has_pose=False,
-            has_env_actions=True, overwrite=overwrite,
-            source={"kind": "gymnasium", "env_id": env_id, "gymnasium_version": gym.__version__,
-                    "frames_from": grab.source, "native_resolution": list(grab.native), "seed": seed,
-                    "fps": env.metadata.get("render_fps"),
-                    "policy": "uniform random: action_space.sample(), seeded with the episode seed",
-                    "key_mapping": mapping,
-                    "env_action_space": {"repr": str(space), "flatdim": env_dim,
-                                         "encoding": "gymnasium.spaces.flatten, float32"}})
+            out,
+            resolution=(first.shape[1], first.shape[0]),
+            frame_skip=1,
+            has_depth=False,
+            has_pose=False,
+            has_env_actions=True,
+            overwrite=overwrite,
+            source={
+                "kind": "gymnasium",
+                "env_id": env_id,
+                "gymnasium_version": gym.__version__,
+                "frames_from": grab.source,
+                "native_resolution": list(grab.native),
+                "seed": seed,
+                "fps": env.metadata.get("render_fps"),
+                "policy": "uniform random: action_space.sample(), seeded with the episode seed",
+                "key_mapping": mapping,
+                "env_action_space": {
+                    "repr": str(space),
+                    "flatdim": env_dim,
+                    "encoding": "gymnasium.spaces.flatten, float32",
+                },
+            },
+        )
         done, k = 0, 0
         with tqdm(total=steps, desc=f"record {env_id}", unit="step", disable=None) as bar:
             while done < steps:
                 if k > 0:
                     obs, _ = env.reset(seed=episode_seed(seed, k))
                 limit = min(steps - done, episode_steps or math.inf)
-                info = _record_episode(env, obs, episode_seed(seed, k), grab, to_keys, env_dim, out,
-                                       f"e{k:05d}", limit)
+                info = _record_episode(env, obs, episode_seed(seed, k), grab, to_keys, env_dim, out, f"e{k:05d}", limit)
                 index.add(info)
                 done += info.length
                 bar.update(info.length)
@@ -173,9 +202,17 @@ def record_gym(env_id: str, out: Path, steps: int, seed: int = 0, episode_steps:
     return out
 
 
-def _record_episode(env: gym.Env, obs: Any, seed: int, grab: _FrameGrabber,
-                    to_keys: Callable[[Any], np.ndarray], env_dim: int, root: Path, name: str,
-                    limit: int | float) -> EpisodeInfo:
+def _record_episode(
+    env: gym.Env,
+    obs: Any,
+    seed: int,
+    grab: _FrameGrabber,
+    to_keys: Callable[[Any], np.ndarray],
+    env_dim: int,
+    root: Path,
+    name: str,
+    limit: int | float,
+) -> EpisodeInfo:
     """Play one episode from ``obs``, what ``env.reset(seed=seed)`` gave; write shards as they fill."""
     env.action_space.seed(seed)
     steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (frame, keys, env action)
@@ -187,8 +224,12 @@ def _record_episode(env: gym.Env, obs: Any, seed: int, grab: _FrameGrabber,
         nonlocal length
         if steps:
             frames, keys, env_actions = (np.stack(a) for a in zip(*steps))
-            ep = Episode(frames=frames, keys=keys, mouse=np.zeros((len(steps), actions.NUM_MOUSE), np.float32),
-                         env_actions=env_actions)
+            ep = Episode(
+                frames=frames,
+                keys=keys,
+                mouse=np.zeros((len(steps), actions.NUM_MOUSE), np.float32),
+                env_actions=env_actions,
+            )
             shards.extend(write_episode_shards(root, name, ep, SHARD_STEPS, first=len(shards)))
             length += len(steps)
             steps.clear()
@@ -209,5 +250,6 @@ def _record_episode(env: gym.Env, obs: Any, seed: int, grab: _FrameGrabber,
             terminal = bool(terminated)
             break
     flush()
-    return EpisodeInfo(id=name, length=length, shards=shards, map=env.spec.id if env.spec else None, seed=seed,
-                       terminal=terminal)
+    return EpisodeInfo(
+        id=name, length=length, shards=shards, map=env.spec.id if env.spec else None, seed=seed, terminal=terminal
+    )

@@ -42,8 +42,7 @@ from worldgen.data import Dataset, DatasetError
 from worldgen.data.dataset import DatasetIndex, Episode, EpisodeInfo, write_episode_shards
 from worldgen.env.doom import HFOV_DEG, DoomConfig, DoomEnv, DoomError
 from worldgen.env.geometry import find_head, motion_between
-from worldgen.evaluation.evaluate import (EvaluationError, select_windows, trainer_heldout_fraction,
-                                          write_json)
+from worldgen.evaluation.evaluate import EvaluationError, select_windows, trainer_heldout_fraction, write_json
 from worldgen.evaluation.play import KIND, PlayScript
 
 # What a case episode's last step holds: no action follows the last frame.
@@ -58,8 +57,8 @@ class _Window:
     config: DoomConfig
     map: str
     seed: int
-    keys: np.ndarray      # (at, 8) the recorded actions up to the departure frame
-    mouse: np.ndarray     # (at, 2)
+    keys: np.ndarray  # (at, 8) the recorded actions up to the departure frame
+    mouse: np.ndarray  # (at, 2)
     departure: np.ndarray  # (H, W, 3) the recorded departure frame, to check the replay against
     cases: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> keys (K, 8), mouse (K, 2)
 
@@ -104,10 +103,21 @@ def _resize(frames: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize(tuple(size), Image.BILINEAR)) for f in frames])
 
 
-def record_branches(data: str | Path, out: str | Path, *, windows: int = 32, context: int = 15,
-                    script: PlayScript = PlayScript(), split: str = "all", heldout_fraction: float = 0.1,
-                    seed: int = 0, workers: int | None = None, size: tuple[int, int] | None = None,
-                    overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def record_branches(
+    data: str | Path,
+    out: str | Path,
+    *,
+    windows: int = 32,
+    context: int = 15,
+    script: PlayScript = PlayScript(),
+    split: str = "all",
+    heldout_fraction: float = 0.1,
+    seed: int = 0,
+    workers: int | None = None,
+    size: tuple[int, int] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Make a branch recording of ``windows`` windows of ViZDoom recording ``data`` into ``out``.
 
     ``split``: ``"all"`` (every episode: play recorded with seeds never used in training) or
@@ -120,8 +130,10 @@ def record_branches(data: str | Path, out: str | Path, *, windows: int = 32, con
     ds = Dataset(data)
     src = ds.index["source"]
     if src.get("env") != "doom" or "doom" not in src:
-        raise EvaluationError(f"{ds.root}: the play suite replays play in ViZDoom, but this recording's source "
-                              f"is {src.get('env')!r} without game settings (record it with `worldgen record --env doom`)")
+        raise EvaluationError(
+            f"{ds.root}: the play suite replays play in ViZDoom, but this recording's source "
+            f"is {src.get('env')!r} without game settings (record it with `worldgen record --env doom`)"
+        )
     if split not in ("all", "heldout"):
         raise EvaluationError(f"split must be 'all' or 'heldout', got {split!r}")
     if windows < 1 or context < 1:
@@ -131,29 +143,61 @@ def record_branches(data: str | Path, out: str | Path, *, windows: int = 32, con
     if not replayable:
         raise EvaluationError(f"{ds.root}: none of its {split} episodes names its map and seed; cannot replay")
     d = src["doom"]
-    config = DoomConfig(wad=d["wad"], resolution=tuple(d["resolution"]), frame_skip=d["frame_skip"],
-                        skill=d["skill"], render_hud=d["render_hud"])
+    config = DoomConfig(
+        wad=d["wad"],
+        resolution=tuple(d["resolution"]),
+        frame_skip=d["frame_skip"],
+        skill=d["skill"],
+        render_hud=d["render_hud"],
+    )
     # One frame before the context: it carries the action that produced the first context frame.
     if "pose" not in ds.fields:
         raise EvaluationError(f"{ds.root}: has no camera poses; record it with `worldgen record --env doom`")
     items = select_windows(ds, replayable, context + 1, windows, seed, fields=("pose",))
     if not items:
         raise EvaluationError(f"{ds.root}: its {split} episodes hold no window of {context + 1} frames")
-    cases = {name: (np.stack([a.keys for a in acts]), np.stack([a.mouse for a in acts]))
-             for name, acts in script.cases().items()}
+    cases = {
+        name: (np.stack([a.keys for a in acts]), np.stack([a.mouse for a in acts]))
+        for name, acts in script.cases().items()
+    }
     size = tuple(size) if size is not None else ds.resolution  # the game renders at its own resolution
-    index = DatasetIndex(out, resolution=size, frame_skip=ds.frame_skip, variables=(), has_depth=False,
-                         overwrite=overwrite, source={
-                             "env": "doom", "kind": KIND, "of": str(ds.root), "doom": d, "context": context,
-                             "windows": len(items), "windows_asked": windows, "split": split,
-                             "heldout_fraction": heldout_fraction if split == "heldout" else None,
-                             "seed": seed, "script": dataclasses.asdict(script)})
+    index = DatasetIndex(
+        out,
+        resolution=size,
+        frame_skip=ds.frame_skip,
+        variables=(),
+        has_depth=False,
+        overwrite=overwrite,
+        source={
+            "env": "doom",
+            "kind": KIND,
+            "of": str(ds.root),
+            "doom": d,
+            "context": context,
+            "windows": len(items),
+            "windows_asked": windows,
+            "split": split,
+            "heldout_fraction": heldout_fraction if split == "heldout" else None,
+            "seed": seed,
+            "script": dataclasses.asdict(script),
+        },
+    )
     jobs = []
     for w, it in enumerate(items):
         info = ds.episodes[it["episode"]]
         at = int(it["start"]) + context  # the departure: the last context frame
-        jobs.append(_Window(w, config, info.map, int(info.seed), ds.read(it["episode"], "keys", 0, at),
-                            ds.read(it["episode"], "mouse", 0, at), it["frames"][-1], cases))
+        jobs.append(
+            _Window(
+                w,
+                config,
+                info.map,
+                int(info.seed),
+                ds.read(it["episode"], "keys", 0, at),
+                ds.read(it["episode"], "mouse", 0, at),
+                it["frames"][-1],
+                cases,
+            )
+        )
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     matched, identical = [], []
     bar = tqdm(total=len(jobs), unit="window", desc=f"replay branches into {Path(out).name}", disable=not progress)
@@ -172,30 +216,65 @@ def record_branches(data: str | Path, out: str | Path, *, windows: int = 32, con
         bar.close()
         if pool:
             pool.shutdown(cancel_futures=True)
-    return {"out": str(out), "windows": len(jobs), "replay_matched": float(np.mean(matched)),
-            "deterministic": float(np.mean(identical))}
+    return {
+        "out": str(out),
+        "windows": len(jobs),
+        "replay_matched": float(np.mean(matched)),
+        "deterministic": float(np.mean(identical)),
+    }
 
 
-def _write_window(index: DatasetIndex, job: _Window, item: dict[str, Any], played: dict, same: bool, eid: str,
-                  context: int, size: tuple[int, int]) -> None:
+def _write_window(
+    index: DatasetIndex,
+    job: _Window,
+    item: dict[str, Any],
+    played: dict,
+    same: bool,
+    eid: str,
+    context: int,
+    size: tuple[int, int],
+) -> None:
     """The window's context episode and one episode per case, in the dataset's alignment."""
     first = int(item["start"]) + 1  # the first context frame (item frame 0 is the lead-in)
     extra = {"window": job.w, "of": [eid, first]}
     # WindowDataset items hold the actions that produced each frame; the dataset stores each
     # after its frame: shift by one, the last context frame followed by nothing recorded here.
-    ctx = Episode(frames=_resize(item["frames"], size), keys=np.concatenate([item["keys"][1:], _NOOP_KEYS]),
-                  mouse=np.concatenate([item["mouse"][1:], _NOOP_MOUSE]), pose=item["pose"])
+    ctx = Episode(
+        frames=_resize(item["frames"], size),
+        keys=np.concatenate([item["keys"][1:], _NOOP_KEYS]),
+        mouse=np.concatenate([item["mouse"][1:], _NOOP_MOUSE]),
+        pose=item["pose"],
+    )
     name = f"w{job.w:03d}-context"
-    index.add(EpisodeInfo(id=name, length=len(ctx), shards=write_episode_shards(index.root, name, ctx),
-                          map=job.map, seed=job.seed, extra={**extra, "case": "context", "replay_matched": True,
-                                                                  "repeat_identical": same}))
+    index.add(
+        EpisodeInfo(
+            id=name,
+            length=len(ctx),
+            shards=write_episode_shards(index.root, name, ctx),
+            map=job.map,
+            seed=job.seed,
+            extra={**extra, "case": "context", "replay_matched": True, "repeat_identical": same},
+        )
+    )
     for case, (frames, poses, matched) in played.items():
         keys, mouse = job.cases[case]
-        ep = Episode(frames=np.concatenate([_resize(item["frames"][-1:], size), _resize(frames, size)]),
-                     keys=np.concatenate([keys, _NOOP_KEYS]), mouse=np.concatenate([mouse, _NOOP_MOUSE]), pose=poses)
+        ep = Episode(
+            frames=np.concatenate([_resize(item["frames"][-1:], size), _resize(frames, size)]),
+            keys=np.concatenate([keys, _NOOP_KEYS]),
+            mouse=np.concatenate([mouse, _NOOP_MOUSE]),
+            pose=poses,
+        )
         name = f"w{job.w:03d}-{case}"
-        index.add(EpisodeInfo(id=name, length=len(ep), shards=write_episode_shards(index.root, name, ep),
-                              map=job.map, seed=job.seed, extra={**extra, "case": case, "replay_matched": matched}))
+        index.add(
+            EpisodeInfo(
+                id=name,
+                length=len(ep),
+                shards=write_episode_shards(index.root, name, ep),
+                map=job.map,
+                seed=job.seed,
+                extra={**extra, "case": case, "replay_matched": matched},
+            )
+        )
 
 
 class FrameOdometry:
@@ -219,9 +298,18 @@ class FrameOdometry:
     Left, up and pitch are not measured (NaN).
     """
 
-    def __init__(self, head: Any | None = None, hfov_deg: float = HFOV_DEG, max_yaw: float = 30.0,
-                 step_deg: float = 0.5, bands: int = 6, rows: tuple[float, float] = (0.1, 0.6),
-                 centre_deg: float = 25.0, depth_units: float = 7.0, batch: int = 512):
+    def __init__(
+        self,
+        head: Any | None = None,
+        hfov_deg: float = HFOV_DEG,
+        max_yaw: float = 30.0,
+        step_deg: float = 0.5,
+        bands: int = 6,
+        rows: tuple[float, float] = (0.1, 0.6),
+        centre_deg: float = 25.0,
+        depth_units: float = 7.0,
+        batch: int = 512,
+    ):
         self.head, self.hfov, self.max_yaw, self.step, self.bands = head, hfov_deg, max_yaw, step_deg, bands
         self.rows, self.centre = rows, centre_deg
         self.depth_units, self.batch = depth_units, batch
@@ -232,14 +320,14 @@ class FrameOdometry:
         b, h, w, _ = frames.shape
         # Rows from the ceiling to below the horizon: the weapon sprite below does not turn with the world.
         top, bottom = int(h * self.rows[0]), int(h * self.rows[1])
-        grey = frames[:, top:bottom].float().mean(-1)                                    # (B, h', W)
-        grey = grey[:, :max(len(grey[0]) // self.bands, 1) * self.bands]
-        rows = grey.reshape(b, min(self.bands, grey.shape[1]), -1, w).mean(2)           # (B, bands, W)
+        grey = frames[:, top:bottom].float().mean(-1)  # (B, h', W)
+        grey = grey[:, : max(len(grey[0]) // self.bands, 1) * self.bands]
+        rows = grey.reshape(b, min(self.bands, grey.shape[1]), -1, w).mean(2)  # (B, bands, W)
         f = (w / 2) / np.tan(np.radians(self.hfov / 2))
         bearing = np.arange(-self.hfov / 2, self.hfov / 2 + 1e-9, self.step)
         x = torch.as_tensor((w - 1) / 2 + f * np.tan(np.radians(bearing)), dtype=torch.float32).clamp(0, w - 1)
         lo = x.floor().long().clamp(max=w - 2)
-        frac = x - lo                                                                   # (J,)
+        frac = x - lo  # (J,)
         return rows[..., lo] * (1 - frac) + rows[..., lo + 1] * frac
 
     def yaw(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
@@ -251,8 +339,13 @@ class FrameOdometry:
         # Only nxt's central bearings are matched: walking forward spreads the view outwards, least
         # at the centre, and every shift then compares the same number of bearings.
         mid, half = a.shape[-1] // 2, min(int(self.centre / self.step), a.shape[-1] // 2 - n)
-        err = torch.stack([(b[..., mid - half:mid + half] - a[..., mid - half - k:mid + half - k]).square().mean((1, 2))
-                           for k in shifts], 1)                                          # (B, S)
+        err = torch.stack(
+            [
+                (b[..., mid - half : mid + half] - a[..., mid - half - k : mid + half - k]).square().mean((1, 2))
+                for k in shifts
+            ],
+            1,
+        )  # (B, S)
         best = err.argmin(1)
         # Sub-step: the vertex of the parabola through the best shift and its neighbours.
         i = best.clamp(1, err.shape[1] - 2)
@@ -277,8 +370,8 @@ class FrameOdometry:
     def estimate(self, prev: np.ndarray, keys: np.ndarray, mouse: np.ndarray, nxt: np.ndarray) -> np.ndarray:
         out = np.full((len(prev), 5), np.nan)
         for i in range(0, len(prev), self.batch):
-            p, n = prev[i:i + self.batch], nxt[i:i + self.batch]
-            out[i:i + self.batch, 0], out[i:i + self.batch, 3] = self.forward(p, n), self.yaw(p, n)
+            p, n = prev[i : i + self.batch], nxt[i : i + self.batch]
+            out[i : i + self.batch, 0], out[i : i + self.batch, 3] = self.forward(p, n), self.yaw(p, n)
         return out
 
     def truth(self, pose: np.ndarray, nxt: np.ndarray) -> np.ndarray:
@@ -294,8 +387,11 @@ def run(args: argparse.Namespace) -> int:
 
     unused = [f"--{k.replace('_', '-')}" for k in ("context", "windows_from") if getattr(args, k) is not None]
     if unused:
-        print(f"worldgen eval --suite play: {', '.join(unused)}: not used by the play suite (the context is the "
-              f"model's streaming window)", file=sys.stderr)
+        print(
+            f"worldgen eval --suite play: {', '.join(unused)}: not used by the play suite (the context is the "
+            f"model's streaming window)",
+            file=sys.stderr,
+        )
         return 2
     try:
         stream = dict(steps=args.steps, ctx_noise=args.ctx_noise, shift=args.shift, guidance=args.guidance)
@@ -314,8 +410,15 @@ def run(args: argparse.Namespace) -> int:
         odometry = FrameOdometry(head)
         media = None if args.no_media else (args.out or args.json.with_name(f"{args.json.stem}_media"))
         cfg = PlayConfig(seed=args.seed, video_windows=min(args.video_windows, 2))
-        result = evaluate_play(recording, EnginePlayer(wm, args.batch), odometry=odometry, cfg=cfg, media=media,
-                               checkpoint=str(wm.checkpoint), device=wm.device)
+        result = evaluate_play(
+            recording,
+            EnginePlayer(wm, args.batch),
+            odometry=odometry,
+            cfg=cfg,
+            media=media,
+            checkpoint=str(wm.checkpoint),
+            device=wm.device,
+        )
     except (EvaluationError, DatasetError, CheckpointError, DoomError, ValueError) as e:
         print(f"worldgen eval --suite play: {e}", file=sys.stderr)
         return 2
@@ -336,24 +439,46 @@ def _recording_for(args: argparse.Namespace, wm: Any) -> Path:
     fraction = args.heldout_fraction
     if fraction is None:
         fraction = trainer_heldout_fraction(wm.checkpoint)
-    script = PlayScript(horizon=PlayScript.horizon if args.horizon is None else args.horizon,
-                        yaw_step=args.yaw_step, walks=tuple(args.walks))
+    script = PlayScript(
+        horizon=PlayScript.horizon if args.horizon is None else args.horizon,
+        yaw_step=args.yaw_step,
+        walks=tuple(args.walks),
+    )
     h, w, _ = wm.frame_shape
-    wanted = {"of": str(Dataset(data).root), "context": context, "split": args.split, "seed": args.seed,
-              "heldout_fraction": fraction if args.split == "heldout" else None,
-              "script": dataclasses.asdict(script), "windows_asked": args.windows}
+    wanted = {
+        "of": str(Dataset(data).root),
+        "context": context,
+        "split": args.split,
+        "seed": args.seed,
+        "heldout_fraction": fraction if args.split == "heldout" else None,
+        "script": dataclasses.asdict(script),
+        "windows_asked": args.windows,
+    }
     wanted = json.loads(json.dumps(wanted))  # tuples as the index gives them back: lists
     if (Path(out) / "index.json").is_file():
         src = Dataset(out).index["source"]
         if src.get("kind") != KIND:
-            raise EvaluationError(f"--branches {out}: holds a dataset that is not a branch recording; "
-                                  f"choose another folder")
+            raise EvaluationError(
+                f"--branches {out}: holds a dataset that is not a branch recording; choose another folder"
+            )
         if all(src.get(k) == v for k, v in wanted.items()) and Dataset(out).resolution == (w, h):
             print(f"reusing the branch recording {out} (same windows, context and script)")
             return Path(out)
-    s = record_branches(data, out, windows=args.windows, context=context, script=script, split=args.split,
-                        heldout_fraction=fraction, seed=args.seed, workers=args.workers, size=(w, h),
-                        overwrite=True)
-    print(f"recorded {s['windows']} windows of branches into {s['out']}; replays matched the recording in "
-          f"{s['replay_matched']:.0%}, a case played twice came out identical in {s['deterministic']:.0%}")
+    s = record_branches(
+        data,
+        out,
+        windows=args.windows,
+        context=context,
+        script=script,
+        split=args.split,
+        heldout_fraction=fraction,
+        seed=args.seed,
+        workers=args.workers,
+        size=(w, h),
+        overwrite=True,
+    )
+    print(
+        f"recorded {s['windows']} windows of branches into {s['out']}; replays matched the recording in "
+        f"{s['replay_matched']:.0%}, a case played twice came out identical in {s['deterministic']:.0%}"
+    )
     return Path(out)

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -37,8 +38,8 @@ DOOM_EXTENT = 32768.0  # Doom map coordinates lie in +-32768 units
 
 
 class Obs(Protocol):
-    depth: np.ndarray      # (H, W), larger = farther
-    pose: np.ndarray       # (5,) x, y, z, yaw (deg, counter-clockwise), pitch (deg, > 0 up)
+    depth: np.ndarray  # (H, W), larger = farther
+    pose: np.ndarray  # (5,) x, y, z, yaw (deg, counter-clockwise), pitch (deg, > 0 up)
     variables: np.ndarray  # (V,) game variables, named by the recorder
 
 
@@ -50,7 +51,7 @@ class Policy(Protocol):
 # --- uniform random ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RandomConfig:
-    yaw_range: float = 20.0   # deg/step, uniform in +-range: a brisk but human turn rate
+    yaw_range: float = 20.0  # deg/step, uniform in +-range: a brisk but human turn rate
     pitch_range: float = 0.0  # a random pitch walk ends staring at the floor; the baseline is about movement
 
 
@@ -86,9 +87,9 @@ class FrontierMap:
     UNKNOWN, FREE, BLOCKED = 0, 1, 2
 
     def __init__(self, cell: float = 32.0, max_range: float = 768.0, window: int = 48, memory: int = 300):
-        self.cell = cell            # map units per cell: the player is 32 wide
+        self.cell = cell  # map units per cell: the player is 32 wide
         self.max_range = max_range  # map units: beyond this, sparse rays leave holes that look like frontiers
-        self.window = window        # cells each way searched for a frontier
+        self.window = window  # cells each way searched for a frontier
         # memory: steps a learned block lasts (~35 s of play)
         self.half = int(DOOM_EXTENT // cell)
         self.state = np.zeros((2 * self.half, 2 * self.half), np.uint8)  # (X, Y)
@@ -125,18 +126,19 @@ class FrontierMap:
         if learned:
             self.learned[(int(i[0]), int(i[1]))] = self.t + self.memory
 
-    def plan(self, x: float, y: float, goal: tuple[float, float] | None = None,
-             lookahead: int = 5) -> tuple[float, float, float, float] | None:
+    def plan(
+        self, x: float, y: float, goal: tuple[float, float] | None = None, lookahead: int = 5
+    ) -> tuple[float, float, float, float] | None:
         """``(waypoint x, y, goal x, y)`` in map units: the cell ``lookahead`` cells along the
         shortest free path to ``goal`` if it is still a reachable frontier, else to the nearest
         frontier at least 2 cells away; None if none is reachable within ``window`` cells.
         Keeping the goal stops the explorer from dithering between frontiers."""
         ix, iy = (int(v) for v in self.index(x, y))
         x0, y0 = max(ix - self.window, 0), max(iy - self.window, 0)
-        st = self.state[x0:ix + self.window + 1, y0:iy + self.window + 1]
+        st = self.state[x0 : ix + self.window + 1, y0 : iy + self.window + 1]
         free = st == self.FREE
         self.learned = {c: t for c, t in self.learned.items() if t > self.t}
-        for (cx, cy) in self.learned:
+        for cx, cy in self.learned:
             if 0 <= cx - x0 < st.shape[0] and 0 <= cy - y0 < st.shape[1]:
                 free[cx - x0, cy - y0] = False
         frontier = free & _shift_or(st == self.UNKNOWN)
@@ -204,32 +206,32 @@ NEIGHBOURS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 
 # --- the explorer --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExploreConfig:
-    hfov_deg: float = 90.0          # ViZDoom's horizontal field of view, to turn depth columns into bearings
-    depth_units: float = 7.0        # map units per depth level (measured, env/doom.py)
-    pixel_aspect: float = 1.2       # Doom's tall pixels: vertical / horizontal focal length (measured via pitch)
-    rays: int = 40                  # bearings: depth columns min-pooled to this many (2.25 deg each at 90 deg)
-    near: float = 40.0              # map units: a wall this close ahead ends a walk (player radius is 16)
-    cell: float = 64.0              # map units per novelty cell; worldgen.data.coverage uses the same
-    replan_every: int = 8           # steps between frontier searches (~1 s of play)
-    give_up: int = 80               # steps chasing one goal before it counts as unreachable
-    steer_gain: float = 0.4         # fraction of the bearing error corrected per step: smooth, not twitchy
-    max_steer: float = 15.0         # deg/step cap while walking
-    wander_deg: float = 2.5         # std of the mouse-yaw wander (OU noise) while walking
-    wide_turn_p: float = 0.01       # chance per step of a spontaneous wide turn (45-270 deg)
-    key_turn_p: float = 0.25        # share of turns made with the turn keys instead of the mouse
-    door_p: float = 0.6             # chance to try a wall ahead as a door: use, then wait for it to open
-    door_wait: int = 6              # steps to wait: a Doom door opens in about a second (9 steps)
-    scan_every: int = 150           # at most this often, look around 360 deg when no frontier is in reach
-    strafe_p: float = 0.03          # chance per step to start strafing for a few steps
-    back_p: float = 0.004           # chance per step to back up for a few steps
-    idle_p: float = 0.005           # chance per step to stop and look around a moment
-    attack_p: float = 0.02          # chance per step to start a burst of fire (1-6 steps)
-    use_p: float = 0.03             # chance per step to press use (switches, lifts)
-    fight: bool = True              # when hurt (damage_taken rises in obs.variables), fire while sweeping
-    pitch_p: float = 0.01           # chance per step to pick a new pitch target in +-pitch_max
-    pitch_max: float = 12.0         # deg: small looks up/down, enough to keep pitch in the data
-    stuck_steps: int = 10           # steps pushing forward that the stuck detector looks back over
-    stuck_dist: float = 24.0        # moved less than this over them = stuck (walking covers 80+)
+    hfov_deg: float = 90.0  # ViZDoom's horizontal field of view, to turn depth columns into bearings
+    depth_units: float = 7.0  # map units per depth level (measured, env/doom.py)
+    pixel_aspect: float = 1.2  # Doom's tall pixels: vertical / horizontal focal length (measured via pitch)
+    rays: int = 40  # bearings: depth columns min-pooled to this many (2.25 deg each at 90 deg)
+    near: float = 40.0  # map units: a wall this close ahead ends a walk (player radius is 16)
+    cell: float = 64.0  # map units per novelty cell; worldgen.data.coverage uses the same
+    replan_every: int = 8  # steps between frontier searches (~1 s of play)
+    give_up: int = 80  # steps chasing one goal before it counts as unreachable
+    steer_gain: float = 0.4  # fraction of the bearing error corrected per step: smooth, not twitchy
+    max_steer: float = 15.0  # deg/step cap while walking
+    wander_deg: float = 2.5  # std of the mouse-yaw wander (OU noise) while walking
+    wide_turn_p: float = 0.01  # chance per step of a spontaneous wide turn (45-270 deg)
+    key_turn_p: float = 0.25  # share of turns made with the turn keys instead of the mouse
+    door_p: float = 0.6  # chance to try a wall ahead as a door: use, then wait for it to open
+    door_wait: int = 6  # steps to wait: a Doom door opens in about a second (9 steps)
+    scan_every: int = 150  # at most this often, look around 360 deg when no frontier is in reach
+    strafe_p: float = 0.03  # chance per step to start strafing for a few steps
+    back_p: float = 0.004  # chance per step to back up for a few steps
+    idle_p: float = 0.005  # chance per step to stop and look around a moment
+    attack_p: float = 0.02  # chance per step to start a burst of fire (1-6 steps)
+    use_p: float = 0.03  # chance per step to press use (switches, lifts)
+    fight: bool = True  # when hurt (damage_taken rises in obs.variables), fire while sweeping
+    pitch_p: float = 0.01  # chance per step to pick a new pitch target in +-pitch_max
+    pitch_max: float = 12.0  # deg: small looks up/down, enough to keep pitch in the data
+    stuck_steps: int = 10  # steps pushing forward that the stuck detector looks back over
+    stuck_dist: float = 24.0  # moved less than this over them = stuck (walking covers 80+)
     # Chance per step (while walking) of a short burst of one random action held 2-8 steps: moves
     # that the recent frames do not foretell, so a world model must read the action to get them
     # right. 0 keeps "explore" exactly as recorded before (no extra random draws).
@@ -266,17 +268,17 @@ class ExplorePolicy:
         n = int(2 * DOOM_EXTENT // c.cell)
         self.visits = np.zeros((n, n), np.int32)  # (X, Y) steps spent per novelty cell
         self.trail: deque[np.ndarray] = deque(maxlen=c.stuck_steps)
-        self.t, self.last_door, self.last_scan, self.last_wall = 0, -10**6, -10**6, -10**6
-        self.mode, self.left = "walk", 0     # current manoeuvre and its remaining steps
-        self.then: str | None = None         # what follows it: "turn" (after an escape), "face" (after a scan)
+        self.t, self.last_door, self.last_scan, self.last_wall = 0, -(10**6), -(10**6), -(10**6)
+        self.mode, self.left = "walk", 0  # current manoeuvre and its remaining steps
+        self.then: str | None = None  # what follows it: "turn" (after an escape), "face" (after a scan)
         self.turn_rate, self.turn_keys = 0.0, False
         self.until_clear, self.turned = False, 0.0  # turn-until-clear and the degrees turned so far
-        self.best = (-np.inf, 0.0)           # best (score, heading) seen during a scan
+        self.best = (-np.inf, 0.0)  # best (score, heading) seen during a scan
         self.plan: tuple[float, float, float, float] | None = None  # waypoint x, y, goal x, y
         self.goal_since, self.next_plan = 0, 0
         self.strafe, self.strafe_left = 0, 0  # strafe direction (-1 left, +1 right) and steps left
         self.attack_left, self.wander, self.pitch_target = 0, 0.0, 0.0
-        self.damage: float | None = None     # last damage counter seen
+        self.damage: float | None = None  # last damage counter seen
         self.babble_keys, self.babble_yaw = np.zeros(actions.NUM_KEYS, np.uint8), 0.0  # a burst's action
 
     # --- perception -----------------------------------------------------------------------------
@@ -296,20 +298,20 @@ class ExplorePolicy:
         h, w = obs.depth.shape
         if self._width != w:
             f = (w / 2) / math.tan(math.radians(c.hfov_deg / 2))  # horizontal focal length, pixels
-            self._group = max(w // c.rays, 1)                      # columns per bearing
+            self._group = max(w // c.rays, 1)  # columns per bearing
             n = w // self._group
-            centre = (np.arange(n) + 0.5) * self._group - 0.5       # (R,) column at each bearing's centre
+            centre = (np.arange(n) + 0.5) * self._group - 0.5  # (R,) column at each bearing's centre
             self._bearing = np.degrees(np.arctan(((w - 1) / 2 - centre) / f))  # (R,)
             self._secant = 1.0 / np.cos(np.radians(self._bearing))  # depth is planar, rays are not
-            self._fv = f * c.pixel_aspect                           # vertical focal length, pixels
+            self._fv = f * c.pixel_aspect  # vertical focal length, pixels
             self._width = w
         # Doom looks up and down by shearing the image: the horizon row moves by fv * tan(pitch).
         horizon = int(h / 2 + self._fv * math.tan(math.radians(float(obs.pose[4]))))
-        band = obs.depth[max(horizon - 2, 0):max(horizon + 6, 1):2]  # (4, W) eye to waist level
+        band = obs.depth[max(horizon - 2, 0) : max(horizon + 6, 1) : 2]  # (4, W) eye to waist level
         # 0 is the weapon sprite (it rises into view when firing), never a wall (>= 16 units away).
         level = np.where(band == 0, 255, band).min(0)  # (W,)
         n = len(self._bearing)
-        level = level[:n * self._group].reshape(n, self._group).min(1).astype(np.float32)  # (R,) thin things count
+        level = level[: n * self._group].reshape(n, self._group).min(1).astype(np.float32)  # (R,) thin things count
         dist = level * c.depth_units * self._secant
         dist[level >= 250] = np.inf  # saturated: nothing in range
         return dist, self._bearing
@@ -321,8 +323,12 @@ class ExplorePolicy:
         seen = 0.0
         for frac in (0.5, 1.0):  # halfway and just short of the wall: the floor, not the wall's cell
             d = np.maximum(reach * frac - 32.0, 0.0)
-            seen = seen + self.visits[self._cell(obs.pose[0] + d * np.cos(heading)),
-                                      self._cell(obs.pose[1] + d * np.sin(heading))]
+            seen = (
+                seen
+                + self.visits[
+                    self._cell(obs.pose[0] + d * np.cos(heading)), self._cell(obs.pose[1] + d * np.sin(heading))
+                ]
+            )
         score = reach / 384.0 - 0.35 * np.log1p(seen / 2)
         return np.convolve(score, np.ones(3) / 3, mode="same")  # a gap must be wider than a sliver
 
@@ -330,8 +336,7 @@ class ExplorePolicy:
     def _start(self, mode: str, steps: int, then: str | None = None) -> None:
         self.mode, self.left, self.then = mode, max(1, steps), then
 
-    def _start_turn(self, direction: float, degrees: float, until_clear: bool = False,
-                    slowest: float = 10.0) -> None:
+    def _start_turn(self, direction: float, degrees: float, until_clear: bool = False, slowest: float = 10.0) -> None:
         """Turn ``degrees`` toward ``direction`` (+1 right, -1 left) at a rate drawn per turn
         (log-uniform in ``slowest``..30 deg/step); ``until_clear``: stop early, after 45
         degrees, once the way ahead is open."""
@@ -363,7 +368,7 @@ class ExplorePolicy:
         if goal is not None:
             return -1.0 if goal > 0 else 1.0
         w = len(scores)
-        return 1.0 if scores[w // 2:].mean() > scores[:w // 2].mean() else -1.0  # right half better
+        return 1.0 if scores[w // 2 :].mean() > scores[: w // 2].mean() else -1.0  # right half better
 
     def _block_ahead(self, obs: Obs) -> None:
         """What stops us is just ahead: the map must not route through it again."""
@@ -388,7 +393,7 @@ class ExplorePolicy:
         """Pick the manoeuvre for this step; return keys it adds at its start (use)."""
         c, r, w = self.config, self.rng, len(dist)
         keys = np.zeros(actions.NUM_KEYS, np.uint8)
-        ahead = float(np.min(dist[w // 3: w - w // 3]))  # nearest thing in the middle third
+        ahead = float(np.min(dist[w // 3 : w - w // 3]))  # nearest thing in the middle third
         if hurt and c.fight and self.mode != "fight":
             self._start("fight", int(r.integers(6, 12)))
             self.turn_rate = float(r.choice([-1, 1]) * r.uniform(6, 15))
@@ -449,8 +454,7 @@ class ExplorePolicy:
         if self._damage is not None:
             d = float(obs.variables[self._damage])
             hurt, self.damage = self.damage is not None and d > self.damage, d
-        stuck = (len(self.trail) == self.trail.maxlen
-                 and float(np.linalg.norm(xy - self.trail[0])) < c.stuck_dist)
+        stuck = len(self.trail) == self.trail.maxlen and float(np.linalg.norm(xy - self.trail[0])) < c.stuck_dist
 
         keys = self._choose(obs, dist, scores, hurt, stuck)
         yaw = 0.0

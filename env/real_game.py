@@ -24,7 +24,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import gymnasium
 import numpy as np
@@ -51,10 +52,19 @@ class RealDoomEnv(gymnasium.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 35 / 4}
 
-    def __init__(self, frame_size: Sequence[int] = (120, 160), *, action_space: str = "discrete",
-                 mouse_range: Sequence[float] = RECORDER_MOUSE_RANGE, preset: str | None = None,
-                 reward_weights: Mapping[str, float] | None = None, maps: Sequence[str] = ("E1M1",),
-                 horizon: int | None = 1000, render_mode: str | None = None, config: DoomConfig | None = None):
+    def __init__(
+        self,
+        frame_size: Sequence[int] = (120, 160),
+        *,
+        action_space: str = "discrete",
+        mouse_range: Sequence[float] = RECORDER_MOUSE_RANGE,
+        preset: str | None = None,
+        reward_weights: Mapping[str, float] | None = None,
+        maps: Sequence[str] = ("E1M1",),
+        horizon: int | None = 1000,
+        render_mode: str | None = None,
+        config: DoomConfig | None = None,
+    ):
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
         if render_mode not in (None, "rgb_array"):
@@ -68,8 +78,11 @@ class RealDoomEnv(gymnasium.Env):
         self.action_space = self.codec.space
         self.preset, self.horizon, self.render_mode = preset, horizon, render_mode
         self.weights = dict(DEFAULT_WEIGHTS if reward_weights is None else reward_weights)
-        self.observation_space = spaces.Box(0, 255, (ATARI_STACK, ATARI_SIZE, ATARI_SIZE), np.uint8) \
-            if preset == "atari" else spaces.Box(0, 255, (*self.size, 3), np.uint8)
+        self.observation_space = (
+            spaces.Box(0, 255, (ATARI_STACK, ATARI_SIZE, ATARI_SIZE), np.uint8)
+            if preset == "atari"
+            else spaces.Box(0, 255, (*self.size, 3), np.uint8)
+        )
         self.game: DoomEnv | None = None  # started at the first reset
         self.frame: np.ndarray | None = None
         self.stack: np.ndarray | None = None
@@ -100,8 +113,9 @@ class RealDoomEnv(gymnasium.Env):
             raise gymnasium.error.ResetNeeded("call reset() before step()")
         act = self.codec.decode(action)
         nxt = self.game.step(act.keys, act.mouse)
-        reward = reward_from_variables(self.variables, None if nxt is None else nxt.variables, VARIABLE_NAMES,
-                                       self.weights)
+        reward = reward_from_variables(
+            self.variables, None if nxt is None else nxt.variables, VARIABLE_NAMES, self.weights
+        )
         self.steps += 1
         info: dict[str, Any] = {"steps": self.steps}
         if nxt is None:  # died or left the map: the last frame stays the observation
@@ -111,8 +125,9 @@ class RealDoomEnv(gymnasium.Env):
             self.variables = nxt.variables.copy()
             obs = self._observe(nxt.frame, first=False)
         col = {n: i for i, n in enumerate(VARIABLE_NAMES)}
-        info["events"] = {k: float(self.variables[col[k]] - self.start_variables[col[k]])
-                          for k in self.weights if k != "death"}
+        info["events"] = {
+            k: float(self.variables[col[k]] - self.start_variables[col[k]]) for k in self.weights if k != "death"
+        }
         truncated = nxt is not None and self.horizon is not None and self.steps >= self.horizon
         return obs, float(reward), nxt is None, truncated, info
 

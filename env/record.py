@@ -55,13 +55,12 @@ from tqdm import tqdm
 from worldgen import actions
 from worldgen.data.coverage import PER, coverage, save_map_lines
 from worldgen.data.dataset import Dataset, DatasetError, DatasetIndex, EpisodeInfo, write_episode_shards
-from worldgen.env.doom import (VARIABLE_NAMES, DoomConfig, DoomEnv, DoomError, check_maps, map_lines,
-                               rollout)
+from worldgen.env.doom import VARIABLE_NAMES, DoomConfig, DoomEnv, DoomError, check_maps, map_lines, rollout
 from worldgen.env.policies import POLICIES, make_policy
 
 DEFAULT_MAPS = ("E1M1", "E1M2", "E1M3", "E1M4", "E1M5", "E1M6", "E1M7", "E1M8")  # Freedoom episode 1
 DEFAULT_EPISODE_STEPS = 2000  # ~4 minutes of game time at frame skip 4: deep into a map
-SHARD_STEPS = 512             # steps per shard and per flush from a worker (~30 MB at 160x120)
+SHARD_STEPS = 512  # steps per shard and per flush from a worker (~30 MB at 160x120)
 
 
 class RecordError(RuntimeError):
@@ -84,9 +83,15 @@ def episode_seed(seed: int, worker: int, episode: int) -> int:
 def _source(config: DoomConfig, **extra: Any) -> dict[str, Any]:
     """The index's ``source``: enough to replay any episode (with its map and seed)."""
     import vizdoom
-    return {"env": "doom", "doom": config.to_dict(), "vizdoom": vizdoom.__version__,
-            "pose": "camera; yaw deg counter-clockwise from +x, pitch deg > 0 up (worldgen.env.doom)",
-            "depth": "vizdoom depth buffer, uint8, larger = farther, ~7 map units per level", **extra}
+
+    return {
+        "env": "doom",
+        "doom": config.to_dict(),
+        "vizdoom": vizdoom.__version__,
+        "pose": "camera; yaw deg counter-clockwise from +x, pitch deg > 0 up (worldgen.env.doom)",
+        "depth": "vizdoom depth buffer, uint8, larger = farther, ~7 map units per level",
+        **extra,
+    }
 
 
 # --- recording -------------------------------------------------------------------------------
@@ -97,7 +102,7 @@ class _Job:
     out: str
     worker: int
     workers: int
-    steps: int          # this worker's share of the total
+    steps: int  # this worker's share of the total
     episode_steps: int
     maps: tuple[str, ...]
     seed: int
@@ -107,6 +112,7 @@ class _Job:
 
 def _work(job: _Job, messages: Any, stop: Any) -> None:
     """Worker process: record episodes, write their shards, report each to the parent."""
+
     def terminate(*_: Any) -> None:  # run `finally` (close the engine); don't wait on a dead parent
         messages.cancel_join_thread()
         sys.exit(1)
@@ -133,9 +139,15 @@ def _work(job: _Job, messages: Any, stop: Any) -> None:
                 if stop.is_set() or os.getppid() != parent:
                     messages.cancel_join_thread()  # nobody may be reading any more
                     return  # the unfinished episode's shards stay unlisted: never read
-            info = EpisodeInfo(id=eid, length=sum(s["steps"] for s in shards), shards=shards, map=map_,
-                               seed=seed, terminal=env.end is not None,
-                               extra={"end": env.end or "steps", "worker": job.worker, "policy": job.policy})
+            info = EpisodeInfo(
+                id=eid,
+                length=sum(s["steps"] for s in shards),
+                shards=shards,
+                map=map_,
+                seed=seed,
+                terminal=env.end is not None,
+                extra={"end": env.end or "steps", "worker": job.worker, "policy": job.policy},
+            )
             messages.put(("episode", asdict(info), np.concatenate(poses)))
             done += info.length
             e += 1
@@ -147,10 +159,19 @@ def _work(job: _Job, messages: Any, stop: Any) -> None:
             env.close()
 
 
-def record_doom(out: str | Path, steps: int, *, workers: int | None = None,
-                episode_steps: int = DEFAULT_EPISODE_STEPS, maps: tuple[str, ...] | list[str] = DEFAULT_MAPS,
-                config: DoomConfig = DoomConfig(), seed: int = 0, policy: str = "explore",
-                overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def record_doom(
+    out: str | Path,
+    steps: int,
+    *,
+    workers: int | None = None,
+    episode_steps: int = DEFAULT_EPISODE_STEPS,
+    maps: tuple[str, ...] | list[str] = DEFAULT_MAPS,
+    config: DoomConfig = DoomConfig(),
+    seed: int = 0,
+    policy: str = "explore",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Record ``steps`` steps of ViZDoom play into dataset ``out``; return a summary.
 
     Example:
@@ -160,8 +181,9 @@ def record_doom(out: str | Path, steps: int, *, workers: int | None = None,
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     if steps < 1 or episode_steps < 1 or workers < 1 or seed < 0:
-        raise ValueError(f"steps, episode_steps, workers must be >= 1 and seed >= 0; got "
-                         f"{steps}, {episode_steps}, {workers}, {seed}")
+        raise ValueError(
+            f"steps, episode_steps, workers must be >= 1 and seed >= 0; got {steps}, {episode_steps}, {workers}, {seed}"
+        )
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     maps = tuple(check_maps(list(maps), config.wad))
@@ -169,19 +191,43 @@ def record_doom(out: str | Path, steps: int, *, workers: int | None = None,
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RecordError(f"{out}: exists and is not a folder")
-    index = DatasetIndex(out, resolution=config.resolution, frame_skip=config.frame_skip,
-                         source=_source(config, maps=list(maps), policy=policy, seed=seed, workers=workers,
-                                        episode_steps=episode_steps),
-                         variables=VARIABLE_NAMES, overwrite=overwrite)
+    index = DatasetIndex(
+        out,
+        resolution=config.resolution,
+        frame_skip=config.frame_skip,
+        source=_source(config, maps=list(maps), policy=policy, seed=seed, workers=workers, episode_steps=episode_steps),
+        variables=VARIABLE_NAMES,
+        overwrite=overwrite,
+    )
     shutil.rmtree(out / "maps", ignore_errors=True)  # an overwritten dataset's walls
     # Fork where it exists: a spawned worker re-imports worldgen (torch: seconds per worker).
     # Nothing is forked mid-flight: no engine runs in this process yet, and the progress bar's
     # thread starts after the workers.
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     messages, stop = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_work, name=f"worldgen-record-w{w:02d}", daemon=True, args=(
-        _Job(str(out), w, workers, steps // workers + (w < steps % workers), episode_steps, maps, seed,
-             policy, config), messages, stop)) for w in range(workers)]
+    procs = [
+        ctx.Process(
+            target=_work,
+            name=f"worldgen-record-w{w:02d}",
+            daemon=True,
+            args=(
+                _Job(
+                    str(out),
+                    w,
+                    workers,
+                    steps // workers + (w < steps % workers),
+                    episode_steps,
+                    maps,
+                    seed,
+                    policy,
+                    config,
+                ),
+                messages,
+                stop,
+            ),
+        )
+        for w in range(workers)
+    ]
     tracks: list[tuple[str, np.ndarray]] = []
     ends: Counter[str] = Counter()
     finished: set[int] = set()
@@ -197,8 +243,9 @@ def record_doom(out: str | Path, steps: int, *, workers: int | None = None,
             except queue_mod.Empty:
                 dead = [w for w, p in enumerate(procs) if w not in finished and not p.is_alive()]
                 if dead:
-                    raise RecordError(f"worker {dead[0]} died (exit code {procs[dead[0]].exitcode}) "
-                                      f"without a report") from None
+                    raise RecordError(
+                        f"worker {dead[0]} died (exit code {procs[dead[0]].exitcode}) without a report"
+                    ) from None
                 continue
             if msg[0] == "steps":
                 bar.update(msg[1])
@@ -225,9 +272,16 @@ def record_doom(out: str | Path, steps: int, *, workers: int | None = None,
                 p.join()
     seconds = time.perf_counter() - t0
     frames = sum(len(p) for _, p in tracks)
-    return {"out": str(out), "frames": frames, "episodes": len(tracks), "seconds": seconds,
-            "frames_per_s": frames / seconds, "workers": workers, "ends": dict(ends),
-            "coverage": coverage(tracks)}
+    return {
+        "out": str(out),
+        "frames": frames,
+        "episodes": len(tracks),
+        "seconds": seconds,
+        "frames_per_s": frames / seconds,
+        "workers": workers,
+        "ends": dict(ends),
+        "coverage": coverage(tracks),
+    }
 
 
 # --- replay ----------------------------------------------------------------------------------
@@ -238,8 +292,8 @@ class ReplaySpec:
     map: str
     seed: int
     config: DoomConfig
-    keys: np.ndarray    # (N, 8) uint8
-    mouse: np.ndarray   # (N, 2) float32
+    keys: np.ndarray  # (N, 8) uint8
+    mouse: np.ndarray  # (N, 2) float32
     id: str
     origin: str
     reference: tuple[Dataset, int] | None = None
@@ -264,11 +318,18 @@ def load_replay(source: str | Path) -> ReplaySpec:
         i = ds.episode_index(eid)
         info, src = ds.episodes[i], ds.index["source"]
         if src.get("env") != "doom" or "doom" not in src or info.map is None or info.seed is None:
-            raise DatasetError(f"{ds.index_path}: episode {eid!r} was not recorded from ViZDoom by "
-                               f"worldgen record (source env {src.get('env')!r}); cannot replay it")
+            raise DatasetError(
+                f"{ds.index_path}: episode {eid!r} was not recorded from ViZDoom by "
+                f"worldgen record (source env {src.get('env')!r}); cannot replay it"
+            )
         d = src["doom"]
-        config = DoomConfig(wad=d["wad"], resolution=tuple(d["resolution"]), frame_skip=d["frame_skip"],
-                            skill=d["skill"], render_hud=d["render_hud"])
+        config = DoomConfig(
+            wad=d["wad"],
+            resolution=tuple(d["resolution"]),
+            frame_skip=d["frame_skip"],
+            skill=d["skill"],
+            render_hud=d["render_hud"],
+        )
         return ReplaySpec(info.map, info.seed, config, ds.read(i, "keys"), ds.read(i, "mouse"), eid, text, (ds, i))
     path = Path(text)
     try:
@@ -286,11 +347,13 @@ def load_replay(source: str | Path) -> ReplaySpec:
         raise DoomError(f"{path}: unknown fields {sorted(unknown)}")
     defaults = DoomConfig()
     try:
-        config = DoomConfig(wad=spec.get("wad", defaults.wad),
-                            resolution=_resolution(spec.get("resolution", defaults.resolution)),
-                            frame_skip=int(spec.get("frame_skip", defaults.frame_skip)),
-                            skill=int(spec.get("skill", defaults.skill)),
-                            render_hud=bool(spec.get("render_hud", defaults.render_hud)))
+        config = DoomConfig(
+            wad=spec.get("wad", defaults.wad),
+            resolution=_resolution(spec.get("resolution", defaults.resolution)),
+            frame_skip=int(spec.get("frame_skip", defaults.frame_skip)),
+            skill=int(spec.get("skill", defaults.skill)),
+            render_hud=bool(spec.get("render_hud", defaults.render_hud)),
+        )
     except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
         raise DoomError(f"{path}: {e}") from None
     seed = spec.get("seed", 0)
@@ -305,8 +368,9 @@ def load_replay(source: str | Path) -> ReplaySpec:
         keys.append(act.keys)
         mouse.append(act.mouse)
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem).lstrip("_.-") or "replay"  # it names shard files
-    return ReplaySpec(check_maps([spec["map"]], config.wad)[0], seed, config, np.stack(keys), np.stack(mouse),
-                      name, text)
+    return ReplaySpec(
+        check_maps([spec["map"]], config.wad)[0], seed, config, np.stack(keys), np.stack(mouse), name, text
+    )
 
 
 def replay(source: str | Path, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -317,16 +381,23 @@ def replay(source: str | Path, out: str | Path, overwrite: bool = False, progres
     """
     spec = load_replay(source)
     out = Path(out)
-    index = DatasetIndex(out, resolution=spec.config.resolution, frame_skip=spec.config.frame_skip,
-                         source=_source(spec.config, policy="replay", replay_of=spec.origin),
-                         variables=VARIABLE_NAMES, overwrite=overwrite)
+    index = DatasetIndex(
+        out,
+        resolution=spec.config.resolution,
+        frame_skip=spec.config.frame_skip,
+        source=_source(spec.config, policy="replay", replay_of=spec.origin),
+        variables=VARIABLE_NAMES,
+        overwrite=overwrite,
+    )
     save_map_lines(out, spec.map, map_lines(spec.map, spec.config.wad), wad=spec.config.wad)
     steps = iter(zip(spec.keys, spec.mouse))
     shards: list[dict[str, Any]] = []
     mismatch: str | None = None
     t0 = time.perf_counter()
-    with DoomEnv(spec.config, spec.map) as env, tqdm(total=len(spec.keys), unit="frame", disable=not progress,
-                                                      desc=f"replay {spec.id}") as bar:
+    with (
+        DoomEnv(spec.config, spec.map) as env,
+        tqdm(total=len(spec.keys), unit="frame", disable=not progress, desc=f"replay {spec.id}") as bar,
+    ):
         for chunk in rollout(env, lambda obs: next(steps), spec.map, spec.seed, len(spec.keys), SHARD_STEPS):
             start = sum(s["steps"] for s in shards)
             shards += write_episode_shards(out, spec.id, chunk, SHARD_STEPS, first=len(shards))
@@ -335,13 +406,28 @@ def replay(source: str | Path, out: str | Path, overwrite: bool = False, progres
             bar.update(len(chunk))
         end = env.end
     n = sum(s["steps"] for s in shards)
-    index.add(EpisodeInfo(id=spec.id, length=n, shards=shards, map=spec.map, seed=spec.seed,
-                          terminal=end is not None, extra={"end": end or "steps", "replay_of": spec.origin}))
+    index.add(
+        EpisodeInfo(
+            id=spec.id,
+            length=n,
+            shards=shards,
+            map=spec.map,
+            seed=spec.seed,
+            terminal=end is not None,
+            extra={"end": end or "steps", "replay_of": spec.origin},
+        )
+    )
     if spec.reference is not None and mismatch is None and n != len(spec.keys):
         mismatch = f"the game ended after {n} of {len(spec.keys)} steps"
-    return {"out": str(out), "frames": n, "actions": len(spec.keys), "end": end or "steps",
-            "seconds": time.perf_counter() - t0, "identical": None if spec.reference is None else mismatch is None,
-            "mismatch": mismatch}
+    return {
+        "out": str(out),
+        "frames": n,
+        "actions": len(spec.keys),
+        "end": end or "steps",
+        "seconds": time.perf_counter() - t0,
+        "identical": None if spec.reference is None else mismatch is None,
+        "mismatch": mismatch,
+    }
 
 
 def branch(source: str | Path, at: int, keys: np.ndarray, mouse: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -376,7 +462,7 @@ def _compare(reference: tuple[Dataset, int], chunk: Any, start: int) -> str | No
         if name not in ds.fields:
             continue
         ref = ds.read(i, name, start, min(start + len(chunk), ds.episodes[i].length))
-        mine = getattr(chunk, name)[:len(ref)]
+        mine = getattr(chunk, name)[: len(ref)]
         if not np.array_equal(ref, mine):
             bad = int(np.flatnonzero([not np.array_equal(a, b) for a, b in zip(ref, mine)])[0])
             return f"{name} differ from step {start + bad}"
@@ -390,8 +476,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="frames to record, over all workers and episodes")
     p.add_argument("--replay", metavar="FILE", help="replay DATASET::EPISODE_ID or a JSON action file instead")
     p.add_argument("--workers", type=int, help="worker processes, one game each (default: one per core)")
-    p.add_argument("--episode-steps", type=int, help=f"cut episodes at this many steps (doom default "
-                   f"{DEFAULT_EPISODE_STEPS}; gym: the env's own limit)")
+    p.add_argument(
+        "--episode-steps",
+        type=int,
+        help=f"cut episodes at this many steps (doom default {DEFAULT_EPISODE_STEPS}; gym: the env's own limit)",
+    )
     p.add_argument("--maps", help=f"comma-separated maps, round-robin over episodes (default {','.join(DEFAULT_MAPS)})")
     p.add_argument("--frame-skip", type=int, help=f"game tics per step (default {DoomConfig.frame_skip})")
     p.add_argument("--resolution", type=_resolution, help="frame size WxH (default 160x120)")
@@ -408,13 +497,18 @@ DOOM_ONLY = ("workers", "maps", "frame_skip", "skill", "policy")
 def run(args: argparse.Namespace) -> int:
     try:
         if args.replay:
-            given = [f"--{k.replace('_', '-')}" for k in (*DOOM_ONLY, "steps", "episode_steps", "resolution")
-                     if getattr(args, k) is not None]
+            given = [
+                f"--{k.replace('_', '-')}"
+                for k in (*DOOM_ONLY, "steps", "episode_steps", "resolution")
+                if getattr(args, k) is not None
+            ]
             if given:
                 raise ValueError(f"{', '.join(given)}: not used with --replay (the replay source sets them)")
             s = replay(args.replay, args.out, args.overwrite, progress=not args.quiet)
-            print(f"replayed {s['frames']} of {s['actions']} actions into {s['out']} (end: {s['end']}, "
-                  f"{s['frames'] / s['seconds']:.0f} frames/s)")
+            print(
+                f"replayed {s['frames']} of {s['actions']} actions into {s['out']} (end: {s['end']}, "
+                f"{s['frames'] / s['seconds']:.0f} frames/s)"
+            )
             if s["identical"] is not None:
                 print("frames identical to the recording" if s["identical"] else f"NOT identical: {s['mismatch']}")
                 return 0 if s["identical"] else 1
@@ -426,20 +520,42 @@ def run(args: argparse.Namespace) -> int:
             if given:
                 raise ValueError(f"{', '.join(given)}: apply to --env doom only")
             from worldgen.env.gym_recorder import record_gym
+
             kw = {} if args.resolution is None else {"resolution": args.resolution}
-            path = record_gym(args.env[4:], args.out, args.steps, seed=args.seed, episode_steps=args.episode_steps,
-                              overwrite=args.overwrite, **kw)
+            path = record_gym(
+                args.env[4:],
+                args.out,
+                args.steps,
+                seed=args.seed,
+                episode_steps=args.episode_steps,
+                overwrite=args.overwrite,
+                **kw,
+            )
             print(f"recorded {args.steps} steps of {args.env[4:]} into {path}")
             return 0
         if args.env != "doom":
             raise ValueError(f"--env {args.env!r}: use 'doom' or 'gym:<ID>'")
         config = DoomConfig()
-        config = replace(config, **{k: v for k, v in (("resolution", args.resolution), ("frame_skip", args.frame_skip),
-                                                        ("skill", args.skill)) if v is not None})
-        s = record_doom(args.out, args.steps, workers=args.workers,
-                        episode_steps=args.episode_steps or DEFAULT_EPISODE_STEPS,
-                        maps=args.maps.split(",") if args.maps else DEFAULT_MAPS, config=config, seed=args.seed,
-                        policy=args.policy or "explore", overwrite=args.overwrite, progress=not args.quiet)
+        config = replace(
+            config,
+            **{
+                k: v
+                for k, v in (("resolution", args.resolution), ("frame_skip", args.frame_skip), ("skill", args.skill))
+                if v is not None
+            },
+        )
+        s = record_doom(
+            args.out,
+            args.steps,
+            workers=args.workers,
+            episode_steps=args.episode_steps or DEFAULT_EPISODE_STEPS,
+            maps=args.maps.split(",") if args.maps else DEFAULT_MAPS,
+            config=config,
+            seed=args.seed,
+            policy=args.policy or "explore",
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
     except (ValueError, DoomError, DatasetError, RecordError) as e:
         print(f"worldgen record: error: {e}", file=sys.stderr)
         return 2
@@ -447,9 +563,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"worldgen record: interrupted; {args.out} holds the episodes finished so far", file=sys.stderr)
         return 130
     cov = s["coverage"]
-    rate = (f"{cov['cells_per_block']:.0f} cells per {PER:,} frames" if cov["cells_per_block"] is not None
-            else f"{cov['cells']} cells in {cov['frames']:,} frames")
-    print(f"recorded {s['frames']:,} frames in {s['episodes']} episodes into {s['out']} with {s['workers']} "
-          f"workers: {s['frames_per_s']:.0f} frames/s; episode ends {s['ends']}; coverage {rate} "
-          f"({cov['cells']} distinct {cov['cell']:.0f}-unit cells)")
+    rate = (
+        f"{cov['cells_per_block']:.0f} cells per {PER:,} frames"
+        if cov["cells_per_block"] is not None
+        else f"{cov['cells']} cells in {cov['frames']:,} frames"
+    )
+    print(
+        f"recorded {s['frames']:,} frames in {s['episodes']} episodes into {s['out']} with {s['workers']} "
+        f"workers: {s['frames_per_s']:.0f} frames/s; episode ends {s['ends']}; coverage {rate} "
+        f"({cov['cells']} distinct {cov['cell']:.0f}-unit cells)"
+    )
     return 0

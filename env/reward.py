@@ -44,9 +44,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ class RewardHeadConfig:
     """Architecture of a :class:`RewardHead` (stored in its checkpoint part)."""
 
     frame_size: tuple[int, int] = (120, 160)  # (H, W) of the frames it reads: the world model's
-    downsample: int = 2             # average-pool frames by this first: flashes and sprites survive 2x
+    downsample: int = 2  # average-pool frames by this first: flashes and sprites survive 2x
     targets: tuple[str, ...] = DEFAULT_TARGETS
     channels: tuple[int, ...] = (32, 64, 64, 128)  # conv widths, each conv halves the resolution
     hidden: int = 256
@@ -116,8 +117,10 @@ def pool_frames(frames: torch.Tensor, frame_size: Sequence[int], downsample: int
     """uint8 ``(B, H, W, 3)`` frames of ``frame_size`` -> uint8 ``(B, 3, h, w)`` average-pooled by
     ``downsample``; anything else is a ValueError naming ``what`` reads which frames."""
     if frames.dtype != torch.uint8 or tuple(frames.shape[1:]) != (*frame_size, 3):
-        raise ValueError(f"{what} reads uint8 frames (B, {frame_size[0]}, {frame_size[1]}, 3), "
-                         f"got {tuple(frames.shape)} {frames.dtype}")
+        raise ValueError(
+            f"{what} reads uint8 frames (B, {frame_size[0]}, {frame_size[1]}, 3), "
+            f"got {tuple(frames.shape)} {frames.dtype}"
+        )
     x = frames.movedim(-1, 1)
     if downsample > 1:
         x = F.avg_pool2d(x.float(), downsample).round_().to(torch.uint8)
@@ -174,12 +177,14 @@ class RewardHead(TransitionEncoder):
         (B, targets) (predicted log1p |change|) and ``death`` (B,) logits."""
         out = self.out(self.features(prev, nxt, action_vec))
         n = len(self.cfg.targets)
-        return {"logits": out[:, :3 * n].reshape(-1, n, 3), "size": out[:, 3 * n:4 * n], "death": out[:, -1]}
+        return {"logits": out[:, : 3 * n].reshape(-1, n, 3), "size": out[:, 3 * n : 4 * n], "death": out[:, -1]}
 
     def probs(self, out: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prior-corrected ``P(down, same, up)`` (B, targets, 3) and ``P(death next step)`` (B,)."""
-        return ((out["logits"].float() + self.logit_bias).softmax(-1),
-                torch.sigmoid(out["death"].float() + self.death_bias))
+        return (
+            (out["logits"].float() + self.logit_bias).softmax(-1),
+            torch.sigmoid(out["death"].float() + self.death_bias),
+        )
 
     def expected_change(self, out: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(B, targets) expected change of each variable: ``(P(up) - P(down)) x size``."""
@@ -187,16 +192,29 @@ class RewardHead(TransitionEncoder):
         return (p[..., 2] - p[..., 0]) * torch.expm1(out["size"].float().clamp(0.0, 10.0))
 
 
-def save_head(folder: str | os.PathLike, head: RewardHead, weights: Mapping[str, float],
-              extra: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None) -> None:
+def save_head(
+    folder: str | os.PathLike,
+    head: RewardHead,
+    weights: Mapping[str, float],
+    extra: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write ``head`` as the ``reward`` part of checkpoint folder ``folder`` (atomically): its
     weights, config, the reward weights and whatever ``extra`` holds (training data, metrics)."""
     unknown = set(weights) - set(head.cfg.targets) - {"death"}
     if unknown:
-        raise ValueError(f"reward weights {sorted(unknown)} name no target of the head ({head.cfg.targets}) nor 'death'")
-    tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in head.state_dict().items()}
-    config = {"model": dataclasses.asdict(head.cfg), "action_schema": actions.schema(),
-              "reward_weights": dict(weights), **dict(extra or {})}
+        raise ValueError(
+            f"reward weights {sorted(unknown)} name no target of the head ({head.cfg.targets}) nor 'death'"
+        )
+    tensors = {
+        k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in head.state_dict().items()
+    }
+    config = {
+        "model": dataclasses.asdict(head.cfg),
+        "action_schema": actions.schema(),
+        "reward_weights": dict(weights),
+        **dict(extra or {}),
+    }
     checkpoint.save(folder, PART, tensors, config)
 
 
@@ -208,8 +226,9 @@ def has_part(folder: str | os.PathLike | None, part: str) -> bool:
         return False
 
 
-def load_part(folder: str | os.PathLike, part: str, cls: type, cfg_cls: type,
-              device: torch.device | str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_part(
+    folder: str | os.PathLike, part: str, cls: type, cfg_cls: type, device: torch.device | str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """The head ``cls(cfg_cls(...))`` stored as ``part`` of checkpoint folder ``folder``, in eval
     mode, and its stored config. Raises :class:`CheckpointError` naming the problem."""
     from worldgen.models import config_from_dict
@@ -251,7 +270,7 @@ def load_head(folder: str | os.PathLike, device: torch.device | str | None = Non
 class RewardOutput:
     """The reward model's answer for a batch of B transitions."""
 
-    reward: np.ndarray      # (B,) float32
+    reward: np.ndarray  # (B,) float32
     terminated: np.ndarray  # (B,) bool
     terms: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (B,) float32: what the reward is made of
 
@@ -259,7 +278,9 @@ class RewardOutput:
 class ZeroReward:
     """Reward 0, never terminated: pure imagination, for planning or data collection."""
 
-    def __call__(self, prev_frames: np.ndarray, keys: np.ndarray, mouse: np.ndarray, frames: np.ndarray) -> RewardOutput:
+    def __call__(
+        self, prev_frames: np.ndarray, keys: np.ndarray, mouse: np.ndarray, frames: np.ndarray
+    ) -> RewardOutput:
         n = len(frames)
         return RewardOutput(np.zeros(n, np.float32), np.zeros(n, bool))
 
@@ -276,7 +297,9 @@ class FunctionReward:
             raise TypeError(f"reward must be a function (prev_frame, action, frame) -> reward, got {type(fn).__name__}")
         self.fn = fn
 
-    def __call__(self, prev_frames: np.ndarray, keys: np.ndarray, mouse: np.ndarray, frames: np.ndarray) -> RewardOutput:
+    def __call__(
+        self, prev_frames: np.ndarray, keys: np.ndarray, mouse: np.ndarray, frames: np.ndarray
+    ) -> RewardOutput:
         n = len(frames)
         reward, terminated = np.zeros(n, np.float32), np.zeros(n, bool)
         for i in range(n):
@@ -285,8 +308,10 @@ class FunctionReward:
             try:
                 reward[i], terminated[i] = float(r), bool(t)
             except (TypeError, ValueError):
-                raise TypeError(f"reward function {getattr(self.fn, '__name__', self.fn)!r} must return a number or "
-                                f"(number, bool), got {out!r}") from None
+                raise TypeError(
+                    f"reward function {getattr(self.fn, '__name__', self.fn)!r} must return a number or "
+                    f"(number, bool), got {out!r}"
+                ) from None
             if not math.isfinite(reward[i]):
                 raise ValueError(f"reward function returned {r!r}; rewards must be finite")
         return RewardOutput(reward, terminated)
@@ -302,8 +327,13 @@ class LearnedReward:
         device: where the head runs (the world model's device keeps frames off the bus twice).
     """
 
-    def __init__(self, head: RewardHead | str | os.PathLike, weights: Mapping[str, float] | None = None,
-                 death_threshold: float = 0.5, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        head: RewardHead | str | os.PathLike,
+        weights: Mapping[str, float] | None = None,
+        death_threshold: float = 0.5,
+        device: torch.device | str | None = None,
+    ):
         stored: dict[str, Any] = {}
         if not isinstance(head, RewardHead):
             head, stored = load_head(head, device)
@@ -312,8 +342,10 @@ class LearnedReward:
         self.weights = dict(stored.get("reward_weights", DEFAULT_WEIGHTS) if weights is None else weights)
         unknown = set(self.weights) - set(head.cfg.targets) - {"death"}
         if unknown:
-            raise ValueError(f"reward weights {sorted(unknown)} name no target of the head "
-                             f"({', '.join(head.cfg.targets)}) nor 'death'")
+            raise ValueError(
+                f"reward weights {sorted(unknown)} name no target of the head "
+                f"({', '.join(head.cfg.targets)}) nor 'death'"
+            )
         self.death_threshold = death_threshold
         self.metrics = stored.get("metrics", {})
         w = [self.weights.get(t, 0.0) for t in head.cfg.targets]
@@ -324,26 +356,30 @@ class LearnedReward:
         return tuple(self.head.cfg.frame_size)
 
     @torch.no_grad()
-    def __call__(self, prev_frames: np.ndarray, keys: np.ndarray, mouse: np.ndarray, frames: np.ndarray) -> RewardOutput:
+    def __call__(
+        self, prev_frames: np.ndarray, keys: np.ndarray, mouse: np.ndarray, frames: np.ndarray
+    ) -> RewardOutput:
         h = self.head
         prev = h.prepare(torch.as_tensor(prev_frames).to(self.device))
         nxt = h.prepare(torch.as_tensor(frames).to(self.device))
         act = torch.as_tensor(actions.to_vector(keys, mouse)).to(self.device)
         out = h(prev, nxt, act)
-        change = h.expected_change(out)                     # (B, targets)
-        p_death = h.probs(out)[1]                           # (B,)
+        change = h.expected_change(out)  # (B, targets)
+        p_death = h.probs(out)[1]  # (B,)
         reward = change @ self._w + self.weights.get("death", 0.0) * p_death
         terms = {t: change[:, i].cpu().numpy() for i, t in enumerate(h.cfg.targets)}
         terms["p_death"] = p_death.cpu().numpy()
-        return RewardOutput(reward.cpu().numpy().astype(np.float32),
-                            (p_death > self.death_threshold).cpu().numpy(), terms)
+        return RewardOutput(
+            reward.cpu().numpy().astype(np.float32), (p_death > self.death_threshold).cpu().numpy(), terms
+        )
 
 
 RewardModel = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], RewardOutput]
 
 
-def reward_from_variables(prev: np.ndarray, now: np.ndarray | None, names: Sequence[str],
-                          weights: Mapping[str, float] = DEFAULT_WEIGHTS) -> float:
+def reward_from_variables(
+    prev: np.ndarray, now: np.ndarray | None, names: Sequence[str], weights: Mapping[str, float] = DEFAULT_WEIGHTS
+) -> float:
     """The real game's reward for one step, the sum :class:`LearnedReward` predicts.
 
     ``prev``/``now``: game variables before and after the step (``names`` their columns, e.g.
@@ -365,8 +401,12 @@ def reward_from_variables(prev: np.ndarray, now: np.ndarray | None, names: Seque
     return round(float(sum(w * (now[col[k]] - prev[col[k]]) for k, w in weights.items() if k != "death")), 6)
 
 
-def make_reward_model(reward: Any, model_folder: Path | None, device: torch.device | str | None,
-                      weights: Mapping[str, float] | None = None) -> RewardModel:
+def make_reward_model(
+    reward: Any,
+    model_folder: Path | None,
+    device: torch.device | str | None,
+    weights: Mapping[str, float] | None = None,
+) -> RewardModel:
     """What the env's ``reward`` argument names, as a reward model.
 
     ``"learned"``: the head stored in the world model's folder (``<model>/reward.json``), or for
@@ -384,16 +424,20 @@ def make_reward_model(reward: Any, model_folder: Path | None, device: torch.devi
         folder = stored_head(model_folder, PART)
         if folder is not None:
             return LearnedReward(folder, weights, device=device)
-        raise CheckpointError(f"reward='learned': the model folder {model_folder} has no reward head ({PART}.json); "
-                              f"train one with `worldgen train reward --data DATASET --out RUN` and pass "
-                              f"reward='RUN/ckpt', or use reward='zero' or a function")
+        raise CheckpointError(
+            f"reward='learned': the model folder {model_folder} has no reward head ({PART}.json); "
+            f"train one with `worldgen train reward --data DATASET --out RUN` and pass "
+            f"reward='RUN/ckpt', or use reward='zero' or a function"
+        )
     if isinstance(reward, (str, os.PathLike)):
         return LearnedReward(reward, weights, device=device)
     if callable(reward):
         if weights is not None:
             raise ValueError("reward_weights apply to a learned reward head, not to a reward function")
         return FunctionReward(reward)
-    raise TypeError(f"reward must be 'learned', 'zero', a checkpoint folder, a RewardHead or a function, got {reward!r}")
+    raise TypeError(
+        f"reward must be 'learned', 'zero', a checkpoint folder, a RewardHead or a function, got {reward!r}"
+    )
 
 
 # Heads that ship with worldgen, by the name of the packaged model they belong to.

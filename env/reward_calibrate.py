@@ -55,14 +55,20 @@ class CalibrateConfig:
     out: str = opt("", "folder for the rollouts, the calibrated head's run and report.json")
     model: str = opt("default", "world model: checkpoint folder or packaged name")
     head: str = opt("learned", "the head to start from and compare with: 'learned' (the model's) or a folder")
-    rollouts: int = opt(2048, "train rollouts; events are rare (~2% of steps), so thousands of steps "
-                              "are needed before a few hundred events are seen")
+    rollouts: int = opt(
+        2048,
+        "train rollouts; events are rare (~2% of steps), so thousands of steps "
+        "are needed before a few hundred events are seen",
+    )
     heldout_rollouts: int = opt(512, "held-out rollouts, from the held-out episodes, for the report")
     length: int = opt(16, "steps per rollout: long enough for the model's drift to show, as in an agent's episode")
     context: int = opt(0, "real frames before each rollout (0: as long as the model's stored starts)")
-    actions: str = opt("discrete", "'discrete': uniform over the env's discrete actions, each held for --hold "
-                                   "steps (what an agent does); 'recorded': the recording's own",
-                       choices=ACTION_SOURCES)
+    actions: str = opt(
+        "discrete",
+        "'discrete': uniform over the env's discrete actions, each held for --hold "
+        "steps (what an agent does); 'recorded': the recording's own",
+        choices=ACTION_SOURCES,
+    )
     hold: int = opt(4, "steps each random discrete action is held: agents commit to moves for a while")
     batch: int = opt(64, "rollouts the model steps together (one batched forward)")
     workers: int = opt(0, "game processes labelling rollouts (0: one per CPU, at most 16)")
@@ -73,18 +79,22 @@ class CalibrateConfig:
 
 
 # --- rollouts --------------------------------------------------------------------------------
-def plan(ds: Any, episodes: list[int], n: int, context: int, length: int, recorded: bool,
-         rng: np.random.Generator) -> list[tuple[int, int]]:
+def plan(
+    ds: Any, episodes: list[int], n: int, context: int, length: int, recorded: bool, rng: np.random.Generator
+) -> list[tuple[int, int]]:
     """``n`` (episode, t): rollouts starting after real frame ``t`` with ``context`` real frames
     before; with recorded actions the recording must go on ``length`` more steps."""
     extra = length if recorded else 0  # recorded actions t .. t + length - 1 must exist
     eligible = [e for e in episodes if ds.episodes[e].length >= context + extra]
     if not eligible:
-        raise ValueError(f"{ds.root}: no episode of these has {context + extra} frames (context {context}"
-                         f"{f' + {length} recorded steps' if recorded else ''})")
+        raise ValueError(
+            f"{ds.root}: no episode of these has {context + extra} frames (context {context}"
+            f"{f' + {length} recorded steps' if recorded else ''})"
+        )
     eps = rng.choice(eligible, n)
-    return [(int(e), int(rng.integers(context - 1, ds.episodes[e].length - extra + (1 if recorded else 0))))
-            for e in eps]
+    return [
+        (int(e), int(rng.integers(context - 1, ds.episodes[e].length - extra + (1 if recorded else 0)))) for e in eps
+    ]
 
 
 def random_actions(n: int, length: int, hold: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -135,14 +145,23 @@ def _game(config: Any, first_map: str) -> Any:
     return _GAMES[key]
 
 
-def make_rollouts(wm: Any, ds: Any, starts: list[tuple[int, int]], keys: np.ndarray, mouse: np.ndarray,
-                  context: int, batch: int, workers: int, seed: int) -> dict[str, Any]:
+def make_rollouts(
+    wm: Any,
+    ds: Any,
+    starts: list[tuple[int, int]],
+    keys: np.ndarray,
+    mouse: np.ndarray,
+    context: int,
+    batch: int,
+    workers: int,
+    seed: int,
+) -> dict[str, Any]:
     """The model's rollouts from ``starts`` under ``keys``/``mouse`` (N, K, ...), labelled by the game."""
     n, length = keys.shape[:2]
     jobs = [(f"{ds.root}::{ds.episodes[e].id}", "", t, keys[r], mouse[r]) for r, (e, t) in enumerate(starts)]
     # Game processes label while the model generates; one worker labels here, afterwards (no
     # process to start: what tiny runs want).
-    with (multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         labels = pool.map_async(_label, jobs, chunksize=max(1, n // (4 * workers))) if pool else None
         frames = np.zeros((n, length + 1, *wm.frame_shape), np.uint8)
         sessions: list[Any] = []
@@ -158,8 +177,8 @@ def make_rollouts(wm: Any, ds: Any, starts: list[tuple[int, int]], keys: np.ndar
                     sessions.append(wm.session(w, acts, seed=seed + r))
                 frames[r, 0] = w[-1]
             for k in range(length):
-                out = wm.step_many(sessions[:len(rows)], [Action(keys[r, k], mouse[r, k]) for r in rows])
-                frames[lo:lo + len(rows), k + 1] = out
+                out = wm.step_many(sessions[: len(rows)], [Action(keys[r, k], mouse[r, k]) for r in rows])
+                frames[lo : lo + len(rows), k + 1] = out
             print(f"[calibrate] generated {min(lo + batch, n)}/{n} rollouts", file=sys.stderr, flush=True)
         for s in sessions:
             s.close()
@@ -169,10 +188,17 @@ def make_rollouts(wm: Any, ds: Any, starts: list[tuple[int, int]], keys: np.ndar
     # A death at step k: frames g_0..g_{k-1} are play, the transition into g_{k-1} the last one,
     # labelled death (the head's "the next step kills"); leaving the map ends the rollout alike.
     valid = np.where(died == 0, length, np.abs(died) - 1)
-    return {"frames": frames, "keys": keys.astype(np.uint8), "mouse": mouse.astype(np.float32),
-            "variables": variables, "variables_names": list(ds.variable_names), "valid": valid.astype(np.int64),
-            "died": (died > 0), "matched": np.array([g[2] for g in got]),
-            "starts": np.array([[e, t] for e, t in starts], np.int64)}
+    return {
+        "frames": frames,
+        "keys": keys.astype(np.uint8),
+        "mouse": mouse.astype(np.float32),
+        "variables": variables,
+        "variables_names": list(ds.variable_names),
+        "valid": valid.astype(np.int64),
+        "died": (died > 0),
+        "matched": np.array([g[2] for g in got]),
+        "starts": np.array([[e, t] for e, t in starts], np.int64),
+    }
 
 
 def _context_actions(ds: Any, e: int, t: int, context: int) -> list[Action]:
@@ -213,14 +239,19 @@ def event_rates(head: Any, t: Any, batch: int = 512) -> dict[str, dict[str, floa
         p, d = head.probs(out)
         probs.append(p.cpu())
         p_death.append(d.cpu())
-    p, d = torch.cat(probs), torch.cat(p_death)        # (M, targets, 3), (M,)
+    p, d = torch.cat(probs), torch.cat(p_death)  # (M, targets, 3), (M,)
     classes = t.classes
 
     def rates(prob: torch.Tensor, decided: torch.Tensor, actual: torch.Tensor) -> dict[str, float | None]:
         a = float(actual.float().mean())
         pr = float(prob.mean())
-        return {"predicted": pr, "decided": float(decided.float().mean()), "actual": a,
-                "ratio": pr / a if a > 0 else None, "events": int(actual.sum())}
+        return {
+            "predicted": pr,
+            "decided": float(decided.float().mean()),
+            "actual": a,
+            "ratio": pr / a if a > 0 else None,
+            "events": int(actual.sum()),
+        }
 
     res = {}
     for j, name in enumerate(head.cfg.targets):
@@ -237,9 +268,11 @@ def _print_rates(title: str, before: dict, after: dict) -> None:
         if k == "transitions":
             continue
         b, a = before[k], after[k]
-        print(f"  {k:24s} actual {1000 * b['actual']:7.2f}   before {1000 * b['predicted']:7.2f} "
-              f"(x{b['ratio'] or float('nan'):.2f})   after {1000 * a['predicted']:7.2f} (x{a['ratio'] or float('nan'):.2f})",
-              file=sys.stderr)
+        print(
+            f"  {k:24s} actual {1000 * b['actual']:7.2f}   before {1000 * b['predicted']:7.2f} "
+            f"(x{b['ratio'] or float('nan'):.2f})   after {1000 * a['predicted']:7.2f} (x{a['ratio'] or float('nan'):.2f})",
+            file=sys.stderr,
+        )
 
 
 def _train_overrides(text: str) -> dict[str, Any]:
@@ -294,34 +327,54 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
             mouse = np.stack([ds.read(e, "mouse", t, t + cfg.length) for e, t in starts])
         else:
             keys, mouse = random_actions(n, cfg.length, cfg.hold, rng)
-        save_rollouts(path, make_rollouts(wm, ds, starts, keys, mouse, context, cfg.batch, workers,
-                                          cfg.seed + (0 if split == "train" else 10**6)))
+        save_rollouts(
+            path,
+            make_rollouts(
+                wm, ds, starts, keys, mouse, context, cfg.batch, workers, cfg.seed + (0 if split == "train" else 10**6)
+            ),
+        )
     seconds_rollouts = time.time() - t0
 
     folder = None if not isinstance(cfg.model, str) else checkpoint.resolve(cfg.model)
     before = make_reward_model(cfg.head, folder, wm.device)
     if not isinstance(before, LearnedReward):
         raise ValueError(f"--head must name a learned reward head, got {cfg.head!r}")
-    settings = {"data": cfg.data, "out": str(out / "head"), "generated": str(out / "rollouts-train.npz"),
-                "steps": cfg.train_steps, "device": cfg.device, "seed": cfg.seed,
-                "targets": ",".join(before.head.cfg.targets),
-                "weights": ",".join(f"{k}={v:g}" for k, v in before.weights.items()),
-                "channels": ",".join(map(str, before.head.cfg.channels)), "downsample": before.head.cfg.downsample,
-                **_train_overrides(cfg.train_args)}
+    settings = {
+        "data": cfg.data,
+        "out": str(out / "head"),
+        "generated": str(out / "rollouts-train.npz"),
+        "steps": cfg.train_steps,
+        "device": cfg.device,
+        "seed": cfg.seed,
+        "targets": ",".join(before.head.cfg.targets),
+        "weights": ",".join(f"{k}={v:g}" for k, v in before.weights.items()),
+        "channels": ",".join(map(str, before.head.cfg.channels)),
+        "downsample": before.head.cfg.downsample,
+        **_train_overrides(cfg.train_args),
+    }
     summary = train(RewardTrainConfig(**settings))
     after = LearnedReward(out / "head" / "ckpt", device=wm.device)
 
     matched = load_rollouts(out / "rollouts-heldout.npz")["matched"]
     held_before = rollout_transitions(out / "rollouts-heldout.npz", before.head)
     held_after = rollout_transitions(out / "rollouts-heldout.npz", after.head)
-    report = {"config": dataclasses.asdict(cfg), "context": context, "seconds_rollouts": round(seconds_rollouts, 1),
-              "heldout_replays_matched": f"{int(matched.sum())}/{len(matched)}",
-              "generated_heldout": {"before": event_rates(before.head, held_before), "after": event_rates(after.head, held_after)},
-              "real_heldout_metrics_after": {k: v for k, v in summary.items() if k.startswith("heldout")}}
+    report = {
+        "config": dataclasses.asdict(cfg),
+        "context": context,
+        "seconds_rollouts": round(seconds_rollouts, 1),
+        "heldout_replays_matched": f"{int(matched.sum())}/{len(matched)}",
+        "generated_heldout": {
+            "before": event_rates(before.head, held_before),
+            "after": event_rates(after.head, held_after),
+        },
+        "real_heldout_metrics_after": {k: v for k, v in summary.items() if k.startswith("heldout")},
+    }
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(out / "report.json")
-    _print_rates("held-out generated rollouts", report["generated_heldout"]["before"], report["generated_heldout"]["after"])
+    _print_rates(
+        "held-out generated rollouts", report["generated_heldout"]["before"], report["generated_heldout"]["after"]
+    )
     print(f"[calibrate] calibrated head: {out / 'head' / 'ckpt'}; report: {out / 'report.json'}", file=sys.stderr)
     return report
 

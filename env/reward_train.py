@@ -47,8 +47,15 @@ from torch import nn
 
 from worldgen import actions
 from worldgen.data import Dataset
-from worldgen.env.reward import (CLASSES, DEFAULT_TARGETS, DEFAULT_WEIGHTS, RewardHead, RewardHeadConfig,
-                                 pool_factor, save_head)
+from worldgen.env.reward import (
+    CLASSES,
+    DEFAULT_TARGETS,
+    DEFAULT_WEIGHTS,
+    RewardHead,
+    RewardHeadConfig,
+    pool_factor,
+    save_head,
+)
 from worldgen.training import common
 from worldgen.training.common import Dist, Run, TrainConfig, autocast, opt, save_image_rows
 
@@ -62,19 +69,30 @@ class RewardTrainConfig(TrainConfig):
     ckpt_every: int = opt(500, "save resume state and export every N steps")
     sample_every: int = opt(0, "write sample images every N steps (0: only at the end)")
     targets: str = opt(",".join(DEFAULT_TARGETS), "recorded variables whose change per step the head predicts")
-    weights: str = opt(",".join(f"{k}={v:g}" for k, v in DEFAULT_WEIGHTS.items()),
-                       "reward = sum of weight x change (and 'death' x dying), stored with the head")
+    weights: str = opt(
+        ",".join(f"{k}={v:g}" for k, v in DEFAULT_WEIGHTS.items()),
+        "reward = sum of weight x change (and 'death' x dying), stored with the head",
+    )
     downsample: int = opt(0, "average-pool frames by this before the convs (0: auto, to at most 80 pixels wide)")
     channels: str = opt("32,64,64,128", "conv widths, each conv halving the resolution")
-    event_fraction: float = opt(0.25, "share of each batch drawn from transitions where something changed "
-                                      "(or the player died): they are ~2% of play; the head's prior "
-                                      "correction undoes the over-sampling at inference")
-    balance: float = opt(0.0, "class loss weights = class frequency ** -balance (0: none; with event "
-                              "over-sampling, weights would bias the corrected probabilities)")
+    event_fraction: float = opt(
+        0.25,
+        "share of each batch drawn from transitions where something changed "
+        "(or the player died): they are ~2% of play; the head's prior "
+        "correction undoes the over-sampling at inference",
+    )
+    balance: float = opt(
+        0.0,
+        "class loss weights = class frequency ** -balance (0: none; with event "
+        "over-sampling, weights would bias the corrected probabilities)",
+    )
     eval_transitions: int = opt(4096, "held-out transitions scored at checkpoints (all of them at the end)")
-    generated: str = opt("", "the world model's own transitions labelled by the game (a rollouts file of "
-                             "`python -m worldgen.env.reward_calibrate`), trained on beside the real ones: "
-                             "a head that only saw real frames mistakes the model's artefacts for events")
+    generated: str = opt(
+        "",
+        "the world model's own transitions labelled by the game (a rollouts file of "
+        "`python -m worldgen.env.reward_calibrate`), trained on beside the real ones: "
+        "a head that only saw real frames mistakes the model's artefacts for events",
+    )
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -102,23 +120,26 @@ class Transitions:
     frames[prev[i] + 1]`` under ``action[i]``."""
 
     frames: torch.Tensor  # (F, 3, h, w) uint8, pooled
-    prev: torch.Tensor    # (M,) int64 index into frames
+    prev: torch.Tensor  # (M,) int64 index into frames
     action: torch.Tensor  # (M, 10) float32, actions.to_vector
     change: torch.Tensor  # (M, targets) float32 change of each target variable
-    death: torch.Tensor   # (M,) float32, 1 = the step after frame prev+1 killed the player
+    death: torch.Tensor  # (M,) float32, 1 = the step after frame prev+1 killed the player
 
     def __len__(self) -> int:
         return len(self.prev)
 
-    def to(self, device: torch.device) -> "Transitions":
+    def to(self, device: torch.device) -> Transitions:
         return Transitions(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
     @staticmethod
-    def cat(parts: list["Transitions"]) -> "Transitions":
+    def cat(parts: list[Transitions]) -> Transitions:
         """One set of transitions holding ``parts`` (frame indices shifted to the joined pool)."""
         offsets = np.cumsum([0] + [len(p.frames) for p in parts[:-1]])
-        return Transitions(torch.cat([p.frames for p in parts]), torch.cat([p.prev + int(o) for p, o in zip(parts, offsets)]),
-                           *(torch.cat([getattr(p, f) for p in parts]) for f in ("action", "change", "death")))
+        return Transitions(
+            torch.cat([p.frames for p in parts]),
+            torch.cat([p.prev + int(o) for p, o in zip(parts, offsets)]),
+            *(torch.cat([getattr(p, f) for p in parts]) for f in ("action", "change", "death")),
+        )
 
     @property
     def classes(self) -> torch.Tensor:
@@ -157,8 +178,9 @@ def build_transitions(ds: Dataset, episodes: list[int], head: RewardHead) -> Tra
         offset += info.length
     if not frames:
         raise ValueError(f"{ds.root}: no episode of 2 or more steps among {len(episodes)}: nothing to learn from")
-    return Transitions(torch.cat(frames), torch.cat(prev), torch.cat(acts).float(), torch.cat(change).float(),
-                       torch.cat(death))
+    return Transitions(
+        torch.cat(frames), torch.cat(prev), torch.cat(acts).float(), torch.cat(change).float(), torch.cat(death)
+    )
 
 
 def rollout_transitions(path: str | Path, head: RewardHead) -> Transitions:
@@ -183,7 +205,7 @@ def rollout_transitions(path: str | Path, head: RewardHead) -> Transitions:
             continue
         prev.append(torch.arange(i * k1, i * k1 + m))
         acts.append(torch.from_numpy(actions.to_vector(r["keys"][i, :m], r["mouse"][i, :m])))
-        change.append(torch.from_numpy(np.diff(r["variables"][i, :m + 1][:, cols], axis=0)))
+        change.append(torch.from_numpy(np.diff(r["variables"][i, : m + 1][:, cols], axis=0)))
         d = torch.zeros(m)
         d[-1] = float(r["died"][i])
         death.append(d)
@@ -195,9 +217,9 @@ def rollout_transitions(path: str | Path, head: RewardHead) -> Transitions:
 def class_weights(t: Transitions, balance: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets, 3) class weights ``frequency ** -balance`` (mean 1 over the data) and the death
     positive weight ``(negatives / positives) ** balance``."""
-    counts = F.one_hot(t.classes, 3).sum(0).double().clamp_min(1)        # (targets, 3)
+    counts = F.one_hot(t.classes, 3).sum(0).double().clamp_min(1)  # (targets, 3)
     freq = counts / counts.sum(-1, keepdim=True)
-    w = freq ** -balance
+    w = freq**-balance
     w = w / (w * freq).sum(-1, keepdim=True)
     pos = t.death.sum().clamp_min(1).double()
     return w.float(), ((len(t) - pos) / pos).clamp_min(1).pow(balance).float().reshape(())
@@ -206,30 +228,44 @@ def class_weights(t: Transitions, balance: float) -> tuple[torch.Tensor, torch.T
 def prior_bias(t: Transitions, event_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Logit corrections ``log P_true - log P_sampled`` for the class heads (targets, 3) and the
     death logit, when a share ``event_fraction`` of each batch comes from event transitions."""
+
     def freq(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = F.one_hot(t.classes[mask], 3).double().mean(0) if mask.any() else torch.zeros(t.change.shape[1], 3).double()
         return c, t.death[mask].double().mean() if mask.any() else torch.zeros((), dtype=torch.float64)
 
     (c_all, d_all), (c_ev, d_ev) = freq(torch.ones(len(t), dtype=torch.bool)), freq(t.events)
-    c_s, d_s = (1 - event_fraction) * c_all + event_fraction * c_ev, (1 - event_fraction) * d_all + event_fraction * d_ev
+    c_s, d_s = (
+        (1 - event_fraction) * c_all + event_fraction * c_ev,
+        (1 - event_fraction) * d_all + event_fraction * d_ev,
+    )
     eps = 1e-9
     bias = torch.where(c_all > 0, c_all.clamp_min(eps).log() - c_s.clamp_min(eps).log(), torch.zeros_like(c_all))
 
     def logit(p: torch.Tensor) -> torch.Tensor:
         return p.clamp(eps, 1 - eps).log() - (1 - p).clamp(eps, 1 - eps).log()
+
     death = logit(d_all) - logit(d_s) if d_all > 0 else torch.zeros((), dtype=torch.float64)
     return bias.float(), death.float()
 
 
-def head_loss(out: dict[str, torch.Tensor], classes: torch.Tensor, change: torch.Tensor, death: torch.Tensor,
-              cw: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+def head_loss(
+    out: dict[str, torch.Tensor],
+    classes: torch.Tensor,
+    change: torch.Tensor,
+    death: torch.Tensor,
+    cw: torch.Tensor,
+    pos_weight: torch.Tensor,
+) -> torch.Tensor:
     """Weighted cross-entropy of each target's sign, MSE of log1p |change| where it changed,
     weighted BCE of death."""
     n = classes.shape[1]
     ce = sum(F.cross_entropy(out["logits"][:, i].float(), classes[:, i], weight=cw[i]) for i in range(n))
     moved = classes != 1
-    size = F.mse_loss(out["size"].float()[moved], torch.log1p(change.abs())[moved]) if moved.any() \
+    size = (
+        F.mse_loss(out["size"].float()[moved], torch.log1p(change.abs())[moved])
+        if moved.any()
         else out["size"].sum() * 0.0
+    )
     bce = F.binary_cross_entropy_with_logits(out["death"].float(), death, pos_weight=pos_weight)
     return ce + size + bce
 
@@ -251,14 +287,21 @@ def roc_auc(score: np.ndarray, label: np.ndarray) -> float | None:
     for v in np.unique(allv):  # average ranks over ties
         m = allv == v
         ranks[m] = ranks[m].mean()
-    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 class RewardTask:
     """The :class:`~worldgen.training.common.Task` of fitting a reward head to transitions."""
 
-    def __init__(self, cfg: RewardTrainConfig, model: RewardHead, train_set: Transitions, eval_set: Transitions,
-                 d: Dist, eval_split: str = "heldout"):
+    def __init__(
+        self,
+        cfg: RewardTrainConfig,
+        model: RewardHead,
+        train_set: Transitions,
+        eval_set: Transitions,
+        d: Dist,
+        eval_split: str = "heldout",
+    ):
         self.cfg, self.model, self.device, self.dist = cfg, model, d.device, d
         self.train_set, self.eval_set, self.eval_split = train_set.to(d.device), eval_set.to(d.device), eval_split
         self.cw, self.pos_weight = (x.to(d.device) for x in class_weights(train_set, cfg.balance))
@@ -274,29 +317,39 @@ class RewardTask:
         self.metrics: dict[str, Any] = {}
 
     @classmethod
-    def from_run(cls, cfg: RewardTrainConfig, run: Run, d: Dist) -> "RewardTask":
+    def from_run(cls, cfg: RewardTrainConfig, run: Run, d: Dist) -> RewardTask:
         from worldgen.training.tokenizer import open_dataset
 
         ds, train, held = open_dataset(cfg)
         w, h = ds.resolution
         down = pool_factor(w, h, cfg.downsample or max(1, w // 80))
         torch.manual_seed(cfg.seed)
-        head = RewardHead(RewardHeadConfig(frame_size=(h, w), downsample=down,
-                                           targets=tuple(t.strip() for t in cfg.targets.split(",") if t.strip()),
-                                           channels=tuple(int(c) for c in cfg.channels.split(","))))
+        head = RewardHead(
+            RewardHeadConfig(
+                frame_size=(h, w),
+                downsample=down,
+                targets=tuple(t.strip() for t in cfg.targets.split(",") if t.strip()),
+                channels=tuple(int(c) for c in cfg.channels.split(",")),
+            )
+        )
         t0 = time.time()
         train_set = build_transitions(ds, train, head)
         eval_set = build_transitions(ds, held or train, head)
         if cfg.generated:
             generated = rollout_transitions(cfg.generated, head)
             if d.main:
-                print(f"[train] reward head: + {len(generated)} generated transitions of {cfg.generated}", file=sys.stderr)
+                print(
+                    f"[train] reward head: + {len(generated)} generated transitions of {cfg.generated}", file=sys.stderr
+                )
             train_set = Transitions.cat([train_set, generated])
         if d.main:
-            print(f"[train] reward head: {len(train_set)} train transitions ({int(train_set.death.sum())} deaths, "
-                  f"changes {dict(zip(head.cfg.targets, (train_set.classes != 1).sum(0).tolist()))}), "
-                  f"{len(eval_set)} {'heldout' if held else 'train'} for metrics, frames pooled "
-                  f"{down}x to {head.cfg.input_size} ({time.time() - t0:.1f} s)", file=sys.stderr)
+            print(
+                f"[train] reward head: {len(train_set)} train transitions ({int(train_set.death.sum())} deaths, "
+                f"changes {dict(zip(head.cfg.targets, (train_set.classes != 1).sum(0).tolist()))}), "
+                f"{len(eval_set)} {'heldout' if held else 'train'} for metrics, frames pooled "
+                f"{down}x to {head.cfg.input_size} ({time.time() - t0:.1f} s)",
+                file=sys.stderr,
+            )
         return cls(cfg, head, train_set, eval_set, d, "heldout" if held else "train")
 
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
@@ -335,8 +388,9 @@ class RewardTask:
         pred = probs.argmax(-1)
         for i, name in enumerate(self.model.cfg.targets):
             c, p = classes[:, i], pred[:, i]
-            recall = {k: (float((p[c == j] == j).float().mean()) if (c == j).any() else None)
-                      for j, k in enumerate(CLASSES)}
+            recall = {
+                k: (float((p[c == j] == j).float().mean()) if (c == j).any() else None) for j, k in enumerate(CLASSES)
+            }
             present = [r for r in recall.values() if r is not None]
             score = probs[:, i].cpu().numpy()
             truth = c.cpu().numpy()
@@ -344,9 +398,12 @@ class RewardTask:
                 "accuracy": float((p == c).float().mean()),
                 "balanced_accuracy": sum(present) / len(present),
                 "always_same_accuracy": float((c == 1).float().mean()),
-                "recall": recall, "counts": {k: int((c == j).sum()) for j, k in enumerate(CLASSES)},
+                "recall": recall,
+                "counts": {k: int((c == j).sum()) for j, k in enumerate(CLASSES)},
                 # How well P(class) ranks the steps of that class above the rest, whatever the threshold.
-                "auc": {k: roc_auc(score[:, j], (truth == j).astype(float)) for j, k in enumerate(CLASSES) if k != "same"},
+                "auc": {
+                    k: roc_auc(score[:, j], (truth == j).astype(float)) for j, k in enumerate(CLASSES) if k != "same"
+                },
             }
         p_death = p_death_t.cpu().numpy()
         label = death.cpu().numpy()
@@ -356,15 +413,19 @@ class RewardTask:
             "recall": float(said[pos].mean()) if pos.any() else None,
             "precision": float(pos[said].mean()) if said.any() else None,
             "balanced_accuracy": float((said[pos].mean() + (~said[~pos]).mean()) / 2) if pos.any() else None,
-            "auc": roc_auc(p_death, label), "positives": int(pos.sum()), "predicted": int(said.sum()),
+            "auc": roc_auc(p_death, label),
+            "positives": int(pos.sum()),
+            "predicted": int(said.sum()),
         }
         w = torch.tensor([self.weights.get(k, 0.0) for k in self.model.cfg.targets], device=self.device)
         r_pred = model.expected_change(out) @ w + self.weights.get("death", 0.0) * p_death_t
         r_true = change @ w + self.weights.get("death", 0.0) * death
         corr = torch.corrcoef(torch.stack([r_pred, r_true]))[0, 1]
-        res[f"{split}_reward"] = {"pearson": float(corr) if torch.isfinite(corr) else None,
-                                  "mae": float((r_pred - r_true).abs().mean()),
-                                  "mae_zero_baseline": float(r_true.abs().mean())}
+        res[f"{split}_reward"] = {
+            "pearson": float(corr) if torch.isfinite(corr) else None,
+            "mae": float((r_pred - r_true).abs().mean()),
+            "mae_zero_baseline": float(r_true.abs().mean()),
+        }
         return res
 
     def evaluate(self, ema_model: nn.Module) -> dict[str, float]:
@@ -391,9 +452,16 @@ class RewardTask:
         save_image_rows(rows, folder / f"step-{step:07d}.png")
 
     def export(self, ema_model: nn.Module, folder: Path, dtype: torch.dtype, step: int) -> None:
-        save_head(folder, ema_model, self.weights, {
-            "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
-            "metrics": self.metrics}, dtype=dtype)
+        save_head(
+            folder,
+            ema_model,
+            self.weights,
+            {
+                "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
+                "metrics": self.metrics,
+            },
+            dtype=dtype,
+        )
 
 
 def train(cfg: RewardTrainConfig, given: dict[str, Any] | None = None) -> dict[str, Any]:

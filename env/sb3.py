@@ -18,7 +18,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from gymnasium.vector import AutoresetMode
@@ -28,8 +29,9 @@ from worldgen.env.world_model_env import WorldModelVectorEnv
 try:
     from stable_baselines3.common.vec_env import VecEnv
 except ImportError as e:  # an optional extra: say how to get it
-    raise ImportError("worldgen.env.sb3 needs Stable-Baselines3: pip install -e \".[rl]\" "
-                      "(or pip install stable-baselines3)") from e
+    raise ImportError(
+        'worldgen.env.sb3 needs Stable-Baselines3: pip install -e ".[rl]" (or pip install stable-baselines3)'
+    ) from e
 
 
 class SB3VecEnv(VecEnv):
@@ -69,8 +71,12 @@ class SB3VecEnv(VecEnv):
             info = _info_of(infos, i)
             if terms[i] or truncs[i]:  # the finished episode's info; the new one's start beside it
                 final_obs, final_info = info.pop("final_obs"), info.pop("final_info")
-                info = {**final_info, "start": info["start"], "terminal_observation": final_obs,
-                        "TimeLimit.truncated": bool(truncs[i] and not terms[i])}
+                info = {
+                    **final_info,
+                    "start": info["start"],
+                    "terminal_observation": final_obs,
+                    "TimeLimit.truncated": bool(truncs[i] and not terms[i]),
+                }
             out.append(info)
         return obs, rewards.astype(np.float32), terms | truncs, out
 
@@ -88,7 +94,9 @@ class SB3VecEnv(VecEnv):
             setattr(self.venv.envs[i], attr_name, value)
 
     def env_method(self, method_name: str, *method_args: Any, indices: Any = None, **method_kwargs: Any) -> list[Any]:
-        return [getattr(self.venv.envs[i], method_name)(*method_args, **method_kwargs) for i in self._get_indices(indices)]
+        return [
+            getattr(self.venv.envs[i], method_name)(*method_args, **method_kwargs) for i in self._get_indices(indices)
+        ]
 
     def env_is_wrapped(self, wrapper_class: type, indices: Any = None) -> list[bool]:
         return [False for _ in self._get_indices(indices)]  # sub-envs are bare WorldModelEnvs
@@ -96,5 +104,8 @@ class SB3VecEnv(VecEnv):
 
 def _info_of(infos: dict[str, Any], i: int) -> dict[str, Any]:
     """Sub-env ``i``'s entries of Gymnasium's batched ``infos`` (``key`` with its ``_key`` mask)."""
-    return {k: _info_of(v, i) if isinstance(v, dict) else (v[i].item() if isinstance(v[i], np.generic) else v[i])
-            for k, v in infos.items() if not k.startswith("_") and infos[f"_{k}"][i]}
+    return {
+        k: _info_of(v, i) if isinstance(v, dict) else (v[i].item() if isinstance(v[i], np.generic) else v[i])
+        for k, v in infos.items()
+        if not k.startswith("_") and infos[f"_{k}"][i]
+    }

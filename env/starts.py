@@ -21,8 +21,9 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -62,8 +63,10 @@ class StoredStarts:
 
     def __init__(self, wm: Any):
         if not wm.num_starts:
-            raise ValueError("this model stores no start contexts; use start='dataset' with data=DATASET, "
-                             "or start='doom' for a fresh ViZDoom game")
+            raise ValueError(
+                "this model stores no start contexts; use start='dataset' with data=DATASET, "
+                "or start='doom' for a fresh ViZDoom game"
+            )
         self.wm = wm
 
     def draw(self, rng: np.random.Generator) -> Start:
@@ -86,15 +89,23 @@ class DatasetStarts:
             dataset), ``"train"`` or ``"all"``, by ``Dataset.split(heldout_fraction)``.
     """
 
-    def __init__(self, data: str | os.PathLike, frame_shape: Sequence[int], context: int,
-                 split: str = "heldout", heldout_fraction: float = 0.1):
+    def __init__(
+        self,
+        data: str | os.PathLike,
+        frame_shape: Sequence[int],
+        context: int,
+        split: str = "heldout",
+        heldout_fraction: float = 0.1,
+    ):
         from worldgen.data import Dataset, WindowDataset
 
         ds = Dataset(data)
         w, h = ds.resolution
         if (h, w) != tuple(frame_shape[:2]):
-            raise ValueError(f"{data}: frames are {w}x{h}, the model's are {frame_shape[1]}x{frame_shape[0]}; "
-                             f"record the dataset at the model's resolution")
+            raise ValueError(
+                f"{data}: frames are {w}x{h}, the model's are {frame_shape[1]}x{frame_shape[0]}; "
+                f"record the dataset at the model's resolution"
+            )
         train, held = ds.split(heldout_fraction)
         eps = {"heldout": held, "train": train, "all": list(range(len(ds)))}.get(split)
         if eps is None:
@@ -116,8 +127,7 @@ class DoomStarts:
     ``maps`` with a drawn seed, played for ``context - 1`` no-op steps; frames resized to the
     model's. One engine process, started at the first draw, serves every reset."""
 
-    def __init__(self, frame_shape: Sequence[int], context: int, maps: Sequence[str] = ("E1M1",),
-                 config: Any = None):
+    def __init__(self, frame_shape: Sequence[int], context: int, maps: Sequence[str] = ("E1M1",), config: Any = None):
         from worldgen.env.doom import DoomConfig, check_maps
 
         self.config = config or DoomConfig()
@@ -141,8 +151,7 @@ class DoomStarts:
                     break
                 frames.append(obs.frame)
             if len(frames) == self.context:
-                return Start(resize_frames(np.stack(frames), self.size), [noop] * self.context,
-                             f"doom:{map_}:{seed}")
+                return Start(resize_frames(np.stack(frames), self.size), [noop] * self.context, f"doom:{map_}:{seed}")
         raise RuntimeError(f"ViZDoom ended 8 games within {self.context} no-op steps; cannot make a start")
 
     def close(self) -> None:

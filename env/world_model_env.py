@@ -55,7 +55,8 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import gymnasium
 import numpy as np
@@ -74,13 +75,13 @@ from worldgen.env.starts import DatasetStarts, DoomStarts, Start, StartSource, S
 
 OBSERVATION_KEYS = ("rgb", "depth", "pose")
 PRESETS = (None, "atari")
-ATARI_SIZE = 84   # DQN's (Mnih et al. 2015) grayscale frame side, what Atari-tuned nets and hyperparameters expect
-ATARI_STACK = 4   # frames per observation in that preset: enough to see motion
+ATARI_SIZE = 84  # DQN's (Mnih et al. 2015) grayscale frame side, what Atari-tuned nets and hyperparameters expect
+ATARI_STACK = 4  # frames per observation in that preset: enough to see motion
 # On this many cores or fewer, torch's intra-op threads fight each other (and the env's own
 # work) more than they help: measured 6-9x slower than one thread on a 2-core machine.
 SMALL_CPU = 4
 
-_models: "weakref.WeakValueDictionary[tuple, Any]" = weakref.WeakValueDictionary()
+_models: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDictionary()
 
 
 def load_model(model: Any = "default", device: Any = None, compile: bool = False, **stream: Any) -> Any:
@@ -92,8 +93,10 @@ def load_model(model: Any = "default", device: Any = None, compile: bool = False
 
     if isinstance(model, WorldModel):
         if stream or compile:
-            raise ValueError("stream settings and compile apply when loading a model; this WorldModel is "
-                             "loaded already (call its compile() yourself)")
+            raise ValueError(
+                "stream settings and compile apply when loading a model; this WorldModel is "
+                "loaded already (call its compile() yourself)"
+            )
         return model
     folder = checkpoint.resolve(model).resolve()
     key = (str(folder), str(device), compile, tuple(sorted(stream.items())))
@@ -108,14 +111,28 @@ class _World:
     """What every env over one model shares: the model, the reward model, the start source,
     the spaces. A vector env builds one for all its sub-envs."""
 
-    def __init__(self, model: Any = "default", *, device: Any = None, reward: Any = "learned",
-                 reward_weights: Mapping[str, float] | None = None, horizon: int | None = DEFAULT_HORIZON,
-                 start: str = "auto", data: str | os.PathLike | None = None, split: str = "heldout",
-                 maps: Sequence[str] = ("E1M1",), context: int | None = None,
-                 observations: Sequence[str] = ("rgb",), geometry: Any = "learned",
-                 stream: Mapping[str, Any] | None = None, compile: bool = False, action_space: str = "dict",
-                 mouse_range: Sequence[float] | None = None, preset: str | None = None,
-                 torch_threads: int | None = None):
+    def __init__(
+        self,
+        model: Any = "default",
+        *,
+        device: Any = None,
+        reward: Any = "learned",
+        reward_weights: Mapping[str, float] | None = None,
+        horizon: int | None = DEFAULT_HORIZON,
+        start: str = "auto",
+        data: str | os.PathLike | None = None,
+        split: str = "heldout",
+        maps: Sequence[str] = ("E1M1",),
+        context: int | None = None,
+        observations: Sequence[str] = ("rgb",),
+        geometry: Any = "learned",
+        stream: Mapping[str, Any] | None = None,
+        compile: bool = False,
+        action_space: str = "dict",
+        mouse_range: Sequence[float] | None = None,
+        preset: str | None = None,
+        torch_threads: int | None = None,
+    ):
         from worldgen.engine import WorldModel
 
         set_torch_threads(torch_threads, device)
@@ -123,8 +140,10 @@ class _World:
         folder = None if isinstance(model, WorldModel) else checkpoint.resolve(model)
         self.reward: RewardModel = make_reward_model(reward, folder, self.wm.device, reward_weights)
         if isinstance(self.reward, LearnedReward) and self.reward.frame_size != tuple(self.wm.frame_shape[:2]):
-            raise ValueError(f"the reward head reads {self.reward.frame_size} frames, the model makes "
-                             f"{tuple(self.wm.frame_shape[:2])}; train a head on data at the model's resolution")
+            raise ValueError(
+                f"the reward head reads {self.reward.frame_size} frames, the model makes "
+                f"{tuple(self.wm.frame_shape[:2])}; train a head on data at the model's resolution"
+            )
         if horizon is not None and horizon < 1:
             raise ValueError(f"horizon must be >= 1 steps or None (never truncate), got {horizon}")
         self.horizon = horizon
@@ -138,18 +157,26 @@ class _World:
         if {"depth", "pose"} & set(self.observations):
             self.geometry = find_head(geometry, folder, self.wm.device)
             if tuple(self.geometry.cfg.frame_size) != (h, w):
-                raise ValueError(f"the geometry head reads {tuple(self.geometry.cfg.frame_size)} frames, the model "
-                                 f"makes {(h, w)}; train a head on data at the model's resolution")
-        boxes = {"rgb": spaces.Box(0, 255, (h, w, 3), np.uint8), "depth": spaces.Box(0, 255, (h, w, 1), np.uint8),
-                 "pose": spaces.Box(POSE_LOW, POSE_HIGH, (5,), np.float32)}
-        self.observation_space = boxes["rgb"] if self.observations == ("rgb",) else \
-            spaces.Dict({k: boxes[k] for k in self.observations})
+                raise ValueError(
+                    f"the geometry head reads {tuple(self.geometry.cfg.frame_size)} frames, the model "
+                    f"makes {(h, w)}; train a head on data at the model's resolution"
+                )
+        boxes = {
+            "rgb": spaces.Box(0, 255, (h, w, 3), np.uint8),
+            "depth": spaces.Box(0, 255, (h, w, 1), np.uint8),
+            "pose": spaces.Box(POSE_LOW, POSE_HIGH, (5,), np.float32),
+        }
+        self.observation_space = (
+            boxes["rgb"] if self.observations == ("rgb",) else spaces.Dict({k: boxes[k] for k in self.observations})
+        )
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
         if preset == "atari":
             if self.observations != ("rgb",):
-                raise ValueError(f"preset='atari' observes stacked grayscale frames; it takes observations=('rgb',), "
-                                 f"got {observations!r}")
+                raise ValueError(
+                    f"preset='atari' observes stacked grayscale frames; it takes observations=('rgb',), "
+                    f"got {observations!r}"
+                )
             self.observation_space = spaces.Box(0, 255, (ATARI_STACK, ATARI_SIZE, ATARI_SIZE), np.uint8)
         self.preset = preset
         if mouse_range is None:
@@ -165,8 +192,7 @@ class _World:
                 raise ValueError("data= is for start='dataset'; the stored starts come with the model")
             return StoredStarts(self.wm)
         if context is None:  # as long as the stored starts, else what the cache holds
-            context = len(self.wm.start(0)[0]) if self.wm.num_starts else \
-                self.wm.stream.sinks + self.wm.stream.window
+            context = len(self.wm.start(0)[0]) if self.wm.num_starts else self.wm.stream.sinks + self.wm.stream.window
         if start == "dataset":
             if data is None:
                 raise ValueError("start='dataset' needs data=DATASET_FOLDER recorded at the model's resolution")
@@ -175,16 +201,20 @@ class _World:
             return DoomStarts(self.wm.frame_shape, context, maps)
         raise ValueError(f"start must be 'auto', 'stored', 'dataset' or 'doom', got {start!r}")
 
-    def observe(self, env: "WorldModelEnv") -> Any:
+    def observe(self, env: WorldModelEnv) -> Any:
         """The observation of ``env``'s last frame (fresh arrays: users may keep or change them)."""
         if self.preset == "atari":
             return env.stack.copy()
         if self.observations == ("rgb",):
             return env.frame.copy()
-        parts = {"rgb": lambda: env.frame, "depth": lambda: env.depth[..., None], "pose": lambda: env.pose.astype(np.float32)}
+        parts = {
+            "rgb": lambda: env.frame,
+            "depth": lambda: env.depth[..., None],
+            "pose": lambda: env.pose.astype(np.float32),
+        }
         return {k: np.array(parts[k]()) for k in self.observations}
 
-    def look(self, envs: Sequence["WorldModelEnv"], step: tuple[np.ndarray, ...] | None = None) -> None:
+    def look(self, envs: Sequence[WorldModelEnv], step: tuple[np.ndarray, ...] | None = None) -> None:
         """Depth and pose of ``envs``' new frames by the geometry head, one batch for all: after a
         reset (``step`` None: the pose starts at the origin) or after the step ``(prev_frames,
         keys, mouse)``, whose odometry moves the pose. The atari preset's frame stacks move too."""
@@ -196,8 +226,11 @@ class _World:
             return
         frames = np.stack([e.frame for e in envs])
         depth = predict_depth(self.geometry, frames) if "depth" in self.observations else None
-        motion = predict_motion(self.geometry, *step[:3], frames) if step is not None and "pose" in self.observations \
+        motion = (
+            predict_motion(self.geometry, *step[:3], frames)
+            if step is not None and "pose" in self.observations
             else None
+        )
         for i, e in enumerate(envs):
             if depth is not None:
                 e.depth = depth[i]
@@ -277,7 +310,7 @@ class WorldModelEnv(gymnasium.Env):
         self._setup(_World(model, **kwargs), render_mode, owns_world=True)
 
     @classmethod
-    def _on(cls, world: _World, render_mode: str | None = None) -> "WorldModelEnv":
+    def _on(cls, world: _World, render_mode: str | None = None) -> WorldModelEnv:
         """A sub-env sharing ``world`` (the vector env's)."""
         env = cls.__new__(cls)
         env._setup(world, render_mode, owns_world=False)
@@ -295,7 +328,7 @@ class WorldModelEnv(gymnasium.Env):
         self.frame: np.ndarray | None = None  # the last frame shown
         self.depth: np.ndarray | None = None  # its depth (H, W), when observed
         self.stack: np.ndarray | None = None  # (4, 84, 84) the last grayscale frames, in the atari preset
-        self.pose = np.zeros(5)               # start-relative x, y, z, yaw, pitch, when observed
+        self.pose = np.zeros(5)  # start-relative x, y, z, yaw, pitch, when observed
         self.steps = 0
         self._window: Any = None
 
@@ -381,8 +414,9 @@ class WorldModelEnv(gymnasium.Env):
             self.world.close()
 
 
-def _advance(world: _World, envs: Sequence[WorldModelEnv], acts: Sequence[Action],
-             frames: np.ndarray) -> list[tuple[Any, float, bool, bool, dict[str, Any]]]:
+def _advance(
+    world: _World, envs: Sequence[WorldModelEnv], acts: Sequence[Action], frames: np.ndarray
+) -> list[tuple[Any, float, bool, bool, dict[str, Any]]]:
     """After the model made ``frames`` (B, H, W, 3) for ``envs`` under ``acts``: ask the reward
     model once for all of them, advance each env; its ``step`` results, in order."""
     prev = np.stack([e.frame for e in envs])
@@ -420,9 +454,16 @@ class WorldModelVectorEnv(VectorEnv):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 35 / 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
 
-    def __init__(self, num_envs: int, model: Any = "default", *, render_mode: str | None = None,
-                 max_episode_steps: int | None = None, autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
-                 **kwargs: Any):
+    def __init__(
+        self,
+        num_envs: int,
+        model: Any = "default",
+        *,
+        render_mode: str | None = None,
+        max_episode_steps: int | None = None,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        **kwargs: Any,
+    ):
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         if render_mode not in (None, "rgb_array"):
@@ -447,12 +488,18 @@ class WorldModelVectorEnv(VectorEnv):
     def model(self) -> Any:
         return self.world.wm
 
-    def reset(self, *, seed: int | Sequence[int | None] | None = None,
-              options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         """Reset every sub-env (or those in ``options["reset_mask"]``); ``seed``: None, an int
         (sub-env i gets ``seed + i``) or one seed per sub-env."""
-        seeds = [None] * self.num_envs if seed is None else \
-            [seed + i for i in range(self.num_envs)] if isinstance(seed, (int, np.integer)) else list(seed)
+        seeds = (
+            [None] * self.num_envs
+            if seed is None
+            else [seed + i for i in range(self.num_envs)]
+            if isinstance(seed, (int, np.integer))
+            else list(seed)
+        )
         if len(seeds) != self.num_envs:
             raise ValueError(f"seed must be None, an int or {self.num_envs} seeds, got {len(seeds)}")
         options = dict(options or {})
@@ -480,12 +527,14 @@ class WorldModelVectorEnv(VectorEnv):
         # Every session steps, those about to be reset too (with a no-op, frame discarded: the
         # reset re-seeds and refills their cache), so the batch always has one shape and a
         # compiled engine replays one graph.
-        frames = self.world.wm.step_many([e.session for e in self.envs],
-                                         [Action.noop() if r else a for a, r in zip(acts, self._autoreset)])
+        frames = self.world.wm.step_many(
+            [e.session for e in self.envs], [Action.noop() if r else a for a, r in zip(acts, self._autoreset)]
+        )
         if len(stepping):
             envs = [self.envs[i] for i in stepping]
-            for i, (_, r, term, trunc, info) in zip(stepping, _advance(self.world, envs, [acts[i] for i in stepping],
-                                                                       frames[stepping])):
+            for i, (_, r, term, trunc, info) in zip(
+                stepping, _advance(self.world, envs, [acts[i] for i in stepping], frames[stepping])
+            ):
                 rewards[i], terms[i], truncs[i] = r, term, trunc
                 infos = self._add_info(infos, info, i)
                 step_infos[i] = info
@@ -516,19 +565,25 @@ class WorldModelVectorEnv(VectorEnv):
         elif isinstance(a, Mapping):
             unknown = set(a) - {"keys", "mouse"}
             if unknown or "keys" not in a or "mouse" not in a:
-                raise ActionError(f"a batched action is {{'keys': ({n}, 8), 'mouse': ({n}, 2)}}; got keys {sorted(map(str, a))}")
+                raise ActionError(
+                    f"a batched action is {{'keys': ({n}, 8), 'mouse': ({n}, 2)}}; got keys {sorted(map(str, a))}"
+                )
             keys, mouse = np.asarray(a["keys"]), np.asarray(a["mouse"])
             if keys.shape[:1] != (n,) or mouse.shape[:1] != (n,):
-                raise ActionError(f"a batched action needs keys ({n}, 8) and mouse ({n}, 2) for {n} sub-envs, "
-                                  f"got {keys.shape} and {mouse.shape}")
+                raise ActionError(
+                    f"a batched action needs keys ({n}, 8) and mouse ({n}, 2) for {n} sub-envs, "
+                    f"got {keys.shape} and {mouse.shape}"
+                )
             rows = [{"keys": keys[i], "mouse": mouse[i]} for i in range(n)]
         elif isinstance(a, Sequence) and not isinstance(a, (str, bytes)):
             if len(a) != n:
                 raise ActionError(f"{len(a)} actions for {n} sub-envs")
             rows = a
         else:
-            raise ActionError(f"actions must be the batched dict {{'keys', 'mouse'}} or a sequence of {n} actions, "
-                              f"got {type(a).__name__}")
+            raise ActionError(
+                f"actions must be the batched dict {{'keys', 'mouse'}} or a sequence of {n} actions, "
+                f"got {type(a).__name__}"
+            )
         out = []
         for i, row in enumerate(rows):
             try:
@@ -552,4 +607,3 @@ class WorldModelVectorEnv(VectorEnv):
         for e in self.envs:
             e.close()
         self.world.close()
-

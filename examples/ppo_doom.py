@@ -51,10 +51,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reward", default="learned", help="'learned' (the model's head) or a folder with a reward head")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="compile the engine's step (GPU: CUDA graphs)")
-    p.add_argument("--train-in", default="imagination,real",
-                   help="where to train the agent: 'imagination', 'real' or both (the same PPO, the same steps)")
-    p.add_argument("--action-space", default="discrete", choices=("discrete", "multidiscrete"),
-                   help="the env's action space (a categorical policy per discrete axis)")
+    p.add_argument(
+        "--train-in",
+        default="imagination,real",
+        help="where to train the agent: 'imagination', 'real' or both (the same PPO, the same steps)",
+    )
+    p.add_argument(
+        "--action-space",
+        default="discrete",
+        choices=("discrete", "multidiscrete"),
+        help="the env's action space (a categorical policy per discrete axis)",
+    )
     p.add_argument("--steps", type=int, default=20_000, help="total agent steps of training, in each place")
     p.add_argument("--num-envs", type=int, default=16, help="games stepped together (imagined or real)")
     p.add_argument("--num-steps", type=int, default=32, help="steps per env per PPO rollout")
@@ -71,10 +78,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-grad-norm", type=float, default=0.5)
     p.add_argument("--eval-episodes", type=int, default=100, help="real-game episodes per policy")
     p.add_argument("--eval-steps", type=int, default=300, help="steps per real-game episode at most")
-    p.add_argument("--eval-envs", type=int, default=min(16, os.cpu_count() or 1),
-                   help="real games (processes) playing the scoring episodes together")
-    p.add_argument("--processes", action=argparse.BooleanOptionalAction, default=True,
-                   help="one process per real game (--no-processes: all in this one, for tiny runs)")
+    p.add_argument(
+        "--eval-envs",
+        type=int,
+        default=min(16, os.cpu_count() or 1),
+        help="real games (processes) playing the scoring episodes together",
+    )
+    p.add_argument(
+        "--processes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one process per real game (--no-processes: all in this one, for tiny runs)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default="runs/ppo_doom")
     return p.parse_args()
@@ -96,11 +111,16 @@ class Agent(nn.Module):
         self.pool = max(1, frame_shape[1] // 80)
         self.nvec = list(nvec)
         self.body = nn.Sequential(
-            layer_init(nn.Conv2d(3, 32, 5, stride=2, padding=2)), nn.ReLU(),
-            layer_init(nn.Conv2d(32, 64, 3, stride=2, padding=1)), nn.ReLU(),
-            layer_init(nn.Conv2d(64, 64, 3, stride=2, padding=1)), nn.ReLU(),
-            nn.AdaptiveAvgPool2d((4, 4)), nn.Flatten(),
-            layer_init(nn.Linear(64 * 16, 256)), nn.ReLU(),
+            layer_init(nn.Conv2d(3, 32, 5, stride=2, padding=2)),
+            nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 3, stride=2, padding=1)),
+            nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=2, padding=1)),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d((4, 4)),
+            nn.Flatten(),
+            layer_init(nn.Linear(64 * 16, 256)),
+            nn.ReLU(),
         )
         self.actor = layer_init(nn.Linear(256, sum(self.nvec)), std=0.01)
         self.critic = layer_init(nn.Linear(256, 1), std=1.0)
@@ -136,20 +156,30 @@ def to_env_actions(action: torch.Tensor, space: gymnasium.Space) -> np.ndarray:
     return a[:, 0] if isinstance(space, gymnasium.spaces.Discrete) else a
 
 
-def make_real_envs(n: int, frame_size, args: argparse.Namespace, horizon: int, weights: dict, mouse_range) -> gymnasium.vector.VectorEnv:
+def make_real_envs(
+    n: int, frame_size, args: argparse.Namespace, horizon: int, weights: dict, mouse_range
+) -> gymnasium.vector.VectorEnv:
     """``n`` real ViZDoom games (one process each unless ``--no-processes``), next-step autoreset
     like the world-model env."""
     from worldgen.env.real_game import RealDoomEnv
 
     maps = [m.strip() for m in args.maps.split(",") if m.strip()]
-    kwargs = dict(frame_size=tuple(frame_size), action_space=args.action_space, mouse_range=tuple(mouse_range),
-                  reward_weights=weights, maps=maps, horizon=horizon)
+    kwargs = dict(
+        frame_size=tuple(frame_size),
+        action_space=args.action_space,
+        mouse_range=tuple(mouse_range),
+        reward_weights=weights,
+        maps=maps,
+        horizon=horizon,
+    )
     if not args.processes:
         return gymnasium.vector.SyncVectorEnv([lambda: RealDoomEnv(**kwargs)] * n)
     return gymnasium.vector.AsyncVectorEnv([lambda: RealDoomEnv(**kwargs)] * n, context="spawn")
 
 
-def train_ppo(envs: gymnasium.vector.VectorEnv, args: argparse.Namespace, device: torch.device, where: str) -> tuple[Agent, dict]:
+def train_ppo(
+    envs: gymnasium.vector.VectorEnv, args: argparse.Namespace, device: torch.device, where: str
+) -> tuple[Agent, dict]:
     """CleanRL's PPO on a vector env with next-step autoreset (Gymnasium's default)."""
     frame_shape = envs.single_observation_space.shape
     torch.manual_seed(args.seed)
@@ -215,12 +245,14 @@ def train_ppo(envs: gymnasium.vector.VectorEnv, args: argparse.Namespace, device
         for _ in range(args.update_epochs):
             perm = idx_all[torch.randperm(len(idx_all), device=device)]
             for s in range(0, len(perm), mb_size):
-                mb = perm[s:s + mb_size]
+                mb = perm[s : s + mb_size]
                 _, new_logp, entropy, new_value = agent.act(b_obs[mb], b_act[mb])
                 ratio = (new_logp - b_logp[mb]).exp()
                 mb_adv = b_adv[mb]
                 mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std(unbiased=False) + 1e-8)
-                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                pg_loss = torch.max(
+                    -mb_adv * ratio, -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
+                ).mean()
                 # Clipped value loss, as CleanRL's default.
                 v_clipped = b_val[mb] + (new_value - b_val[mb]).clamp(-args.clip_coef, args.clip_coef)
                 v_loss = 0.5 * torch.max((new_value - b_ret[mb]) ** 2, (v_clipped - b_ret[mb]) ** 2).mean()
@@ -231,16 +263,31 @@ def train_ppo(envs: gymnasium.vector.VectorEnv, args: argparse.Namespace, device
                 optimizer.step()
 
         recent = episodes[-20:]
-        curve.append({"update": update + 1, "steps": (update + 1) * n * t_len, "seconds": round(time.time() - t0, 1),
-                      "episodes": len(episodes), "mean_return_last20": float(np.mean([e["return"] for e in recent])) if recent else None,
-                      "mean_reward_rollout": float(rew_buf[valid_buf > 0].mean())})
-        print(f"[{where}] update {update + 1}/{updates}: {curve[-1]['steps']} steps, {curve[-1]['seconds']} s, "
-              f"reward/step {curve[-1]['mean_reward_rollout']:+.4f}, episodes {len(episodes)}, "
-              f"return(last 20) {curve[-1]['mean_return_last20']}", flush=True)
+        curve.append(
+            {
+                "update": update + 1,
+                "steps": (update + 1) * n * t_len,
+                "seconds": round(time.time() - t0, 1),
+                "episodes": len(episodes),
+                "mean_return_last20": float(np.mean([e["return"] for e in recent])) if recent else None,
+                "mean_reward_rollout": float(rew_buf[valid_buf > 0].mean()),
+            }
+        )
+        print(
+            f"[{where}] update {update + 1}/{updates}: {curve[-1]['steps']} steps, {curve[-1]['seconds']} s, "
+            f"reward/step {curve[-1]['mean_reward_rollout']:+.4f}, episodes {len(episodes)}, "
+            f"return(last 20) {curve[-1]['mean_return_last20']}",
+            flush=True,
+        )
     seconds = time.time() - t0
-    return agent, {"steps": updates * n * t_len, "seconds": round(seconds, 1),
-                   "steps_per_s": round(updates * n * t_len / seconds, 2), "curve": curve, "episodes": len(episodes),
-                   "mean_return_all": float(np.mean([e["return"] for e in episodes])) if episodes else None}
+    return agent, {
+        "steps": updates * n * t_len,
+        "seconds": round(seconds, 1),
+        "steps_per_s": round(updates * n * t_len / seconds, 2),
+        "curve": curve,
+        "episodes": len(episodes),
+        "mean_return_all": float(np.mean([e["return"] for e in episodes])) if episodes else None,
+    }
 
 
 def play_real_game(policy, envs: gymnasium.vector.VectorEnv, episodes: int, seed: int) -> dict:
@@ -258,15 +305,25 @@ def play_real_game(policy, envs: gymnasium.vector.VectorEnv, episodes: int, seed
         for i in np.flatnonzero((term | trunc) & ~resetting):
             if quota[i] > 0:
                 quota[i] -= 1
-                out.append({"return": round(float(ret[i]), 4), "steps": int(info["steps"][i]), "died": bool(term[i]),
-                            **{k: float(v[i]) for k, v in info["events"].items() if not k.startswith("_")}})
+                out.append(
+                    {
+                        "return": round(float(ret[i]), 4),
+                        "steps": int(info["steps"][i]),
+                        "died": bool(term[i]),
+                        **{k: float(v[i]) for k, v in info["events"].items() if not k.startswith("_")},
+                    }
+                )
             ret[i] = 0.0
         resetting = term | trunc
     returns = np.array([o["return"] for o in out])
-    return {"mean_return": float(returns.mean()), "se_return": float(returns.std(ddof=1) / np.sqrt(len(returns))) if len(returns) > 1 else None,
-            "mean_steps": float(np.mean([o["steps"] for o in out])), "deaths": sum(o["died"] for o in out),
-            "events": {k: float(np.sum([o[k] for o in out])) for k in out[0] if k not in ("return", "steps", "died")},
-            "episodes": out}
+    return {
+        "mean_return": float(returns.mean()),
+        "se_return": float(returns.std(ddof=1) / np.sqrt(len(returns))) if len(returns) > 1 else None,
+        "mean_steps": float(np.mean([o["steps"] for o in out])),
+        "deaths": sum(o["died"] for o in out),
+        "events": {k: float(np.sum([o[k] for o in out])) for k in out[0] if k not in ("return", "steps", "died")},
+        "episodes": out,
+    }
 
 
 def versus(a: dict, b: dict) -> dict:
@@ -289,9 +346,19 @@ def main() -> None:
 
     # The model env fixes what every agent sees and does: frame size, action space, mouse range,
     # reward weights. Imagined episodes start like real ones: a fresh game on the same maps.
-    envs = gymnasium.make_vec("worldgen/Doom-v0", num_envs=args.num_envs, vectorization_mode="vector_entry_point",
-                              model=args.checkpoint, device=str(device), reward=args.reward, start="doom", maps=maps,
-                              max_episode_steps=args.horizon, compile=args.compile, action_space=args.action_space)
+    envs = gymnasium.make_vec(
+        "worldgen/Doom-v0",
+        num_envs=args.num_envs,
+        vectorization_mode="vector_entry_point",
+        model=args.checkpoint,
+        device=str(device),
+        reward=args.reward,
+        start="doom",
+        maps=maps,
+        max_episode_steps=args.horizon,
+        compile=args.compile,
+        action_space=args.action_space,
+    )
     world = envs.unwrapped.world
     weights = dict(world.reward.weights) if isinstance(world.reward, LearnedReward) else dict(DEFAULT_WEIGHTS)
     frame_size, mouse_range = envs.single_observation_space.shape[:2], world.codec.mouse_range.tolist()
@@ -300,8 +367,11 @@ def main() -> None:
     model_envs = envs
     trained, agents = {}, {}
     for where in where_all:
-        envs = model_envs if where == "imagination" else \
-            make_real_envs(args.num_envs, frame_size, args, args.horizon, weights, mouse_range)
+        envs = (
+            model_envs
+            if where == "imagination"
+            else make_real_envs(args.num_envs, frame_size, args, args.horizon, weights, mouse_range)
+        )
         agents[where], trained[where] = train_ppo(envs, args, device, where)
         envs.close()
         torch.save(agents[where].state_dict(), out / f"agent-{where}.pt")
@@ -317,15 +387,20 @@ def main() -> None:
             logits = agent.actor(agent.features(torch.as_tensor(obs, device=device)))
             picks = [torch.multinomial(lg.softmax(-1), 1, generator=gen)[:, 0] for lg in logits.split(agent.nvec, -1)]
             return to_env_actions(torch.stack(picks, -1), space)
+
         return act
 
     def random_policy(obs: np.ndarray) -> np.ndarray:  # uniform over the same action space
-        return np.stack([space.sample() for _ in range(len(obs))]) if isinstance(space, gymnasium.spaces.MultiDiscrete) \
+        return (
+            np.stack([space.sample() for _ in range(len(obs))])
+            if isinstance(space, gymnasium.spaces.MultiDiscrete)
             else rng.integers(space.n, size=len(obs))
+        )
 
     space.seed(args.seed)
-    eval_envs = make_real_envs(min(args.eval_envs, args.eval_episodes), frame_size, args, args.eval_steps, weights,
-                               mouse_range)
+    eval_envs = make_real_envs(
+        min(args.eval_envs, args.eval_episodes), frame_size, args, args.eval_steps, weights, mouse_range
+    )
     eval_seed = 1_000_000 + args.seed  # game seeds drawn from a stream no training env uses
     real = {"random": play_real_game(random_policy, eval_envs, args.eval_episodes, eval_seed)}
     for where, agent in agents.items():
@@ -334,15 +409,24 @@ def main() -> None:
     comparisons = {f"{k}_vs_random": versus(v, real["random"]) for k, v in real.items() if k != "random"}
     if len(agents) == 2:
         comparisons["agent_imagination_vs_agent_real"] = versus(real["agent_imagination"], real["agent_real"])
-    result = {"args": vars(args), "device": str(device), "reward_weights": weights, "mouse_range": mouse_range,
-              "trained": trained, "real_game": real, "comparisons": comparisons}
+    result = {
+        "args": vars(args),
+        "device": str(device),
+        "reward_weights": weights,
+        "mouse_range": mouse_range,
+        "trained": trained,
+        "real_game": real,
+        "comparisons": comparisons,
+    }
     tmp = out / "result.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out / "result.json")  # atomic: a reader never sees half a result
     print(f"real game, {args.eval_episodes} episodes of at most {args.eval_steps} steps on {args.maps}, unseen seeds:")
     for k, v in real.items():
-        print(f"  {k:18s} return {v['mean_return']:+.3f} +- {v['se_return'] or 0:.3f} (SE)  deaths {v['deaths']}  "
-              f"events {v['events']}")
+        print(
+            f"  {k:18s} return {v['mean_return']:+.3f} +- {v['se_return'] or 0:.3f} (SE)  deaths {v['deaths']}  "
+            f"events {v['events']}"
+        )
     for k, c in comparisons.items():
         print(f"  {k}: {c['difference']:+.3f} = {c['z']} standard errors")
     print(f"wrote {out / 'result.json'}")

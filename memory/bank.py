@@ -41,36 +41,38 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-POSE_DIM = 5          # x, y, z, yaw (degrees, counter-clockwise from +x), pitch (degrees, > 0 up)
-REL_POSE_DIM = 6      # relative_pose: forward, left, up (scaled), sin dyaw, cos dyaw, dpitch (rad)
+POSE_DIM = 5  # x, y, z, yaw (degrees, counter-clockwise from +x), pitch (degrees, > 0 up)
+REL_POSE_DIM = 6  # relative_pose: forward, left, up (scaled), sin dyaw, cos dyaw, dpitch (rad)
 
 
 @dataclass
 class BankConfig:
     """What a session's bank keeps and how it recalls; stored with a memory-trained checkpoint."""
 
-    k: int = 4                # frames recalled per step: WorldMem uses 8; 4 keeps the step ~2x a no-memory step
-    cap: int = 256            # frames held per session: 256 latents of 16x15x20 in bf16 = 2.5 MB
-    hfov: float = 90.0        # horizontal field of view, degrees (ViZDoom's CAMERA_FOV default)
-    aspect: float = 4 / 3     # width / height of the frame (160x120): sets the vertical field of view
-    near: float = 16.0        # frustum depth range in map units: the player's radius ...
-    far: float = 768.0        # ... to about a large room across: farther views are mostly other rooms
-    samples: int = 256        # points per frustum: overlap resolves to 1/256 of a view, plenty to rank views
-    recency: float = 0.2      # age penalty weight (WorldMem): a tie-break, never beats real overlap
-    min_age: int = 0          # frames younger than this are in the KV window already: never recalled
+    k: int = 4  # frames recalled per step: WorldMem uses 8; 4 keeps the step ~2x a no-memory step
+    cap: int = 256  # frames held per session: 256 latents of 16x15x20 in bf16 = 2.5 MB
+    hfov: float = 90.0  # horizontal field of view, degrees (ViZDoom's CAMERA_FOV default)
+    aspect: float = 4 / 3  # width / height of the frame (160x120): sets the vertical field of view
+    near: float = 16.0  # frustum depth range in map units: the player's radius ...
+    far: float = 768.0  # ... to about a large room across: farther views are mostly other rooms
+    samples: int = 256  # points per frustum: overlap resolves to 1/256 of a view, plenty to rank views
+    recency: float = 0.2  # age penalty weight (WorldMem): a tie-break, never beats real overlap
+    min_age: int = 0  # frames younger than this are in the KV window already: never recalled
     evict_overlap: float = 0.7  # two frames overlapping this much are twins: one can go when full
 
     def check(self) -> None:
         if self.k < 0 or self.cap < max(1, self.k):
             raise ValueError(f"memory needs 0 <= k <= cap and cap >= 1, got k={self.k}, cap={self.cap}")
         if not 0 < self.hfov < 180 or self.aspect <= 0 or not 0 < self.near < self.far or self.samples < 1:
-            raise ValueError(f"bad frustum: hfov={self.hfov} (0..180), aspect={self.aspect}, "
-                             f"near={self.near} < far={self.far}, samples={self.samples}")
+            raise ValueError(
+                f"bad frustum: hfov={self.hfov} (0..180), aspect={self.aspect}, "
+                f"near={self.near} < far={self.far}, samples={self.samples}"
+            )
 
 
 def _rotation(pose: torch.Tensor) -> torch.Tensor:
@@ -78,15 +80,16 @@ def _rotation(pose: torch.Tensor) -> torch.Tensor:
     angles = torch.deg2rad(pose[..., 3:5])
     (cy, cp), (sy, sp) = angles.cos().unbind(-1), angles.sin().unbind(-1)
     # Columns: forward (cy cp, sy cp, sp), left (-sy, cy, 0), up (-cy sp, -sy sp, cp).
-    return torch.stack([cy * cp, -sy, -cy * sp, sy * cp, cy, -sy * sp, sp, torch.zeros_like(cy), cp],
-                       -1).unflatten(-1, (3, 3))
+    return torch.stack([cy * cp, -sy, -cy * sp, sy * cp, cy, -sy * sp, sp, torch.zeros_like(cy), cp], -1).unflatten(
+        -1, (3, 3)
+    )
 
 
 def _times(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Row vectors ``v`` (..., P, 3) times matrices ``m`` (..., 3, 3), written out elementwise: a
     batched matmul may round differently at another batch size, and a session must recall the
     same frames alone or in a batch."""
-    m = m[..., None, :, :]                                              # (..., 1, 3, 3)
+    m = m[..., None, :, :]  # (..., 1, 3, 3)
     x, y, z = v.unbind(-1)
     return torch.stack([x * m[..., 0, j] + y * m[..., 1, j] + z * m[..., 2, j] for j in range(3)], -1)
 
@@ -103,8 +106,12 @@ def in_frustum(points: torch.Tensor, pose: torch.Tensor, cfg: BankConfig) -> tor
     depth = c[..., 0]
     tan_h = math.tan(math.radians(cfg.hfov) / 2)
     tan_v = tan_h / cfg.aspect
-    return (depth >= cfg.near) & (depth <= cfg.far) & (c[..., 1].abs() <= depth * tan_h) & \
-        (c[..., 2].abs() <= depth * tan_v)
+    return (
+        (depth >= cfg.near)
+        & (depth <= cfg.far)
+        & (c[..., 1].abs() <= depth * tan_h)
+        & (c[..., 2].abs() <= depth * tan_v)
+    )
 
 
 def frustum_points(cfg: BankConfig, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -112,7 +119,7 @@ def frustum_points(cfg: BankConfig, device: torch.device | str = "cpu") -> torch
     (depth ~ cube root: far slices hold more space). Fixed, so retrieval is deterministic."""
     g = torch.Generator().manual_seed(0)
     u = torch.rand(cfg.samples, 3, generator=g)
-    n3, f3 = cfg.near ** 3, cfg.far ** 3
+    n3, f3 = cfg.near**3, cfg.far**3
     depth = (n3 + u[:, 0] * (f3 - n3)) ** (1 / 3)
     tan_h = math.tan(math.radians(cfg.hfov) / 2)
     left = (2 * u[:, 1] - 1) * depth * tan_h
@@ -138,8 +145,15 @@ def relative_pose(pose: torch.Tensor, ref: torch.Tensor, scale: float = 256.0) -
     return torch.cat([d, dyaw.sin()[..., None], dyaw.cos()[..., None], dpitch[..., None]], -1)
 
 
-def retrieve(poses: torch.Tensor, times: torch.Tensor, valid: torch.Tensor, query: torch.Tensor,
-             now: torch.Tensor, k: int, cfg: BankConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieve(
+    poses: torch.Tensor,
+    times: torch.Tensor,
+    valid: torch.Tensor,
+    query: torch.Tensor,
+    now: torch.Tensor,
+    k: int,
+    cfg: BankConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` held frames that best cover each session's next view, batched over sessions.
 
     Args:
@@ -151,20 +165,21 @@ def retrieve(poses: torch.Tensor, times: torch.Tensor, valid: torch.Tensor, quer
     """
     b, m = valid.shape
     if k == 0 or m == 0:
-        return torch.zeros(b, k, dtype=torch.long, device=poses.device), torch.zeros(b, k, dtype=torch.bool,
-                                                                                    device=poses.device)
-    pts = view_points(query.float(), cfg)                                          # (B, P, 3)
-    seen = in_frustum(pts[:, None], poses.float(), cfg)                           # (B, M, P)
+        return torch.zeros(b, k, dtype=torch.long, device=poses.device), torch.zeros(
+            b, k, dtype=torch.bool, device=poses.device
+        )
+    pts = view_points(query.float(), cfg)  # (B, P, 3)
+    seen = in_frustum(pts[:, None], poses.float(), cfg)  # (B, M, P)
     age = (now[:, None] - times).float()
     usable = valid & (age >= max(cfg.min_age, 1))
     seen = seen & usable[..., None]
-    penalty = cfg.recency * age / now.clamp(min=1)[:, None].float()                # (B, M)
+    penalty = cfg.recency * age / now.clamp(min=1)[:, None].float()  # (B, M)
     covered = torch.zeros(b, pts.shape[1], dtype=torch.bool, device=poses.device)  # (B, P)
     idx, ok = [], []
     for _ in range(k):
-        gain = (seen & ~covered[:, None]).float().mean(-1)                         # (B, M)
+        gain = (seen & ~covered[:, None]).float().mean(-1)  # (B, M)
         score = torch.where(usable & (gain > 0), gain - penalty, -math.inf)
-        best = score.argmax(-1)                                                    # (B,)
+        best = score.argmax(-1)  # (B,)
         good = torch.isfinite(score.gather(1, best[:, None]))[:, 0]
         covered |= seen[torch.arange(b, device=poses.device), best] & good[:, None]
         idx.append(torch.where(good, best, 0))
@@ -177,18 +192,23 @@ class FrameBank:
     stack into one batch), ``cap`` slots of latent, pose and time step; see the module docstring
     for the eviction rule."""
 
-    def __init__(self, cfg: BankConfig, latent_shape: Sequence[int], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        cfg: BankConfig,
+        latent_shape: Sequence[int],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         cfg.check()
         self.cfg = cfg
-        self.z = torch.zeros(cfg.cap, *latent_shape, device=device, dtype=dtype)   # (cap, C, h, w)
-        self.pose = torch.zeros(cfg.cap, POSE_DIM, device=device)                    # (cap, 5)
-        self.time = torch.full((cfg.cap,), -1, dtype=torch.long, device=device)      # (cap,) -1 = empty
+        self.z = torch.zeros(cfg.cap, *latent_shape, device=device, dtype=dtype)  # (cap, C, h, w)
+        self.pose = torch.zeros(cfg.cap, POSE_DIM, device=device)  # (cap, 5)
+        self.time = torch.full((cfg.cap,), -1, dtype=torch.long, device=device)  # (cap,) -1 = empty
         # overlap[i, j]: share of slot i's frustum points that slot j sees; kept up to date on
         # every add (2 x cap x samples tests), so eviction reads it instead of testing cap^2 x samples.
         self._overlap = torch.zeros(cfg.cap, cfg.cap, device=device)
-        self._cam = frustum_points(cfg, device)                                       # (samples, 3)
-        self._pts = torch.zeros(cfg.cap, cfg.samples, 3, device=device)                # each slot's view points
+        self._cam = frustum_points(cfg, device)  # (samples, 3)
+        self._pts = torch.zeros(cfg.cap, cfg.samples, 3, device=device)  # each slot's view points
         self.added = 0  # frames added since the last clear, evicted ones included
 
     def __len__(self) -> int:
@@ -208,20 +228,27 @@ class FrameBank:
     def add(self, z: torch.Tensor, pose: torch.Tensor, time: int) -> int:
         """Keep latent ``z`` (C, h, w) made from ``pose`` (5,) at step ``time``; returns its slot."""
         if tuple(z.shape) != tuple(self.z.shape[1:]) or tuple(pose.shape) != (POSE_DIM,):
-            raise ValueError(f"a bank frame is a latent {tuple(self.z.shape[1:])} and a pose (5,), got "
-                             f"{tuple(z.shape)} and {tuple(pose.shape)}")
+            raise ValueError(
+                f"a bank frame is a latent {tuple(self.z.shape[1:])} and a pose (5,), got "
+                f"{tuple(z.shape)} and {tuple(pose.shape)}"
+            )
         if not torch.isfinite(pose).all():
             raise ValueError(f"pose must be finite, got {pose.tolist()}")
         pose = pose.to(self.pose.device, torch.float32)
-        pts = view_points(pose, self.cfg, self._cam)                                   # (P, 3)
+        pts = view_points(pose, self.cfg, self._cam)  # (P, 3)
         slot = self._free_slot()
         self.z[slot] = z.to(self.z.device, self.z.dtype)
         self.pose[slot], self.time[slot], self._pts[slot] = pose, int(time), pts
         # Both directions in one test: the new view's points in every frame's frustum, then
         # every frame's points in the new frustum.
         cap = self.cfg.cap
-        seen = in_frustum(torch.cat([pts.expand(cap, -1, -1), self._pts]),
-                          torch.cat([self.pose, pose.expand(cap, -1)]), self.cfg).float().mean(-1)  # (2 cap,)
+        seen = (
+            in_frustum(
+                torch.cat([pts.expand(cap, -1, -1), self._pts]), torch.cat([self.pose, pose.expand(cap, -1)]), self.cfg
+            )
+            .float()
+            .mean(-1)
+        )  # (2 cap,)
         if self.added < cap:  # empty slots see nothing
             seen = seen * self.valid.repeat(2)
         self._overlap[slot], self._overlap[:, slot] = seen[:cap], seen[cap:]
@@ -233,29 +260,33 @@ class FrameBank:
             return self.added
         # Full: the frame with the most twins (mutual overlap >= evict_overlap), the oldest on a tie.
         twin = (self._overlap >= self.cfg.evict_overlap) & (self._overlap.T >= self.cfg.evict_overlap)
-        twins = twin.sum(1) - 1                                                            # minus itself
+        twins = twin.sum(1) - 1  # minus itself
         age_rank = (self.time.max() - self.time).float() / (self.time.max() - self.time.min() + 1).float()
         return int((twins.float() + age_rank).argmax())
 
 
 def stack(banks: Sequence[FrameBank]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(poses (B, cap, 5), times (B, cap), valid (B, cap))`` of banks of one config."""
-    return (torch.stack([b.pose for b in banks]), torch.stack([b.time for b in banks]),
-            torch.stack([b.valid for b in banks]))
+    return (
+        torch.stack([b.pose for b in banks]),
+        torch.stack([b.time for b in banks]),
+        torch.stack([b.valid for b in banks]),
+    )
 
 
-def recall(banks: Sequence[FrameBank], query: torch.Tensor, now: torch.Tensor, k: int | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def recall(
+    banks: Sequence[FrameBank], query: torch.Tensor, now: torch.Tensor, k: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Retrieve and gather for several sessions at once: latents (B, k, C, h, w), their poses
     relative to ``query`` (B, k, 6) (:func:`relative_pose`), ages (B, k) in steps and the mask
     (B, k) of real picks. ``query`` (B, 5) is each session's next camera, ``now`` (B,) its step."""
     cfg = banks[0].cfg
     k = cfg.k if k is None else k
     poses, times, valid = stack(banks)
-    idx, ok = retrieve(poses, times, valid, query, now, k, cfg)                  # (B, k) each
-    zs = torch.stack([bk.z for bk in banks])                                      # (B, cap, C, h, w)
+    idx, ok = retrieve(poses, times, valid, query, now, k, cfg)  # (B, k) each
+    zs = torch.stack([bk.z for bk in banks])  # (B, cap, C, h, w)
     rows = torch.arange(len(banks), device=idx.device)[:, None]
-    z = zs[rows, idx]                                                             # (B, k, C, h, w)
-    rel = relative_pose(poses[rows, idx], query[:, None].float())                # (B, k, 6)
+    z = zs[rows, idx]  # (B, k, C, h, w)
+    rel = relative_pose(poses[rows, idx], query[:, None].float())  # (B, k, 6)
     age = (now[:, None] - times[rows, idx]).float()
     return z, rel, torch.where(ok, age, 0.0), ok

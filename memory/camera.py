@@ -54,16 +54,16 @@ class Camera:
 
     width: int
     height: int
-    fx: float            # pixels per unit of (right / forward)
-    fy: float            # pixels per unit of (up / forward)
-    cx: float            # principal point, in pixels from the left edge (not a pixel index)
-    cy: float            # horizon row at pitch 0, in pixels from the top edge
-    depth_scale: float = 1.0   # world units per stored depth level
+    fx: float  # pixels per unit of (right / forward)
+    fy: float  # pixels per unit of (up / forward)
+    cx: float  # principal point, in pixels from the left edge (not a pixel index)
+    cy: float  # horizon row at pitch 0, in pixels from the top edge
+    depth_scale: float = 1.0  # world units per stored depth level
     depth_offset: float = 0.0  # world units at level 0
     max_level: float = math.inf  # levels >= this are not geometry (sky, far clip)
     min_level: float = -math.inf  # levels < this are not geometry (ViZDoom draws the weapon sprite at 0)
     pitch_shear: float | None = None  # pixels the horizon moves per tan(pitch); None = fy
-    near: float = 1e-3         # points closer than this (in world units) do not project
+    near: float = 1e-3  # points closer than this (in world units) do not project
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.height < 1:
@@ -72,30 +72,38 @@ class Camera:
             raise ValueError(f"fx, fy and depth_scale must be > 0, got {self.fx}, {self.fy}, {self.depth_scale}")
 
     @classmethod
-    def from_hfov(cls, width: int, height: int, hfov_deg: float, **depth) -> "Camera":
+    def from_hfov(cls, width: int, height: int, hfov_deg: float, **depth) -> Camera:
         """Square pixels, principal point at the centre, ``hfov_deg`` across the width."""
         if not 0 < hfov_deg < 180:
             raise ValueError(f"hfov_deg must be in (0, 180), got {hfov_deg}")
         f = width / 2 / math.tan(math.radians(hfov_deg) / 2)
         return cls(width, height, f, f, width / 2, height / 2, **depth)
 
-    def resized(self, width: int, height: int) -> "Camera":
+    def resized(self, width: int, height: int) -> Camera:
         """The same camera for frames resized to ``width x height`` (same field of view)."""
         sx, sy = width / self.width, height / self.height
-        return dataclasses.replace(self, width=width, height=height, fx=self.fx * sx, fy=self.fy * sy,
-                                   cx=self.cx * sx, cy=self.cy * sy,
-                                   pitch_shear=None if self.pitch_shear is None else self.pitch_shear * sy)
+        return dataclasses.replace(
+            self,
+            width=width,
+            height=height,
+            fx=self.fx * sx,
+            fy=self.fy * sy,
+            cx=self.cx * sx,
+            cy=self.cy * sy,
+            pitch_shear=None if self.pitch_shear is None else self.pitch_shear * sy,
+        )
 
     @property
     def hfov_deg(self) -> float:
         return math.degrees(2 * math.atan(self.width / 2 / self.fx))
 
     def to_dict(self) -> dict:
-        return {k: (None if isinstance(v, float) and math.isinf(v) else v)
-                for k, v in dataclasses.asdict(self).items()}  # JSON has no infinity
+        return {
+            k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in dataclasses.asdict(self).items()
+        }  # JSON has no infinity
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Camera":
+    def from_dict(cls, d: dict) -> Camera:
         d = dict(d)
         if d.get("max_level") is None:
             d["max_level"] = math.inf
@@ -120,13 +128,13 @@ class Camera:
         and their validity ``(..., H, W)`` (False where the level is sky/far or non-positive)."""
         self._check_image(depth)
         h, w = depth.shape[-2:]
-        z = self.depth_to_world(depth)                                   # (..., H, W) planar depth
+        z = self.depth_to_world(depth)  # (..., H, W) planar depth
         valid = (depth >= self.min_level) & (depth < self.max_level) & (z > self.near)
-        u = torch.arange(w, device=depth.device, dtype=z.dtype) + 0.5    # (W,)
-        v = torch.arange(h, device=depth.device, dtype=z.dtype) + 0.5    # (H,)
-        cy = self.horizon(pose)[..., None, None]                          # (..., 1, 1)
-        right = (u - self.cx) / self.fx * z                               # (..., H, W)
-        up = (cy - v[:, None]) / self.fy * z                              # (..., H, W)
+        u = torch.arange(w, device=depth.device, dtype=z.dtype) + 0.5  # (W,)
+        v = torch.arange(h, device=depth.device, dtype=z.dtype) + 0.5  # (H,)
+        cy = self.horizon(pose)[..., None, None]  # (..., 1, 1)
+        right = (u - self.cx) / self.fx * z  # (..., H, W)
+        up = (cy - v[:, None]) / self.fy * z  # (..., H, W)
         points = self.camera_to_world(torch.stack([z, right, up], -1), pose)
         return points, valid
 
@@ -134,7 +142,7 @@ class Camera:
         """World points ``(..., N, 3)`` -> pixel coordinates ``(..., N, 2)`` as ``(u, v)`` and planar
         depth in world units ``(..., N)`` in the camera at ``pose (..., 5)``. A point is in view
         where ``z > near`` and ``0 <= u < width``, ``0 <= v < height`` (see :meth:`in_view`)."""
-        cam = self.world_to_camera(points, pose)                          # (..., N, 3) forward, right, up
+        cam = self.world_to_camera(points, pose)  # (..., N, 3) forward, right, up
         z = cam[..., 0]
         zs = z.clamp_min(self.near)
         u = self.cx + self.fx * cam[..., 1] / zs
@@ -145,8 +153,14 @@ class Camera:
         """Whether each world point ``(..., N, 3)`` lies in the view frustum of ``pose (..., 5)``:
         in front of the camera (and nearer than ``max_depth`` world units) and inside the image."""
         uv, z = self.project(points, pose)
-        return ((z > self.near) & (z < max_depth) & (uv[..., 0] >= 0) & (uv[..., 0] < self.width)
-                & (uv[..., 1] >= 0) & (uv[..., 1] < self.height))
+        return (
+            (z > self.near)
+            & (z < max_depth)
+            & (uv[..., 0] >= 0)
+            & (uv[..., 0] < self.width)
+            & (uv[..., 1] >= 0)
+            & (uv[..., 1] < self.height)
+        )
 
     def horizon(self, pose: torch.Tensor) -> torch.Tensor:
         """Row of the horizon ``(...,)``: ``cy`` moved down by ``pitch_shear * tan(pitch)`` when looking up."""
@@ -155,8 +169,10 @@ class Camera:
 
     def _check_image(self, image: torch.Tensor) -> None:
         if image.shape[-2:] != (self.height, self.width):
-            raise ValueError(f"image is {tuple(image.shape[-2:])} (H, W) but the camera is "
-                             f"{self.height}x{self.width}; use Camera.resized")
+            raise ValueError(
+                f"image is {tuple(image.shape[-2:])} (H, W) but the camera is "
+                f"{self.height}x{self.width}; use Camera.resized"
+            )
 
     # frames ----------------------------------------------------------------------------------
 
@@ -167,9 +183,9 @@ class Camera:
         yaw = torch.deg2rad(pose[..., 3].float())
         c, s = torch.cos(yaw), torch.sin(yaw)
         zero, one = torch.zeros_like(c), torch.ones_like(c)
-        return torch.stack([torch.stack([c, s, zero], -1),
-                            torch.stack([s, -c, zero], -1),
-                            torch.stack([zero, zero, one], -1)], -2)
+        return torch.stack(
+            [torch.stack([c, s, zero], -1), torch.stack([s, -c, zero], -1), torch.stack([zero, zero, one], -1)], -2
+        )
 
     @classmethod
     def world_to_camera(cls, points: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
@@ -203,11 +219,13 @@ def relative_pose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ViZDoom at its 160x120 recording resolution, as fitted (module docstring).
-DOOM = Camera.from_hfov(160, 120, 90.0, depth_scale=6.25, depth_offset=10.0, min_level=1, max_level=255,
-                        pitch_shear=96.0)
+DOOM = Camera.from_hfov(
+    160, 120, 90.0, depth_scale=6.25, depth_offset=10.0, min_level=1, max_level=255, pitch_shear=96.0
+)
 
 
 # fitting ---------------------------------------------------------------------------------------
+
 
 def reprojection_error(camera: Camera, depth: torch.Tensor, pose: torch.Tensor, gap: int = 1) -> dict:
     """How well ``camera`` explains a recording: every frame's depth ``(N, H, W)`` (levels) is
@@ -224,27 +242,33 @@ def reprojection_error(camera: Camera, depth: torch.Tensor, pose: torch.Tensor, 
         raise ValueError(f"need depth (N, H, W) and pose (N, 5), got {tuple(depth.shape)} and {tuple(pose.shape)}")
     if depth.shape[0] <= gap:
         raise ValueError(f"need more than gap={gap} frames, got {depth.shape[0]}")
-    points, valid = camera.unproject(depth[:-gap], pose[:-gap])           # (N-g, H, W, 3), (N-g, H, W)
-    uv, z = camera.project(points.flatten(1, 2), pose[gap:])              # (N-g, HW, 2), (N-g, HW)
+    points, valid = camera.unproject(depth[:-gap], pose[:-gap])  # (N-g, H, W, 3), (N-g, H, W)
+    uv, z = camera.project(points.flatten(1, 2), pose[gap:])  # (N-g, HW, 2), (N-g, HW)
     seen = valid.flatten(1) & camera.in_view(points.flatten(1, 2), pose[gap:])
     ij = uv.floor().long()
     col = ij[..., 0].clamp(0, camera.width - 1)
     row = ij[..., 1].clamp(0, camera.height - 1)
-    target = depth[gap:].flatten(1).gather(1, row * camera.width + col)   # (N-g, HW) levels
+    target = depth[gap:].flatten(1).gather(1, row * camera.width + col)  # (N-g, HW) levels
     seen &= (target >= camera.min_level) & (target < camera.max_level)
     err = (camera.world_to_depth(z) - target.float())[seen].abs()
     if err.numel() == 0:
         raise ValueError("no point of any frame lands in view of the next: are the poses right?")
-    return {"median_levels": float(err.median()), "median_units": float(err.median() * camera.depth_scale),
-            "inliers": float((err < 2).float().mean()), "count": int(err.numel())}
+    return {
+        "median_levels": float(err.median()),
+        "median_units": float(err.median() * camera.depth_scale),
+        "inliers": float((err < 2).float().mean()),
+        "count": int(err.numel()),
+    }
 
 
-def fit_camera(depth: torch.Tensor, pose: torch.Tensor, start: Camera, gap: int = 1,
-               rounds: int = 4) -> tuple[Camera, dict]:
+def fit_camera(
+    depth: torch.Tensor, pose: torch.Tensor, start: Camera, gap: int = 1, rounds: int = 4
+) -> tuple[Camera, dict]:
     """Fit ``fx``, ``fy``, ``pitch_shear``, ``depth_scale`` and ``depth_offset`` of ``start`` to a recording (see
     :func:`reprojection_error`) by coordinate search on the mean absolute error of the inliers of
     the start camera's comparison, narrowing the steps each round. Returns the fitted camera and
     its :func:`reprojection_error`."""
+
     def loss(cam: Camera) -> float:
         r = reprojection_error(cam, depth, pose, gap)
         return r["median_levels"] * cam.depth_scale / (r["inliers"] + 1e-6)  # units, penalising outliers

@@ -52,27 +52,29 @@ from .camera import POSE_DIM, Camera
 class CacheConfig:
     """Settings of a :class:`WorldCache` (the same for every session of a batch)."""
 
-    max_points: int = 65536     # per session: 85 frames of 160x120 if nothing were shared; ~2.6 MB a session
+    max_points: int = 65536  # per session: 85 frames of 160x120 if nothing were shared; ~2.6 MB a session
     depth_tol_levels: float = 2.0  # a cached point within this many depth levels (+ depth_tol_rel) explains a pixel
-    depth_tol_rel: float = 0.05    # ... plus this share of the depth: far levels are coarse and splats slant
-    max_splat: int = 2          # splats are at most (2 * max_splat + 1)^2 pixels: bounds the render's work near walls
-    splat_scale: float = 1.0    # splat side = this x the point's footprint: 1 tiles a surface seen from where it was seen
-    blend_sigma: float = 0.5    # pixels: Gaussian blending of a surface's points, about bilinear resampling
+    depth_tol_rel: float = 0.05  # ... plus this share of the depth: far levels are coarse and splats slant
+    max_splat: int = 2  # splats are at most (2 * max_splat + 1)^2 pixels: bounds the render's work near walls
+    splat_scale: float = 1.0  # splat side = this x the point's footprint: 1 tiles a surface seen from where it was seen
+    blend_sigma: float = 0.5  # pixels: Gaussian blending of a surface's points, about bilinear resampling
 
     def __post_init__(self) -> None:
         if self.max_points < 1:
             raise ValueError(f"max_points must be >= 1, got {self.max_points}")
         if self.max_splat < 0 or self.splat_scale <= 0 or self.blend_sigma <= 0:
-            raise ValueError(f"max_splat must be >= 0, splat_scale and blend_sigma > 0, got "
-                             f"{self.max_splat}, {self.splat_scale}, {self.blend_sigma}")
+            raise ValueError(
+                f"max_splat must be >= 0, splat_scale and blend_sigma > 0, got "
+                f"{self.max_splat}, {self.splat_scale}, {self.blend_sigma}"
+            )
 
 
 class View(NamedTuple):
     """A cache rendered at a batch of poses."""
 
-    rgb: torch.Tensor    # (B, H, W, 3) uint8; 0 where not mask
+    rgb: torch.Tensor  # (B, H, W, 3) uint8; 0 where not mask
     depth: torch.Tensor  # (B, H, W) float planar depth in world units; 0 where not mask
-    mask: torch.Tensor   # (B, H, W) bool: a cached point covers the pixel
+    mask: torch.Tensor  # (B, H, W) bool: a cached point covers the pixel
 
 
 class WorldCache:
@@ -84,8 +86,9 @@ class WorldCache:
     when they were added (frame counter; -1 = free slot).
     """
 
-    def __init__(self, camera: Camera, config: CacheConfig = CacheConfig(), batch: int = 1,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self, camera: Camera, config: CacheConfig = CacheConfig(), batch: int = 1, device: torch.device | str = "cpu"
+    ):
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         self.camera, self.config = camera, config
@@ -137,29 +140,36 @@ class WorldCache:
         cam, cfg = self.camera, self.config
         b, p = self.stamp.shape
         h, w = cam.height, cam.width
-        uv, z = cam.project(self.xyz, pose)                                    # (B, P, 2), (B, P)
+        uv, z = cam.project(self.xyz, pose)  # (B, P, 2), (B, P)
         k = cfg.max_splat
         # Only points whose splat can reach the image go on: the rest would only cost memory.
-        ok = (self.alive() & (z > cam.near) & (uv[..., 0] > -k - 1) & (uv[..., 0] < w + k + 1)
-              & (uv[..., 1] > -k - 1) & (uv[..., 1] < h + k + 1))
-        session, slot = ok.nonzero(as_tuple=True)                              # (M,), (M,)
-        uv, z = uv[session, slot], z[session, slot]                            # (M, 2), (M,)
+        ok = (
+            self.alive()
+            & (z > cam.near)
+            & (uv[..., 0] > -k - 1)
+            & (uv[..., 0] < w + k + 1)
+            & (uv[..., 1] > -k - 1)
+            & (uv[..., 1] < h + k + 1)
+        )
+        session, slot = ok.nonzero(as_tuple=True)  # (M,), (M,)
+        uv, z = uv[session, slot], z[session, slot]  # (M, 2), (M,)
         # Splat half-side in pixels: the footprint seen from here, never less than the half
         # diagonal of a pixel, so a surface seen at the same scale leaves no cracks.
         half = (cfg.splat_scale * 0.5 * self.size[session, slot] * cam.fx / z).clamp(0.71, k + 0.5)  # (M,)
         offsets = torch.arange(-k, k + 1, device=self.device, dtype=uv.dtype)
-        du, dv = torch.meshgrid(offsets, offsets, indexing="xy")              # (S, S)
-        du, dv = du.reshape(-1), dv.reshape(-1)                               # (S2,)
+        du, dv = torch.meshgrid(offsets, offsets, indexing="xy")  # (S, S)
+        du, dv = du.reshape(-1), dv.reshape(-1)  # (S2,)
         # Pixels whose centres lie within the splat's half-side of the point.
-        col = uv[:, 0, None].floor() + du                                     # (M, S2)
+        col = uv[:, 0, None].floor() + du  # (M, S2)
         row = uv[:, 1, None].floor() + dv
         dx, dy = col + 0.5 - uv[:, 0, None], row + 0.5 - uv[:, 1, None]
-        cover = ((dx.abs() <= half[:, None]) & (dy.abs() <= half[:, None])
-                 & (col >= 0) & (col < w) & (row >= 0) & (row < h))            # (M, S2)
+        cover = (
+            (dx.abs() <= half[:, None]) & (dy.abs() <= half[:, None]) & (col >= 0) & (col < w) & (row >= 0) & (row < h)
+        )  # (M, S2)
         pix = session[:, None] * (h * w) + row.clamp(0, h - 1).long() * w + col.clamp(0, w - 1).long()
-        pix, zz = pix[cover], z[:, None].expand_as(cover)[cover]              # (K,) flat over the batch
+        pix, zz = pix[cover], z[:, None].expand_as(cover)[cover]  # (K,) flat over the batch
         slot = slot[:, None].expand_as(cover)[cover]
-        flat_slot = session[:, None].expand_as(cover)[cover] * p + slot       # (K,) in the (B*P) pool
+        flat_slot = session[:, None].expand_as(cover)[cover] * p + slot  # (K,) in the (B*P) pool
         zbuf = torch.full((b * h * w,), math.inf, device=self.device).scatter_reduce(0, pix, zz, "amin")
         # Ties at the nearest depth go to the lowest slot: the render is deterministic.
         front = zz <= zbuf[pix]
@@ -169,7 +179,7 @@ class WorldCache:
         # Colour: the front surface's points, blended by their distance to the pixel centre.
         surface = zz <= zbuf[pix] + self._tolerance(zbuf[pix])
         d2 = (dx[cover] ** 2 + dy[cover] ** 2)[surface]
-        weight = torch.exp(-d2 / (2 * cfg.blend_sigma ** 2))                  # one per (point, pixel) on the surface
+        weight = torch.exp(-d2 / (2 * cfg.blend_sigma**2))  # one per (point, pixel) on the surface
         colour = self.rgb.view(-1, 3)[flat_slot[surface]].float() * weight[:, None]
         acc = torch.zeros(b * h * w, 3, device=self.device).index_add_(0, pix[surface], colour)
         norm = torch.zeros(b * h * w, device=self.device).index_add_(0, pix[surface], weight)
@@ -186,14 +196,17 @@ class WorldCache:
         self._check_pose(pose)
         zbuf, winner, rgb = self._splat(pose.to(self.device).float())
         mask = winner >= 0
-        rgb = torch.where(mask[..., None], rgb.round().clamp(0, 255).to(torch.uint8), torch.zeros((), dtype=torch.uint8))
+        rgb = torch.where(
+            mask[..., None], rgb.round().clamp(0, 255).to(torch.uint8), torch.zeros((), dtype=torch.uint8)
+        )
         depth = torch.where(mask, zbuf, torch.zeros_like(zbuf))
         return View(rgb, depth, mask)
 
     # fusion ----------------------------------------------------------------------------------
 
-    def update(self, rgb: torch.Tensor, depth: torch.Tensor, pose: torch.Tensor,
-               active: torch.Tensor | None = None) -> None:
+    def update(
+        self, rgb: torch.Tensor, depth: torch.Tensor, pose: torch.Tensor, active: torch.Tensor | None = None
+    ) -> None:
         """Fuse one frame per session: ``rgb (B, H, W, 3)`` uint8, ``depth (B, H, W)`` in the
         camera's stored levels, ``pose (B, 5)``; ``active (B,)`` bool leaves the other sessions as
         they are (None = all)."""
@@ -202,21 +215,23 @@ class WorldCache:
         h, w = cam.height, cam.width
         self._check_pose(pose)
         if rgb.shape != (b, h, w, 3) or depth.shape != (b, h, w) or rgb.dtype != torch.uint8:
-            raise ValueError(f"need rgb ({b}, {h}, {w}, 3) uint8 and depth ({b}, {h}, {w}), got "
-                             f"{tuple(rgb.shape)} {rgb.dtype} and {tuple(depth.shape)}")
+            raise ValueError(
+                f"need rgb ({b}, {h}, {w}, 3) uint8 and depth ({b}, {h}, {w}), got "
+                f"{tuple(rgb.shape)} {rgb.dtype} and {tuple(depth.shape)}"
+            )
         rgb, depth, pose = rgb.to(self.device), depth.to(self.device).float(), pose.to(self.device).float()
         active = torch.ones(b, dtype=torch.bool, device=self.device) if active is None else active.to(self.device)
 
-        points, valid = cam.unproject(depth, pose)                             # (B, H, W, 3), (B, H, W)
-        normal = _normals(points, pose)                                        # (B, H, W, 3)
-        z_obs = cam.depth_to_world(depth)                                      # (B, H, W)
+        points, valid = cam.unproject(depth, pose)  # (B, H, W, 3), (B, H, W)
+        normal = _normals(points, pose)  # (B, H, W, 3)
+        z_obs = cam.depth_to_world(depth)  # (B, H, W)
         tol = self._tolerance(z_obs)
 
         # 1. Remove cached points the view contradicts: in view, in front of the observed surface.
-        uv, z = cam.project(self.xyz, pose)                                    # (B, P, 2), (B, P)
+        uv, z = cam.project(self.xyz, pose)  # (B, P, 2), (B, P)
         seen = self.alive() & cam.in_view(self.xyz, pose)
-        flat = (uv[..., 1].floor().clamp(0, h - 1).long() * w + uv[..., 0].floor().clamp(0, w - 1).long())
-        z_there = z_obs.flatten(1).gather(1, flat)                             # (B, P)
+        flat = uv[..., 1].floor().clamp(0, h - 1).long() * w + uv[..., 0].floor().clamp(0, w - 1).long()
+        z_there = z_obs.flatten(1).gather(1, flat)  # (B, P)
         valid_there = valid.flatten(1).gather(1, flat)
         tol_there = tol.flatten(1).gather(1, flat)
         contradicted = seen & valid_there & (z < z_there - tol_there) & active[:, None]
@@ -224,22 +239,22 @@ class WorldCache:
 
         # 2. Which pixels the remaining cloud explains: a point at the observed depth facing the camera.
         zbuf, winner, _ = self._splat(pose)
-        idx = winner.clamp_min(0).flatten(1)                                   # (B, HW)
+        idx = winner.clamp_min(0).flatten(1)  # (B, HW)
         front_normal = self.normal.gather(1, idx[..., None].expand(-1, -1, 3)).view(b, h, w, 3)
-        to_camera = pose[:, None, None, :3] - points                           # (B, H, W, 3)
+        to_camera = pose[:, None, None, :3] - points  # (B, H, W, 3)
         facing = (front_normal * to_camera).sum(-1) > 0
         explained = (winner >= 0) & ((zbuf - z_obs).abs() <= tol) & facing
-        add = valid & ~explained & active[:, None, None]                       # (B, H, W)
+        add = valid & ~explained & active[:, None, None]  # (B, H, W)
 
         # 3. Put the new points in free slots, then in the oldest ones (bounded memory).
-        add = add.flatten(1)                                                   # (B, HW)
-        rank = add.cumsum(1) - 1                                               # (B, HW) order among the added
+        add = add.flatten(1)  # (B, HW)
+        rank = add.cumsum(1) - 1  # (B, HW) order among the added
         add &= rank < p
         # Slots in the order they are given up: free ones (stamp -1) first, then oldest first.
-        order = self.stamp.argsort(dim=1, stable=True)                             # (B, P)
+        order = self.stamp.argsort(dim=1, stable=True)  # (B, P)
         rows = torch.arange(b, device=self.device)[:, None].expand_as(add)[add]
         slots = order[rows, rank[add]]
-        pixel_size = z_obs / cam.fx                                            # (B, H, W) world side of a pixel
+        pixel_size = z_obs / cam.fx  # (B, H, W) world side of a pixel
         self.xyz[rows, slots] = points.flatten(1, 2)[add]
         self.rgb[rows, slots] = rgb.flatten(1, 2)[add]
         self.normal[rows, slots] = normal.flatten(1, 2)[add]
@@ -256,8 +271,11 @@ class WorldCache:
     def points(self, session: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One session's cloud as numpy: ``xyz (N, 3)`` float32, ``rgb (N, 3)`` uint8, ``normal (N, 3)``."""
         keep = self.alive()[session]
-        return (self.xyz[session][keep].cpu().numpy(), self.rgb[session][keep].cpu().numpy(),
-                self.normal[session][keep].cpu().numpy())
+        return (
+            self.xyz[session][keep].cpu().numpy(),
+            self.rgb[session][keep].cpu().numpy(),
+            self.normal[session][keep].cpu().numpy(),
+        )
 
     def save_ply(self, path: str | os.PathLike, session: int = 0) -> Path:
         """Write one session's cloud as a binary ``.ply`` (positions, normals, colours)."""
@@ -268,8 +286,8 @@ def _normals(points: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
     """Unit normals ``(B, H, W, 3)`` of an unprojected depth image ``(B, H, W, 3)`` from its
     neighbours (central differences, one-sided at the border), turned to face the camera."""
     pad = F.pad(points.permute(0, 3, 1, 2), (1, 1, 1, 1), mode="replicate").permute(0, 2, 3, 1)
-    du = pad[:, 1:-1, 2:] - pad[:, 1:-1, :-2]                                  # along u (right)
-    dv = pad[:, 2:, 1:-1] - pad[:, :-2, 1:-1]                                  # along v (down)
+    du = pad[:, 1:-1, 2:] - pad[:, 1:-1, :-2]  # along u (right)
+    dv = pad[:, 2:, 1:-1] - pad[:, :-2, 1:-1]  # along v (down)
     n = F.normalize(torch.cross(du, dv, dim=-1), dim=-1)
     flip = (n * (pose[:, None, None, :3] - points)).sum(-1, keepdim=True) < 0
     return torch.where(flip, -n, n)
@@ -280,8 +298,10 @@ def write_ply(path: str | os.PathLike, xyz: np.ndarray, rgb: np.ndarray, normal:
     xyz = np.asarray(xyz, np.float32).reshape(-1, 3)
     rgb = np.asarray(rgb, np.uint8).reshape(-1, 3)
     if len(rgb) != len(xyz) or (normal is not None and np.shape(normal) != xyz.shape):
-        raise ValueError(f"xyz, rgb and normal must have the same number of points, got "
-                         f"{xyz.shape}, {rgb.shape}, {None if normal is None else np.shape(normal)}")
+        raise ValueError(
+            f"xyz, rgb and normal must have the same number of points, got "
+            f"{xyz.shape}, {rgb.shape}, {None if normal is None else np.shape(normal)}"
+        )
     fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
     if normal is not None:
         fields += [("nx", "<f4"), ("ny", "<f4"), ("nz", "<f4")]

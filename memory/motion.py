@@ -46,7 +46,7 @@ def momentum(pose: torch.Tensor) -> torch.Tensor:
 
 def compose(pose: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """Pose ``(..., 5)`` moved by a motion ``(..., 5)`` given in its own camera frame."""
-    axes = Camera.axes(pose)                                              # (..., 3, 3) forward, right, up
+    axes = Camera.axes(pose)  # (..., 3, 3) forward, right, up
     xyz = pose[..., :3].float() + (step[..., :3, None] * axes).sum(-2)
     yaw = torch.remainder(pose[..., 3] + step[..., 3], 360.0)
     return torch.cat([xyz, yaw[..., None], (pose[..., 4] + step[..., 4])[..., None]], -1)
@@ -64,25 +64,28 @@ class MotionModel:
         return torch.cat([last_motion.float(), action.float(), last_action.float(), one], -1)
 
     @classmethod
-    def fit(cls, poses: list[torch.Tensor], actions: list[torch.Tensor], ridge: float = 1e-2) -> "MotionModel":
+    def fit(cls, poses: list[torch.Tensor], actions: list[torch.Tensor], ridge: float = 1e-2) -> MotionModel:
         """Least squares (with a small ridge) over episodes: ``poses[e] (N, 5)``, ``actions[e] (N, A)``
         where ``actions[e][t]`` moved the camera from ``poses[e][t]`` to ``poses[e][t + 1]``."""
         xs, ys = [], []
         for pose, act in zip(poses, actions):
             if len(pose) != len(act) or len(pose) < 3:
                 raise ValueError(f"need poses and actions of one length >= 3 per episode, got {len(pose)}, {len(act)}")
-            m = motion(pose)                                              # (N - 1, 5): m[t] from pose t to t + 1
+            m = motion(pose)  # (N - 1, 5): m[t] from pose t to t + 1
             xs.append(cls.features(momentum(pose)[:-1], act[1:-1], act[:-2]))  # predict m[t] for t >= 1
             ys.append(m[1:])
         x, y = torch.cat(xs).double(), torch.cat(ys).double()
         gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype)
         return cls(torch.linalg.solve(gram, x.T @ y).float())
 
-    def predict_motion(self, last_motion: torch.Tensor, action: torch.Tensor, last_action: torch.Tensor) -> torch.Tensor:
+    def predict_motion(
+        self, last_motion: torch.Tensor, action: torch.Tensor, last_action: torch.Tensor
+    ) -> torch.Tensor:
         return self.features(last_motion, action, last_action) @ self.weight
 
-    def predict(self, pose: torch.Tensor, last_motion: torch.Tensor, action: torch.Tensor,
-                last_action: torch.Tensor) -> torch.Tensor:
+    def predict(
+        self, pose: torch.Tensor, last_motion: torch.Tensor, action: torch.Tensor, last_action: torch.Tensor
+    ) -> torch.Tensor:
         """The next pose ``(..., 5)`` from the pose, its :func:`momentum` and the actions."""
         return compose(pose, self.predict_motion(last_motion, action, last_action))
 
@@ -90,5 +93,5 @@ class MotionModel:
         return {"weight": self.weight.tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MotionModel":
+    def from_dict(cls, d: dict) -> MotionModel:
         return cls(torch.tensor(d["weight"], dtype=torch.float32))

@@ -41,36 +41,46 @@ class PoseNoise:
     poses a model would trust misaligned views."""
 
     position: float = 2.0  # world units: a third of a ViZDoom depth level
-    yaw: float = 1.0       # degrees: a sixth of a typical mouse turn per step
-    pitch: float = 0.25    # degrees: pitch rarely moves in play
+    yaw: float = 1.0  # degrees: a sixth of a typical mouse turn per step
+    pitch: float = 0.25  # degrees: pitch rarely moves in play
 
-    def sample(self, shape: torch.Size, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> torch.Tensor:
+    def sample(
+        self, shape: torch.Size, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """Noise ``(*shape, 5)`` for poses ``(x, y, z, yaw, pitch)``."""
         scale = torch.tensor([self.position] * 3 + [self.yaw, self.pitch], device=device)
         return torch.randn(*shape, 5, generator=generator, device=device) * scale
 
 
-def history_views(camera: Camera, rgb: torch.Tensor, depth: torch.Tensor, pose: torch.Tensor, history: int,
-                  config: CacheConfig | None = None, noise: PoseNoise | None = None,
-                  generator: torch.Generator | None = None) -> View:
+def history_views(
+    camera: Camera,
+    rgb: torch.Tensor,
+    depth: torch.Tensor,
+    pose: torch.Tensor,
+    history: int,
+    config: CacheConfig | None = None,
+    noise: PoseNoise | None = None,
+    generator: torch.Generator | None = None,
+) -> View:
     """For windows ``rgb (B, T, H, W, 3)`` uint8, ``depth (B, T, H, W)`` levels and ``pose (B, T, 5)``:
     each frame's view of the cloud of its ``history`` predecessors in the window, rendered at its
     pose (plus ``noise``). Returns a :class:`View` of ``(B, T, ...)`` tensors; frame 0 of each
     window has nothing before it, so its mask is all False."""
     if rgb.dim() != 5 or depth.shape != rgb.shape[:-1] or pose.shape != (*rgb.shape[:2], 5):
-        raise ValueError(f"need rgb (B, T, H, W, 3), depth (B, T, H, W), pose (B, T, 5); got "
-                         f"{tuple(rgb.shape)}, {tuple(depth.shape)}, {tuple(pose.shape)}")
+        raise ValueError(
+            f"need rgb (B, T, H, W, 3), depth (B, T, H, W), pose (B, T, 5); got "
+            f"{tuple(rgb.shape)}, {tuple(depth.shape)}, {tuple(pose.shape)}"
+        )
     if history < 1:
         raise ValueError(f"history must be >= 1, got {history}")
     b, t = rgb.shape[:2]
     config = config or CacheConfig(max_points=history * camera.width * camera.height)
     cache = WorldCache(camera, config, batch=b * t, device=rgb.device)
-    steps = torch.arange(t, device=rgb.device).repeat(b)                   # (B*T,) frame index of each session
-    flat = lambda x: x.reshape(b * t, *x.shape[2:])                        # noqa: E731  (B, T, ...) -> (B*T, ...)
+    steps = torch.arange(t, device=rgb.device).repeat(b)  # (B*T,) frame index of each session
+    flat = lambda x: x.reshape(b * t, *x.shape[2:])  # noqa: E731  (B, T, ...) -> (B*T, ...)
     rgb_f, depth_f, pose_f = flat(rgb), flat(depth), flat(pose).float()
-    for k in range(1, history + 1):                                        # newest predecessor first
-        src = torch.arange(b * t, device=rgb.device) - k                   # session of frame t - k
+    for k in range(1, history + 1):  # newest predecessor first
+        src = torch.arange(b * t, device=rgb.device) - k  # session of frame t - k
         active = steps >= k
         src = torch.where(active, src, torch.arange(b * t, device=rgb.device))
         cache.update(rgb_f[src], depth_f[src], pose_f[src], active=active)

@@ -38,11 +38,12 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -63,14 +64,14 @@ log = logging.getLogger("worldgen.server")
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"
-    port: int = P.DEFAULT_PORT          # 0: any free port (the bound one is printed)
-    token: str | None = None            # required in hello when set
+    port: int = P.DEFAULT_PORT  # 0: any free port (the bound one is printed)
+    token: str | None = None  # required in hello when set
     max_sessions: int = 16
-    fps: float | None = None            # None: the model's own playback rate (wm.fps)
+    fps: float | None = None  # None: the model's own playback rate (wm.fps)
     max_message: int = P.MAX_MESSAGE_BYTES
-    idle_timeout: float = 300.0         # seconds without any client message (hello included)
+    idle_timeout: float = 300.0  # seconds without any client message (hello included)
     jpeg_quality: int = 85
-    stats_every: float = 1.0            # seconds between stats messages
+    stats_every: float = 1.0  # seconds between stats messages
     # Bytes that may wait for one client past its outbox: the kernel's send buffer (Linux
     # doubles this), plus half as much in websockets' write buffer. Small, so a slow reader
     # gets fresh frames with stale ones dropped rather than seconds of old ones queued; 32 KiB
@@ -222,9 +223,9 @@ class Player:
     def __init__(self, pid: int, ws: ServerConnection, session: Any, seed: int, limit: RateLimit):
         self.pid, self.ws, self.session, self.seed, self.limit = pid, ws, session, seed, limit
         self.rate_error_at = -1e9  # loop time of the last rate_limited error sent
-        self.keys = np.zeros(len(KEYS), np.uint8)   # held keys: the latest action's
+        self.keys = np.zeros(len(KEYS), np.uint8)  # held keys: the latest action's
         self.mouse = np.zeros(len(MOUSE), np.float32)  # deltas summed since the last frame
-        self.t: float | None = None   # client timestamp of the newest action not yet shown
+        self.t: float | None = None  # client timestamp of the newest action not yet shown
         self.reset_seed: int | None = None  # a reset asked for, applied at the next tick
         self.frame_id = 0
         self.frames_since_stats = 0
@@ -262,7 +263,7 @@ class Server:
         if not self.fps > 0:
             raise ValueError(f"fps must be > 0, got {self.fps}")
         self.players: dict[int, Player] = {}
-        self.slots = 0      # sessions live or being created: what --max-sessions caps
+        self.slots = 0  # sessions live or being created: what --max-sessions caps
         self.next_pid = 1
         self.engine = ThreadPoolExecutor(1, thread_name_prefix="worldgen-engine")
         self.rng = np.random.default_rng()
@@ -286,11 +287,23 @@ class Server:
         return {f.name: f.read_bytes() for f in web.iterdir() if f.is_file() and not f.is_symlink()}
 
     @staticmethod
-    def _response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
-                  extra: tuple[tuple[str, str], ...] = ()) -> Response:
-        headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close"),
-                           ("Content-Length", str(len(body))), ("Content-Type", content_type),
-                           ("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-cache"), *extra])
+    def _response(
+        status: int,
+        body: bytes,
+        content_type: str = "text/plain; charset=utf-8",
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> Response:
+        headers = Headers(
+            [
+                ("Date", email.utils.formatdate(usegmt=True)),
+                ("Connection", "close"),
+                ("Content-Length", str(len(body))),
+                ("Content-Type", content_type),
+                ("X-Content-Type-Options", "nosniff"),
+                ("Cache-Control", "no-cache"),
+                *extra,
+            ]
+        )
         return Response(status, http.HTTPStatus(status).phrase, headers, body)
 
     def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
@@ -317,8 +330,10 @@ class Server:
             return self._response(403, b"this origin may not open the websocket (worldgen serve --allow-origin)\n")
         self.pending = {c for c in self.pending if c.state is not State.CLOSED}
         if len(self.pending) >= self.cfg.max_pending:
-            return self._response(503, f"{len(self.pending)} connections are waiting to say hello "
-                                       f"(--max-pending); try again later\n".encode())
+            return self._response(
+                503,
+                f"{len(self.pending)} connections are waiting to say hello (--max-pending); try again later\n".encode(),
+            )
         self.pending.add(conn)
         return None
 
@@ -359,16 +374,22 @@ class Server:
             return
         finally:
             self.pending.discard(ws)
-        log.info("session %d opened for %s (seed %d, %d live)", player.pid, ws.remote_address,
-                 player.seed, len(self.players))
+        log.info(
+            "session %d opened for %s (seed %d, %d live)", player.pid, ws.remote_address, player.seed, len(self.players)
+        )
         sender = asyncio.create_task(self._send_loop(player))
         try:
             await self._read_loop(player)
         finally:
             await self._drop(player)
             sender.cancel()
-            log.info("session %d closed (%d frames, %d dropped, %d live)", player.pid, player.frame_id,
-                     player.outbox.dropped, len(self.players))
+            log.info(
+                "session %d closed (%d frames, %d dropped, %d live)",
+                player.pid,
+                player.frame_id,
+                player.outbox.dropped,
+                len(self.players),
+            )
 
     async def _send(self, ws: ServerConnection, msg: bytes) -> None:
         """Send with a deadline: a client whose buffers stay full does not hold anything up."""
@@ -399,8 +420,9 @@ class Server:
         except TimeoutError:
             if hello:
                 raise Refused("idle_timeout", f"no hello within {timeout:g} s (--hello-timeout)") from None
-            raise Refused("idle_timeout", f"no message for {timeout:g} s (--idle-timeout); "
-                                          "send actions to keep the session") from None
+            raise Refused(
+                "idle_timeout", f"no message for {timeout:g} s (--idle-timeout); send actions to keep the session"
+            ) from None
 
     async def _hello(self, ws: ServerConnection) -> dict[str, Any]:
         raw = await self._recv(ws, min(self.cfg.hello_timeout, self.cfg.idle_timeout), hello=True)
@@ -411,15 +433,22 @@ class Server:
         if msg["type"] != "hello":
             raise Refused("hello_required", f"the first message must be hello, got {msg['type']}")
         if msg["version"] != P.VERSION:
-            raise Refused("version_mismatch", f"client speaks protocol version {msg['version']}, this server "
-                                              f"speaks {P.VERSION}; update the client")
+            raise Refused(
+                "version_mismatch",
+                f"client speaks protocol version {msg['version']}, this server speaks {P.VERSION}; update the client",
+            )
         if self.cfg.token is not None and not hmac.compare_digest(
-                (msg.get("token") or "").encode(), self.cfg.token.encode()):
-            raise Refused("unauthorized", "missing or wrong token (the server was started with --token; "
-                                          "open the URL it printed, which carries ?token=...)")
+            (msg.get("token") or "").encode(), self.cfg.token.encode()
+        ):
+            raise Refused(
+                "unauthorized",
+                "missing or wrong token (the server was started with --token; "
+                "open the URL it printed, which carries ?token=...)",
+            )
         if self.slots >= self.cfg.max_sessions:
-            raise Refused("busy", f"the server already runs {self.cfg.max_sessions} sessions "
-                                  "(--max-sessions); try again later")
+            raise Refused(
+                "busy", f"the server already runs {self.cfg.max_sessions} sessions (--max-sessions); try again later"
+            )
         return msg
 
     async def _open(self, ws: ServerConnection, hello: dict[str, Any]) -> Player:
@@ -427,8 +456,7 @@ class Server:
         seed = int(self.rng.integers(P.MAX_SEED)) if seed is None else seed
         self.slots += 1  # reserved before the await, so concurrent hellos cannot overshoot
         try:
-            session = await asyncio.get_running_loop().run_in_executor(
-                self.engine, lambda: self.wm.session(seed=seed))
+            session = await asyncio.get_running_loop().run_in_executor(self.engine, lambda: self.wm.session(seed=seed))
         except Exception as e:
             self.slots -= 1
             log.exception("session creation failed")
@@ -438,18 +466,46 @@ class Server:
         player = Player(pid, ws, session, seed, RateLimit(self.cfg.max_rate, loop.time()))
         h, w = self.wm.frame_shape[:2]
         try:
-            await self._send(ws, P.pack({
-                "type": "welcome", "version": P.VERSION, "session": pid, "seed": seed, "fps": self.fps,
-                "width": w, "height": h, "keys": list(KEYS), "mouse": list(MOUSE), "model": self.model_name,
-                "max_message": self.cfg.max_message, "idle_timeout": self.cfg.idle_timeout,
-                "max_rate": self.cfg.max_rate, "max_sessions": self.cfg.max_sessions,
-                "sessions": len(self.players) + 1}))
+            await self._send(
+                ws,
+                P.pack(
+                    {
+                        "type": "welcome",
+                        "version": P.VERSION,
+                        "session": pid,
+                        "seed": seed,
+                        "fps": self.fps,
+                        "width": w,
+                        "height": h,
+                        "keys": list(KEYS),
+                        "mouse": list(MOUSE),
+                        "model": self.model_name,
+                        "max_message": self.cfg.max_message,
+                        "idle_timeout": self.cfg.idle_timeout,
+                        "max_rate": self.cfg.max_rate,
+                        "max_sessions": self.cfg.max_sessions,
+                        "sessions": len(self.players) + 1,
+                    }
+                ),
+            )
         except (ConnectionClosed, SlowReader):
             await self._drop(player)
             raise
         # Frame 0 is the start context's last frame: the player sees the world before acting.
-        player.outbox.put_frame(P.pack({"type": "frame", "id": 0, "jpeg": encode_jpeg(session.frame, self.cfg.jpeg_quality),
-                                        "t": None, "gen_ms": 0.0, "step": 0, "reset": True, "seed": seed}))
+        player.outbox.put_frame(
+            P.pack(
+                {
+                    "type": "frame",
+                    "id": 0,
+                    "jpeg": encode_jpeg(session.frame, self.cfg.jpeg_quality),
+                    "t": None,
+                    "gen_ms": 0.0,
+                    "step": 0,
+                    "reset": True,
+                    "seed": seed,
+                }
+            )
+        )
         self.players[pid] = player
         self.wake.set()
         return player
@@ -479,9 +535,14 @@ class Server:
                 # flood is read at most twice as fast as the limit; the rest waits in TCP.
                 if loop.time() - player.rate_error_at >= 1.0:
                     player.rate_error_at = loop.time()
-                    if not await self._answer(player, P.error(
-                            "rate_limited", f"more than {self.cfg.max_rate:g} messages per second (--max-rate); "
-                                            f"{player.limit.dropped} dropped so far")):
+                    if not await self._answer(
+                        player,
+                        P.error(
+                            "rate_limited",
+                            f"more than {self.cfg.max_rate:g} messages per second (--max-rate); "
+                            f"{player.limit.dropped} dropped so far",
+                        ),
+                    ):
                         return
                 await asyncio.sleep(1.0 / self.cfg.max_rate)
                 continue
@@ -526,8 +587,11 @@ class Server:
             await self._slow(player)
 
     async def _slow(self, player: Player) -> None:
-        log.info("session %d: the client read nothing for %g s (--send-timeout); closing it", player.pid,
-                 self.cfg.send_timeout)
+        log.info(
+            "session %d: the client read nothing for %g s (--send-timeout); closing it",
+            player.pid,
+            self.cfg.send_timeout,
+        )
         await self._fatal(player.ws, "slow_reader", "")
 
     # -- the scheduler ------------------------------------------------------------------
@@ -586,7 +650,7 @@ class Server:
             sessions, actions = [p.session for p, _ in steps], [a for _, a in steps]
             t0 = time.perf_counter()
             try:
-                frames = list(self.wm.step_many(*self._padded(sessions, actions)))[:len(steps)]
+                frames = list(self.wm.step_many(*self._padded(sessions, actions)))[: len(steps)]
                 ms = (time.perf_counter() - t0) * 1000
                 self.gen_ms.append(ms)
                 self.batches.append(len(steps))
@@ -647,21 +711,28 @@ class Server:
             else:
                 a, stamps[p.pid] = p.take_action()
                 steps.append((p, a))
-        results = await asyncio.get_running_loop().run_in_executor(
-            self.engine, self._tick, list(resets.items()), steps)
+        results = await asyncio.get_running_loop().run_in_executor(self.engine, self._tick, list(resets.items()), steps)
         for p, jpeg, ms, n, was_reset in results:
             if not p.open:
                 continue
             if isinstance(jpeg, Exception):
                 log.error("session %d failed: %r", p.pid, jpeg)
                 p.failed = True  # out of the batch from now on; its handler drops it on close
-                self._background(self._fatal(p.ws, "internal", f"the engine failed on this session: "
-                                                               f"{type(jpeg).__name__}: {jpeg}"))
+                self._background(
+                    self._fatal(p.ws, "internal", f"the engine failed on this session: {type(jpeg).__name__}: {jpeg}")
+                )
                 continue
             p.frame_id += 1
             p.frames_since_stats += 1
-            msg = {"type": "frame", "id": p.frame_id, "jpeg": jpeg, "t": stamps.get(p.pid),
-                   "gen_ms": round(ms, 3), "step": n, "reset": was_reset}
+            msg = {
+                "type": "frame",
+                "id": p.frame_id,
+                "jpeg": jpeg,
+                "t": stamps.get(p.pid),
+                "gen_ms": round(ms, 3),
+                "step": n,
+                "reset": was_reset,
+            }
             if was_reset:
                 msg["seed"] = p.seed = resets[p]
             p.outbox.put_frame(P.pack(msg))
@@ -677,10 +748,21 @@ class Server:
         batch = float(np.mean(self.batches)) if self.batches else 0.0
         self.gen_ms, self.batches = [], []
         for p in list(self.players.values()):
-            p.outbox.put_stats(P.pack({
-                "type": "stats", "frames": p.frame_id, "dropped": p.outbox.dropped,
-                "fps": round(p.frames_since_stats / dt, 3), "target_fps": self.fps, "gen_ms": round(gen, 3),
-                "batch": round(batch, 2), "sessions": len(self.players), "rate_limited": p.limit.dropped}))
+            p.outbox.put_stats(
+                P.pack(
+                    {
+                        "type": "stats",
+                        "frames": p.frame_id,
+                        "dropped": p.outbox.dropped,
+                        "fps": round(p.frames_since_stats / dt, 3),
+                        "target_fps": self.fps,
+                        "gen_ms": round(gen, 3),
+                        "batch": round(batch, 2),
+                        "sessions": len(self.players),
+                        "rate_limited": p.limit.dropped,
+                    }
+                )
+            )
             p.frames_since_stats = 0
 
 
@@ -690,8 +772,13 @@ def url_for(host: str, port: int, token: str | None) -> str:
     return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
 
 
-async def serve(wm: Any, cfg: ServeConfig, model_name: str = "",
-                on_ready: Callable[[str], None] | None = None, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    wm: Any,
+    cfg: ServeConfig,
+    model_name: str = "",
+    on_ready: Callable[[str], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
     """Serve ``wm`` until ``stop`` is set (or SIGINT/SIGTERM when ``stop`` is None).
     ``on_ready(url)`` is called once the socket listens, with the browser URL."""
     server = Server(wm, cfg, model_name)
@@ -705,10 +792,17 @@ async def serve(wm: Any, cfg: ServeConfig, model_name: str = "",
         await loop.run_in_executor(server.engine, server.compile)
         log.info("compiled for batch sizes %s in %.0f s", server.sizes, time.perf_counter() - t0)
     # open_timeout bounds a handshake that never completes; the hello deadline starts after it.
-    async with ws_serve(server.handle, cfg.host, cfg.port, process_request=server.process_request,
-                        max_size=hard_limit(cfg.max_message), write_limit=cfg.send_buffer // 2,
-                        open_timeout=cfg.hello_timeout, close_timeout=cfg.shutdown_timeout,
-                        compression=None) as ws_server:  # JPEG does not deflate; save the CPU
+    async with ws_serve(
+        server.handle,
+        cfg.host,
+        cfg.port,
+        process_request=server.process_request,
+        max_size=hard_limit(cfg.max_message),
+        write_limit=cfg.send_buffer // 2,
+        open_timeout=cfg.hello_timeout,
+        close_timeout=cfg.shutdown_timeout,
+        compression=None,
+    ) as ws_server:  # JPEG does not deflate; save the CPU
         port = ws_server.sockets[0].getsockname()[1]
         scheduler = asyncio.create_task(server.schedule())
         if on_ready is not None:
@@ -720,8 +814,11 @@ async def serve(wm: Any, cfg: ServeConfig, model_name: str = "",
             async with asyncio.timeout(cfg.shutdown_timeout):
                 await ws_server.wait_closed()
         except TimeoutError:  # clients that do not read cannot take a close frame: cut them off
-            log.info("cutting off %d connections that did not close within %g s", len(ws_server.all_connections),
-                     cfg.shutdown_timeout)
+            log.info(
+                "cutting off %d connections that did not close within %g s",
+                len(ws_server.all_connections),
+                cfg.shutdown_timeout,
+            )
             for conn in list(ws_server.all_connections):
                 conn.transport.abort()
     server.engine.shutdown(wait=True)

@@ -33,21 +33,21 @@ MAX_MESSAGE_BYTES = 4096  # the largest client message the server reads (actions
 # Error codes (the ``code`` of an ``error`` message). Fatal ones are followed by a close with
 # the code given here; the others leave the session as it was.
 FATAL_CLOSE = {
-    "hello_required": 4400,    # first message was not a hello
-    "unauthorized": 4401,      # missing or wrong token
-    "idle_timeout": 4408,      # nothing received for --idle-timeout seconds
+    "hello_required": 4400,  # first message was not a hello
+    "unauthorized": 4401,  # missing or wrong token
+    "idle_timeout": 4408,  # nothing received for --idle-timeout seconds
     "version_mismatch": 4426,  # hello.version != VERSION
-    "slow_reader": 4413,       # a send to the client waited --send-timeout seconds: it does not read
-    "internal": 4500,          # the engine failed on this session
-    "busy": 4503,              # --max-sessions sessions already live
+    "slow_reader": 4413,  # a send to the client waited --send-timeout seconds: it does not read
+    "internal": 4500,  # the engine failed on this session
+    "busy": 4503,  # --max-sessions sessions already live
 }
 NONFATAL = (
-    "bad_message",   # not a binary msgpack map with a string ``type``
-    "too_large",     # longer than the server's max message size
+    "bad_message",  # not a binary msgpack map with a string ``type``
+    "too_large",  # longer than the server's max message size
     "unknown_type",  # ``type`` is not one this version knows
-    "bad_field",     # a field is missing or of the wrong type
-    "bad_action",    # fields have the right types but the action breaks the schema
-    "unexpected",    # a known message at the wrong time (a second hello)
+    "bad_field",  # a field is missing or of the wrong type
+    "bad_action",  # fields have the right types but the action breaks the schema
+    "unexpected",  # a known message at the wrong time (a second hello)
     "rate_limited",  # more messages than --max-rate per second: the excess is dropped (at most one per second)
 )
 
@@ -55,8 +55,7 @@ NONFATAL = (
 # extra fields are ignored, so a newer client can add optional ones without a version bump.
 _NUM = (int, float)
 CLIENT_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    "hello": {"version": ((int,), True), "token": ((str,), False), "seed": ((int,), False),
-              "client": ((str,), False)},
+    "hello": {"version": ((int,), True), "token": ((str,), False), "seed": ((int,), False), "client": ((str,), False)},
     "action": {"keys": ((list,), False), "mouse": ((list,), False), "t": (_NUM, False)},
     "reset": {"seed": ((int,), False)},
 }
@@ -100,8 +99,9 @@ def parse(raw: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any
         raise ProtocolError("bad_message", "a message must be a msgpack map with a string 'type' field")
     fields = CLIENT_FIELDS.get(msg["type"])
     if fields is None:
-        raise ProtocolError("unknown_type", f"unknown message type {msg['type'][:40]!r}; "
-                                            f"known: {', '.join(CLIENT_FIELDS)}")
+        raise ProtocolError(
+            "unknown_type", f"unknown message type {msg['type'][:40]!r}; known: {', '.join(CLIENT_FIELDS)}"
+        )
     for name, (types, required) in fields.items():
         value = msg.get(name)
         if value is None:
@@ -110,8 +110,9 @@ def parse(raw: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any
             continue
         # bool is an int subclass in Python but never a valid number here.
         if isinstance(value, bool) or not isinstance(value, types):
-            raise ProtocolError("bad_field", f"{msg['type']}.{name} must be {_type_name(types)}, "
-                                             f"got {type(value).__name__}")
+            raise ProtocolError(
+                "bad_field", f"{msg['type']}.{name} must be {_type_name(types)}, got {type(value).__name__}"
+            )
     seed = msg.get("seed") if "seed" in fields else None  # elsewhere an ignored extra field
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ProtocolError("bad_field", f"{msg['type']}.seed must lie in [0, {MAX_SEED}], got {seed}")
@@ -128,8 +129,9 @@ def _check_action_values(msg: dict[str, Any]) -> None:
     """Element types the field table cannot express: keys all names or all integers, mouse
     numbers (never strings or booleans, which numpy would quietly convert), ``t`` finite."""
     keys, mouse, t = msg.get("keys"), msg.get("mouse"), msg.get("t")
-    if keys is not None and not (all(isinstance(k, str) for k in keys)
-                                 or all(isinstance(k, int) and not isinstance(k, bool) for k in keys)):
+    if keys is not None and not (
+        all(isinstance(k, str) for k in keys) or all(isinstance(k, int) and not isinstance(k, bool) for k in keys)
+    ):
         raise ProtocolError("bad_action", "action.keys must be all key names or all integers 0/1")
     if mouse is not None and not all(_is_number(m) for m in mouse):
         raise ProtocolError("bad_action", "action.mouse must be numbers [yaw, pitch]")
@@ -144,15 +146,22 @@ def now_ms() -> float:
 
 # Builders, so both ends spell the messages the same way.
 
-def hello(token: str | None = None, seed: int | None = None, client: str = "python",
-          version: int = VERSION) -> dict[str, Any]:
+
+def hello(
+    token: str | None = None, seed: int | None = None, client: str = "python", version: int = VERSION
+) -> dict[str, Any]:
     return {"type": "hello", "version": version, "token": token, "seed": seed, "client": client}
 
 
-def action(keys: list[str] | list[int] = (), mouse: tuple[float, float] = (0.0, 0.0),
-           t: float | None = None) -> dict[str, Any]:
-    return {"type": "action", "keys": list(keys), "mouse": [float(mouse[0]), float(mouse[1])],
-            "t": now_ms() if t is None else t}
+def action(
+    keys: list[str] | list[int] = (), mouse: tuple[float, float] = (0.0, 0.0), t: float | None = None
+) -> dict[str, Any]:
+    return {
+        "type": "action",
+        "keys": list(keys),
+        "mouse": [float(mouse[0]), float(mouse[1])],
+        "t": now_ms() if t is None else t,
+    }
 
 
 def reset(seed: int | None = None) -> dict[str, Any]:

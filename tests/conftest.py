@@ -34,7 +34,9 @@ def _small(frames: np.ndarray, resample: int) -> np.ndarray:
 
 def benchmark_script(name: str):
     """``benchmarks/<name>.py`` imported as a module (the folder is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the script runs
     spec.loader.exec_module(module)
@@ -69,12 +71,18 @@ def cycle_player(cycle: list[tuple[list[str], float]], offset: int = 0):
         names, yaw = cycle[next(step) % len(cycle)]
         a = Action.from_keys(names, yaw=yaw)
         return a.keys, a.mouse
+
     return act
 
 
 # Walk, turn by key, strafe, turn by mouse, back.
-WALK_CYCLE = [(["forward"], 0.0)] * 6 + [(["turn_right"], 0.0)] * 3 + [(["forward", "strafe_left"], 0.0)] * 3 \
-    + [([], -6.0)] * 3 + [(["back"], 0.0)] * 2
+WALK_CYCLE = (
+    [(["forward"], 0.0)] * 6
+    + [(["turn_right"], 0.0)] * 3
+    + [(["forward", "strafe_left"], 0.0)] * 3
+    + [([], -6.0)] * 3
+    + [(["back"], 0.0)] * 2
+)
 
 
 class _OneThread:
@@ -102,16 +110,19 @@ def doom_recording(tmp_path_factory) -> Path:
     from worldgen.env.doom import DoomConfig, DoomEnv, rollout
 
     root = tmp_path_factory.mktemp("doom")
-    index = DatasetIndex(root, resolution=SIZE, frame_skip=4, source={"env": "doom", "test": "downscaled"},
-                         has_depth=True, has_pose=True)
+    index = DatasetIndex(
+        root, resolution=SIZE, frame_skip=4, source={"env": "doom", "test": "downscaled"}, has_depth=True, has_pose=True
+    )
     with DoomEnv(DoomConfig()) as env:
         for seed, (name, n) in enumerate(EPISODES):
             chunks = list(rollout(env, cycle_player(WALK_CYCLE, 7 * seed), "E1M1", seed, n))
-            ep = Episode(frames=_small(np.concatenate([c.frames for c in chunks]), Image.BILINEAR),
-                         keys=np.concatenate([c.keys for c in chunks]),
-                         mouse=np.concatenate([c.mouse for c in chunks]),
-                         depth=_small(np.concatenate([c.depth for c in chunks]), Image.NEAREST),
-                         pose=np.concatenate([c.pose for c in chunks]))
+            ep = Episode(
+                frames=_small(np.concatenate([c.frames for c in chunks]), Image.BILINEAR),
+                keys=np.concatenate([c.keys for c in chunks]),
+                mouse=np.concatenate([c.mouse for c in chunks]),
+                depth=_small(np.concatenate([c.depth for c in chunks]), Image.NEAREST),
+                pose=np.concatenate([c.pose for c in chunks]),
+            )
             index.add(EpisodeInfo(id=name, length=len(ep), shards=write_episode_shards(root, name, ep)))
     return root
 
@@ -123,9 +134,22 @@ def tiny_tokenizer_run(doom_recording, tmp_path_factory) -> tuple[Path, dict]:
 
     out = tmp_path_factory.mktemp("tok")
     with _OneThread():
-        summary = train(TokenizerTrainConfig(
-            data=str(doom_recording), out=str(out), steps=40, batch_size=8, channels="8,8,8,8", latent_channels=4,
-            warmup=5, lr=2e-3, ckpt_every=1000, sample_every=20, log_every=5, eval_frames=32))
+        summary = train(
+            TokenizerTrainConfig(
+                data=str(doom_recording),
+                out=str(out),
+                steps=40,
+                batch_size=8,
+                channels="8,8,8,8",
+                latent_channels=4,
+                warmup=5,
+                lr=2e-3,
+                ckpt_every=1000,
+                sample_every=20,
+                log_every=5,
+                eval_frames=32,
+            )
+        )
     return out, summary
 
 
@@ -138,10 +162,25 @@ def tiny_checkpoint(doom_recording, tiny_tokenizer_run, tmp_path_factory) -> Pat
 
     out = tmp_path_factory.mktemp("dyn")
     with _OneThread():
-        train(DynamicsTrainConfig(
-            data=str(doom_recording), out=str(out), tokenizer=str(tiny_tokenizer_run[0]), model="tiny", window=6,
-            steps=150, batch_size=8, lr=3e-3, warmup=10, ckpt_every=1000, sample_every=0, log_every=50,
-            sample_steps=2, eval_windows=8, ema_decay=0.9))
+        train(
+            DynamicsTrainConfig(
+                data=str(doom_recording),
+                out=str(out),
+                tokenizer=str(tiny_tokenizer_run[0]),
+                model="tiny",
+                window=6,
+                steps=150,
+                batch_size=8,
+                lr=3e-3,
+                warmup=10,
+                ckpt_every=1000,
+                sample_every=0,
+                log_every=50,
+                sample_steps=2,
+                eval_windows=8,
+                ema_decay=0.9,
+            )
+        )
     return out / "ckpt"
 
 
@@ -152,7 +191,18 @@ def tiny_geometry_run(doom_recording, tmp_path_factory) -> tuple[Path, dict]:
 
     out = tmp_path_factory.mktemp("geometry")
     with _OneThread():
-        summary = train(GeometryTrainConfig(
-            data=str(doom_recording), out=str(out), steps=200, batch_size=16, warmup=10, lr=3e-3,
-            ckpt_every=1000, log_every=20, drift_steps=8, device="cpu"))
+        summary = train(
+            GeometryTrainConfig(
+                data=str(doom_recording),
+                out=str(out),
+                steps=200,
+                batch_size=16,
+                warmup=10,
+                lr=3e-3,
+                ckpt_every=1000,
+                log_every=20,
+                drift_steps=8,
+                device="cpu",
+            )
+        )
     return out, summary

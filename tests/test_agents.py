@@ -55,12 +55,18 @@ def test_actions_decode_as_documented():
     box = ActionCodec("box", (30.0, 2.0)).decode(np.array([0.1, -0.1, 0, 0, 0, 0.9, 1, 0, -0.5, 1.0], np.float32))
     assert box.to_dict() == {"keys": ["forward", "turn_right", "attack"], "mouse": [-15.0, 2.0]}
     md = ActionCodec("multidiscrete", (30.0, 2.0))
-    assert md.decode(np.array([2, 1, 1, 0, 1, 0, 3])).to_dict() == \
-        {"keys": ["back", "strafe_left", "turn_left", "use"], "mouse": [-30.0, 1.0]}
+    assert md.decode(np.array([2, 1, 1, 0, 1, 0, 3])).to_dict() == {
+        "keys": ["back", "strafe_left", "turn_left", "use"],
+        "mouse": [-30.0, 1.0],
+    }
     assert ActionCodec("discrete", (30.0, 2.0)).decode(np.int64(8)).to_dict()["keys"] == ["forward", "use"]
-    for kind, bad, message in (("discrete", 9, r"integer in \[0, 9\)"), ("discrete", 1.5, "integer"),
-                               ("multidiscrete", [3, 0, 0, 0, 0, 0, 0], "7 integers below"),
-                               ("box", np.zeros(9), "10 finite numbers"), ("box", np.full(10, np.nan), "finite")):
+    for kind, bad, message in (
+        ("discrete", 9, r"integer in \[0, 9\)"),
+        ("discrete", 1.5, "integer"),
+        ("multidiscrete", [3, 0, 0, 0, 0, 0, 0], "7 integers below"),
+        ("box", np.zeros(9), "10 finite numbers"),
+        ("box", np.full(10, np.nan), "finite"),
+    ):
         with pytest.raises(ActionError, match=message):
             ActionCodec(kind, (30.0, 2.0)).decode(bad)
     with pytest.raises(ValueError, match="action_space must be one of"):
@@ -73,14 +79,21 @@ def test_actions_decode_as_documented():
 def test_check_env_on_every_observation_and_action_space(tiny_checkpoint, tiny_geometry_run, observations):
     obs_kwargs = {"preset": "atari"} if observations == "atari" else {"observations": observations}
     for kind in ACTION_SPACES:
-        env = WorldModelEnv(str(tiny_checkpoint), device="cpu", reward="zero", geometry=str(tiny_geometry_run[0] / "ckpt"),
-                            action_space=kind, **obs_kwargs)
+        env = WorldModelEnv(
+            str(tiny_checkpoint),
+            device="cpu",
+            reward="zero",
+            geometry=str(tiny_geometry_run[0] / "ckpt"),
+            action_space=kind,
+            **obs_kwargs,
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             check_env(env, skip_render_check=True)
         # Gymnasium advises [-1, 1] Box actions; only the dict space's mouse degrees do not follow it.
-        assert not [w for w in caught if "action space" not in str(w.message) or kind != "dict"], \
-            [str(w.message) for w in caught]
+        assert not [w for w in caught if "action space" not in str(w.message) or kind != "dict"], [
+            str(w.message) for w in caught
+        ]
         if "depth" in observations:
             assert env.observation_space["depth"].shape == (24, 32, 1)
         if observations == "atari":
@@ -92,14 +105,29 @@ def test_max_episode_steps_is_registered_and_honoured(tiny_checkpoint):
     env = gymnasium.make("worldgen/Doom-v0", model=str(tiny_checkpoint), device="cpu", reward="zero")
     assert env.spec.max_episode_steps == 1000 and env.unwrapped.world.horizon is None  # TimeLimit truncates
     env = gymnasium.wrappers.TimeAwareObservation(
-        gymnasium.make("worldgen/Doom-v0", model=str(tiny_checkpoint), device="cpu", reward="zero",
-                       max_episode_steps=3, action_space="discrete"), flatten=False)
+        gymnasium.make(
+            "worldgen/Doom-v0",
+            model=str(tiny_checkpoint),
+            device="cpu",
+            reward="zero",
+            max_episode_steps=3,
+            action_space="discrete",
+        ),
+        flatten=False,
+    )
     obs, _ = env.reset(seed=0)
     assert obs["time"] == 0
     ends = [env.step(1)[3] for _ in range(3)]
     assert ends == [False, False, True]
-    envs = gymnasium.make_vec("worldgen/DoomAtari-v0", num_envs=2, vectorization_mode="vector_entry_point",
-                              model=str(tiny_checkpoint), device="cpu", reward="zero", max_episode_steps=2)
+    envs = gymnasium.make_vec(
+        "worldgen/DoomAtari-v0",
+        num_envs=2,
+        vectorization_mode="vector_entry_point",
+        model=str(tiny_checkpoint),
+        device="cpu",
+        reward="zero",
+        max_episode_steps=2,
+    )
     envs.reset(seed=0)
     assert [envs.step(np.array([1, 2]))[3].tolist() for _ in range(2)] == [[False, False], [True, True]]
     envs.close()
@@ -128,8 +156,15 @@ def test_same_step_autoreset_matches_gymnasium(tiny_checkpoint):
     observation; the last one is in final_obs, as Gymnasium's SyncVectorEnv does."""
     from gymnasium.vector import AutoresetMode
 
-    envs = WorldModelVectorEnv(2, str(tiny_checkpoint), device="cpu", reward="zero", horizon=2,
-                               action_space="discrete", autoreset_mode=AutoresetMode.SAME_STEP)
+    envs = WorldModelVectorEnv(
+        2,
+        str(tiny_checkpoint),
+        device="cpu",
+        reward="zero",
+        horizon=2,
+        action_space="discrete",
+        autoreset_mode=AutoresetMode.SAME_STEP,
+    )
     single = WorldModelEnv(str(tiny_checkpoint), device="cpu", reward="zero", horizon=2, action_space="discrete")
     envs.reset(seed=[4, 5])
     single.reset(seed=4)
@@ -174,14 +209,25 @@ def test_sb3_ppo_learns_in_the_model(sb3, tiny_checkpoint, kind, preset):
 
     from worldgen.env.sb3 import SB3VecEnv
 
-    venv = SB3VecEnv(2, str(tiny_checkpoint), device="cpu", reward=forward_reward, action_space=kind, preset=preset,
-                     horizon=16)
+    venv = SB3VecEnv(
+        2, str(tiny_checkpoint), device="cpu", reward=forward_reward, action_space=kind, preset=preset, horizon=16
+    )
     forwards = []
     step_many = venv.model.step_many
     venv.model.step_many = lambda sessions, acts: forwards.append(len(sessions)) or step_many(sessions, acts)
     venv = VecMonitor(venv)
-    model = PPO("CnnPolicy" if preset else "MlpPolicy", venv, n_steps=64, batch_size=64, n_epochs=4,
-                gamma=0.0, learning_rate=3e-3, seed=0, device="cpu", policy_kwargs={"net_arch": [32]} if not preset else None)
+    model = PPO(
+        "CnnPolicy" if preset else "MlpPolicy",
+        venv,
+        n_steps=64,
+        batch_size=64,
+        n_epochs=4,
+        gamma=0.0,
+        learning_rate=3e-3,
+        seed=0,
+        device="cpu",
+        policy_kwargs={"net_arch": [32]} if not preset else None,
+    )
     obs = venv.reset()
     codec = venv.unwrapped.venv.world.codec
 
@@ -202,10 +248,28 @@ def test_sb3_dqn_trains_on_the_atari_preset(sb3, tiny_checkpoint):
 
     from worldgen.env.sb3 import SB3VecEnv
 
-    venv = SB3VecEnv(1, str(tiny_checkpoint), device="cpu", reward=forward_reward, action_space="discrete",
-                     preset="atari", horizon=16)
-    model = DQN("CnnPolicy", venv, buffer_size=400, learning_starts=64, train_freq=8, target_update_interval=64,
-                exploration_fraction=0.5, learning_rate=1e-3, batch_size=16, seed=0, device="cpu")
+    venv = SB3VecEnv(
+        1,
+        str(tiny_checkpoint),
+        device="cpu",
+        reward=forward_reward,
+        action_space="discrete",
+        preset="atari",
+        horizon=16,
+    )
+    model = DQN(
+        "CnnPolicy",
+        venv,
+        buffer_size=400,
+        learning_starts=64,
+        train_freq=8,
+        target_update_interval=64,
+        exploration_fraction=0.5,
+        learning_rate=1e-3,
+        batch_size=16,
+        seed=0,
+        device="cpu",
+    )
     model.learn(200)
     assert model.num_timesteps == 200 and model.replay_buffer.size() == 200
     obs = venv.reset()

@@ -55,8 +55,7 @@ def test_non_finite_weights_are_refused(tmp_path):
         checkpoint.load(tmp_path, "dynamics")
 
 
-@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors", "..", "",
-                                  "x.json", 7])
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors", "..", "", "x.json", 7])
 def test_file_names_stay_inside_the_folder(tmp_path, name):
     path = _part(tmp_path)
     meta = _meta(path)
@@ -67,9 +66,18 @@ def test_file_names_stay_inside_the_folder(tmp_path, name):
         checkpoint.load(tmp_path, "tokenizer")
 
 
-@pytest.mark.parametrize("text", ["[]", pytest.param("[" * 100_000 + "]" * 100_000, id="nested-100000"), '{"files": "x"}',
-                                  '{"config": []}', '{"files": [], "sha256": []}', "null",
-                                  '{"files": ["a.safetensors"]}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[]",
+        pytest.param("[" * 100_000 + "]" * 100_000, id="nested-100000"),
+        '{"files": "x"}',
+        '{"config": []}',
+        '{"files": [], "sha256": []}',
+        "null",
+        '{"files": ["a.safetensors"]}',
+    ],
+)
 def test_malformed_json_names_the_file(tmp_path, text):
     path = _part(tmp_path)
     path.write_text(text)
@@ -91,8 +99,9 @@ def test_checkpoint_without_hashes_loads_with_a_warning(tmp_path, caplog):
     assert set(tensors) == {"w", "b"} and "SHA-256" in caplog.text
 
 
-@pytest.mark.parametrize("folder, parts", [("default", ("tokenizer", "dynamics", "starts")),
-                                           (HEADS, ("reward", "geometry"))])
+@pytest.mark.parametrize(
+    "folder, parts", [("default", ("tokenizer", "dynamics", "starts")), (HEADS, ("reward", "geometry"))]
+)
 def test_shipped_checkpoints_store_and_match_their_hashes(folder, parts):
     root = checkpoint.resolve(folder)
     for part in parts:

@@ -48,6 +48,7 @@ def one_thread():
 
 def reference(ws_url: str, seed: int, last_id: int) -> dict[int, np.ndarray]:
     """Frames 0..last_id of a session on ``seed`` that never acts."""
+
     async def main():
         async with await Client.connect(ws_url, token=TOKEN, seed=seed) as c:
             frames = {}
@@ -55,6 +56,7 @@ def reference(ws_url: str, seed: int, last_id: int) -> dict[int, np.ndarray]:
                 frames[f.id] = f.image()
             frames[f.id] = f.image()
             return frames
+
     # On a thread of its own: Playwright's sync API keeps an event loop running on this one.
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(lambda: asyncio.run(asyncio.wait_for(main(), 120))).result()
@@ -70,20 +72,30 @@ def key(kind: int, k: int) -> pygame.event.Event:
 
 # -- browser ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def browser():
     path = shutil.which("chromium") or "/usr/bin/chromium"
     if not os.path.exists(path):
-        pytest.fail(f"the browser test needs Debian's chromium, which is not installed: run `{CHROMIUM_INSTALL}` "
-                    "(the README's test command does)")
+        pytest.fail(
+            f"the browser test needs Debian's chromium, which is not installed: run `{CHROMIUM_INSTALL}` "
+            "(the README's test command does)"
+        )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.fail('the browser test needs playwright: pip install -e ".[test]"')
     # Flags: root in a container needs --no-sandbox; the background-networking ones stop Chromium
     # from reaching for Google's hosts on a machine with no outside network.
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"]
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=path, args=args)
         yield b
@@ -115,8 +127,10 @@ def test_browser_client_plays(server, browser):
     shot = ARTIFACTS / "browser_client.png"
     page.screenshot(path=str(shot))
     print(f"\nbrowser screenshot: {shot}")
-    state = page.evaluate("({a: worldgen.lastAction, o: document.getElementById('overlay').textContent,"
-                          " s: document.getElementById('status').textContent, e: worldgen.error})")
+    state = page.evaluate(
+        "({a: worldgen.lastAction, o: document.getElementById('overlay').textContent,"
+        " s: document.getElementById('status').textContent, e: worldgen.error})"
+    )
     page.keyboard.up("ArrowRight")
     page.close()
 
@@ -130,8 +144,10 @@ def test_browser_client_plays(server, browser):
     assert got and 0 < float(got.group(1)) <= 20, state["s"]
     # The canvas shows the server's frames: equal to the no-input reference before the key
     # (up to JPEG decoders), different while turning.
-    print(f"browser: canvas vs no-input frame: {mad(before, ref[before_id]):.2f} before the key, "
-          f"{mad(held, ref[held_id]):.2f} while turning")
+    print(
+        f"browser: canvas vs no-input frame: {mad(before, ref[before_id]):.2f} before the key, "
+        f"{mad(held, ref[held_id]):.2f} while turning"
+    )
     assert mad(before, ref[before_id]) < 0.2, f"frame {before_id} differs from the reference"
     assert mad(held, ref[held_id]) > 0.4, f"frame {held_id} while turning equals the no-input one"
     assert shot.stat().st_size > 1000
@@ -154,12 +170,18 @@ def test_browser_shows_a_readable_refusal(server, browser):
 
 # -- pygame ----------------------------------------------------------------------------------
 
+
 def turn_right_from(n: int):
     """Press Right at frame n, click to take the mouse, then move it right by 60 px a frame."""
+
     def script(i: int) -> list[pygame.event.Event]:
         if i == n:
-            return [key(pygame.KEYDOWN, pygame.K_RIGHT), pygame.event.Event(pygame.MOUSEBUTTONDOWN, button=1, pos=(5, 5))]
+            return [
+                key(pygame.KEYDOWN, pygame.K_RIGHT),
+                pygame.event.Event(pygame.MOUSEBUTTONDOWN, button=1, pos=(5, 5)),
+            ]
         return [pygame.event.Event(pygame.MOUSEMOTION, rel=(60, 0), pos=(5, 5), buttons=(0, 0, 0))] if i > n else []
+
     return script
 
 
@@ -173,6 +195,7 @@ def capture(src):
         if got is not None:
             shown.append(got[0])
         return got
+
     src.poll = keep
     return shown
 
@@ -180,6 +203,7 @@ def capture(src):
 def test_pygame_local_engine(tiny_checkpoint, tmp_path, one_thread):
     """Local engine: the same seed and the same scripted input give the same frames; turning
     right (key and mouse) from frame 2 on gives others; --record writes every frame shown."""
+
     def run(script, name):
         src = LocalSource(str(tiny_checkpoint), device="cpu", seed=4, fps=200)
         shown = capture(src)
@@ -205,6 +229,7 @@ def test_pygame_local_engine(tiny_checkpoint, tmp_path, one_thread):
 def test_steps_option_reaches_the_sampler(tiny_checkpoint, one_thread):
     """`--steps` of `worldgen play` (local) and `worldgen serve` sets the Euler steps per frame:
     the same seed gives other frames at 3 steps than at the checkpoint's; 0 is a clear error."""
+
     def run(**steps):
         src = LocalSource(str(tiny_checkpoint), device="cpu", seed=4, fps=200, **steps)
         shown = capture(src)
@@ -218,8 +243,23 @@ def test_steps_option_reaches_the_sampler(tiny_checkpoint, one_thread):
     assert own != three == 3 and not np.array_equal(last_own, last_three)
     with pytest.raises(ValueError, match="steps must lie"):
         LocalSource(str(tiny_checkpoint), device="cpu", steps=0)
-    done = subprocess.run([sys.executable, "-m", "worldgen.cli", "serve", "--checkpoint", str(tiny_checkpoint),
-                           "--device", "cpu", "--steps", "0"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worldgen.cli",
+            "serve",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--steps",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and "steps must lie in [1, 64], got 0" in done.stderr
 
 
@@ -260,8 +300,20 @@ def test_pygame_client_on_the_server(server, tmp_path):
 def test_worldgen_play_command(server, tmp_path):
     env = {**os.environ, "SDL_VIDEODRIVER": "dummy"}
     out = tmp_path / "cli.mp4"
-    cmd = [sys.executable, "-m", "worldgen.cli", "play", "--server", server.ws_url, "--token", TOKEN, "--frames", "5",
-           "--record", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "worldgen.cli",
+        "play",
+        "--server",
+        server.ws_url,
+        "--token",
+        TOKEN,
+        "--frames",
+        "5",
+        "--record",
+        str(out),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "5 frames" in done.stdout and len(imageio.mimread(out)) == 5

@@ -26,19 +26,23 @@ def test_replayed_futures(script, tmp_path, monkeypatch):
     data = tmp_path / "play"
     rec.record_doom(data, 90, workers=1, episode_steps=90, maps=["E1M1"], seed=4, progress=False)
     from worldgen.data import Dataset
+
     episode = Dataset(data).episodes[0]
     assert episode.length == 90, "the explorer should live 90 steps on E1M1 at skill 2"
 
     def run(shuffled_from):
         # The fields of a `worldgen eval` result the script reads; the model's curve is made up.
-        result = {"checkpoint": "m", "context": CONTEXT, "horizon": HORIZON,
-                  "window_starts": [[episode.id, 0], [episode.id, 30], [episode.id, 60]],
-                  "rollout": {"curve": [20.0] * HORIZON, "shuffled_curve": [19.0] * HORIZON},
-                  "controllability": {"shuffled_from": shuffled_from}}
+        result = {
+            "checkpoint": "m",
+            "context": CONTEXT,
+            "horizon": HORIZON,
+            "window_starts": [[episode.id, 0], [episode.id, 30], [episode.id, 60]],
+            "rollout": {"curve": [20.0] * HORIZON, "shuffled_curve": [19.0] * HORIZON},
+            "controllability": {"shuffled_from": shuffled_from},
+        }
         path = tmp_path / "eval.json"
         path.write_text(json.dumps(result))
-        out = script.main(["--eval", str(path), "--data", str(data), "--horizons", "1", str(HORIZON),
-                           "--workers", "1"])
+        out = script.main(["--eval", str(path), "--data", str(data), "--horizons", "1", str(HORIZON), "--workers", "1"])
         assert out["replay_matched"] == 3
         return {(r["horizon"], r["predictor"]): r for r in out["rows"]}
 
@@ -55,6 +59,7 @@ def test_replayed_futures(script, tmp_path, monkeypatch):
     assert other[(1, "last context frame")]["delta_db"] == 0
 
     from worldgen.env.doom import DoomError
+
     with pytest.raises(DoomError, match="a frame in"):
         rec.branch(f"{data}::{episode.id}", 90, np.zeros((1, 8), np.uint8), np.zeros((1, 2), np.float32))
     with pytest.raises(SystemExit, match="horizons must lie"):

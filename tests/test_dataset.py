@@ -29,17 +29,26 @@ def make_episode(n: int, tag: int, env_dim: int | None = None) -> Episode:
     frames[..., 0] = tag
     frames[..., 1] = np.arange(n)[:, None, None]
     frames[..., 2] = rng.integers(0, 255, (n, H, W))
-    return Episode(frames=frames, keys=rng.integers(0, 2, (n, 8)).astype(np.uint8),
-                   mouse=rng.normal(0, 5, (n, 2)).astype(np.float32),
-                   depth=rng.integers(0, 65535, (n, H, W)).astype(np.uint16),
-                   pose=np.c_[np.arange(n) * 10.0, np.arange(n) * 5.0, np.zeros((n, 3))].astype(np.float32),
-                   variables=rng.normal(size=(n, 2)).astype(np.float32),
-                   env_actions=None if env_dim is None else rng.normal(size=(n, env_dim)).astype(np.float32))
+    return Episode(
+        frames=frames,
+        keys=rng.integers(0, 2, (n, 8)).astype(np.uint8),
+        mouse=rng.normal(0, 5, (n, 2)).astype(np.float32),
+        depth=rng.integers(0, 65535, (n, H, W)).astype(np.uint16),
+        pose=np.c_[np.arange(n) * 10.0, np.arange(n) * 5.0, np.zeros((n, 3))].astype(np.float32),
+        variables=rng.normal(size=(n, 2)).astype(np.float32),
+        env_actions=None if env_dim is None else rng.normal(size=(n, env_dim)).astype(np.float32),
+    )
 
 
 def make_dataset(root: Path, lengths=(7, 3, 12), shard_steps: int = 4, env_dim: int | None = None) -> list[Episode]:
-    index = DatasetIndex(root, resolution=(W, H), frame_skip=4, source={"kind": "test"},
-                         variables=["health", "ammo"], has_env_actions=env_dim is not None)
+    index = DatasetIndex(
+        root,
+        resolution=(W, H),
+        frame_skip=4,
+        source={"kind": "test"},
+        variables=["health", "ammo"],
+        has_env_actions=env_dim is not None,
+    )
     episodes = []
     for i, n in enumerate(lengths):
         ep = make_episode(n, tag=i + 1, env_dim=env_dim)
@@ -55,6 +64,7 @@ def data(tmp_path: Path) -> tuple[Path, list[Episode]]:
 
 
 # --- format ---------------------------------------------------------------------------------
+
 
 def test_roundtrip_across_shards(data):
     root, episodes = data
@@ -114,12 +124,15 @@ def test_index_refuses_existing_dataset_unless_overwrite(data):
 
 # --- validation on read ---------------------------------------------------------------------
 
+
 def test_truncated_shard_is_an_error_naming_it(data):
     root, _ = data
     shard = root / Dataset(root).episodes[2].shards[1]["file"]
     shard.write_bytes(shard.read_bytes()[:-10])
     ds = Dataset(root)
-    np.testing.assert_array_equal(ds.read(2, "frames", 0, 4)[..., 1], np.broadcast_to(np.arange(4)[:, None, None], (4, H, W)))
+    np.testing.assert_array_equal(
+        ds.read(2, "frames", 0, 4)[..., 1], np.broadcast_to(np.arange(4)[:, None, None], (4, H, W))
+    )
     with pytest.raises(DatasetError, match=rf"{shard.name}.*truncated"):
         ds.read(2, "frames", 0, 8)  # nothing partial: the intact first shard is not served alone
     with pytest.raises(DatasetError, match=shard.name):
@@ -157,17 +170,20 @@ def test_shard_with_wrong_arrays_is_an_error_naming_it(data):
         Dataset(root).validate()
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda t: t[: len(t) // 2], "not valid JSON"),
-    (lambda t: "[1, 2]", "JSON object"),
-    (lambda t: t.replace('"frame_skip": 4', '"frame_skip": "4"'), "frame_skip"),
-    (lambda t: t.replace('"resolution": [\n  8,\n  6\n ]', '"resolution": [8]'), "resolution"),
-    (lambda t: t.replace("shards/e1-0000", "../../etc/e1-0000"), "is not a shards/"),
-    (lambda t: t.replace('"length": 7', '"length": 8'), "shards hold 7 steps"),
-    (lambda t: t.replace('"terminal"', '"termnial"'), "unknown fields"),
-    (lambda t: t.replace('"version": 1', '"version": 99'), "v1"),
-    (lambda t: t.replace('"forward"', '"jump"'), "action schema"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda t: t[: len(t) // 2], "not valid JSON"),
+        (lambda t: "[1, 2]", "JSON object"),
+        (lambda t: t.replace('"frame_skip": 4', '"frame_skip": "4"'), "frame_skip"),
+        (lambda t: t.replace('"resolution": [\n  8,\n  6\n ]', '"resolution": [8]'), "resolution"),
+        (lambda t: t.replace("shards/e1-0000", "../../etc/e1-0000"), "is not a shards/"),
+        (lambda t: t.replace('"length": 7', '"length": 8'), "shards hold 7 steps"),
+        (lambda t: t.replace('"terminal"', '"termnial"'), "unknown fields"),
+        (lambda t: t.replace('"version": 1', '"version": 99'), "v1"),
+        (lambda t: t.replace('"forward"', '"jump"'), "action schema"),
+    ],
+)
 def test_bad_index_is_an_error_naming_it(data, damage, message):
     root, _ = data
     path = root / "index.json"
@@ -187,8 +203,11 @@ def test_unlisted_shards_are_never_read(data):
     (root / "shards" / ".e9-0002.abc.tmp.safetensors").write_bytes(b"half")
     ds = Dataset(root)
     assert [e.id for e in ds.episodes] == ["e0", "e1", "e2"]
-    assert {p.name for p in ds.stray_files()} == {"e9-0000.safetensors", "e9-0001.safetensors",
-                                                  ".e9-0002.abc.tmp.safetensors"}
+    assert {p.name for p in ds.stray_files()} == {
+        "e9-0000.safetensors",
+        "e9-0001.safetensors",
+        ".e9-0002.abc.tmp.safetensors",
+    }
     ds.validate()
     frames = [WindowDataset(ds, 2)[i]["frames"] for i in range(len(WindowDataset(ds, 2)))]
     assert all(f[..., 0].max() <= 3 for f in frames)  # no frame of tag 10 (episode e9)
@@ -227,6 +246,7 @@ def test_killed_writer_leaves_a_valid_dataset(tmp_path):
 
 # --- split ----------------------------------------------------------------------------------
 
+
 def test_split_is_deterministic_by_episode_id(tmp_path):
     big = tmp_path / "big"  # 40 index entries (the split reads only ids; no shard is opened)
     make_dataset(big, lengths=(2,), shard_steps=2)
@@ -253,6 +273,7 @@ def test_split_is_deterministic_by_episode_id(tmp_path):
 
 # --- window loader --------------------------------------------------------------------------
 
+
 def check_window(item: dict, episodes: list[Episode], window: int) -> None:
     ep, start = int(item["episode"]), int(item["start"])
     src = episodes[ep]
@@ -260,11 +281,11 @@ def check_window(item: dict, episodes: list[Episode], window: int) -> None:
     assert frames.shape == (window, H, W, 3)
     assert (frames[..., 0] == ep + 1).all(), "window crosses an episode boundary"
     np.testing.assert_array_equal(frames[:, 0, 0, 1], np.arange(start, start + window))
-    np.testing.assert_array_equal(np.asarray(item["depth"]), src.depth[start:start + window])
-    np.testing.assert_array_equal(np.asarray(item["pose"]), src.pose[start:start + window])
+    np.testing.assert_array_equal(np.asarray(item["depth"]), src.depth[start : start + window])
+    np.testing.assert_array_equal(np.asarray(item["pose"]), src.pose[start : start + window])
     # the action that produced frame t is the dataset's action of step t - 1; no-op before step 0
-    keys = np.concatenate([np.zeros((1, 8), np.uint8), src.keys])[start:start + window]
-    mouse = np.concatenate([np.zeros((1, 2), np.float32), src.mouse])[start:start + window]
+    keys = np.concatenate([np.zeros((1, 8), np.uint8), src.keys])[start : start + window]
+    mouse = np.concatenate([np.zeros((1, 2), np.float32), src.mouse])[start : start + window]
     np.testing.assert_array_equal(np.asarray(item["keys"]), keys)
     np.testing.assert_array_equal(np.asarray(item["mouse"]), mouse)
 
@@ -273,8 +294,9 @@ def test_windows_never_cross_episode_boundaries(data):
     root, episodes = data  # lengths 7, 3, 12; shards of 4 steps
     w = WindowDataset(root, 4)
     assert len(w) == (7 - 4 + 1) + 0 + (12 - 4 + 1)
-    assert {(int(w[i]["episode"]), int(w[i]["start"])) for i in range(len(w))} == \
-        {(0, s) for s in range(4)} | {(2, s) for s in range(9)}
+    assert {(int(w[i]["episode"]), int(w[i]["start"])) for i in range(len(w))} == {(0, s) for s in range(4)} | {
+        (2, s) for s in range(9)
+    }
     for i in range(len(w)):
         check_window(w[i], episodes, 4)
     strided = WindowDataset(root, 3, episodes=[1, 2], stride=4)
@@ -337,8 +359,10 @@ def test_verification_is_done_once_and_survives_pickling(data, monkeypatch):
 
 # --- `worldgen data info | view` ------------------------------------------------------------
 
+
 def test_data_info(data, capsys):
     from worldgen.cli import main
+
     root, episodes = data
     assert main(["data", "info", str(root), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -365,6 +389,7 @@ def test_data_view_writes_strip_and_clip(data, tmp_path, capsys):
     from PIL import Image
 
     from worldgen.cli import main
+
     root, episodes = data
     out = tmp_path / "view"
     assert main(["data", "view", str(root), "--out", str(out), "--episode", "2", "--frames", "5"]) == 0
@@ -372,6 +397,7 @@ def test_data_view_writes_strip_and_clip(data, tmp_path, capsys):
     assert strip.shape[0] >= 2 * H and strip.shape[1] >= 5 * W  # frames above their depth
     assert (out / "clip.mp4").stat().st_size > 0
     import imageio.v3 as iio
+
     clip = iio.imread(out / "clip.mp4")
     assert clip.shape == (len(episodes[2]), H, 2 * W, 3)  # every frame, depth alongside
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left
@@ -380,5 +406,7 @@ def test_data_view_writes_strip_and_clip(data, tmp_path, capsys):
     assert main(["data", "view", str(root), "--out", str(tmp_path / "by_id"), "--episode", eid, "--frames", "5"]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "by_id" / "strip.png")), strip)
     assert main(["data", "view", str(root), "--episode", "nope"]) == 1
-    assert f"worldgen data: {root / 'index.json'}: no episode 'nope' (it has {Dataset(root).episodes[0].id}" \
+    assert (
+        f"worldgen data: {root / 'index.json'}: no episode 'nope' (it has {Dataset(root).episodes[0].id}"
         in capsys.readouterr().err
+    )

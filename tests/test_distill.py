@@ -16,11 +16,29 @@ from worldgen.training.distill import DistillTask, DistillTrainConfig, dmd_loss,
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 shared cores
 
-PLAY = [Action.from_keys(["forward"]), Action.from_keys(["turn_left"]), Action.from_keys([], yaw=8.0),
-        Action.from_keys(["strafe_right"]), Action.from_keys(["back"])]
+PLAY = [
+    Action.from_keys(["forward"]),
+    Action.from_keys(["turn_left"]),
+    Action.from_keys([], yaw=8.0),
+    Action.from_keys(["strafe_right"]),
+    Action.from_keys(["back"]),
+]
 # Tiny settings: the tiny teacher's cache holds 5 frames (window 6), so 8-frame rollouts roll it.
-TINY = dict(batch_size=2, rollout_frames=8, grad_frames=2, warmup=2, log_every=1, ckpt_every=1000, sample_every=0,
-            eval_windows=2, eval_frames=2, starts=2, start_frames=4, lr=1e-3, critic_lr=1e-3)
+TINY = dict(
+    batch_size=2,
+    rollout_frames=8,
+    grad_frames=2,
+    warmup=2,
+    log_every=1,
+    ckpt_every=1000,
+    sample_every=0,
+    eval_windows=2,
+    eval_frames=2,
+    starts=2,
+    start_frames=4,
+    lr=1e-3,
+    critic_lr=1e-3,
+)
 
 
 def config(recording, teacher, out, **kw) -> DistillTrainConfig:
@@ -33,14 +51,16 @@ def test_training_rollout_plays_as_a_session(tiny_checkpoint):
     graded frames carry gradient to the student."""
     wm = WorldModel.load(tiny_checkpoint, device="cpu", steps=2)
     frames, acts = wm.start(0)
-    plan = (PLAY * 2)[:wm.stream.window + 3]
+    plan = (PLAY * 2)[: wm.stream.window + 3]
     s = wm.session(frames, acts, seed=5)
     streamed = np.stack([s.step(a) for a in plan])
     keep = wm.stream.sinks + wm.stream.window
     with torch.no_grad():
         z = wm.tokenizer.encode(frames_to_tensor(frames[-keep:]))[None]
+
     def vec(xs):
         return torch.from_numpy(np.stack([x.vector() for x in xs]))[None]
+
     exits = [None] * (len(plan) - 2) + [wm.stream.steps - 1] * 2  # the last two frames graded
     lat = rollout_latents(wm.dit, wm.stream, z, vec(acts[-keep:]), vec(plan), torch.Generator().manual_seed(5), exits)
     assert lat.requires_grad
@@ -50,8 +70,9 @@ def test_training_rollout_plays_as_a_session(tiny_checkpoint):
         out = tensor_to_frames(wm.tokenizer.decode(lat[0]))
     assert np.abs(out.astype(int) - streamed).max() <= 1
     # An earlier exit gives the clean estimate of that step: another frame than the session's.
-    early = rollout_latents(wm.dit, wm.stream, z, vec(acts[-keep:]), vec(plan), torch.Generator().manual_seed(5),
-                            exits[:-1] + [0])
+    early = rollout_latents(
+        wm.dit, wm.stream, z, vec(acts[-keep:]), vec(plan), torch.Generator().manual_seed(5), exits[:-1] + [0]
+    )
     assert torch.equal(early[:, :-1], lat[:, :-1].detach()) and not torch.equal(early[:, -1], lat[:, -1].detach())
 
 
@@ -64,11 +85,14 @@ def test_dmd_gradient_is_zero_when_critic_and_teacher_agree(doom_recording, tiny
     def grads(critic_grad: bool = False):
         model.zero_grad(set_to_none=True)
         batch = task.draw(torch.Generator().manual_seed(0), 2)
-        gen, critic = model(task.teacher, generator=torch.Generator().manual_seed(1), window=task.window,
-                            guidance=1.0, **batch)
+        gen, critic = model(
+            task.teacher, generator=torch.Generator().manual_seed(1), window=task.window, guidance=1.0, **batch
+        )
         (gen + critic).backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.critic.blocks.parameters()) \
+        assert (
+            all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.critic.blocks.parameters())
             or not critic_grad
+        )
         return [p.grad for p in model.student.parameters() if p.requires_grad]
 
     g = grads(critic_grad=True)
@@ -97,10 +121,20 @@ def test_ode_warmup_pairs_student_and_teacher_on_the_same_noise(doom_recording, 
     # 2 context frames: nothing leaves the cache, so the student's re-read history is the teacher's cache.
     ctx, ctx_acts = batch["ctx"][:, -2:], batch["ctx_acts"][:, -2:]
     with torch.no_grad():
-        student, target = task.model.ode_play(task.teacher, teacher, teacher, ctx, ctx_acts, batch["acts"],
-                                              [k - 1] * 2, batch["ode_noise"], torch.Generator())
-        early, _ = task.model.ode_play(task.teacher, teacher, teacher, ctx, ctx_acts, batch["acts"], [0] * 2,
-                                       batch["ode_noise"], torch.Generator())
+        student, target = task.model.ode_play(
+            task.teacher,
+            teacher,
+            teacher,
+            ctx,
+            ctx_acts,
+            batch["acts"],
+            [k - 1] * 2,
+            batch["ode_noise"],
+            torch.Generator(),
+        )
+        early, _ = task.model.ode_play(
+            task.teacher, teacher, teacher, ctx, ctx_acts, batch["acts"], [0] * 2, batch["ode_noise"], torch.Generator()
+        )
     torch.testing.assert_close(student, target, atol=1e-4, rtol=1e-4)
     assert (early - target).abs().max() > 1e-2
 
@@ -112,10 +146,12 @@ def test_resume_equals_an_uninterrupted_run(doom_recording, tiny_checkpoint, tmp
     assert straight["steps"] == 4 and np.isfinite(straight["final_loss"])
 
     loss = DistillTask.loss
+
     def crash_at_3(self, model, step, generator):
         if step == 3:
             raise RuntimeError("killed")
         return loss(self, model, step, generator)
+
     cut = config(doom_recording, tiny_checkpoint, tmp_path / "cut", steps=4, ckpt_every=2)
     monkeypatch.setattr(DistillTask, "loss", crash_at_3)
     with pytest.raises(RuntimeError, match="killed"):
@@ -142,19 +178,26 @@ def test_one_step_student_session_equal_alone_and_batched(doom_recording, tiny_c
     wm = WorldModel.load(tmp_path / "ckpt", device="cpu")
     assert wm.stream.steps == 1 and wm.num_starts == 2
     teacher = WorldModel.load(tiny_checkpoint, device="cpu")
-    assert (wm.stream.window, wm.stream.ctx_noise, wm.stream.sinks) == \
-        (teacher.stream.window, teacher.stream.ctx_noise, teacher.stream.sinks)
+    assert (wm.stream.window, wm.stream.ctx_noise, wm.stream.sinks) == (
+        teacher.stream.window,
+        teacher.stream.ctx_noise,
+        teacher.stream.sinks,
+    )
     frames, acts = wm.start(0)
-    solo = [[s.step(PLAY[(i + j) % 5]) for j in range(7)]
-            for i, s in enumerate([wm.session(frames, acts, seed=1), wm.session(seed=2)])]
+    solo = [
+        [s.step(PLAY[(i + j) % 5]) for j in range(7)]
+        for i, s in enumerate([wm.session(frames, acts, seed=1), wm.session(seed=2)])
+    ]
     together = [wm.session(frames, acts, seed=1), wm.session(seed=2)]
     batch = [wm.step_many(together, [PLAY[(i + j) % 5] for i in range(2)]) for j in range(7)]
     for i in range(2):
         for j in range(7):
             assert np.abs(batch[j][i].astype(int) - solo[i][j]).max() <= 1
     for k in (2, 4):
-        assert WorldModel.load(tmp_path / "ckpt", device="cpu", steps=k).session(seed=0).step(PLAY[0]).shape == \
-            wm.frame_shape
+        assert (
+            WorldModel.load(tmp_path / "ckpt", device="cpu", steps=k).session(seed=0).step(PLAY[0]).shape
+            == wm.frame_shape
+        )
 
 
 def test_bad_settings_are_clear_errors(doom_recording, tiny_checkpoint, tmp_path):
@@ -162,8 +205,9 @@ def test_bad_settings_are_clear_errors(doom_recording, tiny_checkpoint, tmp_path
         DistillTask.from_run(config(doom_recording, tiny_checkpoint, tmp_path, grad_frames=6), Run(tmp_path), Dist())
     with pytest.raises(ValueError, match="--teacher-guidance"):
         # The tiny teacher has a null action: guidance is allowed, a non-positive scale is not.
-        DistillTask.from_run(config(doom_recording, tiny_checkpoint, tmp_path, teacher_guidance=-1.0), Run(tmp_path),
-                             Dist())
+        DistillTask.from_run(
+            config(doom_recording, tiny_checkpoint, tmp_path, teacher_guidance=-1.0), Run(tmp_path), Dist()
+        )
     with pytest.raises(ValueError, match="--train-steps"):
         step_choices("1,x")
     with pytest.raises(ValueError, match="--teacher is required"):

@@ -42,8 +42,7 @@ def env():
 def recorded(tmp_path_factory):
     """A small dataset recorded by 2 worker processes; shared by several tests."""
     out = tmp_path_factory.mktemp("rec") / "doom"
-    summary = rec.record_doom(out, 240, workers=2, episode_steps=100, maps=["E1M1", "E1M2"], seed=3,
-                              progress=False)
+    summary = rec.record_doom(out, 240, workers=2, episode_steps=100, maps=["E1M1", "E1M2"], seed=3, progress=False)
     return out, summary
 
 
@@ -53,12 +52,12 @@ def test_mouse_and_keys_turn_as_the_schema_says(env):
     for _ in range(3):
         obs = env.step(*act())
     y0, p0 = float(obs.pose[3]), float(obs.pose[4])
-    obs = env.step(*act(yaw=10.0))                      # yaw > 0 turns right: Doom's angle falls
+    obs = env.step(*act(yaw=10.0))  # yaw > 0 turns right: Doom's angle falls
     assert turned(y0, float(obs.pose[3])) == pytest.approx(-10.0, abs=0.1)
     y0 = float(obs.pose[3])
     obs = env.step(*act(yaw=-2.5))
     assert turned(y0, float(obs.pose[3])) == pytest.approx(2.5, abs=0.1)
-    obs = env.step(*act(pitch=5.0))                     # pitch > 0 looks up, pose pitch > 0 is up
+    obs = env.step(*act(pitch=5.0))  # pitch > 0 looks up, pose pitch > 0 is up
     assert float(obs.pose[4]) - p0 == pytest.approx(5.0, abs=0.1)
     obs = env.step(*act(pitch=-5.0))
     # Turn keys: Doom's keyboard turn accelerates (1.758 deg/tic for 5 tics, then 3.516).
@@ -109,8 +108,14 @@ def test_parallel_recording_makes_a_valid_dataset(recorded):
     ds.validate()
     assert summary["frames"] == ds.num_steps == 240 and summary["workers"] == 2
     assert ds.resolution == (160, 120) and ds.frame_skip == 4
-    assert ds.variable_names == VARIABLE_NAMES and ds.fields == ["frames", "keys", "mouse", "depth", "pose",
-                                                                 "variables"]
+    assert ds.variable_names == VARIABLE_NAMES and ds.fields == [
+        "frames",
+        "keys",
+        "mouse",
+        "depth",
+        "pose",
+        "variables",
+    ]
     ids = [e.id for e in ds.episodes]
     assert len(set(ids)) == len(ids) and {i.split("-")[1] for i in ids} == {"w00", "w01"}
     for e in ds.episodes:  # seed derived from --seed, worker and episode; maps round-robin
@@ -140,9 +145,15 @@ def test_replay_of_a_recorded_episode_reproduces_it(recorded, tmp_path, capsys):
 
 
 def test_replay_of_an_action_file_is_deterministic_and_obeys_the_actions(tmp_path):
-    spec = {"map": "E1M1", "seed": 5, "resolution": "160x120", "frame_skip": 4,
-            "actions": [{"keys": [], "mouse": [0, 0]}] * 3 + [{"keys": ["forward"], "mouse": [10.0, 0.0]}] * 20
-            + [{"keys": ["attack"]}]}
+    spec = {
+        "map": "E1M1",
+        "seed": 5,
+        "resolution": "160x120",
+        "frame_skip": 4,
+        "actions": [{"keys": [], "mouse": [0, 0]}] * 3
+        + [{"keys": ["forward"], "mouse": [10.0, 0.0]}] * 20
+        + [{"keys": ["attack"]}],
+    }
     path = tmp_path / "my actions.json"
     path.write_text(json.dumps(spec))
     a = rec.replay(path, tmp_path / "a", progress=False)
@@ -209,25 +220,28 @@ def test_explore_covers_more_of_the_map_than_random(env):
 def test_explorer_escapes_when_stuck_and_turns_at_walls():
     p = ExplorePolicy()
     p.reset(0)
-    open_view = SimpleNamespace(depth=np.full((120, 160), 200, np.uint8), pose=np.zeros(5, np.float32),
-                                variables=np.zeros(0, np.float32))
+    open_view = SimpleNamespace(
+        depth=np.full((120, 160), 200, np.uint8), pose=np.zeros(5, np.float32), variables=np.zeros(0, np.float32)
+    )
     keys = np.array([p(open_view)[0] for _ in range(60)])  # pushes forward, never moves
     assert keys[:, actions.KEYS.index("forward")].sum() > 10
     assert keys[:, actions.KEYS.index("back")].any()  # the stuck detector fired
     p.reset(1)
-    wall = SimpleNamespace(depth=np.full((120, 160), 3, np.uint8), pose=np.zeros(5, np.float32),
-                           variables=np.zeros(0, np.float32))
+    wall = SimpleNamespace(
+        depth=np.full((120, 160), 3, np.uint8), pose=np.zeros(5, np.float32), variables=np.zeros(0, np.float32)
+    )
     out = [p(wall) for _ in range(60)]
     k = np.array([o[0] for o in out])
     yaw = np.array([o[1][0] for o in out])
-    assert k[:, actions.KEYS.index("forward")].mean() < 0.5   # no running into the wall
-    assert (np.abs(yaw) > 3).sum() + k[:, 4:6].sum() > 20       # it turns away (mouse or keys)
-    assert k[:, actions.KEYS.index("use")].any()                # and tries it as a door
+    assert k[:, actions.KEYS.index("forward")].mean() < 0.5  # no running into the wall
+    assert (np.abs(yaw) > 3).sum() + k[:, 4:6].sum() > 20  # it turns away (mouse or keys)
+    assert k[:, actions.KEYS.index("use")].any()  # and tries it as a door
 
 
 def test_babble_adds_bursts_of_one_held_random_action(env):
     """In the real game the 'babble' explorer spends a good share of its steps in bursts of one
     random action (movement keys and a mouse turn held 2-8 steps); 'explore' never does."""
+
     def play(name):
         policy, out = make_policy(name, VARIABLE_NAMES), []
         policy.reset(5)
@@ -239,6 +253,7 @@ def test_babble_adds_bursts_of_one_held_random_action(env):
             if obs is None:
                 break
         return out
+
     steps = play("babble")
     bursts, run = [], []
     for mode, keys, yaw in steps + [("end", None, 0.0)]:
@@ -248,11 +263,13 @@ def test_babble_adds_bursts_of_one_held_random_action(env):
             bursts.append(run)
             run = []
     assert len(bursts) >= 5 and sum(map(len, bursts)) > 0.1 * len(steps), (len(bursts), len(steps))
-    moves = [actions.KEYS.index(k) for k in ("forward", "back", "strafe_left", "strafe_right", "turn_left", "turn_right")]
+    moves = [
+        actions.KEYS.index(k) for k in ("forward", "back", "strafe_left", "strafe_right", "turn_left", "turn_right")
+    ]
     for burst in bursts:
         assert 1 <= len(burst) <= 8
-        assert len({yaw for _, yaw in burst}) == 1                        # one mouse turn held
-        assert len({keys[moves].tobytes() for keys, _ in burst}) == 1     # one set of movement keys held
+        assert len({yaw for _, yaw in burst}) == 1  # one mouse turn held
+        assert len({keys[moves].tobytes() for keys, _ in burst}) == 1  # one set of movement keys held
     assert all(mode != "babble" for mode, _, _ in play("explore"))
 
 
@@ -275,8 +292,9 @@ def test_still_explorer_lets_go_and_the_view_settles(env):
         assert turned(float(steps[i][2][3]), float(steps[i + 1][2][3])) == pytest.approx(0.0, abs=0.01)
         if i - 1 in moved:
             assert moved[i] <= moved[i - 1] + 1e-3, (i, moved[i - 1], moved[i])
-    assert any(all(j in moved for j in range(i - 9, i)) and moved[i] < 1.0 for i in moved), \
+    assert any(all(j in moved for j in range(i - 9, i)) and moved[i] < 1.0 for i in moved), (
         "no pause long enough to come to a stop"
+    )
     explore = make_policy("explore", VARIABLE_NAMES)
     explore.reset(7)
     obs = env.reset("E1M1", 7)

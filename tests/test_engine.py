@@ -10,8 +10,13 @@ from worldgen import WorldModel, sampling
 from worldgen.actions import Action, ActionError
 from worldgen.models import frames_to_tensor, tensor_to_frames
 
-PLAY = [Action.from_keys(["forward"]), Action.from_keys(["turn_left"]), Action.from_keys([], yaw=8.0),
-        Action.from_keys(["strafe_right", "attack"]), Action.from_keys(["back"], pitch=-3.0)]
+PLAY = [
+    Action.from_keys(["forward"]),
+    Action.from_keys(["turn_left"]),
+    Action.from_keys([], yaw=8.0),
+    Action.from_keys(["strafe_right", "attack"]),
+    Action.from_keys(["back"], pitch=-3.0),
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 shared cores
@@ -60,8 +65,9 @@ def test_streaming_equals_full_recompute_within_window(tiny_checkpoint, guidance
         streamed = s.step(act)
         v = torch.from_numpy(act.vector())[None, None]
         with torch.no_grad():
-            zn = sampling.generate(wm.dit, z, a, v, steps=wm.stream.steps, shift=wm.stream.shift, generator=g,
-                                   guidance=guidance)
+            zn = sampling.generate(
+                wm.dit, z, a, v, steps=wm.stream.steps, shift=wm.stream.shift, generator=g, guidance=guidance
+            )
             full = tensor_to_frames(wm.tokenizer.decode(zn[:, 0]))[0]
         assert np.abs(full.astype(int) - streamed).max() <= 1
         z, a = torch.cat([z, zn], 1), torch.cat([a, v], 1)
@@ -72,8 +78,10 @@ def test_cache_memory_is_flat(wm):
     fast = WorldModel.load(wm.checkpoint, device="cpu", steps=1)  # cheaper frames, same cache layout
     s = fast.session(seed=1)
     w = fast.stream.sinks + fast.stream.window
+
     def state():
         return s.cache_bytes(), s.cache.k.data_ptr(), s.cache.v.data_ptr()
+
     at_start = state()
     for i in range(w + 1000):
         s.step(PLAY[i % 5])
@@ -104,8 +112,10 @@ def test_long_session_positions_stay_bounded(wm):
 def test_batch_equals_sessions_alone(wm):
     """(d): sessions of different ages stepped together give the frames they give alone."""
     frames, acts = wm.start(0)
+
     def fresh():
         return [wm.session(frames[:2], acts[:2], seed=11), wm.session(seed=12), wm.session(frames, acts, seed=13)]
+
     alone = fresh()
     for s in alone[1:]:
         s.step(PLAY[0])  # different ages
@@ -125,7 +135,7 @@ def test_rollout_latents_plays_as_a_session(wm):
     from worldgen.engine import rollout_latents
 
     frames, acts = wm.start(0)
-    plan = (PLAY * 2)[:wm.stream.window + 3]
+    plan = (PLAY * 2)[: wm.stream.window + 3]
     s = wm.session(frames, acts, seed=5)
     streamed = np.stack([s.step(a) for a in plan])
     keep = wm.stream.sinks + wm.stream.window
@@ -137,18 +147,27 @@ def test_rollout_latents_plays_as_a_session(wm):
     assert np.abs(out.astype(int) - streamed).max() <= 1
     # A batch plays its timelines together; each row is a timeline of its own noise.
     with torch.no_grad():
-        two = rollout_latents(wm.dit, wm.stream, z.repeat(2, 1, 1, 1, 1), vec(acts[-keep:]).repeat(2, 1, 1),
-                              vec(plan).repeat(2, 1, 1), torch.Generator().manual_seed(5))
+        two = rollout_latents(
+            wm.dit,
+            wm.stream,
+            z.repeat(2, 1, 1, 1, 1),
+            vec(acts[-keep:]).repeat(2, 1, 1),
+            vec(plan).repeat(2, 1, 1),
+            torch.Generator().manual_seed(5),
+        )
     assert two.shape == (2, *lat.shape[1:]) and torch.isfinite(two).all() and not torch.equal(two[0], two[1])
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"keys": ["jump"], "mouse": [0, 0]}, "unknown key"),
-    ({"keys": [], "mouse": [float("nan"), 0]}, "finite"),
-    ({"keys": [1, 0, 0], "mouse": [0, 0]}, "keys must have shape"),
-    ({"keys": [], "mouse": [0, 0, 0]}, "mouse must have shape"),
-    ("forward", "must be an Action or a mapping"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"keys": ["jump"], "mouse": [0, 0]}, "unknown key"),
+        ({"keys": [], "mouse": [float("nan"), 0]}, "finite"),
+        ({"keys": [1, 0, 0], "mouse": [0, 0]}, "keys must have shape"),
+        ({"keys": [], "mouse": [0, 0, 0]}, "mouse must have shape"),
+        ("forward", "must be an Action or a mapping"),
+    ],
+)
 def test_bad_actions_are_clear_errors_and_session_stays_usable(wm, bad, match):
     """(e)"""
     s, twin = wm.session(seed=4), wm.session(seed=4)
@@ -200,7 +219,7 @@ def test_compiled_step_is_one_graph_for_every_level(wm):
     counter = CompileCounter()
     compiled._step = torch.compile(compiled._denoise, backend=counter, dynamic=False)
     a, b = eager.session(seed=4), compiled.session(seed=4)
-    for act in (PLAY * 2)[:wm.stream.window + 2]:  # 2 levels a frame; the cache fills and its ring turns
+    for act in (PLAY * 2)[: wm.stream.window + 2]:  # 2 levels a frame; the cache fills and its ring turns
         assert np.array_equal(a.step(act), b.step(act))
     assert counter.frame_count == 1
     rows = bench(compiled, [1], frames=1, warmup=1)  # compiled already: the bench traces nothing new

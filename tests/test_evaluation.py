@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from conftest import finite, reindexed  # tests/ is on sys.path under pytest
+from PIL import Image
 
 from worldgen.cli import main
 from worldgen.data import Dataset, DatasetIndex, Episode, EpisodeInfo, write_episode_shards
@@ -29,7 +29,7 @@ CONTEXT = 4
 SIZE = (32, 24)  # (W, H) of the test frames
 # The "tiny" DiT on 3x4 latents (32x24 / 8): 12 tokens per frame.
 TINY = dataclasses.replace(MODELS["tiny"], latent_size=(SIZE[1] // 8, SIZE[0] // 8), dim=32)
-EPISODE_STEPS = (150, 120, 40)   # the last one is too short for a 4 + 64 window
+EPISODE_STEPS = (150, 120, 40)  # the last one is too short for a 4 + 64 window
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,11 +44,12 @@ def _one_thread():
 
 # --- metrics ---------------------------------------------------------------------------------
 
+
 def test_psnr_known_values_and_forms():
-    a = np.full((2, 3, 8, 6, 3), 100, np.uint8)                  # leading axes are kept
+    a = np.full((2, 3, 8, 6, 3), 100, np.uint8)  # leading axes are kept
     b = a.copy()
-    b[0] += 10                                                     # MSE = (10/255)^2 everywhere
-    b[1, :, :4] = 255                                              # half the rows off by 155
+    b[0] += 10  # MSE = (10/255)^2 everywhere
+    b[1, :, :4] = 255  # half the rows off by 155
     want0 = 20 * math.log10(25.5)
     want1 = 10 * math.log10(1 / (0.5 * (155 / 255) ** 2))
     got = psnr(a, b)
@@ -65,7 +66,7 @@ def test_psnr_known_values_and_forms():
 def test_ssim_identical_is_one_and_falls_with_noise():
     rng = np.random.default_rng(0)
     clean = rng.integers(0, 256, (1, 48, 64, 3)).astype(np.uint8)
-    clean = np.repeat(np.repeat(clean[:, ::4, ::4], 4, 1), 4, 2)   # blocky: has structure to lose
+    clean = np.repeat(np.repeat(clean[:, ::4, ::4], 4, 1), 4, 2)  # blocky: has structure to lose
     noisy = [np.clip(clean + rng.normal(0, s, clean.shape), 0, 255).astype(np.uint8) for s in (5, 40)]
     s0, s1, s2 = (float(ssim(clean, x)) for x in (clean, *noisy))
     assert s0 == pytest.approx(1.0, abs=1e-6)
@@ -94,6 +95,7 @@ def test_derangement_moves_every_window():
 
 # --- a tiny real recording and a tiny random model ---------------------------------------------
 
+
 def record_doom(root: Path, steps: tuple[int, ...]) -> Path:
     """Real ViZDoom play (E1M1) with a persistent random policy, one seed per episode, at SIZE."""
     import vizdoom as vzd
@@ -107,11 +109,28 @@ def record_doom(root: Path, steps: tuple[int, ...]) -> Path:
     game.set_depth_buffer_enabled(True)
     game.set_mode(vzd.Mode.PLAYER)
     b = vzd.Button
-    game.set_available_buttons([b.MOVE_FORWARD, b.MOVE_BACKWARD, b.MOVE_LEFT, b.MOVE_RIGHT, b.TURN_LEFT,
-                                b.TURN_RIGHT, b.ATTACK, b.USE, b.TURN_LEFT_RIGHT_DELTA])
+    game.set_available_buttons(
+        [
+            b.MOVE_FORWARD,
+            b.MOVE_BACKWARD,
+            b.MOVE_LEFT,
+            b.MOVE_RIGHT,
+            b.TURN_LEFT,
+            b.TURN_RIGHT,
+            b.ATTACK,
+            b.USE,
+            b.TURN_LEFT_RIGHT_DELTA,
+        ]
+    )
     game.init()
-    index = DatasetIndex(root, resolution=SIZE, frame_skip=4, source={"env": "vizdoom", "test": "downscaled"},
-                         has_depth=True, has_pose=False)
+    index = DatasetIndex(
+        root,
+        resolution=SIZE,
+        frame_skip=4,
+        source={"env": "vizdoom", "test": "downscaled"},
+        has_depth=True,
+        has_pose=False,
+    )
     try:
         for e, n in enumerate(steps):
             game.set_seed(e)
@@ -130,8 +149,9 @@ def record_doom(root: Path, steps: tuple[int, ...]) -> Path:
                 game.make_action([*k.tolist(), -yaw], 4)  # the game's positive delta turns left
             ep = Episode(frames=np.stack(frames), keys=keys, mouse=mouse, depth=np.stack(depth))
             name = f"e{e:02d}"
-            index.add(EpisodeInfo(id=name, length=n, shards=write_episode_shards(root, name, ep, 64),
-                                  map="E1M1", seed=e))
+            index.add(
+                EpisodeInfo(id=name, length=n, shards=write_episode_shards(root, name, ep, 64), map="E1M1", seed=e)
+            )
     finally:
         game.close()
     return root
@@ -152,8 +172,9 @@ def make_ckpt(folder: Path, in_channels: int = 3) -> Path:
     """Random weights, with the DiT's zero-initialised output and modulations made random so
     that its predictions depend on the actions (at init the velocity is 0 whatever the input)."""
     torch.manual_seed(0)
-    tok = Tokenizer(TokenizerConfig(image_size=SIZE[::-1], in_channels=in_channels, channels=(8, 8, 8, 8),
-                                    dec_blocks=1))
+    tok = Tokenizer(
+        TokenizerConfig(image_size=SIZE[::-1], in_channels=in_channels, channels=(8, 8, 8, 8), dec_blocks=1)
+    )
     save_part(folder, "tokenizer", tok, {})
     dit = DiT(TINY)
     with torch.no_grad():
@@ -185,22 +206,32 @@ def test_select_windows_ignore_the_index_order(doom, tmp_path):
     order) gives the same windows, in the same order, so evaluations of it pair up."""
     a, b = Dataset(doom), Dataset(reindexed(doom, tmp_path))
     assert [e.id for e in a.episodes] != [e.id for e in b.episodes]
-    spans = lambda ds: [(ds.episodes[w["episode"]].id, w["start"]) for w in
-                        select_windows(ds, list(range(len(ds))), 30, 6, seed=3)]
+    spans = lambda ds: [
+        (ds.episodes[w["episode"]].id, w["start"]) for w in select_windows(ds, list(range(len(ds))), 30, 6, seed=3)
+    ]
     assert spans(a) == spans(b)
 
 
 def test_windows_from_pairs_two_evaluations(doom, ckpt, tmp_path):
     """--windows-from scores exactly an earlier eval.json's windows and shuffled actions: the same
     model and seed give the same numbers, from a recording indexed in another order too."""
-    first = evaluate(ckpt, doom, EvalConfig(windows=3, horizon=8, split="all", seed=1), device="cpu", log=lambda s: None)
+    first = evaluate(
+        ckpt, doom, EvalConfig(windows=3, horizon=8, split="all", seed=1), device="cpu", log=lambda s: None
+    )
     (tmp_path / "first.json").write_text(json.dumps(first))
-    again = evaluate(ckpt, reindexed(doom, tmp_path), EvalConfig(split="all", seed=1, windows_from=tmp_path / "first.json"),
-                     device="cpu", log=lambda s: None)
+    again = evaluate(
+        ckpt,
+        reindexed(doom, tmp_path),
+        EvalConfig(split="all", seed=1, windows_from=tmp_path / "first.json"),
+        device="cpu",
+        log=lambda s: None,
+    )
     assert again["window_starts"] == first["window_starts"] and again["horizon"] == 8
     for key in ("teacher_forced", "rollout", "controllability"):
         assert again[key] == first[key]
-    fresh = evaluate(ckpt, doom, EvalConfig(windows=3, horizon=8, split="all", seed=2), device="cpu", log=lambda s: None)
+    fresh = evaluate(
+        ckpt, doom, EvalConfig(windows=3, horizon=8, split="all", seed=2), device="cpu", log=lambda s: None
+    )
     assert fresh["window_starts"] != first["window_starts"]  # a new draw: what --windows-from avoids
 
     lost = dict(first, window_starts=[["no-such-episode", 0]] + first["window_starts"][1:])
@@ -214,15 +245,41 @@ def test_windows_from_pairs_two_evaluations(doom, ckpt, tmp_path):
 
 def test_eval_end_to_end(doom, ckpt, tmp_path):
     out = tmp_path / "eval.json"
-    rc = main(["eval", "--checkpoint", str(ckpt), "--data", str(doom), "--json", str(out), "--split", "all",
-               "--windows", "2", "--batch", "64", "--device", "cpu", "--video-windows", "1"])
+    rc = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(doom),
+            "--json",
+            str(out),
+            "--split",
+            "all",
+            "--windows",
+            "2",
+            "--batch",
+            "64",
+            "--device",
+            "cpu",
+            "--video-windows",
+            "1",
+        ]
+    )
     assert rc == 0
     r = json.loads(out.read_text())
 
     assert r["version"] == 1 and r["windows"] == 2 and r["split"] == "all" and r["episodes"] == 3
     assert r["heldout_fraction"] is None
-    assert r["context"] == CONTEXT and r["horizon"] == 64          # from the checkpoint's sampler window
-    assert r["sampler"] == {"steps": 2, "ctx_noise": 0.0, "shift": 1.0, "guidance": 1.0, "window": CONTEXT + 1, "seed": 0}
+    assert r["context"] == CONTEXT and r["horizon"] == 64  # from the checkpoint's sampler window
+    assert r["sampler"] == {
+        "steps": 2,
+        "ctx_noise": 0.0,
+        "shift": 1.0,
+        "guidance": 1.0,
+        "window": CONTEXT + 1,
+        "seed": 0,
+    }
     assert set(r["tokenizer"]) == {"psnr", "ssim", "frames"} and r["tokenizer"]["frames"] == 2 * 68
     assert set(r["teacher_forced"]) == {"psnr", "ssim", "baseline_psnr", "baseline_ssim", "gain_db", "frames"}
     assert r["teacher_forced"]["frames"] == 2 * 64
@@ -230,10 +287,19 @@ def test_eval_end_to_end(doom, ckpt, tmp_path):
     assert set(r["rollout"]) == keys | {"curve", "baseline_curve", "shuffled_curve"}
     assert all(len(r["rollout"][k]) == 64 for k in ("curve", "baseline_curve", "shuffled_curve"))
     ctl = r["controllability"]
-    assert set(ctl) == {"psnr@16_real", "psnr@16_shuffled", "delta_db", "windows_real", "windows_shuffled",
-                        "shuffled_from"}
-    assert finite(r) and all(v is not None for part in ("tokenizer", "teacher_forced", "rollout", "controllability")
-                             for v in r[part].values())
+    assert set(ctl) == {
+        "psnr@16_real",
+        "psnr@16_shuffled",
+        "delta_db",
+        "windows_real",
+        "windows_shuffled",
+        "shuffled_from",
+    }
+    assert finite(r) and all(
+        v is not None
+        for part in ("tokenizer", "teacher_forced", "rollout", "controllability")
+        for v in r[part].values()
+    )
     assert ctl["delta_db"] == pytest.approx(ctl["psnr@16_real"] - ctl["psnr@16_shuffled"], abs=1e-3)
     for name in ("real", "shuffled"):  # the per-window PSNRs are what the means are of
         assert ctl[f"psnr@16_{name}"] == pytest.approx(np.mean(ctl[f"windows_{name}"]), abs=1e-3)
@@ -248,10 +314,11 @@ def test_eval_end_to_end(doom, ckpt, tmp_path):
     ids = [e.id for e in ds.episodes]
     win = np.stack([ds.read(ids.index(e), "frames", s, s + CONTEXT + 64) for e, s in r["window_starts"]])
     ref = lambda x, y: 10 * np.log10(1 / np.maximum(((x / 255.0 - y / 255.0) ** 2).mean((-3, -2, -1)), 1e-30))
-    tf_base = np.minimum(ref(win[:, CONTEXT - 1:-1].astype(float), win[:, CONTEXT:].astype(float)), PSNR_CAP_DB)
+    tf_base = np.minimum(ref(win[:, CONTEXT - 1 : -1].astype(float), win[:, CONTEXT:].astype(float)), PSNR_CAP_DB)
     assert r["teacher_forced"]["baseline_psnr"] == pytest.approx(tf_base.mean(), abs=1e-3)
-    ro_base = np.minimum(ref(win[:, CONTEXT - 1:CONTEXT].astype(float), win[:, CONTEXT:].astype(float)),
-                         PSNR_CAP_DB).mean(0)
+    ro_base = np.minimum(
+        ref(win[:, CONTEXT - 1 : CONTEXT].astype(float), win[:, CONTEXT:].astype(float)), PSNR_CAP_DB
+    ).mean(0)
     np.testing.assert_allclose(r["rollout"]["baseline_curve"], ro_base, atol=1e-3)
     assert r["rollout"]["baseline_psnr@1"] == pytest.approx(ro_base[0], abs=1e-3)
     assert r["rollout"]["baseline_psnr@16"] == pytest.approx(ro_base[15], abs=1e-3)
@@ -260,8 +327,9 @@ def test_eval_end_to_end(doom, ckpt, tmp_path):
 def cut(src: Path, dst: Path, lengths: tuple[int, ...]) -> Path:
     """A dataset of the first ``lengths[i]`` recorded frames of episode i."""
     ds = Dataset(src)
-    index = DatasetIndex(dst, resolution=SIZE, frame_skip=4, source={"cut_from": str(src)},
-                         has_depth=True, has_pose=False)
+    index = DatasetIndex(
+        dst, resolution=SIZE, frame_skip=4, source={"cut_from": str(src)}, has_depth=True, has_pose=False
+    )
     for e, n in enumerate(lengths):
         name = f"s{e:02d}"
         index.add(EpisodeInfo(id=name, length=n, shards=write_episode_shards(dst, name, ds.episode(e, 0, n))))
@@ -278,10 +346,13 @@ def test_eval_short_episodes_record_effective_horizon(doom, tmp_path, monkeypatc
     # The module, not the function `evaluate` that the package exports under the same name.
     monkeypatch.setattr(importlib.import_module("worldgen.evaluation.evaluate"), "has_ffmpeg", lambda: False)
     logs: list[str] = []
-    r = evaluate(ckpt, short, EvalConfig(windows=3, batch=64, split="all"), device="cpu", media=tmp_path / "m",
-                 log=logs.append)
+    r = evaluate(
+        ckpt, short, EvalConfig(windows=3, batch=64, split="all"), device="cpu", media=tmp_path / "m", log=logs.append
+    )
     assert "no video" in logs[0] and r["files"] == {"plot": str(tmp_path / "m" / "psnr_vs_horizon.png"), "video": None}
-    assert (tmp_path / "m" / "psnr_vs_horizon.png").is_file() and not (tmp_path / "m" / "real_vs_generated.mp4").exists()
+    assert (tmp_path / "m" / "psnr_vs_horizon.png").is_file() and not (
+        tmp_path / "m" / "real_vs_generated.mp4"
+    ).exists()
     # The longest horizon with two windows (shuffling needs two): 4 + 9 frames fit twice in 14.
     assert r["context"] == CONTEXT and r["horizon"] == 9 and r["windows"] == 2
     assert r["window_starts"] == [["s00", 0], ["s00", 1]]

@@ -11,8 +11,16 @@ import torch
 
 from worldgen.checkpoint import CheckpointError
 from worldgen.data import Dataset, DatasetIndex, EpisodeInfo, write_episode_shards
-from worldgen.env.geometry import (MOTION_FIELDS, find_head, integrate, load_head, motion_between, predict_depth,
-                                   predict_motion, wrap_degrees)
+from worldgen.env.geometry import (
+    MOTION_FIELDS,
+    find_head,
+    integrate,
+    load_head,
+    motion_between,
+    predict_depth,
+    predict_motion,
+    wrap_degrees,
+)
 from worldgen.env.geometry_train import GeometryTrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,13 +66,19 @@ def test_head_learns_depth_and_odometry_from_a_real_recording(tiny_geometry_run,
 
 def test_bad_data_and_missing_heads_are_clear_errors(doom_recording, tmp_path):
     ds = Dataset(doom_recording)
-    no_pose = DatasetIndex(tmp_path / "nopose", resolution=ds.resolution, frame_skip=4, source={}, has_depth=True,
-                           has_pose=False)
+    no_pose = DatasetIndex(
+        tmp_path / "nopose", resolution=ds.resolution, frame_skip=4, source={}, has_depth=True, has_pose=False
+    )
     for e in range(len(ds)):
         ep = ds.episode(e)
         ep.pose = None
-        no_pose.add(EpisodeInfo(id=ds.episodes[e].id, length=len(ep),
-                                shards=write_episode_shards(tmp_path / "nopose", ds.episodes[e].id, ep)))
+        no_pose.add(
+            EpisodeInfo(
+                id=ds.episodes[e].id,
+                length=len(ep),
+                shards=write_episode_shards(tmp_path / "nopose", ds.episodes[e].id, ep),
+            )
+        )
     with pytest.raises(ValueError, match="recorded pose, which this dataset does not have"):
         train(GeometryTrainConfig(data=str(tmp_path / "nopose"), out=str(tmp_path / "run"), steps=2, device="cpu"))
     with pytest.raises(CheckpointError, match="geometry head"):
@@ -81,11 +95,31 @@ def test_drift_benchmark_runs_on_the_tiny_model(tiny_checkpoint, tiny_geometry_r
 
     bench = benchmark_script("geometry_drift")
     out = tmp_path / "drift.json"
-    result = bench.main(["--checkpoint", str(tiny_checkpoint), "--geometry", str(tiny_geometry_run[0] / "ckpt"),
-                         "--data", str(doom_recording), "--paths", "3", "--steps", "4", "--context", "3",
-                         "--device", "cpu", "--json", str(out)])
+    result = bench.main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--geometry",
+            str(tiny_geometry_run[0] / "ckpt"),
+            "--data",
+            str(doom_recording),
+            "--paths",
+            "3",
+            "--steps",
+            "4",
+            "--context",
+            "3",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     assert result["paths"] == 3 and finite(result) and json.loads(out.read_text())["mean"] == result["mean"]
     row = result["per_path"][0]
-    assert set(row) == {"walked", "displacement", *(f"{a}_{b}_error" for a in ("real", "imagined")
-                                                     for b in ("position", "yaw", "height"))}
+    assert set(row) == {
+        "walked",
+        "displacement",
+        *(f"{a}_{b}_error" for a in ("real", "imagined") for b in ("position", "yaw", "height")),
+    }
     assert all(r["walked"] >= r["displacement"] - 1e-6 for r in result["per_path"])

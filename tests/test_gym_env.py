@@ -18,11 +18,11 @@ import gymnasium
 import numpy as np
 import pytest
 import torch
+from conftest import SIZE, cycle_player  # tests/ is on sys.path under pytest
 from gymnasium.utils.env_checker import check_env
 from PIL import Image
 
 import worldgen.env  # noqa: F401  (registers worldgen/Doom-v0)
-from conftest import SIZE, cycle_player  # tests/ is on sys.path under pytest
 from worldgen.actions import ActionError
 from worldgen.data import Dataset, DatasetIndex, Episode, EpisodeInfo, write_episode_shards
 from worldgen.env.world_model_env import WorldModelEnv, WorldModelVectorEnv
@@ -50,8 +50,13 @@ def forward(yaw: float = 0.0) -> dict:
 
 # --- a real recording with game variables, and a reward head trained on it ---------------------
 # Walk, turn and fire: real play in which the ammo counter moves.
-SHOOT_CYCLE = [(["forward"], 0.0)] * 3 + [(["attack"], 0.0)] * 4 + [(["turn_right"], 0.0)] * 2 \
-    + [(["forward", "attack"], 3.0)] * 3 + [([], -6.0)] * 2
+SHOOT_CYCLE = (
+    [(["forward"], 0.0)] * 3
+    + [(["attack"], 0.0)] * 4
+    + [(["turn_right"], 0.0)] * 2
+    + [(["forward", "attack"], 3.0)] * 3
+    + [([], -6.0)] * 2
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +65,28 @@ def variables_recording(tmp_path_factory) -> Path:
     from worldgen.env.doom import VARIABLE_NAMES, DoomConfig, DoomEnv, rollout
 
     root = tmp_path_factory.mktemp("doomvars")
-    index = DatasetIndex(root, resolution=SIZE, frame_skip=4, source={"env": "doom", "test": "downscaled"},
-                         variables=VARIABLE_NAMES, has_depth=False, has_pose=False)
+    index = DatasetIndex(
+        root,
+        resolution=SIZE,
+        frame_skip=4,
+        source={"env": "doom", "test": "downscaled"},
+        variables=VARIABLE_NAMES,
+        has_depth=False,
+        has_pose=False,
+    )
     with DoomEnv(DoomConfig()) as env:
         for seed, (name, n) in enumerate((("a", 70), ("b", 70), ("c", 40))):
             chunks = list(rollout(env, cycle_player(SHOOT_CYCLE, 5 * seed), "E1M1", seed, n))
             frames = np.concatenate([c.frames for c in chunks])
-            ep = Episode(frames=np.stack([np.asarray(Image.fromarray(f).resize(SIZE, Image.BILINEAR)) for f in frames]),
-                         keys=np.concatenate([c.keys for c in chunks]), mouse=np.concatenate([c.mouse for c in chunks]),
-                         variables=np.concatenate([c.variables for c in chunks]))
-            index.add(EpisodeInfo(id=name, length=len(ep), shards=write_episode_shards(root, name, ep),
-                                  map="E1M1", seed=seed))
+            ep = Episode(
+                frames=np.stack([np.asarray(Image.fromarray(f).resize(SIZE, Image.BILINEAR)) for f in frames]),
+                keys=np.concatenate([c.keys for c in chunks]),
+                mouse=np.concatenate([c.mouse for c in chunks]),
+                variables=np.concatenate([c.variables for c in chunks]),
+            )
+            index.add(
+                EpisodeInfo(id=name, length=len(ep), shards=write_episode_shards(root, name, ep), map="E1M1", seed=seed)
+            )
     return root
 
 
@@ -80,10 +96,23 @@ def reward_run(variables_recording, tmp_path_factory) -> tuple[Path, dict]:
     from worldgen.env.reward_train import RewardTrainConfig, train
 
     out = tmp_path_factory.mktemp("reward")
-    summary = train(RewardTrainConfig(
-        data=str(variables_recording), out=str(out), steps=150, batch_size=32, warmup=10, lr=3e-3,
-        targets="health,selected_weapon_ammo", weights="selected_weapon_ammo=0.1,health=0.01,death=-1",
-        channels="8,16,16,32", ckpt_every=1000, log_every=10, event_fraction=0.25, device="cpu"))
+    summary = train(
+        RewardTrainConfig(
+            data=str(variables_recording),
+            out=str(out),
+            steps=150,
+            batch_size=32,
+            warmup=10,
+            lr=3e-3,
+            targets="health,selected_weapon_ammo",
+            weights="selected_weapon_ammo=0.1,health=0.01,death=-1",
+            channels="8,16,16,32",
+            ckpt_every=1000,
+            log_every=10,
+            event_fraction=0.25,
+            device="cpu",
+        )
+    )
     return out, summary
 
 
@@ -108,14 +137,19 @@ def test_prior_correction_undoes_event_over_sampling():
     from worldgen.env.reward_train import Transitions, prior_bias
 
     change = torch.zeros(1000, 2)
-    change[:10, 0], change[10:15, 0], change[15:18, 1] = -5.0, 3.0, 1.0   # 1% down, 0.5% up; 0.3% up
+    change[:10, 0], change[10:15, 0], change[15:18, 1] = -5.0, 3.0, 1.0  # 1% down, 0.5% up; 0.3% up
     death = torch.zeros(1000)
-    death[990:] = 1.0                                                     # 1% die, with no change
-    t = Transitions(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), torch.zeros(1000, dtype=torch.long),
-                    torch.zeros(1000, 10), change, death)
+    death[990:] = 1.0  # 1% die, with no change
+    t = Transitions(
+        torch.zeros(1, 3, 1, 1, dtype=torch.uint8),
+        torch.zeros(1000, dtype=torch.long),
+        torch.zeros(1000, 10),
+        change,
+        death,
+    )
     f = 0.5
     ev = t.events
-    p_true = torch.nn.functional.one_hot(t.classes, 3).float().mean(0)                     # (targets, 3)
+    p_true = torch.nn.functional.one_hot(t.classes, 3).float().mean(0)  # (targets, 3)
     p_sampled = (1 - f) * p_true + f * torch.nn.functional.one_hot(t.classes[ev], 3).float().mean(0)
     bias, death_bias = prior_bias(t, f)
     assert torch.allclose((p_sampled.log() + bias).softmax(-1), p_true, atol=1e-6)
@@ -185,8 +219,11 @@ def test_check_env_passes(tiny_checkpoint, reward_run):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_env(env.unwrapped)
-    others = [str(w.message) for w in caught if "normalized space" not in str(w.message)
-              and "maximum and minimum values are equal" not in str(w.message)]
+    others = [
+        str(w.message)
+        for w in caught
+        if "normalized space" not in str(w.message) and "maximum and minimum values are equal" not in str(w.message)
+    ]
     assert not others, others
     env.close()
 
@@ -203,8 +240,11 @@ def test_depth_and_pose_observations(tiny_checkpoint, tiny_geometry_run):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_env(env.unwrapped)
-    others = [str(w.message) for w in caught if "normalized space" not in str(w.message)
-              and "maximum and minimum values are equal" not in str(w.message)]
+    others = [
+        str(w.message)
+        for w in caught
+        if "normalized space" not in str(w.message) and "maximum and minimum values are equal" not in str(w.message)
+    ]
     assert not others, others
 
     head, _ = load_head(geometry)
@@ -272,6 +312,7 @@ def test_vector_env_equals_single_envs_with_next_step_autoreset(tiny_checkpoint)
     """The native vector env against Gymnasium's SyncVectorEnv over single envs: the same
     observations, rewards, terminations, truncations and infos, step by step, through episode
     ends (horizon 3 truncates twice) and a termination from the reward function."""
+
     def ends_on_use(prev, action, frame):
         return float(frame.mean()) / 255.0, bool(action.keys[7])
 
@@ -279,7 +320,9 @@ def test_vector_env_equals_single_envs_with_next_step_autoreset(tiny_checkpoint)
     native = gymnasium.make_vec("worldgen/Doom-v0", num_envs=3, vectorization_mode="vector_entry_point", **kwargs)
     sync = gymnasium.make_vec("worldgen/Doom-v0", num_envs=3, vectorization_mode="sync", **kwargs)
     assert isinstance(native.unwrapped, WorldModelVectorEnv)
-    assert native.metadata["autoreset_mode"] == sync.metadata["autoreset_mode"] == gymnasium.vector.AutoresetMode.NEXT_STEP
+    assert (
+        native.metadata["autoreset_mode"] == sync.metadata["autoreset_mode"] == gymnasium.vector.AutoresetMode.NEXT_STEP
+    )
     assert native.observation_space == sync.observation_space and native.action_space == sync.action_space
 
     calls, counting = [], [False]
@@ -352,16 +395,19 @@ def test_render_rgb_array_and_human_headless(tiny_checkpoint):
 
 
 # --- errors --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("action, message", [
-    ({"keys": np.ones(7), "mouse": np.zeros(2)}, r"keys must have shape \(8,\)"),
-    ({"keys": np.full(8, 2), "mouse": np.zeros(2)}, "keys must be 0 or 1"),
-    ({"keys": np.zeros(8), "mouse": np.array([np.nan, 0.0])}, "finite"),
-    ({"keys": np.zeros(8), "mouse": np.array([200.0, 0.0])}, r"within \+-180"),
-    ({"keys": np.zeros(8), "mouse": np.zeros(3)}, r"mouse must have shape \(2,\)"),
-    ({"keys": ["jump"], "mouse": [0, 0]}, "unknown key 'jump'"),
-    ({"key": np.zeros(8), "mouse": np.zeros(2)}, "has 'keys' and 'mouse'"),
-    (3, "an action must be a dict"),
-])
+@pytest.mark.parametrize(
+    "action, message",
+    [
+        ({"keys": np.ones(7), "mouse": np.zeros(2)}, r"keys must have shape \(8,\)"),
+        ({"keys": np.full(8, 2), "mouse": np.zeros(2)}, "keys must be 0 or 1"),
+        ({"keys": np.zeros(8), "mouse": np.array([np.nan, 0.0])}, "finite"),
+        ({"keys": np.zeros(8), "mouse": np.array([200.0, 0.0])}, r"within \+-180"),
+        ({"keys": np.zeros(8), "mouse": np.zeros(3)}, r"mouse must have shape \(2,\)"),
+        ({"keys": ["jump"], "mouse": [0, 0]}, "unknown key 'jump'"),
+        ({"key": np.zeros(8), "mouse": np.zeros(2)}, "has 'keys' and 'mouse'"),
+        (3, "an action must be a dict"),
+    ],
+)
 def test_bad_actions_are_clear_errors_and_change_nothing(tiny_checkpoint, action, message):
     env, ref = make(tiny_checkpoint), make(tiny_checkpoint)
     env.reset(seed=4)
@@ -447,20 +493,52 @@ def test_registered_id_gives_the_default_model():
 
 
 def test_importing_worldgen_registers_the_ids():
-    out = subprocess.run([sys.executable, "-c", "import gymnasium, worldgen.env; "
-                          "print(gymnasium.spec('worldgen/Doom-v0').entry_point)"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import gymnasium, worldgen.env; print(gymnasium.spec('worldgen/Doom-v0').entry_point)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "worldgen.env.world_model_env:WorldModelEnv"
 
 
 # --- the example: PPO in imagination, evaluated in the real game --------------------------------
 def test_ppo_example_trains_in_the_model_and_in_the_real_game_and_scores_both(tiny_checkpoint, reward_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SDL_VIDEODRIVER": "dummy"}
-    subprocess.run([sys.executable, str(ROOT / "examples" / "ppo_doom.py"), "--checkpoint", str(tiny_checkpoint),
-                    "--reward", str(reward_run[0] / "ckpt"), "--device", "cpu", "--steps", "64", "--num-envs", "2",
-                    "--num-steps", "16", "--horizon", "12", "--eval-episodes", "3", "--eval-steps", "10",
-                    "--eval-envs", "2", "--no-processes", "--out", str(tmp_path)], check=True, env=env, capture_output=True, text=True,
-                   timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "ppo_doom.py"),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--reward",
+            str(reward_run[0] / "ckpt"),
+            "--device",
+            "cpu",
+            "--steps",
+            "64",
+            "--num-envs",
+            "2",
+            "--num-steps",
+            "16",
+            "--horizon",
+            "12",
+            "--eval-episodes",
+            "3",
+            "--eval-steps",
+            "10",
+            "--eval-envs",
+            "2",
+            "--no-processes",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     result = json.loads((tmp_path / "result.json").read_text())
     for where in ("imagination", "real"):
         assert result["trained"][where]["steps"] == 64 and len(result["trained"][where]["curve"]) == 2

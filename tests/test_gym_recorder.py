@@ -25,7 +25,7 @@ class TinyRGBEnv(gym.Env):
 
     def _obs(self) -> np.ndarray:
         img = np.full((12, 16, 3), 40, np.uint8)
-        img[self.pos[0]:self.pos[0] + 3, self.pos[1]:self.pos[1] + 3] = (255, 200, 0)
+        img[self.pos[0] : self.pos[0] + 3, self.pos[1] : self.pos[1] + 3] = (255, 200, 0)
         return img
 
     def reset(self, *, seed=None, options=None):
@@ -57,8 +57,7 @@ for _id, _cls in (("worldgen_test/TinyRGB-v0", TinyRGBEnv), ("worldgen_test/NoPi
 
 @pytest.fixture(scope="module")
 def cartpole(tmp_path_factory) -> Path:
-    return record_gym("CartPole-v1", tmp_path_factory.mktemp("gym") / "cartpole", steps=300, seed=3,
-                      episode_steps=100)
+    return record_gym("CartPole-v1", tmp_path_factory.mktemp("gym") / "cartpole", steps=300, seed=3, episode_steps=100)
 
 
 def test_cartpole_records_real_frames_and_actions(cartpole):

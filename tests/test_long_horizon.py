@@ -9,6 +9,7 @@ from conftest import benchmark_script, finite  # tests/ is on sys.path under pyt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 @pytest.fixture(scope="module")
 def bench():
     return benchmark_script("long_horizon")
@@ -16,17 +17,43 @@ def bench():
 
 def test_smoke_run_writes_json_and_plot(bench, tiny_checkpoint, doom_recording, tmp_path):
     out, plot = tmp_path / "lh.json", tmp_path / "lh.png"
-    result = bench.main(["--checkpoint", str(tiny_checkpoint), "--data", str(doom_recording), "--device", "cpu",
-                         "--frames", "30", "--sessions", "2", "--segment", "10", "--settings", "4,1,0.1", "2,0,0.0",
-                         "--horizons", "2", "4", "--windows", "3", "--context", "3",
-                         "--json", str(out), "--plot", str(plot)])
+    result = bench.main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--data",
+            str(doom_recording),
+            "--device",
+            "cpu",
+            "--frames",
+            "30",
+            "--sessions",
+            "2",
+            "--segment",
+            "10",
+            "--settings",
+            "4,1,0.1",
+            "2,0,0.0",
+            "--horizons",
+            "2",
+            "4",
+            "--windows",
+            "3",
+            "--context",
+            "3",
+            "--json",
+            str(out),
+            "--plot",
+            str(plot),
+        ]
+    )
     stored = json.loads(out.read_text())
     assert stored == json.loads(json.dumps(result))
     assert plot.stat().st_size > 0
     assert finite(stored)
 
     st = stored["stability"]
-    assert (st["sessions"], st["frames"], st["real_frames"]) == (2, 30, 110)   # 40 + 40 + 30 recorded frames
+    assert (st["sessions"], st["frames"], st["real_frames"]) == (2, 30, 110)  # 40 + 40 + 30 recorded frames
     assert len(st["starts"]) == 2 and st["starts"][0] != st["starts"][1]
     assert [len(s) for s in st["series"]["mean"]] == [30, 30]
     assert [s["frames"] for s in st["segments"]] == [[1, 10], [11, 20], [21, 30]]
@@ -47,16 +74,45 @@ def test_smoke_run_writes_json_and_plot(bench, tiny_checkpoint, doom_recording, 
 
 def test_setting_beyond_the_trained_window_is_a_clear_error(bench, tiny_checkpoint, doom_recording, capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--checkpoint", str(tiny_checkpoint), "--data", str(doom_recording), "--device", "cpu",
-                    "--frames", "2", "--settings", "4,1,0.1", "5,1,0.1", "--horizons", "2"])
+        bench.main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data",
+                str(doom_recording),
+                "--device",
+                "cpu",
+                "--frames",
+                "2",
+                "--settings",
+                "4,1,0.1",
+                "5,1,0.1",
+                "--horizons",
+                "2",
+            ]
+        )
     err = capsys.readouterr().err
     assert "setting 5,1,0.1" in err and "exceed the 6 frames" in err
 
 
 def test_horizon_longer_than_every_episode_is_a_clear_error(bench, tiny_checkpoint, doom_recording, capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--checkpoint", str(tiny_checkpoint), "--data", str(doom_recording), "--device", "cpu",
-                    "--frames", "2", "--settings", "4,1,0.1", "--horizons", "64"])
+        bench.main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data",
+                str(doom_recording),
+                "--device",
+                "cpu",
+                "--frames",
+                "2",
+                "--settings",
+                "4,1,0.1",
+                "--horizons",
+                "64",
+            ]
+        )
     assert "no episode holds a context of 8 + 64 frames" in capsys.readouterr().err
 
 

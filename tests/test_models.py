@@ -9,17 +9,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.flop_counter import FlopCounterMode
 
-from worldgen import actions, checkpoint
+from worldgen import actions, checkpoint, sampling
 from worldgen.checkpoint import CheckpointError
-from worldgen.models import (MODELS, DiT, DiTConfig, Tokenizer, TokenizerConfig, flops_per_frame, frames_to_tensor,
-                             load_dit, load_tokenizer, save_part, tensor_to_frames)
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-from worldgen.models import attention
+from worldgen.models import (
+    MODELS,
+    DiT,
+    DiTConfig,
+    Tokenizer,
+    TokenizerConfig,
+    attention,
+    flops_per_frame,
+    frames_to_tensor,
+    load_dit,
+    load_tokenizer,
+    save_part,
+    tensor_to_frames,
+)
 from worldgen.models.attention import dense_mask
-from worldgen import sampling
 from worldgen.sampling import add_noise, generate, predict_next, rollout, shifted_timesteps
 
 # Small latents keep each forward to milliseconds; head dim 16 still splits three ways for RoPE.
@@ -43,8 +52,11 @@ def randomized(cfg: DiTConfig) -> DiT:
 
 
 def inputs(cfg: DiTConfig, b: int = 2, t: int = 5):
-    return (torch.randn(b, t, cfg.latent_channels, *cfg.latent_size), torch.rand(b, t),
-            torch.randn(b, t, cfg.action_dim))
+    return (
+        torch.randn(b, t, cfg.latent_channels, *cfg.latent_size),
+        torch.rand(b, t),
+        torch.randn(b, t, cfg.action_dim),
+    )
 
 
 def changed(a: torch.Tensor, b: torch.Tensor) -> list[bool]:
@@ -53,6 +65,7 @@ def changed(a: torch.Tensor, b: torch.Tensor) -> list[bool]:
 
 
 # --- registry, shapes, FLOPs -------------------------------------------------------------
+
 
 def test_registry_sizes_fit_budget():
     n = {k: sum(p.numel() for p in DiT(c).parameters()) for k, c in MODELS.items() if k != "B"}
@@ -98,6 +111,7 @@ def test_flops_match_counter_plus_visible_attention():
 
 # --- (a) causality -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("what", ["latent", "noise_level", "action"])
 def test_causality_frame_j_never_changes_earlier_frames(what):
     dit, j = randomized(SMALL), 2
@@ -133,6 +147,7 @@ def test_mask_matches_definition():
 
 # --- (b) per-frame noise levels; clean context ---------------------------------------------
 
+
 def test_noise_levels_are_per_frame_and_per_batch_element():
     dit = randomized(SMALL)
     x, t, a = inputs(SMALL)
@@ -154,7 +169,7 @@ def test_clean_context_frame_conditions_later_frames():
     with torch.no_grad():
         v = dit(x, t, a)
         x2 = x.clone()
-        x2[:, 0] = torch.randn_like(x2[:, 0])        # other clean content in context frame 0
+        x2[:, 0] = torch.randn_like(x2[:, 0])  # other clean content in context frame 0
         v_content = dit(x2, t, a)
         v_label = dit(x, torch.tensor([[0.5, 0.0, 0.8]] * 2), a)  # same content, labelled noisy
     assert changed(v, v_content) == [True, True, True]
@@ -181,6 +196,7 @@ def test_sampler_labels_context_with_ctx_noise():
 
 # --- (c) FlexAttention block mask == dense masked SDPA -------------------------------------
 
+
 @pytest.mark.parametrize("fpb,prefix", [(1, 0), (2, 1)])  # the default; chunks after a prefix
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_matches_dense_sdpa(fpb, prefix, monkeypatch):
@@ -204,6 +220,7 @@ def test_flex_matches_dense_sdpa(fpb, prefix, monkeypatch):
 
 
 # --- prefix context, positions, extra channels ---------------------------------------------
+
 
 def test_prefix_frames_are_seen_by_all_and_see_only_themselves():
     dit = randomized(SMALL)
@@ -254,6 +271,7 @@ def test_training_step_backward_and_bf16_autocast():
 
 
 # --- tokenizer ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("in_channels", [3, 4])
 def test_tokenizer_shapes(in_channels):
@@ -315,6 +333,7 @@ def test_frames_tensor_round_trip():
 
 # --- checkpoints -------------------------------------------------------------------------
 
+
 def test_save_load_round_trip(tmp_path):
     dit, tok = randomized(SMALL), Tokenizer(dataclasses.replace(SMALL_TOK, latent_scale=0.5)).eval()
     save_part(tmp_path, "dynamics", dit, {"steps": 7})
@@ -341,7 +360,9 @@ def test_load_names_missing_or_misshapen_tensor(tmp_path):
     del tensors["final_proj.weight"]
     tensors["blocks.0.ada.bias"] = torch.zeros(3)
     checkpoint.save(tmp_path, "dynamics", tensors, config)  # well-formed (its hashes match), misfitting
-    with pytest.raises(CheckpointError, match=r"missing tensors \['final_proj\.weight'\].*wrong shapes \['blocks\.0\.ada\.bias"):
+    with pytest.raises(
+        CheckpointError, match=r"missing tensors \['final_proj\.weight'\].*wrong shapes \['blocks\.0\.ada\.bias"
+    ):
         load_dit(tmp_path)
     with pytest.raises(CheckpointError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
@@ -370,6 +391,7 @@ def test_save_part_checks_part_and_module(tmp_path):
 
 # --- sampler -----------------------------------------------------------------------------
 
+
 def test_shifted_timesteps():
     t = shifted_timesteps(4, shift=3.0, t_max=1.0)
     assert t[0] == 1 and t[-1] == 0 and (t[1:] < t[:-1]).all()
@@ -391,8 +413,9 @@ def test_euler_recovers_target_with_exact_velocity(steps, shift):
             tt = t[:, :, None, None, None].clamp_min(1e-6)
             return (x - torch.cat([x[:, :-1], x0], 1)) / tt  # v = eps - x0 = (x_t - x0) / t
 
-    out = generate(Oracle(), torch.randn(2, 2, 4, 3, 4), torch.zeros(2, 2, 10), torch.zeros(2, 1, 10),
-                   steps=steps, shift=shift)
+    out = generate(
+        Oracle(), torch.randn(2, 2, 4, 3, 4), torch.zeros(2, 2, 10), torch.zeros(2, 1, 10), steps=steps, shift=shift
+    )
     torch.testing.assert_close(out, x0, atol=1e-5, rtol=1e-5)
 
 
@@ -415,10 +438,10 @@ def test_rollout_slides_window_like_repeated_predict_next():
     g = torch.Generator().manual_seed(0)
     frames, fa = ctx, ca
     for i in range(3):
-        frames, fa = frames[:, -(window - 1):], fa[:, -(window - 1):]
+        frames, fa = frames[:, -(window - 1) :], fa[:, -(window - 1) :]
         nxt = predict_next(dit, frames, fa, acts[:, i], steps=steps, generator=g)
         torch.testing.assert_close(out[:, i], nxt, atol=0, rtol=0)
-        frames, fa = torch.cat([frames, nxt[:, None]], 1), torch.cat([fa, acts[:, i:i + 1]], 1)
+        frames, fa = torch.cat([frames, nxt[:, None]], 1), torch.cat([fa, acts[:, i : i + 1]], 1)
 
 
 def test_rollout_generates_whole_blocks_for_chunked_models():

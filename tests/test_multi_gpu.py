@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import benchmark_script
 
 from worldgen import checkpoint
@@ -35,8 +34,16 @@ CLOSE = dict(rtol=1e-4, atol=2e-5)
 
 def torchrun(n: int, args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node n -m worldgen.cli <args>`` on the CPU (gloo)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "-m", "worldgen.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n}",
+        "-m",
+        "worldgen.cli",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -65,11 +72,26 @@ def test_shard_splits_the_global_batch():
         Dist(rank=0, world_size=5).shard(x)
 
 
-def test_two_processes_train_the_one_process_run_and_resume_across_counts(tiny_tokenizer_run, doom_recording,
-                                                                          tmp_path):
-    cfg = dict(data=str(doom_recording), tokenizer=str(tiny_tokenizer_run[0]), model="tiny", window=4, steps=STEPS,
-               batch_size=8, lr=1e-3, warmup=2, log_every=2, ckpt_every=1000, sample_every=0, sample_steps=2,
-               sample_frames=4, eval_windows=8, starts=2, start_frames=4, device="cpu")
+def test_two_processes_train_the_one_process_run_and_resume_across_counts(tiny_tokenizer_run, doom_recording, tmp_path):
+    cfg = dict(
+        data=str(doom_recording),
+        tokenizer=str(tiny_tokenizer_run[0]),
+        model="tiny",
+        window=4,
+        steps=STEPS,
+        batch_size=8,
+        lr=1e-3,
+        warmup=2,
+        log_every=2,
+        ckpt_every=1000,
+        sample_every=0,
+        sample_steps=2,
+        sample_frames=4,
+        eval_windows=8,
+        starts=2,
+        start_frames=4,
+        device="cpu",
+    )
     straight, a, b = tmp_path / "straight", tmp_path / "two-then-one", tmp_path / "one-then-two"
 
     # A: 2 processes to the half-way step (a fresh run: rank 0 encodes, the other waits and reads);
@@ -92,8 +114,11 @@ def test_two_processes_train_the_one_process_run_and_resume_across_counts(tiny_t
         summary = json.loads((run / "summary.json").read_text())
         assert summary["steps"] == STEPS and summary["finished"]
         assert_same_tensors(state(run), state(straight), f"state at the end, {what}")
-        assert_same_tensors(checkpoint.load(run / "ckpt", "dynamics")[0],
-                            checkpoint.load(straight / "ckpt", "dynamics")[0], f"exported EMA weights, {what}")
+        assert_same_tensors(
+            checkpoint.load(run / "ckpt", "dynamics")[0],
+            checkpoint.load(straight / "ckpt", "dynamics")[0],
+            f"exported EMA weights, {what}",
+        )
         steps = [e["step"] for e in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in e]
         assert steps == list(range(2, STEPS + 1, 2)), what  # none lost, none repeated across the resume
     assert json.loads((b / "summary.json").read_text())["world_size"] == 2
@@ -103,10 +128,35 @@ def test_scaling_benchmark_runs_torchrun_and_tabulates(doom_recording, tmp_path,
     """benchmarks/scaling.py on the CPU: the tokenizer trainer with 2 processes (gloo), the batch
     per process fixed; a finished count is read back, not rerun. (One count: a launch costs ~10 s.)"""
     scaling = benchmark_script("scaling")
-    argv = ["--what", "tokenizer", "--data", str(doom_recording), "--out", str(tmp_path / "scaling"), "--gpus", "2",
-            "--steps", "4", "--log-every", "1", "--batch-per-gpu", "4", "--device", "cpu",
-            "--json", str(tmp_path / "scaling.json"), "--", "--channels", "8,8,8,8", "--latent-channels", "4",
-            "--eval-frames", "8", "--warmup", "1"]
+    argv = [
+        "--what",
+        "tokenizer",
+        "--data",
+        str(doom_recording),
+        "--out",
+        str(tmp_path / "scaling"),
+        "--gpus",
+        "2",
+        "--steps",
+        "4",
+        "--log-every",
+        "1",
+        "--batch-per-gpu",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+        str(tmp_path / "scaling.json"),
+        "--",
+        "--channels",
+        "8,8,8,8",
+        "--latent-channels",
+        "4",
+        "--eval-frames",
+        "8",
+        "--warmup",
+        "1",
+    ]
     rows = scaling.main(argv)
     assert [(r["gpus"], r["global_batch"], r["steps"], r["scaling_efficiency"]) for r in rows] == [(2, 8, 4, 1.0)]
     assert rows[0]["tokens_per_s"] > 0 and rows[0]["mfu"] is None  # no MFU on a CPU
@@ -117,8 +167,15 @@ def test_scaling_benchmark_runs_torchrun_and_tabulates(doom_recording, tmp_path,
     assert (tmp_path / "scaling" / "gpus-2" / "summary.json").stat().st_mtime_ns == stamp
 
     # The table: per-GPU rates against the smallest count.
-    one = {"tokens_per_s": 1000.0, "samples_per_s": 10.0, "batch_size_total": 4, "mfu": 0.2, "steps": 4,
-           "wall_s": 1.0, "device": "H100"}
+    one = {
+        "tokens_per_s": 1000.0,
+        "samples_per_s": 10.0,
+        "batch_size_total": 4,
+        "mfu": 0.2,
+        "steps": 4,
+        "wall_s": 1.0,
+        "device": "H100",
+    }
     rows = scaling.scaling_rows({8: {**one, "tokens_per_s": 6800.0, "batch_size_total": 32}, 1: one})
     assert [r["gpus"] for r in rows] == [1, 8]
     assert rows[1]["tokens_per_s_per_gpu"] == 850.0 and rows[1]["scaling_efficiency"] == 0.85

@@ -9,11 +9,11 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import SIZE, finite
+
 from worldgen.cli import main
 from worldgen.evaluation.metrics import PSNR_CAP_DB
-from worldgen.evaluation.play import (BRANCHES, HoldLast, PlayConfig, PlayScript, evaluate_play, load_recording)
+from worldgen.evaluation.play import BRANCHES, HoldLast, PlayConfig, PlayScript, evaluate_play, load_recording
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCRIPT = PlayScript(horizon=8, yaw_step=45.0, walks=(2,))  # short cases: seconds on a CPU
@@ -34,8 +34,9 @@ def branches(play_recording, tmp_path_factory):
     from worldgen.env.play_suite import record_branches
 
     out = tmp_path_factory.mktemp("branches") / "b"
-    summary = record_branches(play_recording, out, windows=3, context=5, script=SCRIPT, workers=2, size=SIZE,
-                              progress=False)
+    summary = record_branches(
+        play_recording, out, windows=3, context=5, script=SCRIPT, workers=2, size=SIZE, progress=False
+    )
     return out, summary
 
 
@@ -46,8 +47,11 @@ class Oracle:
         self.rec = rec
 
     def play(self, context, context_keys, context_mouse, keys, mouse, seeds, progress=None):
-        name = next(n for n in self.rec.cases if np.array_equal(self.rec.keys[n], keys)
-                    and np.array_equal(self.rec.mouse[n], mouse))
+        name = next(
+            n
+            for n in self.rec.cases
+            if np.array_equal(self.rec.keys[n], keys) and np.array_equal(self.rec.mouse[n], mouse)
+        )
         return self.rec.frames[name]
 
 
@@ -96,10 +100,34 @@ def test_oracle_scores_the_ceiling_and_hold_last_scores_chance(branches):
 
 
 def test_play_command_end_to_end(play_recording, tiny_checkpoint, tiny_geometry_run, tmp_path, capsys):
-    args = ["eval", "--suite", "play", "--checkpoint", str(tiny_checkpoint), "--data", str(play_recording),
-            "--split", "all", "--windows", "2", "--horizon", "4", "--yaw-step", "30", "--walks", "4", "8",
-            "--json", str(tmp_path / "play.json"),
-            "--geometry", str(tiny_geometry_run[0] / "ckpt"), "--workers", "2", "--device", "cpu"]
+    args = [
+        "eval",
+        "--suite",
+        "play",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--data",
+        str(play_recording),
+        "--split",
+        "all",
+        "--windows",
+        "2",
+        "--horizon",
+        "4",
+        "--yaw-step",
+        "30",
+        "--walks",
+        "4",
+        "8",
+        "--json",
+        str(tmp_path / "play.json"),
+        "--geometry",
+        str(tiny_geometry_run[0] / "ckpt"),
+        "--workers",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     r = json.loads((tmp_path / "play.json").read_text())
     assert finite(r) and r["suite"] == "play" and r["windows"] == 2 and r["horizons"] == [1, 4]
@@ -108,7 +136,9 @@ def test_play_command_end_to_end(play_recording, tiny_checkpoint, tiny_geometry_
     cam = r["camera"]
     assert cam["model"]["all"]["yaw_err_deg"] >= 0 and "forward" in cam["game"] and "geometry" in cam["odometry"]
     # Turns are read off the frames, not the actions: the held frame never turns.
-    assert cam["hold_last"]["turn360"]["yaw_sign_agreement"] == 0.0 and cam["game"]["turn360"]["yaw_sign_agreement"] > 0.5
+    assert (
+        cam["hold_last"]["turn360"]["yaw_sign_agreement"] == 0.0 and cam["game"]["turn360"]["yaw_sign_agreement"] > 0.5
+    )
     assert (tmp_path / "play_media" / "play_dashboard.png").stat().st_size > 10_000
     assert (tmp_path / "play_media" / "play.mp4").stat().st_size > 1_000
     assert "play suite" in capsys.readouterr().out
@@ -140,10 +170,34 @@ def test_sampler_sweep_scores_settings_with_the_play_suite(doom_recording, tiny_
     # Made here with a short script (the sweep makes the default one when --branches is missing).
     record_branches(data, tmp_path / "sweep_branches", windows=2, context=5, script=SCRIPT, workers=2, progress=False)
     sweep = benchmark_script("sampler_sweep")
-    result = sweep.main(["--checkpoint", str(tiny_checkpoint), "--data", str(data), "--split", "all",
-                         "--steps", "1", "--ctx-noise", "0.0", "--windows", "2", "--horizon", "2",
-                         "--stability-frames", "0", "--play-windows", "2", "--workers", "2", "--device", "cpu",
-                         "--json", str(tmp_path / "sweep.json")])
+    result = sweep.main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--data",
+            str(data),
+            "--split",
+            "all",
+            "--steps",
+            "1",
+            "--ctx-noise",
+            "0.0",
+            "--windows",
+            "2",
+            "--horizon",
+            "2",
+            "--stability-frames",
+            "0",
+            "--play-windows",
+            "2",
+            "--workers",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+            str(tmp_path / "sweep.json"),
+        ]
+    )
     row = result["rows"][0]
     # Replays of the downscaled recording match it at its own resolution.
     assert load_recording(tmp_path / "sweep_branches").matched == 1.0

@@ -9,9 +9,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import SIZE, cycle_player  # tests/ is on sys.path under pytest
 from PIL import Image
 
-from conftest import SIZE, cycle_player  # tests/ is on sys.path under pytest
 from worldgen.data import Dataset, DatasetIndex, Episode, EpisodeInfo, write_episode_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 shared cores
@@ -28,17 +28,28 @@ def replayable_recording(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("replayable")
     config = DoomConfig()
-    index = DatasetIndex(root, resolution=SIZE, frame_skip=4, variables=VARIABLE_NAMES, has_depth=False,
-                         has_pose=False, source={"env": "doom", "doom": config.to_dict(), "test": "downscaled"})
+    index = DatasetIndex(
+        root,
+        resolution=SIZE,
+        frame_skip=4,
+        variables=VARIABLE_NAMES,
+        has_depth=False,
+        has_pose=False,
+        source={"env": "doom", "doom": config.to_dict(), "test": "downscaled"},
+    )
     with DoomEnv(config) as env:
         for seed, (name, n) in enumerate((("a", 60), ("b", 60), ("c", 40))):
             chunks = list(rollout(env, cycle_player(FIRE_CYCLE, 3 * seed), "E1M1", seed, n))
             frames = np.concatenate([c.frames for c in chunks])
-            ep = Episode(frames=np.stack([np.asarray(Image.fromarray(f).resize(SIZE, Image.BILINEAR)) for f in frames]),
-                         keys=np.concatenate([c.keys for c in chunks]), mouse=np.concatenate([c.mouse for c in chunks]),
-                         variables=np.concatenate([c.variables for c in chunks]))
-            index.add(EpisodeInfo(id=name, length=len(ep), shards=write_episode_shards(root, name, ep),
-                                  map="E1M1", seed=seed))
+            ep = Episode(
+                frames=np.stack([np.asarray(Image.fromarray(f).resize(SIZE, Image.BILINEAR)) for f in frames]),
+                keys=np.concatenate([c.keys for c in chunks]),
+                mouse=np.concatenate([c.mouse for c in chunks]),
+                variables=np.concatenate([c.variables for c in chunks]),
+            )
+            index.add(
+                EpisodeInfo(id=name, length=len(ep), shards=write_episode_shards(root, name, ep), map="E1M1", seed=seed)
+            )
     return root
 
 
@@ -47,9 +58,22 @@ def small_head(replayable_recording, tmp_path_factory):
     from worldgen.env.reward_train import RewardTrainConfig, train
 
     out = tmp_path_factory.mktemp("head")
-    train(RewardTrainConfig(data=str(replayable_recording), out=str(out), steps=30, batch_size=16, warmup=5,
-                            targets="health,selected_weapon_ammo", weights="selected_weapon_ammo=0.1,health=0.01,death=-1",
-                            channels="8,16", ckpt_every=1000, log_every=10, eval_transitions=256, device="cpu"))
+    train(
+        RewardTrainConfig(
+            data=str(replayable_recording),
+            out=str(out),
+            steps=30,
+            batch_size=16,
+            warmup=5,
+            targets="health,selected_weapon_ammo",
+            weights="selected_weapon_ammo=0.1,health=0.01,death=-1",
+            channels="8,16",
+            ckpt_every=1000,
+            log_every=10,
+            eval_transitions=256,
+            device="cpu",
+        )
+    )
     return out / "ckpt"
 
 
@@ -79,14 +103,28 @@ def test_the_game_labels_the_models_rollouts(tiny_checkpoint, replayable_recordi
     assert (spent[:3] > 0).all() and (spent[3:] == 0).all(), spent
 
 
-def test_calibrate_trains_on_generated_transitions_and_reports_event_rates(tiny_checkpoint, replayable_recording,
-                                                                          small_head, tmp_path):
+def test_calibrate_trains_on_generated_transitions_and_reports_event_rates(
+    tiny_checkpoint, replayable_recording, small_head, tmp_path
+):
     from worldgen.env.reward_calibrate import CalibrateConfig, calibrate, load_rollouts
 
-    report = calibrate(CalibrateConfig(
-        data=str(replayable_recording), out=str(tmp_path), model=str(tiny_checkpoint), head=str(small_head),
-        rollouts=12, heldout_rollouts=6, length=6, context=3, batch=6, workers=1, train_steps=20, device="cpu",
-        train_args="batch_size=16,warmup=5,ckpt_every=1000,log_every=10,eval_transitions=256"))
+    report = calibrate(
+        CalibrateConfig(
+            data=str(replayable_recording),
+            out=str(tmp_path),
+            model=str(tiny_checkpoint),
+            head=str(small_head),
+            rollouts=12,
+            heldout_rollouts=6,
+            length=6,
+            context=3,
+            batch=6,
+            workers=1,
+            train_steps=20,
+            device="cpu",
+            train_args="batch_size=16,warmup=5,ckpt_every=1000,log_every=10,eval_transitions=256",
+        )
+    )
     assert json.loads((tmp_path / "report.json").read_text()) == report
     held = load_rollouts(tmp_path / "rollouts-heldout.npz")
     assert report["heldout_replays_matched"] == "6/6"
@@ -94,7 +132,7 @@ def test_calibrate_trains_on_generated_transitions_and_reports_event_rates(tiny_
     n = int(held["valid"].sum())
     names = held["variables_names"]
     ammo = held["variables"][..., names.index("selected_weapon_ammo")]
-    spent = sum(int((np.diff(ammo[i, :m + 1]) < 0).sum()) for i, m in enumerate(held["valid"]))
+    spent = sum(int((np.diff(ammo[i, : m + 1]) < 0).sum()) for i, m in enumerate(held["valid"]))
     for when in ("before", "after"):
         assert rates[when]["transitions"]["count"] == n
         assert rates[when]["selected_weapon_ammo_down"]["actual"] == pytest.approx(spent / n)

@@ -29,16 +29,40 @@ TOKEN = "s3cret"
 def server(tiny_checkpoint):
     # One model thread: two shared cores, and the test's clients need one.
     # A small send buffer, so a stalled reader's backlog fills in a second or two.
-    with LocalServer(tiny_checkpoint, "--device", "cpu", "--threads", "1", "--fps", "15", "--max-sessions", "8",
-                     "--send-buffer", "4096") as srv:
+    with LocalServer(
+        tiny_checkpoint,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--fps",
+        "15",
+        "--max-sessions",
+        "8",
+        "--send-buffer",
+        "4096",
+    ) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def strict_server(tiny_checkpoint):
     """Token, two sessions at most, and a short idle timeout."""
-    with LocalServer(tiny_checkpoint, "--device", "cpu", "--threads", "1", "--fps", "15", "--token", TOKEN,
-                     "--max-sessions", "2", "--idle-timeout", "2") as srv:
+    with LocalServer(
+        tiny_checkpoint,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--fps",
+        "15",
+        "--token",
+        TOKEN,
+        "--max-sessions",
+        "2",
+        "--idle-timeout",
+        "2",
+    ) as srv:
         yield srv
 
 
@@ -100,6 +124,7 @@ def test_http_serves_the_browser_client(server):
 def test_frames_arrive_follow_actions_and_repeat_under_a_seed(server):
     """Three sessions on one seed, batched together: two never act, one turns right from the
     start. The idle two see the same frames; the turning one sees others."""
+
     async def turn(c):
         await c.act(["turn_right"], yaw=15.0)
 
@@ -168,10 +193,10 @@ def test_reset_returns_to_the_start(server):
 
 
 BAD = [  # (payload, error code)
-    (b"\xc1\x00", "bad_message"),                                         # 0xc1: never used in msgpack
-    (P.pack(P.action(["forward"]))[:-4], "bad_message"),                  # truncated
-    (P.pack([1, 2, 3]), "bad_message"),                                   # not a map
-    (P.pack({"keys": []}), "bad_message"),                                # no type
+    (b"\xc1\x00", "bad_message"),  # 0xc1: never used in msgpack
+    (P.pack(P.action(["forward"]))[:-4], "bad_message"),  # truncated
+    (P.pack([1, 2, 3]), "bad_message"),  # not a map
+    (P.pack({"keys": []}), "bad_message"),  # no type
     ("text frame", "bad_message"),
     (P.pack({"type": "teleport"}), "unknown_type"),
     (P.pack({"type": "action", "keys": "forward"}), "bad_field"),
@@ -238,6 +263,7 @@ def test_bad_messages_get_typed_errors_and_nobody_stops(server):
 def test_a_stalled_reader_gets_stale_frames_dropped(server):
     """A client that stops reading: the server drops its stale frames (counted in stats, seen
     as id gaps) instead of queueing them, and it gets fresh frames once it reads again."""
+
     async def main():
         host, port = urlsplit(server.ws_url).netloc.split(":")
         sock = socket.create_connection((host, int(port)))
@@ -265,8 +291,10 @@ def test_a_stalled_reader_gets_stale_frames_dropped(server):
 
     ids, stats = arun(main())
     gaps = [b - a - 1 for a, b in zip(ids, ids[1:])]
-    print(f"\nstalled reader: {sum(gaps)} frames dropped in {sum(g > 0 for g in gaps)} gaps; server counted "
-          f"{stats['dropped']}")
+    print(
+        f"\nstalled reader: {sum(gaps)} frames dropped in {sum(g > 0 for g in gaps)} gaps; server counted "
+        f"{stats['dropped']}"
+    )
     assert ids == sorted(ids) and sum(gaps) > 0 and stats["dropped"] > 0
 
 
@@ -291,6 +319,7 @@ def test_token_refused_and_accepted(strict_server):
     async def ok():
         async with await Client.connect(strict_server.ws_url, token=TOKEN) as c:
             return (await c.next_frame()).id
+
     assert arun(ok()) == 0
     assert f"token={TOKEN}" in strict_server.url  # the printed URL lets a browser in
 
@@ -408,8 +437,13 @@ def test_outbox_keeps_only_the_newest_frame():
 
 
 def test_protocol_parse_accepts_what_the_clients_send():
-    for msg in (P.hello(token="x", seed=3), P.action(["forward", "use"], (1.5, -2)), P.action([1] * 8),
-                P.reset(), P.reset(seed=P.MAX_SEED)):
+    for msg in (
+        P.hello(token="x", seed=3),
+        P.action(["forward", "use"], (1.5, -2)),
+        P.action([1] * 8),
+        P.reset(),
+        P.reset(seed=P.MAX_SEED),
+    ):
         assert P.parse(P.pack(msg)) == msg
     # Extra fields are ignored (forward compatibility), integers pass as numbers.
     assert P.parse(msgpack.packb({"type": "action", "t": 5, "new_field": [1]}))["t"] == 5

@@ -95,6 +95,7 @@ async def connect_eventually(url: str, limit: float) -> Client:
 def test_clients_that_stop_reading_lose_their_slot_and_do_not_block_shutdown(wm):
     """Two silent clients on a 3-session server: each is closed once a send to it has waited
     --send-timeout, so their slots free up; two more silent ones at shutdown do not hold it up."""
+
     async def watch(c: Client, ids: list[int]) -> None:
         with contextlib.suppress(ConnectionClosed):
             while True:
@@ -168,8 +169,17 @@ def test_only_the_servers_own_origin_may_open_a_websocket(wm):
     async def main():
         async with running(wm) as srv:
             port = srv.netloc.split(":")[1]
-            plain = [await opens(srv.ws, o) for o in (None, f"http://{srv.netloc}", f"http://localhost:{port}",
-                                                        "http://evil.example", "null", f"http://127.0.0.1:{port}.evil.example")]
+            plain = [
+                await opens(srv.ws, o)
+                for o in (
+                    None,
+                    f"http://{srv.netloc}",
+                    f"http://localhost:{port}",
+                    "http://evil.example",
+                    "null",
+                    f"http://127.0.0.1:{port}.evil.example",
+                )
+            ]
         async with running(wm, allow_origins=("http://evil.example",)) as srv:
             allowed = [await opens(srv.ws, o) for o in ("http://evil.example", "http://other.example")]
         return plain, allowed
@@ -217,14 +227,17 @@ def test_a_hello_with_a_bad_seed_type_is_hello_required(wm):
     assert (err["code"], code) == ("hello_required", 4400)
 
 
-@pytest.mark.parametrize("msg, code", [
-    ({"type": "action", "mouse": ["5", "5"]}, "bad_action"),
-    ({"type": "action", "mouse": [True, False]}, "bad_action"),
-    ({"type": "action", "keys": [True] * 8}, "bad_action"),
-    ({"type": "action", "keys": ["forward", 1]}, "bad_action"),
-    ({"type": "action", "t": math.nan}, "bad_field"),
-    ({"type": "action", "t": math.inf}, "bad_field"),
-])
+@pytest.mark.parametrize(
+    "msg, code",
+    [
+        ({"type": "action", "mouse": ["5", "5"]}, "bad_action"),
+        ({"type": "action", "mouse": [True, False]}, "bad_action"),
+        ({"type": "action", "keys": [True] * 8}, "bad_action"),
+        ({"type": "action", "keys": ["forward", 1]}, "bad_action"),
+        ({"type": "action", "t": math.nan}, "bad_field"),
+        ({"type": "action", "t": math.inf}, "bad_field"),
+    ],
+)
 def test_protocol_rejects_mistyped_action_values(msg, code):
     with pytest.raises(P.ProtocolError) as e:
         P.parse(P.pack(msg))
@@ -253,8 +266,10 @@ def test_http_only_get_and_no_sniffing(wm):
     async def main():
         async with running(wm) as srv:
             loop = asyncio.get_running_loop()
-            return [await loop.run_in_executor(None, _http, srv.netloc, m, p)
-                    for m, p in (("HEAD", "/"), ("DELETE", "/"), ("GET", "/<script>x</script>"), ("GET", "/"))]
+            return [
+                await loop.run_in_executor(None, _http, srv.netloc, m, p)
+                for m, p in (("HEAD", "/"), ("DELETE", "/"), ("GET", "/<script>x</script>"), ("GET", "/"))
+            ]
 
     (head, hh, hb), (delete, _, _), (missing, mh, mb), (ok, oh, _) = arun(main())
     assert head == delete == 405 and hb == b"" and "GET" in hh["allow"]
@@ -330,6 +345,7 @@ def test_a_failed_default_compile_serves_eagerly(wm, monkeypatch):
     def broken_compile(*a, **k):
         def fail(*args, **kwargs):
             raise RuntimeError("CUDA graphs said no")
+
         wm._step = fail
         return wm
 

@@ -31,16 +31,19 @@ def test_sessions_start_play_and_are_judged_on_the_given_episodes_only(tiny_chec
     assert np.mean(r["session_outside_percentiles"]) == pytest.approx(r["outside_percentiles"], abs=1e-4)
     assert np.mean(r["session_outside_minmax"]) == pytest.approx(r["outside_minmax"], abs=1e-4)
     assert r["start_episode_outside_percentiles"] == [r["real_outside_percentiles"]] * 2  # the one episode given
-    assert in_range(r) == (r["outside_minmax"] <= 4 / 31
-                           and max(r["session_outside_percentiles"]) <= 2 * r["real_outside_percentiles"])
+    assert in_range(r) == (
+        r["outside_minmax"] <= 4 / 31 and max(r["session_outside_percentiles"]) <= 2 * r["real_outside_percentiles"]
+    )
     assert finite(r)
 
 
 def test_sessions_do_not_follow_the_index_order(tiny_checkpoint, doom_recording, tmp_path):
     """The same play indexed in another episode order gives the same sessions and frames."""
     wm = WorldModel.load(tiny_checkpoint, "cpu")
-    a, b = (stability(wm, Dataset(d), frames=6, sessions=3, context=3, segment=6)
-            for d in (doom_recording, reindexed(doom_recording, tmp_path)))
+    a, b = (
+        stability(wm, Dataset(d), frames=6, sessions=3, context=3, segment=6)
+        for d in (doom_recording, reindexed(doom_recording, tmp_path))
+    )
     assert a["starts"] == b["starts"] and a["series"] == b["series"]
 
 
@@ -59,14 +62,41 @@ def test_a_session_of_a_run_replays_alone_from_its_start(tiny_checkpoint, doom_r
 def test_sweep_ranks_settings_by_long_sessions_too_and_stores_the_best(tiny_checkpoint, doom_recording, tmp_path):
     sweep = benchmark_script("sampler_sweep")
     ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
-    result = sweep.main(["--checkpoint", str(ckpt), "--data", str(doom_recording), "--steps", "1", "3",
-                         "--ctx-noise", "0.05", "--sinks", "0", "1", "--windows", "2", "--horizon", "2", "--stability-frames", "12",
-                         "--stability-sessions", "2", "--device", "cpu", "--json", str(tmp_path / "s.json"), "--apply",
-                         "--play-windows", "0"])  # this recording cannot be replayed: tests/test_play_suite.py
+    result = sweep.main(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(doom_recording),
+            "--steps",
+            "1",
+            "3",
+            "--ctx-noise",
+            "0.05",
+            "--sinks",
+            "0",
+            "1",
+            "--windows",
+            "2",
+            "--horizon",
+            "2",
+            "--stability-frames",
+            "12",
+            "--stability-sessions",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+            str(tmp_path / "s.json"),
+            "--apply",
+            "--play-windows",
+            "0",
+        ]
+    )  # this recording cannot be replayed: tests/test_play_suite.py
     rows, best = result["rows"], result["best"]
     assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(result))
     assert [(r["steps"], r["sinks"]) for r in rows] == [(1, 0), (1, 1), (3, 0), (3, 1)]
-    assert rows[0]["tf_psnr"] == rows[1]["tf_psnr"]        # one eval per sampler setting
+    assert rows[0]["tf_psnr"] == rows[1]["tf_psnr"]  # one eval per sampler setting
     for r in rows:
         assert isinstance(r["in_range"], bool) and 0 <= r["outside_minmax"] <= r["outside_band"] <= 1
         assert r["std_mean"] > 0 and r["stability_seconds"] > 0
@@ -98,8 +128,8 @@ def test_choosing_puts_staying_in_range_before_psnr():
     good = {"tf_gain_db": 2.1, "rollout_psnr": 16.0, "rollout_baseline": 15.0, "control_db": 0.1, "score": 36.0}
     flat = {**good, "in_range": False, "control_db": 0.5, "score": 37.0}
     sharp = {**good, "in_range": True, "tf_gain_db": 1.3, "score": 35.0}
-    assert sweep.choose([flat, sharp], 2.0) is sharp                  # flat clears the bars, but leaves the range
+    assert sweep.choose([flat, sharp], 2.0) is sharp  # flat clears the bars, but leaves the range
     assert sweep.choose([flat, {**flat, "score": 30.0}], 2.0) is flat  # none in range: all ranked as before
-    assert sweep.choose([good, {**good, "control_db": 0.3}], 2.0)["control_db"] == 0.3   # no check run: as before
+    assert sweep.choose([good, {**good, "control_db": 0.3}], 2.0)["control_db"] == 0.3  # no check run: as before
     sink, no_sink = {**sharp, "worst_session_band": 0.02}, {**sharp, "worst_session_band": 0.005}
     assert sweep.choose([sink, no_sink], 2.0) is no_sink  # same PSNR: the long sessions' margin decides

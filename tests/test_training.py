@@ -26,13 +26,21 @@ from worldgen.checkpoint import CheckpointError
 from worldgen.data import Dataset, DatasetIndex, EpisodeInfo, write_episode_shards
 from worldgen.models import MODELS, DiT, load_dit, load_tokenizer
 from worldgen.training.common import EMA, Dist, Run, load_state, param_groups, save_state
-from worldgen.training.dynamics import (DynamicsTask, DynamicsTrainConfig, Latents, flow_matching_loss,
-                                       noise_levels)
+from worldgen.training.dynamics import DynamicsTask, DynamicsTrainConfig, Latents, flow_matching_loss, noise_levels
 from worldgen.training.dynamics import train as train_dynamics
 
 # Shared by every dynamics run here: the tiny DiT on 4-frame windows.
-DYN = dict(model="tiny", window=4, batch_size=8, warmup=10, sample_every=0, log_every=10, sample_steps=2,
-           sample_frames=4, eval_windows=8)
+DYN = dict(
+    model="tiny",
+    window=4,
+    batch_size=8,
+    warmup=10,
+    sample_every=0,
+    log_every=10,
+    sample_steps=2,
+    sample_frames=4,
+    eval_windows=8,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 shared cores
@@ -61,6 +69,7 @@ def test_tokenizer_trains_and_reports_heldout_psnr_ssim(tokenizer_run, recording
     tok = load_tokenizer(out / "ckpt")
     assert tok.cfg.latent_scale == pytest.approx(summary["latent_scale"])
     from worldgen.models import frames_to_tensor
+
     with torch.no_grad():
         z = tok.encode(frames_to_tensor(Dataset(recording).read(0, "frames")))
     assert 0.7 < z.std().item() < 1.4
@@ -69,12 +78,12 @@ def test_tokenizer_trains_and_reports_heldout_psnr_ssim(tokenizer_run, recording
 def test_noise_levels_mix_inference_pattern():
     g = torch.Generator().manual_seed(0)
     t = noise_levels(4000, 6, 1, g, prefix_prob=0.0)
-    assert abs(t.mean().item() - 0.5) < 0.02 and t.min() > 0 and t.max() < 1   # logit-normal(0, 1)
+    assert abs(t.mean().item() - 0.5) < 0.02 and t.min() > 0 and t.max() < 1  # logit-normal(0, 1)
     t = noise_levels(4000, 6, 1, g, prefix_prob=1.0, ctx_noise=0.05)
-    assert (t[:, 0] <= 0.1).all()                                  # a clean-ish prefix, always
-    assert ((t <= 0.1).sum(1) < 6).float().mean() > 0.95           # ... followed by noisy frames
+    assert (t[:, 0] <= 0.1).all()  # a clean-ish prefix, always
+    assert ((t <= 0.1).sum(1) < 6).float().mean() > 0.95  # ... followed by noisy frames
     t = noise_levels(64, 6, 2, g)
-    assert torch.equal(t[:, 0::2], t[:, 1::2])                     # one level per block of 2 frames
+    assert torch.equal(t[:, 0::2], t[:, 1::2])  # one level per block of 2 frames
 
 
 def test_window_starts_skip_episodes_shorter_than_the_window():
@@ -98,8 +107,14 @@ def _measure_set(run: Path, n: int = 16) -> tuple[torch.Tensor, ...]:
 def _subset(src: Path, dst: Path, lengths: dict[str, int]) -> Path:
     """A dataset of the first ``lengths[id]`` steps of some episodes of ``src``."""
     ds = Dataset(src)
-    index = DatasetIndex(dst, resolution=ds.resolution, frame_skip=ds.frame_skip, source=ds.index["source"],
-                         has_depth=True, has_pose=False)
+    index = DatasetIndex(
+        dst,
+        resolution=ds.resolution,
+        frame_skip=ds.frame_skip,
+        source=ds.index["source"],
+        has_depth=True,
+        has_pose=False,
+    )
     for i, info in enumerate(ds.episodes):
         if info.id in lengths:
             ep = ds.episode(i, 0, lengths[info.id])
@@ -112,9 +127,18 @@ def test_tiny_dit_overfits_tiny_recording(tokenizer_run, recording, tmp_path):
     held-out episode as it is); the loss on a fixed set falls >= 10x."""
     data = _subset(recording, tmp_path / "data", {"a": 5, "c": 30})
     run = tmp_path / "run"
-    summary = train_dynamics(DynamicsTrainConfig(
-        data=str(data), out=str(run), tokenizer=str(tokenizer_run[0]), steps=300, lr=5e-3, ckpt_every=1000,
-        ema_decay=0.95, **{**DYN, "batch_size": 16}))
+    summary = train_dynamics(
+        DynamicsTrainConfig(
+            data=str(data),
+            out=str(run),
+            tokenizer=str(tokenizer_run[0]),
+            steps=300,
+            lr=5e-3,
+            ckpt_every=1000,
+            ema_decay=0.95,
+            **{**DYN, "batch_size": 16},
+        )
+    )
     assert summary["finished"] and summary["steps"] == 300 and summary["mfu"] == "n/a"
     assert summary["tokens_per_s"] > 0 and "heldout_loss" in summary
     x0, acts, t, eps = _measure_set(run)
@@ -138,17 +162,27 @@ def test_rollout_training_continues_the_models_own_rollouts(tiny_checkpoint, tok
     """A fine-tune from a trained model (--init) on windows that end in the model's own rollout:
     the real frames are where they were, the generated ones replace the real, and only the real
     frames after them are targets."""
-    cfg = DynamicsTrainConfig(data=str(recording), out=str(tmp_path / "ft"), tokenizer=str(tokenizer_run[0]),
-                              init=str(tiny_checkpoint), rollout_frames=3, steps=4, ckpt_every=1000,
-                              **{**DYN, "window": 6})
+    cfg = DynamicsTrainConfig(
+        data=str(recording),
+        out=str(tmp_path / "ft"),
+        tokenizer=str(tokenizer_run[0]),
+        init=str(tiny_checkpoint),
+        rollout_frames=3,
+        steps=4,
+        ckpt_every=1000,
+        **{**DYN, "window": 6},
+    )
     task = DynamicsTask.from_run(cfg, Run(cfg.out), Dist())
     init = load_dit(tiny_checkpoint)
     assert all(torch.equal(a, b) for a, b in zip(task.model.state_dict().values(), init.state_dict().values()))
 
     T, b = cfg.window, 5
     # A seed whose step generates frames (g = 0, real context alone, is one draw in G + 1).
-    seed = next(i for i in range(100) if torch.randint(cfg.rollout_frames + 1, (),
-                                                       generator=torch.Generator().manual_seed(i)) > 0)
+    seed = next(
+        i
+        for i in range(100)
+        if torch.randint(cfg.rollout_frames + 1, (), generator=torch.Generator().manual_seed(i)) > 0
+    )
     (x0, acts, t, eps, drop), first_target = task.draw_rollout(torch.Generator().manual_seed(seed), b)
     again = torch.Generator().manual_seed(seed)  # the same draws, in draw_rollout's order
     g = int(torch.randint(cfg.rollout_frames + 1, (), generator=again))
@@ -158,9 +192,9 @@ def test_rollout_training_continues_the_models_own_rollouts(tiny_checkpoint, tok
     real, real_acts = real[:, -T:], real_acts[:, -T:]
     assert x0.shape == real.shape and first_target == T - s and torch.equal(acts, real_acts)
     n_real = T - g - s
-    assert torch.equal(x0[:, :n_real], real[:, :n_real]) and torch.equal(x0[:, T - s:], real[:, T - s:])
-    assert (x0[:, n_real:T - s] - real[:, n_real:T - s]).abs().amax() > 0.1      # generated, not real
-    assert (t[:, :T - s] <= 2 * cfg.ctx_noise).all()                             # labelled as context
+    assert torch.equal(x0[:, :n_real], real[:, :n_real]) and torch.equal(x0[:, T - s :], real[:, T - s :])
+    assert (x0[:, n_real : T - s] - real[:, n_real : T - s]).abs().amax() > 0.1  # generated, not real
+    assert (t[:, : T - s] <= 2 * cfg.ctx_noise).all()  # labelled as context
     assert torch.isfinite(flow_matching_loss(task.model, x0, acts, t, eps, drop, first_target))
 
     summary = train_dynamics(cfg)
@@ -231,8 +265,15 @@ def test_sigkilled_run_resumes_same_schedule(tokenizer_run, recording, tmp_path)
 
 
 def test_minutes_budget_fixes_and_stores_the_schedule(tokenizer_run, recording, tmp_path):
-    cfg = DynamicsTrainConfig(data=str(recording), out=str(tmp_path), tokenizer=str(tokenizer_run[0]),
-                              minutes=0.1, steps=100_000, ckpt_every=100_000, **DYN)
+    cfg = DynamicsTrainConfig(
+        data=str(recording),
+        out=str(tmp_path),
+        tokenizer=str(tokenizer_run[0]),
+        minutes=0.1,
+        steps=100_000,
+        ckpt_every=100_000,
+        **DYN,
+    )
     summary = train_dynamics(cfg)
     total = summary["total_steps"]
     assert 23 <= total < 100_000
@@ -281,8 +322,9 @@ def _rewrite(folder: Path, part: str, change) -> None:
 
 def test_broken_checkpoints_are_clear_errors(tokenizer_run, recording, tmp_path):
     """(f): a missing or misshapen tensor, in the model folder or the resume state, names itself."""
-    cfg = DynamicsTrainConfig(data=str(recording), out=str(tmp_path / "run"), tokenizer=str(tokenizer_run[0]),
-                              steps=3, **DYN)
+    cfg = DynamicsTrainConfig(
+        data=str(recording), out=str(tmp_path / "run"), tokenizer=str(tokenizer_run[0]), steps=3, **DYN
+    )
     train_dynamics(cfg)
     ckpt, state = tmp_path / "run" / "ckpt", tmp_path / "run" / "state"
     name = sorted(checkpoint.load(ckpt, "dynamics")[0])[0]

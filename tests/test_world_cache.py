@@ -24,8 +24,11 @@ def episode(doom_recording):
     """Episode "a" of the recording: frames (N, H, W, 3) uint8, depth (N, H, W) levels, pose (N, 5)."""
     ds = Dataset(doom_recording)
     e = ds.episode_index("a")
-    return (torch.from_numpy(ds.read(e, "frames")), torch.from_numpy(ds.read(e, "depth")),
-            torch.from_numpy(ds.read(e, "pose")))
+    return (
+        torch.from_numpy(ds.read(e, "frames")),
+        torch.from_numpy(ds.read(e, "depth")),
+        torch.from_numpy(ds.read(e, "pose")),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def camera(doom_recording):
 
 def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     mse = ((a.float() - b.float()) ** 2).mean(-1)[mask].mean()
-    return float(10 * torch.log10(255.0 ** 2 / mse))
+    return float(10 * torch.log10(255.0**2 / mse))
 
 
 def test_unproject_project_round_trip_with_pitch():
@@ -65,7 +68,7 @@ def test_doom_camera_explains_the_recording(episode, camera):
     frames, depth, pose = episode
     err = reprojection_error(camera, depth, pose)
     print(f"reprojection error at 32x24: {err}")
-    assert err["median_levels"] < 1.0 and err["inliers"] > 0.7   # measured 0.77 levels, 77%
+    assert err["median_levels"] < 1.0 and err["inliers"] > 0.7  # measured 0.77 levels, 77%
     # measured: 28.96 dB at 90 degrees, 27.28 at 60, 28.23 at 120
 
     def next_frame_psnr(cam: Camera) -> float:
@@ -76,8 +79,15 @@ def test_doom_camera_explains_the_recording(episode, camera):
 
     right = next_frame_psnr(camera)
     for hfov in (60.0, 120.0):
-        wrong = Camera.from_hfov(camera.width, camera.height, hfov, depth_scale=camera.depth_scale,
-                                 depth_offset=camera.depth_offset, min_level=1, max_level=255)
+        wrong = Camera.from_hfov(
+            camera.width,
+            camera.height,
+            hfov,
+            depth_scale=camera.depth_scale,
+            depth_offset=camera.depth_offset,
+            min_level=1,
+            max_level=255,
+        )
         worse = next_frame_psnr(wrong)
         print(f"next frame from the cloud: {right:.2f} dB at 90 degrees, {worse:.2f} dB at {hfov:.0f}")
         assert worse < right - 0.5
@@ -106,7 +116,7 @@ def test_next_frame_rendered_from_the_cloud_of_the_last(episode, camera):
     rendered = psnr(view.rgb, frames[1:], view.mask)
     held = psnr(frames[:-1], frames[1:], torch.ones_like(view.mask))
     print(f"cache view {rendered:.2f} dB on {view.mask.float().mean():.1%} of pixels; hold-last {held:.2f} dB")
-    assert rendered > 27.0 and rendered > held + 2.0   # measured 28.96 and 25.84 dB
+    assert rendered > 27.0 and rendered > held + 2.0  # measured 28.96 and 25.84 dB
     assert view.mask.float().mean() > 0.75
 
 
@@ -131,7 +141,7 @@ def test_back_of_a_wall_is_added_front_is_not():
     cam = DOOM.resized(32, 24)
     cache = WorldCache(cam, CacheConfig(max_points=4096))
     rgb = torch.full((1, 24, 32, 3), 100, dtype=torch.uint8)
-    front = torch.tensor([[0.0, 0, 41, 0, 0]])      # looking along +x at a wall 100 units away
+    front = torch.tensor([[0.0, 0, 41, 0, 0]])  # looking along +x at a wall 100 units away
     cache.update(rgb, _wall(cam, 100.0), front)
     n = int(cache.num_points())
     # From the other side, looking back along -x at the same plane: the cached points' normals face
@@ -147,7 +157,7 @@ def test_a_contradicted_point_is_removed():
     pose = torch.tensor([[0.0, 0, 41, 0, 0]])
     rgb = torch.full((1, 24, 32, 3), 50, dtype=torch.uint8)
     near = _wall(cam, 60.0)
-    near[:, :, :16] = _wall(cam, 150.0)[:, :, :16]   # a thing at 60 units on the right half, a wall at 150
+    near[:, :, :16] = _wall(cam, 150.0)[:, :, :16]  # a thing at 60 units on the right half, a wall at 150
     cache.update(rgb, near, pose)
     # The thing has gone: the same camera now sees the wall at 150 everywhere, behind where the
     # cached points of the thing are. Those points are contradicted and removed.
@@ -163,7 +173,7 @@ def test_memory_stays_bounded_and_keeps_the_newest(episode, camera):
     cache = WorldCache(camera, config)
     size = cache.nbytes()
     for t in range(len(frames)):
-        cache.update(frames[t:t + 1], depth[t:t + 1], pose[t:t + 1])
+        cache.update(frames[t : t + 1], depth[t : t + 1], pose[t : t + 1])
         assert int(cache.num_points()) <= config.max_points
     assert cache.nbytes() == size
     # What was just seen survives: rendering at the last pose covers most of the valid view.
@@ -187,7 +197,7 @@ def test_batch_equals_alone(episode, camera):
     at = pose[torch.tensor([s[-1] for s in steps]) + 1]
     view = batched.render(at)
     for b in range(3):
-        one = alone[b].render(at[b:b + 1])
+        one = alone[b].render(at[b : b + 1])
         assert torch.equal(view.mask[b], one.mask[0]) and torch.equal(view.rgb[b], one.rgb[0])
         assert torch.allclose(view.depth[b], one.depth[0])
         assert int(batched.num_points()[b]) == int(alone[b].num_points())
@@ -197,7 +207,7 @@ def test_ply_round_trip(episode, camera, tmp_path):
     frames, depth, pose = episode
     cache = WorldCache(camera, CacheConfig(max_points=4096))
     for t in range(0, 20, 4):
-        cache.update(frames[t:t + 1], depth[t:t + 1], pose[t:t + 1])
+        cache.update(frames[t : t + 1], depth[t : t + 1], pose[t : t + 1])
     path = cache.save_ply(tmp_path / "cloud.ply")
     xyz, rgb, normal = cache.points(0)
     head, _, body = path.read_bytes().partition(b"end_header\n")
@@ -227,35 +237,42 @@ def test_bad_input_is_named():
 def test_history_views_batch_every_frame_of_every_window(episode, camera):
     frames, depth, pose = episode
     starts = (3, 20)
-    win = lambda x: torch.stack([x[s:s + 5] for s in starts])  # noqa: E731  (2 windows, 5 frames)
+    win = lambda x: torch.stack([x[s : s + 5] for s in starts])  # noqa: E731  (2 windows, 5 frames)
     view = history_views(camera, win(frames), win(depth), win(pose), history=2)
     assert view.rgb.shape == (2, 5, 24, 32, 3) and view.mask.shape == (2, 5, 24, 32)
-    assert not view.mask[:, 0].any()                 # nothing before the window's first frame
+    assert not view.mask[:, 0].any()  # nothing before the window's first frame
     # Frame 3 of window 1 is the cloud of its 2 predecessors (newest first) rendered at its pose.
     one = WorldCache(camera, CacheConfig(max_points=2 * 24 * 32))
     for t in (22, 21):
-        one.update(frames[t:t + 1], depth[t:t + 1], pose[t:t + 1])
+        one.update(frames[t : t + 1], depth[t : t + 1], pose[t : t + 1])
     alone = one.render(pose[23:24])
     assert torch.equal(view.mask[1, 3], alone.mask[0]) and torch.equal(view.rgb[1, 3], alone.rgb[0])
     # Pose noise moves the views, seeded.
     noise = PoseNoise(position=8.0, yaw=3.0)
-    a = history_views(camera, win(frames), win(depth), win(pose), 2, noise=noise, generator=torch.Generator().manual_seed(1))
-    b = history_views(camera, win(frames), win(depth), win(pose), 2, noise=noise, generator=torch.Generator().manual_seed(1))
+    a = history_views(
+        camera, win(frames), win(depth), win(pose), 2, noise=noise, generator=torch.Generator().manual_seed(1)
+    )
+    b = history_views(
+        camera, win(frames), win(depth), win(pose), 2, noise=noise, generator=torch.Generator().manual_seed(1)
+    )
     assert torch.equal(a.rgb, b.rgb) and not torch.equal(a.rgb, view.rgb)
 
 
 def test_view_condition_shapes_and_a_model_without_depth(episode, camera, tiny_tokenizer_run):
-    from worldgen.models import DiT, MODELS, Tokenizer, TokenizerConfig, load_tokenizer
+    from worldgen.models import MODELS, DiT, Tokenizer, TokenizerConfig, load_tokenizer
     from worldgen.models.world_cache import cond_channels, view_condition
 
     frames, depth, pose = episode
-    tok = Tokenizer(TokenizerConfig(image_size=(24, 32), in_channels=4, latent_channels=4, downsample=8,
-                                    channels=(8, 8, 8, 8)))
+    tok = Tokenizer(
+        TokenizerConfig(image_size=(24, 32), in_channels=4, latent_channels=4, downsample=8, channels=(8, 8, 8, 8))
+    )
     view = history_views(camera, frames[None, :6], depth[None, :6], pose[None, :6], history=2)
-    cond = view_condition(tok, view, camera)                              # (1, 6, 5, 3, 4)
+    cond = view_condition(tok, view, camera)  # (1, 6, 5, 3, 4)
     assert cond.shape == (1, 6, 5, 3, 4)
     assert torch.all(cond[0, 0, -1] == -1) and cond[0, 1:, -1].mean() > 0  # mask cover: none, then most
-    dit = DiT(dataclasses.replace(MODELS["tiny"], latent_channels=4, latent_size=(3, 4), cond_channels=cond_channels(tok.cfg)))
+    dit = DiT(
+        dataclasses.replace(MODELS["tiny"], latent_channels=4, latent_size=(3, 4), cond_channels=cond_channels(tok.cfg))
+    )
     x = torch.randn(1, 6, 4, 3, 4)
     out = dit(x, torch.rand(1, 6), torch.zeros(1, 6, 10), cond=cond)
     assert out.shape == x.shape
@@ -271,8 +288,24 @@ def test_cloud_cli_builds_a_ply_and_a_picture(doom_recording, tmp_path, capsys):
     from worldgen.cli import main
 
     out = tmp_path / "a.ply"
-    assert main(["cloud", "build", str(doom_recording), "--episode", "a", "--out", str(out),
-                 "--picture", str(tmp_path / "a.png"), "--max-points", "3000"]) == 0
+    assert (
+        main(
+            [
+                "cloud",
+                "build",
+                str(doom_recording),
+                "--episode",
+                "a",
+                "--out",
+                str(out),
+                "--picture",
+                str(tmp_path / "a.png"),
+                "--max-points",
+                "3000",
+            ]
+        )
+        == 0
+    )
     n = int(out.read_bytes().split(b"element vertex ")[1].split(b"\n")[0])
     assert 0 < n <= 3000 and (tmp_path / "a.png").stat().st_size > 1000
     assert main(["cloud", "view", str(tmp_path / "missing.ply")]) == 1
@@ -282,8 +315,10 @@ def test_cloud_cli_builds_a_ply_and_a_picture(doom_recording, tmp_path, capsys):
 def test_doctests():
     import doctest
 
-    from worldgen.memory import camera as camera_module, cloud, motion, views
+    from worldgen.memory import camera as camera_module
+    from worldgen.memory import cloud, motion, views
     from worldgen.models import world_cache
+
     for module in (camera_module, cloud, motion, views, world_cache):
         assert doctest.testmod(module).failed == 0, module.__name__
 
@@ -293,17 +328,48 @@ def test_training_with_the_world_cache(doom_recording, tiny_tokenizer_run, tmp_p
     RGB-D tokenizer, and names the problem when the tokenizer has no depth."""
     from worldgen import checkpoint
     from worldgen.models import load_dit
-    from worldgen.training.dynamics import DynamicsTrainConfig, train as train_dynamics
-    from worldgen.training.tokenizer import TokenizerTrainConfig, train as train_tokenizer
+    from worldgen.training.dynamics import DynamicsTrainConfig
+    from worldgen.training.dynamics import train as train_dynamics
+    from worldgen.training.tokenizer import TokenizerTrainConfig
+    from worldgen.training.tokenizer import train as train_tokenizer
 
-    tiny = dict(data=str(doom_recording), model="tiny", window=4, batch_size=4, lr=3e-3, warmup=2, ckpt_every=1000,
-                sample_every=0, log_every=10, eval_windows=4, world_cache=2)
+    tiny = dict(
+        data=str(doom_recording),
+        model="tiny",
+        window=4,
+        batch_size=4,
+        lr=3e-3,
+        warmup=2,
+        ckpt_every=1000,
+        sample_every=0,
+        log_every=10,
+        eval_windows=4,
+        world_cache=2,
+    )
     with pytest.raises(ValueError, match="needs a model that generates depth"):
-        train_dynamics(DynamicsTrainConfig(out=str(tmp_path / "rgb"), tokenizer=str(tiny_tokenizer_run[0]), steps=2, **tiny))
-    train_tokenizer(TokenizerTrainConfig(
-        data=str(doom_recording), out=str(tmp_path / "tok"), steps=6, batch_size=8, channels="8,8,8,8",
-        latent_channels=4, warmup=2, lr=2e-3, ckpt_every=1000, sample_every=0, log_every=5, eval_frames=8, depth=True))
-    summary = train_dynamics(DynamicsTrainConfig(out=str(tmp_path / "dyn"), tokenizer=str(tmp_path / "tok"), steps=10, **tiny))
+        train_dynamics(
+            DynamicsTrainConfig(out=str(tmp_path / "rgb"), tokenizer=str(tiny_tokenizer_run[0]), steps=2, **tiny)
+        )
+    train_tokenizer(
+        TokenizerTrainConfig(
+            data=str(doom_recording),
+            out=str(tmp_path / "tok"),
+            steps=6,
+            batch_size=8,
+            channels="8,8,8,8",
+            latent_channels=4,
+            warmup=2,
+            lr=2e-3,
+            ckpt_every=1000,
+            sample_every=0,
+            log_every=5,
+            eval_frames=8,
+            depth=True,
+        )
+    )
+    summary = train_dynamics(
+        DynamicsTrainConfig(out=str(tmp_path / "dyn"), tokenizer=str(tmp_path / "tok"), steps=10, **tiny)
+    )
     assert math.isfinite(summary["heldout_loss"])
     model = load_dit(tmp_path / "dyn" / "ckpt")
     assert model.cfg.cond_channels == 4 + 1
@@ -323,8 +389,10 @@ def test_motion_model_predicts_the_next_pose_from_the_actions(doom_recording):
 
     def read(name):
         e = ds.episode_index(name)
-        return (torch.from_numpy(ds.read(e, "pose")),
-                torch.from_numpy(actions.to_vector(ds.read(e, "keys"), ds.read(e, "mouse"))))
+        return (
+            torch.from_numpy(ds.read(e, "pose")),
+            torch.from_numpy(actions.to_vector(ds.read(e, "keys"), ds.read(e, "mouse"))),
+        )
 
     train = [read("a"), read("b")]
     model = MotionModel.fit([p for p, _ in train], [a for _, a in train])

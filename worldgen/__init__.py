@@ -11,5 +11,6 @@ def __getattr__(name: str):
     # Lazy: `worldgen record` and friends should not pay for importing torch models.
     if name == "WorldModel":
         from worldgen.engine import WorldModel
+
         return WorldModel
     raise AttributeError(f"module 'worldgen' has no attribute {name!r}")

@@ -20,13 +20,21 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 KEYS: tuple[str, ...] = (
-    "forward", "back", "strafe_left", "strafe_right", "turn_left", "turn_right", "attack", "use",
+    "forward",
+    "back",
+    "strafe_left",
+    "strafe_right",
+    "turn_left",
+    "turn_right",
+    "attack",
+    "use",
 )
 MOUSE: tuple[str, ...] = ("yaw", "pitch")
 NUM_KEYS = len(KEYS)
@@ -46,8 +54,13 @@ class ActionError(ValueError):
 
 def schema() -> dict[str, Any]:
     """The schema as plain data, stored in dataset indexes and checkpoints."""
-    return {"version": SCHEMA_VERSION, "keys": list(KEYS), "mouse": list(MOUSE),
-            "mouse_units": "degrees per step", "mouse_scale_deg": MOUSE_SCALE_DEG}
+    return {
+        "version": SCHEMA_VERSION,
+        "keys": list(KEYS),
+        "mouse": list(MOUSE),
+        "mouse_units": "degrees per step",
+        "mouse_scale_deg": MOUSE_SCALE_DEG,
+    }
 
 
 def check_schema(stored: Mapping[str, Any], where: str) -> None:
@@ -55,8 +68,9 @@ def check_schema(stored: Mapping[str, Any], where: str) -> None:
     mine = schema()
     for field in ("version", "keys", "mouse"):
         if stored.get(field) != mine[field]:
-            raise ActionError(f"{where}: action schema {field}={stored.get(field)!r} does not match "
-                              f"this worldgen's {mine[field]!r}")
+            raise ActionError(
+                f"{where}: action schema {field}={stored.get(field)!r} does not match this worldgen's {mine[field]!r}"
+            )
 
 
 def validate(keys: Any, mouse: Any, batch_shape: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
@@ -71,11 +85,13 @@ def validate(keys: Any, mouse: Any, batch_shape: tuple[int, ...] = ()) -> tuple[
     except (TypeError, ValueError) as e:
         raise ActionError(f"action is not numeric: {e}") from None
     if k.shape != (*batch_shape, NUM_KEYS):
-        raise ActionError(f"keys must have shape {(*batch_shape, NUM_KEYS)} (one 0/1 per key "
-                          f"{', '.join(KEYS)}), got {k.shape}")
+        raise ActionError(
+            f"keys must have shape {(*batch_shape, NUM_KEYS)} (one 0/1 per key {', '.join(KEYS)}), got {k.shape}"
+        )
     if m.shape != (*batch_shape, NUM_MOUSE):
-        raise ActionError(f"mouse must have shape {(*batch_shape, NUM_MOUSE)} ({', '.join(MOUSE)} "
-                          f"in degrees), got {m.shape}")
+        raise ActionError(
+            f"mouse must have shape {(*batch_shape, NUM_MOUSE)} ({', '.join(MOUSE)} in degrees), got {m.shape}"
+        )
     if k.dtype == bool:
         k = k.astype(np.uint8)
     if not np.issubdtype(k.dtype, np.number) or not np.isin(k, (0, 1)).all():
@@ -83,8 +99,10 @@ def validate(keys: Any, mouse: Any, batch_shape: tuple[int, ...] = ()) -> tuple[
     if not np.isfinite(m).all():
         raise ActionError("mouse deltas must be finite numbers, got NaN or inf")
     if (np.abs(m) > MAX_MOUSE_DEG).any():
-        raise ActionError(f"mouse deltas must lie within +-{MAX_MOUSE_DEG} degrees per step, "
-                          f"got {m.reshape(-1, NUM_MOUSE)[np.abs(m.reshape(-1, NUM_MOUSE)).max(1).argmax()].tolist()}")
+        raise ActionError(
+            f"mouse deltas must lie within +-{MAX_MOUSE_DEG} degrees per step, "
+            f"got {m.reshape(-1, NUM_MOUSE)[np.abs(m.reshape(-1, NUM_MOUSE)).max(1).argmax()].tolist()}"
+        )
     return k.astype(np.uint8), m
 
 
@@ -97,7 +115,7 @@ def to_vector(keys: np.ndarray, mouse: np.ndarray) -> np.ndarray:
 class Action:
     """One validated action. Build it from key names or arrays; both are checked."""
 
-    keys: np.ndarray   # (8,) uint8
+    keys: np.ndarray  # (8,) uint8
     mouse: np.ndarray  # (2,) float32, degrees
 
     def __post_init__(self) -> None:
@@ -106,11 +124,11 @@ class Action:
         object.__setattr__(self, "mouse", m)
 
     @classmethod
-    def noop(cls) -> "Action":
+    def noop(cls) -> Action:
         return cls(np.zeros(NUM_KEYS, np.uint8), np.zeros(NUM_MOUSE, np.float32))
 
     @classmethod
-    def from_keys(cls, names: Iterable[str] = (), yaw: float = 0.0, pitch: float = 0.0) -> "Action":
+    def from_keys(cls, names: Iterable[str] = (), yaw: float = 0.0, pitch: float = 0.0) -> Action:
         keys = np.zeros(NUM_KEYS, np.uint8)
         for name in names:
             if name not in KEYS:
@@ -119,7 +137,7 @@ class Action:
         return cls(keys, np.array([yaw, pitch], np.float32))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Action":
+    def from_dict(cls, d: Mapping[str, Any]) -> Action:
         """From the wire/JSON form ``{"keys": [names] or multi-hot, "mouse": [yaw, pitch]}``."""
         if not isinstance(d, Mapping):
             raise ActionError(f"action must be a mapping with 'keys' and 'mouse', got {type(d).__name__}")

@@ -17,8 +17,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -47,8 +48,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     return p
 
 
-def save(folder: str | os.PathLike, part: str, tensors: Mapping[str, torch.Tensor],
-         config: Mapping[str, Any]) -> None:
+def save(folder: str | os.PathLike, part: str, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> None:
     """Save ``tensors`` and ``config`` as ``part`` in ``folder``. Readers never see half a part:
     shards are written first under fresh names, the JSON that lists them last."""
     folder = Path(folder)
@@ -100,10 +100,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(meta.get("config", {}), dict):
         raise CheckpointError(f"{path}: 'config' must be an object")
     if not isinstance(files, list) or not all(isinstance(f, str) and _SHARD_NAME.fullmatch(f) for f in files):
-        raise CheckpointError(f"{path}: 'files' must list shard file names inside the checkpoint folder "
-                              f"(*.safetensors, no folders), got {str(files)[:200]}")
-    if not isinstance(hashes, dict) or not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h)
-                                               for h in hashes.values()):
+        raise CheckpointError(
+            f"{path}: 'files' must list shard file names inside the checkpoint folder "
+            f"(*.safetensors, no folders), got {str(files)[:200]}"
+        )
+    if not isinstance(hashes, dict) or not all(
+        isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes.values()
+    ):
         raise CheckpointError(f"{path}: 'sha256' must map file names to 64 hex digits")
     return meta
 
@@ -116,8 +119,10 @@ def _check_finite(tensors: Mapping[str, torch.Tensor], where: Path) -> None:
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            raise CheckpointError(f"{where}: tensor {name} holds {nan} NaN and {inf} infinite values; "
-                                  f"refusing weights that would produce garbage")
+            raise CheckpointError(
+                f"{where}: tensor {name} holds {nan} NaN and {inf} infinite values; "
+                f"refusing weights that would produce garbage"
+            )
 
 
 def load(folder: str | os.PathLike, part: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -128,18 +133,20 @@ def load(folder: str | os.PathLike, part: str) -> tuple[dict[str, torch.Tensor],
     meta = _read_json(folder / f"{part}.json")
     hashes = meta.get("sha256")
     if hashes is None:
-        log.warning("%s: no SHA-256 of its shards (saved by an older worldgen); loading them unverified",
-                    folder / f"{part}.json")
+        log.warning(
+            "%s: no SHA-256 of its shards (saved by an older worldgen); loading them unverified",
+            folder / f"{part}.json",
+        )
     elif set(hashes) != set(meta.get("files", [])):
-        raise CheckpointError(f"{folder / part}.json: 'sha256' lists {sorted(hashes)}, 'files' lists "
-                              f"{sorted(meta.get('files', []))}")
+        raise CheckpointError(
+            f"{folder / part}.json: 'sha256' lists {sorted(hashes)}, 'files' lists {sorted(meta.get('files', []))}"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for fname in meta.get("files", []):
         path = folder / fname
         try:
             if hashes is not None and sha256_file(path) != hashes[fname]:
-                raise CheckpointError(f"{path}: content does not match its SHA-256 in {part}.json "
-                                      f"(corrupt or altered)")
+                raise CheckpointError(f"{path}: content does not match its SHA-256 in {part}.json (corrupt or altered)")
             shard = load_file(path)
         except FileNotFoundError:
             raise CheckpointError(f"{path}: shard listed in {part}.json is missing") from None
@@ -160,8 +167,11 @@ def load_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], whe
     own = module.state_dict()
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in tensors and tensors[k].shape != own[k].shape
+    ]
     if missing or extra or shapes:
         parts = []
         if missing:

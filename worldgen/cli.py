@@ -20,14 +20,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("worldgen.server.cli", "stream a world model to browsers and clients over websockets"),
     "play": ("worldgen.clients.play", "play a world model in a pygame window (local engine or --server)"),
     "generate": ("worldgen.engine.generate", "long video offline from context and actions (overlapping-clip fusion)"),
-    "cloud": ("worldgen.cloud", "build a point-cloud world cache from recorded play (.ply, picture); view it in open3d"),
+    "cloud": (
+        "worldgen.cloud",
+        "build a point-cloud world cache from recorded play (.ply, picture); view it in open3d",
+    ),
 }
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="worldgen", description="Record play, train, evaluate, and play or serve world models.",
-        epilog="`worldgen COMMAND --help` shows a command's options; docs/README.md in the repository has the guides.")
+        prog="worldgen",
+        description="Record play, train, evaluate, and play or serve world models.",
+        epilog="`worldgen COMMAND --help` shows a command's options; docs/README.md in the repository has the guides.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Import only the module of the command asked for: `worldgen record` does not load torch
     # models, and `worldgen --help` (no command) imports none, so it answers at once.

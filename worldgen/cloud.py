@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from worldgen.data.camera import dataset_camera
 from worldgen.data.dataset import Dataset, DatasetError
 from worldgen.files import atomic_write
-from worldgen.data.camera import dataset_camera
-from worldgen.memory.camera import Camera
 from worldgen.memory.cloud import CacheConfig, WorldCache
 
 
-def build(ds: Dataset, episode: int, frames: int | None = None, every: int = 1,
-          config: CacheConfig = CacheConfig()) -> WorldCache:
+def build(
+    ds: Dataset, episode: int, frames: int | None = None, every: int = 1, config: CacheConfig = CacheConfig()
+) -> WorldCache:
     """The cloud of an episode's first ``frames`` frames (every ``every``-th one), fused in order."""
     if every < 1:
         raise ValueError(f"--every must be >= 1, got {every}")
@@ -39,7 +39,7 @@ def build(ds: Dataset, episode: int, frames: int | None = None, every: int = 1,
         depth = torch.from_numpy(ds.read(episode, "depth", start, end))
         pose = torch.from_numpy(ds.read(episode, "pose", start, end))
         for t in range(-start % every, end - start, every):
-            cache.update(rgb[t:t + 1], depth[t:t + 1], pose[t:t + 1])
+            cache.update(rgb[t : t + 1], depth[t : t + 1], pose[t : t + 1])
     return cache
 
 
@@ -47,6 +47,7 @@ def picture(xyz: np.ndarray, rgb: np.ndarray, normal: np.ndarray, path: Path) ->
     """An oblique view of a cloud (ceilings left out, so the rooms show; colours brightened, as
     Doom's are dark) as a PNG."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -100,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
             view(args.ply)
             return 0
         ds = Dataset(args.dataset)
-        cache = build(ds, ds.episode_index(args.episode), args.frames, args.every, CacheConfig(max_points=args.max_points))
+        cache = build(
+            ds, ds.episode_index(args.episode), args.frames, args.every, CacheConfig(max_points=args.max_points)
+        )
         cache.save_ply(args.out)
         print(f"{args.out}: {int(cache.num_points()[0])} points (bound {args.max_points})")
         if args.picture:

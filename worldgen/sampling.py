@@ -51,8 +51,9 @@ T_MAX = 0.97
 GUIDANCE = 1.0
 
 
-def shifted_timesteps(steps: int, shift: float = SHIFT, device: torch.device | str | None = None,
-                      t_max: float | None = None) -> torch.Tensor:
+def shifted_timesteps(
+    steps: int, shift: float = SHIFT, device: torch.device | str | None = None, t_max: float | None = None
+) -> torch.Tensor:
     """(steps + 1,) noise levels from ``t_max`` (default :data:`T_MAX`) down to 0, SD3-shifted: ``s t / (1 + (s - 1) t)``.
 
     Example:
@@ -73,8 +74,9 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Ten
     return (1 - t) * x0 + t * eps
 
 
-def euler(x: torch.Tensor, velocity, steps: int = STEPS, shift: float = SHIFT,
-          exit_step: int | None = None) -> torch.Tensor:
+def euler(
+    x: torch.Tensor, velocity, steps: int = STEPS, shift: float = SHIFT, exit_step: int | None = None
+) -> torch.Tensor:
     """Integrate ``x`` (noise) from :data:`T_MAX` to 0 on the shifted schedule, ``velocity(x, t)``
     giving the model's v at the level ``t``: the one sampling loop of every sampler here and of
     the streaming engine.
@@ -113,7 +115,7 @@ def guided(v: torch.Tensor, guidance: float) -> torch.Tensor:
 def guidance_mask(b: int, frames: int, new: int, device: torch.device | str) -> torch.Tensor:
     """``drop_actions`` (2B, frames) of a guided doubled batch: the second half drops the last ``new`` frames' actions."""
     drop = torch.zeros(2 * b, frames, dtype=torch.bool, device=device)
-    drop[b:, frames - new:] = True
+    drop[b:, frames - new :] = True
     return drop
 
 
@@ -125,9 +127,17 @@ def randn(shape: Sequence[int], generator: torch.Generator | None, device: torch
 
 
 @torch.no_grad()
-def generate(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, actions: torch.Tensor,
-             steps: int = STEPS, ctx_noise: float = 0.0, shift: float = SHIFT,
-             generator: torch.Generator | None = None, guidance: float = GUIDANCE) -> torch.Tensor:
+def generate(
+    dit: DiT,
+    ctx_latents: torch.Tensor,
+    ctx_actions: torch.Tensor,
+    actions: torch.Tensor,
+    steps: int = STEPS,
+    ctx_noise: float = 0.0,
+    shift: float = SHIFT,
+    generator: torch.Generator | None = None,
+    guidance: float = GUIDANCE,
+) -> torch.Tensor:
     """Denoise ``n`` new frames jointly after the context: the step both functions below build on.
 
     Args:
@@ -141,8 +151,10 @@ def generate(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, act
     b, tc = ctx_latents.shape[:2]
     n = actions.shape[1]
     if ctx_actions.shape[:2] != (b, tc) or actions.shape[0] != b:
-        raise ValueError(f"ctx_actions must be (B, Tc, A) = ({b}, {tc}, A) and actions (B, n, A), got "
-                         f"{tuple(ctx_actions.shape)} and {tuple(actions.shape)}")
+        raise ValueError(
+            f"ctx_actions must be (B, Tc, A) = ({b}, {tc}, A) and actions (B, n, A), got "
+            f"{tuple(ctx_actions.shape)} and {tuple(actions.shape)}"
+        )
     if not 0.0 <= ctx_noise < 1.0:
         raise ValueError(f"ctx_noise must be in [0, 1), got {ctx_noise}")
     ctx = ctx_latents.float()
@@ -159,27 +171,47 @@ def generate(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, act
         xs = torch.cat([ctx, x], 1)
         if drop is None:
             return dit(xs, t, acts)[:, tc:].float()
-        return guided(dit(xs.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), acts.repeat(2, 1, 1), drop_actions=drop)[:, tc:],
-                      guidance)
+        return guided(
+            dit(xs.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), acts.repeat(2, 1, 1), drop_actions=drop)[:, tc:], guidance
+        )
+
     return euler(x, velocity, steps, shift)
 
 
-def predict_next(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, next_action: torch.Tensor,
-                 steps: int = STEPS, ctx_noise: float = 0.0, shift: float = SHIFT,
-                 generator: torch.Generator | None = None, guidance: float = GUIDANCE) -> torch.Tensor:
+def predict_next(
+    dit: DiT,
+    ctx_latents: torch.Tensor,
+    ctx_actions: torch.Tensor,
+    next_action: torch.Tensor,
+    steps: int = STEPS,
+    ctx_noise: float = 0.0,
+    shift: float = SHIFT,
+    generator: torch.Generator | None = None,
+    guidance: float = GUIDANCE,
+) -> torch.Tensor:
     """The next frame's latent (B, C, h, w) given the context and the action (B, A) that makes it.
 
     With ``frames_per_block > 1`` the new frame shares a block (bidirectional attention) with
     the last ``Tc % frames_per_block`` context frames, as frames at mixed noise levels do in
     Diffusion-Forcing training.
     """
-    return generate(dit, ctx_latents, ctx_actions, next_action[:, None], steps, ctx_noise, shift, generator,
-                    guidance)[:, 0]
+    return generate(dit, ctx_latents, ctx_actions, next_action[:, None], steps, ctx_noise, shift, generator, guidance)[
+        :, 0
+    ]
 
 
-def rollout(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, actions: torch.Tensor,
-            steps: int = STEPS, window: int = 16, ctx_noise: float = 0.0, shift: float = SHIFT,
-            generator: torch.Generator | None = None, guidance: float = GUIDANCE) -> torch.Tensor:
+def rollout(
+    dit: DiT,
+    ctx_latents: torch.Tensor,
+    ctx_actions: torch.Tensor,
+    actions: torch.Tensor,
+    steps: int = STEPS,
+    window: int = 16,
+    ctx_noise: float = 0.0,
+    shift: float = SHIFT,
+    generator: torch.Generator | None = None,
+    guidance: float = GUIDANCE,
+) -> torch.Tensor:
     """Generate one frame per action (B, N, A) autoregressively -> (B, N, C, h, w).
 
     Frames are made a block (``frames_per_block``) at a time, each conditioned on at most
@@ -199,10 +231,10 @@ def rollout(dit: DiT, ctx_latents: torch.Tensor, ctx_actions: torch.Tensor, acti
     frames, acts = ctx_latents.float(), ctx_actions
     out = []
     for i in range(0, actions.shape[1], chunk):
-        new_acts = actions[:, i:i + chunk]
+        new_acts = actions[:, i : i + chunk]
         # Keep whole blocks of context so the new frames start a block of their own.
         keep = min(window - new_acts.shape[1], frames.shape[1]) // chunk * chunk
-        frames, acts = frames[:, frames.shape[1] - keep:], acts[:, acts.shape[1] - keep:]
+        frames, acts = frames[:, frames.shape[1] - keep :], acts[:, acts.shape[1] - keep :]
         new = generate(dit, frames, acts, new_acts, steps, ctx_noise, shift, generator, guidance)
         frames, acts = torch.cat([frames, new], 1), torch.cat([acts, new_acts], 1)
         out.append(new)

@@ -13,6 +13,8 @@ def dataset_camera(ds: Dataset) -> Camera:
     if env != "doom":
         raise ValueError(f"{ds.root}: no camera model for env {env!r} (only ViZDoom's is fitted: 'doom')")
     if not ds.index["has_depth"] or not ds.index["pose"]:
-        raise ValueError(f"{ds.root}: a cloud needs recorded depth and camera poses; this dataset lacks "
-                         f"{'depth' if not ds.index['has_depth'] else 'poses'}")
+        raise ValueError(
+            f"{ds.root}: a cloud needs recorded depth and camera poses; this dataset lacks "
+            f"{'depth' if not ds.index['has_depth'] else 'poses'}"
+        )
     return DOOM.resized(*ds.resolution)

@@ -1,9 +1,9 @@
 """``worldgen data``: look at a recorded dataset.
 
-    worldgen data info DATASET [--json]        counts, maps, seeds, split, action histogram, validation
-    worldgen data view DATASET [--out DIR] [--episode ID|N] [--frames K]
-                                               strip.png (frames over their depth), clip.mp4,
-                                               coverage.png (when poses were recorded)
+worldgen data info DATASET [--json]        counts, maps, seeds, split, action histogram, validation
+worldgen data view DATASET [--out DIR] [--episode ID|N] [--frames K]
+                                           strip.png (frames over their depth), clip.mp4,
+                                           coverage.png (when poses were recorded)
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     view.add_argument("--episode", default="0", help="episode id or index (0-based), see `data info`")
     view.add_argument("--frames", type=int, default=8, help="frames in the strip, evenly spaced")
     view.add_argument("--clip-steps", type=int, default=1000, help="steps of the episode in clip.mp4")
-    view.add_argument("--fps", type=float,
-                      help="clip frame rate (default: the source's fps if recorded, else 35 / frame skip, Doom speed)")
+    view.add_argument(
+        "--fps",
+        type=float,
+        help="clip frame rate (default: the source's fps if recorded, else 35 / frame skip, Doom speed)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --- info -----------------------------------------------------------------------------------
+
 
 def summarize(ds: Dataset, heldout_fraction: float = 0.1) -> dict[str, Any]:
     """Everything `worldgen data info` reports, as plain data. Validates every shard.
@@ -63,18 +67,31 @@ def summarize(ds: Dataset, heldout_fraction: float = 0.1) -> dict[str, Any]:
     train, held = ds.split(heldout_fraction)
     shards = [s for e in ds.episodes for s in e.shards]
     summary: dict[str, Any] = {
-        "dataset": str(ds.root), "source": ds.index["source"], "episodes": len(ds), "steps": ds.num_steps,
+        "dataset": str(ds.root),
+        "source": ds.index["source"],
+        "episodes": len(ds),
+        "steps": ds.num_steps,
         "terminal_episodes": sum(e.terminal for e in ds.episodes),
         "episode_length": {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())}
-        if len(ds) else None,
-        "maps": sorted(per_map), "steps_per_map": dict(sorted(per_map.items())),
-        "seeds": [e.seed for e in ds.episodes], "ids": [e.id for e in ds.episodes],
-        "resolution": list(ds.resolution), "frame_skip": ds.frame_skip, "fields": ds.fields,
+        if len(ds)
+        else None,
+        "maps": sorted(per_map),
+        "steps_per_map": dict(sorted(per_map.items())),
+        "seeds": [e.seed for e in ds.episodes],
+        "ids": [e.id for e in ds.episodes],
+        "resolution": list(ds.resolution),
+        "frame_skip": ds.frame_skip,
+        "fields": ds.fields,
         "variables": ds.variable_names,
-        "split": {"heldout_fraction": heldout_fraction, "train_episodes": len(train), "heldout_episodes": len(held),
-                  "train_steps": sum(ds.episodes[i].length for i in train),
-                  "heldout_steps": sum(ds.episodes[i].length for i in held)},
-        "shards": len(shards), "bytes": sum(s["bytes"] for s in shards),
+        "split": {
+            "heldout_fraction": heldout_fraction,
+            "train_episodes": len(train),
+            "heldout_episodes": len(held),
+            "train_steps": sum(ds.episodes[i].length for i in train),
+            "heldout_steps": sum(ds.episodes[i].length for i in held),
+        },
+        "shards": len(shards),
+        "bytes": sum(s["bytes"] for s in shards),
         "stray_files": [str(p.relative_to(ds.root)) for p in ds.stray_files()],
     }
     try:
@@ -95,14 +112,26 @@ def action_stats(ds: Dataset) -> dict[str, Any]:
     stats: dict[str, Any] = {
         "keys_held": {k: float(keys[:, j].mean()) if len(keys) else 0.0 for j, k in enumerate(actions.KEYS)},
         "no_key_held": float((keys.sum(1) == 0).mean()) if len(keys) else 0.0,
-        "mouse": {m: {"mean": float(v.mean()), "std": float(v.std()), "abs_mean": float(np.abs(v).mean()),
-                      "min": float(v.min()), "max": float(v.max()), "nonzero": float((v != 0).mean())}
-                  if len(v) else None for m, v in zip(actions.MOUSE, mouse.T)},
+        "mouse": {
+            m: {
+                "mean": float(v.mean()),
+                "std": float(v.std()),
+                "abs_mean": float(np.abs(v).mean()),
+                "min": float(v.min()),
+                "max": float(v.max()),
+                "nonzero": float((v != 0).mean()),
+            }
+            if len(v)
+            else None
+            for m, v in zip(actions.MOUSE, mouse.T)
+        },
     }
     if "env_actions" in ds.fields and len(ds):
         env = np.concatenate([ds.read(i, "env_actions") for i in range(len(ds))])
-        stats["env_actions"] = {"space": ds.index["source"].get("env_action_space"),
-                                "mean": env.mean(0).round(4).tolist()}
+        stats["env_actions"] = {
+            "space": ds.index["source"].get("env_action_space"),
+            "mean": env.mean(0).round(4).tolist(),
+        }
     return stats
 
 
@@ -117,11 +146,16 @@ def info(ds: Dataset, args: argparse.Namespace) -> int:
         f"dataset    {s['dataset']}: {s['shards']} shards, {s['bytes'] / 2**20:.1f} MiB",
         f"source     {', '.join(f'{k}={v}' for k, v in src.items() if not isinstance(v, (dict, list)))}",
         f"episodes   {s['episodes']} ({s['terminal_episodes']} ended by the game), {s['steps']:,} steps"
-        + (f", length min/mean/max {s['episode_length']['min']}/{s['episode_length']['mean']:.0f}/"
-           f"{s['episode_length']['max']}" if s["episode_length"] else ""),
+        + (
+            f", length min/mean/max {s['episode_length']['min']}/{s['episode_length']['mean']:.0f}/"
+            f"{s['episode_length']['max']}"
+            if s["episode_length"]
+            else ""
+        ),
         f"frames     {s['resolution'][0]}x{s['resolution'][1]} RGB, frame skip {s['frame_skip']}, "
         f"arrays {', '.join(s['fields'])}" + (f"; variables {', '.join(s['variables'])}" if s["variables"] else ""),
-        "maps       " + ", ".join(f"{m} {n:,} steps ({n / max(s['steps'], 1):.0%})" for m, n in s["steps_per_map"].items()),
+        "maps       "
+        + ", ".join(f"{m} {n:,} steps ({n / max(s['steps'], 1):.0%})" for m, n in s["steps_per_map"].items()),
         f"seeds      {_short(s['seeds'])}",
         f"ids        {_short(s['ids'])} (index order; `--episode` takes an id or an index)",
         f"split      train {s['split']['train_episodes']} episodes / {s['split']['train_steps']:,} steps, "
@@ -130,19 +164,26 @@ def info(ds: Dataset, args: argparse.Namespace) -> int:
     ]
     if s["actions"]:
         a = s["actions"]
-        lines.append("keys held  " + "  ".join(f"{k} {v:.1%}" for k, v in a["keys_held"].items())
-                     + f"  (none {a['no_key_held']:.1%})")
+        lines.append(
+            "keys held  "
+            + "  ".join(f"{k} {v:.1%}" for k, v in a["keys_held"].items())
+            + f"  (none {a['no_key_held']:.1%})"
+        )
         for m, st in a["mouse"].items():
             if st:
-                lines.append(f"mouse {m:<5s} mean {st['mean']:+.2f}  std {st['std']:.2f}  |mean| {st['abs_mean']:.2f}"
-                             f"  range [{st['min']:.1f}, {st['max']:.1f}]  nonzero {st['nonzero']:.1%}  (degrees/step)")
+                lines.append(
+                    f"mouse {m:<5s} mean {st['mean']:+.2f}  std {st['std']:.2f}  |mean| {st['abs_mean']:.2f}"
+                    f"  range [{st['min']:.1f}, {st['max']:.1f}]  nonzero {st['nonzero']:.1%}  (degrees/step)"
+                )
         if "env_actions" in a:
             space = (a["env_actions"]["space"] or {}).get("repr", "?")
             means = [f"{m:.3f}" for m in a["env_actions"]["mean"]]
             lines.append(f"env action {space}: mean of each flattened dimension {_short(means)}")
     if s["stray_files"]:
-        lines.append(f"strays     {len(s['stray_files'])} files in shards/ not in the index (an interrupted "
-                     f"recording; never read): {_short(s['stray_files'])}")
+        lines.append(
+            f"strays     {len(s['stray_files'])} files in shards/ not in the index (an interrupted "
+            f"recording; never read): {_short(s['stray_files'])}"
+        )
     lines.append(f"validation {s['validation']}")
     print("\n".join(lines))
     return 0 if ok else 1
@@ -153,6 +194,7 @@ def _short(items: list, n: int = 12) -> str:
 
 
 # --- view -----------------------------------------------------------------------------------
+
 
 def depth_to_rgb(depth: np.ndarray, far: float | None = None) -> np.ndarray:
     """``(..., H, W)`` depth -> ``(..., H, W, 3)`` uint8, near bright, far dark (magma).
@@ -171,7 +213,7 @@ def strip(ds: Dataset, episode: int, k: int) -> tuple[np.ndarray, list[int]]:
     length = ds.episodes[episode].length
     steps = sorted(set(np.linspace(0, length - 1, min(k, length)).round().astype(int).tolist()))
     frames = np.stack([ds.read(episode, "frames", s, s + 1)[0] for s in steps])  # (K, H, W, 3)
-    rows = [np.concatenate(list(frames), axis=1)]                                # (H, K*W, 3)
+    rows = [np.concatenate(list(frames), axis=1)]  # (H, K*W, 3)
     if "depth" in ds.fields:
         depth = np.stack([ds.read(episode, "depth", s, s + 1)[0] for s in steps])
         rows.append(np.concatenate(list(depth_to_rgb(depth)), axis=1))
@@ -181,7 +223,7 @@ def strip(ds: Dataset, episode: int, k: int) -> tuple[np.ndarray, list[int]]:
 def write_clip(ds: Dataset, episode: int, path: Path, steps: int, fps: float) -> int:
     """The episode's first ``steps`` frames (depth alongside) as an H.264 mp4; returns frames written."""
     stop = min(steps, ds.episodes[episode].length)
-    video = ds.read(episode, "frames", 0, stop)                       # (T, H, W, 3)
+    video = ds.read(episode, "frames", 0, stop)  # (T, H, W, 3)
     if "depth" in ds.fields:
         depth = ds.read(episode, "depth", 0, stop)
         video = np.concatenate([video, depth_to_rgb(depth)], axis=2)  # (T, H, 2W, 3)
@@ -199,7 +241,9 @@ def view(ds: Dataset, args: argparse.Namespace) -> int:
     info = ds.episodes[episode]
     image, steps = strip(ds, episode, args.frames)
     atomic_write(out / "strip.png", lambda tmp: Image.fromarray(image).save(tmp))
-    print(f"{out / 'strip.png'}: episode {info.id} steps {steps}" + (" with depth under" if "depth" in ds.fields else ""))
+    print(
+        f"{out / 'strip.png'}: episode {info.id} steps {steps}" + (" with depth under" if "depth" in ds.fields else "")
+    )
     fps = args.fps or ds.index["source"].get("fps") or DOOM_TICS_PER_SECOND / ds.frame_skip
     n = write_clip(ds, episode, out / "clip.mp4", args.clip_steps, fps)
     print(f"{out / 'clip.mp4'}: {n} frames at {fps:g} fps")

@@ -19,19 +19,20 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any
 
 import numpy as np
 
 from worldgen.data.dataset import Dataset, DatasetError
 from worldgen.files import atomic_write
 
-CELL = 64.0       # map units; one floor tile, two player widths
-PER = 10_000      # frames per coverage block: the issue's unit of comparison
+CELL = 64.0  # map units; one floor tile, two player widths
+PER = 10_000  # frames per coverage block: the issue's unit of comparison
 LINE_FIELDS = ("x1", "y1", "x2", "y2", "blocking")
 
-Track = tuple[Union[str, None], np.ndarray]  # (map, pose (N, >=2))
+Track = tuple[str | None, np.ndarray]  # (map, pose (N, >=2))
 
 
 def cells(xy: np.ndarray, cell: float = CELL) -> np.ndarray:
@@ -74,19 +75,29 @@ def coverage(source: Dataset | Sequence[Track], cell: float = CELL, per: int = P
     if not ts or sum(len(p) for _, p in ts) == 0:
         return {"frames": 0, "cells": 0, "per": per, "cells_per_block": None, "blocks": 0, "cell": cell}
     # (N, 3): map id, cell x, cell y
-    keyed = np.concatenate([np.column_stack([np.full(len(p), maps[m]), np.floor(np.asarray(p)[:, :2] / cell)])
-                            for m, p in ts if len(p)]).astype(np.int64)
-    blocks = [len(np.unique(keyed[s:s + per], axis=0)) for s in range(0, len(keyed) - per + 1, per)]
-    return {"frames": len(keyed), "cells": len(np.unique(keyed, axis=0)), "per": per,
-            "cells_per_block": float(np.mean(blocks)) if blocks else None, "blocks": len(blocks),
-            "cell": cell}
+    keyed = np.concatenate(
+        [np.column_stack([np.full(len(p), maps[m]), np.floor(np.asarray(p)[:, :2] / cell)]) for m, p in ts if len(p)]
+    ).astype(np.int64)
+    blocks = [len(np.unique(keyed[s : s + per], axis=0)) for s in range(0, len(keyed) - per + 1, per)]
+    return {
+        "frames": len(keyed),
+        "cells": len(np.unique(keyed, axis=0)),
+        "per": per,
+        "cells_per_block": float(np.mean(blocks)) if blocks else None,
+        "blocks": len(blocks),
+        "cell": cell,
+    }
 
 
 def save_map_lines(root: str | Path, map: str, lines: np.ndarray, **meta: Any) -> Path:
     """Write a map's line segments ``(L, 5)`` to ``<root>/maps/<map>.json`` atomically."""
     path = Path(root) / "maps" / f"{map}.json"
-    data = {"map": map, **meta, "fields": list(LINE_FIELDS),
-            "lines": np.asarray(lines, np.float32).reshape(-1, 5).tolist()}
+    data = {
+        "map": map,
+        **meta,
+        "fields": list(LINE_FIELDS),
+        "lines": np.asarray(lines, np.float32).reshape(-1, 5).tolist(),
+    }
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
     return path
 
@@ -105,9 +116,12 @@ def load_map_lines(root: str | Path, map: str) -> np.ndarray | None:
     return lines.reshape(-1, lines.shape[1] if lines.size else 5)
 
 
-def plot_coverage(dataset_or_poses: Dataset | np.ndarray | Sequence[Any], out_png: str | Path,
-                  map_lines: np.ndarray | Mapping[str, np.ndarray] | None = None,
-                  cell: float = CELL) -> Path:
+def plot_coverage(
+    dataset_or_poses: Dataset | np.ndarray | Sequence[Any],
+    out_png: str | Path,
+    map_lines: np.ndarray | Mapping[str, np.ndarray] | None = None,
+    cell: float = CELL,
+) -> Path:
     """Draw each map's walls, the visited cells (shaded by visits) and the trajectories.
 
     Args:
@@ -147,9 +161,14 @@ def plot_coverage(dataset_or_poses: Dataset | np.ndarray | Sequence[Any], out_pn
             lo, hi = c.min(0), c.max(0)
             grid = np.zeros((hi[1] - lo[1] + 1, hi[0] - lo[0] + 1))
             np.add.at(grid, (c[:, 1] - lo[1], c[:, 0] - lo[0]), 1)
-            ax.imshow(np.ma.masked_equal(np.log1p(grid), 0), origin="lower", cmap="viridis", alpha=0.75,
-                      extent=(lo[0] * cell, (hi[0] + 1) * cell, lo[1] * cell, (hi[1] + 1) * cell),
-                      interpolation="nearest")
+            ax.imshow(
+                np.ma.masked_equal(np.log1p(grid), 0),
+                origin="lower",
+                cmap="viridis",
+                alpha=0.75,
+                extent=(lo[0] * cell, (hi[0] + 1) * cell, lo[1] * cell, (hi[1] + 1) * cell),
+                interpolation="nearest",
+            )
         if lines is not None and len(lines):
             blocking = lines[:, 4] > 0 if lines.shape[1] == 5 else np.ones(len(lines), bool)
             for mask, color, width in ((~blocking, "0.7", 0.4), (blocking, "black", 0.7)):

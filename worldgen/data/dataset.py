@@ -37,9 +37,10 @@ import os
 import re
 import shutil
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -72,12 +73,12 @@ class Episode:
         (4, ['frames', 'keys', 'mouse'])
     """
 
-    frames: np.ndarray                     # (N, H, W, 3) uint8 RGB
-    keys: np.ndarray                       # (N, 8) uint8, actions.KEYS multi-hot
-    mouse: np.ndarray                      # (N, 2) float32, actions.MOUSE degrees
-    depth: np.ndarray | None = None        # (N, H, W) uint8/uint16/float, larger = farther
-    pose: np.ndarray | None = None         # (N, 5) float32, POSE_FIELDS
-    variables: np.ndarray | None = None    # (N, V) float32, names in the index
+    frames: np.ndarray  # (N, H, W, 3) uint8 RGB
+    keys: np.ndarray  # (N, 8) uint8, actions.KEYS multi-hot
+    mouse: np.ndarray  # (N, 2) float32, actions.MOUSE degrees
+    depth: np.ndarray | None = None  # (N, H, W) uint8/uint16/float, larger = farther
+    pose: np.ndarray | None = None  # (N, 5) float32, POSE_FIELDS
+    variables: np.ndarray | None = None  # (N, V) float32, names in the index
     env_actions: np.ndarray | None = None  # (N, A) float32, the source env's own action, flattened
 
     def __post_init__(self) -> None:
@@ -89,10 +90,13 @@ class Episode:
             arr = getattr(self, name)
             if arr is not None and len(arr) != n:
                 raise ValueError(f"{name} has {len(arr)} steps, frames have {n}")
-        if self.depth is not None and (self.depth.shape[1:] != self.frames.shape[1:3]
-                                       or self.depth.dtype.name not in DEPTH_DTYPES):
-            raise ValueError(f"depth must be (N, H, W) = (N, {self.frames.shape[1]}, {self.frames.shape[2]}) "
-                             f"of {'/'.join(DEPTH_DTYPES)}, got {self.depth.shape} {self.depth.dtype}")
+        if self.depth is not None and (
+            self.depth.shape[1:] != self.frames.shape[1:3] or self.depth.dtype.name not in DEPTH_DTYPES
+        ):
+            raise ValueError(
+                f"depth must be (N, H, W) = (N, {self.frames.shape[1]}, {self.frames.shape[2]}) "
+                f"of {'/'.join(DEPTH_DTYPES)}, got {self.depth.shape} {self.depth.dtype}"
+            )
         for name, width in (("pose", len(POSE_FIELDS)), ("variables", None), ("env_actions", None)):
             arr = getattr(self, name)
             if arr is None:
@@ -108,15 +112,21 @@ class Episode:
     def arrays(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
-    def slice(self, start: int, stop: int) -> "Episode":
+    def slice(self, start: int, stop: int) -> Episode:
         return Episode(**{k: v[start:stop] for k, v in self.arrays().items()})
 
 
 ARRAY_FIELDS = tuple(f.name for f in fields(Episode))
 DEPTH_DTYPES = ("uint8", "uint16", "float16", "float32")
 # What each array must be on disk; depth may be any of DEPTH_DTYPES.
-_FIXED_DTYPE = {"frames": "uint8", "keys": "uint8", "mouse": "float32", "pose": "float32", "variables": "float32",
-                "env_actions": "float32"}
+_FIXED_DTYPE = {
+    "frames": "uint8",
+    "keys": "uint8",
+    "mouse": "float32",
+    "pose": "float32",
+    "variables": "float32",
+    "env_actions": "float32",
+}
 # safetensors dtype names (the format's header) -> numpy; only what the format above can hold.
 _ST_DTYPES = {"U8": np.dtype("uint8"), "U16": np.dtype("uint16"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
 MAX_OPEN_SHARDS = 128  # open files per process; well under the usual limit of 1024
@@ -126,16 +136,16 @@ MAX_OPEN_SHARDS = 128  # open files per process; well under the usual limit of 1
 class EpisodeInfo:
     """One episode's entry in the index."""
 
-    id: str                      # unique within the dataset, e.g. "w03-e0007"
-    length: int                  # steps
+    id: str  # unique within the dataset, e.g. "w03-e0007"
+    length: int  # steps
     shards: list[dict[str, Any]]  # [{"file", "steps", "bytes", "sha256"}] in step order
     map: str | None = None
     seed: int | None = None
-    terminal: bool = False       # ended by the game (death, exit), not by a step limit
+    terminal: bool = False  # ended by the game (death, exit), not by a step limit
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: Any, where: str) -> "EpisodeInfo":
+    def from_dict(cls, d: Any, where: str) -> EpisodeInfo:
         """Parse and check one index entry; ``where`` names it in errors (file and episode)."""
         if not isinstance(d, dict):
             raise DatasetError(f"{where}: episode entry must be an object, got {type(d).__name__}")
@@ -152,8 +162,11 @@ class EpisodeInfo:
             raise DatasetError(f"{where}: length must be an integer >= 1, got {info.length!r}")
         if info.seed is not None and not _is_int(info.seed):
             raise DatasetError(f"{where}: seed must be an integer or null, got {info.seed!r}")
-        if not (info.map is None or isinstance(info.map, str)) or not isinstance(info.terminal, bool) \
-                or not isinstance(info.extra, dict):
+        if (
+            not (info.map is None or isinstance(info.map, str))
+            or not isinstance(info.terminal, bool)
+            or not isinstance(info.extra, dict)
+        ):
             raise DatasetError(f"{where}: map must be a string or null, terminal a bool, extra an object")
         if not isinstance(info.shards, list) or not info.shards:
             raise DatasetError(f"{where}: shards must be a non-empty list")
@@ -173,8 +186,13 @@ def _check_shard_entry(s: Any, where: str) -> None:
     if not isinstance(s, dict) or not {"file", "steps", "bytes", "sha256"} <= set(s):
         raise DatasetError(f"{where}: shard entry must have file, steps, bytes, sha256; got {s!r}")
     f = s["file"]
-    if (not isinstance(f, str) or not f.startswith(f"{SHARD_DIR}/") or ".." in f.split("/")
-            or not f.endswith(".safetensors") or "\\" in f):
+    if (
+        not isinstance(f, str)
+        or not f.startswith(f"{SHARD_DIR}/")
+        or ".." in f.split("/")
+        or not f.endswith(".safetensors")
+        or "\\" in f
+    ):
         raise DatasetError(f"{where}: shard file {f!r} is not a {SHARD_DIR}/*.safetensors path")
     if not (_is_int(s["steps"]) and s["steps"] > 0 and _is_int(s["bytes"]) and s["bytes"] > 0):
         raise DatasetError(f"{where}: shard {f}: steps and bytes must be positive integers")
@@ -196,8 +214,9 @@ def depth_to_uint8(depth: np.ndarray) -> np.ndarray:
     raise ValueError(f"--depth needs an integer depth buffer, this dataset stores {depth.dtype}")
 
 
-def write_episode_shards(root: str | Path, name: str, episode: Episode,
-                         shard_steps: int = 512, first: int = 0) -> list[dict[str, Any]]:
+def write_episode_shards(
+    root: str | Path, name: str, episode: Episode, shard_steps: int = 512, first: int = 0
+) -> list[dict[str, Any]]:
     """Write ``episode`` as shards ``shards/<name>-<k>.safetensors``; return their index entries.
 
     ``first`` numbers the shards from ``k = first``, so a recorder can flush a long episode in
@@ -222,8 +241,9 @@ def write_episode_shards(root: str | Path, name: str, episode: Episode,
         rel = f"{SHARD_DIR}/{name}-{k:04d}.safetensors"
         tensors = {key: np.ascontiguousarray(v) for key, v in part.arrays().items()}
         atomic_write(root / rel, lambda tmp: save_file(tensors, tmp, metadata={"episode": name}))
-        entries.append({"file": rel, "steps": len(part), "bytes": (root / rel).stat().st_size,
-                        "sha256": sha256_file(root / rel)})
+        entries.append(
+            {"file": rel, "steps": len(part), "bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
+        )
     return entries
 
 
@@ -241,20 +261,36 @@ class DatasetIndex:
             overwrite never leaves the old episodes readable as the new dataset).
     """
 
-    def __init__(self, root: str | Path, *, resolution: tuple[int, int], frame_skip: int,
-                 source: dict[str, Any], variables: Sequence[str] = (), has_depth: bool = True,
-                 has_pose: bool = True, has_env_actions: bool = False, overwrite: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        resolution: tuple[int, int],
+        frame_skip: int,
+        source: dict[str, Any],
+        variables: Sequence[str] = (),
+        has_depth: bool = True,
+        has_pose: bool = True,
+        has_env_actions: bool = False,
+        overwrite: bool = False,
+    ):
         self.root = Path(root)
         if (self.root / "index.json").exists():
             if not overwrite:
-                raise DatasetError(f"{self.root}: a dataset is already here; choose a new folder "
-                                   f"or overwrite it")
+                raise DatasetError(f"{self.root}: a dataset is already here; choose a new folder or overwrite it")
             remove_dataset(self.root)
         self.data: dict[str, Any] = {
-            "format": FORMAT, "version": FORMAT_VERSION, "action_schema": actions.schema(),
-            "resolution": [int(r) for r in resolution], "frame_skip": int(frame_skip), "source": source,
-            "variables": list(variables), "pose": list(POSE_FIELDS) if has_pose else [],
-            "has_depth": has_depth, "has_env_actions": has_env_actions, "episodes": [],
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "action_schema": actions.schema(),
+            "resolution": [int(r) for r in resolution],
+            "frame_skip": int(frame_skip),
+            "source": source,
+            "variables": list(variables),
+            "pose": list(POSE_FIELDS) if has_pose else [],
+            "has_depth": has_depth,
+            "has_env_actions": has_env_actions,
+            "episodes": [],
         }
         self.save()
 
@@ -300,11 +336,22 @@ def _read_index(path: Path) -> dict[str, Any]:
     if not isinstance(index, dict):
         raise DatasetError(f"{path}: index must be a JSON object, got {type(index).__name__}")
     if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
-        raise DatasetError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} index "
-                           f"(format={index.get('format')!r}, version={index.get('version')!r})")
+        raise DatasetError(
+            f"{path}: not a {FORMAT} v{FORMAT_VERSION} index "
+            f"(format={index.get('format')!r}, version={index.get('version')!r})"
+        )
     index.setdefault("has_env_actions", False)  # written by newer recorders only
-    expect = {"action_schema": dict, "resolution": list, "frame_skip": int, "source": dict,
-              "variables": list, "pose": list, "has_depth": bool, "has_env_actions": bool, "episodes": list}
+    expect = {
+        "action_schema": dict,
+        "resolution": list,
+        "frame_skip": int,
+        "source": dict,
+        "variables": list,
+        "pose": list,
+        "has_depth": bool,
+        "has_env_actions": bool,
+        "episodes": list,
+    }
     for key, typ in expect.items():
         if not isinstance(index.get(key), typ):
             raise DatasetError(f"{path}: field {key!r} must be a {typ.__name__}, got {index.get(key)!r:.80}")
@@ -388,8 +435,9 @@ class Dataset:
         self.root = Path(root)
         self.index_path = self.root / "index.json"
         self.index = _read_index(self.index_path)
-        self.episodes = [EpisodeInfo.from_dict(e, f"{self.index_path}: episodes[{i}]")
-                         for i, e in enumerate(self.index["episodes"])]
+        self.episodes = [
+            EpisodeInfo.from_dict(e, f"{self.index_path}: episodes[{i}]") for i, e in enumerate(self.index["episodes"])
+        ]
         ids = [e.id for e in self.episodes]
         if len(set(ids)) != len(ids):
             raise DatasetError(f"{self.index_path}: episode ids are not unique")
@@ -444,20 +492,28 @@ class Dataset:
         """
         if not isinstance(ref, str) or ref.isdigit():
             if not 0 <= int(ref) < len(self):
-                raise DatasetError(f"{self.index_path}: no episode {ref}; episodes are 0..{len(self) - 1} "
-                                   f"(or an episode id, see `worldgen data info`)")
+                raise DatasetError(
+                    f"{self.index_path}: no episode {ref}; episodes are 0..{len(self) - 1} "
+                    f"(or an episode id, see `worldgen data info`)"
+                )
             return int(ref)
         ids = [e.id for e in self.episodes]
         if ref not in ids:
-            raise DatasetError(f"{self.index_path}: no episode {ref!r} (it has {', '.join(ids[:5]) or 'none'}"
-                               f"{' ...' if len(ids) > 5 else ''})")
+            raise DatasetError(
+                f"{self.index_path}: no episode {ref!r} (it has {', '.join(ids[:5]) or 'none'}"
+                f"{' ...' if len(ids) > 5 else ''})"
+            )
         return ids.index(ref)
 
     @property
     def fields(self) -> list[str]:
         """The arrays every episode of this dataset has, in :data:`ARRAY_FIELDS` order."""
-        optional = {"depth": self.index["has_depth"], "pose": bool(self.index["pose"]),
-                    "variables": bool(self.index["variables"]), "env_actions": self.index["has_env_actions"]}
+        optional = {
+            "depth": self.index["has_depth"],
+            "pose": bool(self.index["pose"]),
+            "variables": bool(self.index["variables"]),
+            "env_actions": self.index["has_env_actions"],
+        }
         return [f for f in ARRAY_FIELDS if optional.get(f, True)]
 
     def split(self, heldout_fraction: float = 0.1) -> tuple[list[int], list[int]]:
@@ -469,8 +525,7 @@ class Dataset:
         """
         if not 0 <= heldout_fraction <= 1:
             raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
-        u = np.array([int(hashlib.sha256(e.id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-                      for e in self.episodes])
+        u = np.array([int(hashlib.sha256(e.id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for e in self.episodes])
         held = u < heldout_fraction
         if len(u) >= 2 and 0 < heldout_fraction < 1:
             if not held.any():
@@ -497,8 +552,9 @@ class Dataset:
             raise DatasetError(f"{path}: shard listed in the index is missing")
         size = path.stat().st_size  # cheap, so checked on every open, verified or not
         if size != entry["bytes"]:
-            raise DatasetError(f"{path}: shard is {size} bytes, the index says {entry['bytes']} "
-                               f"(truncated or overwritten)")
+            raise DatasetError(
+                f"{path}: shard is {size} bytes, the index says {entry['bytes']} (truncated or overwritten)"
+            )
         if rel not in self._verified and sha256_file(path) != entry["sha256"]:
             raise DatasetError(f"{path}: shard content does not match its SHA-256 in the index (corrupt)")
         shard = _Shard(path, size)
@@ -514,16 +570,26 @@ class Dataset:
     def _check_arrays(self, shard: _Shard, entry: dict[str, Any]) -> None:
         """Every array this dataset promises, with the step count, shape and dtype the index implies."""
         w, h = self.resolution
-        width = {"keys": (actions.NUM_KEYS,), "mouse": (actions.NUM_MOUSE,), "pose": (len(POSE_FIELDS),),
-                 "variables": (len(self.variable_names),), "frames": (h, w, 3), "depth": (h, w)}
+        width = {
+            "keys": (actions.NUM_KEYS,),
+            "mouse": (actions.NUM_MOUSE,),
+            "pose": (len(POSE_FIELDS),),
+            "variables": (len(self.variable_names),),
+            "frames": (h, w, 3),
+            "depth": (h, w),
+        }
         for name in self.fields:
             if name not in shard.arrays:
                 raise DatasetError(f"{shard.path}: has no array {name!r}, which the index promises")
             dtype, shape, _ = shard.arrays[name]
             want = (entry["steps"], *width[name]) if name in width else None
-            if (want is not None and shape != want) or (want is None and (len(shape) != 2 or shape[0] != entry["steps"])):
-                raise DatasetError(f"{shard.path}: array {name!r} has shape {shape}, expected "
-                                   f"{want or (entry['steps'], 'A')} from the index")
+            if (want is not None and shape != want) or (
+                want is None and (len(shape) != 2 or shape[0] != entry["steps"])
+            ):
+                raise DatasetError(
+                    f"{shard.path}: array {name!r} has shape {shape}, expected "
+                    f"{want or (entry['steps'], 'A')} from the index"
+                )
             if dtype.name not in (DEPTH_DTYPES if name == "depth" else (_FIXED_DTYPE[name],)):
                 raise DatasetError(f"{shard.path}: array {name!r} has dtype {dtype.name}, not what the format stores")
 
@@ -533,8 +599,9 @@ class Dataset:
         Every shard the range touches is checked first, so nothing partial is ever returned.
         """
         if field_name not in self.fields:
-            raise DatasetError(f"{self.index_path}: this dataset has no {field_name!r} "
-                               f"(it has {', '.join(self.fields)})")
+            raise DatasetError(
+                f"{self.index_path}: this dataset has no {field_name!r} (it has {', '.join(self.fields)})"
+            )
         info = self.episodes[episode]
         stop = info.length if stop is None else stop
         if not 0 <= start <= stop <= info.length:
@@ -551,7 +618,7 @@ class Dataset:
         out = np.empty((stop - start, *shape[1:]), dtype)
         row = 0
         for shard, lo, hi in parts:
-            shard.read_into(field_name, lo, out[row:row + hi - lo])
+            shard.read_into(field_name, lo, out[row : row + hi - lo])
             row += hi - lo
         return out
 

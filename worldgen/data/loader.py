@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,8 +50,15 @@ class WindowDataset(torch.utils.data.Dataset):
         torch.Size([8, 16, 120, 160, 3])
     """
 
-    def __init__(self, dataset: Dataset | str, window: int, episodes: Sequence[int] | None = None,
-                 stride: int = 1, fields: Sequence[str] = ("depth", "pose"), verify: bool = True):
+    def __init__(
+        self,
+        dataset: Dataset | str,
+        window: int,
+        episodes: Sequence[int] | None = None,
+        stride: int = 1,
+        fields: Sequence[str] = ("depth", "pose"),
+        verify: bool = True,
+    ):
         self.dataset = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
         if window < 1 or stride < 1:
             raise ValueError(f"window and stride must be >= 1, got {window}, {stride}")
@@ -64,8 +72,9 @@ class WindowDataset(torch.utils.data.Dataset):
         # (episode, start) of every window; an episode of L steps has starts 0 .. L - T.
         starts = [(e, s) for e in eps for s in range(0, self.dataset.episodes[e].length - window + 1, stride)]
         if not starts:
-            raise DatasetError(f"{self.dataset.root}: no episode among the {len(eps)} chosen has "
-                               f"{window} steps for one window")
+            raise DatasetError(
+                f"{self.dataset.root}: no episode among the {len(eps)} chosen has {window} steps for one window"
+            )
         self._index = np.array(starts, dtype=np.int64)  # (num_windows, 2)
         if verify:
             self.dataset.validate(sorted(set(eps)))
@@ -88,8 +97,9 @@ class WindowDataset(torch.utils.data.Dataset):
             a = np.concatenate([np.zeros((1, *a.shape[1:]), a.dtype), a])
         return a
 
-    def loader(self, batch_size: int, shuffle: bool = True, num_workers: int = 0,
-               seed: int | None = None, **kwargs: Any) -> torch.utils.data.DataLoader:
+    def loader(
+        self, batch_size: int, shuffle: bool = True, num_workers: int = 0, seed: int | None = None, **kwargs: Any
+    ) -> torch.utils.data.DataLoader:
         """A DataLoader over these windows with :func:`collate`; ``seed`` fixes the shuffle order.
 
         Items come as tensors ``(B, T, ...)``; extra ``kwargs`` go to the DataLoader. Workers
@@ -98,8 +108,15 @@ class WindowDataset(torch.utils.data.Dataset):
         """
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         return torch.utils.data.DataLoader(
-            self, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=collate,
-            generator=gen, persistent_workers=num_workers > 0, **kwargs)
+            self,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=num_workers,
+            collate_fn=collate,
+            generator=gen,
+            persistent_workers=num_workers > 0,
+            **kwargs,
+        )
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

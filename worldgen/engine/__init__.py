@@ -1,10 +1,10 @@
 """Streaming inference: sessions on a rolling KV cache (docs/architecture.md, streaming).
 
-    >>> from worldgen import WorldModel                      # doctest: +SKIP
-    >>> wm = WorldModel.load("default")                      # doctest: +SKIP
-    >>> s = wm.session(seed=0)                               # doctest: +SKIP
-    >>> s.step({"keys": ["forward"], "mouse": [0.0, 0.0]}).shape   # doctest: +SKIP
-    (120, 160, 3)
+>>> from worldgen import WorldModel                      # doctest: +SKIP
+>>> wm = WorldModel.load("default")                      # doctest: +SKIP
+>>> s = wm.session(seed=0)                               # doctest: +SKIP
+>>> s.step({"keys": ["forward"], "mouse": [0.0, 0.0]}).shape   # doctest: +SKIP
+(120, 160, 3)
 """
 
 from worldgen.engine.cache import KVCache

@@ -31,8 +31,13 @@ from worldgen.models import DiTConfig
 from worldgen.provenance import git_commit, hardware, peak_flops
 
 # A fixed, varied input: walking, turning by key and by mouse, strafing.
-PLAY = [Action.from_keys(["forward"]), Action.from_keys(["forward", "turn_left"]),
-        Action.from_keys([], yaw=6.0), Action.from_keys(["strafe_right"]), Action.from_keys(["forward"], yaw=-3.0)]
+PLAY = [
+    Action.from_keys(["forward"]),
+    Action.from_keys(["forward", "turn_left"]),
+    Action.from_keys([], yaw=6.0),
+    Action.from_keys(["strafe_right"]),
+    Action.from_keys(["forward"], yaw=-3.0),
+]
 
 
 def stream_flops_per_frame(cfg: DiTConfig, steps: int, cache_frames: int) -> float:
@@ -70,16 +75,27 @@ def bench(wm: WorldModel, batches: list[int], frames: int, warmup: int) -> list[
             times.append(time.perf_counter() - t0)
         t = np.array(times)
         fps = b * len(t) / t.sum()
-        rows.append({"batch": b, "frames_per_s": round(fps, 1), "latency_ms_p50": round(1e3 * np.percentile(t, 50), 2),
-                     "latency_ms_p99": round(1e3 * np.percentile(t, 99), 2),
-                     "mfu": round(flops * fps / peak, 4) if peak else None,
-                     "cache_mib_per_session": round(sessions[0].cache_bytes() / 2**20, 2),
-                     "first_step_s": round(first_step_s, 2), "new_graphs": graphs})
+        rows.append(
+            {
+                "batch": b,
+                "frames_per_s": round(fps, 1),
+                "latency_ms_p50": round(1e3 * np.percentile(t, 50), 2),
+                "latency_ms_p99": round(1e3 * np.percentile(t, 99), 2),
+                "mfu": round(flops * fps / peak, 4) if peak else None,
+                "cache_mib_per_session": round(sessions[0].cache_bytes() / 2**20, 2),
+                "first_step_s": round(first_step_s, 2),
+                "new_graphs": graphs,
+            }
+        )
         for s in sessions:
             s.close()
-        print(f"batch {b:3d}: {fps:8.1f} frames/s, latency p50 {rows[-1]['latency_ms_p50']:.2f} ms "
-              f"p99 {rows[-1]['latency_ms_p99']:.2f} ms" + (f", MFU {rows[-1]['mfu']:.1%}" if peak else "")
-              + f"; first step {first_step_s:.2f} s, {graphs} graphs compiled", flush=True)
+        print(
+            f"batch {b:3d}: {fps:8.1f} frames/s, latency p50 {rows[-1]['latency_ms_p50']:.2f} ms "
+            f"p99 {rows[-1]['latency_ms_p99']:.2f} ms"
+            + (f", MFU {rows[-1]['mfu']:.1%}" if peak else "")
+            + f"; first step {first_step_s:.2f} s, {graphs} graphs compiled",
+            flush=True,
+        )
     return rows
 
 
@@ -88,6 +104,7 @@ def compiled_graphs() -> int:
     noise levels as tensors, one per batch size for the step and one for the decoder; a number
     that grows with the steps means recompiles."""
     from torch._dynamo.utils import counters
+
     return int(counters["stats"]["unique_graphs"])
 
 
@@ -98,8 +115,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first (at least a full window)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps K (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the DiT and decoder (default: on CUDA)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the DiT and decoder (default: on CUDA)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
@@ -118,8 +139,11 @@ def run(args: argparse.Namespace) -> int:
                 wm.compile(mode)
                 t0 = time.perf_counter()
                 wm.step_many([wm.session(seed=0)], [PLAY[0]])
-                print(f"torch.compile(mode={mode}): first step {time.perf_counter() - t0:.1f} s, "
-                      f"{compiled_graphs()} graphs", flush=True)
+                print(
+                    f"torch.compile(mode={mode}): first step {time.perf_counter() - t0:.1f} s, "
+                    f"{compiled_graphs()} graphs",
+                    flush=True,
+                )
                 compile_ = mode or "default"
                 break
             except Exception as e:  # noqa: BLE001 - any compiler failure
@@ -128,14 +152,24 @@ def run(args: argparse.Namespace) -> int:
         else:
             compile_ = False
     hw = hardware(wm.device)
-    print(f"worldgen bench: {wm.checkpoint} on {hw}; K={wm.stream.steps} steps + 1 cache pass per frame, "
-          f"cache {wm.stream.sinks} sink + {wm.stream.window} window frames, compile={compile_}", flush=True)
+    print(
+        f"worldgen bench: {wm.checkpoint} on {hw}; K={wm.stream.steps} steps + 1 cache pass per frame, "
+        f"cache {wm.stream.sinks} sink + {wm.stream.window} window frames, compile={compile_}",
+        flush=True,
+    )
     rows = bench(wm, sorted(set(args.batch)), args.frames, args.warmup)
     commit = git_commit()
-    result = {"checkpoint": str(wm.checkpoint), "device": hw, "compile": compile_, "stream": vars(wm.stream),
-              "compiled_graphs": compiled_graphs(),
-              "date": datetime.date.today().isoformat(), "commit": commit or None, "torch": torch.__version__,
-              "results": rows}
+    result = {
+        "checkpoint": str(wm.checkpoint),
+        "device": hw,
+        "compile": compile_,
+        "stream": vars(wm.stream),
+        "compiled_graphs": compiled_graphs(),
+        "date": datetime.date.today().isoformat(),
+        "commit": commit or None,
+        "torch": torch.__version__,
+        "results": rows,
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

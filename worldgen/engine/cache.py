@@ -30,8 +30,18 @@ class KVCache:
     """Per-layer keys (unrotated) and values of at most ``sinks + window`` frames of one session
     (``(depth, H, slots * N, d)``), or of ``batch`` timelines of one age (``(depth, B, H, slots * N, d)``)."""
 
-    def __init__(self, depth: int, heads: int, head_dim: int, tokens_per_frame: int, sinks: int, window: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, batch: int | None = None):
+    def __init__(
+        self,
+        depth: int,
+        heads: int,
+        head_dim: int,
+        tokens_per_frame: int,
+        sinks: int,
+        window: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch: int | None = None,
+    ):
         if sinks < 0 or window < 1:
             raise ValueError(f"need sinks >= 0 and window >= 1, got sinks={sinks}, window={window}")
         self.sinks, self.window, self.n = sinks, window, tokens_per_frame

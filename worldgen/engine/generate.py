@@ -38,9 +38,10 @@ import datetime
 import json
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ class GenerateError(ValueError):
 
 @dataclass
 class GenerateConfig:
-    fusion: str = "overlap"      # "overlap" (module docstring) or "none" (back-to-back clips)
+    fusion: str = "overlap"  # "overlap" (module docstring) or "none" (back-to-back clips)
     # Frames each clip is conditioned on; None: the trained window minus the clip. The first
     # clip's context is real frames, later clips' the finished frames before them.
     context: int | None = None
@@ -77,7 +78,7 @@ class GenerateConfig:
     # Euler steps from ``renoise`` to 0: one is the model's clean estimate at low noise, where a
     # single step is already accurate; it adds ~half a clip's denoising cost at 2 steps.
     refine_steps: int = 1
-    seed: int = 0                # sampler noise (the same seed, input and settings: the same video)
+    seed: int = 0  # sampler noise (the same seed, input and settings: the same video)
 
     def plan(self, window: int, block: int) -> tuple[int, int, int]:
         """(context, clip, hop) for a model trained on ``window`` frames in blocks of ``block``.
@@ -99,13 +100,18 @@ class GenerateConfig:
             clip = room // pair * pair
         context = window - clip if self.context is None else self.context
         if clip < pair or clip % pair:
-            raise GenerateError(f"clip must be a positive multiple of 2 x {block} frames (two halves of whole "
-                                f"blocks), got {clip}; the model was trained on {window} frames")
+            raise GenerateError(
+                f"clip must be a positive multiple of 2 x {block} frames (two halves of whole "
+                f"blocks), got {clip}; the model was trained on {window} frames"
+            )
         if context < 1 or context % block:
-            raise GenerateError(f"context must be a positive multiple of the model's {block}-frame blocks, got {context}")
+            raise GenerateError(
+                f"context must be a positive multiple of the model's {block}-frame blocks, got {context}"
+            )
         if context + clip > window:
-            raise GenerateError(f"context {context} + clip {clip} frames exceed the {window} frames the model was "
-                                f"trained on")
+            raise GenerateError(
+                f"context {context} + clip {clip} frames exceed the {window} frames the model was trained on"
+            )
         return context, clip, clip // 2
 
 
@@ -120,6 +126,7 @@ class Sampler:
 
 
 # --- the algorithm -----------------------------------------------------------------------------
+
 
 def clip_spans(n: int, length: int, hop: int) -> Iterator[tuple[int, int]]:
     """``[start, stop)`` of each clip covering ``n`` frames: starts every ``hop``, the last cut at ``n``.
@@ -154,8 +161,16 @@ def crossfade(prev: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return (1 - w) * prev + w * new
 
 
-def denoise(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, x: torch.Tensor, acts: torch.Tensor,
-            levels: Sequence[float], sampler: Sampler, generator: torch.Generator) -> torch.Tensor:
+def denoise(
+    dit: DiT,
+    ctx: torch.Tensor,
+    ctx_acts: torch.Tensor,
+    x: torch.Tensor,
+    acts: torch.Tensor,
+    levels: Sequence[float],
+    sampler: Sampler,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Euler from ``x`` at ``levels[0]`` down ``levels`` to 0, full block-causal recompute.
 
     :func:`worldgen.sampling.generate`'s loop, but from a given start ``x`` and level (the overlap
@@ -171,25 +186,34 @@ def denoise(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, x: torch.Tensor
     ctx = ctx.float()
     if sampler.ctx_noise > 0:
         ctx = sampling.add_noise(ctx, sampling.randn(ctx.shape, generator, ctx.device), sampler.ctx_noise)
-    a = torch.cat([ctx_acts, acts])[None].float()                                 # (1, Tc + n, A)
+    a = torch.cat([ctx_acts, acts])[None].float()  # (1, Tc + n, A)
     t_ctx = torch.full((tc,), sampler.ctx_noise, device=x.device)
     g = sampler.guidance
 
     def velocity(x: torch.Tensor, level: float) -> torch.Tensor:
-        t = torch.cat([t_ctx, torch.full((n,), level, device=x.device)])[None]    # (1, Tc + n)
-        xs = torch.cat([ctx, x])[None]                                            # (1, Tc + n, C, h, w)
+        t = torch.cat([t_ctx, torch.full((n,), level, device=x.device)])[None]  # (1, Tc + n)
+        xs = torch.cat([ctx, x])[None]  # (1, Tc + n, C, h, w)
         if g == 1:
             return dit(xs, t, a)[0, tc:].float()
         drop = sampling.guidance_mask(1, tc + n, n, x.device)  # second copy: the new frames' actions dropped
         v = dit(xs.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), a.repeat(2, 1, 1), drop_actions=drop)
         return sampling.guided(v[:, tc:], g)[0]
+
     for t_now, t_next in zip(levels[:-1], levels[1:]):
         x = x + (t_next - t_now) * velocity(x, t_now)
     return x
 
 
-def generate_latents(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, acts: torch.Tensor, cfg: GenerateConfig,
-                     sampler: Sampler, window: int, progress: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+def generate_latents(
+    dit: DiT,
+    ctx: torch.Tensor,
+    ctx_acts: torch.Tensor,
+    acts: torch.Tensor,
+    cfg: GenerateConfig,
+    sampler: Sampler,
+    window: int,
+    progress: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """``len(acts)`` new latents after the context, clip by clip (module docstring).
 
     Args:
@@ -211,10 +235,13 @@ def generate_latents(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, acts: 
         raise GenerateError(f"the context has {len(ctx)} frames; clips are conditioned on {context}")
     generator = torch.Generator().manual_seed(cfg.seed)
     levels = sampling.shifted_timesteps(sampler.steps, sampler.shift).tolist()
-    refine = sampling.shifted_timesteps(cfg.refine_steps, sampler.shift, t_max=cfg.renoise).tolist() \
-        if cfg.renoise > 0 else []
+    refine = (
+        sampling.shifted_timesteps(cfg.refine_steps, sampler.shift, t_max=cfg.renoise).tolist()
+        if cfg.renoise > 0
+        else []
+    )
     overlap = cfg.fusion == "overlap"
-    frames = torch.cat([ctx.float(), ctx.new_zeros((n, *ctx.shape[1:]))])       # (Tc + N, C, h, w)
+    frames = torch.cat([ctx.float(), ctx.new_zeros((n, *ctx.shape[1:]))])  # (Tc + N, C, h, w)
     all_acts = torch.cat([ctx_acts, acts]).float()
     tc, passes = len(ctx), 0
     width = 1 if sampler.guidance == 1 else 2  # guidance runs each pass twice
@@ -224,7 +251,7 @@ def generate_latents(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, acts: 
     bar = tqdm(total=n, unit="frame", desc=f"generate ({cfg.fusion})", disable=not progress)
     for start, stop in spans:
         s, e = tc + start, tc + stop
-        past, past_acts = frames[s - context:s], all_acts[s - context:s]
+        past, past_acts = frames[s - context : s], all_acts[s - context : s]
         x = sampling.randn((e - s, *ctx.shape[1:]), generator, ctx.device)
         ov = len(pending)
         x[:ov] = sampling.add_noise(pending, x[:ov], levels[0])
@@ -237,12 +264,18 @@ def generate_latents(dit: DiT, ctx: torch.Tensor, ctx_acts: torch.Tensor, acts: 
                 new = denoise(dit, past, past_acts, noisy, all_acts[s:e], refine, sampler, generator)
                 passes += (context + e - s) * (len(refine) - 1) * width
         keep = len(new) if stop == n else hop  # the rest waits for the next clip to overlap it
-        frames[s:s + keep] = new[:keep]
+        frames[s : s + keep] = new[:keep]
         pending = new[keep:] if overlap else new[:0]
         bar.update(keep)
     bar.close()
-    stats = {"frames": n, "context": context, "clip": clip if overlap else hop, "hop": hop,
-             "clip_starts": starts, "dit_frame_passes_per_frame": round(passes / n, 2)}
+    stats = {
+        "frames": n,
+        "context": context,
+        "clip": clip if overlap else hop,
+        "hop": hop,
+        "clip_starts": starts,
+        "dit_frame_passes_per_frame": round(passes / n, 2),
+    }
     return frames[tc:], stats
 
 
@@ -275,13 +308,24 @@ def seam_measure(frames: np.ndarray, starts: Sequence[int]) -> dict[str, Any]:
     inside = float(diffs[~at].mean()) if (~at).any() else None
     ratio = boundary / inside if boundary is not None and inside else None
     r = lambda v: None if v is None else round(v, 4)  # noqa: E731
-    return {"boundary": r(boundary), "inside": r(inside), "ratio": r(ratio),
-            "boundary_pairs": int(at.sum()), "inside_pairs": int((~at).sum())}
+    return {
+        "boundary": r(boundary),
+        "inside": r(inside),
+        "ratio": r(ratio),
+        "boundary_pairs": int(at.sum()),
+        "inside_pairs": int((~at).sum()),
+    }
 
 
 @torch.no_grad()
-def generate_video(wm, context_frames: np.ndarray, context_actions: np.ndarray, actions: np.ndarray,
-                   cfg: GenerateConfig, progress: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+def generate_video(
+    wm,
+    context_frames: np.ndarray,
+    context_actions: np.ndarray,
+    actions: np.ndarray,
+    cfg: GenerateConfig,
+    progress: bool = False,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Frames uint8 (N, H, W, 3) for action vectors ``actions`` (N, A) after real context frames
     (T, H, W, 3) and the action vectors (T, A) that produced them, with a loaded
     :class:`~worldgen.engine.world_model.WorldModel`'s tokenizer, DiT and sampler settings.
@@ -302,10 +346,17 @@ def generate_video(wm, context_frames: np.ndarray, context_actions: np.ndarray, 
     dev = wm.device
     with autocast(dev):
         ctx = wm.tokenizer.encode(frames_to_tensor(context_frames[-context:], dev)).float()
-        z, stats = generate_latents(wm.dit, ctx, torch.from_numpy(context_actions[-context:]).to(dev),
-                                    torch.from_numpy(actions).to(dev), cfg,
-                                    _sampler(wm), wm.trained_window, progress)
-        video = np.concatenate([tensor_to_frames(wm.tokenizer.decode(z[i:i + 64])) for i in range(0, len(z), 64)])
+        z, stats = generate_latents(
+            wm.dit,
+            ctx,
+            torch.from_numpy(context_actions[-context:]).to(dev),
+            torch.from_numpy(actions).to(dev),
+            cfg,
+            _sampler(wm),
+            wm.trained_window,
+            progress,
+        )
+        video = np.concatenate([tensor_to_frames(wm.tokenizer.decode(z[i : i + 64])) for i in range(0, len(z), 64)])
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     stats["frames_per_s"] = round(len(video) / stats["seconds"], 3)
     stats["seam"] = seam_measure(video, stats["clip_starts"])
@@ -318,6 +369,7 @@ def _sampler(wm) -> Sampler:
 
 
 # --- input files -------------------------------------------------------------------------------
+
 
 def _vectors(acts: Sequence[Any], where: str, line: Sequence[int] | None = None) -> np.ndarray:
     """Action vectors (N, A) of wire-form actions or (keys, mouse) pairs; an error names the entry."""
@@ -352,8 +404,9 @@ def load_actions(path: str | Path) -> np.ndarray:
     if path.suffix == ".npz":
         a = _npz(path, ("keys", "mouse"))
         if a["keys"].ndim != 2 or len(a["keys"]) != len(a["mouse"]):
-            raise GenerateError(f"{path}: keys must be (N, 8) and mouse (N, 2), got {a['keys'].shape} and "
-                                f"{a['mouse'].shape}")
+            raise GenerateError(
+                f"{path}: keys must be (N, 8) and mouse (N, 2), got {a['keys'].shape} and {a['mouse'].shape}"
+            )
         return _vectors(list(zip(a["keys"], a["mouse"])), str(path))
     if path.suffix not in (".json", ".jsonl"):
         raise GenerateError(f"{path}: actions must be a .npz, .json or .jsonl file (or the word 'dataset')")
@@ -378,8 +431,9 @@ def load_actions(path: str | Path) -> np.ndarray:
     return _vectors(acts, str(path))
 
 
-def load_context(path: str | Path, frames: int, episode: int | str = 0, start: int = 0,
-                 future: int | None = 0) -> dict[str, np.ndarray]:
+def load_context(
+    path: str | Path, frames: int, episode: int | str = 0, start: int = 0, future: int | None = 0
+) -> dict[str, np.ndarray]:
     """Context frames (T, H, W, 3) uint8 and their action vectors (T, A): the last ``frames`` of an
     .npz (``frames``, ``keys``, ``mouse``: the action that produced each frame), or ``frames``
     steps of a recording's ``episode`` (id or index) from ``start``. From a recording, ``future``
@@ -394,8 +448,10 @@ def load_context(path: str | Path, frames: int, episode: int | str = 0, start: i
         if f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3:
             raise GenerateError(f"{path}: frames must be uint8 (T, H, W, 3), got {f.dtype} {f.shape}")
         if not len(f) == len(a["keys"]) == len(a["mouse"]):
-            raise GenerateError(f"{path}: {len(f)} frames but {len(a['keys'])} keys and {len(a['mouse'])} mouse rows "
-                                f"(one action per frame: the one that produced it)")
+            raise GenerateError(
+                f"{path}: {len(f)} frames but {len(a['keys'])} keys and {len(a['mouse'])} mouse rows "
+                f"(one action per frame: the one that produced it)"
+            )
         if len(f) < frames:
             raise GenerateError(f"{path}: {len(f)} context frames; clips are conditioned on {frames}")
         return {"frames": f[-frames:], "actions": _vectors(list(zip(a["keys"], a["mouse"])), str(path))[-frames:]}
@@ -406,12 +462,19 @@ def load_context(path: str | Path, frames: int, episode: int | str = 0, start: i
     length = ds.episodes[episode].length
     future = length - start - frames if future is None else future
     if start < 0 or future < 0 or start + frames + future > length:
-        raise GenerateError(f"{path}: episode {ds.episodes[episode].id} has {length} steps; {frames} context frames "
-                            f"from step {start} plus {future} more do not fit")
+        raise GenerateError(
+            f"{path}: episode {ds.episodes[episode].id} has {length} steps; {frames} context frames "
+            f"from step {start} plus {future} more do not fit"
+        )
     item = WindowDataset(ds, frames + future, [episode], fields=())[start]  # actions aligned to their frames
     vecs = _vectors(list(zip(item["keys"], item["mouse"])), str(path))
-    return {"frames": item["frames"][:frames], "actions": vecs[:frames], "episode_id": ds.episodes[episode].id,
-            "real": item["frames"][frames:], "real_actions": vecs[frames:]}
+    return {
+        "frames": item["frames"][:frames],
+        "actions": vecs[:frames],
+        "episode_id": ds.episodes[episode].id,
+        "real": item["frames"][frames:],
+        "real_actions": vecs[frames:],
+    }
 
 
 def write_video(frames: np.ndarray, path: Path, fps: float) -> None:
@@ -421,29 +484,46 @@ def write_video(frames: np.ndarray, path: Path, fps: float) -> None:
 
 # --- the command -------------------------------------------------------------------------------
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = GenerateConfig()
     p.add_argument("--checkpoint", default="default", help="model folder or packaged name (default: default)")
-    p.add_argument("--context", required=True,
-                   help="a recording folder (with --episode, --start) or an .npz with frames (T, H, W, 3) uint8, "
-                        "keys (T, 8), mouse (T, 2): the action that produced each frame")
-    p.add_argument("--episode", default="0",
-                   help="recording: episode id (stable across re-recordings, see `worldgen data info`) "
-                        "or index (default 0)")
+    p.add_argument(
+        "--context",
+        required=True,
+        help="a recording folder (with --episode, --start) or an .npz with frames (T, H, W, 3) uint8, "
+        "keys (T, 8), mouse (T, 2): the action that produced each frame",
+    )
+    p.add_argument(
+        "--episode",
+        default="0",
+        help="recording: episode id (stable across re-recordings, see `worldgen data info`) or index (default 0)",
+    )
     p.add_argument("--start", type=int, default=0, help="recording: step of the first context frame (default 0)")
-    p.add_argument("--context-frames", type=int, default=d.context,
-                   help="frames each clip is conditioned on, real ones first (default: the trained window "
-                        "minus the clip)")
-    p.add_argument("--actions", required=True,
-                   help="an .npz (keys (N, 8), mouse (N, 2)), a .json list or .jsonl file of "
-                        '{"keys": [names], "mouse": [yaw, pitch]}, or "dataset": the recorded actions after '
-                        "the context (then the real frames are compared too)")
+    p.add_argument(
+        "--context-frames",
+        type=int,
+        default=d.context,
+        help="frames each clip is conditioned on, real ones first (default: the trained window minus the clip)",
+    )
+    p.add_argument(
+        "--actions",
+        required=True,
+        help="an .npz (keys (N, 8), mouse (N, 2)), a .json list or .jsonl file of "
+        '{"keys": [names], "mouse": [yaw, pitch]}, or "dataset": the recorded actions after '
+        "the context (then the real frames are compared too)",
+    )
     p.add_argument("--frames", type=int, default=None, help="frames to generate (default: one per given action)")
     p.add_argument("--fusion", default=d.fusion, choices=FUSIONS, help=f"clip fusion (default {d.fusion})")
-    p.add_argument("--compare", action="store_true",
-                   help="also run the other fusion (video next to --out, suffixed with its name) and print both")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run the other fusion (video next to --out, suffixed with its name) and print both",
+    )
     p.add_argument("--clip", type=int, default=d.clip, help="frames per overlap clip, even (default: fits the window)")
-    p.add_argument("--renoise", type=float, default=d.renoise, help=f"re-noise level of a fused clip (default {d.renoise})")
+    p.add_argument(
+        "--renoise", type=float, default=d.renoise, help=f"re-noise level of a fused clip (default {d.renoise})"
+    )
     p.add_argument("--out", type=Path, required=True, help="the video, .mp4")
     p.add_argument("--json", type=Path, default=None, help="also write seam measure, settings and timing here")
     p.add_argument("--seed", type=int, default=d.seed, help="sampler noise (default 0)")
@@ -482,8 +562,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.out.suffix != ".mp4":
             raise GenerateError(f"--out must be an .mp4 file, got {args.out}")
-        cfgs = {m: GenerateConfig(fusion=m, context=args.context_frames, clip=args.clip, renoise=args.renoise,
-                                  seed=args.seed) for m in modes}
+        cfgs = {
+            m: GenerateConfig(
+                fusion=m, context=args.context_frames, clip=args.clip, renoise=args.renoise, seed=args.seed
+            )
+            for m in modes
+        }
         try:
             wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps, guidance=args.guidance)
         except ValueError as e:  # --steps or --guidance out of range for this model
@@ -496,37 +580,57 @@ def run(args: argparse.Namespace) -> int:
             path = args.out if m == args.fusion else args.out.with_name(f"{args.out.stem}_{m}.mp4")
             write_video(video, path, wm.fps)
             if "real" in got:
-                stats["psnr"] = round(float(psnr(video, got["real"][:len(video)]).mean()), 3)
+                stats["psnr"] = round(float(psnr(video, got["real"][: len(video)]).mean()), 3)
             runs[m] = {"video": str(path), **stats}
     except (GenerateError, ActionError, DatasetError, CheckpointError) as e:
         print(f"worldgen generate: {e}", file=sys.stderr)
         return 2
     real = None
     if "real" in got:
-        real = seam_measure(got["real"][:len(got["todo"])], runs[modes[0]]["clip_starts"])
+        real = seam_measure(got["real"][: len(got["todo"])], runs[modes[0]]["clip_starts"])
     _report(args, wm, cfgs[args.fusion], runs, real, got.get("episode_id"))
     return 0
 
 
-def _report(args: argparse.Namespace, wm, cfg: GenerateConfig, runs: dict[str, dict], real: dict | None,
-            episode_id: str | None) -> None:
+def _report(
+    args: argparse.Namespace, wm, cfg: GenerateConfig, runs: dict[str, dict], real: dict | None, episode_id: str | None
+) -> None:
     first = next(iter(runs.values()))
-    print(f"worldgen generate: {first['frames']} frames, clip starts every {first['hop']} frames, context "
-          f"{first['context']}, {wm.stream.steps} steps, renoise {cfg.renoise}, on {wm.device}")
-    print(f"{'fusion':<9}{'clips':>6}{'seam ratio':>11}{'boundary':>10}{'inside':>8}{'PSNR':>8}"
-          f"{'DiT passes/frame':>18}{'frames/s':>10}  video")
+    print(
+        f"worldgen generate: {first['frames']} frames, clip starts every {first['hop']} frames, context "
+        f"{first['context']}, {wm.stream.steps} steps, renoise {cfg.renoise}, on {wm.device}"
+    )
+    print(
+        f"{'fusion':<9}{'clips':>6}{'seam ratio':>11}{'boundary':>10}{'inside':>8}{'PSNR':>8}"
+        f"{'DiT passes/frame':>18}{'frames/s':>10}  video"
+    )
     for m, r in runs.items():
         s = r["seam"]
-        print(f"{m:<9}{len(r['clip_starts']) + 1:>6}{_f(s['ratio']):>11}{_f(s['boundary']):>10}{_f(s['inside']):>8}"
-              f"{_f(r.get('psnr')):>8}{r['dit_frame_passes_per_frame']:>18}{r['frames_per_s']:>10}  {r['video']}")
+        print(
+            f"{m:<9}{len(r['clip_starts']) + 1:>6}{_f(s['ratio']):>11}{_f(s['boundary']):>10}{_f(s['inside']):>8}"
+            f"{_f(r.get('psnr')):>8}{r['dit_frame_passes_per_frame']:>18}{r['frames_per_s']:>10}  {r['video']}"
+        )
     if real:
         print(f"{'real':<9}{'':>6}{_f(real['ratio']):>11}{_f(real['boundary']):>10}{_f(real['inside']):>8}")
     if args.json:
         commit = git_commit()
-        out = {"checkpoint": str(wm.checkpoint), "device": str(wm.device), "threads": torch.get_num_threads(),
-               "context": args.context, "episode": episode_id, "start": args.start, "actions": args.actions,
-               "frames": first["frames"], "config": asdict(cfg), "sampler": asdict(_sampler(wm)), "runs": runs, "real": real, "date": datetime.date.today().isoformat(), "commit": commit or None,
-               "torch": torch.__version__}
+        out = {
+            "checkpoint": str(wm.checkpoint),
+            "device": str(wm.device),
+            "threads": torch.get_num_threads(),
+            "context": args.context,
+            "episode": episode_id,
+            "start": args.start,
+            "actions": args.actions,
+            "frames": first["frames"],
+            "config": asdict(cfg),
+            "sampler": asdict(_sampler(wm)),
+            "runs": runs,
+            "real": real,
+            "date": datetime.date.today().isoformat(),
+            "commit": commit or None,
+            "torch": torch.__version__,
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
 

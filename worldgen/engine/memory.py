@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -36,7 +36,7 @@ _KEY = {name: i for i, name in enumerate(KEYS)}
 def dead_reckon(pose: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
     """The camera (B, 5) after model action vectors ``acts`` (B, A) from ``pose`` (B, 5): see the
     module docstring. Turn first, then move along the new heading."""
-    k, mouse = acts[:, :NUM_KEYS].float(), acts[:, NUM_KEYS:].float() * MOUSE_SCALE_DEG   # (B, 8), (B, 2) degrees
+    k, mouse = acts[:, :NUM_KEYS].float(), acts[:, NUM_KEYS:].float() * MOUSE_SCALE_DEG  # (B, 8), (B, 2) degrees
     turn = TURN_DEG_PER_STEP * (k[:, _KEY["turn_left"]] - k[:, _KEY["turn_right"]]) - mouse[:, 0]
     yaw = pose[:, 3] + turn
     pitch = (pose[:, 4] + mouse[:, 1]).clamp(-90.0, 90.0)

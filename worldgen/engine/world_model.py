@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,9 +57,9 @@ class StreamConfig:
     """How a session samples and what it remembers; defaults come from the checkpoint's sampler
     settings where it has them (``worldgen train`` stores them), else from here."""
 
-    steps: int = sampling.STEPS     # K Euler steps per frame, 1..8: latency is ~ (K + 1) passes
-    shift: float = sampling.SHIFT   # schedule shift (worldgen.sampling)
-    ctx_noise: float = 0.0          # stabilisation level of cached frames; 0 = exact conditioning
+    steps: int = sampling.STEPS  # K Euler steps per frame, 1..8: latency is ~ (K + 1) passes
+    shift: float = sampling.SHIFT  # schedule shift (worldgen.sampling)
+    ctx_noise: float = 0.0  # stabilisation level of cached frames; 0 = exact conditioning
     # Action guidance scale (worldgen.sampling.GUIDANCE); != 1 doubles each Euler pass's batch
     # and needs a model trained with action dropout (a null action).
     guidance: float = sampling.GUIDANCE
@@ -77,20 +78,37 @@ class StreamConfig:
         if not 0.0 <= self.ctx_noise < 1.0 or not self.shift > 0:
             raise ValueError(f"need 0 <= ctx_noise < 1 and shift > 0, got {self.ctx_noise}, {self.shift}")
         if self.guidance != 1 and (not self.guidance > 0 or not dit.cfg.null_action):
-            raise ValueError(f"guidance {self.guidance} needs guidance > 0 and a model trained with action "
-                             f"dropout (this one has null_action={dit.cfg.null_action}); 1 = no guidance")
+            raise ValueError(
+                f"guidance {self.guidance} needs guidance > 0 and a model trained with action "
+                f"dropout (this one has null_action={dit.cfg.null_action}); 1 = no guidance"
+            )
         if self.sinks < 0 or self.window < chunk or self.sinks % chunk or self.window % chunk:
-            raise ValueError(f"sinks ({self.sinks}) and window ({self.window}) must be multiples of the "
-                             f"model's chunk of {chunk} frames, window >= one chunk")
+            raise ValueError(
+                f"sinks ({self.sinks}) and window ({self.window}) must be multiples of the "
+                f"model's chunk of {chunk} frames, window >= one chunk"
+            )
         if self.sinks + self.window + chunk > trained_window:
-            raise ValueError(f"sinks + window + chunk = {self.sinks + self.window + chunk} frames exceed the "
-                             f"{trained_window} frames the model was trained on")
+            raise ValueError(
+                f"sinks + window + chunk = {self.sinks + self.window + chunk} frames exceed the "
+                f"{trained_window} frames the model was trained on"
+            )
 
 
-def denoise(dit: DiT, stream: StreamConfig, x: torch.Tensor, eps_ctx: torch.Tensor | None, acts: torch.Tensor,
-            frame_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            mask: torch.Tensor | None, exit_step: int | None = None,
-            memory: Memory | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def denoise(
+    dit: DiT,
+    stream: StreamConfig,
+    x: torch.Tensor,
+    eps_ctx: torch.Tensor | None,
+    acts: torch.Tensor,
+    frame_pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+    exit_step: int | None = None,
+    memory: Memory | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of B timelines as a pure function: the Euler passes from noise ``x`` (B, c, C, h, w),
     every pass attending to the cache (unrotated keys ``k`` and values ``v``, (depth, B, H, L, d),
     RoPE ``cos``/``sin`` of their positions, key ``mask`` (B, L)) and to the recalled ``memory``
@@ -113,8 +131,20 @@ def denoise(dit: DiT, stream: StreamConfig, x: torch.Tensor, eps_ctx: torch.Tens
         t = level.expand(b, chunk)  # a tensor level: one compiled graph serves every step
         if g == 1:
             return dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask, memory=memory).float()
-        return sampling.guided(dit(x.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), acts.repeat(2, 1, 1),
-                                   frame_pos=pos2, past=past2, past_mask=mask2, drop_actions=drop, memory=mem2), g)
+        return sampling.guided(
+            dit(
+                x.repeat(2, 1, 1, 1, 1),
+                t.repeat(2, 1),
+                acts.repeat(2, 1, 1),
+                frame_pos=pos2,
+                past=past2,
+                past_mask=mask2,
+                drop_actions=drop,
+                memory=mem2,
+            ),
+            g,
+        )
+
     x = sampling.euler(x, velocity, stream.steps, stream.shift, exit_step)
     with torch.no_grad():
         written = x if eps_ctx is None else sampling.add_noise(x, eps_ctx, stream.ctx_noise)
@@ -124,8 +154,9 @@ def denoise(dit: DiT, stream: StreamConfig, x: torch.Tensor, eps_ctx: torch.Tens
     return x, torch.stack([p.new[0][:, :, skip:] for p in past]), torch.stack([p.new[1][:, :, skip:] for p in past])
 
 
-def prefill(dit: DiT, stream: StreamConfig, z: torch.Tensor, acts: torch.Tensor,
-            eps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def prefill(
+    dit: DiT, stream: StreamConfig, z: torch.Tensor, acts: torch.Tensor, eps: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys (unrotated) and values, (depth, B, H, T * N, d) each, that context latents
     (B, T, C, h, w) with their actions (B, T, A), noised with ``eps`` to the stabilisation level,
     leave in a cleared cache: one block-causal pass, exactly what a full recompute attends to."""
@@ -133,14 +164,26 @@ def prefill(dit: DiT, stream: StreamConfig, z: torch.Tensor, acts: torch.Tensor,
     b, t = z.shape[:2]
     empty = torch.zeros(b, dit.cfg.heads, 0, dit.cfg.dim // dit.cfg.heads, device=z.device)
     past = [LayerKV(empty, empty) for _ in range(dit.cfg.depth)]
-    dit(x, torch.full((b, t), stream.ctx_noise, device=z.device), acts, frame_pos=torch.arange(t, device=z.device),
-        past=past)
+    dit(
+        x,
+        torch.full((b, t), stream.ctx_noise, device=z.device),
+        acts,
+        frame_pos=torch.arange(t, device=z.device),
+        past=past,
+    )
     return torch.stack([p.new[0] for p in past]), torch.stack([p.new[1] for p in past])
 
 
-def rollout_latents(dit: DiT, stream: StreamConfig, ctx: torch.Tensor, ctx_actions: torch.Tensor,
-                    actions_: torch.Tensor, generator: torch.Generator,
-                    exit_steps: Sequence[int | None] | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+def rollout_latents(
+    dit: DiT,
+    stream: StreamConfig,
+    ctx: torch.Tensor,
+    ctx_actions: torch.Tensor,
+    actions_: torch.Tensor,
+    generator: torch.Generator,
+    exit_steps: Sequence[int | None] | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Play B timelines of one age on latents, step for step as sessions play (the same rolling
     cache, re-positioned keys and stabilised writes; :func:`denoise`), with no tokenizer: what
     the trainer generates when it trains on the model's own rollouts, so it trains on exactly
@@ -167,25 +210,47 @@ def rollout_latents(dit: DiT, stream: StreamConfig, ctx: torch.Tensor, ctx_actio
     grad = torch.is_grad_enabled()
     cfg = dit.cfg
     b, chunk, keep = ctx.shape[0], cfg.frames_per_block, stream.sinks + stream.window
-    cache = KVCache(cfg.depth, cfg.heads, cfg.dim // cfg.heads, cfg.tokens_per_frame, stream.sinks, stream.window,
-                    ctx.device, torch.bfloat16 if ctx.device.type == "cuda" else torch.float32, batch=b)
+    cache = KVCache(
+        cfg.depth,
+        cfg.heads,
+        cfg.dim // cfg.heads,
+        cfg.tokens_per_frame,
+        stream.sinks,
+        stream.window,
+        ctx.device,
+        torch.bfloat16 if ctx.device.type == "cuda" else torch.float32,
+        batch=b,
+    )
     ctx, ctx_actions = ctx[:, -keep:], ctx_actions[:, -keep:]
 
     def randn(frames: int) -> torch.Tensor:
         return sampling.randn((b, frames, cfg.latent_channels, *cfg.latent_size), generator, ctx.device)
+
     with torch.no_grad():
         cache.write(*prefill(dit, stream, ctx, ctx_actions, randn(ctx.shape[1]) if stream.ctx_noise > 0 else None))
     out = []
     for j, i in enumerate(range(0, actions_.shape[1], chunk)):
-        pos = cache.positions()[None].to(ctx.device)                                  # (1, slots)
+        pos = cache.positions()[None].to(ctx.device)  # (1, slots)
         cos, sin = dit.rope(pos, pos.shape[1])
         mask = cache.valid()[None].expand(b, -1).to(ctx.device)
         frame_pos = (cache.next_position() + torch.arange(chunk, device=ctx.device))[None].expand(b, -1)
-        x = randn(chunk) if noise is None else noise[:, i:i + chunk].float()
+        x = randn(chunk) if noise is None else noise[:, i : i + chunk].float()
         eps = randn(chunk) if stream.ctx_noise > 0 else None
         with torch.set_grad_enabled(grad and exit_steps[j] is not None):
-            x, k_new, v_new = denoise(dit, stream, x, eps, actions_[:, i:i + chunk], frame_pos, cache.k, cache.v,
-                                      cos, sin, mask, exit_steps[j])
+            x, k_new, v_new = denoise(
+                dit,
+                stream,
+                x,
+                eps,
+                actions_[:, i : i + chunk],
+                frame_pos,
+                cache.k,
+                cache.v,
+                cos,
+                sin,
+                mask,
+                exit_steps[j],
+            )
         cache.write(k_new, v_new)
         out.append(x)
     return torch.cat(out, 1)
@@ -194,10 +259,17 @@ def rollout_latents(dit: DiT, stream: StreamConfig, ctx: torch.Tensor, ctx_actio
 class WorldModel:
     """A tokenizer + DiT ready to play. Build it with :meth:`load`."""
 
-    def __init__(self, tokenizer: Tokenizer, dit: DiT, stream: StreamConfig | None = None,
-                 starts: dict[str, torch.Tensor] | None = None, fps: float = DOOM_TICS_PER_SECOND / 4,
-                 trained_window: int | None = None, device: torch.device | str | None = None,
-                 memory: BankConfig | None = None):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        dit: DiT,
+        stream: StreamConfig | None = None,
+        starts: dict[str, torch.Tensor] | None = None,
+        fps: float = DOOM_TICS_PER_SECOND / 4,
+        trained_window: int | None = None,
+        device: torch.device | str | None = None,
+        memory: BankConfig | None = None,
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Weights in float32 on the CPU (no fast bf16 there); bf16 autocast on CUDA.
         self.tokenizer = tokenizer.float().to(self.device).eval()
@@ -208,24 +280,30 @@ class WorldModel:
         self.fps = fps
         self._starts = starts
         self.checkpoint: os.PathLike | None = None  # the folder it was loaded from, if any
-        if tuple(tokenizer.cfg.latent_size) != tuple(dit.cfg.latent_size) or \
-                tokenizer.cfg.latent_channels != dit.cfg.latent_channels:
-            raise CheckpointError(f"tokenizer latents {tokenizer.cfg.latent_channels}x{tokenizer.cfg.latent_size} "
-                                  f"do not fit the DiT's {dit.cfg.latent_channels}x{dit.cfg.latent_size}")
+        if (
+            tuple(tokenizer.cfg.latent_size) != tuple(dit.cfg.latent_size)
+            or tokenizer.cfg.latent_channels != dit.cfg.latent_channels
+        ):
+            raise CheckpointError(
+                f"tokenizer latents {tokenizer.cfg.latent_channels}x{tokenizer.cfg.latent_size} "
+                f"do not fit the DiT's {dit.cfg.latent_channels}x{dit.cfg.latent_size}"
+            )
         self.cache_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         # Frame memory: None (or k = 0) plays on the rolling window alone, exactly as before.
         if memory is not None and memory.k and not 1 <= memory.k <= self.dit.cfg.memory_frames:
-            raise ValueError(f"memory k={memory.k}: this model takes 1..{self.dit.cfg.memory_frames} recalled frames"
-                             if self.dit.cfg.memory_frames else
-                             "this model was trained without memory (memory_frames=0): it takes no memory settings; "
-                             "train one with --memory-frames")
+            raise ValueError(
+                f"memory k={memory.k}: this model takes 1..{self.dit.cfg.memory_frames} recalled frames"
+                if self.dit.cfg.memory_frames
+                else "this model was trained without memory (memory_frames=0): it takes no memory settings; "
+                "train one with --memory-frames"
+            )
         if memory is not None:
             memory.check()
         self.memory = memory if memory is not None and memory.k else None
         self._step, self._decode = self._denoise, self.tokenizer.decode  # compile() swaps these
         self._graphs = False  # compiled into CUDA graphs: each call's outputs live until the next call
 
-    def compile(self, mode: str | None = "reduce-overhead") -> "WorldModel":
+    def compile(self, mode: str | None = "reduce-overhead") -> WorldModel:
         """torch.compile the per-frame hot path: a whole step's DiT passes, and the decoder.
         Every step at a given batch size has the same shapes (fixed-size caches), so each batch
         size compiles once (the first step at a new size takes seconds to a minute), and the
@@ -235,7 +313,7 @@ class WorldModel:
         self._graphs = mode == "reduce-overhead" and self.device.type == "cuda"
         return self
 
-    def eager(self) -> "WorldModel":
+    def eager(self) -> WorldModel:
         """Undo :meth:`compile`: the step and the decoder run eagerly again (a fallback when
         compiling fails on a machine)."""
         self._step, self._decode = self._denoise, self.tokenizer.decode
@@ -254,8 +332,14 @@ class WorldModel:
 
     # --- building -----------------------------------------------------------------------------
     @classmethod
-    def load(cls, checkpoint_dir: str | os.PathLike = "default", device: torch.device | str | None = None,
-             memory_k: int | None = None, memory_cap: int | None = None, **stream: Any) -> "WorldModel":
+    def load(
+        cls,
+        checkpoint_dir: str | os.PathLike = "default",
+        device: torch.device | str | None = None,
+        memory_k: int | None = None,
+        memory_cap: int | None = None,
+        **stream: Any,
+    ) -> WorldModel:
         """A checkpoint folder (or ``"default"``, the model that ships with worldgen).
 
         ``stream`` overrides :class:`StreamConfig` fields (``steps``, ``ctx_noise``, ``sinks``,
@@ -286,8 +370,10 @@ class WorldModel:
         memory = None
         if memory_k is not None or memory_cap is not None or dit.cfg.memory_frames:
             if not dit.cfg.memory_frames:
-                raise ValueError(f"{folder}: this model was trained without memory (memory_frames=0): it takes no "
-                                 f"memory settings (memory_k={memory_k}, memory_cap={memory_cap})")
+                raise ValueError(
+                    f"{folder}: this model was trained without memory (memory_frames=0): it takes no "
+                    f"memory settings (memory_k={memory_k}, memory_cap={memory_cap})"
+                )
             saved = dyn.get("memory", {})
             k = saved.get("k", dit.cfg.memory_frames) if memory_k is None else memory_k
             cap = saved.get("cap", BankConfig.cap) if memory_cap is None else memory_cap
@@ -315,14 +401,20 @@ class WorldModel:
         return s["frames"][i].numpy(), [Action(k, m) for k, m in zip(s["keys"][i].numpy(), s["mouse"][i].numpy())]
 
     # --- sessions ----------------------------------------------------------------------------
-    def session(self, context_frames: np.ndarray | None = None, context_actions: Sequence[ActionLike] | None = None,
-                seed: int | None = None, context_poses: np.ndarray | None = None) -> "Session":
+    def session(
+        self,
+        context_frames: np.ndarray | None = None,
+        context_actions: Sequence[ActionLike] | None = None,
+        seed: int | None = None,
+        context_poses: np.ndarray | None = None,
+    ) -> Session:
         """A new play session from real context frames (or a stored start chosen with ``seed``);
         ``context_poses`` (T, 5): their cameras, for the frame memory, if known."""
         return Session(self, context_frames, context_actions, seed, context_poses)
 
-    def step_many(self, sessions: Sequence["Session"], actions_: Sequence[ActionLike],
-                  poses: np.ndarray | None = None) -> np.ndarray:
+    def step_many(
+        self, sessions: Sequence[Session], actions_: Sequence[ActionLike], poses: np.ndarray | None = None
+    ) -> np.ndarray:
         """Advance every session by one chunk with its action, in one batched forward.
 
         Returns uint8 ``(B, H, W, 3)`` (the chunk's last frame per session). A bad action raises
@@ -346,8 +438,9 @@ class WorldModel:
         if poses is not None:
             poses = np.asarray(poses, np.float32)
             if poses.shape != (len(sessions), 5) or not np.isfinite(poses).all():
-                raise ValueError(f"poses must be finite (B, 5) = ({len(sessions)}, 5) x, y, z, yaw, pitch, got "
-                                 f"{poses.shape}")
+                raise ValueError(
+                    f"poses must be finite (B, 5) = ({len(sessions)}, 5) x, y, z, yaw, pitch, got {poses.shape}"
+                )
         with torch.no_grad(), self._autocast():
             z = self._advance(sessions, acts, None if poses is None else torch.from_numpy(poses).to(self.device))
             frames = tensor_to_frames(self._graph_call(self._decode, z[:, -1].float()))
@@ -355,13 +448,19 @@ class WorldModel:
             s.frame, s.steps = f, s.steps + chunk
         return frames
 
-    def rollout(self, context_frames: np.ndarray, context_actions: Sequence[ActionLike],
-                actions_: Sequence[ActionLike], seed: int | None = None) -> np.ndarray:
+    def rollout(
+        self,
+        context_frames: np.ndarray,
+        context_actions: Sequence[ActionLike],
+        actions_: Sequence[ActionLike],
+        seed: int | None = None,
+    ) -> np.ndarray:
         """Play ``actions_`` from the context: uint8 ``(N, H, W, 3)``, one frame per action."""
         s = self.session(context_frames, context_actions, seed)
         try:
-            return np.stack([s.step(a) for a in actions_]) if len(actions_) else \
-                np.zeros((0, *self.frame_shape), np.uint8)
+            return (
+                np.stack([s.step(a) for a in actions_]) if len(actions_) else np.zeros((0, *self.frame_shape), np.uint8)
+            )
         finally:
             s.close()
 
@@ -371,30 +470,50 @@ class WorldModel:
 
     def _new_cache(self) -> KVCache:
         cfg = self.dit.cfg
-        return KVCache(cfg.depth, cfg.heads, cfg.dim // cfg.heads, cfg.tokens_per_frame, self.stream.sinks,
-                       self.stream.window, self.device, self.cache_dtype)
+        return KVCache(
+            cfg.depth,
+            cfg.heads,
+            cfg.dim // cfg.heads,
+            cfg.tokens_per_frame,
+            self.stream.sinks,
+            self.stream.window,
+            self.device,
+            self.cache_dtype,
+        )
 
-    def _past(self, caches: list[KVCache]) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor],
-                                                    torch.Tensor, torch.Tensor]:
+    def _past(
+        self, caches: list[KVCache]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
         """The caches as one batch: unrotated keys and values (depth, B, H, L, d), RoPE cos/sin of
         their window-relative positions, the key mask (B, L) and the new frames' first position (B,)."""
-        pos = torch.stack([c.positions() for c in caches]).to(self.device)            # (B, slots)
-        rope = self.dit.rope(pos, pos.shape[1])                                         # (B, 1, L, d/2) each
+        pos = torch.stack([c.positions() for c in caches]).to(self.device)  # (B, slots)
+        rope = self.dit.rope(pos, pos.shape[1])  # (B, 1, L, d/2) each
         k = torch.stack([c.k for c in caches], 1)
         v = torch.stack([c.v for c in caches], 1)
-        mask = torch.stack([c.valid() for c in caches]).to(self.device)               # (B, L)
+        mask = torch.stack([c.valid() for c in caches]).to(self.device)  # (B, L)
         nxt = torch.tensor([c.next_position() for c in caches], device=self.device)
         return k, v, rope, mask, nxt
 
-    def _denoise(self, x: torch.Tensor, eps_ctx: torch.Tensor | None, acts: torch.Tensor, frame_pos: torch.Tensor,
-                 k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 mask: torch.Tensor | None, memory: Memory | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _denoise(
+        self,
+        x: torch.Tensor,
+        eps_ctx: torch.Tensor | None,
+        acts: torch.Tensor,
+        frame_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        memory: Memory | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step of B sessions (:func:`denoise` with this model's DiT and settings): what
         :meth:`compile` captures whole."""
         return denoise(self.dit, self.stream, x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask, memory=memory)
 
-    def _noise(self, gens: list[torch.Generator], frames: int,
-               sample: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _noise(
+        self, gens: list[torch.Generator], frames: int, sample: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Each session's sampler noise (if ``sample``) and, with ctx_noise > 0, stabilisation
         noise, from its own generator in a fixed order: the same numbers alone or in a batch."""
         shape = (frames, self.dit.cfg.latent_channels, *self.dit.cfg.latent_size)
@@ -406,7 +525,7 @@ class WorldModel:
                 ctx.append(sampling.randn(shape, g, self.device))
         return torch.stack(x) if x else None, torch.stack(ctx) if ctx else None
 
-    def _prefill(self, session: "Session", z: torch.Tensor, acts: torch.Tensor, poses: torch.Tensor | None) -> None:
+    def _prefill(self, session: Session, z: torch.Tensor, acts: torch.Tensor, poses: torch.Tensor | None) -> None:
         """Write context latents (T, C, h, w) with their actions (T, A) into the session's cache,
         and with memory into its bank at ``poses`` (T, 5) (None: dead-reckoned from the origin)."""
         _, eps = self._noise([session.generator], len(z), sample=False)
@@ -417,17 +536,18 @@ class WorldModel:
             session.bank.clear()
             pose = torch.zeros(1, 5, device=self.device)
             for i in range(len(z)):
-                pose = poses[i:i + 1] if poses is not None else dead_reckon(pose, acts[i:i + 1])
+                pose = poses[i : i + 1] if poses is not None else dead_reckon(pose, acts[i : i + 1])
                 session.bank.add(z[i], pose[0], i)
             session.pose, session.clock = pose[0], len(z)
 
-    def _advance(self, sessions: Sequence["Session"], acts: torch.Tensor,
-                 poses: torch.Tensor | None = None) -> torch.Tensor:
+    def _advance(
+        self, sessions: Sequence[Session], acts: torch.Tensor, poses: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Denoise the next chunk of every session, write it to the caches (and banks): latents
         (B, c, C, h, w). ``poses`` (B, 5): the new frames' true cameras, if known."""
         caches = [s.cache for s in sessions]
         k, v, (cos, sin), mask, nxt = self._past(caches)
-        frame_pos = nxt[:, None] + torch.arange(acts.shape[1], device=self.device)       # (B, c)
+        frame_pos = nxt[:, None] + torch.arange(acts.shape[1], device=self.device)  # (B, c)
         x, eps_ctx = self._noise([s.generator for s in sessions], acts.shape[1])
         memory = None
         if self.memory is not None:
@@ -451,14 +571,27 @@ class Session:
     Made by :meth:`WorldModel.session`; see there and :meth:`step`.
     """
 
-    def __init__(self, model: WorldModel, context_frames: np.ndarray | None,
-                 context_actions: Sequence[ActionLike] | None, seed: int | None,
-                 context_poses: np.ndarray | None = None):
+    def __init__(
+        self,
+        model: WorldModel,
+        context_frames: np.ndarray | None,
+        context_actions: Sequence[ActionLike] | None,
+        seed: int | None,
+        context_poses: np.ndarray | None = None,
+    ):
         self.model = model
         self.cache = model._new_cache()
         # Frame memory (models trained with it): the bank, the last frame's camera and step.
-        self.bank = FrameBank(model.memory, (model.dit.cfg.latent_channels, *model.dit.cfg.latent_size),
-                              model.device, model.cache_dtype) if model.memory is not None else None
+        self.bank = (
+            FrameBank(
+                model.memory,
+                (model.dit.cfg.latent_channels, *model.dit.cfg.latent_size),
+                model.device,
+                model.cache_dtype,
+            )
+            if model.memory is not None
+            else None
+        )
         self.pose = torch.zeros(5, device=model.device)
         self.clock = 0
         self.closed = False
@@ -467,8 +600,13 @@ class Session:
         self.steps = 0
         self.reset(context_frames, context_actions, seed, context_poses)
 
-    def reset(self, context_frames: np.ndarray | None = None, context_actions: Sequence[ActionLike] | None = None,
-              seed: int | None = None, context_poses: np.ndarray | None = None) -> np.ndarray:
+    def reset(
+        self,
+        context_frames: np.ndarray | None = None,
+        context_actions: Sequence[ActionLike] | None = None,
+        seed: int | None = None,
+        context_poses: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Start again from real context (or a stored start chosen with ``seed``); returns the
         last context frame, now :attr:`frame`. Bad input raises and leaves the session as it was.
         ``context_poses`` (T, 5): the context frames' cameras, for the frame memory, if known."""
@@ -482,9 +620,11 @@ class Session:
         if context_poses is not None:
             context_poses = np.asarray(context_poses, np.float32)
             if context_poses.shape != (len(frames), 5) or not np.isfinite(context_poses).all():
-                raise ValueError(f"context_poses must be finite ({len(frames)}, 5), one camera per context frame, "
-                                 f"got {context_poses.shape}")
-        keep = m.stream.sinks + m.stream.window   # a longer context keeps its latest frames
+                raise ValueError(
+                    f"context_poses must be finite ({len(frames)}, 5), one camera per context frame, "
+                    f"got {context_poses.shape}"
+                )
+        keep = m.stream.sinks + m.stream.window  # a longer context keeps its latest frames
         frames, acts = frames[-keep:], acts[-keep:]
         poses = None if context_poses is None else torch.from_numpy(context_poses[-keep:]).to(m.device)
         self.generator.manual_seed(seed)
@@ -541,22 +681,37 @@ def _check_context(m: WorldModel, frames: Any, acts: Any) -> tuple[np.ndarray, n
         raise ValueError("give both context_frames and context_actions, or neither (a stored start)")
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != m.frame_shape or len(frames) < 1:
-        raise ValueError(f"context_frames must be uint8 (T >= 1, {', '.join(map(str, m.frame_shape))}), "
-                         f"got {frames.dtype} {frames.shape}")
+        raise ValueError(
+            f"context_frames must be uint8 (T >= 1, {', '.join(map(str, m.frame_shape))}), "
+            f"got {frames.dtype} {frames.shape}"
+        )
     if len(acts) != len(frames):
-        raise ValueError(f"{len(frames)} context frames but {len(acts)} context actions (one per frame: "
-                         f"the action that produced it)")
+        raise ValueError(
+            f"{len(frames)} context frames but {len(acts)} context actions (one per frame: the action that produced it)"
+        )
     return frames, _action_vectors(acts, "context action")
 
 
-def save_starts(folder: str | os.PathLike, frames: np.ndarray, keys: np.ndarray, mouse: np.ndarray,
-                source: Mapping[str, Any] | None = None) -> None:
+def save_starts(
+    folder: str | os.PathLike,
+    frames: np.ndarray,
+    keys: np.ndarray,
+    mouse: np.ndarray,
+    source: Mapping[str, Any] | None = None,
+) -> None:
     """Store real start contexts with a checkpoint: frames uint8 (S, T, H, W, 3), keys (S, T, 8),
     mouse (S, T, 2), the action that produced each frame; ``source`` says where they come from."""
     s, t = frames.shape[:2]
     k, m = actions.validate(keys, mouse, (s, t))
     if frames.dtype != np.uint8 or frames.ndim != 5:
         raise ValueError(f"frames must be uint8 (S, T, H, W, 3), got {frames.dtype} {frames.shape}")
-    checkpoint.save(folder, "starts", {"frames": torch.from_numpy(np.ascontiguousarray(frames)),
-                                       "keys": torch.from_numpy(k), "mouse": torch.from_numpy(m)},
-                    {"source": dict(source or {}), "action_schema": actions.schema()})
+    checkpoint.save(
+        folder,
+        "starts",
+        {
+            "frames": torch.from_numpy(np.ascontiguousarray(frames)),
+            "keys": torch.from_numpy(k),
+            "mouse": torch.from_numpy(m),
+        },
+        {"source": dict(source or {}), "action_schema": actions.schema()},
+    )

@@ -53,9 +53,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,8 +70,8 @@ from worldgen.files import atomic_write, write_mp4
 from worldgen.models import autocast, frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
 
 VERSION = 1
-HORIZONS = (1, 16, 64)    # rollout horizons reported by name (issue 3)
-CONTROL_HORIZON = 16      # horizon of the action-controllability test
+HORIZONS = (1, 16, 64)  # rollout horizons reported by name (issue 3)
+CONTROL_HORIZON = 16  # horizon of the action-controllability test
 
 
 class EvaluationError(RuntimeError):
@@ -82,28 +83,33 @@ class EvalConfig:
     # Real context frames; None = the trained window minus one block, so every prediction sees
     # exactly as many frames as a training window holds (positions beyond it were never trained).
     context: int | None = None
-    horizon: int = 64          # longest rollout reported; shorter if episodes are shorter
-    windows: int = 64          # held-out windows; ~64 puts a PSNR mean's standard error near 0.3 dB
-    steps: int | None = None   # sampler steps; None = the checkpoint's, else sampling.STEPS
+    horizon: int = 64  # longest rollout reported; shorter if episodes are shorter
+    windows: int = 64  # held-out windows; ~64 puts a PSNR mean's standard error near 0.3 dB
+    steps: int | None = None  # sampler steps; None = the checkpoint's, else sampling.STEPS
     ctx_noise: float | None = None  # context noise level; None = the checkpoint's, else 0
-    shift: float | None = None      # schedule shift; None = the checkpoint's, else sampling.SHIFT
-    guidance: float | None = None   # action guidance; None = the checkpoint's, else sampling.GUIDANCE
-    batch: int = 32            # windows (or next-frame predictions) per forward; more if memory allows
-    split: str = "heldout"     # "heldout": Dataset.split()'s held-out side; "all": every episode
+    shift: float | None = None  # schedule shift; None = the checkpoint's, else sampling.SHIFT
+    guidance: float | None = None  # action guidance; None = the checkpoint's, else sampling.GUIDANCE
+    batch: int = 32  # windows (or next-frame predictions) per forward; more if memory allows
+    split: str = "heldout"  # "heldout": Dataset.split()'s held-out side; "all": every episode
     # Held-out share for split="heldout"; None = the trainer's (stored in the checkpoint), else 0.1,
     # so the held-out episodes are exactly those the dynamics model never trained on.
     heldout_fraction: float | None = None
-    seed: int = 0              # picks windows, shuffles actions, seeds sampler noise
-    video_windows: int = 4     # windows shown in the side-by-side video
+    seed: int = 0  # picks windows, shuffles actions, seeds sampler noise
+    video_windows: int = 4  # windows shown in the side-by-side video
     # An eval.json whose windows (and shuffled actions) to score instead of drawing new ones, so
     # two evaluations pair up window by window; its context and horizon come with them.
     windows_from: str | Path | None = None
-    progress: bool = True      # a progress bar with an ETA over the frames predicted (stderr)
+    progress: bool = True  # a progress bar with an ETA over the frames predicted (stderr)
 
 
-def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalConfig | None = None,
-             device: str | torch.device | None = None, media: str | Path | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate(
+    checkpoint_dir: str | Path,
+    data: str | Path | Dataset,
+    cfg: EvalConfig | None = None,
+    device: str | torch.device | None = None,
+    media: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Run every metric of the module docstring; write the plot and video under ``media``
     (``psnr_vs_horizon.png``, ``real_vs_generated.mp4``; the video only where ffmpeg is).
 
@@ -126,8 +132,9 @@ def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalCo
         cfg = dataclasses.replace(cfg, context=stored["context"])
     c, sampler = _sampler_settings(folder, cfg, dit.cfg)
     if stored is not None and c != stored["context"]:
-        raise EvaluationError(f"--windows-from {cfg.windows_from}: its windows have {stored['context']} "
-                              f"context frames, not {c}")
+        raise EvaluationError(
+            f"--windows-from {cfg.windows_from}: its windows have {stored['context']} context frames, not {c}"
+        )
 
     ds = data if isinstance(data, Dataset) else Dataset(data)
     train = checkpoint.config(folder, "dynamics").get("train", {})
@@ -139,63 +146,100 @@ def evaluate(checkpoint_dir: str | Path, data: str | Path | Dataset, cfg: EvalCo
     fraction = fraction if cfg.split == "heldout" else None
     expected = tuple(tokenizer.cfg.image_size)
     if tuple(frames.shape[2:4]) != expected:
-        raise EvaluationError(f"{ds.root}: frames are {tuple(frames.shape[2:4])} (H, W) but the "
-                              f"tokenizer of {folder} was trained on {expected}")
+        raise EvaluationError(
+            f"{ds.root}: frames are {tuple(frames.shape[2:4])} (H, W) but the "
+            f"tokenizer of {folder} was trained on {expected}"
+        )
     n = len(frames)
-    log(f"evaluating {folder} on {n} windows of {c} + {horizon} frames from {n_episodes} "
-        f"{cfg.split} episodes of {ds.root} ({device})")
+    log(
+        f"evaluating {folder} on {n} windows of {c} + {horizon} frames from {n_episodes} "
+        f"{cfg.split} episodes of {ds.root} ({device})"
+    )
 
-    inputs = frames.to(device)                                       # (N, L, H, W, 3 or 4) uint8
-    frames_d = inputs[..., :3]                                       # (N, L, H, W, 3): what is scored
-    acts_d = acts.to(device)                                         # (N, L, 10)
+    inputs = frames.to(device)  # (N, L, H, W, 3 or 4) uint8
+    frames_d = inputs[..., :3]  # (N, L, H, W, 3): what is scored
+    acts_d = acts.to(device)  # (N, L, 10)
     run = _Runner(tokenizer, dit, sampler, cfg.batch, device)
     # Every frame the DiT makes: teacher-forced, then rollouts with real and shuffled actions.
     run.bar = tqdm(total=3 * n * horizon, unit="frame", desc="eval", disable=not cfg.progress)
 
     with torch.no_grad(), run.bar:
-        latents, recon = run.encode(inputs)                          # (N, L, C, h, w), RGB uint8
+        latents, recon = run.encode(inputs)  # (N, L, C, h, w), RGB uint8
         tok_psnr, tok_ssim = psnr(recon, frames_d), ssim(recon, frames_d)
 
         # Teacher forcing: target frame t of every window from the real frames t-c .. t-1.
         pairs = [(i, t) for i in range(n) for t in range(c, c + horizon)]
-        tf_pred = run.next_frames(latents, acts_d, pairs, c)         # (P, H, W, 3)
+        tf_pred = run.next_frames(latents, acts_d, pairs, c)  # (P, H, W, 3)
         idx_n = torch.tensor([p[0] for p in pairs], device=device)
         idx_t = torch.tensor([p[1] for p in pairs], device=device)
         target, previous = frames_d[idx_n, idx_t], frames_d[idx_n, idx_t - 1]
-        tf = {"psnr": psnr(tf_pred, target), "ssim": ssim(tf_pred, target),
-              "baseline_psnr": psnr(previous, target), "baseline_ssim": ssim(previous, target)}
+        tf = {
+            "psnr": psnr(tf_pred, target),
+            "ssim": ssim(tf_pred, target),
+            "baseline_psnr": psnr(previous, target),
+            "baseline_ssim": ssim(previous, target),
+        }
 
         # Rollouts from the real context: real actions, another window's actions, a still frame.
-        future = frames_d[:, c:c + horizon]                          # (N, horizon, H, W, 3)
-        real = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[:, c:c + horizon])
-        perm = (_derangement(n, cfg.seed) if stored is None or stored["shuffled_from"] is None
-                else torch.tensor(stored["shuffled_from"])).to(device)
-        shuffled = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[perm, c:c + horizon])
-        still = frames_d[:, c - 1:c].expand_as(future)
+        future = frames_d[:, c : c + horizon]  # (N, horizon, H, W, 3)
+        real = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[:, c : c + horizon])
+        perm = (
+            _derangement(n, cfg.seed)
+            if stored is None or stored["shuffled_from"] is None
+            else torch.tensor(stored["shuffled_from"])
+        ).to(device)
+        shuffled = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[perm, c : c + horizon])
+        still = frames_d[:, c - 1 : c].expand_as(future)
         per_window = {"curve": psnr(real, future), "shuffled_curve": psnr(shuffled, future)}  # each (N, horizon)
-        curves = {**{k: v.mean(0) for k, v in per_window.items()},
-                  "baseline_curve": psnr(still, future).mean(0)}          # each (horizon,)
+        curves = {
+            **{k: v.mean(0) for k, v in per_window.items()},
+            "baseline_curve": psnr(still, future).mean(0),
+        }  # each (horizon,)
 
-    result = _report(folder, ds, cfg, c, fraction, sampler, device, starts, n_episodes, horizon, tok_psnr,
-                     tok_ssim, tf, {k: v.tolist() for k, v in curves.items()})
+    result = _report(
+        folder,
+        ds,
+        cfg,
+        c,
+        fraction,
+        sampler,
+        device,
+        starts,
+        n_episodes,
+        horizon,
+        tok_psnr,
+        tok_ssim,
+        tf,
+        {k: v.tolist() for k, v in curves.items()},
+    )
     if horizon >= CONTROL_HORIZON:  # which windows the actions matter in (benchmarks/control_by_turn.py)
         result["controllability"].update(
-            {f"windows_{name}": [round(v, 4) for v in per_window[key][:, CONTROL_HORIZON - 1].tolist()]
-             for name, key in (("real", "curve"), ("shuffled", "shuffled_curve"))}, shuffled_from=perm.tolist())
+            {
+                f"windows_{name}": [round(v, 4) for v in per_window[key][:, CONTROL_HORIZON - 1].tolist()]
+                for name, key in (("real", "curve"), ("shuffled", "shuffled_curve"))
+            },
+            shuffled_from=perm.tolist(),
+        )
 
     if media is not None:
         media, v = Path(media), cfg.video_windows
         write_plot(result, media / "psnr_vs_horizon.png")
         result["files"]["plot"] = str(media / "psnr_vs_horizon.png")
         if video:
-            write_video(frames[:v, c:c + horizon, ..., :3], real[:v].cpu(), frames[:v, c - 1, ..., :3],
-                        media / "real_vs_generated.mp4", fps=clip_fps(ds))
+            write_video(
+                frames[:v, c : c + horizon, ..., :3],
+                real[:v].cpu(),
+                frames[:v, c - 1, ..., :3],
+                media / "real_vs_generated.mp4",
+                fps=clip_fps(ds),
+            )
             result["files"]["video"] = str(media / "real_vs_generated.mp4")
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
 
 
 # --- pieces ------------------------------------------------------------------------------------
+
 
 def _sampler_settings(folder: Path, cfg: EvalConfig, dit_cfg) -> tuple[int, dict[str, Any]]:
     """Context length and sampler settings: the command line's, else what the trainer stored
@@ -218,14 +262,24 @@ def _sampler_settings(folder: Path, cfg: EvalConfig, dit_cfg) -> tuple[int, dict
     if not shift > 0:
         raise EvaluationError(f"--shift must be > 0, got {shift}")
     if guidance != 1 and (not guidance > 0 or not dit_cfg.null_action):
-        raise EvaluationError(f"--guidance {guidance}: needs > 0 and a model trained with action dropout "
-                              f"(null_action={dit_cfg.null_action}); 1 = no guidance")
+        raise EvaluationError(
+            f"--guidance {guidance}: needs > 0 and a model trained with action dropout "
+            f"(null_action={dit_cfg.null_action}); 1 = no guidance"
+        )
     if not 1 <= context <= dit_cfg.max_frames - block:
-        raise EvaluationError(f"--context must lie in [1, {dit_cfg.max_frames - block}]: the model of {folder} "
-                              f"takes at most max_frames={dit_cfg.max_frames} frames, context plus a block "
-                              f"of {block}; got {context}")
-    return context, {"steps": int(steps), "ctx_noise": float(ctx_noise), "shift": float(shift),
-                     "guidance": float(guidance), "window": context + block, "seed": cfg.seed}
+        raise EvaluationError(
+            f"--context must lie in [1, {dit_cfg.max_frames - block}]: the model of {folder} "
+            f"takes at most max_frames={dit_cfg.max_frames} frames, context plus a block "
+            f"of {block}; got {context}"
+        )
+    return context, {
+        "steps": int(steps),
+        "ctx_noise": float(ctx_noise),
+        "shift": float(shift),
+        "guidance": float(guidance),
+        "window": context + block,
+        "seed": cfg.seed,
+    }
 
 
 def trainer_heldout_fraction(folder: str | Path) -> float:
@@ -241,8 +295,9 @@ def by_id(ds: Dataset, episodes: Iterable[int]) -> list[int]:
     return sorted(episodes, key=lambda e: ds.episodes[e].id)
 
 
-def select_windows(ds: Dataset, episodes: list[int], length: int, n: int, seed: int,
-                   fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def select_windows(
+    ds: Dataset, episodes: list[int], length: int, n: int, seed: int, fields: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     """``n`` windows of ``length`` frames from ``episodes``, the same ones for the same seed.
 
     Non-overlapping tiles first, so no frame counts twice; only when the episodes hold fewer
@@ -258,8 +313,9 @@ def select_windows(ds: Dataset, episodes: list[int], length: int, n: int, seed: 
     return [pool[int(i)] for i in np.sort(picks)]
 
 
-def windows_at(ds: Dataset, starts: list[tuple[str, int]], length: int,
-               fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def windows_at(
+    ds: Dataset, starts: list[tuple[str, int]], length: int, fields: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     """The windows of ``length`` frames at ``[(episode id, first frame), ...]`` (an eval.json's
     ``window_starts``), as :class:`WindowDataset` items, in that order; a window this recording
     does not hold is an :class:`EvaluationError` naming it."""
@@ -268,8 +324,9 @@ def windows_at(ds: Dataset, starts: list[tuple[str, int]], length: int,
     except DatasetError as err:
         raise EvaluationError(f"a window's episode is not in this recording: {err}") from None
     if outside := [(e, s) for (e, s), i in zip(starts, index) if not 0 <= s <= ds.episodes[i].length - length]:
-        raise EvaluationError(f"{ds.root}: window {list(outside[0])} does not fit its episode "
-                              f"({length} frames from that start)")
+        raise EvaluationError(
+            f"{ds.root}: window {list(outside[0])} does not fit its episode ({length} frames from that start)"
+        )
     ds.validate(sorted(set(index)))
     return [WindowDataset(ds, length, [i], fields=fields, verify=False)[s] for (_, s), i in zip(starts, index)]
 
@@ -282,8 +339,9 @@ def _stored_windows(path: str | Path) -> dict[str, Any]:
         context, horizon = int(r["context"]), int(r["horizon"])
         perm = (r.get("controllability") or {}).get("shuffled_from")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise EvaluationError(f"--windows-from {path}: not an eval.json with window_starts, context and "
-                              f"horizon ({type(e).__name__}: {e})") from None
+        raise EvaluationError(
+            f"--windows-from {path}: not an eval.json with window_starts, context and horizon ({type(e).__name__}: {e})"
+        ) from None
     if len(starts) < 2 or context < 1 or horizon < 1:
         raise EvaluationError(f"--windows-from {path}: needs 2 or more windows and context, horizon >= 1")
     if perm is not None and sorted(perm) != list(range(len(starts))):
@@ -291,8 +349,14 @@ def _stored_windows(path: str | Path) -> dict[str, Any]:
     return {"path": path, "context": context, "horizon": horizon, "starts": starts, "shuffled_from": perm}
 
 
-def _load_windows(ds: Dataset, cfg: EvalConfig, context: int, heldout_fraction: float, depth: bool,
-                  stored: dict[str, Any] | None = None):
+def _load_windows(
+    ds: Dataset,
+    cfg: EvalConfig,
+    context: int,
+    heldout_fraction: float,
+    depth: bool,
+    stored: dict[str, Any] | None = None,
+):
     """The evaluation windows as frames (N, L, H, W, 3 or 4 with depth) uint8 and actions
     (N, L, 10), plus their ``[episode id, start]``, the effective horizon and the number of
     episodes drawn from: ``stored``'s windows (:func:`_stored_windows`), else drawn."""
@@ -310,28 +374,34 @@ def _load_windows(ds: Dataset, cfg: EvalConfig, context: int, heldout_fraction: 
     if cfg.split not in ("heldout", "all"):
         raise EvaluationError(f"--split must be 'heldout' or 'all', got {cfg.split!r}")
     if cfg.horizon < 1 or cfg.windows < 2:
-        raise EvaluationError(f"need --horizon >= 1 and --windows >= 2 (shuffled actions come from another "
-                              f"window), got {cfg.horizon}, {cfg.windows}")
+        raise EvaluationError(
+            f"need --horizon >= 1 and --windows >= 2 (shuffled actions come from another "
+            f"window), got {cfg.horizon}, {cfg.windows}"
+        )
     episodes = ds.split(heldout_fraction)[1] if cfg.split == "heldout" else list(range(len(ds)))
     if not episodes:
-        raise EvaluationError(f"{ds.root}: no held-out episodes among its {len(ds)} (Dataset.split() "
-                              f"holds out {heldout_fraction:.0%} by episode id); record a separate "
-                              f"held-out dataset with new seeds and pass --split all")
+        raise EvaluationError(
+            f"{ds.root}: no held-out episodes among its {len(ds)} (Dataset.split() "
+            f"holds out {heldout_fraction:.0%} by episode id); record a separate "
+            f"held-out dataset with new seeds and pass --split all"
+        )
     lengths = np.array([ds.episodes[e].length for e in episodes])
     # The longest horizon at which two windows still fit (shuffling needs two), at most cfg.horizon.
     fits = lambda h: np.maximum(lengths - (context + h) + 1, 0).sum() >= 2
     horizon = next((h for h in range(cfg.horizon, 0, -1) if fits(h)), 0)
     if horizon < 1:
-        raise EvaluationError(f"{ds.root}: the {cfg.split} episodes (longest {lengths.max()} frames) hold "
-                              f"fewer than 2 windows of {context} context frames plus one to predict "
-                              f"(lower --context)")
+        raise EvaluationError(
+            f"{ds.root}: the {cfg.split} episodes (longest {lengths.max()} frames) hold "
+            f"fewer than 2 windows of {context} context frames plus one to predict "
+            f"(lower --context)"
+        )
     items = select_windows(ds, episodes, context + horizon, cfg.windows, cfg.seed, fields)
     return _window_arrays(ds, items, depth) + (horizon, len(episodes))
 
 
 def _window_arrays(ds: Dataset, items: list[dict[str, Any]], depth: bool) -> tuple:
     """Frames (N, L, H, W, 3 or 4) and actions (N, L, 10) of window items, and their starts."""
-    frames = np.stack([it["frames"] for it in items])                          # (N, L, H, W, 3)
+    frames = np.stack([it["frames"] for it in items])  # (N, L, H, W, 3)
     if depth:  # as the trainer feeds it
         frames = np.concatenate([frames, depth_to_uint8(np.stack([it["depth"] for it in items]))[..., None]], -1)
     frames = torch.from_numpy(frames)
@@ -370,29 +440,46 @@ class _Runner:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """``(..., C, h, w)`` latents -> ``(..., H, W, 3)`` uint8 RGB frames (a depth channel dropped)."""
         # tensor_to_frames returns host memory; the metrics run back on the device.
-        frames = torch.cat([torch.from_numpy(tensor_to_frames(self.tokenizer.decode(c)[:, :3])).to(self.device)
-                            for c in z.reshape(-1, *z.shape[-3:]).split(self.batch * 4)])
+        frames = torch.cat(
+            [
+                torch.from_numpy(tensor_to_frames(self.tokenizer.decode(c)[:, :3])).to(self.device)
+                for c in z.reshape(-1, *z.shape[-3:]).split(self.batch * 4)
+            ]
+        )
         return frames.reshape(*z.shape[:-3], *frames.shape[1:])
 
     def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(..., H, W, 3 or 4)`` uint8 -> latents ``(..., C, h, w)`` and their decoded RGB frames."""
-        z = torch.cat([self.tokenizer.encode(frames_to_tensor(c)).float()
-                       for c in frames.reshape(-1, *frames.shape[-3:]).split(self.batch * 4)])
+        z = torch.cat(
+            [
+                self.tokenizer.encode(frames_to_tensor(c)).float()
+                for c in frames.reshape(-1, *frames.shape[-3:]).split(self.batch * 4)
+            ]
+        )
         z = z.reshape(*frames.shape[:-3], *z.shape[1:])
         return z, self.decode(z)
 
-    def next_frames(self, latents: torch.Tensor, acts: torch.Tensor, pairs: list[tuple[int, int]],
-                    context: int) -> torch.Tensor:
+    def next_frames(
+        self, latents: torch.Tensor, acts: torch.Tensor, pairs: list[tuple[int, int]], context: int
+    ) -> torch.Tensor:
         """Teacher-forced prediction of frame t of window i for each ``(i, t)``: (P, H, W, 3)."""
         out = []
         for k in range(0, len(pairs), self.batch):
-            i = torch.tensor([p[0] for p in pairs[k:k + self.batch]], device=self.device)
-            t = torch.tensor([p[1] for p in pairs[k:k + self.batch]], device=self.device)
-            span = t[:, None] + torch.arange(-context, 0, device=self.device)    # (b, context)
+            i = torch.tensor([p[0] for p in pairs[k : k + self.batch]], device=self.device)
+            t = torch.tensor([p[1] for p in pairs[k : k + self.batch]], device=self.device)
+            span = t[:, None] + torch.arange(-context, 0, device=self.device)  # (b, context)
             with self._autocast():
-                z = sampling.predict_next(self.dit, latents[i[:, None], span], acts[i[:, None], span],
-                                          acts[i, t], steps=self.s["steps"], ctx_noise=self.s["ctx_noise"], shift=self.s["shift"],
-                                          generator=self._generator(k), guidance=self.s["guidance"])
+                z = sampling.predict_next(
+                    self.dit,
+                    latents[i[:, None], span],
+                    acts[i[:, None], span],
+                    acts[i, t],
+                    steps=self.s["steps"],
+                    ctx_noise=self.s["ctx_noise"],
+                    shift=self.s["shift"],
+                    generator=self._generator(k),
+                    guidance=self.s["guidance"],
+                )
             out.append(self.decode(z.float()))
             self._advance(len(i))
         return torch.cat(out)
@@ -407,9 +494,18 @@ class _Runner:
         for k in range(0, len(ctx), self.batch):
             sl = slice(k, k + self.batch)
             with self._autocast():
-                z = sampling.rollout(self.dit, ctx[sl], ctx_acts[sl], future_acts[sl], steps=self.s["steps"],
-                                     window=self.s["window"], ctx_noise=self.s["ctx_noise"], shift=self.s["shift"],
-                                     generator=self._generator(k), guidance=self.s["guidance"])
+                z = sampling.rollout(
+                    self.dit,
+                    ctx[sl],
+                    ctx_acts[sl],
+                    future_acts[sl],
+                    steps=self.s["steps"],
+                    window=self.s["window"],
+                    ctx_noise=self.s["ctx_noise"],
+                    shift=self.s["shift"],
+                    generator=self._generator(k),
+                    guidance=self.s["guidance"],
+                )
             out.append(self.decode(z.float()))
             self._advance(z.shape[0] * z.shape[1])
         return torch.cat(out)
@@ -419,8 +515,9 @@ def _mean(x: torch.Tensor) -> float:
     return round(float(x.float().mean()), 4)
 
 
-def _report(folder, ds, cfg, context, fraction, sampler, device, starts, n_episodes, horizon, tok_psnr, tok_ssim,
-            tf, curves) -> dict[str, Any]:
+def _report(
+    folder, ds, cfg, context, fraction, sampler, device, starts, n_episodes, horizon, tok_psnr, tok_ssim, tf, curves
+) -> dict[str, Any]:
     def at(curve: list[float], h: int) -> float | None:
         return round(curve[h - 1], 4) if h <= len(curve) else None
 
@@ -432,20 +529,34 @@ def _report(folder, ds, cfg, context, fraction, sampler, device, starts, n_episo
     teacher["gain_db"] = round(teacher["psnr"] - teacher["baseline_psnr"], 4)
     teacher["frames"] = int(tf["psnr"].numel())
     return {
-        "version": VERSION, "checkpoint": str(folder), "data": str(ds.root), "split": cfg.split,
-        "heldout_fraction": fraction, "episodes": n_episodes, "windows": len(starts), "window_starts": starts,
-        "context": context, "horizon": horizon, "sampler": sampler,
+        "version": VERSION,
+        "checkpoint": str(folder),
+        "data": str(ds.root),
+        "split": cfg.split,
+        "heldout_fraction": fraction,
+        "episodes": n_episodes,
+        "windows": len(starts),
+        "window_starts": starts,
+        "context": context,
+        "horizon": horizon,
+        "sampler": sampler,
         "tokenizer": {"psnr": _mean(tok_psnr), "ssim": _mean(tok_ssim), "frames": int(tok_psnr.numel())},
         "teacher_forced": teacher,
         "rollout": rollout,
-        "controllability": {f"psnr@{CONTROL_HORIZON}_real": real, f"psnr@{CONTROL_HORIZON}_shuffled": shuf,
-                            "delta_db": None if real is None else round(real - shuf, 4)},
-        "psnr_cap_db": round(PSNR_CAP_DB, 4), "device": str(device), "seconds": None,
+        "controllability": {
+            f"psnr@{CONTROL_HORIZON}_real": real,
+            f"psnr@{CONTROL_HORIZON}_shuffled": shuf,
+            "delta_db": None if real is None else round(real - shuf, 4),
+        },
+        "psnr_cap_db": round(PSNR_CAP_DB, 4),
+        "device": str(device),
+        "seconds": None,
         "files": {"plot": None, "video": None},
     }
 
 
 # --- outputs -----------------------------------------------------------------------------------
+
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
     """Write the result atomically: a reader never sees half a JSON."""
@@ -462,6 +573,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     """PSNR versus horizon: model with real and shuffled actions, the held frame, the tokenizer's
     ceiling. Needs only the result, so ``write_plot(json.load(open("eval.json")), path)`` works too."""
     import matplotlib
+
     matplotlib.use("Agg")  # files only; never open a window
     import matplotlib.pyplot as plt
 
@@ -471,8 +583,12 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     ax.plot(h, ro["shuffled_curve"], ls=":", label="model, shuffled actions")  # dotted: often on top of real
     ax.plot(h, ro["baseline_curve"], label="last context frame held")
     ax.axhline(result["tokenizer"]["psnr"], ls="--", c="gray", label="tokenizer reconstruction")
-    ax.set(xlabel="frames after the context", ylabel="PSNR (dB)", xlim=(1, max(h[-1], 2)),
-           title=f"rollout, {result['windows']} windows, context {result['context']}")
+    ax.set(
+        xlabel="frames after the context",
+        ylabel="PSNR (dB)",
+        xlim=(1, max(h[-1], 2)),
+        title=f"rollout, {result['windows']} windows, context {result['context']}",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     atomic_write(path, lambda tmp: fig.savefig(tmp, bbox_inches="tight"))
@@ -483,6 +599,7 @@ def has_ffmpeg() -> bool:
     """Whether imageio can write mp4 here (imageio-ffmpeg bundles a binary; some images lack it)."""
     try:
         import imageio_ffmpeg
+
         imageio_ffmpeg.get_ffmpeg_exe()
     except (ImportError, RuntimeError):
         return False
@@ -509,18 +626,43 @@ def summary(result: dict[str, Any]) -> str:
     def f(v: float | None, fmt: str = "6.2f") -> str:
         return "     -" if v is None else format(v, fmt)
 
-    rows = [("tokenizer recon", f(result["tokenizer"]["psnr"]), f(result["tokenizer"]["ssim"], "6.3f"), ""),
-            ("teacher-forced next", f(tf["psnr"]), f(tf["ssim"], "6.3f"),
-             f"{f(tf['baseline_psnr'])}  (gain {tf['gain_db']:+.2f} dB)")]
+    rows = [
+        ("tokenizer recon", f(result["tokenizer"]["psnr"]), f(result["tokenizer"]["ssim"], "6.3f"), ""),
+        (
+            "teacher-forced next",
+            f(tf["psnr"]),
+            f(tf["ssim"], "6.3f"),
+            f"{f(tf['baseline_psnr'])}  (gain {tf['gain_db']:+.2f} dB)",
+        ),
+    ]
     rows += [(f"rollout @{h}", f(ro[f"psnr@{h}"]), "", f(ro[f"baseline_psnr@{h}"])) for h in HORIZONS]
-    rows.append((f"shuffled actions @{CONTROL_HORIZON}", f(ctl[f"psnr@{CONTROL_HORIZON}_shuffled"]), "",
-                 f"controllability {f(ctl['delta_db'], '+.2f')} dB"))
+    rows.append(
+        (
+            f"shuffled actions @{CONTROL_HORIZON}",
+            f(ctl[f"psnr@{CONTROL_HORIZON}_shuffled"]),
+            "",
+            f"controllability {f(ctl['delta_db'], '+.2f')} dB",
+        )
+    )
     lines = [f"{'metric':<24}{'PSNR':>8}{'SSIM':>8}  baseline (last frame) PSNR"]
     lines += [f"{a:<24}{b:>8}{c:>8}  {d}" for a, b, c, d in rows]
-    lines.append(f"{result['windows']} windows, context {result['context']}, horizon {result['horizon']}, "
-                 f"{result['sampler']['steps']} steps, {result['seconds']} s on {result['device']}")
+    lines.append(
+        f"{result['windows']} windows, context {result['context']}, horizon {result['horizon']}, "
+        f"{result['sampler']['steps']} steps, {result['seconds']} s on {result['device']}"
+    )
     return "\n".join(lines)
 
 
-__all__ = ["EvalConfig", "EvaluationError", "HORIZONS", "CONTROL_HORIZON", "VERSION", "evaluate",
-           "select_windows", "summary", "write_json", "write_plot", "write_video"]
+__all__ = [
+    "EvalConfig",
+    "EvaluationError",
+    "HORIZONS",
+    "CONTROL_HORIZON",
+    "VERSION",
+    "evaluate",
+    "select_windows",
+    "summary",
+    "write_json",
+    "write_plot",
+    "write_video",
+]

@@ -50,11 +50,15 @@ def to_unit(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     return (x.reshape(-1, *x.shape[-3:]).float().clamp(-1, 1) + 1) / 2
 
 
-def _pair(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+def _pair(
+    x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
     x, y = torch.as_tensor(x), torch.as_tensor(y)
     if x.shape != y.shape or x.dtype.is_floating_point != y.dtype.is_floating_point:
-        raise ValueError(f"cannot compare images of shape {tuple(x.shape)} {x.dtype} with "
-                         f"{tuple(y.shape)} {y.dtype}: same shape and form needed")
+        raise ValueError(
+            f"cannot compare images of shape {tuple(x.shape)} {x.dtype} with "
+            f"{tuple(y.shape)} {y.dtype}: same shape and form needed"
+        )
     batch = tuple(x.shape[:-3])
     return to_unit(x), to_unit(y).to(x.device), batch
 
@@ -62,7 +66,7 @@ def _pair(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> tuple[t
 def psnr(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB per image, shape ``x.shape[:-3]``, capped at PSNR_CAP_DB."""
     a, b, batch = _pair(x, y)
-    mse = (a - b).square().mean((1, 2, 3))                   # (N,)
+    mse = (a - b).square().mean((1, 2, 3))  # (N,)
     return (10 * torch.log10(1 / mse)).clamp(max=PSNR_CAP_DB).reshape(batch)
 
 
@@ -74,6 +78,10 @@ def ssim(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> torch.Te
     """
     a, b, batch = _pair(x, y)
     # Chunks bound the memory of SSIM's ~10 full-size intermediates for thousands of frames.
-    out = [structural_similarity_index_measure(a[i:i + SSIM_CHUNK], b[i:i + SSIM_CHUNK], data_range=1.0,
-                                               reduction="none") for i in range(0, len(a), SSIM_CHUNK)]
+    out = [
+        structural_similarity_index_measure(
+            a[i : i + SSIM_CHUNK], b[i : i + SSIM_CHUNK], data_range=1.0, reduction="none"
+        )
+        for i in range(0, len(a), SSIM_CHUNK)
+    ]
     return torch.cat(out).reshape(batch)

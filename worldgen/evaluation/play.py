@@ -69,9 +69,10 @@ without bumping ``version``). ``P`` below is one of ``model``, ``hold_last``, ``
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -79,9 +80,9 @@ from tqdm import tqdm
 
 from worldgen.actions import Action
 from worldgen.data import Dataset
-from worldgen.files import atomic_write
 from worldgen.evaluation.evaluate import EvaluationError, has_ffmpeg, write_json
 from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
+from worldgen.files import atomic_write
 
 VERSION = 1
 KIND = "play-branches"  # the ``source.kind`` of a branch recording's index
@@ -111,7 +112,7 @@ BRANCHES: dict[str, Action] = {
 class PlayScript:
     """What the game and the model play from every window: the branches, then the revisits."""
 
-    horizon: int = 16               # steps each branch is held: the longest horizon reported
+    horizon: int = 16  # steps each branch is held: the longest horizon reported
     yaw_step: float = YAW_STEP_DEG  # degrees per mouse-yaw step of the yaw branches and of every turn
     walks: tuple[int, ...] = (8, 16)  # k of the out-and-back walks (forward k, turn 180, forward k, turn 180)
 
@@ -127,7 +128,7 @@ class PlayScript:
         right = Action.from_keys(yaw=self.yaw_step)
         held = {**BRANCHES, "yaw_left": Action.from_keys(yaw=-self.yaw_step), "yaw_right": right}
         cases = {name: [a] * self.horizon for name, a in held.items()}
-        half = int(round(180.0 / self.yaw_step))           # steps of a 180-degree turn
+        half = int(round(180.0 / self.yaw_step))  # steps of a 180-degree turn
         cases["turn360"] = [right] * (2 * half)
         forward = Action.from_keys(["forward"])
         for k in self.walks:
@@ -146,16 +147,16 @@ class PlayRecording:
 
     root: Path
     source: dict[str, Any]
-    starts: list[list]             # [[episode id, first context frame], ...] in window order
-    context: np.ndarray            # (N, c, H, W, 3) uint8, the real context
-    context_keys: np.ndarray       # (N, c, 8) the actions that produced the context frames
-    context_mouse: np.ndarray      # (N, c, 2)
-    context_pose: np.ndarray       # (N, c, 5)
+    starts: list[list]  # [[episode id, first context frame], ...] in window order
+    context: np.ndarray  # (N, c, H, W, 3) uint8, the real context
+    context_keys: np.ndarray  # (N, c, 8) the actions that produced the context frames
+    context_mouse: np.ndarray  # (N, c, 2)
+    context_pose: np.ndarray  # (N, c, 5)
     frames: dict[str, np.ndarray] = field(default_factory=dict)  # case -> (N, K, H, W, 3) the game's frames
-    pose: dict[str, np.ndarray] = field(default_factory=dict)    # case -> (N, K, 5) the game's camera poses
-    keys: dict[str, np.ndarray] = field(default_factory=dict)    # case -> (K, 8) its actions
-    mouse: dict[str, np.ndarray] = field(default_factory=dict)   # case -> (K, 2)
-    matched: float = 1.0           # share of replays that reproduced the recorded departure frame
+    pose: dict[str, np.ndarray] = field(default_factory=dict)  # case -> (N, K, 5) the game's camera poses
+    keys: dict[str, np.ndarray] = field(default_factory=dict)  # case -> (K, 8) its actions
+    mouse: dict[str, np.ndarray] = field(default_factory=dict)  # case -> (K, 2)
+    matched: float = 1.0  # share of replays that reproduced the recorded departure frame
     deterministic: float | None = None  # share of windows whose longest case replayed twice came out identical
 
     @property
@@ -169,9 +170,11 @@ def load_recording(path: str | Path) -> PlayRecording:
     ds = Dataset(path)
     src = ds.index["source"]
     if src.get("kind") != KIND:
-        raise EvaluationError(f"{ds.root}: not a branch recording (its index source has kind "
-                              f"{src.get('kind')!r}, not {KIND!r}); make one with `worldgen eval --suite play "
-                              f"--data RECORDING` or worldgen.env.play_suite.record_branches")
+        raise EvaluationError(
+            f"{ds.root}: not a branch recording (its index source has kind "
+            f"{src.get('kind')!r}, not {KIND!r}); make one with `worldgen eval --suite play "
+            f"--data RECORDING` or worldgen.env.play_suite.record_branches"
+        )
     by_window: dict[int, dict[str, int]] = {}
     for i, e in enumerate(ds.episodes):
         if not {"window", "case", "of", "replay_matched"} <= set(e.extra):
@@ -188,12 +191,15 @@ def load_recording(path: str | Path) -> PlayRecording:
         return ds.read(w["context"], name)
 
     rec = PlayRecording(
-        root=ds.root, source=src, starts=[list(ds.episodes[w["context"]].extra["of"]) for w in windows],
+        root=ds.root,
+        source=src,
+        starts=[list(ds.episodes[w["context"]].extra["of"]) for w in windows],
         context=np.stack([ctx(w, "frames")[1:] for w in windows]),
         # Dataset alignment: keys[i] follows frame i, so keys[0..c-1] made frames 1..c.
         context_keys=np.stack([ctx(w, "keys")[:c] for w in windows]),
         context_mouse=np.stack([ctx(w, "mouse")[:c] for w in windows]),
-        context_pose=np.stack([ctx(w, "pose")[1:] for w in windows]))
+        context_pose=np.stack([ctx(w, "pose")[1:] for w in windows]),
+    )
     matched = [ds.episodes[w[k]].extra["replay_matched"] for w in windows for k in cases]
     rec.matched = float(np.mean(matched))
     repeats = [ds.episodes[w["context"]].extra.get("repeat_identical") for w in windows]
@@ -212,9 +218,16 @@ def load_recording(path: str | Path) -> PlayRecording:
 class Player(Protocol):
     """What the suite plays: N contexts, each continued by the same K actions."""
 
-    def play(self, context: np.ndarray, context_keys: np.ndarray, context_mouse: np.ndarray,
-             keys: np.ndarray, mouse: np.ndarray, seeds: list[int],
-             progress: Callable[[int], None] | None = None) -> np.ndarray:
+    def play(
+        self,
+        context: np.ndarray,
+        context_keys: np.ndarray,
+        context_mouse: np.ndarray,
+        keys: np.ndarray,
+        mouse: np.ndarray,
+        seeds: list[int],
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
         """context (N, c, H, W, 3) uint8 with the actions that produced it (N, c, 8), (N, c, 2);
         keys (K, 8), mouse (K, 2): the actions to play; ``seeds``: one per context (the same
         window gets the same noise in every case); ``progress`` is called with the number of
@@ -235,23 +248,34 @@ class EnginePlayer:
     @property
     def sampler(self) -> dict[str, Any]:
         s = self.wm.stream
-        return {"steps": s.steps, "ctx_noise": s.ctx_noise, "shift": s.shift, "guidance": s.guidance,
-                "sinks": s.sinks, "window": s.window, "batch": self.batch}
+        return {
+            "steps": s.steps,
+            "ctx_noise": s.ctx_noise,
+            "shift": s.shift,
+            "guidance": s.guidance,
+            "sinks": s.sinks,
+            "window": s.window,
+            "batch": self.batch,
+        }
 
     def play(self, context, context_keys, context_mouse, keys, mouse, seeds, progress=None):
         acts = [Action(k, m) for k, m in zip(keys, mouse)]
         out = []
         for lo in range(0, len(context), self.batch):
             hi = min(lo + self.batch, len(context))
-            sessions = [self.wm.session(context[i], [Action(k, m) for k, m in zip(context_keys[i], context_mouse[i])],
-                                        seed=seeds[i]) for i in range(lo, hi)]
+            sessions = [
+                self.wm.session(
+                    context[i], [Action(k, m) for k, m in zip(context_keys[i], context_mouse[i])], seed=seeds[i]
+                )
+                for i in range(lo, hi)
+            ]
             try:
                 steps = []
                 for a in acts:
                     steps.append(self.wm.step_many(sessions, [a] * len(sessions)))  # (b, H, W, 3)
                     if progress is not None:
                         progress(len(sessions))
-                out.append(np.stack(steps, 1))                                    # (b, K, H, W, 3)
+                out.append(np.stack(steps, 1))  # (b, K, H, W, 3)
             finally:
                 for s in sessions:
                     s.close()
@@ -285,9 +309,9 @@ class PlayConfig:
     # Two game frames closer than this count as the same view. 30 dB is an RMS error of ~8 of 255
     # levels: below it a player sees no difference (weapon bob and monsters moving a little).
     distinct_db: float = 30.0
-    seed: int = 0              # the model's sampler noise: window w plays with seed * 100_003 + w
-    video_windows: int = 2     # windows shown in the mp4 (each: every branch, then the revisits)
-    progress: bool = True      # a progress bar with an ETA over the frames the model makes
+    seed: int = 0  # the model's sampler noise: window w plays with seed * 100_003 + w
+    video_windows: int = 2  # windows shown in the mp4 (each: every branch, then the revisits)
+    progress: bool = True  # a progress bar with an ETA over the frames the model makes
 
 
 def told_apart(game: torch.Tensor, distinct_db: float) -> torch.Tensor:
@@ -309,7 +333,7 @@ def told_apart(game: torch.Tensor, distinct_db: float) -> torch.Tensor:
 def _psnr_matrix(pred: torch.Tensor, game: torch.Tensor) -> torch.Tensor:
     """(N, B, H, W, 3) each -> (N, B, B): PSNR of predicted branch b against the game's branch b'."""
     # One game branch at a time: N B images in memory, not N B B.
-    return torch.stack([psnr(pred, game[:, j:j + 1].expand_as(pred)) for j in range(game.shape[1])], 2)
+    return torch.stack([psnr(pred, game[:, j : j + 1].expand_as(pred)) for j in range(game.shape[1])], 2)
 
 
 def score_branches(pred: torch.Tensor, game: torch.Tensor, apart: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -320,14 +344,14 @@ def score_branches(pred: torch.Tensor, game: torch.Tensor, apart: torch.Tensor) 
     out = {name: torch.zeros(n, b, k, device=pred.device) for name in ("psnr", "ssim", "gap_db", "correct")}
     off = ~torch.eye(b, dtype=torch.bool, device=pred.device)
     for t in range(k):
-        p = _psnr_matrix(pred[:, :, t], game[:, :, t])                              # (N, B, B)
-        own = p.diagonal(dim1=1, dim2=2)                                             # (N, B)
+        p = _psnr_matrix(pred[:, :, t], game[:, :, t])  # (N, B, B)
+        own = p.diagonal(dim1=1, dim2=2)  # (N, B)
         out["psnr"][..., t] = own
         out["gap_db"][..., t] = own - (p * off).sum(2) / max(b - 1, 1)
         out["ssim"][..., t] = ssim(pred[:, :, t], game[:, :, t])
         # Nearest game frame among the branches told apart; a branch not told apart is not scored.
         masked = p.masked_fill(~apart[:, None, :, t], float("-inf"))
-        nearest = masked.argmax(2)                                                   # (N, B)
+        nearest = masked.argmax(2)  # (N, B)
         hit = (nearest == torch.arange(b, device=pred.device)).float()
         out["correct"][..., t] = hit.masked_fill(~apart[..., t], float("nan"))
     return out
@@ -345,14 +369,19 @@ def _r(x: Any) -> float | None:
 
 def _branch_report(scores: dict[str, torch.Tensor], names: list[str], horizons: list[int]) -> dict[str, Any]:
     per = {"psnr": scores["psnr"], "ssim": scores["ssim"], "gap_db": scores["gap_db"], "accuracy": scores["correct"]}
-    mean_curves = {m: _nanmean(v, (0, 1)) for m, v in per.items()}               # (K,)
-    per_branch_curves = {m: _nanmean(v, (0,)) for m, v in per.items()}           # (B, K)
+    mean_curves = {m: _nanmean(v, (0, 1)) for m, v in per.items()}  # (K,)
+    per_branch_curves = {m: _nanmean(v, (0,)) for m, v in per.items()}  # (B, K)
     told = ~scores["correct"].isnan()
     return {
         "mean": {f"{m}@{h}": _r(mean_curves[m][h - 1]) for m in per for h in horizons},
-        "per_branch": {name: {f"{m}@{h}": (_r(per_branch_curves[m][i, h - 1])
-                                           if m != "accuracy" or told[:, i, h - 1].any() else None)
-                              for m in per for h in horizons} for i, name in enumerate(names)},
+        "per_branch": {
+            name: {
+                f"{m}@{h}": (_r(per_branch_curves[m][i, h - 1]) if m != "accuracy" or told[:, i, h - 1].any() else None)
+                for m in per
+                for h in horizons
+            }
+            for i, name in enumerate(names)
+        },
         "curves": {m: [_r(v) for v in mean_curves[m].tolist()] for m in ("psnr", "gap_db", "accuracy")},
     }
 
@@ -362,11 +391,15 @@ def _camera(odometry: Odometry, rec: PlayRecording, frames: dict[str, np.ndarray
     report, errs = {}, []
     for name, f in frames.items():
         n, k = f.shape[:2]
-        prev = np.concatenate([rec.context[:, -1:], f[:, :-1]], 1)                 # (N, K, H, W, 3)
-        poses = np.concatenate([rec.context_pose[:, -1:], rec.pose[name]], 1)     # (N, K + 1, 5)
-        est = odometry.estimate(prev.reshape(-1, *f.shape[2:]), np.tile(rec.keys[name], (n, 1)),
-                                np.tile(rec.mouse[name], (n, 1)), f.reshape(-1, *f.shape[2:]))    # (N K, 5)
-        true = odometry.truth(poses[:, :-1].reshape(-1, 5), poses[:, 1:].reshape(-1, 5))          # (N K, 5)
+        prev = np.concatenate([rec.context[:, -1:], f[:, :-1]], 1)  # (N, K, H, W, 3)
+        poses = np.concatenate([rec.context_pose[:, -1:], rec.pose[name]], 1)  # (N, K + 1, 5)
+        est = odometry.estimate(
+            prev.reshape(-1, *f.shape[2:]),
+            np.tile(rec.keys[name], (n, 1)),
+            np.tile(rec.mouse[name], (n, 1)),
+            f.reshape(-1, *f.shape[2:]),
+        )  # (N K, 5)
+        true = odometry.truth(poses[:, :-1].reshape(-1, 5), poses[:, 1:].reshape(-1, 5))  # (N K, 5)
         errs.append((est, true))
         report[name] = _motion_scores(est, true)
     report["all"] = _motion_scores(np.concatenate([e for e, _ in errs]), np.concatenate([t for _, t in errs]))
@@ -381,13 +414,26 @@ def _motion_scores(est: np.ndarray, true: np.ndarray) -> dict[str, float | None]
         moving = np.abs(true[:, col]) >= least
         sign = np.sign(est[moving, col]) * (np.abs(est[moving, col]) >= least)
         return _r(np.mean(sign == np.sign(true[moving, col]))) if moving.any() else None
-    return {"yaw_err_deg": _r(yaw_err.mean()), "forward_err": _r(np.abs(est[:, 0] - true[:, 0]).mean()),
-            "yaw_sign_agreement": agree(3, 1.0), "forward_sign_agreement": agree(0, 1.0)}
+
+    return {
+        "yaw_err_deg": _r(yaw_err.mean()),
+        "forward_err": _r(np.abs(est[:, 0] - true[:, 0]).mean()),
+        "yaw_sign_agreement": agree(3, 1.0),
+        "forward_sign_agreement": agree(0, 1.0),
+    }
 
 
-def evaluate_play(recording: str | Path | PlayRecording, player: Player, *, odometry: Odometry | None = None,
-                  cfg: PlayConfig | None = None, media: str | Path | None = None, checkpoint: str | None = None,
-                  device: str | torch.device | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate_play(
+    recording: str | Path | PlayRecording,
+    player: Player,
+    *,
+    odometry: Odometry | None = None,
+    cfg: PlayConfig | None = None,
+    media: str | Path | None = None,
+    checkpoint: str | None = None,
+    device: str | torch.device | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Play every case of a branch recording with ``player`` and score it (module docstring);
     write ``play_dashboard.png`` and ``play.mp4`` under ``media`` (the video where ffmpeg is)."""
     t0 = time.perf_counter()
@@ -413,22 +459,28 @@ def evaluate_play(recording: str | Path | PlayRecording, player: Player, *, odom
             made["hold_last"][name] = HoldLast().play(*args)
     expect = rec.frames[names[0]].shape
     if made["model"][names[0]].shape != expect or made["model"][names[0]].dtype != np.uint8:
-        raise EvaluationError(f"the player made {made['model'][names[0]].shape} {made['model'][names[0]].dtype} "
-                              f"frames for {expect} uint8 (does the model's frame size match the recording's?)")
+        raise EvaluationError(
+            f"the player made {made['model'][names[0]].shape} {made['model'][names[0]].dtype} "
+            f"frames for {expect} uint8 (does the model's frame size match the recording's?)"
+        )
 
-    def stack(frames: dict[str, np.ndarray]) -> torch.Tensor:                       # (N, B, K, H, W, 3)
+    def stack(frames: dict[str, np.ndarray]) -> torch.Tensor:  # (N, B, K, H, W, 3)
         return torch.from_numpy(np.stack([frames[k][:, :horizon] for k in names], 1)).to(device)
 
     game = stack(rec.frames)
-    apart = torch.stack([torch.stack([told_apart(game[i, :, t], cfg.distinct_db) for t in range(horizon)], -1)
-                         for i in range(n)])                                          # (N, B, K)
-    apart &= apart.sum(1, keepdim=True) >= 2   # identification needs two branches to choose from
-    share = apart.float().mean((0, 1))                                                # (K,)
+    apart = torch.stack(
+        [torch.stack([told_apart(game[i, :, t], cfg.distinct_db) for t in range(horizon)], -1) for i in range(n)]
+    )  # (N, B, K)
+    apart &= apart.sum(1, keepdim=True) >= 2  # identification needs two branches to choose from
+    share = apart.float().mean((0, 1))  # (K,)
     chance = _nanmean(torch.where(apart, 1.0 / apart.sum(1, keepdim=True).clamp(min=1), torch.nan), (0, 1))
-    branches: dict[str, Any] = {"names": names, "distinct_db": cfg.distinct_db,
-                                **{f"told_apart@{h}": _r(share[h - 1]) for h in horizons},
-                                **{f"chance@{h}": _r(chance[h - 1]) for h in horizons},
-                                "chance_curve": [_r(v) for v in chance.tolist()]}
+    branches: dict[str, Any] = {
+        "names": names,
+        "distinct_db": cfg.distinct_db,
+        **{f"told_apart@{h}": _r(share[h - 1]) for h in horizons},
+        **{f"chance@{h}": _r(chance[h - 1]) for h in horizons},
+        "chance_curve": [_r(v) for v in chance.tolist()],
+    }
     for p in PREDICTORS:
         branches[p] = _branch_report(score_branches(stack(made[p]), game, apart), names, horizons)
 
@@ -438,11 +490,14 @@ def evaluate_play(recording: str | Path | PlayRecording, player: Player, *, odom
         ret = {p: torch.from_numpy(made[p][name][:, -1]).to(device) for p in PREDICTORS}
         entry: dict[str, Any] = {"steps": len(rec.keys[name])}
         for p in PREDICTORS:
-            entry[p] = {"psnr_vs_departure": _r(psnr(ret[p], departure).mean()),
-                        "ssim_vs_departure": _r(ssim(ret[p], departure).mean())}
+            entry[p] = {
+                "psnr_vs_departure": _r(psnr(ret[p], departure).mean()),
+                "ssim_vs_departure": _r(ssim(ret[p], departure).mean()),
+            }
             if p != "game":
-                entry[p].update(psnr_vs_game=_r(psnr(ret[p], ret["game"]).mean()),
-                                ssim_vs_game=_r(ssim(ret[p], ret["game"]).mean()))
+                entry[p].update(
+                    psnr_vs_game=_r(psnr(ret[p], ret["game"]).mean()), ssim_vs_game=_r(ssim(ret[p], ret["game"]).mean())
+                )
         revisit_report[name] = entry
 
     camera = None
@@ -450,14 +505,28 @@ def evaluate_play(recording: str | Path | PlayRecording, player: Player, *, odom
         camera = {"odometry": odometry.name, **{p: _camera(odometry, rec, made[p]) for p in PREDICTORS}}
 
     result = {
-        "suite": "play", "version": VERSION, "checkpoint": checkpoint, "recording": str(rec.root),
-        "recording_of": rec.source.get("of"), "split": rec.source.get("split"), "windows": n,
-        "window_starts": rec.starts, "context": c, "horizon": horizon, "horizons": horizons,
-        "yaw_step_deg": rec.source.get("script", {}).get("yaw_step"), "walks": rec.source.get("script", {}).get("walks"),
-        "sampler": getattr(player, "sampler", None), "replay_matched": _r(rec.matched),
+        "suite": "play",
+        "version": VERSION,
+        "checkpoint": checkpoint,
+        "recording": str(rec.root),
+        "recording_of": rec.source.get("of"),
+        "split": rec.source.get("split"),
+        "windows": n,
+        "window_starts": rec.starts,
+        "context": c,
+        "horizon": horizon,
+        "horizons": horizons,
+        "yaw_step_deg": rec.source.get("script", {}).get("yaw_step"),
+        "walks": rec.source.get("script", {}).get("walks"),
+        "sampler": getattr(player, "sampler", None),
+        "replay_matched": _r(rec.matched),
         "game_deterministic": None if rec.deterministic is None else _r(rec.deterministic),
-        "branches": branches, "revisits": revisit_report, "camera": camera,
-        "psnr_cap_db": round(PSNR_CAP_DB, 4), "device": str(device), "seconds": None,
+        "branches": branches,
+        "revisits": revisit_report,
+        "camera": camera,
+        "psnr_cap_db": round(PSNR_CAP_DB, 4),
+        "device": str(device),
+        "seconds": None,
         "files": {"dashboard": None, "video": None},
     }
     if media is not None:
@@ -474,11 +543,13 @@ def evaluate_play(recording: str | Path | PlayRecording, player: Player, *, odom
 
 
 # --- outputs -------------------------------------------------------------------------------------
-def write_dashboard(result: dict[str, Any], rec: PlayRecording, made: dict[str, dict[str, np.ndarray]],
-                    path: Path) -> None:
+def write_dashboard(
+    result: dict[str, Any], rec: PlayRecording, made: dict[str, dict[str, np.ndarray]], path: Path
+) -> None:
     """One PNG: per branch the game's frame above the model's (first window, steps 4 and the
     horizon); the mean PSNR, gap and identification curves; the revisit pairs."""
     import matplotlib
+
     matplotlib.use("Agg")  # files only; never open a window
     import matplotlib.pyplot as plt
 
@@ -489,8 +560,9 @@ def write_dashboard(result: dict[str, Any], rec: PlayRecording, made: dict[str, 
     cols = max(len(names), 3 * len(revisits), 3)
     rows = 2 * len(steps) + 1 + (2 if revisits else 0)  # frames, curves, a spacer for their labels, revisits
     fig = plt.figure(figsize=(1.6 * cols, 1.5 * rows + 1.5), dpi=110)
-    grid = fig.add_gridspec(rows, cols, hspace=0.45,
-                            height_ratios=[1] * (2 * len(steps)) + [2.2] + ([0.3, 1] if revisits else []))
+    grid = fig.add_gridspec(
+        rows, cols, hspace=0.45, height_ratios=[1] * (2 * len(steps)) + [2.2] + ([0.3, 1] if revisits else [])
+    )
 
     def show(r: int, col: int, img: np.ndarray, title: str = "", label: str = "") -> None:
         ax = fig.add_subplot(grid[r, col])
@@ -509,12 +581,14 @@ def write_dashboard(result: dict[str, Any], rec: PlayRecording, made: dict[str, 
     # The game's own PSNR sits at the cap and its gap some 40 dB up: named in the title, not
     # drawn, so the model and the held frame are not squashed flat at the bottom.
     game = br["game"]["mean"]
-    panels = [("psnr", f"PSNR vs the game's frame (dB; game: {result['psnr_cap_db']:.1f})"),
-              ("gap_db", f"own - other gap (dB; game: {game[f'gap_db@{horizon}'] or 0:+.1f} at {horizon})"),
-              ("accuracy", "branch identification")]
+    panels = [
+        ("psnr", f"PSNR vs the game's frame (dB; game: {result['psnr_cap_db']:.1f})"),
+        ("gap_db", f"own - other gap (dB; game: {game[f'gap_db@{horizon}'] or 0:+.1f} at {horizon})"),
+        ("accuracy", "branch identification"),
+    ]
     span = cols // 3
     for k, (key, title) in enumerate(panels):
-        ax = fig.add_subplot(grid[2 * len(steps), k * span:(k + 1) * span])
+        ax = fig.add_subplot(grid[2 * len(steps), k * span : (k + 1) * span])
         for p, style in (("model", "-"), ("hold_last", "--"), ("game", ":")):
             if p == "game" and key != "accuracy":
                 continue
@@ -530,9 +604,12 @@ def write_dashboard(result: dict[str, Any], rec: PlayRecording, made: dict[str, 
         r = result["revisits"][name]
         show(rows - 1, 3 * k, rec.context[0, -1], f"{name}: departure", "revisit" if k == 0 else "")
         show(rows - 1, 3 * k + 1, rec.frames[name][0, -1], f"game return ({r['game']['psnr_vs_departure']:.1f} dB)")
-        show(rows - 1, 3 * k + 2, made["model"][name][0, -1], f"model return ({r['model']['psnr_vs_departure']:.1f} dB)")
-    fig.suptitle(f"play suite: {result['checkpoint']} on {result['windows']} windows of {result['recording']}",
-                 fontsize=9)
+        show(
+            rows - 1, 3 * k + 2, made["model"][name][0, -1], f"model return ({r['model']['psnr_vs_departure']:.1f} dB)"
+        )
+    fig.suptitle(
+        f"play suite: {result['checkpoint']} on {result['windows']} windows of {result['recording']}", fontsize=9
+    )
     atomic_write(path, lambda tmp: fig.savefig(tmp, bbox_inches="tight"))
     plt.close(fig)
 
@@ -548,10 +625,11 @@ def write_play_video(rec: PlayRecording, made: dict[str, dict[str, np.ndarray]],
 
         def padded(x: np.ndarray) -> np.ndarray:  # (K_case, H, W, 3) -> (k, H, W, 3)
             return np.concatenate([x, np.repeat(x[-1:], k - len(x), 0)])
-        game = np.concatenate([padded(rec.frames[c][w]) for c in rec.cases], 2)         # (k, H, C W, 3)
+
+        game = np.concatenate([padded(rec.frames[c][w]) for c in rec.cases], 2)  # (k, H, C W, 3)
         model = np.concatenate([padded(made["model"][c][w]) for c in rec.cases], 2)
         gap = np.full((k, 2, game.shape[2], 3), 255, np.uint8)
-        clips.append(np.concatenate([game, gap, model], 1))                             # (k, 2H + 2, C W, 3)
+        clips.append(np.concatenate([game, gap, model], 1))  # (k, 2H + 2, C W, 3)
     frames = np.concatenate(clips)
     frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)))
     fps = 35.0 / max(int(rec.source.get("doom", {}).get("frame_skip", 4)), 1)
@@ -574,25 +652,51 @@ def summary(result: dict[str, Any]) -> str:
     lines = [f"branches ({len(br['names'])}): " + "   ".join(f"@{h}" for h in hs)]
     for p in PREDICTORS:
         m = br[p]["mean"]
-        lines.append(f"  {p:<10} PSNR " + " ".join(f(m[f'psnr@{h}']) for h in hs)
-                     + " | gap " + " ".join(f(m[f'gap_db@{h}'], '+6.2f') for h in hs)
-                     + " | id " + " ".join(f(m[f'accuracy@{h}'], '6.2f') for h in hs))
-    lines.append(f"  {'chance':<10} id " + " ".join(f(br[f'chance@{h}'], '6.2f') for h in hs))
+        lines.append(
+            f"  {p:<10} PSNR "
+            + " ".join(f(m[f"psnr@{h}"]) for h in hs)
+            + " | gap "
+            + " ".join(f(m[f"gap_db@{h}"], "+6.2f") for h in hs)
+            + " | id "
+            + " ".join(f(m[f"accuracy@{h}"], "6.2f") for h in hs)
+        )
+    lines.append(f"  {'chance':<10} id " + " ".join(f(br[f"chance@{h}"], "6.2f") for h in hs))
     for name, r in result["revisits"].items():
-        lines.append(f"revisit {name:<12} vs departure: model {f(r['model']['psnr_vs_departure'])}  game "
-                     f"{f(r['game']['psnr_vs_departure'])} | vs game's return: model {f(r['model']['psnr_vs_game'])}"
-                     f"  hold-last {f(r['hold_last']['psnr_vs_game'])}")
+        lines.append(
+            f"revisit {name:<12} vs departure: model {f(r['model']['psnr_vs_departure'])}  game "
+            f"{f(r['game']['psnr_vs_departure'])} | vs game's return: model {f(r['model']['psnr_vs_game'])}"
+            f"  hold-last {f(r['hold_last']['psnr_vs_game'])}"
+        )
     if result["camera"]:
         for p in PREDICTORS:
             a = result["camera"][p]["all"]
-            lines.append(f"camera {p:<10} yaw err {f(a['yaw_err_deg'])} deg, forward err {f(a['forward_err'])} units, "
-                         f"turn signs {f(a['yaw_sign_agreement'], '5.2f')}, walk signs {f(a['forward_sign_agreement'], '5.2f')}")
-    lines.append(f"{result['windows']} windows, context {result['context']}; the game's replays matched the recording "
-                 f"{f(result['replay_matched'], '.0%')}, repeated identically {f(result['game_deterministic'], '.0%')}; "
-                 f"{result['seconds']} s on {result['device']}")
+            lines.append(
+                f"camera {p:<10} yaw err {f(a['yaw_err_deg'])} deg, forward err {f(a['forward_err'])} units, "
+                f"turn signs {f(a['yaw_sign_agreement'], '5.2f')}, walk signs {f(a['forward_sign_agreement'], '5.2f')}"
+            )
+    lines.append(
+        f"{result['windows']} windows, context {result['context']}; the game's replays matched the recording "
+        f"{f(result['replay_matched'], '.0%')}, repeated identically {f(result['game_deterministic'], '.0%')}; "
+        f"{result['seconds']} s on {result['device']}"
+    )
     return "\n".join(lines)
 
 
-__all__ = ["BRANCHES", "EnginePlayer", "HoldLast", "HORIZONS", "KIND", "Odometry", "PlayConfig", "PlayRecording",
-           "PlayScript", "Player", "evaluate_play", "load_recording", "score_branches", "summary", "told_apart",
-           "write_json"]
+__all__ = [
+    "BRANCHES",
+    "EnginePlayer",
+    "HoldLast",
+    "HORIZONS",
+    "KIND",
+    "Odometry",
+    "PlayConfig",
+    "PlayRecording",
+    "PlayScript",
+    "Player",
+    "evaluate_play",
+    "load_recording",
+    "score_branches",
+    "summary",
+    "told_apart",
+    "write_json",
+]

@@ -21,7 +21,8 @@ Example:
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,12 +60,17 @@ def real_stats(ds: Dataset, episodes: Sequence[int] | None = None, chunk: int = 
 
 def band(values: np.ndarray) -> dict[str, float]:
     lo, hi = np.percentile(values, PERCENTILES)
-    return {"min": float(values.min()), f"p{PERCENTILES[0]:g}": float(lo), f"p{PERCENTILES[1]:g}": float(hi),
-            "max": float(values.max())}
+    return {
+        "min": float(values.min()),
+        f"p{PERCENTILES[0]:g}": float(lo),
+        f"p{PERCENTILES[1]:g}": float(hi),
+        "max": float(values.max()),
+    }
 
 
-def pick_windows(ds: Dataset, length: int, n: int, what: str,
-                 episodes: Sequence[int] | None = None) -> list[dict[str, Any]]:
+def pick_windows(
+    ds: Dataset, length: int, n: int, what: str, episodes: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
     """Up to ``n`` windows of ``length`` frames, each inside one episode (of ``episodes`` if
     given), spread evenly over all the places one fits, in episode-id order (the same play
     recorded twice gives the same windows, whatever order its workers finished in). Items are
@@ -74,8 +80,10 @@ def pick_windows(ds: Dataset, length: int, n: int, what: str,
         pool = WindowDataset(ds, length, episodes=episodes, stride=1, fields=())
     except DatasetError:
         longest = max(ds.episodes[e].length for e in episodes)
-        raise EvaluationError(f"{ds.root}: no episode holds {what} ({length} frames; the longest has {longest}): "
-                              f"lower the context or horizons, or record longer episodes") from None
+        raise EvaluationError(
+            f"{ds.root}: no episode holds {what} ({length} frames; the longest has {longest}): "
+            f"lower the context or horizons, or record longer episodes"
+        ) from None
     picks = np.unique(np.linspace(0, len(pool) - 1, n).round().astype(int))
     return [pool[int(i)] for i in picks]
 
@@ -87,12 +95,19 @@ def starts_of(ds: Dataset, items: list[dict[str, Any]]) -> list[list]:
 
 def open_sessions(wm: WorldModel, items: list[dict[str, Any]], context: int, seed: int) -> list:
     """One session per window item, from its first ``context`` real frames and their actions."""
-    return [wm.session(it["frames"][:context], [Action(k, m) for k, m in zip(it["keys"][:context], it["mouse"][:context])],
-                       seed=seed + i) for i, it in enumerate(items)]
+    return [
+        wm.session(
+            it["frames"][:context],
+            [Action(k, m) for k, m in zip(it["keys"][:context], it["mouse"][:context])],
+            seed=seed + i,
+        )
+        for i, it in enumerate(items)
+    ]
 
 
-def play(wm: WorldModel, sessions: list, keys: np.ndarray, mouse: np.ndarray,
-         visit: Callable[[int, np.ndarray], None]) -> np.ndarray:
+def play(
+    wm: WorldModel, sessions: list, keys: np.ndarray, mouse: np.ndarray, visit: Callable[[int, np.ndarray], None]
+) -> np.ndarray:
     """Step all ``sessions`` together through actions keys (B, N, 8), mouse (B, N, 2): one
     ``step_many`` per frame; ``visit(t, frames (B, H, W, 3))`` sees frame t. Returns seconds per step (N,)."""
     times = np.zeros(keys.shape[1])
@@ -112,8 +127,9 @@ def frames_per_s(times: np.ndarray, batch: int) -> float:
     return float(batch * len(steady) / steady.sum())
 
 
-def judge(series: dict[str, list], real: dict[str, np.ndarray], segment: int,
-          start_episodes: Sequence[slice] = ()) -> dict[str, Any]:
+def judge(
+    series: dict[str, list], real: dict[str, np.ndarray], segment: int, start_episodes: Sequence[slice] = ()
+) -> dict[str, Any]:
     """Generated per-frame stats against the real range: how often outside, and per segment.
     ``outside_minmax`` / ``outside_percentiles``: the share of frames whose mean or std left the
     real [min, max] / [p0.5, p99.5] (``session_outside_minmax`` / ``..._percentiles``: per session);
@@ -125,16 +141,19 @@ def judge(series: dict[str, list], real: dict[str, np.ndarray], segment: int,
     out: dict[str, Any] = {"real": {}, "generated": {}, "segments": []}
     outside_p, outside_r = [], []
     for stat in ("mean", "std"):
-        gen, ref = np.asarray(series[stat]), band(real[stat])                 # gen (B, F)
+        gen, ref = np.asarray(series[stat]), band(real[stat])  # gen (B, F)
         out["real"][stat] = {k: round(v, 3) for k, v in ref.items()}
         beyond_p = (gen < ref[lo_p]) | (gen > ref[hi_p])
         beyond_r = (gen < ref["min"]) | (gen > ref["max"])
         outside_p.append(beyond_p)
         outside_r.append(beyond_r)
         out["generated"][stat] = {
-            "min": round(float(gen.min()), 3), "max": round(float(gen.max()), 3),
-            "outside_minmax": round(float(beyond_r.mean()), 5), "outside_percentiles": round(float(beyond_p.mean()), 5)}
-    either = outside_p[0] | outside_p[1]                                      # (B, F)
+            "min": round(float(gen.min()), 3),
+            "max": round(float(gen.max()), 3),
+            "outside_minmax": round(float(beyond_r.mean()), 5),
+            "outside_percentiles": round(float(beyond_p.mean()), 5),
+        }
+    either = outside_p[0] | outside_p[1]  # (B, F)
     out["outside_minmax"] = round(float((outside_r[0] | outside_r[1]).mean()), 5)
     out["outside_percentiles"] = round(float(either.mean()), 5)
     out["session_outside_minmax"] = [round(float(v), 5) for v in (outside_r[0] | outside_r[1]).mean(1)]
@@ -148,17 +167,29 @@ def judge(series: dict[str, list], real: dict[str, np.ndarray], segment: int,
     frames = either.shape[1]
     for a in range(0, frames, segment):
         b = min(a + segment, frames)
-        out["segments"].append({"frames": [a + 1, b],
-                                "mean": round(float(np.mean(np.asarray(series["mean"])[:, a:b])), 3),
-                                "std": round(float(np.mean(np.asarray(series["std"])[:, a:b])), 3),
-                                "outside_percentiles": round(float(either[:, a:b].mean()), 5)})
+        out["segments"].append(
+            {
+                "frames": [a + 1, b],
+                "mean": round(float(np.mean(np.asarray(series["mean"])[:, a:b])), 3),
+                "std": round(float(np.mean(np.asarray(series["std"])[:, a:b])), 3),
+                "outside_percentiles": round(float(either[:, a:b].mean()), 5),
+            }
+        )
     return out
 
 
-def stability(wm: WorldModel, ds: Dataset, frames: int = 10_000, sessions: int = 8, context: int = 8,
-              seed: int = 0, episodes: Sequence[int] | None = None, segment: int = 1000,
-              log: Callable[[str], None] | None = None,
-              starts: Sequence[tuple[str, int]] | None = None) -> dict[str, Any]:
+def stability(
+    wm: WorldModel,
+    ds: Dataset,
+    frames: int = 10_000,
+    sessions: int = 8,
+    context: int = 8,
+    seed: int = 0,
+    episodes: Sequence[int] | None = None,
+    segment: int = 1000,
+    log: Callable[[str], None] | None = None,
+    starts: Sequence[tuple[str, int]] | None = None,
+) -> dict[str, Any]:
     """``sessions`` sessions of ``wm`` for ``frames`` frames each, judged against the real range
     of ``ds`` (its ``episodes`` if given; contexts and actions come from them too).
 
@@ -170,17 +201,20 @@ def stability(wm: WorldModel, ds: Dataset, frames: int = 10_000, sessions: int =
     ``seconds`` and ``frames_per_s``; ``log`` hears every ``segment`` frames.
     """
     eps = by_id(ds, range(len(ds)) if episodes is None else episodes)
-    items = (windows_at(ds, starts, context) if starts else
-             pick_windows(ds, context, sessions, f"a context of {context} frames", eps))
+    items = (
+        windows_at(ds, starts, context)
+        if starts
+        else pick_windows(ds, context, sessions, f"a context of {context} frames", eps)
+    )
     if outside := sorted({ds.episodes[it["episode"]].id for it in items if it["episode"] not in eps}):
         raise EvaluationError(f"starts in episodes {', '.join(outside[:3])}, which the given episodes do not hold")
-    keys = [ds.read(e, "keys") for e in eps]           # the action loop: every recorded action of eps
+    keys = [ds.read(e, "keys") for e in eps]  # the action loop: every recorded action of eps
     mouse = [ds.read(e, "mouse") for e in eps]
     offset = dict(zip(eps, np.cumsum([0] + [len(k) for k in keys[:-1]])))
     keys, mouse = np.concatenate(keys), np.concatenate(mouse)
     # Action i of an episode produced its frame i + 1: the first one played follows the context.
     first = np.array([offset[it["episode"]] + it["start"] + context - 1 for it in items])
-    idx = (first[:, None] + np.arange(frames)) % len(keys)                    # (B, F)
+    idx = (first[:, None] + np.arange(frames)) % len(keys)  # (B, F)
     mean, std = np.zeros((len(items), frames)), np.zeros((len(items), frames))
 
     def visit(t: int, out: np.ndarray) -> None:
@@ -193,11 +227,16 @@ def stability(wm: WorldModel, ds: Dataset, frames: int = 10_000, sessions: int =
     series = {"mean": mean.round(3).tolist(), "std": std.round(3).tolist()}
     # real_stats reads eps in the action loop's order: the loop's offsets place each start episode.
     spans = [slice(offset[it["episode"]], offset[it["episode"]] + ds.episodes[it["episode"]].length) for it in items]
-    return {"real_frames": len(real_mean), **judge(series, {"mean": real_mean, "std": real_std}, segment, spans),
-            "sessions": len(items), "frames": frames,
-            "starts": starts_of(ds, items),
-            "seconds": round(float(times.sum()), 3), "frames_per_s": round(frames_per_s(times, len(items)), 2),
-            "series": series}
+    return {
+        "real_frames": len(real_mean),
+        **judge(series, {"mean": real_mean, "std": real_std}, segment, spans),
+        "sessions": len(items),
+        "frames": frames,
+        "starts": starts_of(ds, items),
+        "seconds": round(float(times.sum()), 3),
+        "frames_per_s": round(frames_per_s(times, len(items)), 2),
+        "series": series,
+    }
 
 
 def in_range(verdict: dict[str, Any], tolerance: float = 2.0) -> bool:
@@ -224,5 +263,7 @@ def in_range(verdict: dict[str, Any], tolerance: float = 2.0) -> bool:
         False
     """
     real_minmax = 2 / (verdict["real_frames"] + 1)
-    return (verdict["outside_minmax"] <= tolerance * real_minmax
-            and max(verdict["session_outside_percentiles"]) <= tolerance * verdict["real_outside_percentiles"])
+    return (
+        verdict["outside_minmax"] <= tolerance * real_minmax
+        and max(verdict["session_outside_percentiles"]) <= tolerance * verdict["real_outside_percentiles"]
+    )

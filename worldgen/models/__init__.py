@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -34,9 +35,22 @@ from worldgen.checkpoint import CheckpointError
 from worldgen.models.dit import MODELS, DiT, DiTConfig, flops_per_frame, flops_per_token
 from worldgen.models.tokenizer import Tokenizer, TokenizerConfig
 
-__all__ = ["MODELS", "CheckpointError", "DiT", "DiTConfig", "Tokenizer", "TokenizerConfig", "autocast",
-           "flops_per_frame", "flops_per_token", "frames_to_tensor", "load_dit", "load_tokenizer",
-           "save_part", "tensor_to_frames"]
+__all__ = [
+    "MODELS",
+    "CheckpointError",
+    "DiT",
+    "DiTConfig",
+    "Tokenizer",
+    "TokenizerConfig",
+    "autocast",
+    "flops_per_frame",
+    "flops_per_token",
+    "frames_to_tensor",
+    "load_dit",
+    "load_tokenizer",
+    "save_part",
+    "tensor_to_frames",
+]
 
 PARTS: dict[str, tuple[type, type]] = {"tokenizer": (Tokenizer, TokenizerConfig), "dynamics": (DiT, DiTConfig)}
 
@@ -87,20 +101,27 @@ def config_from_dict(cls: type[C], d: Mapping[str, Any], where: str) -> C:
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise CheckpointError(f"{where}: unknown {cls.__name__} fields {unknown} (checkpoint from a newer worldgen?)")
-    missing = sorted(n for n, f in fields.items() if n not in d and f.default is dataclasses.MISSING
-                     and f.default_factory is dataclasses.MISSING)
+    missing = sorted(
+        n
+        for n, f in fields.items()
+        if n not in d and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
     if missing:
         raise CheckpointError(f"{where}: {cls.__name__} fields {missing} are missing")
-    kwargs = {k: tuple(v) if isinstance(v, list) and isinstance(fields[k].default, tuple) else v
-              for k, v in d.items()}
+    kwargs = {k: tuple(v) if isinstance(v, list) and isinstance(fields[k].default, tuple) else v for k, v in d.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: invalid {cls.__name__}: {e}") from None
 
 
-def save_part(folder: str | os.PathLike, part: str, module: Tokenizer | DiT, extra: Mapping[str, Any] | None = None,
-              dtype: torch.dtype | None = None) -> None:
+def save_part(
+    folder: str | os.PathLike,
+    part: str,
+    module: Tokenizer | DiT,
+    extra: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write ``module`` (its weights and ``cfg``) as checkpoint ``part`` of ``folder``, atomically.
 
     Args:
@@ -110,14 +131,16 @@ def save_part(folder: str | os.PathLike, part: str, module: Tokenizer | DiT, ext
             loading casts back to the model's dtype.
     """
     if part not in PARTS or not isinstance(module, PARTS[part][0]):
-        raise ValueError(f"part {part!r} must be one of {list(PARTS)} holding its model type, got "
-                         f"{type(module).__name__}")
+        raise ValueError(
+            f"part {part!r} must be one of {list(PARTS)} holding its model type, got {type(module).__name__}"
+        )
     extra = dict(extra or {})
     clash = {"model", "action_schema"} & set(extra)
     if clash:
         raise ValueError(f"extra may not set {sorted(clash)}; save_part writes them")
-    tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
-               for k, v in module.state_dict().items()}
+    tensors = {
+        k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in module.state_dict().items()
+    }
     config = {"model": dataclasses.asdict(module.cfg), "action_schema": actions.schema(), **extra}
     checkpoint.save(folder, part, tensors, config)
 

@@ -18,8 +18,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +44,18 @@ def block_causal_mask_mod(tokens_per_frame: int, frames_per_block: int = 1, pref
     return mask_mod
 
 
-def dense_mask(tokens_per_frame: int, frames: int, frames_per_block: int = 1, prefix_frames: int = 0,
-               device: torch.device | str | None = None) -> torch.Tensor:
+def dense_mask(
+    tokens_per_frame: int,
+    frames: int,
+    frames_per_block: int = 1,
+    prefix_frames: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """(L, L) bool, True = may attend, for L = (prefix_frames + frames) * tokens_per_frame."""
     idx = torch.arange((prefix_frames + frames) * tokens_per_frame, device=device)
-    return block_causal_mask_mod(tokens_per_frame, frames_per_block, prefix_frames)(None, None, idx[:, None], idx[None, :])
+    return block_causal_mask_mod(tokens_per_frame, frames_per_block, prefix_frames)(
+        None, None, idx[:, None], idx[None, :]
+    )
 
 
 _BLOCK_MASKS: dict[tuple, BlockMask] = {}
@@ -66,8 +73,14 @@ def _cached(cache: dict, key: tuple, make: Callable):
 
 
 @torch.compiler.disable  # Python-side caching: keep it out of a compiled graph (one graph break)
-def make_mask(impl: str, tokens_per_frame: int, frames: int, frames_per_block: int = 1,
-              prefix_frames: int = 0, device: torch.device | str = "cpu") -> BlockMask | torch.Tensor:
+def make_mask(
+    impl: str,
+    tokens_per_frame: int,
+    frames: int,
+    frames_per_block: int = 1,
+    prefix_frames: int = 0,
+    device: torch.device | str = "cpu",
+) -> BlockMask | torch.Tensor:
     """The block-causal mask for one sequence layout, cached, in the form ``impl`` uses.
 
     ``impl``: ``"flex"`` (a FlexAttention ``BlockMask``; compiled flex on CUDA skips fully
@@ -82,13 +95,23 @@ def make_mask(impl: str, tokens_per_frame: int, frames: int, frames_per_block: i
         impl = "flex" if device.type == "cuda" and torch.is_grad_enabled() else "sdpa"
     key = (tokens_per_frame, frames, frames_per_block, prefix_frames, str(device))
     if impl == "sdpa":
-        return _cached(_DENSE_MASKS, key, lambda: dense_mask(tokens_per_frame, frames, frames_per_block,
-                                                             prefix_frames, device))
+        return _cached(
+            _DENSE_MASKS, key, lambda: dense_mask(tokens_per_frame, frames, frames_per_block, prefix_frames, device)
+        )
     if impl == "flex":
         length = (prefix_frames + frames) * tokens_per_frame
-        return _cached(_BLOCK_MASKS, key, lambda: create_block_mask(
-            block_causal_mask_mod(tokens_per_frame, frames_per_block, prefix_frames), None, None,
-            length, length, device=device))
+        return _cached(
+            _BLOCK_MASKS,
+            key,
+            lambda: create_block_mask(
+                block_causal_mask_mod(tokens_per_frame, frames_per_block, prefix_frames),
+                None,
+                None,
+                length,
+                length,
+                device=device,
+            ),
+        )
     raise ValueError(f"attn_impl must be 'flex', 'sdpa' or 'auto', got {impl!r}")
 
 
@@ -167,8 +190,8 @@ class LayerKV:
     RoPE, so a cache can re-position them later (positions then never run out).
     """
 
-    k: torch.Tensor                                      # (B, H, Lc, d), rotated
-    v: torch.Tensor                                      # (B, H, Lc, d)
+    k: torch.Tensor  # (B, H, Lc, d), rotated
+    v: torch.Tensor  # (B, H, Lc, d)
     new: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, H, Lq, d) each: unrotated k, v
 
 
@@ -195,8 +218,9 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv_proj(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         return self.q_norm(q), self.k_norm(k), v
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Mask,
-                past: LayerKV | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: Mask, past: LayerKV | None = None
+    ) -> torch.Tensor:
         """x (B, L, D); rope: cos, sin (B or 1, 1, L, d/2); mask: see :func:`attend`, over
         ``past`` keys then these. With ``past``, its ``new`` receives this pass's k and v."""
         q, k, v = self.qkv(x)

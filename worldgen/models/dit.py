@@ -39,31 +39,31 @@ from worldgen.models.attention import Attention, LayerKV, Mask, dense_mask, make
 
 @dataclass
 class DiTConfig:
-    latent_channels: int = 16                # the tokenizer's latent channels (in and out)
+    latent_channels: int = 16  # the tokenizer's latent channels (in and out)
     latent_size: tuple[int, int] = (15, 20)  # (h, w) of a frame's latent grid: 160x120 / 8
     # 2: 8x10 = 80 tokens per frame (the grid is zero-padded to 16 rows), 1/4 the tokens of
     # patch 1 and 1/16 the attention: many more frames per GPU-second to learn from.
     patch_size: int = 2
     dim: int = 256
     depth: int = 8
-    heads: int = 4                           # head dim 64: the efficient size for flash/flex kernels
+    heads: int = 4  # head dim 64: the efficient size for flash/flex kernels
     mlp_ratio: float = 4.0
-    action_dim: int = ACTION_DIM             # worldgen.actions.to_vector: 8 keys + 2 mouse deltas
+    action_dim: int = ACTION_DIM  # worldgen.actions.to_vector: 8 keys + 2 mouse deltas
     # Extra per-frame input-only channels concatenated to the latents (e.g. a rendered
     # point-cloud view's latents); the output stays latent_channels.
     cond_channels: int = 0
-    frames_per_block: int = 1                # 1 = frame-level causality: interaction per frame
+    frames_per_block: int = 1  # 1 = frame-level causality: interaction per frame
     # A learned "no action" embedding that stands in for dropped actions (trainer's
     # action_dropout): the action-free prediction that action guidance steers away from.
     null_action: bool = False
-    max_frames: int = 64                     # most frames (prefix included) one forward accepts
+    max_frames: int = 64  # most frames (prefix included) one forward accepts
     # Most recalled frames (worldgen.memory.bank) a forward takes as non-causal context, each
     # conditioned on its pose relative to the newest frame's camera and its age; 0: a model
     # trained without memory (no memory embedder, memory refused).
     memory_frames: int = 0
-    qk_norm: bool = True                     # bounds attention logits: stable bf16 training
+    qk_norm: bool = True  # bounds attention logits: stable bf16 training
     rope_theta: float = 10000.0
-    attn_impl: str = "auto"                  # "flex" | "sdpa" | "auto" (flex to train on CUDA, else sdpa)
+    attn_impl: str = "auto"  # "flex" | "sdpa" | "auto" (flex to train on CUDA, else sdpa)
 
     def __post_init__(self) -> None:
         if self.patch_size < 1:
@@ -72,8 +72,10 @@ class DiTConfig:
             raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads}")
         rope_sections(self.dim // self.heads)  # raises if the head dim cannot be split three ways
         if self.frames_per_block < 1 or self.max_frames < 1 or self.memory_frames < 0:
-            raise ValueError(f"frames_per_block and max_frames must be >= 1 and memory_frames >= 0, got "
-                             f"{self.frames_per_block}, {self.max_frames}, {self.memory_frames}")
+            raise ValueError(
+                f"frames_per_block and max_frames must be >= 1 and memory_frames >= 0, got "
+                f"{self.frames_per_block}, {self.max_frames}, {self.memory_frames}"
+            )
         if self.attn_impl not in ("flex", "sdpa", "auto"):
             raise ValueError(f"attn_impl must be 'flex', 'sdpa' or 'auto', got {self.attn_impl!r}")
 
@@ -124,16 +126,18 @@ class Memory:
     """Recalled frames (:func:`worldgen.memory.bank.recall`) that every frame of a forward sees as
     non-causal context in front of it; they are never predicted, so never in a loss."""
 
-    z: torch.Tensor                      # (B, P, C, h, w) their clean latents
-    pose: torch.Tensor                   # (B, P, 6) pose relative to the newest frame's camera (bank.relative_pose)
-    age: torch.Tensor                    # (B, P) steps between each and the newest frame
-    mask: torch.Tensor | None = None     # (B, P) bool: real recalls (None: all); others are hidden from every frame
-    level: torch.Tensor | None = None    # (B, P) noise level they are labelled with; None: 0 (clean)
+    z: torch.Tensor  # (B, P, C, h, w) their clean latents
+    pose: torch.Tensor  # (B, P, 6) pose relative to the newest frame's camera (bank.relative_pose)
+    age: torch.Tensor  # (B, P) steps between each and the newest frame
+    mask: torch.Tensor | None = None  # (B, P) bool: real recalls (None: all); others are hidden from every frame
+    level: torch.Tensor | None = None  # (B, P) noise level they are labelled with; None: 0 (clean)
 
-    def repeat(self, n: int) -> "Memory":
+    def repeat(self, n: int) -> Memory:
         """The batch ``n`` times over (guidance runs each pass on two copies)."""
+
         def rep(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.repeat(n, *[1] * (x.ndim - 1))
+
         return Memory(rep(self.z), rep(self.pose), rep(self.age), rep(self.mask), rep(self.level))
 
 
@@ -151,7 +155,7 @@ class MemoryEmbedder(nn.Module):
         # log age: one step and 10,000 steps apart both stay in reach of the features.
         f = torch.cat([pose.float(), (torch.log1p(age.float().clamp(min=0)) / math.log(1e4))[..., None]], -1)
         freqs = 0.5 * 2.0 ** torch.arange(self.n_freqs, device=f.device)
-        ang = f[..., None] * freqs                                             # (B, P, 7, F)
+        ang = f[..., None] * freqs  # (B, P, 7, F)
         return self.mlp(torch.cat([f, ang.sin().flatten(-2), ang.cos().flatten(-2)], -1))
 
 
@@ -168,8 +172,14 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
         self.ada = nn.Linear(d, 6 * d)  # zero-initialised: the block starts as the identity
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: Mask, past: LayerKV | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: Mask,
+        past: LayerKV | None = None,
+    ) -> torch.Tensor:
         """x (B, T, N, D) tokens; c (B, T, D) per-frame conditioning, already through SiLU."""
         b, t, n, d = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, :, None].chunk(6, -1)  # (B, T, 1, D)
@@ -214,11 +224,21 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor, *,
-                frame_pos: torch.Tensor | None = None, prefix_frames: int = 0,
-                cond: torch.Tensor | None = None, attn_impl: str | None = None,
-                past: list[LayerKV] | None = None, past_mask: torch.Tensor | None = None,
-                drop_actions: torch.Tensor | None = None, memory: Memory | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        actions: torch.Tensor,
+        *,
+        frame_pos: torch.Tensor | None = None,
+        prefix_frames: int = 0,
+        cond: torch.Tensor | None = None,
+        attn_impl: str | None = None,
+        past: list[LayerKV] | None = None,
+        past_mask: torch.Tensor | None = None,
+        drop_actions: torch.Tensor | None = None,
+        memory: Memory | None = None,
+    ) -> torch.Tensor:
         """Predict the flow velocity of every frame.
 
         Args:
@@ -258,13 +278,13 @@ class DiT(nn.Module):
         if cond is not None:
             x = torch.cat([x, cond], 2)
         h_lat, w_lat = cfg.latent_size
-        x = F.pad(x, (0, gw * p - w_lat, 0, gh * p - h_lat))                 # whole patches
+        x = F.pad(x, (0, gw * p - w_lat, 0, gh * p - h_lat))  # whole patches
         tokens = rearrange(x, "b t c (h p) (w q) -> b t (h w) (p q c)", p=p, q=p)
-        h = self.patch_embed(tokens)                                       # (B, T, N, D)
-        a = self.action_embed(actions)                                      # (B, T, D)
+        h = self.patch_embed(tokens)  # (B, T, N, D)
+        a = self.action_embed(actions)  # (B, T, D)
         if drop_actions is not None:
             a = torch.where(drop_actions[..., None], self.null_action.to(a.dtype), a)
-        c = self.t_embed(t) + a                                            # (B, T, D)
+        c = self.t_embed(t) + a  # (B, T, D)
         if frame_pos is None:
             frame_pos = torch.arange(n_frames - n_mem, device=x.device)
         if memory is not None:
@@ -278,11 +298,18 @@ class DiT(nn.Module):
         # needs no flex), the mask built in the graph rather than looked up, so a compiled streaming
         # step is one graph.
         if past is not None or (memory is not None and memory.mask is not None):
-            mask = dense_mask(cfg.tokens_per_frame, n_frames - prefix_frames, cfg.frames_per_block, prefix_frames,
-                              x.device)
+            mask = dense_mask(
+                cfg.tokens_per_frame, n_frames - prefix_frames, cfg.frames_per_block, prefix_frames, x.device
+            )
         else:
-            mask = make_mask(attn_impl or cfg.attn_impl, cfg.tokens_per_frame, n_frames - prefix_frames,
-                             cfg.frames_per_block, prefix_frames, x.device)
+            mask = make_mask(
+                attn_impl or cfg.attn_impl,
+                cfg.tokens_per_frame,
+                n_frames - prefix_frames,
+                cfg.frames_per_block,
+                prefix_frames,
+                x.device,
+            )
         if memory is not None and memory.mask is not None:
             mask = _hide_memory(mask, memory.mask, cfg.tokens_per_frame)
         if past is not None:
@@ -290,7 +317,7 @@ class DiT(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h, c, rope, mask, past[i] if past is not None else None)
 
-        shift, scale = self.final_ada(c)[:, :, None].chunk(2, -1)         # (B, T, 1, D)
+        shift, scale = self.final_ada(c)[:, :, None].chunk(2, -1)  # (B, T, 1, D)
         out = self.final_proj(modulate(self.final_norm(h), shift, scale))  # (B, T, N, p*p*C)
         out = rearrange(out, "b t (h w) (p q c) -> b t c (h p) (w q)", h=gh, w=gw, p=p, q=p)
         return out[:, n_mem:, :, :h_lat, :w_lat]
@@ -301,17 +328,26 @@ class DiT(nn.Module):
         gh, gw = self.cfg.grid
         if frame_pos.shape[-1] != n_frames or frame_pos.ndim not in (1, 2):
             raise ValueError(f"frame_pos must be (T,) or (B, T) with T={n_frames}, got {tuple(frame_pos.shape)}")
-        fp = frame_pos.float().reshape(-1, n_frames)                               # (B or 1, T)
-        rows, cols = torch.meshgrid(torch.arange(gh, device=fp.device), torch.arange(gw, device=fp.device),
-                                    indexing="ij")
-        space = torch.stack([rows.flatten(), cols.flatten()], -1).float()          # (N, 2)
-        pos = torch.cat([fp[:, :, None, None].expand(-1, -1, len(space), 1),
-                         space.expand(*fp.shape, -1, -1)], -1)                     # (B, T, N, 3)
+        fp = frame_pos.float().reshape(-1, n_frames)  # (B or 1, T)
+        rows, cols = torch.meshgrid(
+            torch.arange(gh, device=fp.device), torch.arange(gw, device=fp.device), indexing="ij"
+        )
+        space = torch.stack([rows.flatten(), cols.flatten()], -1).float()  # (N, 2)
+        pos = torch.cat(
+            [fp[:, :, None, None].expand(-1, -1, len(space), 1), space.expand(*fp.shape, -1, -1)], -1
+        )  # (B, T, N, 3)
         cos, sin = rope_angles(pos.flatten(1, 2), self.cfg.dim // self.cfg.heads, self.cfg.rope_theta)
         return cos[:, None], sin[:, None]
 
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor,
-                      cond: torch.Tensor | None, prefix_frames: int, drop_actions: torch.Tensor | None) -> None:
+    def _check_inputs(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        actions: torch.Tensor,
+        cond: torch.Tensor | None,
+        prefix_frames: int,
+        drop_actions: torch.Tensor | None,
+    ) -> None:
         cfg = self.cfg
         want = (cfg.latent_channels, *cfg.latent_size)
         if x.ndim != 5 or tuple(x.shape[2:]) != want:
@@ -322,17 +358,23 @@ class DiT(nn.Module):
         if tuple(t.shape) != (b, n):
             raise ValueError(f"t must be (B, T) = {(b, n)} (one noise level per frame), got {tuple(t.shape)}")
         if tuple(actions.shape) != (b, n, cfg.action_dim):
-            raise ValueError(f"actions must be (B, T, {cfg.action_dim}) = {(b, n, cfg.action_dim)}, "
-                             f"got {tuple(actions.shape)}")
-        if drop_actions is not None and (not cfg.null_action or tuple(drop_actions.shape) != (b, n)
-                                         or drop_actions.dtype != torch.bool):
-            raise ValueError(f"drop_actions must be a (B, T) = {(b, n)} bool tensor and the model needs a null "
-                             f"action (null_action={cfg.null_action}: trained without action dropout)")
+            raise ValueError(
+                f"actions must be (B, T, {cfg.action_dim}) = {(b, n, cfg.action_dim)}, got {tuple(actions.shape)}"
+            )
+        if drop_actions is not None and (
+            not cfg.null_action or tuple(drop_actions.shape) != (b, n) or drop_actions.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"drop_actions must be a (B, T) = {(b, n)} bool tensor and the model needs a null "
+                f"action (null_action={cfg.null_action}: trained without action dropout)"
+            )
         if not 0 <= prefix_frames < n:
             raise ValueError(f"prefix_frames must be in [0, T={n}), got {prefix_frames}")
         if (cond is None) != (cfg.cond_channels == 0):
-            raise ValueError(f"cond must be given exactly when cond_channels > 0 "
-                             f"(cond_channels={cfg.cond_channels}, cond given: {cond is not None})")
+            raise ValueError(
+                f"cond must be given exactly when cond_channels > 0 "
+                f"(cond_channels={cfg.cond_channels}, cond given: {cond is not None})"
+            )
         if cond is not None and tuple(cond.shape) != (b, n, cfg.cond_channels, *cfg.latent_size):
             raise ValueError(f"cond must be {(b, n, cfg.cond_channels, *cfg.latent_size)}, got {tuple(cond.shape)}")
 
@@ -344,14 +386,21 @@ class DiT(nn.Module):
         if prefix_frames:
             raise ValueError("memory frames are the prefix: give memory or prefix_frames, not both")
         p = memory.z.shape[1] if memory.z.ndim == 5 else -1
-        shapes = {"z": (memory.z, (b, p, *x.shape[2:])), "pose": (memory.pose, (b, p, 6)), "age": (memory.age, (b, p)),
-                  "mask": (memory.mask, (b, p)), "level": (memory.level, (b, p))}
+        shapes = {
+            "z": (memory.z, (b, p, *x.shape[2:])),
+            "pose": (memory.pose, (b, p, 6)),
+            "age": (memory.age, (b, p)),
+            "mask": (memory.mask, (b, p)),
+            "level": (memory.level, (b, p)),
+        }
         for name, (got, want) in shapes.items():
             if got is not None and tuple(got.shape) != want:
                 raise ValueError(f"memory.{name} must be {want}, got {tuple(got.shape)}")
         if not 1 <= p <= cfg.memory_frames or p + n > cfg.max_frames:
-            raise ValueError(f"{p} memory frames: this model takes 1..{cfg.memory_frames}, and at most "
-                             f"max_frames={cfg.max_frames} frames with the {n} others")
+            raise ValueError(
+                f"{p} memory frames: this model takes 1..{cfg.memory_frames}, and at most "
+                f"max_frames={cfg.max_frames} frames with the {n} others"
+            )
         if memory.mask is not None and memory.mask.dtype != torch.bool:
             raise ValueError(f"memory.mask must be bool, got {memory.mask.dtype}")
         return p
@@ -363,13 +412,14 @@ def _hide_memory(mask: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor
     b, p = keep.shape
     length = mask.shape[-1]
     frame = torch.arange(length, device=mask.device) // n
-    own = frame[:, None] == frame[None, :]                                                  # (L, L)
+    own = frame[:, None] == frame[None, :]  # (L, L)
     key_ok = torch.cat([keep, keep.new_ones(b, length // n - p)], 1).repeat_interleave(n, 1)  # (B, L)
     return (mask & (key_ok[:, None, :] | own))[:, None]
 
 
-def _with_past(mask: torch.Tensor, past_mask: torch.Tensor | None, n_past: int, b: int,
-               prefix_tokens: int = 0) -> torch.Tensor:
+def _with_past(
+    mask: torch.Tensor, past_mask: torch.Tensor | None, n_past: int, b: int, prefix_tokens: int = 0
+) -> torch.Tensor:
     """The dense (B, 1, Lq, Lc + Lq) mask: ``past_mask`` (B, Lc) over the past keys (all real
     if None), then the block-causal ``mask`` (Lq, Lq) or (B, 1, Lq, Lq) among the new tokens.
     The first ``prefix_tokens`` (memory frames) see no past keys, as in training."""
@@ -391,14 +441,22 @@ def flops_per_frame(cfg: DiTConfig, frames: int) -> float:
     """
     n, d, p, c = cfg.tokens_per_frame, cfg.dim, cfg.patch_size, cfg.latent_channels
     hidden = int(d * cfg.mlp_ratio)
-    per_token = 2 * ((c + cfg.cond_channels) * p * p * d                 # patch embed
-                     + cfg.depth * (4 * d * d + 2 * d * hidden)          # qkv, proj, mlp
-                     + d * p * p * c)                                    # output projection
-    per_frame = 2 * (256 * d + d * d + cfg.action_dim * d + d * d       # t and action embedders
-                     + cfg.depth * 6 * d * d + 2 * d * d)               # adaLN modulations
+    per_token = 2 * (
+        (c + cfg.cond_channels) * p * p * d  # patch embed
+        + cfg.depth * (4 * d * d + 2 * d * hidden)  # qkv, proj, mlp
+        + d * p * p * c
+    )  # output projection
+    per_frame = 2 * (
+        256 * d
+        + d * d
+        + cfg.action_dim * d
+        + d * d  # t and action embedders
+        + cfg.depth * 6 * d * d
+        + 2 * d * d
+    )  # adaLN modulations
     fpb = cfg.frames_per_block
-    visible = sum(min(frames, (f // fpb + 1) * fpb) for f in range(frames)) * n   # keys per query token, summed
-    attention = cfg.depth * 4 * d * n * visible                          # QK^T and AV per query token
+    visible = sum(min(frames, (f // fpb + 1) * fpb) for f in range(frames)) * n  # keys per query token, summed
+    attention = cfg.depth * 4 * d * n * visible  # QK^T and AV per query token
     return (frames * (n * per_token + per_frame) + attention) / frames
 
 

@@ -39,15 +39,15 @@ from torch import nn
 @dataclass
 class TokenizerConfig:
     image_size: tuple[int, int] = (120, 160)  # (H, W): ViZDoom frames recorded at 160x120
-    in_channels: int = 3                      # RGB; 4 = RGB + depth, encoded and decoded jointly
-    latent_channels: int = 16                 # 16 channels at 8x down (12x compression) reach ~30 dB
-    downsample: int = 8                       # 120x160 -> 15x20 latents = 300 DiT tokens per frame
+    in_channels: int = 3  # RGB; 4 = RGB + depth, encoded and decoded jointly
+    latent_channels: int = 16  # 16 channels at 8x down (12x compression) reach ~30 dB
+    downsample: int = 8  # 120x160 -> 15x20 latents = 300 DiT tokens per frame
     # Width per resolution level, full resolution first; log2(downsample) + 1 levels. Narrow at
     # full resolution, where convs cost the most FLOPs, wide at low resolution, where they are cheap.
     channels: tuple[int, ...] = (32, 64, 128, 128)
-    enc_blocks: int = 1                       # ResNet blocks per level in the encoder
-    dec_blocks: int = 2                       # the decoder's job (inventing detail) is harder
-    groups: int = 8                           # GroupNorm groups; must divide every width
+    enc_blocks: int = 1  # ResNet blocks per level in the encoder
+    dec_blocks: int = 2  # the decoder's job (inventing detail) is harder
+    groups: int = 8  # GroupNorm groups; must divide every width
     # Per latent element, against a per-pixel reconstruction loss. Small: the KL only has to stop
     # the latents drifting in scale and keep posterior noise alive, not to compress.
     kl_weight: float = 1e-4
@@ -56,7 +56,7 @@ class TokenizerConfig:
     # latents carry high-frequency noise-like detail (a 2-pixel shift changed them by half their
     # variance), which a diffusion model predicts poorly; 0 turns it off.
     equivariance_weight: float = 0.0
-    latent_scale: float = 1.0                 # std of the posterior means; set after training
+    latent_scale: float = 1.0  # std of the posterior means; set after training
 
     def __post_init__(self) -> None:
         levels = int(math.log2(self.downsample))
@@ -186,11 +186,12 @@ class Tokenizer(nn.Module):
         kl = 0.5 * (mean.float().square() + logvar.float().exp() - 1.0 - logvar.float()).mean()
         aux = {"kl": self.cfg.kl_weight * kl}
         if self.cfg.equivariance_weight > 0:
-            h, w = (n // 2 * 2 for n in z.shape[-2:])           # even latent grid (15 rows -> 14)
+            h, w = (n // 2 * 2 for n in z.shape[-2:])  # even latent grid (15 rows -> 14)
             f = self.cfg.downsample
-            small = self.decoder(F.avg_pool2d(z[..., :h, :w], 2))   # (B, C, H/2, W/2)
+            small = self.decoder(F.avg_pool2d(z[..., :h, :w], 2))  # (B, C, H/2, W/2)
             aux["equivariance"] = self.cfg.equivariance_weight * F.mse_loss(
-                small.float(), F.avg_pool2d(x[..., :h * f, :w * f], 2).float())
+                small.float(), F.avg_pool2d(x[..., : h * f, : w * f], 2).float()
+            )
         return self.decoder(z), aux
 
     @torch.no_grad()

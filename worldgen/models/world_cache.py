@@ -39,9 +39,11 @@ def cond_channels(tokenizer: TokenizerConfig) -> int:
 
 def check_rgbd(tokenizer: TokenizerConfig) -> None:
     if tokenizer.in_channels != 4:
-        raise ValueError(f"the world cache needs a model that generates depth: an RGB-D tokenizer "
-                         f"(in_channels 4, `worldgen train tokenizer --depth`), this one has in_channels "
-                         f"{tokenizer.in_channels}")
+        raise ValueError(
+            f"the world cache needs a model that generates depth: an RGB-D tokenizer "
+            f"(in_channels 4, `worldgen train tokenizer --depth`), this one has in_channels "
+            f"{tokenizer.in_channels}"
+        )
 
 
 @torch.no_grad()
@@ -53,8 +55,10 @@ def view_condition(tokenizer: Tokenizer, view: View, camera: Camera) -> torch.Te
     check_rgbd(cfg)
     lead, (h, w) = view.mask.shape[:-2], view.mask.shape[-2:]
     if (h, w) != tuple(cfg.image_size) or (camera.height, camera.width) != (h, w):
-        raise ValueError(f"view is {h}x{w}, the tokenizer takes {cfg.image_size[0]}x{cfg.image_size[1]} "
-                         f"and the camera is {camera.height}x{camera.width}")
+        raise ValueError(
+            f"view is {h}x{w}, the tokenizer takes {cfg.image_size[0]}x{cfg.image_size[1]} "
+            f"and the camera is {camera.height}x{camera.width}"
+        )
     # Depth back to the stored uint8 levels the tokenizer was trained on; holes read 0 (the mask says so).
     level = camera.world_to_depth(view.depth).round().clamp(0, 255).to(torch.uint8)
     level = torch.where(view.mask, level, torch.zeros_like(level))
@@ -67,18 +71,27 @@ def view_condition(tokenizer: Tokenizer, view: View, camera: Camera) -> torch.Te
 
 
 @torch.no_grad()
-def episode_condition(tokenizer: Tokenizer, camera: Camera, rgb: torch.Tensor, depth: torch.Tensor,
-                      pose: torch.Tensor, history: int, noise: PoseNoise | None = None,
-                      generator: torch.Generator | None = None, chunk: int = 64) -> torch.Tensor:
+def episode_condition(
+    tokenizer: Tokenizer,
+    camera: Camera,
+    rgb: torch.Tensor,
+    depth: torch.Tensor,
+    pose: torch.Tensor,
+    history: int,
+    noise: PoseNoise | None = None,
+    generator: torch.Generator | None = None,
+    chunk: int = 64,
+) -> torch.Tensor:
     """Every frame of an episode (``rgb (N, H, W, 3)`` uint8, ``depth (N, H, W)`` levels, ``pose
     (N, 5)``) with its cache view from its ``history`` predecessors (:func:`history_views`, at
     the pose plus ``noise``) as DiT conditioning ``(N, latent_channels + 1, h, w)``. ``chunk``
     frames render at once (a cloud each), which bounds the memory."""
     out = []
     for start in range(0, len(rgb), chunk):
-        lo, hi = max(0, start - history), min(start + chunk, len(rgb))     # predecessors ride along
-        view = history_views(camera, rgb[None, lo:hi], depth[None, lo:hi], pose[None, lo:hi], history,
-                             noise=noise, generator=generator)
-        view = View(*(x[0, start - lo:] for x in view))
+        lo, hi = max(0, start - history), min(start + chunk, len(rgb))  # predecessors ride along
+        view = history_views(
+            camera, rgb[None, lo:hi], depth[None, lo:hi], pose[None, lo:hi], history, noise=noise, generator=generator
+        )
+        view = View(*(x[0, start - lo :] for x in view))
         out.append(view_condition(tokenizer, view, camera))
     return torch.cat(out)

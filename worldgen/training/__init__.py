@@ -6,5 +6,4 @@ from worldgen.training.common import TrainConfig, fit
 from worldgen.training.dynamics import DynamicsTrainConfig, flow_matching_loss, noise_levels
 from worldgen.training.tokenizer import TokenizerTrainConfig
 
-__all__ = ["DynamicsTrainConfig", "TokenizerTrainConfig", "TrainConfig", "fit", "flow_matching_loss",
-           "noise_levels"]
+__all__ = ["DynamicsTrainConfig", "TokenizerTrainConfig", "TrainConfig", "fit", "flow_matching_loss", "noise_levels"]

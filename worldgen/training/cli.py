@@ -24,16 +24,31 @@ from worldgen.training.common import add_config_args, config_from_args
 
 # subcommand -> (module, config class name, help)
 TRAINERS: dict[str, tuple[str, str, str]] = {
-    "tokenizer": ("worldgen.training.tokenizer", "TokenizerTrainConfig",
-                  "train the per-frame VAE tokenizer; reports held-out PSNR/SSIM"),
-    "dynamics": ("worldgen.training.dynamics", "DynamicsTrainConfig",
-                 "train the block-causal DiT by Diffusion Forcing on tokenizer latents"),
-    "distill": ("worldgen.training.distill", "DistillTrainConfig",
-                "Self Forcing: distil a Diffusion-Forcing model into a few-step student on its own rollouts"),
-    "reward": ("worldgen.env.reward_train", "RewardTrainConfig",
-               "train a reward/termination head on recorded game variables (for the Gymnasium env)"),
-    "geometry": ("worldgen.env.geometry_train", "GeometryTrainConfig",
-                 "train a depth + odometry head on recorded depth and poses (the env's depth and pose)"),
+    "tokenizer": (
+        "worldgen.training.tokenizer",
+        "TokenizerTrainConfig",
+        "train the per-frame VAE tokenizer; reports held-out PSNR/SSIM",
+    ),
+    "dynamics": (
+        "worldgen.training.dynamics",
+        "DynamicsTrainConfig",
+        "train the block-causal DiT by Diffusion Forcing on tokenizer latents",
+    ),
+    "distill": (
+        "worldgen.training.distill",
+        "DistillTrainConfig",
+        "Self Forcing: distil a Diffusion-Forcing model into a few-step student on its own rollouts",
+    ),
+    "reward": (
+        "worldgen.env.reward_train",
+        "RewardTrainConfig",
+        "train a reward/termination head on recorded game variables (for the Gymnasium env)",
+    ),
+    "geometry": (
+        "worldgen.env.geometry_train",
+        "GeometryTrainConfig",
+        "train a depth + odometry head on recorded depth and poses (the env's depth and pose)",
+    ),
 }
 
 
@@ -43,8 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, help=help_, description=help_)
         cls = getattr(importlib.import_module(module), cls_name)
         add_config_args(p, cls, required=("data", "out"))
-        p.add_argument("--resume", action="store_true",
-                       help="require a run to resume in --out (a run folder with state resumes anyway)")
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="require a run to resume in --out (a run folder with state resumes anyway)",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from worldgen.training.common import has_state
+
         if not has_state(Path(cfg.out) / "state"):
             raise SystemExit(f"--resume: {cfg.out} has no resume state (state/train.json)")
     mod.train(cfg, given)

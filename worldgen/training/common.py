@@ -39,9 +39,10 @@ import os
 import sys
 import time
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -68,14 +69,23 @@ class TrainConfig:
     """Flags every training run has. Subclasses add the model- and data-specific ones."""
 
     data: str = opt("", "dataset folder (worldgen record); only the train side of ds.split() is trained on")
-    out: str = opt("", "run folder: state, checkpoints, logs, samples; an existing one is resumed "
-                       "(alias --run, except under torchrun, which reads --run as its --run-path)",
-                   aliases=("--run",))
+    out: str = opt(
+        "",
+        "run folder: state, checkpoints, logs, samples; an existing one is resumed "
+        "(alias --run, except under torchrun, which reads --run as its --run-path)",
+        aliases=("--run",),
+    )
     steps: int | None = opt(None, "optimizer steps: fixes the LR schedule (with --minutes: an upper bound)")
-    minutes: float | None = opt(None, "wall-clock budget: the step count is fixed from the measured speed "
-                                      "after the first steps and stored, so a resume finishes the same schedule")
-    batch_size: int = opt(32, "samples per step over all GPUs (the global batch); torchrun splits it evenly over "
-                              "the ranks, so the same run resumes on another number of GPUs")
+    minutes: float | None = opt(
+        None,
+        "wall-clock budget: the step count is fixed from the measured speed "
+        "after the first steps and stored, so a resume finishes the same schedule",
+    )
+    batch_size: int = opt(
+        32,
+        "samples per step over all GPUs (the global batch); torchrun splits it evenly over "
+        "the ranks, so the same run resumes on another number of GPUs",
+    )
     lr: float = opt(3e-4, "peak AdamW learning rate")
     weight_decay: float = opt(0.01, "AdamW decay on matrices only (never on norms/biases)")
     warmup: int = opt(200, "linear LR warmup steps; long enough that early Adam moments settle")
@@ -91,8 +101,11 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda if available), cuda or cpu; torchrun uses cuda:LOCAL_RANK")
     compile: bool = opt(False, "torch.compile the model (faster on GPU after a compile of ~1 min)")
     export_dtype: str = opt("fp32", "dtype of the exported ckpt/ weights", choices=("fp32", "bf16"))
-    stop_at: int | None = opt(None, "stop this process at step S, state saved, to resume later (with any number "
-                                    "of GPUs); the schedule stays --steps. Not stored: a resume runs to the end")
+    stop_at: int | None = opt(
+        None,
+        "stop this process at step S, state saved, to resume later (with any number "
+        "of GPUs); the schedule stays --steps. Not stored: a resume runs to the end",
+    )
 
 
 # --- config <-> command line ----------------------------------------------------------------
@@ -110,9 +123,16 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[TrainConfig], req
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            parser.add_argument(flag, *f.metadata.get("aliases", ()), type=base, default=None, help=help_,
-                                required=f.name in required, choices=f.metadata.get("choices"),
-                                metavar=None if f.metadata.get("choices") else f.name.upper())
+            parser.add_argument(
+                flag,
+                *f.metadata.get("aliases", ()),
+                type=base,
+                default=None,
+                help=help_,
+                required=f.name in required,
+                choices=f.metadata.get("choices"),
+                metavar=None if f.metadata.get("choices") else f.name.upper(),
+            )
 
 
 def config_from_args(cls: type[TrainConfig], args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
@@ -149,7 +169,7 @@ class Dist:
         """
         if len(x) % self.world_size:
             raise ValueError(f"a global batch of {len(x)} does not split evenly over {self.world_size} ranks")
-        return x[self.rank::self.world_size]
+        return x[self.rank :: self.world_size]
 
 
 def setup(device: str = "auto") -> Dist:
@@ -171,8 +191,7 @@ def setup(device: str = "auto") -> Dist:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     # Rank 0 joins the ranks' latent parts while the others wait: allow that more than the default.
-    torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                  timeout=datetime.timedelta(minutes=60))
+    torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
     return Dist(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), device=dev)
 
 
@@ -256,8 +275,10 @@ class EMA:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices and embeddings; never norms, biases or other vectors (nanoGPT's rule)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 def count_params(model: nn.Module) -> int:
@@ -268,8 +289,9 @@ def count_params(model: nn.Module) -> int:
 STATE_PART = "train"
 
 
-def save_state(folder: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
-               meta: dict[str, Any]) -> None:
+def save_state(
+    folder: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
+) -> None:
     """Write the resume state atomically: new safetensors shards first, then ``train.json``
     (the pointer, swapped in by ``os.replace``), then the old shards go (worldgen.checkpoint.save).
 
@@ -281,9 +303,18 @@ def save_state(folder: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.
     for i, s in opt_state["state"].items():
         tensors.update({f"optim.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in s.items()})
     groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
-    checkpoint.save(folder, STATE_PART, tensors, {
-        "format": STATE_FORMAT, "version": STATE_VERSION, **meta,
-        "ema_updates": ema.updates, "optimizer_groups": groups})
+    checkpoint.save(
+        folder,
+        STATE_PART,
+        tensors,
+        {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            **meta,
+            "ema_updates": ema.updates,
+            "optimizer_groups": groups,
+        },
+    )
 
 
 def has_state(folder: Path) -> bool:
@@ -311,8 +342,10 @@ def load_state(folder: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.
     params = [p for g in optimizer.param_groups for p in g["params"]]
     groups = meta["optimizer_groups"]
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
-        raise CheckpointError(f"{where}: optimizer groups hold {[len(g['params']) for g in groups]} "
-                              f"parameters, the model has {[len(g['params']) for g in optimizer.param_groups]}")
+        raise CheckpointError(
+            f"{where}: optimizer groups hold {[len(g['params']) for g in groups]} "
+            f"parameters, the model has {[len(g['params']) for g in optimizer.param_groups]}"
+        )
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, t in parts["optim"].items():
         i, _, key = name.partition(".")
@@ -325,8 +358,9 @@ def load_state(folder: Path, model: nn.Module, ema: EMA, optimizer: torch.optim.
             raise CheckpointError(f"{where}: missing tensors 'optim.{i}.*' (Adam moments of parameter {i})")
         for key in ("exp_avg", "exp_avg_sq"):
             if s is not None and key in s and s[key].shape != p.shape:
-                raise CheckpointError(f"{where}: tensor 'optim.{i}.{key}' has shape {tuple(s[key].shape)}, "
-                                      f"its parameter {tuple(p.shape)}")
+                raise CheckpointError(
+                    f"{where}: tensor 'optim.{i}.{key}' has shape {tuple(s[key].shape)}, its parameter {tuple(p.shape)}"
+                )
             if s is not None and key not in s:
                 raise CheckpointError(f"{where}: missing tensor 'optim.{i}.{key}'")
     optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -371,9 +405,11 @@ class Run:
             keep_new = {"minutes", "device", "compile", "stop_at"}
             changed = {k: (getattr(old, k), v) for k, v in given.items() if k not in keep_new and getattr(old, k) != v}
             if changed and self.write:
-                print(f"[train] resuming {self.root}: ignoring flags that differ from its config.json: "
-                      + ", ".join(f"{k}={new!r} (run has {was!r})" for k, (was, new) in changed.items()),
-                      file=sys.stderr)
+                print(
+                    f"[train] resuming {self.root}: ignoring flags that differ from its config.json: "
+                    + ", ".join(f"{k}={new!r} (run has {was!r})" for k, (was, new) in changed.items()),
+                    file=sys.stderr,
+                )
             cfg = dataclasses.replace(old, **{"stop_at": None, **{k: v for k, v in given.items() if k in keep_new}})
             return cfg, has_state(self.state)
         if self.write:
@@ -437,6 +473,7 @@ class Run:
         if not self.write or not train:
             return
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -473,7 +510,7 @@ def save_image_rows(rows: list[np.ndarray], path: Path, gap: int = 2) -> None:
     grid = np.full((len(rows) * (h + gap) - gap, n * (w + gap) - gap, 3), 255, np.uint8)
     for i, row in enumerate(rows):
         for j, frame in enumerate(row):
-            grid[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = frame
+            grid[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = frame
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
 
@@ -482,8 +519,8 @@ def save_image_rows(rows: list[np.ndarray], path: Path, gap: int = 2) -> None:
 class Task(Protocol):
     """What :func:`fit` trains. The task owns its model, data and loss; fit owns the rest."""
 
-    model: nn.Module            # the trained module, unwrapped (fit wraps it for DDP/compile)
-    tokens_per_sample: int      # for tokens/s: e.g. frames x latent tokens per frame
+    model: nn.Module  # the trained module, unwrapped (fit wraps it for DDP/compile)
+    tokens_per_sample: int  # for tokens/s: e.g. frames x latent tokens per frame
 
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
         """The training loss of ``step``; ``model`` may be DDP-wrapped or compiled; every random
@@ -520,8 +557,10 @@ def _check_ranks_differ(loss: torch.Tensor, d: Dist) -> None:
     losses[d.rank] = loss.detach().float()
     torch_dist.all_reduce(losses)
     if bool((losses == losses[0]).all()):
-        raise RuntimeError(f"all {d.world_size} ranks computed the same loss {losses[0].item():.6g}: the task drew the "
-                           "same batch on every rank; draw the global batch and keep Dist.shard(rows)")
+        raise RuntimeError(
+            f"all {d.world_size} ranks computed the same loss {losses[0].item():.6g}: the task drew the "
+            "same batch on every rank; draw the global batch and keep Dist.shard(rows)"
+        )
 
 
 def _broadcast_int(value: int, d: Dist) -> int:
@@ -541,16 +580,18 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
     model = task.model.to(d.device)
     torch.manual_seed(cfg.seed)
     # A task with several trained parts may give its own groups, each with an "lr_scale" (distill's critic).
-    groups = task.param_groups(cfg.weight_decay) if hasattr(task, "param_groups") else \
-        param_groups(model, cfg.weight_decay)
+    groups = (
+        task.param_groups(cfg.weight_decay) if hasattr(task, "param_groups") else param_groups(model, cfg.weight_decay)
+    )
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=d.device.type == "cuda")
     ema = EMA(model, cfg.ema_decay)
     step, total, wall_before = 0, cfg.steps, 0.0
     if cfg.steps is None and cfg.minutes is None:
         raise ValueError("give --steps N, --minutes M or both")
     if cfg.batch_size % d.world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) does not split evenly over "
-                         f"{d.world_size} GPUs")
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} (the global batch) does not split evenly over {d.world_size} GPUs"
+        )
     if resuming:
         clean_orphans(run.state)
         meta = load_state(run.state, model, ema, optimizer)
@@ -564,7 +605,8 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
     train_model: nn.Module = model
     if d.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+        )
     if cfg.compile:
         train_model = torch.compile(train_model)
 
@@ -577,14 +619,30 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
     def save(at: int, t_loop: float) -> None:
         if not d.main:
             return
-        save_state(run.state, model, ema, optimizer, {
-            "step": at, "total_steps": total if fixed else None, "train_wall_s": wall_before + t_loop,
-            "config": dataclasses.asdict(cfg)})
+        save_state(
+            run.state,
+            model,
+            ema,
+            optimizer,
+            {
+                "step": at,
+                "total_steps": total if fixed else None,
+                "train_wall_s": wall_before + t_loop,
+                "config": dataclasses.asdict(cfg),
+            },
+        )
         task.export(ema.module, run.ckpt, torch.bfloat16 if cfg.export_dtype == "bf16" else torch.float32, at)
 
     from tqdm import tqdm
-    bar = tqdm(total=total if fixed else cap, initial=step, disable=not d.main, dynamic_ncols=True,
-               desc=run.root.name, unit="step")
+
+    bar = tqdm(
+        total=total if fixed else cap,
+        initial=step,
+        disable=not d.main,
+        dynamic_ncols=True,
+        desc=run.root.name,
+        unit="step",
+    )
     loss_sum = torch.zeros((), device=d.device)
     n_sum, t_log, step_log = 0, time.perf_counter(), step
     t_loop0 = time.perf_counter()
@@ -629,8 +687,10 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
                 bar.total = total
                 bar.refresh()
                 if d.main:
-                    print(f"[train] budget {cfg.minutes} min at {sec_per_step * 1e3:.1f} ms/step: "
-                          f"{total} steps", file=sys.stderr)
+                    print(
+                        f"[train] budget {cfg.minutes} min at {sec_per_step * 1e3:.1f} ms/step: {total} steps",
+                        file=sys.stderr,
+                    )
 
         is_last = fixed and step >= total
         if step % cfg.log_every == 0 or is_last:
@@ -645,9 +705,14 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
             if not first_window:  # the first window holds compile and warmup
                 rates.append(tok_s)
             first_window = False
-            entry = {"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tok_s,
-                     "samples_per_s": steps_done * samples_per_step / (now - t_log),
-                     "time_s": wall_before + now - t_loop0}
+            entry = {
+                "step": step,
+                "loss": last_loss,
+                "lr": lr,
+                "tokens_per_s": tok_s,
+                "samples_per_s": steps_done * samples_per_step / (now - t_log),
+                "time_s": wall_before + now - t_loop0,
+            }
             if flops and peak:
                 entry["mfu"] = flops * entry["samples_per_s"] / (peak * d.world_size)
             run.log(entry)
@@ -669,8 +734,12 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
         t_aside = time.perf_counter()  # samples and checkpoints do not count against throughput
         if d.main and cfg.sample_every and step % cfg.sample_every == 0 and not is_last:
             task.sample(ema.module, step, run.samples)
-        if d.main and (step % cfg.ckpt_every == 0 or t_aside - t_ckpt > cfg.ckpt_minutes * 60) \
-                and fixed and not is_last:
+        if (
+            d.main
+            and (step % cfg.ckpt_every == 0 or t_aside - t_ckpt > cfg.ckpt_minutes * 60)
+            and fixed
+            and not is_last
+        ):
             save(step, t_aside - t_loop0)
             run.log({"step": step, **task.evaluate(ema.module)})
             run.plot()
@@ -691,14 +760,24 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
         run.plot()
         tok_s = sum(rates) / len(rates) if rates else float("nan")
         summary = {
-            "kind": type(cfg).__name__, "steps": step, "total_steps": total, "finished": step >= total,
-            "stopped_by_budget": stopped_by_budget, "wall_s": time.time() - t_start,
-            "train_wall_s": wall_before + t_loop, "tokens_per_s": tok_s,
+            "kind": type(cfg).__name__,
+            "steps": step,
+            "total_steps": total,
+            "finished": step >= total,
+            "stopped_by_budget": stopped_by_budget,
+            "wall_s": time.time() - t_start,
+            "train_wall_s": wall_before + t_loop,
+            "tokens_per_s": tok_s,
             "samples_per_s": tok_s / task.tokens_per_sample if rates else float("nan"),
-            "mfu": flops * tok_s / task.tokens_per_sample / (peak * d.world_size) if flops and peak and rates else "n/a",
-            "model_flops_per_sample": flops, "final_loss": last_loss, "params": params,
+            "mfu": flops * tok_s / task.tokens_per_sample / (peak * d.world_size)
+            if flops and peak and rates
+            else "n/a",
+            "model_flops_per_sample": flops,
+            "final_loss": last_loss,
+            "params": params,
             "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
-            "world_size": d.world_size, "batch_size_total": samples_per_step,
+            "world_size": d.world_size,
+            "batch_size_total": samples_per_step,
             **metrics,
         }
         run.write_json("summary.json", summary)
@@ -707,8 +786,9 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
     return summary
 
 
-def train(kind: str, cfg: TrainConfig, given: dict[str, Any] | None,
-          make_task: Callable[[TrainConfig, Run, Dist], Task]) -> dict[str, Any]:
+def train(
+    kind: str, cfg: TrainConfig, given: dict[str, Any] | None, make_task: Callable[[TrainConfig, Run, Dist], Task]
+) -> dict[str, Any]:
     """Run (or resume) one training run in ``cfg.out``: device/DDP setup, the run folder, the
     task ``make_task(cfg, run, dist)`` builds, :func:`fit`, teardown. Returns the summary."""
     t_start = time.time()

@@ -65,19 +65,27 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from worldgen import actions, checkpoint, sampling
-from worldgen.data.camera import dataset_camera
 from worldgen.data import Dataset, WindowDataset
+from worldgen.data.camera import dataset_camera
 from worldgen.engine import StreamConfig, rollout_latents, save_starts
 from worldgen.memory import bank
 from worldgen.memory.motion import MotionModel
 from worldgen.memory.views import PoseNoise
-from worldgen.models import (MODELS, DiT, DiTConfig, flops_per_frame, frames_to_tensor, load_dit, load_tokenizer,
-                             save_part, tensor_to_frames)
+from worldgen.models import (
+    MODELS,
+    DiT,
+    DiTConfig,
+    flops_per_frame,
+    frames_to_tensor,
+    load_dit,
+    load_tokenizer,
+    save_part,
+    tensor_to_frames,
+)
 from worldgen.models.dit import Memory
 from worldgen.models.world_cache import cond_channels, episode_condition
 from worldgen.training import common
-from worldgen.training.common import (Dist, Run, TrainConfig, atomic_write, autocast, barrier, opt,
-                                      save_image_rows)
+from worldgen.training.common import Dist, Run, TrainConfig, atomic_write, autocast, barrier, opt, save_image_rows
 from worldgen.training.tokenizer import depth_to_uint8, open_dataset
 
 CACHE_VERSION = 1
@@ -94,38 +102,67 @@ class DynamicsTrainConfig(TrainConfig):
     ctx_noise: float = opt(0.05, "context noise label at inference (stabilisation); prefixes train on U[0, 2x this]")
     t_loc: float = opt(0.0, "logit-normal mean of t (SD3: 0)")
     t_scale: float = opt(1.0, "logit-normal std of t (SD3: 1)")
-    action_dropout: float = opt(0.1, "share of frames whose action is swapped for a learned null action: the "
-                                     "action-free prediction that action guidance at sampling steers from")
+    action_dropout: float = opt(
+        0.1,
+        "share of frames whose action is swapped for a learned null action: the "
+        "action-free prediction that action guidance at sampling steers from",
+    )
     encode_batch: int = opt(256, "frames per tokenizer batch when encoding the dataset")
     sample_steps: int = opt(8, "Euler steps for sample strips (stored as the checkpoint's sampler default)")
     sample_frames: int = opt(16, "frames generated in each sample strip after the real context")
     eval_windows: int = opt(64, "held-out windows for the held-out loss at checkpoints")
-    init: str = opt("", "start from this model folder's dynamics weights (a fine-tune); its DiT size is used, "
-                        "not --model")
-    rollout_frames: int = opt(0, "G > 0: train on the model's own rollouts of up to G frames (see the module "
-                                 "docstring; a step costs G/2 x (sample_steps + 1) one-frame passes more); 0: real "
-                                 "context only")
-    rollout_share: float = opt(1.0, "with --rollout-frames, the share of steps on own rollouts; the others are "
-                                    "plain Diffusion Forcing steps on real windows (1 lost 0.5 dB teacher-forced "
-                                    "in 330 steps: docs/history/results-2026-12.md)")
+    init: str = opt(
+        "", "start from this model folder's dynamics weights (a fine-tune); its DiT size is used, not --model"
+    )
+    rollout_frames: int = opt(
+        0,
+        "G > 0: train on the model's own rollouts of up to G frames (see the module "
+        "docstring; a step costs G/2 x (sample_steps + 1) one-frame passes more); 0: real "
+        "context only",
+    )
+    rollout_share: float = opt(
+        1.0,
+        "with --rollout-frames, the share of steps on own rollouts; the others are "
+        "plain Diffusion Forcing steps on real windows (1 lost 0.5 dB teacher-forced "
+        "in 330 steps: docs/history/results-2026-12.md)",
+    )
     starts: int = opt(8, "real start contexts (held-out play) stored with the exported model for new sessions")
     start_frames: int = opt(8, "frames per start context")
-    world_cache: int = opt(0, "H > 0: condition every frame on the point-cloud world cache of its H predecessors, "
-                              "rendered at its pose plus pose noise (docs/world_cache.md); needs an RGB-D tokenizer "
-                              "and a recording with depth and poses")
-    memory_frames: int = opt(0, "k > 0: train with up to k recalled frames from far earlier in the episode as "
-                                "context (frame memory bank; needs recorded poses); 0: no memory")
-    memory_gap: int = opt(32, "recalled frames lie at least this many frames before the window's newest (older "
-                              "than a session's rolling window)")
-    memory_none: float = opt(0.25, "with --memory-frames, share of steps without memory: the model also plays "
-                                   "before it has anything to recall")
+    world_cache: int = opt(
+        0,
+        "H > 0: condition every frame on the point-cloud world cache of its H predecessors, "
+        "rendered at its pose plus pose noise (docs/world_cache.md); needs an RGB-D tokenizer "
+        "and a recording with depth and poses",
+    )
+    memory_frames: int = opt(
+        0,
+        "k > 0: train with up to k recalled frames from far earlier in the episode as "
+        "context (frame memory bank; needs recorded poses); 0: no memory",
+    )
+    memory_gap: int = opt(
+        32,
+        "recalled frames lie at least this many frames before the window's newest (older "
+        "than a session's rolling window)",
+    )
+    memory_none: float = opt(
+        0.25,
+        "with --memory-frames, share of steps without memory: the model also plays before it has anything to recall",
+    )
     memory_cap: int = opt(256, "frames a session's bank holds (stored with the model as its default)")
 
 
 # --- the loss --------------------------------------------------------------------------------
-def noise_levels(batch: int, frames: int, frames_per_block: int, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu", prefix_prob: float = 0.4, ctx_noise: float = 0.05,
-                 loc: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+def noise_levels(
+    batch: int,
+    frames: int,
+    frames_per_block: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    prefix_prob: float = 0.4,
+    ctx_noise: float = 0.05,
+    loc: float = 0.0,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """Per-frame noise levels ``(B, T)`` for Diffusion Forcing (see the module docstring).
 
     One level per block of ``frames_per_block`` frames (a block is denoised together at inference).
@@ -136,22 +173,31 @@ def noise_levels(batch: int, frames: int, frames_per_block: int, generator: torc
         (torch.Size([4, 6]), True)
     """
     blocks = math.ceil(frames / frames_per_block)
+
     def rand(*shape):
         return torch.rand(shape, generator=generator, device=device)
+
     t = torch.sigmoid(loc + scale * torch.randn((batch, blocks), generator=generator, device=device))
     if blocks > 1 and prefix_prob > 0:
         # Prefix of k in [1, blocks - 1] blocks, clean up to the stabilisation level.
-        k = 1 + (rand(batch) * (blocks - 1)).long()                           # (B,)
-        in_prefix = torch.arange(blocks, device=device)[None] < k[:, None]     # (B, blocks)
+        k = 1 + (rand(batch) * (blocks - 1)).long()  # (B,)
+        in_prefix = torch.arange(blocks, device=device)[None] < k[:, None]  # (B, blocks)
         use = (rand(batch) < prefix_prob)[:, None] & in_prefix
         t = torch.where(use, rand(batch, blocks) * 2 * ctx_noise, t)
     return t.repeat_interleave(frames_per_block, dim=1)[:, :frames]
 
 
-def flow_matching_loss(model: nn.Module, x0: torch.Tensor, acts: torch.Tensor, t: torch.Tensor,
-                       eps: torch.Tensor, drop: torch.Tensor | None = None,
-                       first_target: int = 0, cond: torch.Tensor | None = None,
-                       memory: Memory | None = None) -> torch.Tensor:
+def flow_matching_loss(
+    model: nn.Module,
+    x0: torch.Tensor,
+    acts: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    drop: torch.Tensor | None = None,
+    first_target: int = 0,
+    cond: torch.Tensor | None = None,
+    memory: Memory | None = None,
+) -> torch.Tensor:
     """MSE between the predicted and the true velocity ``eps - x0`` at ``x_t = (1 - t) x0 + t eps``.
 
     x0, eps: (B, T, C, h, w) clean latents and noise; acts: (B, T, 10); t: (B, T); drop: (B, T)
@@ -169,17 +215,19 @@ def flow_matching_loss(model: nn.Module, x0: torch.Tensor, acts: torch.Tensor, t
 class Latents:
     """Every frame of some episodes, encoded, with the action that produced it, back to back."""
 
-    z: torch.Tensor          # (N, C, h, w) bf16
-    actions: torch.Tensor    # (N, 10) float32
-    offsets: torch.Tensor    # (E + 1,) int64: episode e is rows offsets[e]:offsets[e + 1]
+    z: torch.Tensor  # (N, C, h, w) bf16
+    actions: torch.Tensor  # (N, 10) float32
+    offsets: torch.Tensor  # (E + 1,) int64: episode e is rows offsets[e]:offsets[e + 1]
     cond: torch.Tensor | None = None  # (N, cond_channels, h, w) bf16: each frame's world-cache view, if used
     pose: torch.Tensor | None = None  # (N, 5) float32 camera poses, for memory training
 
-    def to(self, device: torch.device) -> "Latents":
+    def to(self, device: torch.device) -> Latents:
         def move(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.to(device)
-        return Latents(self.z.to(device), self.actions.to(device), self.offsets.to(device), move(self.cond),
-                       move(self.pose))
+
+        return Latents(
+            self.z.to(device), self.actions.to(device), self.offsets.to(device), move(self.cond), move(self.pose)
+        )
 
     def episode_start(self, rows: torch.Tensor) -> torch.Tensor:
         """First row of the episode holding each of ``rows``."""
@@ -189,12 +237,14 @@ class Latents:
     def starts(self, window: int) -> torch.Tensor:
         """Every row where a window of ``window`` frames fits inside one episode."""
         off = self.offsets.tolist()
-        return torch.cat([torch.arange(a, max(a, b - window + 1), dtype=torch.long) for a, b in zip(off[:-1], off[1:])]
-                         + [torch.zeros(0, dtype=torch.long)]).to(self.z.device)
+        return torch.cat(
+            [torch.arange(a, max(a, b - window + 1), dtype=torch.long) for a, b in zip(off[:-1], off[1:])]
+            + [torch.zeros(0, dtype=torch.long)]
+        ).to(self.z.device)
 
     def windows(self, starts: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x0 (B, T, C, h, w) float32, actions (B, T, 10))`` of the windows starting at ``starts``."""
-        idx = starts[:, None] + torch.arange(window, device=starts.device)      # (B, T)
+        idx = starts[:, None] + torch.arange(window, device=starts.device)  # (B, T)
         return self.z[idx].float(), self.actions[idx]
 
     def cond_windows(self, starts: torch.Tensor, window: int) -> torch.Tensor | None:
@@ -215,14 +265,22 @@ def _fingerprint(ds: Dataset, episodes: list[int], tok_folder: Path, world_cache
     the world-cache history."""
     tok_files = json.loads((tok_folder / "tokenizer.json").read_text()).get("files", [])
     shards = [s["sha256"] for e in episodes for s in ds.episodes[e].shards]
-    text = json.dumps({"v": CACHE_VERSION, "ids": [ds.episodes[e].id for e in episodes], "shards": shards,
-                       "tokenizer": tok_files, **({"world_cache": world_cache} if world_cache else {})})
+    text = json.dumps(
+        {
+            "v": CACHE_VERSION,
+            "ids": [ds.episodes[e].id for e in episodes],
+            "shards": shards,
+            "tokenizer": tok_files,
+            **({"world_cache": world_cache} if world_cache else {}),
+        }
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 @torch.no_grad()
-def encode_episodes(ds: Dataset, episodes: list[int], tokenizer: nn.Module, device: torch.device,
-                    batch: int, world_cache: int = 0) -> Latents:
+def encode_episodes(
+    ds: Dataset, episodes: list[int], tokenizer: nn.Module, device: torch.device, batch: int, world_cache: int = 0
+) -> Latents:
     """Encode every frame of ``episodes`` with ``tokenizer`` (on ``device``, in batches); with
     ``world_cache`` = H > 0 also each frame's cache view of its H predecessors
     (:func:`~worldgen.models.world_cache.episode_condition`, one pose-noise draw per frame, seeded)."""
@@ -236,25 +294,45 @@ def encode_episodes(ds: Dataset, episodes: list[int], tokenizer: nn.Module, devi
         if world_cache:
             g = torch.Generator(device).manual_seed(e)
             with autocast(device):
-                conds.append(episode_condition(
-                    tokenizer, camera, torch.from_numpy(item["frames"]).to(device),
-                    torch.from_numpy(item["depth"]).to(device), torch.from_numpy(item["pose"]).to(device),
-                    world_cache, PoseNoise(), g).to(torch.bfloat16))
+                conds.append(
+                    episode_condition(
+                        tokenizer,
+                        camera,
+                        torch.from_numpy(item["frames"]).to(device),
+                        torch.from_numpy(item["depth"]).to(device),
+                        torch.from_numpy(item["pose"]).to(device),
+                        world_cache,
+                        PoseNoise(),
+                        g,
+                    ).to(torch.bfloat16)
+                )
         frames = item["frames"]
         if depth:
             frames = np.concatenate([frames, depth_to_uint8(item["depth"])[..., None]], -1)
         for i in range(0, len(frames), batch):
-            x = frames_to_tensor(torch.from_numpy(frames[i:i + batch]).to(device))
+            x = frames_to_tensor(torch.from_numpy(frames[i : i + batch]).to(device))
             with autocast(device):
                 zs.append(tokenizer.encode(x).to(torch.bfloat16))
         acts.append(torch.from_numpy(actions.to_vector(item["keys"], item["mouse"])))
         offsets.append(offsets[-1] + len(frames))
-    return Latents(torch.cat(zs), torch.cat(acts).to(device), torch.tensor(offsets, dtype=torch.long),
-                   torch.cat(conds) if world_cache else None)
+    return Latents(
+        torch.cat(zs),
+        torch.cat(acts).to(device),
+        torch.tensor(offsets, dtype=torch.long),
+        torch.cat(conds) if world_cache else None,
+    )
 
 
-def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Path, tokenizer: nn.Module,
-                   d: Dist, batch: int, world_cache: int = 0) -> Latents:
+def cached_latents(
+    path: Path,
+    ds: Dataset,
+    episodes: list[int],
+    tok_folder: Path,
+    tokenizer: nn.Module,
+    d: Dist,
+    batch: int,
+    world_cache: int = 0,
+) -> Latents:
     """Latents of ``episodes`` from the cache file at ``path``, encoding and caching them first if
     it is missing or stale (another dataset, tokenizer or world-cache history). Under torchrun each
     rank encodes every ``world_size``-th episode into a part file and rank 0 joins the parts into
@@ -277,8 +355,11 @@ def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Pat
             return None
 
     def write(file: Path, lat: Latents) -> None:
-        tensors = {"z": lat.z.cpu().contiguous(), "actions": lat.actions.cpu().contiguous(),
-                   "offsets": lat.offsets.cpu()}
+        tensors = {
+            "z": lat.z.cpu().contiguous(),
+            "actions": lat.actions.cpu().contiguous(),
+            "offsets": lat.offsets.cpu(),
+        }
         if lat.cond is not None:  # the world cache's views
             tensors["cond"] = lat.cond.cpu().contiguous()
         atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata={"fingerprint": key}))
@@ -287,7 +368,7 @@ def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Pat
     if lat is None:
         t0 = time.time()
         parts = [path.with_name(f"{path.stem}.part-{r}-of-{d.world_size}.safetensors") for r in range(d.world_size)]
-        mine = episodes[d.rank::d.world_size]
+        mine = episodes[d.rank :: d.world_size]
         if mine:  # more ranks than episodes: the last ones have none
             lat = encode_episodes(ds, mine, tokenizer, d.device, batch, world_cache)
             if d.world_size > 1:
@@ -295,12 +376,15 @@ def cached_latents(path: Path, ds: Dataset, episodes: list[int], tok_folder: Pat
         barrier(d)
         if d.main:
             if d.world_size > 1:
-                lat = _interleave([load_file(f) for f in parts[:len(episodes)]])
+                lat = _interleave([load_file(f) for f in parts[: len(episodes)]])
             write(path, lat)
             for f in path.parent.glob(f"{path.stem}.part-*.safetensors"):
                 f.unlink(missing_ok=True)
-            print(f"[train] encoded {len(lat.z)} frames of {len(episodes)} episodes on {d.world_size} rank(s) "
-                  f"-> {path.name} ({time.time() - t0:.1f} s)", file=sys.stderr)
+            print(
+                f"[train] encoded {len(lat.z)} frames of {len(episodes)} episodes on {d.world_size} rank(s) "
+                f"-> {path.name} ({time.time() - t0:.1f} s)",
+                file=sys.stderr,
+            )
         barrier(d)
         if not d.main:
             lat = read()
@@ -324,19 +408,26 @@ def _interleave(parts: list[dict[str, torch.Tensor]]) -> Latents:
         if has_cond:
             conds.append(part["cond"][a:b])
         offsets.append(offsets[-1] + b - a)
-    return Latents(torch.cat(zs), torch.cat(acts), torch.tensor(offsets, dtype=torch.long),
-                   torch.cat(conds) if has_cond else None)
+    return Latents(
+        torch.cat(zs), torch.cat(acts), torch.tensor(offsets, dtype=torch.long), torch.cat(conds) if has_cond else None
+    )
 
 
-def dit_config(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int],
-               cond: int = 0) -> DiTConfig:
+def dit_config(
+    cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int], cond: int = 0
+) -> DiTConfig:
     """The ``--model`` size fitted to the tokenizer's latents, the training window and the
     ``cond`` extra input channels (the world cache's view)."""
     base = MODELS[cfg.model]
-    return dataclasses.replace(base, latent_channels=latent_channels, latent_size=latent_size,
-                               max_frames=max(base.max_frames, cfg.window + cfg.memory_frames),
-                               null_action=cfg.action_dropout > 0, cond_channels=cond,
-                               memory_frames=cfg.memory_frames)
+    return dataclasses.replace(
+        base,
+        latent_channels=latent_channels,
+        latent_size=latent_size,
+        max_frames=max(base.max_frames, cfg.window + cfg.memory_frames),
+        null_action=cfg.action_dropout > 0,
+        cond_channels=cond,
+        memory_frames=cfg.memory_frames,
+    )
 
 
 def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int], cond: int = 0) -> DiT:
@@ -348,25 +439,35 @@ def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tup
     if cfg.memory_frames != got.memory_frames:  # add (or resize) the memory embedder, keep the rest
         if got.memory_frames and not cfg.memory_frames:
             raise ValueError(f"--init {cfg.init}: its DiT was trained with memory; give --memory-frames > 0")
-        grown = DiT(dataclasses.replace(got, memory_frames=cfg.memory_frames,
-                                        max_frames=max(got.max_frames, cfg.window + cfg.memory_frames)))
+        grown = DiT(
+            dataclasses.replace(
+                got, memory_frames=cfg.memory_frames, max_frames=max(got.max_frames, cfg.window + cfg.memory_frames)
+            )
+        )
         missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
         if unexpected or any(not k.startswith("memory_embed.") for k in missing):
-            raise ValueError(f"--init {cfg.init}: weights do not fit a memory DiT (missing {missing}, "
-                             f"unexpected {unexpected})")
+            raise ValueError(
+                f"--init {cfg.init}: weights do not fit a memory DiT (missing {missing}, unexpected {unexpected})"
+            )
         model = grown.train()
         got = model.cfg
     if (got.latent_channels, tuple(got.latent_size)) != (latent_channels, tuple(latent_size)):
-        raise ValueError(f"--init {cfg.init}: its DiT takes {got.latent_channels}x{tuple(got.latent_size)} "
-                         f"latents, the tokenizer makes {latent_channels}x{tuple(latent_size)}")
+        raise ValueError(
+            f"--init {cfg.init}: its DiT takes {got.latent_channels}x{tuple(got.latent_size)} "
+            f"latents, the tokenizer makes {latent_channels}x{tuple(latent_size)}"
+        )
     if got.max_frames < cfg.window:
         raise ValueError(f"--init {cfg.init}: its DiT holds {got.max_frames} frames, --window is {cfg.window}")
     if got.cond_channels != cond:
-        raise ValueError(f"--init {cfg.init}: its DiT takes {got.cond_channels} conditioning channels, this run "
-                         f"gives {cond} (--world-cache {cfg.world_cache})")
+        raise ValueError(
+            f"--init {cfg.init}: its DiT takes {got.cond_channels} conditioning channels, this run "
+            f"gives {cond} (--world-cache {cfg.world_cache})"
+        )
     if got.null_action != (cfg.action_dropout > 0):
-        raise ValueError(f"--init {cfg.init}: its DiT {'has' if got.null_action else 'has no'} null action, "
-                         f"so --action-dropout must be {'> 0' if got.null_action else '0'}")
+        raise ValueError(
+            f"--init {cfg.init}: its DiT {'has' if got.null_action else 'has no'} null action, "
+            f"so --action-dropout must be {'> 0' if got.null_action else '0'}"
+        )
     return model
 
 
@@ -376,53 +477,72 @@ class DynamicsTask:
     already on the device. :meth:`from_run` builds it from a dataset and a tokenizer; without a
     tokenizer (benchmarks) it writes no sample images and exports only the dynamics part."""
 
-    def __init__(self, cfg: DynamicsTrainConfig, model: DiT, train: Latents, held: Latents | None, d: Dist,
-                 tokenizer: nn.Module | None = None, tok_folder: Path | None = None,
-                 data: tuple[Dataset, list[int]] | None = None):
+    def __init__(
+        self,
+        cfg: DynamicsTrainConfig,
+        model: DiT,
+        train: Latents,
+        held: Latents | None,
+        d: Dist,
+        tokenizer: nn.Module | None = None,
+        tok_folder: Path | None = None,
+        data: tuple[Dataset, list[int]] | None = None,
+    ):
         self.cfg, self.model, self.device, self.dist = cfg, model, d.device, d
         self.data = data  # (dataset, episodes to take start contexts from)
         self.train, self.held = train, held if held is not None else train
         self.eval_split = "heldout" if held is not None else "train"
         self.tokenizer, self.tok_folder = tokenizer, tok_folder
         if not 0 <= cfg.rollout_frames < cfg.window:
-            raise ValueError(f"--rollout-frames must lie in [0, --window - 1 = {cfg.window - 1}], "
-                             f"got {cfg.rollout_frames}")
+            raise ValueError(
+                f"--rollout-frames must lie in [0, --window - 1 = {cfg.window - 1}], got {cfg.rollout_frames}"
+            )
         if not 0 <= cfg.rollout_share <= 1:
             raise ValueError(f"--rollout-share must lie in [0, 1], got {cfg.rollout_share}")
         if cfg.rollout_frames and (model.cfg.frames_per_block != 1 or cfg.window < 3):
             raise ValueError("--rollout-frames needs one-frame blocks (frames_per_block 1) and --window >= 3")
         if cfg.world_cache and cfg.rollout_frames:
-            raise ValueError("--world-cache does not train on own rollouts yet (--rollout-frames 0): a rollout's "
-                             "frames would need their cache views rendered from the generated depth")
+            raise ValueError(
+                "--world-cache does not train on own rollouts yet (--rollout-frames 0): a rollout's "
+                "frames would need their cache views rendered from the generated depth"
+            )
         # A rollout window: window - 1 real frames, up to window frames generated and followed.
         self.span = 2 * cfg.window - 1 if cfg.rollout_frames else cfg.window
         starts = train.starts(self.span)
         if len(starts) == 0:
-            raise ValueError(f"{cfg.data}: no train episode has {self.span} frames "
-                             f"(--window {cfg.window}{', with --rollout-frames' if cfg.rollout_frames else ''})")
+            raise ValueError(
+                f"{cfg.data}: no train episode has {self.span} frames "
+                f"(--window {cfg.window}{', with --rollout-frames' if cfg.rollout_frames else ''})"
+            )
         self.starts = starts  # every rank draws from all of them: the global batch is split, not the data
         self.tokens_per_sample = cfg.window * model.cfg.tokens_per_frame
         if cfg.memory_frames:
             if train.pose is None or len(train.pose) != len(train.z):
                 raise ValueError("--memory-frames needs the train latents' camera poses (a dataset with poses)")
             if not 0 <= cfg.memory_none <= 1 or cfg.memory_gap < 1:
-                raise ValueError(f"need 0 <= --memory-none <= 1 and --memory-gap >= 1, got {cfg.memory_none}, "
-                                 f"{cfg.memory_gap}")
+                raise ValueError(
+                    f"need 0 <= --memory-none <= 1 and --memory-gap >= 1, got {cfg.memory_none}, {cfg.memory_gap}"
+                )
             # Windows whose newest frame has at least one frame memory_gap or more before it.
             newest = self.starts + cfg.window - 1
             self.memory_starts = self.starts[newest - train.episode_start(newest) >= cfg.memory_gap]
             if len(self.memory_starts) == 0:
-                raise ValueError(f"{cfg.data}: no window has a frame {cfg.memory_gap} frames before its newest "
-                                 f"(--memory-gap); record longer episodes or lower it")
+                raise ValueError(
+                    f"{cfg.data}: no window has a frame {cfg.memory_gap} frames before its newest "
+                    f"(--memory-gap); record longer episodes or lower it"
+                )
         self.metrics: dict[str, float] = {}
         self.motion: MotionModel | None = None  # world-cache runs: the camera's motion model (from_run fits it)
         if d.main:
-            print(f"[train] dynamics: DiT {f'of {cfg.init}' if cfg.init else cfg.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-                  f"params; {len(train.z)} train frames ({len(starts)} windows of {cfg.window}), "
-                  f"{len(self.held.z)} {self.eval_split} frames", file=sys.stderr)
+            print(
+                f"[train] dynamics: DiT {f'of {cfg.init}' if cfg.init else cfg.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+                f"params; {len(train.z)} train frames ({len(starts)} windows of {cfg.window}), "
+                f"{len(self.held.z)} {self.eval_split} frames",
+                file=sys.stderr,
+            )
 
     @classmethod
-    def from_run(cls, cfg: DynamicsTrainConfig, run: Run, d: Dist) -> "DynamicsTask":
+    def from_run(cls, cfg: DynamicsTrainConfig, run: Run, d: Dist) -> DynamicsTask:
         """Load the tokenizer, encode (or reuse the cached latents of) the dataset, build the DiT."""
         if not cfg.tokenizer:
             raise ValueError("--tokenizer is required: a `worldgen train tokenizer` run folder or model folder")
@@ -431,16 +551,29 @@ class DynamicsTask:
         tokenizer = load_tokenizer(tok_folder, d.device).requires_grad_(False)
         w, h = ds.resolution
         if tuple(tokenizer.cfg.image_size) != (h, w):
-            raise ValueError(f"{tok_folder}: tokenizer takes {tokenizer.cfg.image_size} (H, W) frames, "
-                             f"{cfg.data} has {(h, w)}")
+            raise ValueError(
+                f"{tok_folder}: tokenizer takes {tokenizer.cfg.image_size} (H, W) frames, {cfg.data} has {(h, w)}"
+            )
         torch.manual_seed(cfg.seed)
         cond = cond_channels(tokenizer.cfg) if cfg.world_cache else 0  # an RGB tokenizer: a clear error
         if cfg.world_cache:
             dataset_camera(ds)  # a world without a camera model or without depth/poses: a clear error
         model = initial_dit(cfg, tokenizer.cfg.latent_channels, tuple(tokenizer.cfg.latent_size), cond)
-        lat = {name: cached_latents(run.root / f"latents-{name}.safetensors", ds, eps, tok_folder, tokenizer, d,
-                                    cfg.encode_batch, cfg.world_cache) if eps else None
-               for name, eps in (("train", train), ("heldout", held))}
+        lat = {
+            name: cached_latents(
+                run.root / f"latents-{name}.safetensors",
+                ds,
+                eps,
+                tok_folder,
+                tokenizer,
+                d,
+                cfg.encode_batch,
+                cfg.world_cache,
+            )
+            if eps
+            else None
+            for name, eps in (("train", train), ("heldout", held))
+        }
         if cfg.memory_frames:  # poses are small: read them afresh, in the latents' episode order
             if "pose" not in ds.fields:
                 raise ValueError(f"{cfg.data}: --memory-frames needs a dataset recorded with camera poses")
@@ -458,15 +591,19 @@ class DynamicsTask:
         cfg, fpb, shard = self.cfg, self.model.cfg.frames_per_block, self.dist.shard
         pool = self.memory_starts if memory else self.starts
         i = shard(torch.randint(len(pool), (batch,), generator=generator, device=self.device))
-        x0, acts = self.train.windows(pool[i], cfg.window)                      # (b, T, C, h, w), (b, T, 10)
-        cond = self.train.cond_windows(pool[i], cfg.window)                     # (b, T, C + 1, h, w) or None
-        t = shard(noise_levels(batch, cfg.window, fpb, generator, self.device, cfg.prefix_prob, cfg.ctx_noise,
-                               cfg.t_loc, cfg.t_scale))                          # (b, T)
+        x0, acts = self.train.windows(pool[i], cfg.window)  # (b, T, C, h, w), (b, T, 10)
+        cond = self.train.cond_windows(pool[i], cfg.window)  # (b, T, C + 1, h, w) or None
+        t = shard(
+            noise_levels(
+                batch, cfg.window, fpb, generator, self.device, cfg.prefix_prob, cfg.ctx_noise, cfg.t_loc, cfg.t_scale
+            )
+        )  # (b, T)
         eps = shard(torch.randn((batch, *x0.shape[1:]), generator=generator, device=self.device))
         drop = None
         if cfg.action_dropout > 0:
-            drop = shard(torch.rand((batch, cfg.window), generator=generator, device=self.device)
-                         < cfg.action_dropout)                                   # (b, T)
+            drop = shard(
+                torch.rand((batch, cfg.window), generator=generator, device=self.device) < cfg.action_dropout
+            )  # (b, T)
         recalled = self.recall(pool[i] + cfg.window - 1, generator) if memory else None
         return x0, acts, t, eps, drop, cond, recalled
 
@@ -476,21 +613,32 @@ class DynamicsTask:
         the bank's retrieval picks for its camera (module docstring)."""
         cfg, lat = self.cfg, self.train
         m = 1 + int(torch.randint(cfg.memory_frames, (), generator=generator, device=self.device))
-        first, last = lat.episode_start(newest), newest - cfg.memory_gap                   # (B,) each, inclusive
+        first, last = lat.episode_start(newest), newest - cfg.memory_gap  # (B,) each, inclusive
         u = torch.rand((len(newest), candidates), generator=generator, device=self.device)
-        rows = first[:, None] + (u * (last - first + 1)[:, None]).long()                   # (B, M)
-        query = lat.pose[newest]                                                            # (B, 5)
+        rows = first[:, None] + (u * (last - first + 1)[:, None]).long()  # (B, M)
+        query = lat.pose[newest]  # (B, 5)
         bank_cfg = bank.BankConfig(k=m, cap=candidates)
         # Time steps count from the episode's start, as a session's do.
-        pick, _ = bank.retrieve(lat.pose[rows], rows - first[:, None], torch.ones_like(rows, dtype=torch.bool), query,
-                                newest - first, m, bank_cfg)                                # (B, m)
-        chosen = rows.gather(1, pick)                                                       # (B, m)
-        return Memory(lat.z[chosen].float(), bank.relative_pose(lat.pose[chosen], query[:, None]),
-                      (newest[:, None] - chosen).float())
+        pick, _ = bank.retrieve(
+            lat.pose[rows],
+            rows - first[:, None],
+            torch.ones_like(rows, dtype=torch.bool),
+            query,
+            newest - first,
+            m,
+            bank_cfg,
+        )  # (B, m)
+        chosen = rows.gather(1, pick)  # (B, m)
+        return Memory(
+            lat.z[chosen].float(),
+            bank.relative_pose(lat.pose[chosen], query[:, None]),
+            (newest[:, None] - chosen).float(),
+        )
 
     @torch.no_grad()
-    def draw_rollout(self, generator: torch.Generator, batch: int,
-                     noise: torch.Generator | None = None) -> tuple[tuple[torch.Tensor, ...], int]:
+    def draw_rollout(
+        self, generator: torch.Generator, batch: int, noise: torch.Generator | None = None
+    ) -> tuple[tuple[torch.Tensor, ...], int]:
         """This rank's rows of a global batch of ``batch`` windows ending in the model's own rollout
         (see the module docstring): ``((x0, actions, t, eps, drop), first_target)``, x0 holding the
         generated latents. The rollout's sampler noise comes from ``noise`` (default: ``generator``):
@@ -499,23 +647,29 @@ class DynamicsTask:
         g = int(torch.randint(cfg.rollout_frames + 1, (), generator=generator, device=self.device))
         s = 1 + int(torch.randint(T - g, (), generator=generator, device=self.device))
         i = shard(torch.randint(len(self.starts), (batch,), generator=generator, device=self.device))
-        x0, acts = self.train.windows(self.starts[i], T - 1 + g + s)            # (b, T - 1 + g + s, ...)
+        x0, acts = self.train.windows(self.starts[i], T - 1 + g + s)  # (b, T - 1 + g + s, ...)
         if g:  # g = 0: real context alone, so the teacher-forced skill is kept up too
             was_training = self.model.training
             self.model.eval()
             # As a session plays: its default sinks, the window the rest, stabilised writes.
             sinks = StreamConfig.sinks
             stream = StreamConfig(steps=cfg.sample_steps, ctx_noise=cfg.ctx_noise, sinks=sinks, window=T - 1 - sinks)
-            gen = rollout_latents(self.model, stream, x0[:, :T - 1], acts[:, :T - 1], acts[:, T - 1:T - 1 + g],
-                                  generator if noise is None else noise)       # (b, g, C, h, w)
+            gen = rollout_latents(
+                self.model,
+                stream,
+                x0[:, : T - 1],
+                acts[:, : T - 1],
+                acts[:, T - 1 : T - 1 + g],
+                generator if noise is None else noise,
+            )  # (b, g, C, h, w)
             self.model.train(was_training)
-            x0 = torch.cat([x0[:, :T - 1], gen.to(x0.dtype), x0[:, T - 1 + g:]], 1)
+            x0 = torch.cat([x0[:, : T - 1], gen.to(x0.dtype), x0[:, T - 1 + g :]], 1)
         x0 = x0[:, -T:]
         acts = acts[:, -T:]
         # Real and generated context at the levels inference labels context with; targets at DF levels.
         t = noise_levels(batch, T, 1, generator, self.device, 0.0, cfg.ctx_noise, cfg.t_loc, cfg.t_scale)
         ctx = torch.rand((batch, T - s), generator=generator, device=self.device) * 2 * cfg.ctx_noise
-        t = shard(torch.cat([ctx, t[:, T - s:]], 1))                              # (b, T)
+        t = shard(torch.cat([ctx, t[:, T - s :]], 1))  # (b, T)
         eps = shard(torch.randn((batch, *x0.shape[1:]), generator=generator, device=self.device))
         drop = None
         if cfg.action_dropout > 0:
@@ -525,13 +679,16 @@ class DynamicsTask:
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
         cfg, share = self.cfg, self.cfg.rollout_share
         # A coin only when the share leaves a choice: share 1 draws what it drew before the knob.
-        if cfg.rollout_frames and (share == 1 or share > 0 and
-                                   float(torch.rand((), generator=generator, device=self.device)) < share):
+        if cfg.rollout_frames and (
+            share == 1 or share > 0 and float(torch.rand((), generator=generator, device=self.device)) < share
+        ):
             noise = common.rank_generator(cfg.seed, self.dist.rank, step, self.device)
             batch, first_target = self.draw_rollout(generator, cfg.batch_size, noise)
             return flow_matching_loss(model, *batch, first_target=first_target)
-        use_memory = bool(cfg.memory_frames) and \
-            float(torch.rand((), generator=generator, device=self.device)) >= cfg.memory_none
+        use_memory = (
+            bool(cfg.memory_frames)
+            and float(torch.rand((), generator=generator, device=self.device)) >= cfg.memory_none
+        )
         x0, acts, t, eps, drop, cond, memory = self.draw(generator, cfg.batch_size, memory=use_memory)
         return flow_matching_loss(model, x0, acts, t, eps, drop, cond=cond, memory=memory)
 
@@ -542,7 +699,7 @@ class DynamicsTask:
             return train
         # The rollout (a share of the steps): a prefill of T - 1 frames, then on average G / 2 frames of
         # sample_steps + 1 passes of one frame over the cache (its tokens, plus attention to T - 1 cached frames).
-        one = flops_per_frame(m, 1) + m.depth * 4 * m.dim * m.tokens_per_frame ** 2 * (T - 1)
+        one = flops_per_frame(m, 1) + m.depth * 4 * m.dim * m.tokens_per_frame**2 * (T - 1)
         rollout = flops_per_frame(m, T - 1) * (T - 1) + cfg.rollout_frames / 2 * (cfg.sample_steps + 1) * one
         return train + cfg.rollout_share * rollout
 
@@ -557,10 +714,19 @@ class DynamicsTask:
         pick = starts[torch.linspace(0, len(starts) - 1, min(cfg.eval_windows, len(starts))).long()]
         total, n = 0.0, 0
         for i in range(0, len(pick), cfg.batch_size):
-            x0, acts = self.held.windows(pick[i:i + cfg.batch_size], cfg.window)
-            cond = self.held.cond_windows(pick[i:i + cfg.batch_size], cfg.window)
-            t = noise_levels(len(x0), cfg.window, ema_model.cfg.frames_per_block, g, self.device,
-                             cfg.prefix_prob, cfg.ctx_noise, cfg.t_loc, cfg.t_scale)
+            x0, acts = self.held.windows(pick[i : i + cfg.batch_size], cfg.window)
+            cond = self.held.cond_windows(pick[i : i + cfg.batch_size], cfg.window)
+            t = noise_levels(
+                len(x0),
+                cfg.window,
+                ema_model.cfg.frames_per_block,
+                g,
+                self.device,
+                cfg.prefix_prob,
+                cfg.ctx_noise,
+                cfg.t_loc,
+                cfg.t_scale,
+            )
             eps = torch.randn(x0.shape, generator=g, device=self.device)
             with autocast(self.device):
                 total += flow_matching_loss(ema_model, x0, acts, t, eps, cond=cond).item() * len(x0)
@@ -569,9 +735,13 @@ class DynamicsTask:
         return self.metrics
 
     def finish(self, ema_model: nn.Module) -> dict[str, Any]:
-        return {"window": self.cfg.window, "tokens_per_frame": self.model.cfg.tokens_per_frame,
-                "train_frames": len(self.train.z), "eval_split": self.eval_split,
-                "tokenizer": str(self.tok_folder)}
+        return {
+            "window": self.cfg.window,
+            "tokens_per_frame": self.model.cfg.tokens_per_frame,
+            "train_frames": len(self.train.z),
+            "eval_split": self.eval_split,
+            "tokenizer": str(self.tok_folder),
+        }
 
     @torch.no_grad()
     def sample(self, ema_model: nn.Module, step: int, folder: Path) -> None:
@@ -586,34 +756,66 @@ class DynamicsTask:
         if n < 1:
             return
         lo = int(lat.offsets[e]) + (lengths[e] - ctx - n) // 2
-        z, acts = lat.windows(torch.tensor([lo], device=self.device), ctx + n)   # (1, ctx + n, ...)
+        z, acts = lat.windows(torch.tensor([lo], device=self.device), ctx + n)  # (1, ctx + n, ...)
         g = torch.Generator(self.device).manual_seed(0)
         with autocast(self.device):
-            gen = sampling.rollout(ema_model, z[:, :ctx], acts[:, :ctx], acts[:, ctx:], steps=cfg.sample_steps,
-                                   window=cfg.window, ctx_noise=cfg.ctx_noise, generator=g)
+            gen = sampling.rollout(
+                ema_model,
+                z[:, :ctx],
+                acts[:, :ctx],
+                acts[:, ctx:],
+                steps=cfg.sample_steps,
+                window=cfg.window,
+                ctx_noise=cfg.ctx_noise,
+                generator=g,
+            )
             real = self.tokenizer.decode(z[0])
             fake = self.tokenizer.decode(torch.cat([z[0, :ctx], gen[0].to(z.dtype)]))
-        save_image_rows([tensor_to_frames(real.float())[..., :3], tensor_to_frames(fake.float())[..., :3]],
-                        folder / f"step-{step:07d}.png")
+        save_image_rows(
+            [tensor_to_frames(real.float())[..., :3], tensor_to_frames(fake.float())[..., :3]],
+            folder / f"step-{step:07d}.png",
+        )
 
     def export(self, ema_model: nn.Module, folder: Path, dtype: torch.dtype, step: int) -> None:
         if self.tokenizer is not None:  # ckpt/ is a complete model folder: the tokenizer goes along
-            tok_extra = {k: v for k, v in checkpoint.config(self.tok_folder, "tokenizer").items()
-                         if k not in ("model", "action_schema")}
+            tok_extra = {
+                k: v
+                for k, v in checkpoint.config(self.tok_folder, "tokenizer").items()
+                if k not in ("model", "action_schema")
+            }
             save_part(folder, "tokenizer", self.tokenizer, tok_extra, dtype=dtype)
         if self.data is not None and self.cfg.starts > 0:
             write_starts(folder, *self.data, self.cfg.starts, self.cfg.start_frames)
-        save_part(folder, "dynamics", ema_model, {
-            "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
-            "frame_skip": self.data[0].frame_skip if self.data is not None else None,
-            "sampler": {"steps": self.cfg.sample_steps, "ctx_noise": self.cfg.ctx_noise, "window": self.cfg.window},
-            # What the data's mouse covers: the Gymnasium env bounds its action spaces by it.
-            "mouse_range": mouse_range(self.data[0]) if self.data is not None else None,
-            **({"world_cache": {"history": self.cfg.world_cache, "camera": dataset_camera(self.data[0]).to_dict(),
-                                "motion": self.motion.to_dict()}}
-               if self.cfg.world_cache and self.data is not None else {}),
-            **({"memory": {"k": self.cfg.memory_frames, "cap": self.cfg.memory_cap}} if self.cfg.memory_frames else {}),
-            "metrics": self.metrics}, dtype=dtype)
+        save_part(
+            folder,
+            "dynamics",
+            ema_model,
+            {
+                "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
+                "frame_skip": self.data[0].frame_skip if self.data is not None else None,
+                "sampler": {"steps": self.cfg.sample_steps, "ctx_noise": self.cfg.ctx_noise, "window": self.cfg.window},
+                # What the data's mouse covers: the Gymnasium env bounds its action spaces by it.
+                "mouse_range": mouse_range(self.data[0]) if self.data is not None else None,
+                **(
+                    {
+                        "world_cache": {
+                            "history": self.cfg.world_cache,
+                            "camera": dataset_camera(self.data[0]).to_dict(),
+                            "motion": self.motion.to_dict(),
+                        }
+                    }
+                    if self.cfg.world_cache and self.data is not None
+                    else {}
+                ),
+                **(
+                    {"memory": {"k": self.cfg.memory_frames, "cap": self.cfg.memory_cap}}
+                    if self.cfg.memory_frames
+                    else {}
+                ),
+                "metrics": self.metrics,
+            },
+            dtype=dtype,
+        )
 
 
 def mouse_range(ds: Dataset) -> list[float]:
@@ -640,9 +842,13 @@ def write_starts(folder: Path, ds: Dataset, episodes: list[int], n: int, frames:
     model (:func:`worldgen.engine.save_starts`): what a new play session starts from."""
     pool = WindowDataset(ds, frames, episodes, stride=frames, fields=(), verify=False)
     items = [pool[int(i)] for i in np.linspace(0, len(pool) - 1, min(n, len(pool))).round()]
-    save_starts(folder, np.stack([it["frames"] for it in items]), np.stack([it["keys"] for it in items]),
-                np.stack([it["mouse"] for it in items]),
-                {"data": str(ds.root), "windows": [[ds.episodes[it["episode"]].id, int(it["start"])] for it in items]})
+    save_starts(
+        folder,
+        np.stack([it["frames"] for it in items]),
+        np.stack([it["keys"] for it in items]),
+        np.stack([it["mouse"] for it in items]),
+        {"data": str(ds.root), "windows": [[ds.episodes[it["episode"]].id, int(it["start"])] for it in items]},
+    )
 
 
 def train(cfg: DynamicsTrainConfig, given: dict[str, Any] | None = None) -> dict[str, Any]:

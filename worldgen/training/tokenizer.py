@@ -60,13 +60,13 @@ def open_dataset(cfg: TrainConfig) -> tuple[Dataset, list[int], list[int]]:
     if not train:
         raise ValueError(f"{cfg.data}: no train episodes (all {len(ds)} are held out)")
     if not held:
-        print(f"[train] {cfg.data}: no held-out episodes; metrics are measured on train episodes",
-              file=sys.stderr)
+        print(f"[train] {cfg.data}: no held-out episodes; metrics are measured on train episodes", file=sys.stderr)
     return ds, train, held
 
 
-def read_frames(ds: Dataset, episode: int, depth: bool, start: int = 0, stop: int | None = None,
-                step: int = 1) -> np.ndarray:
+def read_frames(
+    ds: Dataset, episode: int, depth: bool, start: int = 0, stop: int | None = None, step: int = 1
+) -> np.ndarray:
     """Frames ``[start:stop:step]`` of an episode as uint8 ``(N, H, W, 3 or 4)`` (RGB[, depth])."""
     frames = ds.read(episode, "frames", start, stop)[::step]
     if not depth:
@@ -96,31 +96,45 @@ class TokenizerTask:
     ``pool`` (uint8 ``(N, H, W, C)`` on the device), measured on ``eval_set`` (the same, on the CPU).
     :meth:`from_run` builds it from a dataset."""
 
-    def __init__(self, cfg: TokenizerTrainConfig, model: Tokenizer, pool: torch.Tensor, eval_set: torch.Tensor,
-                 d: Dist, eval_split: str = "heldout"):
+    def __init__(
+        self,
+        cfg: TokenizerTrainConfig,
+        model: Tokenizer,
+        pool: torch.Tensor,
+        eval_set: torch.Tensor,
+        d: Dist,
+        eval_split: str = "heldout",
+    ):
         self.cfg, self.model, self.device, self.dist = cfg, model, d.device, d
         self.pool, self.eval_set, self.eval_split = pool.to(d.device), eval_set, eval_split
         self.tokens_per_sample = math.prod(model.cfg.latent_size)
         self.metrics: dict[str, float] = {}
 
     @classmethod
-    def from_run(cls, cfg: TokenizerTrainConfig, run: Run, d: Dist) -> "TokenizerTask":
+    def from_run(cls, cfg: TokenizerTrainConfig, run: Run, d: Dist) -> TokenizerTask:
         ds, train, held = open_dataset(cfg)
         w, h = ds.resolution
         torch.manual_seed(cfg.seed)
-        model = Tokenizer(TokenizerConfig(image_size=(h, w), in_channels=4 if cfg.depth else 3,
-                                          latent_channels=cfg.latent_channels,
-                                          equivariance_weight=cfg.equivariance,
-                                          channels=tuple(int(c) for c in cfg.channels.split(","))))
+        model = Tokenizer(
+            TokenizerConfig(
+                image_size=(h, w),
+                in_channels=4 if cfg.depth else 3,
+                latent_channels=cfg.latent_channels,
+                equivariance_weight=cfg.equivariance,
+                channels=tuple(int(c) for c in cfg.channels.split(",")),
+            )
+        )
         t0 = time.time()
         pool = torch.from_numpy(frame_pool(ds, train, cfg.pool_frames, cfg.depth))
         held_eps = held or train
         n_held = sum(ds.episodes[e].length for e in held_eps)
         eval_set = torch.from_numpy(frame_pool(ds, held_eps, min(cfg.eval_frames, n_held), cfg.depth))
         if d.main:
-            print(f"[train] tokenizer: {len(pool)} train frames on {d.device} from {len(train)} episodes, "
-                  f"{len(eval_set)} {'heldout' if held else 'train'} frames for metrics ({time.time() - t0:.1f} s)",
-                  file=sys.stderr)
+            print(
+                f"[train] tokenizer: {len(pool)} train frames on {d.device} from {len(train)} episodes, "
+                f"{len(eval_set)} {'heldout' if held else 'train'} frames for metrics ({time.time() - t0:.1f} s)",
+                file=sys.stderr,
+            )
         return cls(cfg, model, pool, eval_set, d, "heldout" if held else "train")
 
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
@@ -143,7 +157,7 @@ class TokenizerTask:
         """uint8 ``(N, H, W, C)`` -> reconstructions as uint8 ``(N, H, W, C)`` (through encode/decode)."""
         out = []
         for i in range(0, len(frames), batch):
-            x = frames_to_tensor(frames[i:i + batch].to(self.device))
+            x = frames_to_tensor(frames[i : i + batch].to(self.device))
             with autocast(self.device):
                 x_hat = model.decode(model.encode(x))
             out.append(torch.from_numpy(tensor_to_frames(x_hat.float())))
@@ -153,8 +167,10 @@ class TokenizerTask:
         real = self.eval_set[:n]
         rec = self.reconstruct(model, real)
         real_rgb, rec_rgb = real[..., :3].to(self.device), rec[..., :3].to(self.device)
-        out = {"heldout_loss": float(((rec_rgb.float() - real_rgb.float()) / 127.5).square().mean()),
-               f"{self.eval_split}_psnr": float(psnr(rec_rgb, real_rgb).mean())}
+        out = {
+            "heldout_loss": float(((rec_rgb.float() - real_rgb.float()) / 127.5).square().mean()),
+            f"{self.eval_split}_psnr": float(psnr(rec_rgb, real_rgb).mean()),
+        }
         if with_ssim:
             out[f"{self.eval_split}_ssim"] = float(ssim(rec_rgb, real_rgb).mean())
         return out
@@ -164,8 +180,11 @@ class TokenizerTask:
         return self.metrics
 
     def finish(self, ema_model: nn.Module) -> dict[str, Any]:
-        self.metrics = {**self._metrics(ema_model, len(self.eval_set), with_ssim=True),
-                        "eval_frames": len(self.eval_set), "latent_scale": self._latent_scale(ema_model)}
+        self.metrics = {
+            **self._metrics(ema_model, len(self.eval_set), with_ssim=True),
+            "eval_frames": len(self.eval_set),
+            "latent_scale": self._latent_scale(ema_model),
+        }
         return self.metrics
 
     def _latent_scale(self, model: nn.Module, n: int = 512, batch: int = 64) -> float:
@@ -175,7 +194,7 @@ class TokenizerTask:
         s1 = s2 = count = 0.0
         with torch.no_grad():
             for i in range(0, len(idx), batch):
-                mean = model.posterior(frames_to_tensor(self.pool[idx[i:i + batch].to(self.device)]))[0].double()
+                mean = model.posterior(frames_to_tensor(self.pool[idx[i : i + batch].to(self.device)]))[0].double()
                 s1, s2, count = s1 + mean.sum().item(), s2 + mean.square().sum().item(), count + mean.numel()
         return math.sqrt(max(s2 / count - (s1 / count) ** 2, 1e-12))
 
@@ -188,9 +207,16 @@ class TokenizerTask:
 
     def export(self, ema_model: nn.Module, folder: Path, dtype: torch.dtype, step: int) -> None:
         ema_model.cfg.latent_scale = self._latent_scale(ema_model)
-        save_part(folder, "tokenizer", ema_model, {
-            "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
-            "metrics": self.metrics}, dtype=dtype)
+        save_part(
+            folder,
+            "tokenizer",
+            ema_model,
+            {
+                "train": {"data": str(self.cfg.data), "steps": step, "config": dataclasses.asdict(self.cfg)},
+                "metrics": self.metrics,
+            },
+            dtype=dtype,
+        )
 
 
 def train(cfg: TokenizerTrainConfig, given: dict[str, Any] | None = None) -> dict[str, Any]:
