@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"eval": str(args.eval), "data": args.data, "windows": len(starts), "replay_matched": matched, "rows": []}
     for hh in args.horizons:
 
-        def at(pred: np.ndarray) -> np.ndarray:  # per-window PSNR of frame hh
+        def at(pred: np.ndarray, hh: int = hh) -> np.ndarray:  # per-window PSNR of frame hh
             return psnr(
                 torch.from_numpy(np.ascontiguousarray(pred[:, hh - 1])), torch.from_numpy(real[:, hh - 1])
             ).numpy()

@@ -45,7 +45,7 @@ def main() -> None:
     for b in args.batch:
         x, y = (torch.randint(0, 256, (b, 120, 160, 3), dtype=torch.uint8, generator=g).to(device) for _ in "xy")
         for name, fn in (("psnr", psnr), ("ssim", ssim)):
-            wall, cpu = time_per_call(lambda: fn(x, y), device, args.seconds)
+            wall, cpu = time_per_call(lambda fn=fn, x=x, y=y: fn(x, y), device, args.seconds)
             print(f"| {name} | {b} | {b / wall:,.0f} | {b / cpu:,.0f} |")
 
     if args.checkpoint:

@@ -5,10 +5,11 @@
 
 ``speed`` times ``worldgen record`` end to end (worker start-up, play, shard writes, index)
 with the explore policy and prints frames/s, and frames per CPU-second (this process, the
-workers and their game engines), which a machine shared with other jobs changes less. ``coverage`` records the same number of frames
-with each policy, same maps and seeds, and prints distinct 64-unit map cells per 10,000
-frames; with ``--plots`` it writes ``coverage_<policy>.png`` there. Datasets go to a temp
-folder, deleted afterwards. Each prints a markdown table row for benchmarks/RESULTS.md.
+workers and their game engines), which a machine shared with other jobs changes less.
+``coverage`` records the same number of frames with each policy, same maps and seeds, and
+prints distinct 64-unit map cells per 10,000 frames; with ``--plots`` it writes
+``coverage_<policy>.png`` there. Datasets go to a temp folder, deleted afterwards. Each prints
+a markdown table row for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"| {r['steps']} | {r['ctx_noise']} | {r['shift']} | {r['guidance']} | {r['sinks']} | {r['tf_psnr']:.2f} "
             f"({r['tf_gain_db']:+.2f}) | {r['rollout_psnr']:.2f} ({r['rollout_baseline']:.2f}) | "
-            f"{r['control_db'] if r['control_db'] is None else format(r['control_db'], '+.2f')} | {_play_cell(r)} | {long} | "
+            f"{r['control_db'] if r['control_db'] is None else format(r['control_db'], '+.2f')} | "
+            f"{_play_cell(r)} | {long} | "
             f"{r['score']:.2f} |{mark}"
         )
     if args.json:

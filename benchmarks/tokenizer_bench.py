@@ -65,8 +65,8 @@ def main() -> None:
             x = torch.rand(b, cfg.in_channels, *cfg.image_size, device=device).mul(2).sub(1).to(memory_format=fmt)
             z = encode(x).to(memory_format=fmt)
             (t_enc, cpu_enc), (t_dec, cpu_dec) = (
-                time_per_call(lambda: encode(x), device, args.seconds, warmup=2),
-                time_per_call(lambda: decode(z), device, args.seconds, warmup=2),
+                time_per_call(lambda x=x: encode(x), device, args.seconds, warmup=2),
+                time_per_call(lambda z=z: decode(z), device, args.seconds, warmup=2),
             )
             rows.append((b, b / t_enc, b / t_dec, 1e3 * t_enc, 1e3 * t_dec, b / cpu_enc, b / cpu_dec))
 

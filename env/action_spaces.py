@@ -163,7 +163,7 @@ def to_action(a: Any) -> Action:
         >>> to_action({"keys": [1, 0]})
         Traceback (most recent call last):
         ...
-        worldgen.actions.ActionError: keys must have shape (8,) (one 0/1 per key forward, back, strafe_left, strafe_right, turn_left, turn_right, attack, use), got (2,)
+        worldgen.actions.ActionError: keys must have shape (8,) (one 0/1 per key forward, back, ..., use), got (2,)
     """
     if isinstance(a, Action):
         return a

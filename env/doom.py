@@ -308,7 +308,7 @@ def map_lines(map: str, wad: str = "freedoom1.wad") -> np.ndarray:
             sectors = game.get_state().sectors
         finally:
             game.close()
-    lines = {(l.x1, l.y1, l.x2, l.y2, float(l.is_blocking)) for s in sectors for l in s.lines}
+    lines = {(line.x1, line.y1, line.x2, line.y2, float(line.is_blocking)) for s in sectors for line in s.lines}
     return np.array(sorted(lines), np.float32).reshape(-1, 5)
 
 

@@ -22,7 +22,9 @@ its drift over held-out paths.
 Example:
     >>> head = GeometryHead(GeometryHeadConfig(frame_size=(24, 32), downsample=1, depth_downsample=1))
     >>> f = np.zeros((2, 24, 32, 3), np.uint8)
-    >>> predict_depth(head, f).shape, predict_motion(head, f, np.zeros((2, 8), np.uint8), np.zeros((2, 2), np.float32), f).shape
+    >>> predict_depth(head, f).shape, predict_motion(
+    ...     head, f, np.zeros((2, 8), np.uint8), np.zeros((2, 2), np.float32), f
+    ... ).shape
     ((2, 24, 32), (2, 5))
 """
 
@@ -193,11 +195,11 @@ def integrate(pose: np.ndarray, motion: np.ndarray) -> np.ndarray:
     """
     pose, motion = np.asarray(pose, np.float64), np.asarray(motion, np.float64)
     yaw = np.radians(pose[..., 3])
-    f, l = motion[..., 0], motion[..., 1]
+    forward, side = motion[..., 0], motion[..., 1]
     out = np.stack(
         [
-            pose[..., 0] + f * np.cos(yaw) - l * np.sin(yaw),
-            pose[..., 1] + f * np.sin(yaw) + l * np.cos(yaw),
+            pose[..., 0] + forward * np.cos(yaw) - side * np.sin(yaw),
+            pose[..., 1] + forward * np.sin(yaw) + side * np.cos(yaw),
             pose[..., 2] + motion[..., 2],
             wrap_degrees(pose[..., 3] + motion[..., 3]),
             pose[..., 4] + motion[..., 4],

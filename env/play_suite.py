@@ -45,6 +45,8 @@ from worldgen.env.geometry import find_head, motion_between
 from worldgen.evaluation.evaluate import EvaluationError, select_windows, trainer_heldout_fraction, write_json
 from worldgen.evaluation.play import KIND, PlayScript
 
+DEFAULT_SCRIPT = PlayScript()
+
 # What a case episode's last step holds: no action follows the last frame.
 _NOOP_KEYS, _NOOP_MOUSE = np.zeros((1, 8), np.uint8), np.zeros((1, 2), np.float32)
 
@@ -109,7 +111,7 @@ def record_branches(
     *,
     windows: int = 32,
     context: int = 15,
-    script: PlayScript = PlayScript(),
+    script: PlayScript = DEFAULT_SCRIPT,
     split: str = "all",
     heldout_fraction: float = 0.1,
     seed: int = 0,

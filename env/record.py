@@ -61,6 +61,7 @@ from worldgen.env.policies import POLICIES, make_policy
 DEFAULT_MAPS = ("E1M1", "E1M2", "E1M3", "E1M4", "E1M5", "E1M6", "E1M7", "E1M8")  # Freedoom episode 1
 DEFAULT_EPISODE_STEPS = 2000  # ~4 minutes of game time at frame skip 4: deep into a map
 SHARD_STEPS = 512  # steps per shard and per flush from a worker (~30 MB at 160x120)
+DEFAULT_CONFIG = DoomConfig()
 
 
 class RecordError(RuntimeError):
@@ -166,7 +167,7 @@ def record_doom(
     workers: int | None = None,
     episode_steps: int = DEFAULT_EPISODE_STEPS,
     maps: tuple[str, ...] | list[str] = DEFAULT_MAPS,
-    config: DoomConfig = DoomConfig(),
+    config: DoomConfig = DEFAULT_CONFIG,
     seed: int = 0,
     policy: str = "explore",
     overwrite: bool = False,

@@ -270,7 +270,8 @@ def _print_rates(title: str, before: dict, after: dict) -> None:
         b, a = before[k], after[k]
         print(
             f"  {k:24s} actual {1000 * b['actual']:7.2f}   before {1000 * b['predicted']:7.2f} "
-            f"(x{b['ratio'] or float('nan'):.2f})   after {1000 * a['predicted']:7.2f} (x{a['ratio'] or float('nan'):.2f})",
+            f"(x{b['ratio'] or float('nan'):.2f})   after {1000 * a['predicted']:7.2f} "
+            f"(x{a['ratio'] or float('nan'):.2f})",
             file=sys.stderr,
         )
 

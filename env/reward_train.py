@@ -13,7 +13,8 @@ Changes are rare (in the recorder's exploration play ~1% of steps lose health, 0
 so a share ``--event-fraction`` of every batch is drawn from the transitions where something
 changed. The head then learns the sampled class frequencies; its stored prior correction
 (``logit_bias``, ``death_bias``: log true prior - log sampled prior) turns its outputs back
-into probabilities at the game's own frequencies, which expected rewards need. Frames are average-pooled (``--downsample``, auto: to at most 80 pixels wide) once and held on
+into probabilities at the game's own frequencies, which expected rewards need. Frames are
+average-pooled (``--downsample``, auto: to at most 80 pixels wide) once and held on
 the device as uint8, like the tokenizer trainer's pool; batches are drawn there with the
 step's generator, so a resumed run is exact. The run folder is the usual one
 (:mod:`worldgen.training.common`): ``ckpt/reward.json`` plus shards is the head to use; put it

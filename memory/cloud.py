@@ -210,7 +210,7 @@ class WorldCache:
         """Fuse one frame per session: ``rgb (B, H, W, 3)`` uint8, ``depth (B, H, W)`` in the
         camera's stored levels, ``pose (B, 5)``; ``active (B,)`` bool leaves the other sessions as
         they are (None = all)."""
-        cam, cfg = self.camera, self.config
+        cam = self.camera
         b, p = self.stamp.shape
         h, w = cam.height, cam.width
         self._check_pose(pose)

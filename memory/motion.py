@@ -5,9 +5,10 @@ In Doom a turn's yaw follows the action and a walk's speed follows the player's 
 from the keys, friction every tic. :class:`MotionModel` is the linear model of that, fitted by
 least squares to recorded poses and actions: the motion of step t (forward, right, up in the
 camera frame of pose t, yaw and pitch change; :func:`~worldgen.memory.camera.relative_pose`)
-from the momentum (step t - 1's motion, seen from pose t: :func:`momentum`) and the actions t and t - 1 (the previous action for key-turn
-acceleration and the engine's one-tic lag). Walls stop a walk and the model cannot see them: a
-model that generates frames can correct the pose from the frame afterwards.
+from the momentum (step t - 1's motion, seen from pose t: :func:`momentum`) and the actions t
+and t - 1 (the previous action for key-turn acceleration and the engine's one-tic lag). Walls
+stop a walk and the model cannot see them: a model that generates frames can correct the pose
+from the frame afterwards.
 
 Actions are plain vectors here (``worldgen.actions.to_vector``: 8 keys then yaw, pitch degrees).
 

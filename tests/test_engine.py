@@ -98,7 +98,7 @@ def test_long_session_positions_stay_bounded(wm):
     cap = fast.stream.sinks + fast.stream.window
     seen = set()
     rng = np.random.default_rng(0)
-    for i in range(3000):
+    for _ in range(3000):
         f = s.step(PLAY[rng.integers(5)])
         seen.add((tuple(s.cache.positions().tolist()), s.cache.next_position()))
     assert max(p for _, p in seen) == cap and max(max(ps) for ps, _ in seen) == cap - 1

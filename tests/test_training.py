@@ -206,8 +206,8 @@ def test_rollout_training_continues_the_models_own_rollouts(tiny_checkpoint, tok
     draw_rollout, draw = task.draw_rollout, task.draw
     for share, expect in ((0.0, {"plain"}), (1.0, {"rollout"}), (0.5, {"plain", "rollout"})):
         task.cfg, seen = dataclasses.replace(cfg, rollout_share=share, batch_size=2), set()
-        task.draw_rollout = lambda g, b, noise: seen.add("rollout") or draw_rollout(g, b, noise)
-        task.draw = lambda g, b, **kw: seen.add("plain") or draw(g, b, **kw)
+        task.draw_rollout = lambda g, b, noise, seen=seen: seen.add("rollout") or draw_rollout(g, b, noise)
+        task.draw = lambda g, b, seen=seen, **kw: seen.add("plain") or draw(g, b, **kw)
         for step in range(12):
             assert torch.isfinite(task.loss(task.model, step, torch.Generator().manual_seed(step)))
         assert seen == expect, (share, seen)

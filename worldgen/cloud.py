@@ -23,9 +23,11 @@ from worldgen.data.dataset import Dataset, DatasetError
 from worldgen.files import atomic_write
 from worldgen.memory.cloud import CacheConfig, WorldCache
 
+DEFAULT_CACHE_CONFIG = CacheConfig()
+
 
 def build(
-    ds: Dataset, episode: int, frames: int | None = None, every: int = 1, config: CacheConfig = CacheConfig()
+    ds: Dataset, episode: int, frames: int | None = None, every: int = 1, config: CacheConfig = DEFAULT_CACHE_CONFIG
 ) -> WorldCache:
     """The cloud of an episode's first ``frames`` frames (every ``every``-th one), fused in order."""
     if every < 1:

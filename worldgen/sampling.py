@@ -54,7 +54,8 @@ GUIDANCE = 1.0
 def shifted_timesteps(
     steps: int, shift: float = SHIFT, device: torch.device | str | None = None, t_max: float | None = None
 ) -> torch.Tensor:
-    """(steps + 1,) noise levels from ``t_max`` (default :data:`T_MAX`) down to 0, SD3-shifted: ``s t / (1 + (s - 1) t)``.
+    """(steps + 1,) noise levels from ``t_max`` (default :data:`T_MAX`) down to 0, SD3-shifted:
+    ``s t / (1 + (s - 1) t)``.
 
     Example:
         >>> shifted_timesteps(2, shift=3.0, t_max=1.0).tolist()
@@ -113,7 +114,8 @@ def guided(v: torch.Tensor, guidance: float) -> torch.Tensor:
 
 
 def guidance_mask(b: int, frames: int, new: int, device: torch.device | str) -> torch.Tensor:
-    """``drop_actions`` (2B, frames) of a guided doubled batch: the second half drops the last ``new`` frames' actions."""
+    """``drop_actions`` (2B, frames) of a guided doubled batch: the second half drops the last
+    ``new`` frames' actions."""
     drop = torch.zeros(2 * b, frames, dtype=torch.bool, device=device)
     drop[b:, frames - new :] = True
     return drop

@@ -240,7 +240,7 @@ def write_episode_shards(
         part = episode.slice(start, start + shard_steps)
         rel = f"{SHARD_DIR}/{name}-{k:04d}.safetensors"
         tensors = {key: np.ascontiguousarray(v) for key, v in part.arrays().items()}
-        atomic_write(root / rel, lambda tmp: save_file(tensors, tmp, metadata={"episode": name}))
+        atomic_write(root / rel, lambda tmp, t=tensors: save_file(t, tmp, metadata={"episode": name}))
         entries.append(
             {"file": rel, "steps": len(part), "bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
         )

@@ -623,7 +623,7 @@ def write_play_video(rec: PlayRecording, made: dict[str, dict[str, np.ndarray]],
     for w in range(min(windows, len(rec.context))):
         k = max(len(rec.keys[c]) for c in rec.cases)
 
-        def padded(x: np.ndarray) -> np.ndarray:  # (K_case, H, W, 3) -> (k, H, W, 3)
+        def padded(x: np.ndarray, k: int = k) -> np.ndarray:  # (K_case, H, W, 3) -> (k, H, W, 3)
             return np.concatenate([x, np.repeat(x[-1:], k - len(x), 0)])
 
         game = np.concatenate([padded(rec.frames[c][w]) for c in rec.cases], 2)  # (k, H, C W, 3)

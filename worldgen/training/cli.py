@@ -1,13 +1,14 @@
 """``worldgen train tokenizer|dynamics|distill|reward|geometry``: train the per-frame tokenizer, then the
-DiT on its latents, then (``distill``) a few-step student of it (Self Forcing); ``reward`` fits the Gymnasium env's reward/termination head
-(:mod:`worldgen.env.reward_train`), ``geometry`` its depth and odometry head
-(:mod:`worldgen.env.geometry_train`).
+DiT on its latents, then (``distill``) a few-step student of it (Self Forcing); ``reward`` fits the
+Gymnasium env's reward/termination head (:mod:`worldgen.env.reward_train`), ``geometry`` its depth
+and odometry head (:mod:`worldgen.env.geometry_train`).
 
 Examples:
     worldgen train tokenizer --data data/doom --out runs/tok --minutes 8
     worldgen train dynamics --data data/doom --tokenizer runs/tok --out runs/dyn --minutes 15
     worldgen train distill --data data/doom --teacher runs/dyn --out runs/distill --minutes 20
-    torchrun --nproc-per-node 4 -m worldgen.cli train dynamics --data data/doom --tokenizer runs/tok --out runs/dyn --steps 20000
+    torchrun --nproc-per-node 4 -m worldgen.cli train dynamics --data data/doom --tokenizer runs/tok \\
+        --out runs/dyn --steps 20000
     worldgen train reward --data data/doom --out runs/reward --minutes 10
     worldgen train geometry --data data/doom --out runs/geometry --minutes 10
 

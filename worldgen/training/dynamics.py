@@ -13,10 +13,11 @@ alignment lives in one place): the no-op for an episode's first frame.
 
 Loss (Diffusion Forcing with flow matching, docs/architecture.md): every frame block gets its own
 noise level t ~ logit-normal(0, 1) (SD3), ``x_t = (1 - t) x0 + t eps``, the DiT predicts
-``v = eps - x0``, MSE over all frames. A share ``action_dropout`` of the frames gets the learned null action
-instead of its own (classifier-free guidance's unconditional half). Independent levels teach every context/target pattern;
-but with T = 16 almost no window has a clean 15-frame history, which is what inference
-conditions on (clean context labelled with a small stabilisation level). So a share
+``v = eps - x0``, MSE over all frames. A share ``action_dropout`` of the frames gets the learned
+null action instead of its own (classifier-free guidance's unconditional half). Independent
+levels teach every context/target pattern; but with T = 16 almost no window has a clean
+15-frame history, which is what inference conditions on (clean context labelled with a small
+stabilisation level). So a share
 ``prefix_prob`` of the windows gets the inference pattern: a random number of leading blocks at
 t ~ U[0, 2 ctx_noise], the rest logit-normal.
 
@@ -26,9 +27,9 @@ its own past frames, and a long rollout drifts to an average frame that no longe
 actions. So each step first lets the model play: from ``window - 1`` real frames it generates
 g ~ U{0..G} frames with the real actions exactly as a streaming session would
 (:func:`worldgen.engine.rollout_latents`: a session's default KV cache of ``window - 1`` frames,
-``sample_steps`` Euler steps, writes stabilised at ``ctx_noise``; no gradient), and the training window is the last ``window``
-frames of real context + generated frames + s ~ U{1..window - g} real frames that follow. Only
-those s frames are trained on (Diffusion Forcing levels, the generated frames labelled as
+``sample_steps`` Euler steps, writes stabilised at ``ctx_noise``; no gradient), and the training
+window is the last ``window`` frames of real context + generated frames + s ~ U{1..window - g}
+real frames that follow. Only those s frames are trained on (Diffusion Forcing levels, the generated frames labelled as
 context): the model learns to continue its own rollout towards what really came next, which
 only the actions can tell it. ``init`` starts such a fine-tune from a trained model.
 
@@ -535,7 +536,8 @@ class DynamicsTask:
         self.motion: MotionModel | None = None  # world-cache runs: the camera's motion model (from_run fits it)
         if d.main:
             print(
-                f"[train] dynamics: DiT {f'of {cfg.init}' if cfg.init else cfg.model} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+                f"[train] dynamics: DiT {f'of {cfg.init}' if cfg.init else cfg.model} "
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                 f"params; {len(train.z)} train frames ({len(starts)} windows of {cfg.window}), "
                 f"{len(self.held.z)} {self.eval_split} frames",
                 file=sys.stderr,
