@@ -121,7 +121,7 @@ def test_the_check_catches_each_kind(tmp_path):
         "from worldgen.training.common import hardware\n"  # the engine reaching up into training
         "from worldgen.data.cli import add_arguments\n"  # a command-line module
         "def later():\n"
-        "    import worldgen.env.record\n"  # the core importing a data source
+        "    import worldgen.env.sources.record\n"  # the core importing a data source
     )
     memory = tmp_path / "memory.py"
     memory.write_text("from worldgen import models\n")
