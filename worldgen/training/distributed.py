@@ -114,3 +114,12 @@ def broadcast_int(value: int, d: Dist) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=d.device)
     torch_dist.broadcast(t, 0)
     return int(t.item())
+
+
+def mean_over_ranks(value: float, d: Dist) -> float:
+    """The mean of a per-rank number over all ranks (a logged loss)."""
+    if d.world_size == 1:
+        return value
+    t = torch.tensor([value], device=d.device)
+    torch_dist.all_reduce(t)
+    return t.item() / d.world_size

@@ -38,6 +38,7 @@ from worldgen.training.distributed import (
     barrier,
     broadcast_int,
     check_ranks_differ,
+    mean_over_ranks,
     setup,
     step_generator,
     step_seed,
@@ -90,11 +91,7 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
     """
     model = task.model.to(d.device)
     torch.manual_seed(cfg.seed)
-    # A task with several trained parts may give its own groups, each with an "lr_scale" (distill's critic).
-    groups = (
-        task.param_groups(cfg.weight_decay) if hasattr(task, "param_groups") else param_groups(model, cfg.weight_decay)
-    )
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=d.device.type == "cuda")
+    optimizer = _optimizer(task, model, cfg, d)
     ema = EMA(model, cfg.ema_decay)
     step, total, wall_before = 0, cfg.steps, 0.0
     if cfg.steps is None and cfg.minutes is None:
@@ -113,13 +110,7 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
     fixed = resuming or cfg.minutes is None  # else the budget fixes `total` after CALIB_STEPS
     resumed_at = step
 
-    train_model: nn.Module = model
-    if d.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.device.index] if d.device.type == "cuda" else None
-        )
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = _wrap(model, cfg, d)
 
     params = count_params(model)
     flops = task.flops_per_sample()
@@ -192,8 +183,7 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
             elif step == CALIB_SKIP + CALIB_STEPS:
                 _sync(d.device)
                 sec_per_step = (time.perf_counter() - t_calib) / CALIB_STEPS
-                left = cfg.minutes * 60 * (1 - BUDGET_RESERVE) - (time.time() - t_start)
-                total = broadcast_int(min(cap, step + max(int(left / sec_per_step), 0)), d)
+                total = broadcast_int(_budget_total(cfg, step, sec_per_step, t_start, cap), d)
                 fixed = True
                 bar.total = total
                 bar.refresh()
@@ -205,11 +195,7 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
 
         is_last = fixed and step >= total
         if step % cfg.log_every == 0 or is_last:
-            last_loss = (loss_sum / max(n_sum, 1)).item()  # one GPU sync per log
-            if d.world_size > 1:
-                t = torch.tensor([last_loss], device=d.device)
-                torch_dist.all_reduce(t)
-                last_loss = t.item() / d.world_size
+            last_loss = mean_over_ranks((loss_sum / max(n_sum, 1)).item(), d)  # one GPU sync per log
             now = time.perf_counter()
             steps_done = step - step_log
             tok_s = steps_done * samples_per_step * task.tokens_per_sample / (now - t_log)
@@ -231,12 +217,7 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
             loss_sum.zero_()
             n_sum, t_log, step_log = 0, now, step
             # The budget guard: never run past --minutes (the state is saved; a resume finishes).
-            over = int(cfg.minutes is not None and time.time() - t_start > cfg.minutes * 60)
-            if d.world_size > 1:
-                t = torch.tensor([over], device=d.device)
-                torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-                over = int(t.item())
-            if over and not is_last:
+            if _over_budget(cfg, t_start, d) and not is_last:
                 stopped_by_budget = True
                 break
         if cfg.stop_at is not None and fixed and step >= cfg.stop_at and not is_last:
@@ -269,32 +250,103 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
         run.log({"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
         task.sample(ema.module, step, run.samples)
         run.plot()
-        tok_s = sum(rates) / len(rates) if rates else float("nan")
-        summary = {
-            "kind": type(cfg).__name__,
-            "steps": step,
-            "total_steps": total,
-            "finished": step >= total,
-            "stopped_by_budget": stopped_by_budget,
-            "wall_s": time.time() - t_start,
-            "train_wall_s": wall_before + t_loop,
-            "tokens_per_s": tok_s,
-            "samples_per_s": tok_s / task.tokens_per_sample if rates else float("nan"),
-            "mfu": flops * tok_s / task.tokens_per_sample / (peak * d.world_size)
-            if flops and peak and rates
-            else "n/a",
-            "model_flops_per_sample": flops,
-            "final_loss": last_loss,
-            "params": params,
-            "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
-            "world_size": d.world_size,
-            "batch_size_total": samples_per_step,
-            **metrics,
-        }
+        summary = _summary(
+            task,
+            cfg,
+            d,
+            steps=step,
+            total=total,
+            stopped_by_budget=stopped_by_budget,
+            wall_s=time.time() - t_start,
+            train_wall_s=wall_before + t_loop,
+            rates=rates,
+            flops=flops,
+            peak=peak,
+            final_loss=last_loss,
+            params=params,
+            metrics=metrics,
+        )
         run.write_json("summary.json", summary)
         print(json.dumps(summary, indent=1))
     barrier(d)
     return summary
+
+
+def _optimizer(task: Task, model: nn.Module, cfg: TrainConfig, d: Dist) -> torch.optim.Optimizer:
+    """AdamW over the task's parameter groups: a task with several trained parts may give its own,
+    each with an "lr_scale" (distill's critic); else :func:`param_groups` of the model."""
+    groups = (
+        task.param_groups(cfg.weight_decay) if hasattr(task, "param_groups") else param_groups(model, cfg.weight_decay)
+    )
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=d.device.type == "cuda")
+
+
+def _wrap(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
+    """The module the loss runs through: DDP over several ranks, compiled with ``--compile``."""
+    train_model: nn.Module = model
+    if d.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+        )
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+def _budget_total(cfg: TrainConfig, step: int, sec_per_step: float, t_start: float, cap: int) -> int:
+    """The step count a ``--minutes`` budget allows at the measured speed, less the end's reserve."""
+    left = cfg.minutes * 60 * (1 - BUDGET_RESERVE) - (time.time() - t_start)
+    return min(cap, step + max(int(left / sec_per_step), 0))
+
+
+def _over_budget(cfg: TrainConfig, t_start: float, d: Dist) -> bool:
+    """Whether this process is past ``--minutes``; any rank past it stops them all."""
+    over = int(cfg.minutes is not None and time.time() - t_start > cfg.minutes * 60)
+    if d.world_size > 1:
+        t = torch.tensor([over], device=d.device)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        over = int(t.item())
+    return bool(over)
+
+
+def _summary(
+    task: Task,
+    cfg: TrainConfig,
+    d: Dist,
+    *,
+    steps: int,
+    total: int,
+    stopped_by_budget: bool,
+    wall_s: float,
+    train_wall_s: float,
+    rates: list[float],
+    flops: float | None,
+    peak: float | None,
+    final_loss: float,
+    params: int,
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """summary.json: the run's figures; throughput is the mean over log windows after the first."""
+    tok_s = sum(rates) / len(rates) if rates else float("nan")
+    return {
+        "kind": type(cfg).__name__,
+        "steps": steps,
+        "total_steps": total,
+        "finished": steps >= total,
+        "stopped_by_budget": stopped_by_budget,
+        "wall_s": wall_s,
+        "train_wall_s": train_wall_s,
+        "tokens_per_s": tok_s,
+        "samples_per_s": tok_s / task.tokens_per_sample if rates else float("nan"),
+        "mfu": flops * tok_s / task.tokens_per_sample / (peak * d.world_size) if flops and peak and rates else "n/a",
+        "model_flops_per_sample": flops,
+        "final_loss": final_loss,
+        "params": params,
+        "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
+        "world_size": d.world_size,
+        "batch_size_total": cfg.batch_size,
+        **metrics,
+    }
 
 
 def train(
