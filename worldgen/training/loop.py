@@ -8,12 +8,13 @@ saving.
 
 Several GPUs (``torchrun --nproc-per-node N``): DDP, one process per GPU. ``--batch-size`` is the
 global batch, split evenly over the ranks. The step's generator is the same on every rank: a
-task draws the whole global batch with it and keeps its own rows (:meth:`Dist.shard`), so the
-N ranks together train on exactly the batch one process would, and a run stopped at N GPUs
-resumes at any other N (dividing the batch) as the same run. Randomness inside a model (a VAE's
-posterior sample) and a rank's own draws (:func:`rank_generator`: a rollout's sampler noise)
-are seeded by ``(seed, rank, s)``. Rank 0 alone writes the run folder. docs/multi-gpu.md has
-the details and the commands.
+task draws the whole global batch with it and keeps its own rows
+(:meth:`~worldgen.training.distributed.Dist.shard`), so the N ranks together train on exactly
+the batch one process would, and a run stopped at N GPUs resumes at any other N (dividing the
+batch) as the same run. Randomness inside a model (a VAE's posterior sample) and a rank's own
+draws (:func:`~worldgen.training.distributed.rank_generator`: a rollout's sampler noise) are
+seeded by ``(seed, rank, s)``. Rank 0 alone writes the run folder. docs/multi-gpu.md has the
+details and the commands.
 """
 
 from __future__ import annotations
