@@ -46,7 +46,7 @@ from worldgen.data import Dataset
 from worldgen.engine.world_model import WorldModel
 from worldgen.evaluation.metrics import psnr
 from worldgen.memory.bank import BankConfig, in_frustum, view_points
-from worldgen.training.common import hardware
+from worldgen.provenance import hardware
 
 # The key each key becomes when walking a path backwards.
 _MIRROR = {

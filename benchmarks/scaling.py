@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from worldgen.training.common import atomic_write, hardware
+from worldgen.files import atomic_write
+from worldgen.provenance import hardware
 
 LATENT_CACHES = ("latents-train.safetensors", "latents-heldout.safetensors")
 

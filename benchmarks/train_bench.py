@@ -1,4 +1,4 @@
-"""Training throughput through the real training loop (``worldgen.training.common.fit``): tokens/s
+"""Training throughput through the real training loop (``worldgen.training.loop.fit``): tokens/s
 and model FLOPs utilisation of the Diffusion-Forcing DiT step and of the tokenizer step.
 
     python benchmarks/train_bench.py                                          # CPU: tiny DiT, small tokenizer
@@ -25,8 +25,10 @@ import torch
 
 from worldgen.models import DiT, Tokenizer, TokenizerConfig
 from worldgen.provenance import git_commit
-from worldgen.training.common import Run, fit, setup
+from worldgen.training.distributed import setup
 from worldgen.training.dynamics import DynamicsTask, DynamicsTrainConfig, Latents, dit_config
+from worldgen.training.loop import fit
+from worldgen.training.run import Run
 from worldgen.training.tokenizer import TokenizerTask, TokenizerTrainConfig
 
 

@@ -11,8 +11,9 @@ from worldgen import WorldModel, checkpoint
 from worldgen.actions import Action
 from worldgen.engine import rollout_latents
 from worldgen.models import frames_to_tensor, tensor_to_frames
-from worldgen.training.common import Dist, Run
 from worldgen.training.distill import DistillTask, DistillTrainConfig, dmd_loss, step_choices, train
+from worldgen.training.distributed import Dist
+from worldgen.training.run import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 shared cores
 

@@ -127,7 +127,7 @@ def test_the_check_catches_each_kind(tmp_path):
     """Planted imports of each kind are caught, lazy ones inside a function too."""
     planted = tmp_path / "planted.py"
     planted.write_text(
-        "from worldgen.training.common import hardware\n"  # the engine reaching up into training
+        "from worldgen.training.loop import hardware\n"  # the engine reaching up into training
         "from worldgen.data.cli import add_arguments\n"  # a command-line module
         "def later():\n"
         "    import worldgen.env.sources.record\n"  # the core importing a data source

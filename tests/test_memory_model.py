@@ -248,8 +248,9 @@ def test_gym_vector_env_plays_with_memory_settings(memory_checkpoint, tiny_check
 
 def test_training_recalls_frames_from_far_earlier_in_the_same_episode(doom_recording, tiny_checkpoint, tmp_path):
     from worldgen.memory.bank import relative_pose
-    from worldgen.training.common import Dist, Run
+    from worldgen.training.distributed import Dist
     from worldgen.training.dynamics import DynamicsTask, DynamicsTrainConfig
+    from worldgen.training.run import Run
 
     cfg = DynamicsTrainConfig(
         data=str(doom_recording),

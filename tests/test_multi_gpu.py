@@ -20,7 +20,7 @@ import torch
 from conftest import benchmark_script
 
 from worldgen import checkpoint
-from worldgen.training.common import Dist
+from worldgen.training.distributed import Dist
 from worldgen.training.dynamics import DynamicsTrainConfig
 from worldgen.training.dynamics import train as train_dynamics
 

@@ -25,9 +25,12 @@ from worldgen import checkpoint
 from worldgen.checkpoint import CheckpointError
 from worldgen.data import Dataset, DatasetIndex, EpisodeInfo, write_episode_shards
 from worldgen.models import MODELS, DiT, load_dit, load_tokenizer
-from worldgen.training.common import EMA, Dist, Run, load_state, param_groups, save_state
+from worldgen.training.distributed import Dist
 from worldgen.training.dynamics import DynamicsTask, DynamicsTrainConfig, Latents, flow_matching_loss, noise_levels
 from worldgen.training.dynamics import train as train_dynamics
+from worldgen.training.run import Run
+from worldgen.training.schedule import EMA, param_groups
+from worldgen.training.state import load_state, save_state
 
 # Shared by every dynamics run here: the tiny DiT on 4-frame windows.
 DYN = dict(

@@ -19,7 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("worldgen.engine.bench", "benchmark streaming: frames/s, latency p50/p99, MFU at several batch sizes"),
     "serve": ("worldgen.server.cli", "stream a world model to browsers and clients over websockets"),
     "play": ("worldgen.clients.play", "play a world model in a pygame window (local engine or --server)"),
-    "generate": ("worldgen.engine.generate", "long video offline from context and actions (overlapping-clip fusion)"),
+    "generate": (
+        "worldgen.engine.generate_cli",
+        "long video offline from context and actions (overlapping-clip fusion)",
+    ),
     "cloud": (
         "worldgen.cloud",
         "build a point-cloud world cache from recorded play (.ply, picture); view it in open3d",

@@ -10,7 +10,7 @@ The recorder stores, per step, the depth buffer and the camera pose; they are th
 
 Frames and depth are held on the device as pooled uint8, batches drawn there with the step's
 generator, so a resumed run is exact. The run folder is the usual one
-(:mod:`worldgen.training.common`); ``ckpt/geometry.json`` plus shards is the head to use, with
+(:mod:`worldgen.training.loop`); ``ckpt/geometry.json`` plus shards is the head to use, with
 ``geometry="RUN/ckpt"`` in the env.
 
 Held-out metrics (``summary.json`` and the head's config ``metrics``): depth mean absolute error
@@ -50,8 +50,11 @@ from worldgen.env.learned.geometry import (
     save_head,
 )
 from worldgen.env.learned.reward import pool_factor
-from worldgen.training import common
-from worldgen.training.common import Dist, Run, TrainConfig, autocast, opt, save_image_rows
+from worldgen.models import autocast
+from worldgen.training import loop
+from worldgen.training.config import TrainConfig, opt
+from worldgen.training.distributed import Dist
+from worldgen.training.run import Run, save_image_rows
 
 
 @dataclass
@@ -159,7 +162,7 @@ def drift_windows(prev: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 class GeometryTask:
-    """The :class:`~worldgen.training.common.Task` of fitting a geometry head."""
+    """The :class:`~worldgen.training.loop.Task` of fitting a geometry head."""
 
     def __init__(
         self,
@@ -335,4 +338,4 @@ def train(cfg: GeometryTrainConfig, given: dict[str, Any] | None = None) -> dict
     Example:
         >>> train(GeometryTrainConfig(data="data/geometry-doom", out="runs/geometry", minutes=5))  # doctest: +SKIP
     """
-    return common.train("geometry", cfg, given, GeometryTask.from_run)
+    return loop.train("geometry", cfg, given, GeometryTask.from_run)

@@ -44,7 +44,7 @@ import torch
 
 from worldgen.actions import Action
 from worldgen.env.gym.action_spaces import DISCRETE_ACTIONS
-from worldgen.training.common import add_config_args, config_from_args, opt
+from worldgen.training.config import add_config_args, config_from_args, opt
 
 ACTION_SOURCES = ("discrete", "recorded")
 

@@ -17,7 +17,7 @@ into probabilities at the game's own frequencies, which expected rewards need. F
 average-pooled (``--downsample``, auto: to at most 80 pixels wide) once and held on
 the device as uint8, like the tokenizer trainer's pool; batches are drawn there with the
 step's generator, so a resumed run is exact. The run folder is the usual one
-(:mod:`worldgen.training.common`): ``ckpt/reward.json`` plus shards is the head to use; put it
+(:mod:`worldgen.training.loop`): ``ckpt/reward.json`` plus shards is the head to use; put it
 beside a model with ``--out`` pointing at a run and ``reward="RUN/ckpt"`` in the env.
 
 Held-out metrics (``summary.json`` and the head's config ``metrics``), per target: accuracy,
@@ -57,8 +57,11 @@ from worldgen.env.learned.reward import (
     pool_factor,
     save_head,
 )
-from worldgen.training import common
-from worldgen.training.common import Dist, Run, TrainConfig, autocast, opt, save_image_rows
+from worldgen.models import autocast
+from worldgen.training import loop
+from worldgen.training.config import TrainConfig, opt
+from worldgen.training.distributed import Dist
+from worldgen.training.run import Run, save_image_rows
 
 
 @dataclass
@@ -292,7 +295,7 @@ def roc_auc(score: np.ndarray, label: np.ndarray) -> float | None:
 
 
 class RewardTask:
-    """The :class:`~worldgen.training.common.Task` of fitting a reward head to transitions."""
+    """The :class:`~worldgen.training.loop.Task` of fitting a reward head to transitions."""
 
     def __init__(
         self,
@@ -472,4 +475,4 @@ def train(cfg: RewardTrainConfig, given: dict[str, Any] | None = None) -> dict[s
         >>> train(RewardTrainConfig(data="data/reward-doom", out="runs/reward", minutes=5))  # doctest: +SKIP
     """
     parse_weights(cfg.weights)  # a typo fails now, not after the data is pooled
-    return common.train("reward", cfg, given, RewardTask.from_run)
+    return loop.train("reward", cfg, given, RewardTask.from_run)

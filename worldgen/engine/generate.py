@@ -26,6 +26,9 @@ frames before it: the baseline, with the seams at the same frames.
 :func:`seam_measure` compares the frame-to-frame change where a new clip's fresh frames begin
 (frames ``hop, 2 hop, ...``) with the change inside clips: about 1 means no visible seam.
 
+The command (``worldgen generate``, its report) is :mod:`worldgen.engine.generate_cli`; the
+context and action files it reads are parsed by :mod:`worldgen.engine.generate_inputs`.
+
 Example:
     worldgen generate --context data/heldout --episode 0 --start 100 --actions dataset --frames 48 \\
         --out gen.mp4 --compare --json gen.json
@@ -33,14 +36,9 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,12 +46,7 @@ import torch
 from tqdm import tqdm
 
 from worldgen import sampling
-from worldgen.actions import ACTION_DIM, Action, ActionError
-from worldgen.checkpoint import CheckpointError
-from worldgen.data import Dataset, DatasetError
-from worldgen.files import atomic_write, write_mp4
 from worldgen.models import DiT, autocast, frames_to_tensor, tensor_to_frames
-from worldgen.provenance import git_commit
 
 FUSIONS = ("overlap", "none")
 
@@ -123,6 +116,12 @@ class Sampler:
     shift: float = sampling.SHIFT
     ctx_noise: float = 0.0
     guidance: float = 1.0  # action guidance scale (worldgen.sampling); != 1 doubles every pass
+
+    @classmethod
+    def of(cls, wm) -> Sampler:
+        """The sampler settings of a loaded :class:`~worldgen.engine.world_model.WorldModel`."""
+        s = wm.stream
+        return cls(s.steps, s.shift, s.ctx_noise, getattr(s, "guidance", 1.0))
 
 
 # --- the algorithm -----------------------------------------------------------------------------
@@ -352,7 +351,7 @@ def generate_video(
             torch.from_numpy(context_actions[-context:]).to(dev),
             torch.from_numpy(actions).to(dev),
             cfg,
-            _sampler(wm),
+            Sampler.of(wm),
             wm.trained_window,
             progress,
         )
@@ -361,279 +360,3 @@ def generate_video(
     stats["frames_per_s"] = round(len(video) / stats["seconds"], 3)
     stats["seam"] = seam_measure(video, stats["clip_starts"])
     return video, stats
-
-
-def _sampler(wm) -> Sampler:
-    s = wm.stream
-    return Sampler(s.steps, s.shift, s.ctx_noise, getattr(s, "guidance", 1.0))
-
-
-# --- input files -------------------------------------------------------------------------------
-
-
-def _vectors(acts: Sequence[Any], where: str, line: Sequence[int] | None = None) -> np.ndarray:
-    """Action vectors (N, A) of wire-form actions or (keys, mouse) pairs; an error names the entry."""
-    out = []
-    for i, a in enumerate(acts):
-        try:
-            out.append(Action.from_dict(a).vector() if isinstance(a, dict) else Action(*a).vector())
-        except (ActionError, TypeError) as e:
-            at = f"line {line[i]}" if line else f"action {i}"
-            raise GenerateError(f"{where}: {at}: {e}") from None
-    return np.stack(out) if out else np.zeros((0, ACTION_DIM), np.float32)
-
-
-def _npz(path: Path, fields: Sequence[str]) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path) as f:
-            missing = [k for k in fields if k not in f]
-            if missing:
-                raise GenerateError(f"{path}: no {', '.join(missing)} array (has {', '.join(f.files) or 'none'})")
-            return {k: f[k] for k in fields}
-    except (OSError, ValueError) as e:
-        raise GenerateError(f"{path}: not a readable .npz: {e}") from None
-
-
-def load_actions(path: str | Path) -> np.ndarray:
-    """Action vectors (N, A) from an .npz (``keys`` (N, 8), ``mouse`` (N, 2)), a .json list of wire
-    actions ``{"keys": [names], "mouse": [yaw, pitch]}`` (or an object with such an ``"actions"``
-    list, as ``worldgen record --replay`` takes) or a .jsonl file of one wire action a line."""
-    path = Path(path)
-    if not path.is_file():
-        raise GenerateError(f"{path}: no such actions file")
-    if path.suffix == ".npz":
-        a = _npz(path, ("keys", "mouse"))
-        if a["keys"].ndim != 2 or len(a["keys"]) != len(a["mouse"]):
-            raise GenerateError(
-                f"{path}: keys must be (N, 8) and mouse (N, 2), got {a['keys'].shape} and {a['mouse'].shape}"
-            )
-        return _vectors(list(zip(a["keys"], a["mouse"])), str(path))
-    if path.suffix not in (".json", ".jsonl"):
-        raise GenerateError(f"{path}: actions must be a .npz, .json or .jsonl file (or the word 'dataset')")
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        rows = [(i + 1, s) for i, s in enumerate(text.splitlines()) if s.strip()]
-        acts = []
-        for line, s in rows:
-            try:
-                acts.append(json.loads(s))
-            except json.JSONDecodeError as e:
-                raise GenerateError(f"{path}: line {line}: not JSON: {e}") from None
-        return _vectors(acts, str(path), [line for line, _ in rows])
-    try:
-        acts = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise GenerateError(f"{path}: not JSON: {e}") from None
-    if isinstance(acts, dict) and "actions" in acts:
-        acts = acts["actions"]
-    if not isinstance(acts, list) or not all(isinstance(a, dict) for a in acts):
-        raise GenerateError(f'{path}: expected a list of {{"keys": [...], "mouse": [yaw, pitch]}} actions')
-    return _vectors(acts, str(path))
-
-
-def load_context(
-    path: str | Path, frames: int, episode: int | str = 0, start: int = 0, future: int | None = 0
-) -> dict[str, np.ndarray]:
-    """Context frames (T, H, W, 3) uint8 and their action vectors (T, A): the last ``frames`` of an
-    .npz (``frames``, ``keys``, ``mouse``: the action that produced each frame), or ``frames``
-    steps of a recording's ``episode`` (id or index) from ``start``. From a recording, ``future``
-    more steps (None: the rest of the episode) come as ``real`` (N, H, W, 3) and ``real_actions``
-    (N, A), and ``episode_id`` names the episode."""
-    path = Path(path)
-    if path.suffix == ".npz":
-        if not path.is_file():
-            raise GenerateError(f"{path}: no such context file")
-        a = _npz(path, ("frames", "keys", "mouse"))
-        f = a["frames"]
-        if f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3:
-            raise GenerateError(f"{path}: frames must be uint8 (T, H, W, 3), got {f.dtype} {f.shape}")
-        if not len(f) == len(a["keys"]) == len(a["mouse"]):
-            raise GenerateError(
-                f"{path}: {len(f)} frames but {len(a['keys'])} keys and {len(a['mouse'])} mouse rows "
-                f"(one action per frame: the one that produced it)"
-            )
-        if len(f) < frames:
-            raise GenerateError(f"{path}: {len(f)} context frames; clips are conditioned on {frames}")
-        return {"frames": f[-frames:], "actions": _vectors(list(zip(a["keys"], a["mouse"])), str(path))[-frames:]}
-    from worldgen.data import WindowDataset
-
-    ds = Dataset(path)
-    episode = ds.episode_index(episode)
-    length = ds.episodes[episode].length
-    future = length - start - frames if future is None else future
-    if start < 0 or future < 0 or start + frames + future > length:
-        raise GenerateError(
-            f"{path}: episode {ds.episodes[episode].id} has {length} steps; {frames} context frames "
-            f"from step {start} plus {future} more do not fit"
-        )
-    item = WindowDataset(ds, frames + future, [episode], fields=())[start]  # actions aligned to their frames
-    vecs = _vectors(list(zip(item["keys"], item["mouse"])), str(path))
-    return {
-        "frames": item["frames"][:frames],
-        "actions": vecs[:frames],
-        "episode_id": ds.episodes[episode].id,
-        "real": item["frames"][frames:],
-        "real_actions": vecs[frames:],
-    }
-
-
-def write_video(frames: np.ndarray, path: Path, fps: float) -> None:
-    """H.264 mp4 of uint8 (N, H, W, 3) frames, written atomically."""
-    write_mp4(path, frames, fps)
-
-
-# --- the command -------------------------------------------------------------------------------
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = GenerateConfig()
-    p.add_argument("--checkpoint", default="default", help="model folder or packaged name (default: default)")
-    p.add_argument(
-        "--context",
-        required=True,
-        help="a recording folder (with --episode, --start) or an .npz with frames (T, H, W, 3) uint8, "
-        "keys (T, 8), mouse (T, 2): the action that produced each frame",
-    )
-    p.add_argument(
-        "--episode",
-        default="0",
-        help="recording: episode id (stable across re-recordings, see `worldgen data info`) or index (default 0)",
-    )
-    p.add_argument("--start", type=int, default=0, help="recording: step of the first context frame (default 0)")
-    p.add_argument(
-        "--context-frames",
-        type=int,
-        default=d.context,
-        help="frames each clip is conditioned on, real ones first (default: the trained window minus the clip)",
-    )
-    p.add_argument(
-        "--actions",
-        required=True,
-        help="an .npz (keys (N, 8), mouse (N, 2)), a .json list or .jsonl file of "
-        '{"keys": [names], "mouse": [yaw, pitch]}, or "dataset": the recorded actions after '
-        "the context (then the real frames are compared too)",
-    )
-    p.add_argument("--frames", type=int, default=None, help="frames to generate (default: one per given action)")
-    p.add_argument("--fusion", default=d.fusion, choices=FUSIONS, help=f"clip fusion (default {d.fusion})")
-    p.add_argument(
-        "--compare",
-        action="store_true",
-        help="also run the other fusion (video next to --out, suffixed with its name) and print both",
-    )
-    p.add_argument("--clip", type=int, default=d.clip, help="frames per overlap clip, even (default: fits the window)")
-    p.add_argument(
-        "--renoise", type=float, default=d.renoise, help=f"re-noise level of a fused clip (default {d.renoise})"
-    )
-    p.add_argument("--out", type=Path, required=True, help="the video, .mp4")
-    p.add_argument("--json", type=Path, default=None, help="also write seam measure, settings and timing here")
-    p.add_argument("--seed", type=int, default=d.seed, help="sampler noise (default 0)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
-    p.add_argument("--guidance", type=float, default=None, help="action guidance scale (default: the checkpoint's)")
-    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-
-
-def _inputs(args: argparse.Namespace, context: int) -> dict[str, np.ndarray]:
-    """Context, actions (N, A) and, with ``--actions dataset``, the real frames to compare with."""
-    if args.frames is not None and args.frames < 1:
-        raise GenerateError(f"--frames must be at least 1, got {args.frames}")
-    from_data = args.actions == "dataset"
-    if from_data and Path(args.context).suffix == ".npz":
-        raise GenerateError("--actions dataset needs --context to be a recording folder")
-    got = load_context(args.context, context, args.episode, args.start, args.frames if from_data else 0)
-    real_actions = got.pop("real_actions", None)
-    if not from_data:
-        got.pop("real", None)
-    got["todo"] = real_actions if from_data else load_actions(args.actions)
-    n = len(got["todo"]) if args.frames is None else args.frames
-    if n < 1 or n > len(got["todo"]):
-        raise GenerateError(f"{len(got['todo'])} actions given; {n} frames asked for")
-    got["todo"] = got["todo"][:n]
-    return got
-
-
-def run(args: argparse.Namespace) -> int:
-    from worldgen.engine.world_model import WorldModel
-    from worldgen.evaluation.metrics import psnr
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    modes = [args.fusion] + [m for m in FUSIONS if m != args.fusion] * args.compare
-    try:
-        if args.out.suffix != ".mp4":
-            raise GenerateError(f"--out must be an .mp4 file, got {args.out}")
-        cfgs = {
-            m: GenerateConfig(
-                fusion=m, context=args.context_frames, clip=args.clip, renoise=args.renoise, seed=args.seed
-            )
-            for m in modes
-        }
-        try:
-            wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps, guidance=args.guidance)
-        except ValueError as e:  # --steps or --guidance out of range for this model
-            raise GenerateError(str(e)) from None
-        context, _, _ = cfgs[args.fusion].plan(wm.trained_window, wm.dit.cfg.frames_per_block)
-        got = _inputs(args, context)
-        runs = {}
-        for m in modes:
-            video, stats = generate_video(wm, got["frames"], got["actions"], got["todo"], cfgs[m], progress=True)
-            path = args.out if m == args.fusion else args.out.with_name(f"{args.out.stem}_{m}.mp4")
-            write_video(video, path, wm.fps)
-            if "real" in got:
-                stats["psnr"] = round(float(psnr(video, got["real"][: len(video)]).mean()), 3)
-            runs[m] = {"video": str(path), **stats}
-    except (GenerateError, ActionError, DatasetError, CheckpointError) as e:
-        print(f"worldgen generate: {e}", file=sys.stderr)
-        return 2
-    real = None
-    if "real" in got:
-        real = seam_measure(got["real"][: len(got["todo"])], runs[modes[0]]["clip_starts"])
-    _report(args, wm, cfgs[args.fusion], runs, real, got.get("episode_id"))
-    return 0
-
-
-def _report(
-    args: argparse.Namespace, wm, cfg: GenerateConfig, runs: dict[str, dict], real: dict | None, episode_id: str | None
-) -> None:
-    first = next(iter(runs.values()))
-    print(
-        f"worldgen generate: {first['frames']} frames, clip starts every {first['hop']} frames, context "
-        f"{first['context']}, {wm.stream.steps} steps, renoise {cfg.renoise}, on {wm.device}"
-    )
-    print(
-        f"{'fusion':<9}{'clips':>6}{'seam ratio':>11}{'boundary':>10}{'inside':>8}{'PSNR':>8}"
-        f"{'DiT passes/frame':>18}{'frames/s':>10}  video"
-    )
-    for m, r in runs.items():
-        s = r["seam"]
-        print(
-            f"{m:<9}{len(r['clip_starts']) + 1:>6}{_f(s['ratio']):>11}{_f(s['boundary']):>10}{_f(s['inside']):>8}"
-            f"{_f(r.get('psnr')):>8}{r['dit_frame_passes_per_frame']:>18}{r['frames_per_s']:>10}  {r['video']}"
-        )
-    if real:
-        print(f"{'real':<9}{'':>6}{_f(real['ratio']):>11}{_f(real['boundary']):>10}{_f(real['inside']):>8}")
-    if args.json:
-        commit = git_commit()
-        out = {
-            "checkpoint": str(wm.checkpoint),
-            "device": str(wm.device),
-            "threads": torch.get_num_threads(),
-            "context": args.context,
-            "episode": episode_id,
-            "start": args.start,
-            "actions": args.actions,
-            "frames": first["frames"],
-            "config": asdict(cfg),
-            "sampler": asdict(_sampler(wm)),
-            "runs": runs,
-            "real": real,
-            "date": datetime.date.today().isoformat(),
-            "commit": commit or None,
-            "torch": torch.__version__,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
-
-
-def _f(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from worldgen.training.common import add_config_args, config_from_args
+from worldgen.training.config import add_config_args, config_from_args
 
 # subcommand -> (module, config class name, help)
 TRAINERS: dict[str, tuple[str, str, str]] = {
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         from pathlib import Path
 
-        from worldgen.training.common import has_state
+        from worldgen.training.state import has_state
 
         if not has_state(Path(cfg.out) / "state"):
             raise SystemExit(f"--resume: {cfg.out} has no resume state (state/train.json)")

@@ -35,7 +35,7 @@ from the same starting noise and the teacher's played history, its exit-step est
 G frames against the teacher's frame at the teacher's sampler steps.
 
 Student and critic are one module (:class:`StudentCritic`) for the shared trainer
-(:func:`worldgen.training.common.fit`: bf16 autocast on CUDA, EMA, resumable state, torchrun):
+(:func:`worldgen.training.loop.fit`: bf16 autocast on CUDA, EMA, resumable state, torchrun):
 one optimizer step updates both, the critic at ``--critic-lr`` (DMD2 trains the fake score
 faster than the generator). Only the student's EMA weights are exported.
 
@@ -59,10 +59,13 @@ from torch import nn
 
 from worldgen import checkpoint, sampling
 from worldgen.engine import StreamConfig, WorldModel, rollout_latents
-from worldgen.models import DiT, flops_per_frame, save_part, tensor_to_frames
-from worldgen.training import common
-from worldgen.training.common import Dist, Run, TrainConfig, autocast, opt, param_groups, save_image_rows
+from worldgen.models import DiT, autocast, flops_per_frame, save_part, tensor_to_frames
+from worldgen.training import loop
+from worldgen.training.config import TrainConfig, opt
+from worldgen.training.distributed import Dist
 from worldgen.training.dynamics import Latents, cached_latents, flow_matching_loss, tokenizer_folder, write_starts
+from worldgen.training.run import Run, save_image_rows
+from worldgen.training.schedule import param_groups
 from worldgen.training.tokenizer import open_dataset
 
 
@@ -258,7 +261,7 @@ class StudentCritic(nn.Module):
 
 
 class DistillTask:
-    """The :class:`~worldgen.training.common.Task` of Self Forcing (module docstring)."""
+    """The :class:`~worldgen.training.loop.Task` of Self Forcing (module docstring)."""
 
     def __init__(
         self,
@@ -544,4 +547,4 @@ class DistillTask:
 
 def train(cfg: DistillTrainConfig, given: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) a distillation run in ``cfg.out``; returns its summary."""
-    return common.train("distill", cfg, given, DistillTask.from_run)
+    return loop.train("distill", cfg, given, DistillTask.from_run)

@@ -69,6 +69,7 @@ from worldgen import actions, checkpoint, sampling
 from worldgen.data import Dataset, WindowDataset
 from worldgen.data.camera import dataset_camera
 from worldgen.engine import StreamConfig, rollout_latents, save_starts
+from worldgen.files import atomic_write
 from worldgen.memory import bank
 from worldgen.memory.motion import MotionModel
 from worldgen.memory.views import PoseNoise
@@ -76,6 +77,7 @@ from worldgen.models import (
     MODELS,
     DiT,
     DiTConfig,
+    autocast,
     flops_per_frame,
     frames_to_tensor,
     load_dit,
@@ -85,8 +87,10 @@ from worldgen.models import (
 )
 from worldgen.models.dit import Memory
 from worldgen.models.world_cache import cond_channels, episode_condition
-from worldgen.training import common
-from worldgen.training.common import Dist, Run, TrainConfig, atomic_write, autocast, barrier, opt, save_image_rows
+from worldgen.training import loop
+from worldgen.training.config import TrainConfig, opt
+from worldgen.training.distributed import Dist, barrier, rank_generator
+from worldgen.training.run import Run, save_image_rows
 from worldgen.training.tokenizer import depth_to_uint8, open_dataset
 
 CACHE_VERSION = 1
@@ -474,7 +478,7 @@ def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tup
 
 # --- the task --------------------------------------------------------------------------------
 class DynamicsTask:
-    """The :class:`~worldgen.training.common.Task` of Diffusion Forcing a :class:`DiT` on latents
+    """The :class:`~worldgen.training.loop.Task` of Diffusion Forcing a :class:`DiT` on latents
     already on the device. :meth:`from_run` builds it from a dataset and a tokenizer; without a
     tokenizer (benchmarks) it writes no sample images and exports only the dynamics part."""
 
@@ -684,7 +688,7 @@ class DynamicsTask:
         if cfg.rollout_frames and (
             share == 1 or share > 0 and float(torch.rand((), generator=generator, device=self.device)) < share
         ):
-            noise = common.rank_generator(cfg.seed, self.dist.rank, step, self.device)
+            noise = rank_generator(cfg.seed, self.dist.rank, step, self.device)
             batch, first_target = self.draw_rollout(generator, cfg.batch_size, noise)
             return flow_matching_loss(model, *batch, first_target=first_target)
         use_memory = (
@@ -858,4 +862,4 @@ def train(cfg: DynamicsTrainConfig, given: dict[str, Any] | None = None) -> dict
 
     ``given``: the flags set on the command line (a resume reports those it ignores).
     """
-    return common.train("dynamics", cfg, given, DynamicsTask.from_run)
+    return loop.train("dynamics", cfg, given, DynamicsTask.from_run)

@@ -32,9 +32,11 @@ from torch import nn
 from worldgen.data import Dataset
 from worldgen.data.dataset import depth_to_uint8
 from worldgen.evaluation.metrics import psnr, ssim
-from worldgen.models import Tokenizer, TokenizerConfig, frames_to_tensor, save_part, tensor_to_frames
-from worldgen.training import common
-from worldgen.training.common import Dist, Run, TrainConfig, autocast, opt, save_image_rows
+from worldgen.models import Tokenizer, TokenizerConfig, autocast, frames_to_tensor, save_part, tensor_to_frames
+from worldgen.training import loop
+from worldgen.training.config import TrainConfig, opt
+from worldgen.training.distributed import Dist
+from worldgen.training.run import Run, save_image_rows
 
 
 @dataclass
@@ -92,7 +94,7 @@ def tokenizer_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class TokenizerTask:
-    """The :class:`~worldgen.training.common.Task` of fitting a :class:`~worldgen.models.Tokenizer` to
+    """The :class:`~worldgen.training.loop.Task` of fitting a :class:`~worldgen.models.Tokenizer` to
     ``pool`` (uint8 ``(N, H, W, C)`` on the device), measured on ``eval_set`` (the same, on the CPU).
     :meth:`from_run` builds it from a dataset."""
 
@@ -224,4 +226,4 @@ def train(cfg: TokenizerTrainConfig, given: dict[str, Any] | None = None) -> dic
 
     ``given``: the flags set on the command line (a resume reports those it ignores).
     """
-    return common.train("tokenizer", cfg, given, TokenizerTask.from_run)
+    return loop.train("tokenizer", cfg, given, TokenizerTask.from_run)
