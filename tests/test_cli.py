@@ -37,3 +37,19 @@ def test_command_help_names_every_trainer_and_hides_unset_defaults(capsys):
         if argv == ["play", "--help"]:
             assert "--threads" in out
     assert all(name in COMMANDS["train"][1] for name in ("tokenizer", "dynamics", "reward", "geometry"))
+
+
+def test_every_trainer_help_prints(capsys):
+    """Every trainer's --help renders: a help text with a literal '%' (e.g. "~2% of play") once
+    made argparse raise instead of printing."""
+    import argparse
+
+    from worldgen.training.cli import TRAINERS, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for name in TRAINERS:
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args([name, "--help"])
+        assert done.value.code == 0, name
+        assert "--data" in capsys.readouterr().out, name

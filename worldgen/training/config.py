@@ -68,7 +68,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[TrainConfig], req
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-        help_ = f.metadata.get("help", "")
+        help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if f.name not in required and f.default is not None:  # None: unset, its help says what that means
             help_ += f" (default: {f.default})"
         if base is bool:
