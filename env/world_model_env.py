@@ -350,7 +350,9 @@ class WorldModelEnv(gymnasium.Env):
         start = self._draw_start(options or {})
         session_seed = int(self.np_random.integers(2**31))
         # A world-cache model's session needs the start's depth and cameras.
-        geometry = {"context_depth": start.depth, "context_poses": start.pose} if self.world.wm.world is not None else {}
+        geometry = (
+            {"context_depth": start.depth, "context_poses": start.pose} if self.world.wm.world is not None else {}
+        )
         if self.session is None:
             self.session = self.world.wm.session(start.frames, start.actions, seed=session_seed, **geometry)
         else:

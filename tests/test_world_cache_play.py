@@ -112,7 +112,7 @@ def test_batch_equals_alone(wm):
 def test_memory_stays_bounded_over_many_frames(wm):
     s = wm.session(seed=5)
     before = s.cache_bytes()
-    frames = 1000  # ~10 ms a step on the CPU (10,000 would take minutes); the 2,048-point cloud refills ~50 times
+    frames = 1000  # ~10 ms a step on the CPU: 10,000 would take ~2 minutes
     for t in range(frames):
         s.step(WALK[(t // 5) % 2])
     assert s.cache_bytes() == before

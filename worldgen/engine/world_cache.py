@@ -76,7 +76,13 @@ class CachePool:
         return self.clouds.nbytes() // self.clouds.batch
 
     def start(
-        self, slot: int, tokenizer: Tokenizer, rgb: torch.Tensor, depth: torch.Tensor, pose: torch.Tensor, acts: torch.Tensor
+        self,
+        slot: int,
+        tokenizer: Tokenizer,
+        rgb: torch.Tensor,
+        depth: torch.Tensor,
+        pose: torch.Tensor,
+        acts: torch.Tensor,
     ) -> torch.Tensor:
         """A session's context ``rgb (T, H, W, 3)`` uint8, ``depth (T, H, W)`` levels, ``pose (T, 5)``,
         ``acts (T, A)``: its conditioning ``(T, C + 1, h, w)`` (each frame's view of its

@@ -334,7 +334,9 @@ class WorldModel:
                 )
             cam = world_cache.camera
             if (cam.height, cam.width) != tuple(tokenizer.cfg.image_size):
-                raise ValueError(f"world-cache camera is {cam.height}x{cam.width}, frames are {tokenizer.cfg.image_size}")
+                raise ValueError(
+                    f"world-cache camera is {cam.height}x{cam.width}, frames are {tokenizer.cfg.image_size}"
+                )
             self.world = CachePool(world_cache, actions.ACTION_DIM, self.device)
         self._pending: tuple | None = None  # a step's slots, gathered clouds and cameras, from views to fuse
         self._step, self._decode = self._denoise, self.tokenizer.decode  # compile() swaps these
