@@ -40,8 +40,8 @@ FACTORS = (2, 4, 8, 16)  # detail removed below k pixels; 160x120 frames
 
 
 def replay_future(job: tuple[str, str, int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, bool]:
-    """``worldgen.env.record.branch`` for one window (a picklable job for the process pool)."""
-    from worldgen.env.record import branch
+    """``worldgen.env.sources.record.branch`` for one window (a picklable job for the process pool)."""
+    from worldgen.env.sources.record import branch
 
     data, eid, last, (keys, mouse) = job
     frames, _, matched = branch(f"{data}::{eid}", last, keys, mouse)

@@ -1,6 +1,6 @@
 """Vector-env steps/s: N agents inside a world model, stepped by one batched forward per step.
 
-Builds :class:`worldgen.env.world_model_env.WorldModelVectorEnv` for each N in ``--envs``,
+Builds :class:`worldgen.env.gym.world_model_env.WorldModelVectorEnv` for each N in ``--envs``,
 resets it, takes ``--warmup`` untimed steps, then times ``--steps`` steps of seeded random
 actions from the action space. Reports agent steps/s (N x vector steps / s) and milliseconds
 per vector step, with the reward model in the loop (``--reward``). On a shared CPU, agent
@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from worldgen.env.world_model_env import WorldModelVectorEnv
+from worldgen.env.gym.world_model_env import WorldModelVectorEnv
 from worldgen.provenance import hardware
 
 

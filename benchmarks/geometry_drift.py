@@ -25,7 +25,7 @@ import torch
 from worldgen.actions import Action
 from worldgen.data import Dataset
 from worldgen.engine import WorldModel
-from worldgen.env.geometry import integrate, load_head, predict_motion, wrap_degrees
+from worldgen.env.learned.geometry import integrate, load_head, predict_motion, wrap_degrees
 from worldgen.evaluation.evaluate import select_windows
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from worldgen.data import Dataset
 from worldgen.data.coverage import plot_coverage
-from worldgen.env.record import DEFAULT_EPISODE_STEPS, DEFAULT_MAPS, record_doom
+from worldgen.env.sources.record import DEFAULT_EPISODE_STEPS, DEFAULT_MAPS, record_doom
 from worldgen.provenance import git_commit
 
 

@@ -10,7 +10,7 @@ For each window of a held-out recording REC (made by ``worldgen record``, so the
 * way back: the way out's actions reversed and inverted (forward <-> back, the strafes and the
   turn keys swapped, mouse negated), so the camera walks back along its path facing the way it
   faced, and sees the way out's views in reverse. The game plays them from frame ``s + L``
-  (``worldgen.env.record.branch``): the true frames and cameras of the way back.
+  (``worldgen.env.sources.record.branch``): the true frames and cameras of the way back.
 
 Every ``--variant`` plays all windows as one batch (``WorldModel.step_many``) with the game's
 camera for each new frame (``--dead-reckon``: the session's own estimate instead, as in play),
@@ -109,8 +109,8 @@ def pick_windows(
 
 
 def game_branch(source: str, at: int, keys: np.ndarray, mouse: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-    """The real game's way back (``worldgen.env.record.branch``)."""
-    from worldgen.env.record import branch  # ViZDoom only where the game side runs
+    """The real game's way back (``worldgen.env.sources.record.branch``)."""
+    from worldgen.env.sources.record import branch  # ViZDoom only where the game side runs
 
     return branch(source, at, keys, mouse)
 

@@ -12,7 +12,7 @@ trained window) changes the long sessions alone: eval's windows fit in the train
 
 Every setting (with its sinks) also plays the play suite (``worldgen.evaluation.play``) on
 ``--play-windows`` windows of the same episodes: the game's own answers to each action branch
-from each window, replayed in ViZDoom once (``worldgen.env.play_suite.record_branches``, kept
+from each window, replayed in ViZDoom once (``worldgen.env.sources.play_suite.record_branches``, kept
 in ``--branches``) and scored for every setting: the own-versus-other gap and the branch
 identification accuracy at 16 steps, and the revisits' PSNR against the game's frame on return.
 
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _branch_recording(args: argparse.Namespace):
     """The play suite's branch recording of --data's scored episodes: reused if it is at --branches."""
     from worldgen.data import Dataset as _Dataset
-    from worldgen.env.play_suite import record_branches
+    from worldgen.env.sources.play_suite import record_branches
     from worldgen.evaluation.play import load_recording
 
     out = args.branches or (args.json.with_name(f"{args.json.stem}_branches") if args.json else Path("sweep_branches"))

@@ -1,6 +1,6 @@
 """Does the world stand still when the player does? From real context frames of a ViZDoom
 recording, each world model plays K no-op actions; ViZDoom replays the same window and plays the
-same no-ops (``worldgen.env.record.branch``). Scored like ``worldgen eval`` scores rollouts: PSNR
+same no-ops (``worldgen.env.sources.record.branch``). Scored like ``worldgen eval`` scores rollouts: PSNR
 of frame h against the game's frame h, next to the last context frame held still (the game
 itself barely moves under no-ops: the player's momentum, monsters, the weapon's bob).
 
@@ -21,7 +21,7 @@ import torch
 from worldgen.actions import Action
 from worldgen.data import Dataset
 from worldgen.engine import WorldModel
-from worldgen.env.record import branch
+from worldgen.env.sources.record import branch
 from worldgen.evaluation.evaluate import select_windows
 from worldgen.evaluation.metrics import psnr
 

@@ -8,7 +8,7 @@ A single-file, CleanRL-style PPO (https://docs.cleanrl.dev, ppo_atari.py): read 
    real game (``start="doom"``: a fresh E1M1 game's first frames). Rewards and terminations come
    from the model's learned reward head (kills, health, pickups, death).
 2. Reality, the same agent and PPO settings for the same number of steps in N real games
-   (:class:`worldgen.env.real_game.RealDoomEnv`, one process each): the comparison that says
+   (:class:`worldgen.env.gym.real_game.RealDoomEnv`, one process each): the comparison that says
    what imagination costs.
 3. Scoring: each trained agent and a uniform-random policy over the same action space play
    ``--eval-episodes`` real episodes from game seeds no training saw; the return is the same
@@ -16,7 +16,7 @@ A single-file, CleanRL-style PPO (https://docs.cleanrl.dev, ppo_atari.py): read 
    Each agent is reported beside random with the difference in standard errors.
 
 The agent acts in the env's ``--action-space`` (default "discrete": the named key combinations of
-``worldgen.env.action_spaces.DISCRETE_ACTIONS``).
+``worldgen.env.gym.action_spaces.DISCRETE_ACTIONS``).
 
 Examples:
     # GPU, the headline (about 15 minutes on one H100; see docs/agents.md)
@@ -42,7 +42,7 @@ import torch.nn as nn
 from torch.distributions import Categorical
 
 import worldgen.env  # noqa: F401  (registers worldgen/Doom-v0)
-from worldgen.env.reward import DEFAULT_WEIGHTS, LearnedReward
+from worldgen.env.learned.reward import DEFAULT_WEIGHTS, LearnedReward
 
 
 def parse_args() -> argparse.Namespace:
@@ -161,7 +161,7 @@ def make_real_envs(
 ) -> gymnasium.vector.VectorEnv:
     """``n`` real ViZDoom games (one process each unless ``--no-processes``), next-step autoreset
     like the world-model env."""
-    from worldgen.env.real_game import RealDoomEnv
+    from worldgen.env.gym.real_game import RealDoomEnv
 
     maps = [m.strip() for m in args.maps.split(",") if m.strip()]
     kwargs = dict(

@@ -26,7 +26,7 @@ picked (the rolling window already holds them). Walls do not occlude here: the f
 in free space, as in WorldMem.
 
 The camera model is the small function :func:`in_frustum`; the field of view is a parameter
-(ViZDoom: 90 degrees horizontal at 4:3, ``worldgen.env.doom.HFOV_DEG``).
+(ViZDoom: 90 degrees horizontal at 4:3, ``worldgen.env.sources.doom.HFOV_DEG``).
 
 Example:
     >>> bank = FrameBank(BankConfig(cap=4), latent_shape=(2, 3, 4))

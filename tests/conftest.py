@@ -107,7 +107,7 @@ def one_thread():
 def doom_recording(tmp_path_factory) -> Path:
     """A real ViZDoom recording of 110 steps in 3 episodes, in the worldgen dataset format, with
     depth and camera poses."""
-    from worldgen.env.doom import DoomConfig, DoomEnv, rollout
+    from worldgen.env.sources.doom import DoomConfig, DoomEnv, rollout
 
     root = tmp_path_factory.mktemp("doom")
     index = DatasetIndex(
@@ -187,7 +187,7 @@ def tiny_checkpoint(doom_recording, tiny_tokenizer_run, tmp_path_factory) -> Pat
 @pytest.fixture(scope="session")
 def tiny_geometry_run(doom_recording, tmp_path_factory) -> tuple[Path, dict]:
     """`worldgen train geometry` for 200 steps on the recording: (run folder, summary)."""
-    from worldgen.env.geometry_train import GeometryTrainConfig, train
+    from worldgen.env.learned.geometry_train import GeometryTrainConfig, train
 
     out = tmp_path_factory.mktemp("geometry")
     with _OneThread():

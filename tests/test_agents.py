@@ -19,8 +19,8 @@ from gymnasium.utils.env_checker import check_env
 import worldgen.env  # noqa: F401  (registers worldgen/Doom-v0)
 from worldgen import checkpoint
 from worldgen.actions import ActionError
-from worldgen.env.action_spaces import ACTION_SPACES, DISCRETE_ACTIONS, ActionCodec
-from worldgen.env.world_model_env import OBSERVATION_KEYS, WorldModelEnv, WorldModelVectorEnv, set_torch_threads
+from worldgen.env.gym.action_spaces import ACTION_SPACES, DISCRETE_ACTIONS, ActionCodec
+from worldgen.env.gym.world_model_env import OBSERVATION_KEYS, WorldModelEnv, WorldModelVectorEnv, set_torch_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 shared cores
 
@@ -207,7 +207,7 @@ def test_sb3_ppo_learns_in_the_model(sb3, tiny_checkpoint, kind, preset):
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import VecMonitor
 
-    from worldgen.env.sb3 import SB3VecEnv
+    from worldgen.env.gym.sb3 import SB3VecEnv
 
     venv = SB3VecEnv(
         2, str(tiny_checkpoint), device="cpu", reward=forward_reward, action_space=kind, preset=preset, horizon=16
@@ -246,7 +246,7 @@ def test_sb3_ppo_learns_in_the_model(sb3, tiny_checkpoint, kind, preset):
 def test_sb3_dqn_trains_on_the_atari_preset(sb3, tiny_checkpoint):
     from stable_baselines3 import DQN
 
-    from worldgen.env.sb3 import SB3VecEnv
+    from worldgen.env.gym.sb3 import SB3VecEnv
 
     venv = SB3VecEnv(
         1,

@@ -24,7 +24,7 @@ def script():
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory) -> Path:
     """Two episodes of E1M1: one walks straight ahead, one turns 6 degrees left by mouse a step."""
-    from worldgen.env.doom import DoomConfig, DoomEnv, rollout
+    from worldgen.env.sources.doom import DoomConfig, DoomEnv, rollout
 
     root = tmp_path_factory.mktemp("turns")
     cwd = os.getcwd()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import benchmark_script
 
-from worldgen.env import record as rec
+from worldgen.env.sources import record as rec
 from worldgen.evaluation.metrics import PSNR_CAP_DB
 
 CONTEXT, HORIZON = 4, 8
@@ -58,7 +58,7 @@ def test_replayed_futures(script, tmp_path, monkeypatch):
     assert other[(HORIZON, "model (eval.json)")]["delta_db"] == pytest.approx(1.0)
     assert other[(1, "last context frame")]["delta_db"] == 0
 
-    from worldgen.env.doom import DoomError
+    from worldgen.env.sources.doom import DoomError
 
     with pytest.raises(DoomError, match="a frame in"):
         rec.branch(f"{data}::{episode.id}", 90, np.zeros((1, 8), np.uint8), np.zeros((1, 2), np.float32))

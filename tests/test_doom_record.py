@@ -16,9 +16,9 @@ from worldgen import actions
 from worldgen.cli import main as cli_main
 from worldgen.data import Dataset, DatasetError
 from worldgen.data.coverage import cells_visited, coverage, load_map_lines, plot_coverage
-from worldgen.env import record as rec
-from worldgen.env.doom import VARIABLE_NAMES, DoomConfig, DoomEnv, DoomError, check_maps, rollout
-from worldgen.env.policies import ExplorePolicy, FrontierMap, RandomPolicy, make_policy
+from worldgen.env.sources import record as rec
+from worldgen.env.sources.doom import VARIABLE_NAMES, DoomConfig, DoomEnv, DoomError, check_maps, rollout
+from worldgen.env.sources.policies import ExplorePolicy, FrontierMap, RandomPolicy, make_policy
 
 
 def act(names=(), yaw=0.0, pitch=0.0):

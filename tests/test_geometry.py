@@ -11,7 +11,7 @@ import torch
 
 from worldgen.checkpoint import CheckpointError
 from worldgen.data import Dataset, DatasetIndex, EpisodeInfo, write_episode_shards
-from worldgen.env.geometry import (
+from worldgen.env.learned.geometry import (
     MOTION_FIELDS,
     find_head,
     integrate,
@@ -21,7 +21,7 @@ from worldgen.env.geometry import (
     predict_motion,
     wrap_degrees,
 )
-from worldgen.env.geometry_train import GeometryTrainConfig, train
+from worldgen.env.learned.geometry_train import GeometryTrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -25,7 +25,7 @@ from PIL import Image
 import worldgen.env  # noqa: F401  (registers worldgen/Doom-v0)
 from worldgen.actions import ActionError
 from worldgen.data import Dataset, DatasetIndex, Episode, EpisodeInfo, write_episode_shards
-from worldgen.env.world_model_env import WorldModelEnv, WorldModelVectorEnv
+from worldgen.env.gym.world_model_env import WorldModelEnv, WorldModelVectorEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ SHOOT_CYCLE = (
 @pytest.fixture(scope="module")
 def variables_recording(tmp_path_factory) -> Path:
     """Real ViZDoom play (E1M1, 3 episodes, 180 steps) with its game variables, at 32x24."""
-    from worldgen.env.doom import VARIABLE_NAMES, DoomConfig, DoomEnv, rollout
+    from worldgen.env.sources.doom import VARIABLE_NAMES, DoomConfig, DoomEnv, rollout
 
     root = tmp_path_factory.mktemp("doomvars")
     index = DatasetIndex(
@@ -93,7 +93,7 @@ def variables_recording(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reward_run(variables_recording, tmp_path_factory) -> tuple[Path, dict]:
     """`worldgen train reward` on the recording: (run folder, summary)."""
-    from worldgen.env.reward_train import RewardTrainConfig, train
+    from worldgen.env.learned.reward_train import RewardTrainConfig, train
 
     out = tmp_path_factory.mktemp("reward")
     summary = train(
@@ -134,7 +134,7 @@ def test_reward_head_learns_recorded_variables(reward_run, variables_recording):
 def test_prior_correction_undoes_event_over_sampling():
     """With a share f of each batch drawn from event transitions, a head that learned the sampled
     class frequencies, corrected by prior_bias, gives back the true frequencies."""
-    from worldgen.env.reward_train import Transitions, prior_bias
+    from worldgen.env.learned.reward_train import Transitions, prior_bias
 
     change = torch.zeros(1000, 2)
     change[:10, 0], change[10:15, 0], change[15:18, 1] = -5.0, 3.0, 1.0  # 1% down, 0.5% up; 0.3% up
@@ -169,7 +169,7 @@ def test_learned_reward_in_the_env(reward_run, tiny_checkpoint):
     assert r == pytest.approx(0.01 * terms["health"] + 0.1 * terms["selected_weapon_ammo"] - terms["p_death"], abs=1e-5)
     env.close()
     # A reward model object with its own settings: threshold 0 ends every step by "death".
-    from worldgen.env.reward import LearnedReward
+    from worldgen.env.learned.reward import LearnedReward
 
     env = make(tiny_checkpoint, reward=LearnedReward(reward_run[0] / "ckpt", {"health": 1.0}, death_threshold=0.0))
     env.reset(seed=0)
@@ -179,7 +179,7 @@ def test_learned_reward_in_the_env(reward_run, tiny_checkpoint):
 
 
 def test_reward_head_of_another_frame_size_is_refused(tiny_checkpoint, tmp_path):
-    from worldgen.env.reward import RewardHead, RewardHeadConfig, save_head
+    from worldgen.env.learned.reward import RewardHead, RewardHeadConfig, save_head
 
     save_head(tmp_path, RewardHead(RewardHeadConfig(frame_size=(120, 160), targets=("health",))), {"health": 1.0})
     with pytest.raises(ValueError, match=r"reads \(120, 160\) frames, the model makes \(24, 32\)"):
@@ -232,7 +232,7 @@ def test_depth_and_pose_observations(tiny_checkpoint, tiny_geometry_run):
     """observations=("rgb", "depth", "pose"): a Dict that check_env accepts (determinism under a
     seed included); depth is the geometry head's reading of each frame, and the pose starts at the
     origin and integrates the head's odometry of every step (start-relative, as documented)."""
-    from worldgen.env.geometry import integrate, load_head, predict_depth, predict_motion
+    from worldgen.env.learned.geometry import integrate, load_head, predict_depth, predict_motion
 
     geometry = str(tiny_geometry_run[0] / "ckpt")
     env = make(tiny_checkpoint, observations=("rgb", "depth", "pose"), geometry=geometry)
@@ -493,13 +493,23 @@ def test_registered_id_gives_the_default_model():
 
 
 def test_importing_worldgen_registers_the_ids():
-    out = subprocess.run(
-        [sys.executable, "-c", "import gymnasium, worldgen.env; print(gymnasium.spec('worldgen/Doom-v0').entry_point)"],
-        capture_output=True,
-        text=True,
-        check=True,
+    """``import worldgen.env`` registers the ids without loading an env; the envs import from
+    ``worldgen.env`` on first use (the rooms below it are where they live)."""
+    script = (
+        "import sys, gymnasium, worldgen.env\n"
+        "print(gymnasium.spec('worldgen/Doom-v0').entry_point)\n"
+        "print('worldgen.env.gym.world_model_env' in sys.modules)\n"
+        "from worldgen.env import RealDoomEnv, WorldModelEnv, WorldModelVectorEnv\n"
+        "print(WorldModelEnv.__module__, WorldModelVectorEnv.__module__, RealDoomEnv.__module__)\n"
     )
-    assert out.stdout.strip() == "worldgen.env.world_model_env:WorldModelEnv"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:3] == [
+        "worldgen.env.gym.world_model_env:WorldModelEnv",
+        "False",
+        "worldgen.env.gym.world_model_env worldgen.env.gym.world_model_env worldgen.env.gym.real_game",
+    ]
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchEnv'"):
+        worldgen.env.NoSuchEnv  # noqa: B018
 
 
 # --- the example: PPO in imagination, evaluated in the real game --------------------------------

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from worldgen.data import Dataset, DatasetError, WindowDataset
-from worldgen.env.gym_recorder import episode_seed, record_gym
+from worldgen.env.sources.gym_recorder import episode_seed, record_gym
 
 
 class TinyRGBEnv(gym.Env):

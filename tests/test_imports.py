@@ -114,6 +114,15 @@ def test_imports_point_one_way():
     assert not wrong, "imports against the direction:\n" + "\n".join(wrong)
 
 
+def test_env_modules_live_in_their_rooms():
+    """``env/`` is three rooms (docs/architecture.md): a module goes into one of them, not beside."""
+    rooms = {"sources", "learned", "gym"}
+    env = [m.split(".")[2:] for m in modules() if room(m) == "env"]
+    loose = sorted(".".join(parts) for parts in env if parts and parts[0] not in rooms)
+    assert not loose, f"put these in one of env's rooms {sorted(rooms)}: {loose}"
+    assert {parts[0] for parts in env if parts} == rooms
+
+
 def test_the_check_catches_each_kind(tmp_path):
     """Planted imports of each kind are caught, lazy ones inside a function too."""
     planted = tmp_path / "planted.py"
@@ -121,7 +130,7 @@ def test_the_check_catches_each_kind(tmp_path):
         "from worldgen.training.common import hardware\n"  # the engine reaching up into training
         "from worldgen.data.cli import add_arguments\n"  # a command-line module
         "def later():\n"
-        "    import worldgen.env.record\n"  # the core importing a data source
+        "    import worldgen.env.sources.record\n"  # the core importing a data source
     )
     memory = tmp_path / "memory.py"
     memory.write_text("from worldgen import models\n")

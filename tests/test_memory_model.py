@@ -231,7 +231,7 @@ def test_revisit_benchmark_scores_variants_on_the_way_back(memory_checkpoint, ti
 
 
 def test_gym_vector_env_plays_with_memory_settings(memory_checkpoint, tiny_checkpoint):
-    from worldgen.env.world_model_env import WorldModelEnv, WorldModelVectorEnv
+    from worldgen.env.gym.world_model_env import WorldModelEnv, WorldModelVectorEnv
 
     envs = WorldModelVectorEnv(2, str(memory_checkpoint), device="cpu", reward="zero", stream={"memory_cap": 6})
     try:

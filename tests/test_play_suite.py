@@ -1,4 +1,4 @@
-"""The play suite (worldgen.evaluation.play, worldgen.env.play_suite) on a tiny real ViZDoom
+"""The play suite (worldgen.evaluation.play, worldgen.env.sources.play_suite) on a tiny real ViZDoom
 recording: the game's branches, a model that is given the game's frames scores the game's
 ceiling, the held last frame scores chance, and the whole command runs on the tiny model."""
 
@@ -22,7 +22,7 @@ SCRIPT = PlayScript(horizon=8, yaw_step=45.0, walks=(2,))  # short cases: second
 @pytest.fixture(scope="module")
 def play_recording(tmp_path_factory):
     """Real play that ViZDoom can replay: 3 episodes of 40 steps on E1M1 at 160x120."""
-    from worldgen.env.record import record_doom
+    from worldgen.env.sources.record import record_doom
 
     out = tmp_path_factory.mktemp("play") / "doom"
     record_doom(out, 120, workers=2, episode_steps=40, maps=["E1M1"], seed=5, progress=False)
@@ -31,7 +31,7 @@ def play_recording(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def branches(play_recording, tmp_path_factory):
-    from worldgen.env.play_suite import record_branches
+    from worldgen.env.sources.play_suite import record_branches
 
     out = tmp_path_factory.mktemp("branches") / "b"
     summary = record_branches(
@@ -150,7 +150,7 @@ def test_play_command_end_to_end(play_recording, tiny_checkpoint, tiny_geometry_
 def replayable(recording, tmp_path):
     """The tiny recording (the tiny model's own 32x24 play) told how to replay it: conftest
     played each episode on E1M1 with seed = its number and the default game settings."""
-    from worldgen.env.doom import DoomConfig
+    from worldgen.env.sources.doom import DoomConfig
 
     shutil.copytree(recording, tmp_path / "replayable")
     index = json.loads((tmp_path / "replayable" / "index.json").read_text())
@@ -164,7 +164,7 @@ def replayable(recording, tmp_path):
 def test_sampler_sweep_scores_settings_with_the_play_suite(doom_recording, tiny_checkpoint, tmp_path):
     from conftest import benchmark_script
 
-    from worldgen.env.play_suite import record_branches
+    from worldgen.env.sources.play_suite import record_branches
 
     data = replayable(doom_recording, tmp_path)
     # Made here with a short script (the sweep makes the default one when --branches is missing).

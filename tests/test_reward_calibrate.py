@@ -24,7 +24,7 @@ FIRE_CYCLE = [(["forward"], 0.0)] * 3 + [(["attack"], 0.0)] * 3 + [(["turn_right
 def replayable_recording(tmp_path_factory):
     """Real ViZDoom play (E1M1, 2 episodes) at 32x24 with game variables, its index naming the
     game settings so the episodes can be replayed, as `worldgen record` writes it."""
-    from worldgen.env.doom import VARIABLE_NAMES, DoomConfig, DoomEnv, rollout
+    from worldgen.env.sources.doom import VARIABLE_NAMES, DoomConfig, DoomEnv, rollout
 
     root = tmp_path_factory.mktemp("replayable")
     config = DoomConfig()
@@ -55,7 +55,7 @@ def replayable_recording(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_head(replayable_recording, tmp_path_factory):
-    from worldgen.env.reward_train import RewardTrainConfig, train
+    from worldgen.env.learned.reward_train import RewardTrainConfig, train
 
     out = tmp_path_factory.mktemp("head")
     train(
@@ -80,8 +80,8 @@ def small_head(replayable_recording, tmp_path_factory):
 def test_the_game_labels_the_models_rollouts(tiny_checkpoint, replayable_recording):
     """Recorded actions: the game's labels are the recording's variables (replay is exact);
     other actions: the game's own answer (firing spends ammo, not firing does not)."""
-    from worldgen.env.reward_calibrate import make_rollouts, plan, random_actions
-    from worldgen.env.world_model_env import load_model
+    from worldgen.env.gym.world_model_env import load_model
+    from worldgen.env.learned.reward_calibrate import make_rollouts, plan, random_actions
 
     wm, ds = load_model(str(tiny_checkpoint), "cpu"), Dataset(replayable_recording)
     rng = np.random.default_rng(0)
@@ -106,7 +106,7 @@ def test_the_game_labels_the_models_rollouts(tiny_checkpoint, replayable_recordi
 def test_calibrate_trains_on_generated_transitions_and_reports_event_rates(
     tiny_checkpoint, replayable_recording, small_head, tmp_path
 ):
-    from worldgen.env.reward_calibrate import CalibrateConfig, calibrate, load_rollouts
+    from worldgen.env.learned.reward_calibrate import CalibrateConfig, calibrate, load_rollouts
 
     report = calibrate(
         CalibrateConfig(

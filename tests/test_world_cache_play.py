@@ -155,7 +155,7 @@ def test_rgb_only_model_refuses_cache_points(tiny_checkpoint):
 
 
 def test_env_observes_the_models_own_depth_and_pose(wm):
-    from worldgen.env.world_model_env import WorldModelEnv
+    from worldgen.env import WorldModelEnv
 
     env = WorldModelEnv(wm, observations=("rgb", "depth", "pose"), reward="zero", horizon=None)
     assert env.world.geometry is None  # no geometry head: the model makes both

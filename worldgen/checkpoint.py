@@ -182,3 +182,22 @@ def load_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], whe
             parts.append(f"wrong shapes {shapes[:5]}{' ...' if len(shapes) > 5 else ''}")
         raise CheckpointError(f"{where}: checkpoint does not fit the model: {'; '.join(parts)}")
     module.load_state_dict(tensors, strict=True)
+
+
+def has_part(folder: str | os.PathLike | None, part: str) -> bool:
+    """Whether checkpoint folder ``folder`` (or a packaged name) holds a part stored as ``part``."""
+    try:
+        return folder is not None and (resolve(folder) / f"{part}.json").is_file()
+    except CheckpointError:
+        return False
+
+
+def stored_head(model_folder: Path | None, part: str, packaged_heads: Mapping[str, Path]) -> Path | None:
+    """Where the head ``part`` of the world model in ``model_folder`` is: the model folder itself,
+    or for a packaged model its folder in ``packaged_heads`` (packaged model name -> folder; heads
+    ship beside the code that reads them, not with the model); None if neither holds one."""
+    packaged = model_folder is not None and model_folder.resolve().parent == PACKAGED.resolve()
+    for folder in (model_folder, packaged_heads.get(model_folder.name) if packaged else None):
+        if has_part(folder, part):
+            return folder
+    return None

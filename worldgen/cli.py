@@ -12,7 +12,7 @@ import sys
 
 # name -> (module, one-line help). Modules are imported only to build their own parser.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "record": ("worldgen.env.record", "record real play (ViZDoom or any Gymnasium env) into a dataset"),
+    "record": ("worldgen.env.sources.record", "record real play (ViZDoom or any Gymnasium env) into a dataset"),
     "data": ("worldgen.data.cli", "inspect a dataset: info, view"),
     "train": ("worldgen.training.cli", "train a tokenizer, dynamics model, reward head or geometry head"),
     "eval": ("worldgen.evaluation.cli", "evaluate a checkpoint on held-out episodes"),

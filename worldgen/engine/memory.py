@@ -25,7 +25,7 @@ from worldgen.actions import KEYS, MOUSE_SCALE_DEG, NUM_KEYS
 from worldgen.memory.bank import FrameBank, recall
 from worldgen.models.dit import Memory
 
-# Doom at 4 tics a step (worldgen.env.doom): walking thrust 25 against friction 0.90625 settles at
+# Doom at 4 tics a step (worldgen.env.sources.doom): walking thrust 25 against friction 0.90625 settles at
 # ~8.3 map units a tic, strafing (24) at ~8; a held turn key at 3.5 deg a tic after its first 5 tics.
 WALK_UNITS_PER_STEP = 33.0
 STRAFE_UNITS_PER_STEP = 32.0

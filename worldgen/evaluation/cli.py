@@ -4,7 +4,7 @@
 (:mod:`worldgen.evaluation.evaluate`); ``--suite play`` scores what a player feels against the
 game's own answers: action branches, revisits, camera motion (:mod:`worldgen.evaluation.play`).
 The play suite replays ViZDoom, so this module hands it to the env side
-(``worldgen.env.play_suite``), imported by name only when asked for, as ``worldgen train``
+(``worldgen.env.sources.play_suite``), imported by name only when asked for, as ``worldgen train``
 does with the env's heads: nothing under worldgen/ imports the env.
 
 Examples:
@@ -129,7 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.suite == "play":
         args.windows = PLAY_WINDOWS if args.windows is None else args.windows
-        return importlib.import_module("worldgen.env.play_suite").run(args)
+        return importlib.import_module("worldgen.env.sources.play_suite").run(args)
     d = EvalConfig()
     cfg = EvalConfig(
         context=args.context,

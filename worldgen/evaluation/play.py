@@ -24,7 +24,7 @@ frames (the ceiling: ViZDoom replays are deterministic, and the recorder checks 
 replay reproduces the recorded frame it starts from).
 
 The game's side is a *branch recording* (:func:`load_recording`), made on the env side by
-``worldgen.env.play_suite.record_branches``; this module imports nothing of the env, so a
+``worldgen.env.sources.play_suite.record_branches``; this module imports nothing of the env, so a
 recording made with seeds nobody else has seen scores any model the same way. A branch
 recording is a worldgen dataset (checksummed shards, atomic index) whose episodes are, per
 window ``w``: ``w003-context``, the recorded frames ``start - 1 .. start + context - 1`` in the
@@ -173,7 +173,7 @@ def load_recording(path: str | Path) -> PlayRecording:
         raise EvaluationError(
             f"{ds.root}: not a branch recording (its index source has kind "
             f"{src.get('kind')!r}, not {KIND!r}); make one with `worldgen eval --suite play "
-            f"--data RECORDING` or worldgen.env.play_suite.record_branches"
+            f"--data RECORDING` or worldgen.env.sources.play_suite.record_branches"
         )
     by_window: dict[int, dict[str, int]] = {}
     for i, e in enumerate(ds.episodes):

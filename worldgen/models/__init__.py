@@ -47,6 +47,7 @@ __all__ = [
     "flops_per_token",
     "frames_to_tensor",
     "load_dit",
+    "load_part",
     "load_tokenizer",
     "save_part",
     "tensor_to_frames",
@@ -161,6 +162,22 @@ def _load(folder_or_name: str | os.PathLike, part: str, device: torch.device | s
     model = cls(config_from_dict(cfg_cls, config["model"], where))
     checkpoint.load_state(model, tensors, where)
     return model.to(device).eval()
+
+
+def load_part(
+    folder: str | os.PathLike, part: str, cls: type, cfg_cls: type, device: torch.device | str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The head ``cls(cfg_cls(...))`` stored as ``part`` of checkpoint folder ``folder``, in eval
+    mode (float32), and its stored config. Raises :class:`CheckpointError` naming the problem."""
+    tensors, config = checkpoint.load(folder, part)
+    where = f"{checkpoint.resolve(folder) / part}.json"
+    try:
+        actions.check_schema(config.get("action_schema", {}), where)
+    except actions.ActionError as e:
+        raise CheckpointError(str(e)) from None
+    head = cls(config_from_dict(cfg_cls, config.get("model"), where))
+    checkpoint.load_state(head, {k: v.float() for k, v in tensors.items()}, where)
+    return head.to(device).eval(), config
 
 
 def load_tokenizer(folder_or_name: str | os.PathLike, device: torch.device | str | None = None) -> Tokenizer:

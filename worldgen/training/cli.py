@@ -1,7 +1,7 @@
 """``worldgen train tokenizer|dynamics|distill|reward|geometry``: train the per-frame tokenizer, then the
 DiT on its latents, then (``distill``) a few-step student of it (Self Forcing); ``reward`` fits the
-Gymnasium env's reward/termination head (:mod:`worldgen.env.reward_train`), ``geometry`` its depth
-and odometry head (:mod:`worldgen.env.geometry_train`).
+Gymnasium env's reward/termination head (:mod:`worldgen.env.learned.reward_train`), ``geometry`` its depth
+and odometry head (:mod:`worldgen.env.learned.geometry_train`).
 
 Examples:
     worldgen train tokenizer --data data/doom --out runs/tok --minutes 8
@@ -41,12 +41,12 @@ TRAINERS: dict[str, tuple[str, str, str]] = {
         "Self Forcing: distil a Diffusion-Forcing model into a few-step student on its own rollouts",
     ),
     "reward": (
-        "worldgen.env.reward_train",
+        "worldgen.env.learned.reward_train",
         "RewardTrainConfig",
         "train a reward/termination head on recorded game variables (for the Gymnasium env)",
     ),
     "geometry": (
-        "worldgen.env.geometry_train",
+        "worldgen.env.learned.geometry_train",
         "GeometryTrainConfig",
         "train a depth + odometry head on recorded depth and poses (the env's depth and pose)",
     ),

@@ -1,4 +1,4 @@
-"""``worldgen train reward``: fit a :class:`~worldgen.env.reward.RewardHead` to recorded play.
+"""``worldgen train reward``: fit a :class:`~worldgen.env.learned.reward.RewardHead` to recorded play.
 
 Every step of every train episode (``Dataset.split()``) is a transition ``(frame t, action t,
 frame t+1)`` with targets from the recorded game variables:
@@ -7,7 +7,7 @@ frame t+1)`` with targets from the recorded game variables:
   change (down / same / up, a 3-way class) and its size (``log1p |change|``, regressed on the
   steps where it changed);
 * ``death``: 1 on the last transition of an episode that the player's death ended (its next
-  step killed the player; see :mod:`worldgen.env.reward` for why it is framed so).
+  step killed the player; see :mod:`worldgen.env.learned.reward` for why it is framed so).
 
 Changes are rare (in the recorder's exploration play ~1% of steps lose health, 0.2% kill, 0.2% pick up),
 so a share ``--event-fraction`` of every batch is drawn from the transitions where something
@@ -48,7 +48,7 @@ from torch import nn
 
 from worldgen import actions
 from worldgen.data import Dataset
-from worldgen.env.reward import (
+from worldgen.env.learned.reward import (
     CLASSES,
     DEFAULT_TARGETS,
     DEFAULT_WEIGHTS,
@@ -91,7 +91,7 @@ class RewardTrainConfig(TrainConfig):
     generated: str = opt(
         "",
         "the world model's own transitions labelled by the game (a rollouts file of "
-        "`python -m worldgen.env.reward_calibrate`), trained on beside the real ones: "
+        "`python -m worldgen.env.learned.reward_calibrate`), trained on beside the real ones: "
         "a head that only saw real frames mistakes the model's artefacts for events",
     )
 
@@ -185,11 +185,11 @@ def build_transitions(ds: Dataset, episodes: list[int], head: RewardHead) -> Tra
 
 
 def rollout_transitions(path: str | Path, head: RewardHead) -> Transitions:
-    """The transitions of a rollouts file (:func:`worldgen.env.reward_calibrate.save_rollouts`):
+    """The transitions of a rollouts file (:func:`worldgen.env.learned.reward_calibrate.save_rollouts`):
     rollout r's frames ``g_0 .. g_K`` (g_0 real, the rest the model's), the actions between them
     and the game's variables after each; only its first ``valid[r]`` transitions count (a death
     in the game ends the rollout there, the last of them labelled death)."""
-    from worldgen.env.reward_calibrate import load_rollouts
+    from worldgen.env.learned.reward_calibrate import load_rollouts
 
     r = load_rollouts(path)
     names = r["variables_names"]

@@ -1,9 +1,9 @@
 """The real ViZDoom game behind the same Gymnasium interface as the world-model env.
 
-:class:`RealDoomEnv` has :class:`~worldgen.env.world_model_env.WorldModelEnv`'s action spaces
-(:mod:`worldgen.env.action_spaces`, same mouse range), observations (frames resized to the
+:class:`RealDoomEnv` has :class:`~worldgen.env.gym.world_model_env.WorldModelEnv`'s action spaces
+(:mod:`worldgen.env.gym.action_spaces`, same mouse range), observations (frames resized to the
 model's size, or the atari preset) and reward: the weighted change of the game's own variables
-(:func:`~worldgen.env.reward.reward_from_variables`, the sum the learned head predicts), so an
+(:func:`~worldgen.env.learned.reward.reward_from_variables`, the sum the learned head predicts), so an
 agent trained in imagination plays the real game unchanged, and the same agent can be trained
 in the real game for comparison. It is a plain ``gymnasium.Env``: Gymnasium's
 ``AsyncVectorEnv`` runs one game per process.
@@ -31,11 +31,11 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from worldgen.env.action_spaces import RECORDER_MOUSE_RANGE, ActionCodec
-from worldgen.env.doom import VARIABLE_NAMES, DoomConfig, DoomEnv, check_maps
-from worldgen.env.reward import DEFAULT_WEIGHTS, reward_from_variables
-from worldgen.env.starts import resize_frames
-from worldgen.env.world_model_env import ATARI_SIZE, ATARI_STACK, PRESETS, atari_frames
+from worldgen.env.gym.action_spaces import RECORDER_MOUSE_RANGE, ActionCodec
+from worldgen.env.gym.starts import resize_frames
+from worldgen.env.gym.world_model_env import ATARI_SIZE, ATARI_STACK, PRESETS, atari_frames
+from worldgen.env.learned.reward import DEFAULT_WEIGHTS, reward_from_variables
+from worldgen.env.sources.doom import VARIABLE_NAMES, DoomConfig, DoomEnv, check_maps
 
 
 class RealDoomEnv(gymnasium.Env):
@@ -43,7 +43,7 @@ class RealDoomEnv(gymnasium.Env):
 
     Args:
         frame_size: (H, W) of observed frames: the world model's, so its agents see alike.
-        action_space, mouse_range, preset: as :class:`~worldgen.env.world_model_env.WorldModelEnv`'s
+        action_space, mouse_range, preset: as :class:`~worldgen.env.gym.world_model_env.WorldModelEnv`'s
             (pass the model env's ``world.codec.mouse_range`` to match it exactly).
         reward_weights: weight per game variable and ``"death"`` (default: the reward head's defaults).
         maps: maps episodes start on.

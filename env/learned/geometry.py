@@ -3,14 +3,14 @@
 The world model generates RGB frames. An agent that maps, plans paths or builds a point cloud
 also wants each frame's depth and where the camera is. A :class:`GeometryHead` reads both off
 the frames, trained on recorded play where both are ground truth (``worldgen train geometry``,
-:mod:`worldgen.env.geometry_train`):
+:mod:`worldgen.env.learned.geometry_train`):
 
 * depth: one frame -> the depth buffer the recorder stores (ViZDoom's uint8, larger = farther,
-  ~7 map units a level; :mod:`worldgen.env.doom`), by a small encoder-decoder (a U-Net) at a
+  ~7 map units a level; :mod:`worldgen.env.sources.doom`), by a small encoder-decoder (a U-Net) at a
   quarter of the frame's size, upsampled;
 * odometry: one transition (frame, action, next frame) -> the camera's motion in the first
   camera's frame: forward, left, up (map units), yaw, pitch (degrees), by the same kind of trunk
-  as the reward head (:class:`~worldgen.env.reward.TransitionEncoder`).
+  as the reward head (:class:`~worldgen.env.learned.reward.TransitionEncoder`).
 
 :func:`integrate` adds the odometry up into a pose ``(x, y, z, yaw, pitch)`` (the recorder's
 :data:`~worldgen.data.dataset.POSE_FIELDS` and conventions: yaw counter-clockwise from +x); the
@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worldgen import actions, checkpoint
+from worldgen import actions, checkpoint, models
 from worldgen.checkpoint import CheckpointError
-from worldgen.env.reward import TransitionEncoder, load_part, pool_frames, stored_head
+from worldgen.env.learned.reward import PACKAGED_HEADS, TransitionEncoder, pool_frames
 
 PART = "geometry"  # checkpoint part name: <folder>/geometry.json + geometry-*.safetensors
 MOTION_FIELDS = ("forward", "left", "up", "yaw", "pitch")  # map units and degrees, per step
@@ -230,17 +230,17 @@ def load_head(
 ) -> tuple[GeometryHead, dict[str, Any]]:
     """The geometry head of checkpoint folder ``folder`` in eval mode, and its stored config
     (``metrics``, ``train``). Raises :class:`CheckpointError` naming the problem."""
-    return load_part(folder, PART, GeometryHead, GeometryHeadConfig, device)
+    return models.load_part(folder, PART, GeometryHead, GeometryHeadConfig, device)
 
 
 def find_head(geometry: Any, model_folder: Path | None, device: torch.device | str | None) -> GeometryHead:
     """What the env's ``geometry`` argument names: ``"learned"`` (the head stored in the model's
-    folder, or for the packaged default model the one packaged beside this module), a checkpoint
+    folder, or for the packaged default model the one packaged in ``env/heads/``), a checkpoint
     folder holding one, or a :class:`GeometryHead`."""
     if isinstance(geometry, GeometryHead):
         return geometry.to(device).eval()
     if isinstance(geometry, str) and geometry == "learned":
-        folder = stored_head(model_folder, PART)
+        folder = checkpoint.stored_head(model_folder, PART, PACKAGED_HEADS)
         if folder is not None:
             return load_head(folder, device)[0]
         raise CheckpointError(

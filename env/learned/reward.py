@@ -10,7 +10,7 @@ for all its sub-envs)::
 * :class:`FunctionReward`: your function of one transition,
   ``fn(prev_frame, action, frame) -> reward`` or ``-> (reward, terminated)``.
 * :class:`LearnedReward`: a :class:`RewardHead`, a small conv net trained on recorded play
-  (``worldgen train reward``, :mod:`worldgen.env.reward_train`) to predict from a transition
+  (``worldgen train reward``, :mod:`worldgen.env.learned.reward_train`) to predict from a transition
   (frame, action, next frame) how the recorded game variables change (health, kills, items by
   default) and whether the player dies at the next step. The reward is a weighted sum of the
   predicted changes (:data:`DEFAULT_WEIGHTS`), the same sum :func:`reward_from_variables`
@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worldgen import actions, checkpoint
+from worldgen import actions, checkpoint, models
 from worldgen.actions import Action
 from worldgen.checkpoint import CheckpointError
 
@@ -218,51 +218,15 @@ def save_head(
     checkpoint.save(folder, PART, tensors, config)
 
 
-def has_part(folder: str | os.PathLike | None, part: str) -> bool:
-    """Whether checkpoint folder ``folder`` (or a packaged name) holds a head stored as ``part``."""
-    try:
-        return folder is not None and (checkpoint.resolve(folder) / f"{part}.json").is_file()
-    except CheckpointError:
-        return False
-
-
-def load_part(
-    folder: str | os.PathLike, part: str, cls: type, cfg_cls: type, device: torch.device | str | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The head ``cls(cfg_cls(...))`` stored as ``part`` of checkpoint folder ``folder``, in eval
-    mode, and its stored config. Raises :class:`CheckpointError` naming the problem."""
-    from worldgen.models import config_from_dict
-
-    tensors, config = checkpoint.load(folder, part)
-    where = f"{checkpoint.resolve(folder) / part}.json"
-    try:
-        actions.check_schema(config.get("action_schema", {}), where)
-    except actions.ActionError as e:
-        raise CheckpointError(str(e)) from None
-    head = cls(config_from_dict(cfg_cls, config.get("model"), where))
-    checkpoint.load_state(head, {k: v.float() for k, v in tensors.items()}, where)
-    return head.to(device).eval(), config
-
-
-def stored_head(model_folder: Path | None, part: str) -> Path | None:
-    """Where the head ``part`` of the world model in ``model_folder`` is: the model folder itself,
-    or for a packaged model the heads packaged beside this module; None if neither holds one."""
-    packaged = model_folder is not None and model_folder.resolve().parent == checkpoint.PACKAGED.resolve()
-    for folder in (model_folder, PACKAGED_HEADS.get(model_folder.name) if packaged else None):
-        if has_part(folder, part):
-            return folder
-    return None
-
-
 def has_head(folder: str | os.PathLike) -> bool:
     """Whether checkpoint folder ``folder`` (or a packaged name) holds a reward head."""
-    return has_part(folder, PART)
+    return checkpoint.has_part(folder, PART)
 
 
 def load_head(folder: str | os.PathLike, device: torch.device | str | None = None) -> tuple[RewardHead, dict[str, Any]]:
     """The reward head of checkpoint folder ``folder`` in eval mode, and its stored config
     (``reward_weights``, ``metrics``, ``train``). Raises :class:`CheckpointError` naming the problem."""
-    return load_part(folder, PART, RewardHead, RewardHeadConfig, device)
+    return models.load_part(folder, PART, RewardHead, RewardHeadConfig, device)
 
 
 # --- reward models: what the env calls --------------------------------------------------------
@@ -383,7 +347,7 @@ def reward_from_variables(
     """The real game's reward for one step, the sum :class:`LearnedReward` predicts.
 
     ``prev``/``now``: game variables before and after the step (``names`` their columns, e.g.
-    :data:`worldgen.env.doom.VARIABLE_NAMES`); ``now=None`` means the player died on this step.
+    :data:`worldgen.env.sources.doom.VARIABLE_NAMES`); ``now=None`` means the player died on this step.
 
     Example:
         >>> names = ["health", "killcount", "itemcount"]
@@ -410,7 +374,7 @@ def make_reward_model(
     """What the env's ``reward`` argument names, as a reward model.
 
     ``"learned"``: the head stored in the world model's folder (``<model>/reward.json``), or for
-    the packaged default model the one packaged beside this module; ``"zero"``; a checkpoint
+    the packaged default model the one packaged in ``env/heads/``; ``"zero"``; a checkpoint
     folder path holding a head; a :class:`RewardHead`; a reward model of this module (e.g.
     ``LearnedReward(folder, death_threshold=0.2)``); or a function of one transition.
     """
@@ -421,7 +385,7 @@ def make_reward_model(
     if isinstance(reward, RewardHead):
         return LearnedReward(reward, weights, device=device)
     if isinstance(reward, str) and reward == "learned":
-        folder = stored_head(model_folder, PART)
+        folder = checkpoint.stored_head(model_folder, PART, PACKAGED_HEADS)
         if folder is not None:
             return LearnedReward(folder, weights, device=device)
         raise CheckpointError(
@@ -441,4 +405,4 @@ def make_reward_model(
 
 
 # Heads that ship with worldgen, by the name of the packaged model they belong to.
-PACKAGED_HEADS = {"default": Path(__file__).parent / "heads" / "default"}
+PACKAGED_HEADS = {"default": Path(__file__).parents[1] / "heads" / "default"}  # env/heads/

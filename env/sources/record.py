@@ -55,8 +55,8 @@ from tqdm import tqdm
 from worldgen import actions
 from worldgen.data.coverage import PER, coverage, save_map_lines
 from worldgen.data.dataset import Dataset, DatasetError, DatasetIndex, EpisodeInfo, write_episode_shards
-from worldgen.env.doom import VARIABLE_NAMES, DoomConfig, DoomEnv, DoomError, check_maps, map_lines, rollout
-from worldgen.env.policies import POLICIES, make_policy
+from worldgen.env.sources.doom import VARIABLE_NAMES, DoomConfig, DoomEnv, DoomError, check_maps, map_lines, rollout
+from worldgen.env.sources.policies import POLICIES, make_policy
 
 DEFAULT_MAPS = ("E1M1", "E1M2", "E1M3", "E1M4", "E1M5", "E1M6", "E1M7", "E1M8")  # Freedoom episode 1
 DEFAULT_EPISODE_STEPS = 2000  # ~4 minutes of game time at frame skip 4: deep into a map
@@ -89,7 +89,7 @@ def _source(config: DoomConfig, **extra: Any) -> dict[str, Any]:
         "env": "doom",
         "doom": config.to_dict(),
         "vizdoom": vizdoom.__version__,
-        "pose": "camera; yaw deg counter-clockwise from +x, pitch deg > 0 up (worldgen.env.doom)",
+        "pose": "camera; yaw deg counter-clockwise from +x, pitch deg > 0 up (worldgen.env.sources.doom)",
         "depth": "vizdoom depth buffer, uint8, larger = farther, ~7 map units per level",
         **extra,
     }
@@ -520,7 +520,7 @@ def run(args: argparse.Namespace) -> int:
             given = [f"--{k.replace('_', '-')}" for k in DOOM_ONLY if getattr(args, k) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)}: apply to --env doom only")
-            from worldgen.env.gym_recorder import record_gym
+            from worldgen.env.sources.gym_recorder import record_gym
 
             kw = {} if args.resolution is None else {"resolution": args.resolution}
             path = record_gym(

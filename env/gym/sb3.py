@@ -5,13 +5,13 @@ SB3 takes a ``VecEnv`` of its own API, not Gymnasium's vector env: ``step`` retu
 starts its next episode at once (same-step autoreset), its last observation in
 ``infos[i]["terminal_observation"]`` and ``infos[i]["TimeLimit.truncated"]`` saying whether a
 time limit, not the game, ended it. :class:`SB3VecEnv` is that API over
-:class:`~worldgen.env.world_model_env.WorldModelVectorEnv` in its same-step autoreset mode, so
+:class:`~worldgen.env.gym.world_model_env.WorldModelVectorEnv` in its same-step autoreset mode, so
 the model still steps all sub-envs with one forward. Needs the ``rl`` extra
 (``pip install -e ".[rl]"``).
 
 Example:
     >>> from stable_baselines3 import PPO                                            # doctest: +SKIP
-    >>> from worldgen.env.sb3 import SB3VecEnv                                         # doctest: +SKIP
+    >>> from worldgen.env.gym.sb3 import SB3VecEnv                                         # doctest: +SKIP
     >>> venv = SB3VecEnv(16, "default", action_space="discrete", preset="atari")      # doctest: +SKIP
     >>> PPO("CnnPolicy", venv).learn(100_000)                                          # doctest: +SKIP
 """
@@ -24,19 +24,19 @@ from typing import Any
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from worldgen.env.world_model_env import WorldModelVectorEnv
+from worldgen.env.gym.world_model_env import WorldModelVectorEnv
 
 try:
     from stable_baselines3.common.vec_env import VecEnv
 except ImportError as e:  # an optional extra: say how to get it
     raise ImportError(
-        'worldgen.env.sb3 needs Stable-Baselines3: pip install -e ".[rl]" (or pip install stable-baselines3)'
+        'worldgen.env.gym.sb3 needs Stable-Baselines3: pip install -e ".[rl]" (or pip install stable-baselines3)'
     ) from e
 
 
 class SB3VecEnv(VecEnv):
     """``num_envs`` world-model envs as an SB3 ``VecEnv``; takes
-    :class:`~worldgen.env.world_model_env.WorldModelEnv`'s keyword arguments (``action_space``,
+    :class:`~worldgen.env.gym.world_model_env.WorldModelEnv`'s keyword arguments (``action_space``,
     ``preset``, ``reward``, ``horizon``, ...). ``seed(s)`` before ``reset()`` seeds sub-env i with
     ``s + i``, as SB3's own vector envs do."""
 

@@ -18,7 +18,7 @@ generated frames as real play has them). The fix is to show it generated frames 
 One command does all four (``--out`` gets ``rollouts-train.npz``, ``rollouts-heldout.npz``,
 ``head/`` (the run; ``head/ckpt`` is the calibrated head to use) and ``report.json``)::
 
-    python -m worldgen.env.reward_calibrate --model default --data data/reward-doom-320k --out runs/calibrate
+    python -m worldgen.env.learned.reward_calibrate --model default --data data/reward-doom-320k --out runs/calibrate
 
 Event rates: ``predicted`` is the mean probability (the expected count per step, what an
 expected reward sums), ``decided`` the share of steps where the event is the most probable
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from worldgen.actions import Action
-from worldgen.env.action_spaces import DISCRETE_ACTIONS
+from worldgen.env.gym.action_spaces import DISCRETE_ACTIONS
 from worldgen.training.common import add_config_args, config_from_args, opt
 
 ACTION_SOURCES = ("discrete", "recorded")
@@ -110,7 +110,7 @@ def _label(job: tuple[str, str, int, np.ndarray, np.ndarray]) -> tuple[np.ndarra
     variables at frame t and after each step (K + 1, V; frozen after a death), the step (1-based)
     whose action killed the player (0: none), and whether the replay reached the recording's
     variables at t."""
-    from worldgen.env.record import load_replay
+    from worldgen.env.sources.record import load_replay
 
     source, _, t, keys, mouse = job
     spec = load_replay(source)
@@ -137,7 +137,7 @@ _GAMES: dict[str, Any] = {}
 
 def _game(config: Any, first_map: str) -> Any:
     """One ViZDoom engine per worker process, reused across rollouts."""
-    from worldgen.env.doom import DoomEnv
+    from worldgen.env.sources.doom import DoomEnv
 
     key = json.dumps(config.to_dict(), sort_keys=True)
     if key not in _GAMES:
@@ -230,7 +230,7 @@ def load_rollouts(path: str | Path) -> dict[str, Any]:
 def event_rates(head: Any, t: Any, batch: int = 512) -> dict[str, dict[str, float | None]]:
     """Per event (``<target>_down``/``_up``, ``death``): predicted (mean probability), decided
     (share of steps where it is the most probable class) and actual (the labels') rates per step,
-    and ratio = predicted / actual, over transitions ``t`` (:class:`~worldgen.env.reward_train.Transitions`)."""
+    and ratio = predicted / actual, over transitions ``t`` (:class:`~worldgen.env.learned.reward_train.Transitions`)."""
     device = next(head.parameters()).device
     probs, p_death = [], []
     for s in range(0, len(t), batch):
@@ -277,7 +277,7 @@ def _print_rates(title: str, before: dict, after: dict) -> None:
 
 
 def _train_overrides(text: str) -> dict[str, Any]:
-    from worldgen.env.reward_train import RewardTrainConfig
+    from worldgen.env.learned.reward_train import RewardTrainConfig
 
     fields = {f.name: f for f in dataclasses.fields(RewardTrainConfig)}
     out: dict[str, Any] = {}
@@ -294,9 +294,9 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     """Rollouts, labels, training and the report (module docstring); returns the report."""
     from worldgen import checkpoint
     from worldgen.data import Dataset
-    from worldgen.env.reward import LearnedReward, make_reward_model
-    from worldgen.env.reward_train import RewardTrainConfig, rollout_transitions, train
-    from worldgen.env.world_model_env import load_model
+    from worldgen.env.gym.world_model_env import load_model
+    from worldgen.env.learned.reward import LearnedReward, make_reward_model
+    from worldgen.env.learned.reward_train import RewardTrainConfig, rollout_transitions, train
 
     if not cfg.data or not cfg.out:
         raise ValueError("--data and --out are required")
@@ -381,7 +381,9 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m worldgen.env.reward_calibrate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m worldgen.env.learned.reward_calibrate", description=__doc__.split("\n")[0]
+    )
     add_config_args(p, CalibrateConfig, required=("data", "out"))
     cfg, _ = config_from_args(CalibrateConfig, p.parse_args(argv))
     return calibrate(cfg)

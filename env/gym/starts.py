@@ -130,7 +130,7 @@ class DoomStarts:
     model's. One engine process, started at the first draw, serves every reset."""
 
     def __init__(self, frame_shape: Sequence[int], context: int, maps: Sequence[str] = ("E1M1",), config: Any = None):
-        from worldgen.env.doom import DoomConfig, check_maps
+        from worldgen.env.sources.doom import DoomConfig, check_maps
 
         self.config = config or DoomConfig()
         self.maps = check_maps(list(maps), self.config.wad)
@@ -139,7 +139,7 @@ class DoomStarts:
         self.env = None
 
     def draw(self, rng: np.random.Generator) -> Start:
-        from worldgen.env.doom import DoomEnv
+        from worldgen.env.sources.doom import DoomEnv
 
         if self.env is None:
             self.env = DoomEnv(self.config, self.maps[0])

@@ -1,11 +1,11 @@
-"""``worldgen train geometry``: fit a :class:`~worldgen.env.geometry.GeometryHead` to recorded play.
+"""``worldgen train geometry``: fit a :class:`~worldgen.env.learned.geometry.GeometryHead` to recorded play.
 
 The recorder stores, per step, the depth buffer and the camera pose; they are the targets:
 
 * depth: each frame's depth buffer, average-pooled to the head's depth resolution
   (``--depth-downsample``, auto: to at most 40 pixels wide), L1 in [0, 1];
 * odometry: each transition ``(frame t, action t, frame t+1)`` of an episode, the camera motion
-  from pose t to pose t+1 in camera t's frame (:func:`~worldgen.env.geometry.motion_between`),
+  from pose t to pose t+1 in camera t's frame (:func:`~worldgen.env.learned.geometry.motion_between`),
   divided by its per-field std over the train transitions (stored with the head), smooth L1.
 
 Frames and depth are held on the device as pooled uint8, batches drawn there with the step's
@@ -41,8 +41,15 @@ from torch import nn
 
 from worldgen import actions
 from worldgen.data import Dataset
-from worldgen.env.geometry import MOTION_FIELDS, GeometryHead, GeometryHeadConfig, integrate, motion_between, save_head
-from worldgen.env.reward import pool_factor
+from worldgen.env.learned.geometry import (
+    MOTION_FIELDS,
+    GeometryHead,
+    GeometryHeadConfig,
+    integrate,
+    motion_between,
+    save_head,
+)
+from worldgen.env.learned.reward import pool_factor
 from worldgen.training import common
 from worldgen.training.common import Dist, Run, TrainConfig, autocast, opt, save_image_rows
 

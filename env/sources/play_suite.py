@@ -17,7 +17,7 @@ frame for frame), at a few hundred steps/s a game on one core.
 Examples::
 
     worldgen eval --suite play --checkpoint default --data HELDOUT --split all --json play.json
-    python -c "from worldgen.env.play_suite import record_branches; record_branches('HELDOUT', 'BRANCHES', windows=64)"
+    python -c "from worldgen.env.sources.play_suite import record_branches as rb; rb('HELDOUT', 'BRANCHES', windows=64)"
     worldgen eval --suite play --checkpoint default --data BRANCHES --json play.json   # a branch recording
 """
 
@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from worldgen.data import Dataset, DatasetError
 from worldgen.data.dataset import DatasetIndex, Episode, EpisodeInfo, write_episode_shards
-from worldgen.env.doom import HFOV_DEG, DoomConfig, DoomEnv, DoomError
-from worldgen.env.geometry import find_head, motion_between
+from worldgen.env.learned.geometry import find_head, motion_between
+from worldgen.env.sources.doom import HFOV_DEG, DoomConfig, DoomEnv, DoomError
 from worldgen.evaluation.evaluate import EvaluationError, select_windows, trainer_heldout_fraction, write_json
 from worldgen.evaluation.play import KIND, PlayScript
 
@@ -70,7 +70,7 @@ def _play_window(job: _Window) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, 
     poses (K + 1, 5) from the departure on, and whether the replay matched the recording; and
     whether the longest case, played once more, came out identical (the game's determinism,
     checked rather than assumed). A death or the map's exit mid-case freezes the last frame, as
-    ``worldgen.env.record.branch`` does."""
+    ``worldgen.env.sources.record.branch`` does."""
     with DoomEnv(job.config, job.map) as env:
         out = {name: _play_case(env, job, keys, mouse) for name, (keys, mouse) in job.cases.items()}
         longest = max(job.cases, key=lambda n: len(job.cases[n][0]))
@@ -282,7 +282,7 @@ def _write_window(
 class FrameOdometry:
     """Camera motion read off two frames alone: the play suite's
     :class:`~worldgen.evaluation.play.Odometry`, true motion from the game's poses by the
-    recorder's convention (:func:`~worldgen.env.geometry.motion_between`).
+    recorder's convention (:func:`~worldgen.env.learned.geometry.motion_between`).
 
     No action goes in. The geometry head's odometry also reads the action, and given it credits
     a frame held still with the action's motion (measured: yaw sign right on 100% of the held

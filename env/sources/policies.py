@@ -4,7 +4,7 @@ the explorer with pauses where it lets go of every control ("still"), and a unif
 baseline.
 
 A policy is called once per step with the current observation (anything with ``depth``
-(H, W), ``pose`` (5,) and ``variables`` (V,) like :class:`worldgen.env.doom.Observation`) and
+(H, W), ``pose`` (5,) and ``variables`` (V,) like :class:`worldgen.env.sources.doom.Observation`) and
 returns one schema action, ``keys`` (8,) uint8 and ``mouse`` (2,) float32 degrees.
 ``reset(seed)`` starts an episode; the same seed and observations give the same actions, so
 a recorded episode is reproducible from its seed alone.
@@ -207,7 +207,7 @@ NEIGHBOURS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 
 @dataclass(frozen=True)
 class ExploreConfig:
     hfov_deg: float = 90.0  # ViZDoom's horizontal field of view, to turn depth columns into bearings
-    depth_units: float = 7.0  # map units per depth level (measured, env/doom.py)
+    depth_units: float = 7.0  # map units per depth level (measured, env/sources/doom.py)
     pixel_aspect: float = 1.2  # Doom's tall pixels: vertical / horizontal focal length (measured via pitch)
     rays: int = 40  # bearings: depth columns min-pooled to this many (2.25 deg each at 90 deg)
     near: float = 40.0  # map units: a wall this close ahead ends a walk (player radius is 16)

@@ -17,7 +17,7 @@ Spaces (docs/agents.md has the full reference):
 * action: ``action_space=`` ``"dict"`` (default; the schema of :mod:`worldgen.actions`,
   ``Dict(keys=MultiBinary(8), mouse=Box(-range, range, (2,), float32))``, mouse in degrees per
   step, yaw > 0 turning right), ``"discrete"``, ``"multidiscrete"`` or ``"box"``
-  (:mod:`worldgen.env.action_spaces`). The mouse range of every space is what the model's
+  (:mod:`worldgen.env.gym.action_spaces`). The mouse range of every space is what the model's
   training data covers (``mouse_range=`` overrides); a Dict action beyond it is clipped to it. The
   Dict space also accepts a :class:`~worldgen.actions.Action` or the wire form with key names,
   ``{"keys": ["forward"], "mouse": [5.0, 0.0]}``. A bad action raises
@@ -30,16 +30,16 @@ Spaces (docs/agents.md has the full reference):
   world-cache model (docs/world_cache.md) generates both itself: its depth, and the camera its
   frame's cache view was rendered at, in the map's coordinates (not start-relative). An RGB-only
   model's are read off its frames by a learned geometry head
-  (:mod:`worldgen.env.geometry`: depth per frame, odometry per step, integrated): ``geometry=``
+  (:mod:`worldgen.env.learned.geometry`: depth per frame, odometry per step, integrated): ``geometry=``
   the head stored with the model (default; the default model's ships with worldgen) or a folder.
   ``preset="atari"``: the last 4 frames in grayscale at 84x84, ``(4, 84, 84)`` uint8.
 
-Episodes: ``reset(seed=...)`` draws a real start context (:mod:`worldgen.env.starts`: the
+Episodes: ``reset(seed=...)`` draws a real start context (:mod:`worldgen.env.gym.starts`: the
 checkpoint's stored starts by default, else a fresh ViZDoom game; or ``start="dataset"`` with
 ``data=``) and the session's sampler seed from ``self.np_random``, so the same seed
 gives the same episode for the same actions. ``reset(options={"start": i})`` picks stored
 start ``i``; ``options={"context_frames": F, "context_actions": A}`` starts from your frames.
-Reward and termination come from a reward model (:mod:`worldgen.env.reward`): the learned head
+Reward and termination come from a reward model (:mod:`worldgen.env.learned.reward`): the learned head
 by default, ``reward="zero"``, or your function. Episodes are truncated after ``horizon`` steps
 (``gymnasium.make`` leaves that to its ``TimeLimit`` of the registered ``max_episode_steps``).
 ``info``: ``start`` (reset), ``steps``, and ``reward_terms`` (a learned head's parts of the reward).
@@ -50,7 +50,7 @@ after a sub-env terminates or truncates resets it (its action is ignored, reward
 ``reset(seed=s)`` seeds sub-env i with ``s + i``, exactly as ``SyncVectorEnv`` over
 :class:`WorldModelEnv` would, only with one forward for all sub-envs. ``autoreset_mode=SAME_STEP``
 resets in the step that ended the episode (``final_obs``/``final_info``), Stable-Baselines3's
-convention (:mod:`worldgen.env.sb3` wraps it in SB3's ``VecEnv`` API).
+convention (:mod:`worldgen.env.gym.sb3` wraps it in SB3's ``VecEnv`` API).
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ from gymnasium.vector.utils import batch_space
 from worldgen import checkpoint
 from worldgen.actions import Action, ActionError
 from worldgen.env import DEFAULT_HORIZON
-from worldgen.env.action_spaces import ActionCodec, check_mouse_range, to_action, trained_mouse_range
-from worldgen.env.geometry import POSE_HIGH, POSE_LOW, find_head, integrate, predict_depth, predict_motion
-from worldgen.env.reward import LearnedReward, RewardModel, make_reward_model
-from worldgen.env.starts import DatasetStarts, DoomStarts, Start, StartSource, StoredStarts, resize_frames
+from worldgen.env.gym.action_spaces import ActionCodec, check_mouse_range, to_action, trained_mouse_range
+from worldgen.env.gym.starts import DatasetStarts, DoomStarts, Start, StartSource, StoredStarts, resize_frames
+from worldgen.env.learned.geometry import POSE_HIGH, POSE_LOW, find_head, integrate, predict_depth, predict_motion
+from worldgen.env.learned.reward import LearnedReward, RewardModel, make_reward_model
 
 OBSERVATION_KEYS = ("rgb", "depth", "pose")
 PRESETS = (None, "atari")
@@ -282,7 +282,7 @@ class WorldModelEnv(gymnasium.Env):
             window, updated every step; ``SDL_VIDEODRIVER=dummy`` runs it headless).
         reward: ``"learned"`` (the reward head stored with the model; the default model's ships
             with worldgen), ``"zero"``, a checkpoint folder holding a head, a reward model of
-            :mod:`worldgen.env.reward` (``LearnedReward(folder, death_threshold=0.2)``), or a
+            :mod:`worldgen.env.learned.reward` (``LearnedReward(folder, death_threshold=0.2)``), or a
             function ``fn(prev_frame, action, frame) -> reward | (reward, terminated)``.
         reward_weights: for a learned head, the weight of each predicted change and of
             ``"death"`` (default: those stored with the head).
@@ -295,14 +295,14 @@ class WorldModelEnv(gymnasium.Env):
             the module docstring).
         geometry: the depth and odometry head for ``"depth"``/``"pose"``: ``"learned"`` (stored
             with the model; the default model's ships with worldgen), a checkpoint folder, or a
-            :class:`~worldgen.env.geometry.GeometryHead`.
+            :class:`~worldgen.env.learned.geometry.GeometryHead`.
         stream: engine settings for loading (``steps``, ``ctx_noise``, ``window``, ...).
         compile: ``wm.compile()`` the engine (GPU: the step as one CUDA graph; the first step
             compiles, seconds to a minute).
         action_space: ``"dict"``, ``"discrete"``, ``"multidiscrete"`` or ``"box"``
-            (:mod:`worldgen.env.action_spaces`).
+            (:mod:`worldgen.env.gym.action_spaces`).
         mouse_range: (yaw, pitch) degrees per step every action space stays within (default:
-            what the model's training data covers, :func:`~worldgen.env.action_spaces.trained_mouse_range`).
+            what the model's training data covers, :func:`~worldgen.env.gym.action_spaces.trained_mouse_range`).
         preset: None, or ``"atari"``: observations are the last 4 frames, grayscale, 84x84.
         torch_threads: torch intra-op threads (default: 1 on a CPU of at most 4 cores, else torch's).
 

@@ -40,7 +40,7 @@ from worldgen.actions import Action, ActionError
 
 ACTION_SPACES = ("dict", "discrete", "multidiscrete", "box")
 
-# The explorer that recorded the default model's data (env/policies.py) clamps yaw to +-45
+# The explorer that recorded the default model's data (env/sources/policies.py) clamps yaw to +-45
 # degrees per step and pitch to +-3: the range for checkpoints that predate a stored
 # "mouse_range" (training stores the data's own since; see worldgen/training/dynamics.py).
 RECORDER_MOUSE_RANGE = (45.0, 3.0)

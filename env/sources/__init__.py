@@ -1,0 +1,1 @@
+"""Data sources: the ViZDoom game and recorder, the policies that play it, the Gymnasium recorder."""
