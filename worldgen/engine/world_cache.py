@@ -72,6 +72,10 @@ class CachePool:
         self.clouds.reset(torch.tensor([slot], device=self.clouds.device))
         self.free.append(slot)
 
+    def _exact(self):
+        """Geometry in float32 even inside the engine's bf16 autocast: map units run to thousands."""
+        return torch.autocast(self.clouds.device.type, enabled=False)
+
     def nbytes_per_session(self) -> int:
         return self.clouds.nbytes() // self.clouds.batch
 
@@ -94,8 +98,9 @@ class CachePool:
         idx = torch.tensor([slot], device=self.clouds.device)
         self.clouds.reset(idx)
         one = self.clouds.select(idx)
-        for t in range(len(rgb)):  # the context is short (the KV window): oldest first, as play goes on
-            one.update(rgb[t : t + 1], depth[t : t + 1], pose[t : t + 1])
+        with self._exact():
+            for t in range(len(rgb)):  # the context is short (the KV window): oldest first, as play goes on
+                one.update(rgb[t : t + 1], depth[t : t + 1], pose[t : t + 1])
         self.clouds.assign(idx, one)
         self.pose[slot] = pose[-1]
         self.momentum[slot] = momentum(pose[-2:])[0] if len(pose) >= 2 else 0.0
@@ -108,12 +113,14 @@ class CachePool:
         """Before a step of the sessions in ``slots`` (B,) with ``action`` (B, A): the new frames'
         poses (B, 5) (``pose`` if given: the true cameras, else predicted), their conditioning
         (B, C + 1, h, w), and the sessions' clouds gathered for :meth:`fuse`."""
-        if pose is None:
-            pose = self.settings.motion.predict(
-                self.pose[slots], self.momentum[slots], action.float(), self.last_action[slots]
-            )
-        clouds = self.clouds.select(slots)
-        return pose, view_condition(tokenizer, clouds.render(pose), self.settings.camera), clouds
+        with self._exact():
+            if pose is None:
+                pose = self.settings.motion.predict(
+                    self.pose[slots], self.momentum[slots], action.float(), self.last_action[slots]
+                )
+            clouds = self.clouds.select(slots)
+            view = clouds.render(pose)
+        return pose, view_condition(tokenizer, view, self.settings.camera), clouds
 
     def fuse(
         self, slots: torch.Tensor, clouds: WorldCache, rgbd: np.ndarray, pose: torch.Tensor, action: torch.Tensor
@@ -121,10 +128,11 @@ class CachePool:
         """After the step: the generated frames ``rgbd (B, H, W, 4)`` uint8 (depth in levels) at
         ``pose (B, 5)`` join the clouds (Voyager's update rule); the pose state moves on."""
         frames = torch.from_numpy(rgbd).to(self.clouds.device)
-        clouds.update(frames[..., :3].contiguous(), frames[..., 3].float(), pose)
-        self.clouds.assign(slots, clouds)
-        # Momentum of old -> new per session: momentum() of the interleaved sequence
-        # (old_0, new_0, old_1, new_1, ...) at its even steps.
-        pair = torch.stack([self.pose[slots], pose], 1).reshape(-1, POSE_DIM)
-        self.momentum[slots] = momentum(pair)[0::2]
-        self.pose[slots], self.last_action[slots] = pose, action.float()
+        with self._exact():
+            clouds.update(frames[..., :3].contiguous(), frames[..., 3].float(), pose)
+            self.clouds.assign(slots, clouds)
+            # Momentum of old -> new per session: momentum() of the interleaved sequence
+            # (old_0, new_0, old_1, new_1, ...) at its even steps.
+            pair = torch.stack([self.pose[slots], pose], 1).reshape(-1, POSE_DIM)
+            self.momentum[slots] = momentum(pair)[0::2]
+            self.pose[slots], self.last_action[slots] = pose, action.float()
