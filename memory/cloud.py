@@ -126,6 +126,33 @@ class WorldCache:
         self.stamp[sel] = -1
         self.frames[sel] = 0
 
+    _STATE = ("xyz", "rgb", "normal", "size", "stamp", "frames")  # all per-session state, batch first
+
+    def select(self, sessions: torch.Tensor) -> WorldCache:
+        """A new cache holding a copy of ``sessions``' clouds ((S,) indices, in that order):
+        a pool's sessions of one step, rendered and updated together, then :meth:`assign`-ed back."""
+        out = WorldCache.__new__(WorldCache)
+        out.camera, out.config = self.camera, self.config
+        for name in self._STATE:
+            setattr(out, name, getattr(self, name)[sessions])
+        return out
+
+    def assign(self, sessions: torch.Tensor, other: WorldCache) -> None:
+        """Write ``other``'s clouds (a cache of ``len(sessions)``) into ``sessions`` ((S,) indices)."""
+        if other.batch != len(sessions) or other.config.max_points != self.config.max_points:
+            raise ValueError(
+                f"need a cache of {len(sessions)} sessions of {self.config.max_points} points, got "
+                f"{other.batch} of {other.config.max_points}"
+            )
+        for name in self._STATE:
+            getattr(self, name)[sessions] = getattr(other, name)
+
+    def grow(self, extra: int) -> None:
+        """Add ``extra`` empty sessions at the end of the batch (the others keep their indices)."""
+        fresh = WorldCache(self.camera, self.config, batch=extra, device=self.device)
+        for name in self._STATE:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(fresh, name)]))
+
     # rendering -------------------------------------------------------------------------------
 
     def _splat(self, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -38,6 +38,8 @@ class Start:
     frames: np.ndarray
     actions: list[Action]
     label: str
+    depth: np.ndarray | None = None  # (T, H, W) uint8 levels: a world-cache model's starts carry them
+    pose: np.ndarray | None = None  # (T, 5) cameras, with depth
 
 
 class StartSource(Protocol):
@@ -72,7 +74,7 @@ class StoredStarts:
     def draw(self, rng: np.random.Generator) -> Start:
         i = int(rng.integers(self.wm.num_starts))
         frames, acts = self.wm.start(i)
-        return Start(frames, list(acts), f"stored:{i}")
+        return Start(frames, list(acts), f"stored:{i}", *(self.wm.start_geometry(i) or ()))
 
     def close(self) -> None:
         pass

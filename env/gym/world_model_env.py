@@ -26,8 +26,10 @@ Spaces (docs/agents.md has the full reference):
   model. ``observations=("rgb", "depth", "pose")`` (any of them) gives a ``Dict`` instead:
   ``depth`` ``Box(0, 255, (H, W, 1), uint8)`` in the recorder's depth levels (larger = farther) and
   ``pose`` ``Box(POSE_LOW, POSE_HIGH, (5,), float32)``, x, y, z (map units), yaw, pitch (degrees)
-  relative to where the episode started (its start frame at the origin, looking along +x). The
-  model makes RGB only, so both are read off its frames by a learned geometry head
+  relative to where the episode started (its start frame at the origin, looking along +x). A
+  world-cache model (docs/world_cache.md) generates both itself: its depth, and the camera its
+  frame's cache view was rendered at, in the map's coordinates (not start-relative). An RGB-only
+  model's are read off its frames by a learned geometry head
   (:mod:`worldgen.env.learned.geometry`: depth per frame, odometry per step, integrated): ``geometry=``
   the head stored with the model (default; the default model's ships with worldgen) or a folder.
   ``preset="atari"``: the last 4 frames in grayscale at 84x84, ``(4, 84, 84)`` uint8.
@@ -154,7 +156,8 @@ class _World:
             raise ValueError(f"observations must be distinct keys of {OBSERVATION_KEYS}, got {observations!r}")
         h, w, _ = self.wm.frame_shape
         self.geometry = None
-        if {"depth", "pose"} & set(self.observations):
+        # A world-cache model generates depth and pose itself; an RGB-only one needs the geometry head.
+        if {"depth", "pose"} & set(self.observations) and self.wm.world is None:
             self.geometry = find_head(geometry, folder, self.wm.device)
             if tuple(self.geometry.cfg.frame_size) != (h, w):
                 raise ValueError(
@@ -222,6 +225,11 @@ class _World:
             small = atari_frames(np.stack([e.frame for e in envs]))
             for e, f in zip(envs, small):  # a reset fills the stack with its first frame, as Gymnasium's FrameStack
                 e.stack = np.repeat(f[None], ATARI_STACK, 0) if step is None else np.concatenate([e.stack[1:], f[None]])
+        if self.wm.world is not None:  # the model's own depth and camera
+            for e in envs:
+                e.depth, e.pose = e.session.depth, e.session.camera_pose
+                e.pose[3] = (e.pose[3] + 180.0) % 360.0 - 180.0  # yaw in the Box's [-180, 180)
+            return
         if self.geometry is None:
             return
         frames = np.stack([e.frame for e in envs])
@@ -341,10 +349,14 @@ class WorldModelEnv(gymnasium.Env):
         super().reset(seed=seed)
         start = self._draw_start(options or {})
         session_seed = int(self.np_random.integers(2**31))
+        # A world-cache model's session needs the start's depth and cameras.
+        geometry = (
+            {"context_depth": start.depth, "context_poses": start.pose} if self.world.wm.world is not None else {}
+        )
         if self.session is None:
-            self.session = self.world.wm.session(start.frames, start.actions, seed=session_seed)
+            self.session = self.world.wm.session(start.frames, start.actions, seed=session_seed, **geometry)
         else:
-            self.session.reset(start.frames, start.actions, seed=session_seed)
+            self.session.reset(start.frames, start.actions, seed=session_seed, **geometry)
         self.frame, self.steps = np.array(start.frames[-1]), 0
         self.world.look([self])
         if self.render_mode == "human":
@@ -363,7 +375,7 @@ class WorldModelEnv(gymnasium.Env):
         if "start" in options:
             i = int(options["start"])
             frames, acts = self.world.wm.start(i)
-            return Start(frames, list(acts), f"stored:{i}")
+            return Start(frames, list(acts), f"stored:{i}", *(self.world.wm.start_geometry(i) or ()))
         return self.world.starts.draw(self.np_random)
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:

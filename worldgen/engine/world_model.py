@@ -44,10 +44,12 @@ from worldgen.checkpoint import CheckpointError
 from worldgen.data.dataset import DOOM_TICS_PER_SECOND
 from worldgen.engine.cache import KVCache
 from worldgen.engine.memory import dead_reckon, recalled
+from worldgen.engine.world_cache import CachePool, PlayCache
 from worldgen.memory.bank import BankConfig, FrameBank
 from worldgen.models import DiT, Tokenizer, autocast, frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
 from worldgen.models.attention import LayerKV, apply_rope
 from worldgen.models.dit import Memory
+from worldgen.models.world_cache import check_rgbd
 
 ActionLike = Action | Mapping[str, Any]
 
@@ -108,6 +110,7 @@ def denoise(
     mask: torch.Tensor | None,
     exit_step: int | None = None,
     memory: Memory | None = None,
+    cond: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of B timelines as a pure function: the Euler passes from noise ``x`` (B, c, C, h, w),
     every pass attending to the cache (unrotated keys ``k`` and values ``v``, (depth, B, H, L, d),
@@ -117,7 +120,8 @@ def denoise(
     (depth, B, H, c * N, d) each, for the cache (the memory frames' own are dropped).
 
     ``exit_step``: stop the Euler passes there (:func:`worldgen.sampling.euler`; Self Forcing's
-    training, whose gradient flows through that pass alone). The cache pass never carries gradient."""
+    training, whose gradient flows through that pass alone). The cache pass never carries gradient.
+    ``cond`` (B, c, cond_channels, h, w): the new frames' world-cache views, for a model trained with them."""
     b, chunk = acts.shape[:2]
     past = [LayerKV(apply_rope(k[i], cos, sin), v[i]) for i in range(k.shape[0])]
     g = stream.guidance
@@ -126,11 +130,12 @@ def denoise(
         drop = sampling.guidance_mask(b, chunk, chunk, x.device)
         pos2, mask2 = frame_pos.repeat(2, 1), None if mask is None else mask.repeat(2, 1)
         mem2 = None if memory is None else memory.repeat(2)
+        cond2 = None if cond is None else cond.repeat(2, 1, 1, 1, 1)
 
     def velocity(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         t = level.expand(b, chunk)  # a tensor level: one compiled graph serves every step
         if g == 1:
-            return dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask, memory=memory).float()
+            return dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask, memory=memory, cond=cond).float()
         return sampling.guided(
             dit(
                 x.repeat(2, 1, 1, 1, 1),
@@ -141,6 +146,7 @@ def denoise(
                 past_mask=mask2,
                 drop_actions=drop,
                 memory=mem2,
+                cond=cond2,
             ),
             g,
         )
@@ -149,17 +155,23 @@ def denoise(
     with torch.no_grad():
         written = x if eps_ctx is None else sampling.add_noise(x, eps_ctx, stream.ctx_noise)
         t = torch.full((b, chunk), stream.ctx_noise, device=x.device)
-        dit(written, t, acts, frame_pos=frame_pos, past=past, past_mask=mask, memory=memory)
+        dit(written, t, acts, frame_pos=frame_pos, past=past, past_mask=mask, memory=memory, cond=cond)
     skip = 0 if memory is None else memory.z.shape[1] * dit.cfg.tokens_per_frame  # the memory frames' keys lead
     return x, torch.stack([p.new[0][:, :, skip:] for p in past]), torch.stack([p.new[1][:, :, skip:] for p in past])
 
 
 def prefill(
-    dit: DiT, stream: StreamConfig, z: torch.Tensor, acts: torch.Tensor, eps: torch.Tensor | None
+    dit: DiT,
+    stream: StreamConfig,
+    z: torch.Tensor,
+    acts: torch.Tensor,
+    eps: torch.Tensor | None,
+    cond: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys (unrotated) and values, (depth, B, H, T * N, d) each, that context latents
     (B, T, C, h, w) with their actions (B, T, A), noised with ``eps`` to the stabilisation level,
-    leave in a cleared cache: one block-causal pass, exactly what a full recompute attends to."""
+    leave in a cleared cache: one block-causal pass, exactly what a full recompute attends to.
+    ``cond`` (B, T, cond_channels, h, w): the context frames' world-cache views, if the model takes them."""
     x = z.float() if eps is None else sampling.add_noise(z.float(), eps, stream.ctx_noise)
     b, t = z.shape[:2]
     empty = torch.zeros(b, dit.cfg.heads, 0, dit.cfg.dim // dit.cfg.heads, device=z.device)
@@ -170,6 +182,7 @@ def prefill(
         acts,
         frame_pos=torch.arange(t, device=z.device),
         past=past,
+        cond=cond,
     )
     return torch.stack([p.new[0] for p in past]), torch.stack([p.new[1] for p in past])
 
@@ -269,6 +282,7 @@ class WorldModel:
         trained_window: int | None = None,
         device: torch.device | str | None = None,
         memory: BankConfig | None = None,
+        world_cache: PlayCache | None = None,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Weights in float32 on the CPU (no fast bf16 there); bf16 autocast on CUDA.
@@ -300,6 +314,31 @@ class WorldModel:
         if memory is not None:
             memory.check()
         self.memory = memory if memory is not None and memory.k else None
+        # World cache (models trained with --world-cache): every session's cloud in one pool.
+        self.world: CachePool | None = None
+        if world_cache is not None or dit.cfg.cond_channels:
+            if world_cache is not None:
+                check_rgbd(tokenizer.cfg)  # a model without depth cannot keep a cloud
+            if world_cache is None or not dit.cfg.cond_channels:
+                raise ValueError(
+                    "world-cache settings need a DiT trained with the world cache (cond_channels > 0, "
+                    "`worldgen train dynamics --world-cache H`)"
+                    if world_cache is not None
+                    else f"this DiT takes {dit.cfg.cond_channels} conditioning channels: it needs its world-cache "
+                    "settings (the dynamics config's 'world_cache' entry; WorldModel.load reads them)"
+                )
+            if dit.cfg.frames_per_block != 1:
+                raise ValueError(
+                    f"the world cache plays one frame per step (a view per frame): this DiT generates "
+                    f"{dit.cfg.frames_per_block} frames per block"
+                )
+            cam = world_cache.camera
+            if (cam.height, cam.width) != tuple(tokenizer.cfg.image_size):
+                raise ValueError(
+                    f"world-cache camera is {cam.height}x{cam.width}, frames are {tokenizer.cfg.image_size}"
+                )
+            self.world = CachePool(world_cache, actions.ACTION_DIM, self.device)
+        self._pending: tuple | None = None  # a step's slots, gathered clouds and cameras, from views to fuse
         self._step, self._decode = self._denoise, self.tokenizer.decode  # compile() swaps these
         self._graphs = False  # compiled into CUDA graphs: each call's outputs live until the next call
 
@@ -338,6 +377,7 @@ class WorldModel:
         device: torch.device | str | None = None,
         memory_k: int | None = None,
         memory_cap: int | None = None,
+        cache_points: int | None = None,
         **stream: Any,
     ) -> WorldModel:
         """A checkpoint folder (or ``"default"``, the model that ships with worldgen).
@@ -350,6 +390,10 @@ class WorldModel:
         ``memory_k`` (frames recalled per step; 0 = off) and ``memory_cap`` (frames a session's bank
         holds) set the frame memory of a model trained with it (None: the checkpoint's); a model
         trained without memory refuses them with a ValueError.
+
+        ``cache_points``: the point cap of each session's world-cache cloud, the per-session
+        memory bound (None: :class:`~worldgen.memory.cloud.CacheConfig`'s); only for models
+        trained with the world cache.
         """
         folder = checkpoint.resolve(checkpoint_dir)
         tok, dit = load_tokenizer(folder), load_dit(folder)
@@ -379,7 +423,12 @@ class WorldModel:
             cap = saved.get("cap", BankConfig.cap) if memory_cap is None else memory_cap
             # Frames of ages 1..window are in the rolling KV window: recall only older ones.
             memory = BankConfig(k=int(k), cap=int(cap), min_age=int(stream["window"]) + 1)
-        model = cls(tok, dit, StreamConfig(**stream), starts, fps, trained, device, memory)
+        world = None
+        if "world_cache" in dyn:
+            world = PlayCache.from_dict(dyn["world_cache"], cache_points)
+        elif cache_points is not None:
+            raise ValueError(f"{folder}: cache_points is for models trained with the world cache; this one was not")
+        model = cls(tok, dit, StreamConfig(**stream), starts, fps, trained, device, memory, world)
         model.checkpoint = folder
         return model
 
@@ -400,6 +449,14 @@ class WorldModel:
         s = self._starts
         return s["frames"][i].numpy(), [Action(k, m) for k, m in zip(s["keys"][i].numpy(), s["mouse"][i].numpy())]
 
+    def start_geometry(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Stored start ``i``'s depth (T, H, W) uint8 levels and camera poses (T, 5), where the
+        model stores them (world-cache models do); else None."""
+        self.start(i)  # the range check
+        if "depth" not in self._starts:
+            return None
+        return self._starts["depth"][i].numpy(), self._starts["pose"][i].numpy()
+
     # --- sessions ----------------------------------------------------------------------------
     def session(
         self,
@@ -407,10 +464,12 @@ class WorldModel:
         context_actions: Sequence[ActionLike] | None = None,
         seed: int | None = None,
         context_poses: np.ndarray | None = None,
+        context_depth: np.ndarray | None = None,
     ) -> Session:
         """A new play session from real context frames (or a stored start chosen with ``seed``);
-        ``context_poses`` (T, 5): their cameras, for the frame memory, if known."""
-        return Session(self, context_frames, context_actions, seed, context_poses)
+        ``context_poses`` (T, 5): their cameras, for the frame memory, if known. A world-cache
+        model needs ``context_depth`` (T, H, W) uint8 levels and ``context_poses`` with given frames."""
+        return Session(self, context_frames, context_actions, seed, context_poses, context_depth)
 
     def step_many(
         self, sessions: Sequence[Session], actions_: Sequence[ActionLike], poses: np.ndarray | None = None
@@ -444,6 +503,11 @@ class WorldModel:
         with torch.no_grad(), self._autocast():
             z = self._advance(sessions, acts, None if poses is None else torch.from_numpy(poses).to(self.device))
             frames = tensor_to_frames(self._graph_call(self._decode, z[:, -1].float()))
+        if self.world is not None:  # RGB-D: the depth joins the clouds and is the session's depth
+            self._fuse(sessions, frames, acts[:, -1])
+            frames, depth = np.ascontiguousarray(frames[..., :3]), frames[..., 3]
+            for s, d in zip(sessions, depth):
+                s.depth = d
         for s, f in zip(sessions, frames):
             s.frame, s.steps = f, s.steps + chunk
         return frames
@@ -506,10 +570,13 @@ class WorldModel:
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         memory: Memory | None = None,
+        cond: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step of B sessions (:func:`denoise` with this model's DiT and settings): what
         :meth:`compile` captures whole."""
-        return denoise(self.dit, self.stream, x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask, memory=memory)
+        return denoise(
+            self.dit, self.stream, x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask, memory=memory, cond=cond
+        )
 
     def _noise(
         self, gens: list[torch.Generator], frames: int, sample: bool = True
@@ -525,11 +592,19 @@ class WorldModel:
                 ctx.append(sampling.randn(shape, g, self.device))
         return torch.stack(x) if x else None, torch.stack(ctx) if ctx else None
 
-    def _prefill(self, session: Session, z: torch.Tensor, acts: torch.Tensor, poses: torch.Tensor | None) -> None:
-        """Write context latents (T, C, h, w) with their actions (T, A) into the session's cache,
-        and with memory into its bank at ``poses`` (T, 5) (None: dead-reckoned from the origin)."""
+    def _prefill(
+        self,
+        session: Session,
+        z: torch.Tensor,
+        acts: torch.Tensor,
+        poses: torch.Tensor | None,
+        cond: torch.Tensor | None = None,
+    ) -> None:
+        """Write context latents (T, C, h, w) with their actions (T, A) (and world-cache views
+        ``cond`` (T, C', h, w)) into the session's cache, and with memory into its bank at
+        ``poses`` (T, 5) (None: dead-reckoned from the origin)."""
         _, eps = self._noise([session.generator], len(z), sample=False)
-        k, v = prefill(self.dit, self.stream, z[None], acts[None], eps)
+        k, v = prefill(self.dit, self.stream, z[None], acts[None], eps, None if cond is None else cond[None])
         session.cache.clear()
         session.cache.write(k[:, 0], v[:, 0])
         if session.bank is not None:
@@ -549,13 +624,20 @@ class WorldModel:
         k, v, (cos, sin), mask, nxt = self._past(caches)
         frame_pos = nxt[:, None] + torch.arange(acts.shape[1], device=self.device)  # (B, c)
         x, eps_ctx = self._noise([s.generator for s in sessions], acts.shape[1])
-        memory = None
+        memory = cond = None
+        if self.world is not None:  # the new frames' cameras and their views of the clouds, before the step
+            slots = torch.tensor([s.slot for s in sessions], device=self.device)
+            cam, cond, clouds = self.world.views(slots, acts[:, -1], self.tokenizer, poses)
+            self._pending = slots, clouds, cam
+            cond = cond[:, None]  # (B, 1, C', h, w): one frame per block
         if self.memory is not None:
             if poses is None:
                 poses = dead_reckon(torch.stack([s.pose for s in sessions]), acts[:, -1])
             now = torch.tensor([s.clock for s in sessions], device=self.device)
             memory = recalled([s.bank for s in sessions], poses, now)
-        x, k_new, v_new = self._graph_call(self._step, x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask, memory)
+        x, k_new, v_new = self._graph_call(
+            self._step, x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask, memory, *(() if cond is None else (cond,))
+        )
         for b, c in enumerate(caches):
             c.write(k_new[:, b], v_new[:, b])
         if memory is not None:
@@ -563,6 +645,12 @@ class WorldModel:
                 s.bank.add(x[b, -1], poses[b], s.clock)
                 s.pose, s.clock = poses[b], s.clock + acts.shape[1]
         return x
+
+    def _fuse(self, sessions: Sequence[Session], rgbd: np.ndarray, action: torch.Tensor) -> None:
+        """The generated RGB-D frames (B, H, W, 4) join the sessions' clouds at the poses they were rendered at."""
+        slots, clouds, cam = self._pending
+        self._pending = None
+        self.world.fuse(slots, clouds, rgbd, cam, action)
 
 
 class Session:
@@ -578,9 +666,14 @@ class Session:
         context_actions: Sequence[ActionLike] | None,
         seed: int | None,
         context_poses: np.ndarray | None = None,
+        context_depth: np.ndarray | None = None,
     ):
         self.model = model
         self.cache = model._new_cache()
+        # World cache (models trained with it): the slot of this session's cloud in the model's pool,
+        # and the depth (H, W) uint8 levels of the last frame, generated with it.
+        self.slot = model.world.acquire() if model.world is not None else None
+        self.depth: np.ndarray | None = None
         # Frame memory (models trained with it): the bank, the last frame's camera and step.
         self.bank = (
             FrameBank(
@@ -598,7 +691,11 @@ class Session:
         self.generator = torch.Generator(model.device)
         self.frame: np.ndarray = np.zeros(model.frame_shape, np.uint8)
         self.steps = 0
-        self.reset(context_frames, context_actions, seed, context_poses)
+        try:
+            self.reset(context_frames, context_actions, seed, context_poses, context_depth)
+        except BaseException:
+            self.close()
+            raise
 
     def reset(
         self,
@@ -606,17 +703,25 @@ class Session:
         context_actions: Sequence[ActionLike] | None = None,
         seed: int | None = None,
         context_poses: np.ndarray | None = None,
+        context_depth: np.ndarray | None = None,
     ) -> np.ndarray:
         """Start again from real context (or a stored start chosen with ``seed``); returns the
         last context frame, now :attr:`frame`. Bad input raises and leaves the session as it was.
-        ``context_poses`` (T, 5): the context frames' cameras, for the frame memory, if known."""
+        ``context_poses`` (T, 5): the context frames' cameras, for the frame memory, if known.
+        A world-cache model needs them and ``context_depth`` (T, H, W) uint8 levels (stored
+        starts of such a model carry both)."""
         m = self.model
         seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else int(seed)
         if context_frames is None and context_actions is None:
             if m.num_starts == 0:
                 raise ValueError("this model stores no start contexts: pass context_frames and context_actions")
-            context_frames, context_actions = m.start(int(np.random.default_rng(seed).integers(m.num_starts)))
+            i = int(np.random.default_rng(seed).integers(m.num_starts))
+            context_frames, context_actions = m.start(i)
+            if m.world is not None and context_depth is None and context_poses is None:
+                context_depth, context_poses = m.start_geometry(i) or (None, None)
         frames, acts = _check_context(m, context_frames, context_actions)
+        if m.world is not None:
+            context_depth = _check_depth(m, frames, context_depth, context_poses)
         if context_poses is not None:
             context_poses = np.asarray(context_poses, np.float32)
             if context_poses.shape != (len(frames), 5) or not np.isfinite(context_poses).all():
@@ -629,8 +734,16 @@ class Session:
         poses = None if context_poses is None else torch.from_numpy(context_poses[-keep:]).to(m.device)
         self.generator.manual_seed(seed)
         with torch.no_grad(), m._autocast():
-            z = m.tokenizer.encode(frames_to_tensor(frames, m.device))
-            m._prefill(self, z, torch.from_numpy(acts).to(m.device), poses)
+            acts_t, cond = torch.from_numpy(acts).to(m.device), None
+            if m.world is None:
+                z = m.tokenizer.encode(frames_to_tensor(frames, m.device))
+            else:  # RGB-D latents; the views of the context frames and the cloud they leave
+                depth = context_depth[-keep:]
+                z = m.tokenizer.encode(frames_to_tensor(np.concatenate([frames, depth[..., None]], -1), m.device))
+                rgb_t, depth_t = torch.from_numpy(frames).to(m.device), torch.from_numpy(depth).to(m.device).float()
+                cond = m.world.start(self.slot, m.tokenizer, rgb_t, depth_t, poses, acts_t)
+                self.depth = depth[-1].copy()
+            m._prefill(self, z, acts_t, poses, cond)
         self.frame, self.steps, self.seed = frames[-1].copy(), 0, seed
         return self.frame
 
@@ -646,14 +759,28 @@ class Session:
             return self.model.step_many([self], [action])[0]
         return self.model.step_many([self], [action], np.asarray(pose)[None])[0]
 
+    @property
+    def camera_pose(self) -> np.ndarray | None:
+        """The last frame's camera (5,) x, y, z, yaw, pitch of a world-cache model (None without
+        the cache): the pose its view was rendered at and its RGB-D joined the cloud at."""
+        if self.slot is None:
+            return None
+        return self.model.world.pose[self.slot].cpu().numpy().copy()
+
     def close(self) -> None:
         """Release the cache's memory; the session cannot step afterwards."""
+        if self.closed:
+            return
         self.closed = True
         self.cache.k = self.cache.v = torch.zeros(0)
         self.bank = None
+        if self.slot is not None:
+            self.model.world.release(self.slot)
 
     def cache_bytes(self) -> int:
-        return self.cache.nbytes() + (self.bank.nbytes() if self.bank is not None else 0)
+        """Memory this session holds: its KV cache, frame bank and world-cache cloud (all fixed-size)."""
+        own = self.cache.nbytes() + (self.bank.nbytes() if self.bank is not None else 0)
+        return own + (self.model.world.nbytes_per_session() if self.slot is not None else 0)
 
 
 def _action_vector(a: ActionLike) -> np.ndarray:
@@ -692,19 +819,46 @@ def _check_context(m: WorldModel, frames: Any, acts: Any) -> tuple[np.ndarray, n
     return frames, _action_vectors(acts, "context action")
 
 
+def _check_depth(m: WorldModel, frames: np.ndarray, depth: Any, poses: Any) -> np.ndarray:
+    """A world-cache model's context depth (T, H, W) uint8 levels, checked with its poses."""
+    if depth is None or poses is None:
+        raise ValueError(
+            "this model plays with the world cache: a context needs context_depth (T, H, W) uint8 depth "
+            "levels and context_poses (T, 5) cameras, as recorded by `worldgen record` (missing: "
+            f"{', '.join(n for n, v in (('context_depth', depth), ('context_poses', poses)) if v is None)})"
+        )
+    depth = np.asarray(depth)
+    if depth.dtype != np.uint8 or depth.shape != frames.shape[:3]:
+        raise ValueError(f"context_depth must be uint8 {frames.shape[:3]}, got {depth.dtype} {depth.shape}")
+    return depth
+
+
 def save_starts(
     folder: str | os.PathLike,
     frames: np.ndarray,
     keys: np.ndarray,
     mouse: np.ndarray,
     source: Mapping[str, Any] | None = None,
+    depth: np.ndarray | None = None,
+    pose: np.ndarray | None = None,
 ) -> None:
     """Store real start contexts with a checkpoint: frames uint8 (S, T, H, W, 3), keys (S, T, 8),
-    mouse (S, T, 2), the action that produced each frame; ``source`` says where they come from."""
+    mouse (S, T, 2), the action that produced each frame; ``source`` says where they come from.
+    A world-cache model's starts also need ``depth`` uint8 (S, T, H, W) levels and ``pose`` (S, T, 5)."""
     s, t = frames.shape[:2]
     k, m = actions.validate(keys, mouse, (s, t))
     if frames.dtype != np.uint8 or frames.ndim != 5:
         raise ValueError(f"frames must be uint8 (S, T, H, W, 3), got {frames.dtype} {frames.shape}")
+    geometry = {}
+    if (depth is None) != (pose is None):
+        raise ValueError("give both depth and pose with the starts, or neither")
+    if depth is not None:
+        if depth.dtype != np.uint8 or depth.shape != frames.shape[:4]:
+            raise ValueError(f"depth must be uint8 {frames.shape[:4]}, got {depth.dtype} {depth.shape}")
+        pose = np.asarray(pose, np.float32)
+        if pose.shape != (s, t, 5) or not np.isfinite(pose).all():
+            raise ValueError(f"pose must be finite ({s}, {t}, 5), got {pose.shape}")
+        geometry = {"depth": torch.from_numpy(np.ascontiguousarray(depth)), "pose": torch.from_numpy(pose)}
     checkpoint.save(
         folder,
         "starts",
@@ -712,6 +866,7 @@ def save_starts(
             "frames": torch.from_numpy(np.ascontiguousarray(frames)),
             "keys": torch.from_numpy(k),
             "mouse": torch.from_numpy(m),
+            **geometry,
         },
         {"source": dict(source or {}), "action_schema": actions.schema()},
     )

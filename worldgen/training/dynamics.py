@@ -791,7 +791,9 @@ class DynamicsTask:
             }
             save_part(folder, "tokenizer", self.tokenizer, tok_extra, dtype=dtype)
         if self.data is not None and self.cfg.starts > 0:
-            write_starts(folder, *self.data, self.cfg.starts, self.cfg.start_frames)
+            write_starts(
+                folder, *self.data, self.cfg.starts, self.cfg.start_frames, geometry=bool(self.cfg.world_cache)
+            )
         save_part(
             folder,
             "dynamics",
@@ -843,10 +845,13 @@ def fit_motion(ds: Dataset, episodes: list[int]) -> MotionModel:
     return MotionModel.fit(poses, acts)
 
 
-def write_starts(folder: Path, ds: Dataset, episodes: list[int], n: int, frames: int) -> None:
+def write_starts(folder: Path, ds: Dataset, episodes: list[int], n: int, frames: int, geometry: bool = False) -> None:
     """Store ``n`` real contexts of ``frames`` frames, spread evenly over ``episodes``, with the
-    model (:func:`worldgen.engine.save_starts`): what a new play session starts from."""
-    pool = WindowDataset(ds, frames, episodes, stride=frames, fields=(), verify=False)
+    model (:func:`worldgen.engine.save_starts`): what a new play session starts from.
+    ``geometry``: with their depth and camera poses (a world-cache model's sessions need them)."""
+    pool = WindowDataset(
+        ds, frames, episodes, stride=frames, fields=("depth", "pose") if geometry else (), verify=False
+    )
     items = [pool[int(i)] for i in np.linspace(0, len(pool) - 1, min(n, len(pool))).round()]
     save_starts(
         folder,
@@ -854,6 +859,11 @@ def write_starts(folder: Path, ds: Dataset, episodes: list[int], n: int, frames:
         np.stack([it["keys"] for it in items]),
         np.stack([it["mouse"] for it in items]),
         {"data": str(ds.root), "windows": [[ds.episodes[it["episode"]].id, int(it["start"])] for it in items]},
+        **(
+            {"depth": np.stack([it["depth"] for it in items]), "pose": np.stack([it["pose"] for it in items])}
+            if geometry
+            else {}
+        ),
     )
 
 

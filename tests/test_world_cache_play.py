@@ -1,0 +1,192 @@
+"""Sessions of a world-cache model (worldgen/engine/world_cache.py): each owns a cloud in the
+model's pool, every step renders the clouds at the predicted poses in one batch, conditions the
+DiT on the views and fuses the generated RGB-D back; the Gymnasium env observes the model's own
+depth and pose. A tiny RGB-D model is trained here on the tiny recording."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WALK = [{"keys": ["forward"], "mouse": [4.0, 0.0]}, {"keys": ["turn_left"], "mouse": [0.0, 0.0]}]
+
+
+@pytest.fixture(scope="module")
+def cache_model(doom_recording, tmp_path_factory):
+    """A world-cache model folder: RGB-D tokenizer, DiT with --world-cache 2, starts with depth and poses."""
+    from worldgen.training.dynamics import DynamicsTrainConfig
+    from worldgen.training.dynamics import train as train_dynamics
+    from worldgen.training.tokenizer import TokenizerTrainConfig
+    from worldgen.training.tokenizer import train as train_tokenizer
+
+    root = tmp_path_factory.mktemp("cache_model")
+    train_tokenizer(
+        TokenizerTrainConfig(
+            data=str(doom_recording),
+            out=str(root / "tok"),
+            steps=4,
+            batch_size=8,
+            channels="8,8,8,8",
+            latent_channels=4,
+            warmup=2,
+            lr=2e-3,
+            ckpt_every=1000,
+            sample_every=0,
+            log_every=5,
+            eval_frames=8,
+            depth=True,
+        )
+    )
+    train_dynamics(
+        DynamicsTrainConfig(
+            data=str(doom_recording),
+            out=str(root / "dyn"),
+            tokenizer=str(root / "tok"),
+            model="tiny",
+            window=4,
+            steps=4,
+            batch_size=4,
+            lr=3e-3,
+            warmup=2,
+            ckpt_every=1000,
+            sample_every=0,
+            log_every=10,
+            eval_windows=4,
+            world_cache=2,
+            starts=2,
+            start_frames=3,
+        )
+    )
+    return root / "dyn" / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def wm(cache_model):
+    from worldgen.engine import WorldModel
+
+    return WorldModel.load(cache_model, device="cpu", steps=2, cache_points=2048)
+
+
+def test_session_steps_rgb_with_its_own_depth_and_pose(wm):
+    assert wm.world is not None and wm.num_starts == 2
+    depth, pose = wm.start_geometry(0)
+    assert depth.shape == (3, 24, 32) and depth.dtype == np.uint8 and pose.shape == (3, 5)
+    s = wm.session(seed=1)
+    assert s.depth.shape == (24, 32)
+    start_pose = s.camera_pose
+    frame = s.step(WALK[0])
+    assert frame.shape == (24, 32, 3) and frame.dtype == np.uint8 and frame.flags.c_contiguous
+    assert s.depth.shape == (24, 32) and s.depth.dtype == np.uint8
+    # The pose moved as the motion model says a forward step with a turn moves it.
+    assert np.isfinite(s.camera_pose).all() and not np.allclose(s.camera_pose, start_pose)
+    assert wm.world.clouds.num_points()[s.slot] > 0
+    s.close()
+
+
+def test_batch_equals_alone(wm):
+    """Sessions stepped together (one render, one DiT batch) give the frames, depth and poses they give alone."""
+    alone = []
+    for seed in (3, 4):
+        s = wm.session(seed=seed)
+        alone.append([(s.step(a), s.depth.copy(), s.camera_pose) for a in WALK * 2])
+        s.close()
+    pair = [wm.session(seed=seed) for seed in (3, 4)]
+    for t, a in enumerate(WALK * 2):
+        frames = wm.step_many(pair, [a, a])
+        for i, s in enumerate(pair):
+            f, d, p = alone[i][t]
+            # A batched matmul may round a level differently (as tests/test_engine.py allows);
+            # the cloud must not turn that into a drift.
+            assert np.abs(frames[i].astype(int) - f).max() <= 1
+            assert np.abs(s.depth.astype(int) - d).max() <= 1
+            np.testing.assert_allclose(s.camera_pose, p, atol=1e-4)
+    for s in pair:
+        s.close()
+
+
+def test_memory_stays_bounded_over_many_frames(wm):
+    s = wm.session(seed=5)
+    before = s.cache_bytes()
+    frames = 1000  # ~10 ms a step on the CPU: 10,000 would take ~2 minutes
+    for t in range(frames):
+        s.step(WALK[(t // 5) % 2])
+    assert s.cache_bytes() == before
+    clouds = wm.world.clouds
+    assert clouds.num_points()[s.slot] == 2048  # full, and at its cap ...
+    stamp = clouds.stamp[s.slot]
+    assert stamp[stamp >= 0].min() > frames // 2  # ... by forgetting the oldest points
+    assert clouds.frames[s.slot] == 3 + frames  # every frame was fused
+    s.close()
+
+
+def test_clear_errors(wm):
+    from worldgen.engine import WorldModel
+    from worldgen.engine.world_cache import PlayCache
+    from worldgen.models.tokenizer import Tokenizer
+
+    frames, acts = wm.start(0)
+    depth, pose = wm.start_geometry(0)
+    with pytest.raises(ValueError, match=r"needs context_depth .* \(missing: context_depth\)"):
+        wm.session(frames, acts, context_poses=pose)
+    with pytest.raises(ValueError, match="missing: context_poses"):
+        wm.session(frames, acts, context_depth=depth)
+    with pytest.raises(ValueError, match="context_depth must be uint8"):
+        wm.session(frames, acts, context_poses=pose, context_depth=depth[:, :10])
+    s = wm.session(frames, acts, context_poses=pose, context_depth=depth)  # given in full: plays
+    assert s.step(WALK[0]).shape == (24, 32, 3)
+    s.close()
+    # World-cache settings for a model without depth (an RGB tokenizer).
+    with pytest.raises(ValueError, match="needs a model that generates depth"):
+        rgb = Tokenizer(dataclasses.replace(wm.tokenizer.cfg, in_channels=3))
+        WorldModel(rgb, wm.dit, world_cache=wm.world.settings, device="cpu")
+    # A world-cache DiT without its settings.
+    with pytest.raises(ValueError, match="needs its world-cache settings"):
+        WorldModel(wm.tokenizer, wm.dit, device="cpu")
+    assert isinstance(wm.world.settings, PlayCache)
+
+
+def test_rgb_only_model_refuses_cache_points(tiny_checkpoint):
+    from worldgen.engine import WorldModel
+
+    with pytest.raises(ValueError, match="trained with the world cache"):
+        WorldModel.load(tiny_checkpoint, device="cpu", cache_points=1024)
+
+
+def test_env_observes_the_models_own_depth_and_pose(wm):
+    from worldgen.env import WorldModelEnv
+
+    env = WorldModelEnv(wm, observations=("rgb", "depth", "pose"), reward="zero", horizon=None)
+    assert env.world.geometry is None  # no geometry head: the model makes both
+    obs, _ = env.reset(seed=0)
+    np.testing.assert_array_equal(obs["depth"][..., 0], env.session.depth)
+    obs, *_ = env.step({"keys": ["forward"], "mouse": [3.0, 0.0]})
+    assert env.observation_space.contains(obs)
+    np.testing.assert_array_equal(obs["depth"][..., 0], env.session.depth)
+    want = env.session.camera_pose
+    want[3] = (want[3] + 180) % 360 - 180
+    np.testing.assert_allclose(obs["pose"], want, atol=1e-4)
+    env.close()
+
+
+def test_compiled_step_traces_once_with_the_view(wm, cache_model):
+    """``wm.compile()``'s step takes the view as ``cond``: traced once (Dynamo's tracing alone,
+    counted by a test backend, as tests/test_engine.py does) and gives the eager frames; the
+    render and encode stay outside the compiled region."""
+    from torch._dynamo.testing import CompileCounter
+
+    from worldgen.engine import WorldModel
+
+    compiled = WorldModel.load(cache_model, device="cpu", steps=2, cache_points=2048)
+    counter = CompileCounter()
+    compiled._step = torch.compile(compiled._denoise, backend=counter, dynamic=False)
+    a, b = wm.session(seed=7), compiled.session(seed=7)
+    for act in WALK * 2:
+        np.testing.assert_array_equal(a.step(act), b.step(act))
+        np.testing.assert_array_equal(a.depth, b.depth)
+    assert counter.frame_count == 1
+    a.close()

@@ -1,0 +1,138 @@
+"""Sessions of a world-cache model: each owns a point cloud in one batched pool.
+
+A model trained with ``--world-cache H`` (docs/world_cache.md) generates RGB-D frames, each
+conditioned on the cache rendered at its camera pose. In play (Voyager's loop), per step and for
+all stepping sessions at once:
+
+1. predict the new frame's pose from the last pose, its momentum and the action
+   (:class:`~worldgen.memory.motion.MotionModel`, stored with the model), before the frame exists;
+2. render every session's cloud at its predicted pose (one batched splat) and encode the view as
+   the DiT's conditioning channels, exactly as training does
+   (:func:`~worldgen.models.world_cache.view_condition`);
+3. after the DiT step, fuse the decoded frame's RGB-D into the cloud at that pose
+   (:meth:`~worldgen.memory.cloud.WorldCache.update`).
+
+:class:`CachePool` holds the clouds and the pose state of all sessions of one ``WorldModel`` in
+fixed-size tensors indexed by a session's slot: a step gathers its sessions' slots, renders and
+updates them as one batch, and writes them back; memory per session is the cloud's point cap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from worldgen.memory.camera import POSE_DIM, Camera
+from worldgen.memory.cloud import CacheConfig, WorldCache
+from worldgen.memory.motion import MotionModel, momentum
+from worldgen.memory.views import history_views
+from worldgen.models.tokenizer import Tokenizer
+from worldgen.models.world_cache import view_condition
+
+
+@dataclass
+class PlayCache:
+    """A world-cache model's play settings: the dynamics config's ``world_cache`` entry plus the bound."""
+
+    history: int  # predecessors each training frame's view was built from: the context views use as many
+    camera: Camera  # the world's camera at the model's resolution
+    motion: MotionModel  # predicts where the next frame's view is rendered
+    cache: CacheConfig = field(default_factory=CacheConfig)  # max_points: the per-session memory bound
+
+    @classmethod
+    def from_dict(cls, d: dict, max_points: int | None = None) -> PlayCache:
+        cache = CacheConfig() if max_points is None else CacheConfig(max_points=int(max_points))
+        return cls(int(d["history"]), Camera.from_dict(d["camera"]), MotionModel.from_dict(d["motion"]), cache)
+
+
+class CachePool:
+    """Clouds and camera state of a model's sessions, one slot each; grows by doubling."""
+
+    def __init__(self, settings: PlayCache, action_dim: int, device: torch.device, slots: int = 4):
+        self.settings = settings
+        self.clouds = WorldCache(settings.camera, settings.cache, batch=slots, device=device)
+        self.pose = torch.zeros(slots, POSE_DIM, device=device)  # the last frame's camera
+        self.momentum = torch.zeros(slots, POSE_DIM, device=device)  # its last motion (memory.motion.momentum)
+        self.last_action = torch.zeros(slots, action_dim, device=device)  # the action that made it
+        self.free = list(range(slots))
+
+    def acquire(self) -> int:
+        if not self.free:
+            n = self.clouds.batch
+            self.clouds.grow(n)
+            self.pose, self.momentum, self.last_action = (
+                torch.cat([t, torch.zeros_like(t)]) for t in (self.pose, self.momentum, self.last_action)
+            )
+            self.free = list(range(n, 2 * n))
+        return self.free.pop(0)
+
+    def release(self, slot: int) -> None:
+        self.clouds.reset(torch.tensor([slot], device=self.clouds.device))
+        self.free.append(slot)
+
+    def _exact(self):
+        """Geometry in float32 even inside the engine's bf16 autocast: map units run to thousands."""
+        return torch.autocast(self.clouds.device.type, enabled=False)
+
+    def nbytes_per_session(self) -> int:
+        return self.clouds.nbytes() // self.clouds.batch
+
+    def start(
+        self,
+        slot: int,
+        tokenizer: Tokenizer,
+        rgb: torch.Tensor,
+        depth: torch.Tensor,
+        pose: torch.Tensor,
+        acts: torch.Tensor,
+    ) -> torch.Tensor:
+        """A session's context ``rgb (T, H, W, 3)`` uint8, ``depth (T, H, W)`` levels, ``pose (T, 5)``,
+        ``acts (T, A)``: its conditioning ``(T, C + 1, h, w)`` (each frame's view of its
+        ``history`` predecessors, as in training, without pose noise), and the slot's cloud fused
+        from all context frames, its pose state at the last one."""
+        s = self.settings
+        view = history_views(s.camera, rgb[None], depth[None], pose[None], s.history)
+        cond = view_condition(tokenizer, view, s.camera)[0]
+        idx = torch.tensor([slot], device=self.clouds.device)
+        self.clouds.reset(idx)
+        one = self.clouds.select(idx)
+        with self._exact():
+            for t in range(len(rgb)):  # the context is short (the KV window): oldest first, as play goes on
+                one.update(rgb[t : t + 1], depth[t : t + 1], pose[t : t + 1])
+        self.clouds.assign(idx, one)
+        self.pose[slot] = pose[-1]
+        self.momentum[slot] = momentum(pose[-2:])[0] if len(pose) >= 2 else 0.0
+        self.last_action[slot] = acts[-1]
+        return cond
+
+    def views(
+        self, slots: torch.Tensor, action: torch.Tensor, tokenizer: Tokenizer, pose: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, WorldCache]:
+        """Before a step of the sessions in ``slots`` (B,) with ``action`` (B, A): the new frames'
+        poses (B, 5) (``pose`` if given: the true cameras, else predicted), their conditioning
+        (B, C + 1, h, w), and the sessions' clouds gathered for :meth:`fuse`."""
+        with self._exact():
+            if pose is None:
+                pose = self.settings.motion.predict(
+                    self.pose[slots], self.momentum[slots], action.float(), self.last_action[slots]
+                )
+            clouds = self.clouds.select(slots)
+            view = clouds.render(pose)
+        return pose, view_condition(tokenizer, view, self.settings.camera), clouds
+
+    def fuse(
+        self, slots: torch.Tensor, clouds: WorldCache, rgbd: np.ndarray, pose: torch.Tensor, action: torch.Tensor
+    ) -> None:
+        """After the step: the generated frames ``rgbd (B, H, W, 4)`` uint8 (depth in levels) at
+        ``pose (B, 5)`` join the clouds (Voyager's update rule); the pose state moves on."""
+        frames = torch.from_numpy(rgbd).to(self.clouds.device)
+        with self._exact():
+            clouds.update(frames[..., :3].contiguous(), frames[..., 3].float(), pose)
+            self.clouds.assign(slots, clouds)
+            # Momentum of old -> new per session: momentum() of the interleaved sequence
+            # (old_0, new_0, old_1, new_1, ...) at its even steps.
+            pair = torch.stack([self.pose[slots], pose], 1).reshape(-1, POSE_DIM)
+            self.momentum[slots] = momentum(pair)[0::2]
+            self.pose[slots], self.last_action[slots] = pose, action.float()
