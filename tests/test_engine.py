@@ -223,4 +223,5 @@ def test_compiled_step_is_one_graph_for_every_level(wm):
         assert np.array_equal(a.step(act), b.step(act))
     assert counter.frame_count == 1
     rows = bench(compiled, [1], frames=1, warmup=1)  # compiled already: the bench traces nothing new
-    assert rows[0]["new_graphs"] == 0 and rows[0]["first_step_s"] > 0
+    # The first step's time is reported (a number, not judged here: it rounds to 0.00 s on a fast CPU).
+    assert rows[0]["new_graphs"] == 0 and rows[0]["first_step_s"] >= 0
