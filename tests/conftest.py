@@ -154,6 +154,33 @@ def tiny_tokenizer_run(doom_recording, tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="session")
+def tiny_rgbd_tokenizer(doom_recording, tmp_path_factory) -> Path:
+    """An RGB-D tokenizer run (depth as a 4th channel, 6 steps): what world-cache models need."""
+    from worldgen.training.tokenizer import TokenizerTrainConfig, train
+
+    out = tmp_path_factory.mktemp("tok_rgbd")
+    with _OneThread():
+        train(
+            TokenizerTrainConfig(
+                data=str(doom_recording),
+                out=str(out),
+                steps=6,
+                batch_size=8,
+                channels="8,8,8,8",
+                latent_channels=4,
+                warmup=2,
+                lr=2e-3,
+                ckpt_every=1000,
+                sample_every=0,
+                log_every=5,
+                eval_frames=8,
+                depth=True,
+            )
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(doom_recording, tiny_tokenizer_run, tmp_path_factory) -> Path:
     """A complete tiny model folder: `worldgen train dynamics` (tiny DiT, 6-frame windows, 150
     steps) on the recording, exported with its tokenizer and start contexts. Frames change with

@@ -323,15 +323,13 @@ def test_doctests():
         assert doctest.testmod(module).failed == 0, module.__name__
 
 
-def test_training_with_the_world_cache(doom_recording, tiny_tokenizer_run, tmp_path):
+def test_training_with_the_world_cache(doom_recording, tiny_tokenizer_run, tiny_rgbd_tokenizer, tmp_path):
     """`train dynamics --world-cache H` conditions the DiT on each frame's cache view through an
     RGB-D tokenizer, and names the problem when the tokenizer has no depth."""
     from worldgen import checkpoint
     from worldgen.models import load_dit
     from worldgen.training.dynamics import DynamicsTrainConfig
     from worldgen.training.dynamics import train as train_dynamics
-    from worldgen.training.tokenizer import TokenizerTrainConfig
-    from worldgen.training.tokenizer import train as train_tokenizer
 
     tiny = dict(
         data=str(doom_recording),
@@ -350,25 +348,8 @@ def test_training_with_the_world_cache(doom_recording, tiny_tokenizer_run, tmp_p
         train_dynamics(
             DynamicsTrainConfig(out=str(tmp_path / "rgb"), tokenizer=str(tiny_tokenizer_run[0]), steps=2, **tiny)
         )
-    train_tokenizer(
-        TokenizerTrainConfig(
-            data=str(doom_recording),
-            out=str(tmp_path / "tok"),
-            steps=6,
-            batch_size=8,
-            channels="8,8,8,8",
-            latent_channels=4,
-            warmup=2,
-            lr=2e-3,
-            ckpt_every=1000,
-            sample_every=0,
-            log_every=5,
-            eval_frames=8,
-            depth=True,
-        )
-    )
     summary = train_dynamics(
-        DynamicsTrainConfig(out=str(tmp_path / "dyn"), tokenizer=str(tmp_path / "tok"), steps=10, **tiny)
+        DynamicsTrainConfig(out=str(tmp_path / "dyn"), tokenizer=str(tiny_rgbd_tokenizer), steps=10, **tiny)
     )
     assert math.isfinite(summary["heldout_loss"])
     model = load_dit(tmp_path / "dyn" / "ckpt")

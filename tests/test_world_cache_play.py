@@ -17,36 +17,17 @@ WALK = [{"keys": ["forward"], "mouse": [4.0, 0.0]}, {"keys": ["turn_left"], "mou
 
 
 @pytest.fixture(scope="module")
-def cache_model(doom_recording, tmp_path_factory):
+def cache_model(doom_recording, tiny_rgbd_tokenizer, tmp_path_factory):
     """A world-cache model folder: RGB-D tokenizer, DiT with --world-cache 2, starts with depth and poses."""
     from worldgen.training.dynamics import DynamicsTrainConfig
     from worldgen.training.dynamics import train as train_dynamics
-    from worldgen.training.tokenizer import TokenizerTrainConfig
-    from worldgen.training.tokenizer import train as train_tokenizer
 
     root = tmp_path_factory.mktemp("cache_model")
-    train_tokenizer(
-        TokenizerTrainConfig(
-            data=str(doom_recording),
-            out=str(root / "tok"),
-            steps=4,
-            batch_size=8,
-            channels="8,8,8,8",
-            latent_channels=4,
-            warmup=2,
-            lr=2e-3,
-            ckpt_every=1000,
-            sample_every=0,
-            log_every=5,
-            eval_frames=8,
-            depth=True,
-        )
-    )
     train_dynamics(
         DynamicsTrainConfig(
             data=str(doom_recording),
             out=str(root / "dyn"),
-            tokenizer=str(root / "tok"),
+            tokenizer=str(tiny_rgbd_tokenizer),
             model="tiny",
             window=4,
             steps=4,

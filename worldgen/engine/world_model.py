@@ -359,15 +359,13 @@ class WorldModel:
         self._graphs = False
         return self
 
-    def _graph_call(self, fn, *args: Any, **kwargs: Any) -> Any:
+    def _graph_call(self, fn, *args: Any) -> Any:
         """``fn(*args)``, marked as a new CUDA-graph step when compiled: CUDA graph trees reuse an
-        output's memory at the next replay, so every call starts a step and its tensor outputs are
-        cloned out of the graph's pool before anything keeps them."""
-        if not self._graphs:
-            return fn(*args, **kwargs)
-        torch.compiler.cudagraph_mark_step_begin()
-        out = fn(*args, **kwargs)
-        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
+        output's memory at the next replay, so its outputs are valid until the next compiled call
+        and whatever must outlive that is cloned by the caller."""
+        if self._graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return fn(*args)
 
     # --- building -----------------------------------------------------------------------------
     @classmethod
@@ -638,8 +636,10 @@ class WorldModel:
         x, k_new, v_new = self._graph_call(
             self._step, x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask, memory, *(() if cond is None else (cond,))
         )
-        for b, c in enumerate(caches):
+        for b, c in enumerate(caches):  # copied into the caches before the next compiled call
             c.write(k_new[:, b], v_new[:, b])
+        if self._graphs:
+            x = x.clone()  # decoded (another compiled call) and kept in banks after this one
         if memory is not None:
             for b, s in enumerate(sessions):
                 s.bank.add(x[b, -1], poses[b], s.clock)

@@ -63,7 +63,7 @@ from worldgen.models import DiT, autocast, flops_per_frame, save_part, tensor_to
 from worldgen.training import loop
 from worldgen.training.config import TrainConfig, opt
 from worldgen.training.distributed import Dist
-from worldgen.training.dynamics import Latents, cached_latents, flow_matching_loss, tokenizer_folder, write_starts
+from worldgen.training.dynamics import Latents, flow_matching_loss, split_latents, tokenizer_folder, write_starts
 from worldgen.training.run import Run, save_image_rows
 from worldgen.training.schedule import param_groups
 from worldgen.training.tokenizer import open_dataset
@@ -343,21 +343,8 @@ class DistillTask:
         tok_folder = tokenizer_folder(cfg.teacher)  # a run folder means its ckpt/: a whole model folder
         teacher = WorldModel.load(tok_folder, device=d.device, guidance=1.0)
         tokenizer = teacher.tokenizer.requires_grad_(False)
-        w, h = ds.resolution
-        if tuple(tokenizer.cfg.image_size) != (h, w):
-            raise ValueError(
-                f"{tok_folder}: the teacher's tokenizer takes {tokenizer.cfg.image_size} (H, W) frames, "
-                f"{cfg.data} has {(h, w)}"
-            )
         torch.manual_seed(cfg.seed)
-        lat = {
-            name: cached_latents(
-                run.root / f"latents-{name}.safetensors", ds, eps, tok_folder, tokenizer, d, cfg.encode_batch
-            )
-            if eps
-            else None
-            for name, eps in (("train", train), ("heldout", held))
-        }
+        lat = split_latents(run, ds, {"train": train, "heldout": held}, tok_folder, tokenizer, d, cfg)
         return cls(cfg, teacher, lat["train"], lat["heldout"], d, tok_folder, (ds, held or train))
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:

@@ -418,6 +418,33 @@ def _interleave(parts: list[dict[str, torch.Tensor]]) -> Latents:
     )
 
 
+def split_latents(
+    run: Run,
+    ds: Dataset,
+    splits: dict[str, list[int]],
+    tok_folder: Path,
+    tokenizer: nn.Module,
+    d: Dist,
+    cfg: TrainConfig,
+    world_cache: int = 0,
+) -> dict[str, Latents | None]:
+    """The cached latents of each split (``{"train": episodes, "heldout": episodes}``) in the run
+    folder, None for an empty split, after checking the tokenizer takes the dataset's frames."""
+    w, h = ds.resolution
+    if tuple(tokenizer.cfg.image_size) != (h, w):
+        raise ValueError(
+            f"{tok_folder}: tokenizer takes {tokenizer.cfg.image_size} (H, W) frames, {cfg.data} has {(h, w)}"
+        )
+    return {
+        name: cached_latents(
+            run.root / f"latents-{name}.safetensors", ds, eps, tok_folder, tokenizer, d, cfg.encode_batch, world_cache
+        )
+        if eps
+        else None
+        for name, eps in splits.items()
+    }
+
+
 def dit_config(
     cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tuple[int, int], cond: int = 0
 ) -> DiTConfig:
@@ -555,31 +582,12 @@ class DynamicsTask:
         ds, train, held = open_dataset(cfg)
         tok_folder = tokenizer_folder(cfg.tokenizer)
         tokenizer = load_tokenizer(tok_folder, d.device).requires_grad_(False)
-        w, h = ds.resolution
-        if tuple(tokenizer.cfg.image_size) != (h, w):
-            raise ValueError(
-                f"{tok_folder}: tokenizer takes {tokenizer.cfg.image_size} (H, W) frames, {cfg.data} has {(h, w)}"
-            )
         torch.manual_seed(cfg.seed)
         cond = cond_channels(tokenizer.cfg) if cfg.world_cache else 0  # an RGB tokenizer: a clear error
         if cfg.world_cache:
             dataset_camera(ds)  # a world without a camera model or without depth/poses: a clear error
         model = initial_dit(cfg, tokenizer.cfg.latent_channels, tuple(tokenizer.cfg.latent_size), cond)
-        lat = {
-            name: cached_latents(
-                run.root / f"latents-{name}.safetensors",
-                ds,
-                eps,
-                tok_folder,
-                tokenizer,
-                d,
-                cfg.encode_batch,
-                cfg.world_cache,
-            )
-            if eps
-            else None
-            for name, eps in (("train", train), ("heldout", held))
-        }
+        lat = split_latents(run, ds, {"train": train, "heldout": held}, tok_folder, tokenizer, d, cfg, cfg.world_cache)
         if cfg.memory_frames:  # poses are small: read them afresh, in the latents' episode order
             if "pose" not in ds.fields:
                 raise ValueError(f"{cfg.data}: --memory-frames needs a dataset recorded with camera poses")
