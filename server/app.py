@@ -119,9 +119,13 @@ def is_loopback(host: str | None) -> bool:
 
 
 def batch_sizes(max_sessions: int) -> list[int]:
-    """Batch sizes a compiled server steps: powers of two below ``max_sessions``, and it. Each
-    compiles once; a tick's batch is padded up to the next, so a few sizes cover every count."""
-    return [2**i for i in range(max_sessions.bit_length()) if 2**i < max_sessions] + [max_sessions]
+    """Batch sizes a compiled server steps: powers of two from 2 below ``max_sessions``, and it.
+    A tick's batch is padded up to the next size. One compile serves every batch of 2 or more
+    (the batch dimension is dynamic; batch 1 would compile again, so a lone player is padded to
+    2) and each size records its own CUDA graph, which is quick."""
+    if max_sessions == 1:
+        return [1]
+    return [2**i for i in range(1, max_sessions.bit_length()) if 2**i < max_sessions] + [max_sessions]
 
 
 class CompileError(RuntimeError):
@@ -602,7 +606,7 @@ class Server:
         import torch._dynamo
 
         self.engine_thread = threading.get_ident()
-        # One compile per batch size and function; beyond dynamo's limit it would quietly run eager.
+        # A recompile per batch size beyond dynamo's limit would quietly run eager: leave room.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.sizes) + 1)
         self.wm.compile()
         for n in self.sizes:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -340,6 +340,7 @@ class WorldModel:
             self.world = CachePool(world_cache, actions.ACTION_DIM, self.device)
         self._pending: tuple | None = None  # a step's slots, gathered clouds and cameras, from views to fuse
         self._step, self._decode = self._denoise, self.tokenizer.decode  # compile() swaps these
+        self._compiled = False  # compile() swapped them
         self._graphs = False  # compiled into CUDA graphs: each call's outputs live until the next call
 
     def compile(self, mode: str | None = "reduce-overhead") -> WorldModel:
@@ -347,8 +348,12 @@ class WorldModel:
         Every step at a given batch size has the same shapes (fixed-size caches), so each batch
         size compiles once (the first step at a new size takes seconds to a minute), and the
         default mode replays the step as one CUDA graph: no per-kernel launch cost."""
-        self._step = torch.compile(self._denoise, mode=mode, dynamic=False)
-        self._decode = torch.compile(self.tokenizer.decode, mode=mode, dynamic=False)
+        # The batch dimension is marked dynamic at each call (:meth:`_graph_call`), every other
+        # size is fixed: one compile serves every batch of 2 or more (a compile takes minutes on a
+        # GPU, a server would otherwise compile once per batch size), batch 1 compiles its own.
+        self._step = torch.compile(self._denoise, mode=mode)
+        self._decode = torch.compile(self.tokenizer.decode, mode=mode)
+        self._compiled = True
         self._graphs = mode == "reduce-overhead" and self.device.type == "cuda"
         return self
 
@@ -356,13 +361,19 @@ class WorldModel:
         """Undo :meth:`compile`: the step and the decoder run eagerly again (a fallback when
         compiling fails on a machine)."""
         self._step, self._decode = self._denoise, self.tokenizer.decode
-        self._graphs = False
+        self._compiled = self._graphs = False
         return self
 
-    def _graph_call(self, fn, *args: Any) -> Any:
+    def _graph_call(self, fn: Callable, *args: Any, batch_dims: Sequence[int | None] = ()) -> Any:
         """``fn(*args)``, marked as a new CUDA-graph step when compiled: CUDA graph trees reuse an
         output's memory at the next replay, so its outputs are valid until the next compiled call
-        and whatever must outlive that is cloned by the caller."""
+        and whatever must outlive that is cloned by the caller. ``batch_dims``: each tensor
+        argument's batch dimension (default 0; None: none), marked dynamic for the compiler."""
+        if self._compiled:
+            for i, a in enumerate(args):
+                d = batch_dims[i] if i < len(batch_dims) else 0
+                if isinstance(a, torch.Tensor) and d is not None and a.shape[d] > 1:
+                    torch._dynamo.mark_dynamic(a, d)
         if self._graphs:
             torch.compiler.cudagraph_mark_step_begin()
         return fn(*args)
@@ -634,7 +645,19 @@ class WorldModel:
             now = torch.tensor([s.clock for s in sessions], device=self.device)
             memory = recalled([s.bank for s in sessions], poses, now)
         x, k_new, v_new = self._graph_call(
-            self._step, x, eps_ctx, acts, frame_pos, k, v, cos, sin, mask, memory, *(() if cond is None else (cond,))
+            self._step,
+            x,
+            eps_ctx,
+            acts,
+            frame_pos,
+            k,
+            v,
+            cos,
+            sin,
+            mask,
+            memory,
+            *(() if cond is None else (cond,)),
+            batch_dims=(0, 0, 0, 0, 1, 1),  # keys and values: (depth, B, ...)
         )
         for b, c in enumerate(caches):  # copied into the caches before the next compiled call
             c.write(k_new[:, b], v_new[:, b])
