@@ -11,7 +11,10 @@ One server process (`worldgen serve --port 0`, started here) serves every round 
 round connects N Python clients (one asyncio process, seeds 0..N-1) that play like people:
 held keys change every second or so and actions go out at random moments, about one per frame
 time, so the echoed timestamps measure action-to-frame latency including the wait for the next
-tick. Per round: per-client frames/s (mean and slowest), latency p50/p99 over every frame that
+tick. Per round: per-client frames/s (mean and slowest) once it plays, from its first stepped
+frame to its last (ids, so a frame the server dropped counts against it), the slowest client's
+join (connect to first stepped frame: every client of a round joins at once and sessions start
+on the engine thread between ticks), latency p50/p99 over every frame that
 echoed an action, frames the server dropped for slow readers (its stats) and id gaps the
 clients saw, the server's mean batched-step time and batch size, and the server's resident
 memory idle before the round, at its peak and idle after it (growth across rounds = a leak).
@@ -51,6 +54,7 @@ async def player(url: str, seed: int, seconds: float, fps: float, stats: dict) -
     c = await Client.connect(url, seed=seed, client="serve_load")
     latencies, frames, gaps, last_id = [], 0, 0, None
     start = time.monotonic()
+    first = last = None  # arrival of its first and last stepped frame (id 0 is the start frame)
 
     async def act() -> None:
         keys: list[str] = []
@@ -65,6 +69,8 @@ async def player(url: str, seed: int, seconds: float, fps: float, stats: dict) -
         while time.monotonic() - start < seconds:
             f = await c.next_frame()
             frames += 1
+            if f.id >= 1:
+                first, last = first or time.monotonic(), time.monotonic()
             if last_id is not None:
                 gaps += f.id - last_id - 1
             last_id = f.id
@@ -76,6 +82,8 @@ async def player(url: str, seed: int, seconds: float, fps: float, stats: dict) -
     stats.update(
         frames=frames,
         seconds=time.monotonic() - start,
+        join_s=(first or time.monotonic()) - start,
+        steady_fps=(last_id - 1) / (last - first) if first and last > first else 0.0,
         latencies=latencies,
         gaps=gaps,
         dropped=(c.stats or {}).get("dropped", 0),
@@ -100,11 +108,14 @@ async def round_(url: str, n: int, seconds: float, fps: float, server_pid: int) 
     sampler.cancel()
     lat = np.concatenate([p["latencies"] for p in per]) if any(p["latencies"] for p in per) else np.zeros(1)
     fps_each = [p["frames"] / p["seconds"] for p in per]
+    steady = [p["steady_fps"] for p in per]
     return {
         "clients": n,
         "seconds": seconds,
-        "fps_mean": float(np.mean(fps_each)),
-        "fps_min": float(np.min(fps_each)),
+        "fps_mean": float(np.mean(steady)),
+        "fps_min": float(np.min(steady)),
+        "fps_with_join_mean": float(np.mean(fps_each)),
+        "join_s_max": float(np.max([p["join_s"] for p in per])),
         "latency_p50_ms": float(np.percentile(lat, 50)),
         "latency_p99_ms": float(np.percentile(lat, 99)),
         "latency_samples": int(sum(len(p["latencies"]) for p in per)),
@@ -195,14 +206,15 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {datetime.date.today()}, commit {commit}\n"
     )
     print(
-        "| clients | target fps | fps per client (mean / slowest) | latency p50 / p99 ms | dropped (server) / id gaps "
-        "| model step ms (batch) | server RSS MB before / peak / after |"
+        "| clients | target fps | fps per client (mean / slowest) | join s (slowest) | latency p50 / p99 ms "
+        "| dropped (server) / id gaps | model step ms (batch) | server RSS MB before / peak / after |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['clients']} | {r['target_fps']:g} | {r['fps_mean']:.2f} / {r['fps_min']:.2f} "
-            f"| {r['latency_p50_ms']:.0f} / {r['latency_p99_ms']:.0f} | {r['dropped']} / {r['id_gaps']} "
+            f"| {r['join_s_max']:.2f} | {r['latency_p50_ms']:.0f} / {r['latency_p99_ms']:.0f} "
+            f"| {r['dropped']} / {r['id_gaps']} "
             f"| {r['gen_ms']:.1f} ({r['batch']:.0f}) | {r['rss_before_mb']:.0f} / {r['rss_peak_mb']:.0f} / "
             f"{r['rss_after_mb']:.0f} |"
         )
