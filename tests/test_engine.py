@@ -65,9 +65,7 @@ def test_streaming_equals_full_recompute_within_window(tiny_checkpoint, guidance
         streamed = s.step(act)
         v = torch.from_numpy(act.vector())[None, None]
         with torch.no_grad():
-            zn = sampling.generate(
-                wm.dit, z, a, v, steps=wm.stream.steps, shift=wm.stream.shift, generator=g, guidance=guidance
-            )
+            zn = sampling.generate(wm.dit, z, a, v, wm.stream, g)
             full = tensor_to_frames(wm.tokenizer.decode(zn[:, 0]))[0]
         assert np.abs(full.astype(int) - streamed).max() <= 1
         z, a = torch.cat([z, zn], 1), torch.cat([a, v], 1)

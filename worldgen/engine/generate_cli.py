@@ -17,7 +17,7 @@ import torch
 from worldgen.actions import ActionError
 from worldgen.checkpoint import CheckpointError
 from worldgen.data import DatasetError
-from worldgen.engine.generate import FUSIONS, GenerateConfig, GenerateError, Sampler, generate_video, seam_measure
+from worldgen.engine.generate import FUSIONS, GenerateConfig, GenerateError, generate_video, seam_measure
 from worldgen.engine.generate_inputs import load_actions, load_context
 from worldgen.files import atomic_write, write_mp4
 from worldgen.provenance import git_commit
@@ -162,7 +162,7 @@ def _report(
             "actions": args.actions,
             "frames": first["frames"],
             "config": asdict(cfg),
-            "sampler": asdict(Sampler.of(wm)),
+            "sampler": wm.stream.settings(),
             "runs": runs,
             "real": real,
             "date": datetime.date.today().isoformat(),
