@@ -39,7 +39,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from tqdm import tqdm
 
 from worldgen import sampling
 from worldgen.models import DiT, autocast, frames_to_tensor, tensor_to_frames
+
+if TYPE_CHECKING:
+    from worldgen.engine.world_model import WorldModel
 
 FUSIONS = ("overlap", "none")
 
@@ -283,7 +286,7 @@ def seam_measure(frames: np.ndarray, starts: Sequence[int]) -> dict[str, Any]:
 
 @torch.no_grad()
 def generate_video(
-    wm,
+    wm: WorldModel,
     context_frames: np.ndarray,
     context_actions: np.ndarray,
     actions: np.ndarray,

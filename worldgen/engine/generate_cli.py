@@ -10,6 +10,7 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from worldgen.engine.generate import FUSIONS, GenerateConfig, GenerateError, gen
 from worldgen.engine.generate_inputs import load_actions, load_context
 from worldgen.files import atomic_write, write_mp4
 from worldgen.provenance import git_commit
+
+if TYPE_CHECKING:
+    from worldgen.engine.world_model import WorldModel
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -131,7 +135,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(
-    args: argparse.Namespace, wm, cfg: GenerateConfig, runs: dict[str, dict], real: dict | None, episode_id: str | None
+    args: argparse.Namespace,
+    wm: WorldModel,
+    cfg: GenerateConfig,
+    runs: dict[str, dict],
+    real: dict | None,
+    episode_id: str | None,
 ) -> None:
     first = next(iter(runs.values()))
     print(

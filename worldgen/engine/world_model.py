@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -320,7 +321,7 @@ class WorldModel:
             s.close()
 
     # --- the hot path ----------------------------------------------------------------------------
-    def _autocast(self):
+    def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device)
 
     def _new_cache(self) -> KVCache:

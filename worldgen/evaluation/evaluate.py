@@ -385,7 +385,7 @@ def _load_windows(
     heldout_fraction: float,
     depth: bool,
     stored: dict[str, Any] | None = None,
-):
+) -> tuple[torch.Tensor, torch.Tensor, list[list], int, int]:
     """The evaluation windows as frames (N, L, H, W, 3 or 4 with depth) uint8 and actions
     (N, L, 10), plus their ``[episode id, start]``, the effective horizon and the number of
     episodes drawn from: ``stored``'s windows (:func:`_stored_windows`), else drawn."""
@@ -556,7 +556,20 @@ def _mean(x: torch.Tensor) -> float:
 
 
 def _report(
-    folder, ds, cfg, context, fraction, sampler, device, starts, n_episodes, horizon, tok_psnr, tok_ssim, tf, curves
+    folder: Path,
+    ds: Dataset,
+    cfg: EvalConfig,
+    context: int,
+    fraction: float | None,
+    sampler: dict[str, Any],
+    device: torch.device,
+    starts: list[list],
+    n_episodes: int,
+    horizon: int,
+    tok_psnr: torch.Tensor,
+    tok_ssim: torch.Tensor,
+    tf: dict[str, torch.Tensor],
+    curves: dict[str, list[float]],
 ) -> dict[str, Any]:
     def at(curve: list[float], h: int) -> float | None:
         return round(curve[h - 1], 4) if h <= len(curve) else None

@@ -179,7 +179,7 @@ def noise_levels(
     """
     blocks = math.ceil(frames / frames_per_block)
 
-    def rand(*shape):
+    def rand(*shape: int) -> torch.Tensor:
         return torch.rand(shape, generator=generator, device=device)
 
     t = torch.sigmoid(loc + scale * torch.randn((batch, blocks), generator=generator, device=device))
