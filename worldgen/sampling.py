@@ -263,11 +263,9 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device | st
         return torch.randn(tuple(shape), generator=generator, device=where, dtype=torch.float32).to(device)
     if len(generator) != shape[0]:
         raise ValueError(f"one generator per row: {len(generator)} generators for {shape[0]} rows")
-    return (
-        torch.stack([randn(shape[1:], g, device) for g in generator])
-        if len(generator)
-        else torch.zeros(tuple(shape), device=device)
-    )
+    if not generator:  # no rows (torch.stack needs one)
+        return torch.zeros(tuple(shape), device=device)
+    return torch.stack([randn(shape[1:], g, device) for g in generator])
 
 
 def noised(ctx: torch.Tensor, level: float, generator: Generators) -> torch.Tensor:
