@@ -54,16 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         recompute = timed(
-            lambda: sampling.rollout(
-                dit,
-                ctx,
-                acts,
-                future,
-                steps=args.steps,
-                window=t,
-                ctx_noise=args.ctx_noise,
-                generator=torch.Generator(device),
-            )
+            lambda: sampling.rollout(dit, ctx, acts, future, stream, window=t, generator=torch.Generator(device))
         )
         cached = timed(lambda: rollout_latents(dit, stream, ctx, acts, future, torch.Generator(device)))
     print(

@@ -23,9 +23,9 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -35,6 +35,8 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from worldgen.server import protocol as P
+
+T = TypeVar("T")
 
 
 class ServerError(RuntimeError):
@@ -196,7 +198,7 @@ class BackgroundClient:
         self.welcome = self.client.welcome
         self._reader = asyncio.run_coroutine_threadsafe(self._read(), self.loop)
 
-    def _call(self, coro, timeout: float | None = None):
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         try:
             return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
         except BaseException:

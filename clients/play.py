@@ -250,7 +250,14 @@ def play(
     return result
 
 
-def _overlay(screen, font, shown_at: list[float], latencies: list[float], info: dict, captured: bool) -> None:
+def _overlay(
+    screen: pygame.Surface,
+    font: pygame.font.Font,
+    shown_at: list[float],
+    latencies: list[float],
+    info: dict,
+    captured: bool,
+) -> None:
     now = time.perf_counter()
     fps = sum(t > now - 1 for t in shown_at[-200:])
     lat = f"{np.mean(latencies[-8:]):.0f} ms" if latencies else "-"

@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import gymnasium
@@ -134,7 +135,9 @@ class Agent(nn.Module):
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(self.features(obs)).squeeze(-1)
 
-    def act(self, obs: torch.Tensor, action: torch.Tensor | None = None):
+    def act(
+        self, obs: torch.Tensor, action: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(action (B, axes), log-prob (B,), entropy (B,), value (B,)); samples when ``action`` is None."""
         h = self.features(obs)
         dists = [Categorical(logits=lg) for lg in self.actor(h).split(self.nvec, -1)]
@@ -157,7 +160,12 @@ def to_env_actions(action: torch.Tensor, space: gymnasium.Space) -> np.ndarray:
 
 
 def make_real_envs(
-    n: int, frame_size, args: argparse.Namespace, horizon: int, weights: dict, mouse_range
+    n: int,
+    frame_size: Sequence[int],
+    args: argparse.Namespace,
+    horizon: int,
+    weights: dict,
+    mouse_range: Sequence[float],
 ) -> gymnasium.vector.VectorEnv:
     """``n`` real ViZDoom games (one process each unless ``--no-processes``), next-step autoreset
     like the world-model env."""
@@ -290,7 +298,9 @@ def train_ppo(
     }
 
 
-def play_real_game(policy, envs: gymnasium.vector.VectorEnv, episodes: int, seed: int) -> dict:
+def play_real_game(
+    policy: Callable[[np.ndarray], np.ndarray], envs: gymnasium.vector.VectorEnv, episodes: int, seed: int
+) -> dict:
     """``policy(obs (N, ...)) -> actions`` plays ``episodes`` real episodes, the same number on
     every game (counting the first to finish would favour short episodes, deaths); returns per-episode
     returns and events, and the mean with its standard error."""
@@ -381,7 +391,7 @@ def main() -> None:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    def agent_policy(agent: Agent):
+    def agent_policy(agent: Agent) -> Callable[[np.ndarray], np.ndarray]:
         @torch.no_grad()
         def act(obs: np.ndarray) -> np.ndarray:
             logits = agent.actor(agent.features(torch.as_tensor(obs, device=device)))

@@ -38,7 +38,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -741,7 +741,7 @@ class Server:
                 msg["seed"] = p.seed = resets[p]
             p.outbox.put_frame(P.pack(msg))
 
-    def _background(self, coro) -> None:
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
         # The loop keeps only weak references to tasks: hold one until it is done.
         task = asyncio.create_task(coro)
         self.tasks.add(task)

@@ -65,9 +65,7 @@ def test_streaming_equals_full_recompute_within_window(tiny_checkpoint, guidance
         streamed = s.step(act)
         v = torch.from_numpy(act.vector())[None, None]
         with torch.no_grad():
-            zn = sampling.generate(
-                wm.dit, z, a, v, steps=wm.stream.steps, shift=wm.stream.shift, generator=g, guidance=guidance
-            )
+            zn = sampling.generate(wm.dit, z, a, v, wm.stream, g)
             full = tensor_to_frames(wm.tokenizer.decode(zn[:, 0]))[0]
         assert np.abs(full.astype(int) - streamed).max() <= 1
         z, a = torch.cat([z, zn], 1), torch.cat([a, v], 1)
@@ -225,3 +223,33 @@ def test_compiled_step_is_one_graph_for_every_level(wm):
     rows = bench(compiled, [1], frames=1, warmup=1)  # compiled already: the bench traces nothing new
     # The first step's time is reported (a number, not judged here: it rounds to 0.00 s on a fast CPU).
     assert rows[0]["new_graphs"] == 0 and rows[0]["first_step_s"] >= 0
+
+
+def test_eval_rollouts_are_what_a_session_plays(tiny_checkpoint):
+    """`worldgen eval` scores what players see: its rollout of window i (the sampler's cache
+    backend, seeded rollout_seed(seed, i)) is the session started on that context with that
+    seed, frame for frame, at a stabilising ctx_noise and past the cache's window (the ring
+    turns); and a window's frames do not depend on how the windows are batched (same noise, within
+    float rounding)."""
+    from worldgen.evaluation.evaluate import _Runner, rollout_seed
+
+    wm = WorldModel.load(tiny_checkpoint, device="cpu", ctx_noise=0.1)
+    c, plan = wm.stream.window, (PLAY * 3)[: wm.stream.window + 3]
+    starts = [wm.start(i) for i in range(2)]
+    assert wm.stream.sinks == 0 and all(len(f) >= c for f, _ in starts)
+    frames = np.stack([f[-c:] for f, _ in starts])
+    vec = lambda xs: np.stack([x.vector() for x in xs])
+    ctx_acts = torch.from_numpy(np.stack([vec(a[-c:]) for _, a in starts]))
+    future = torch.from_numpy(vec(plan))[None].repeat(2, 1, 1)
+    sampler = sampling.SamplerConfig(**wm.stream.settings())
+    run = _Runner(wm.tokenizer, wm.dit, sampler, c, seed=7, batch=2, device=torch.device("cpu"))
+    with torch.no_grad():
+        latents, _ = run.encode(torch.from_numpy(frames))
+        scored = run.rollout(latents, ctx_acts, future).numpy()  # (2, n, H, W, 3)
+        run.batch = 1
+        alone = run.rollout(latents, ctx_acts, future).numpy()  # the same noise; float sums may round apart
+    assert np.abs(alone.astype(int) - scored).max() <= 1
+    for i, (f, a) in enumerate(starts):
+        s = wm.session(f[-c:], a[-c:], seed=rollout_seed(7, i))
+        played = np.stack([s.step(x) for x in plan])
+        assert np.abs(played.astype(int) - scored[i]).max() <= 1

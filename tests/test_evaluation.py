@@ -372,3 +372,13 @@ def test_eval_errors_name_the_problem(doom, ckpt, tmp_path, capsys):
     tiny = cut(doom, tmp_path / "tiny", (5, 4))
     with pytest.raises(EvaluationError, match=r"longest 5 frames\) hold fewer than 2 windows"):
         evaluate(ckpt, tiny, EvalConfig(split="all"), device="cpu")
+
+
+def test_eval_context_is_whole_blocks(ckpt):
+    """A session's cache holds whole blocks, so eval's context must be a multiple of them."""
+    from worldgen.evaluation.evaluate import _sampler_settings
+
+    chunked = dataclasses.replace(TINY, frames_per_block=2)
+    with pytest.raises(EvaluationError, match="--context must be a multiple of the model's 2-frame blocks"):
+        _sampler_settings(Path(ckpt), EvalConfig(context=5), chunked)
+    assert _sampler_settings(Path(ckpt), EvalConfig(context=4), chunked)[0] == 4

@@ -17,7 +17,8 @@ from conftest import reindexed  # tests/ is on sys.path under pytest
 from worldgen.cli import main
 from worldgen.data import Dataset
 from worldgen.engine import generate as gen
-from worldgen.engine.generate import GenerateConfig, GenerateError, Sampler, generate_latents, seam_measure
+from worldgen.engine.generate import GenerateConfig, GenerateError, generate_latents, seam_measure
+from worldgen.sampling import SamplerConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 shared cores
 
@@ -41,7 +42,7 @@ class StubDiT(torch.nn.Module):
         super().__init__()
         self.calls = []
 
-    def forward(self, x, t, a):  # (1, T, C, h, w), (1, T), (1, T, A)
+    def forward(self, x, t, a, **_):  # (1, T, C, h, w), (1, T), (1, T, A)
         self.calls.append((x.clone(), t.clone()))
         new = t[0] > 0  # context frames are labelled 0 here
         x0 = a[0, :, 0] + 1000 * a[0, int(new.nonzero()[0]), 0]  # (T,)
@@ -55,7 +56,7 @@ def _stub_run(fusion: str, renoise: float, n: int = 8):
     ctx = torch.zeros(3, 4, 3, 4)  # 3 context latents
     acts = torch.arange(10.0, n + 10)[:, None].repeat(1, 10)  # frame f's action[0] = f + 10
     cfg = GenerateConfig(fusion=fusion, renoise=renoise, seed=1)
-    z, stats = generate_latents(dit, ctx, -torch.ones(3, 10), acts, cfg, Sampler(steps=2), window=6)
+    z, stats = generate_latents(dit, ctx, -torch.ones(3, 10), acts, cfg, SamplerConfig(steps=2), window=6)
     return z[:, 0, 0, 0], stats, dit  # one number per frame
 
 

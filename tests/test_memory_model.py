@@ -15,7 +15,7 @@ from worldgen.data import Dataset
 from worldgen.engine.memory import dead_reckon
 from worldgen.models import MODELS, DiT, load_dit
 from worldgen.models.attention import LayerKV
-from worldgen.models.dit import Memory
+from worldgen.models.dit import Context, Memory
 from worldgen.training.dynamics import flow_matching_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 shared cores
@@ -75,26 +75,31 @@ def test_memory_is_context_every_frame_sees_and_masked_memory_is_none():
     x, t, a = torch.randn(2, 4, 4, 3, 4), torch.rand(2, 4), torch.randn(2, 4, 10)
     mem = Memory(torch.randn(2, 3, 4, 3, 4), torch.randn(2, 3, 6), torch.rand(2, 3) * 100)
     with torch.no_grad():
-        plain, with_mem = dit(x, t, a), dit(x, t, a, memory=mem)
+        plain, with_mem = dit(x, t, a), dit(x, t, a, context=Context(memory=mem))
         assert with_mem.shape == x.shape  # memory frames are not predicted
         assert (with_mem - plain)[:, 0].abs().amax() > 1e-3  # even the first frame sees them
-        none = dit(x, t, a, memory=dataclasses.replace(mem, mask=torch.zeros(2, 3, dtype=torch.bool)))
+        none = dit(x, t, a, context=Context(memory=dataclasses.replace(mem, mask=torch.zeros(2, 3, dtype=torch.bool))))
         assert torch.allclose(none, plain, atol=1e-5)
         # A masked slot is the same as a memory without it (what a session's empty recalls rely on).
         keep = torch.tensor([[True, False, True], [True, True, True]])
-        part = dit(x, t, a, memory=dataclasses.replace(mem, mask=keep))
-        alone = dit(x[:1], t[:1], a[:1], memory=Memory(mem.z[:1, [0, 2]], mem.pose[:1, [0, 2]], mem.age[:1, [0, 2]]))
+        part = dit(x, t, a, context=Context(memory=dataclasses.replace(mem, mask=keep)))
+        alone = dit(
+            x[:1],
+            t[:1],
+            a[:1],
+            context=Context(memory=Memory(mem.z[:1, [0, 2]], mem.pose[:1, [0, 2]], mem.age[:1, [0, 2]])),
+        )
         assert torch.allclose(part[:1], alone, atol=1e-5)
         # Pose and age are what tells recalled frames apart.
-        moved = dit(x, t, a, memory=dataclasses.replace(mem, pose=mem.pose + 1.0))
-        older = dit(x, t, a, memory=dataclasses.replace(mem, age=mem.age + 500))
+        moved = dit(x, t, a, context=Context(memory=dataclasses.replace(mem, pose=mem.pose + 1.0)))
+        older = dit(x, t, a, context=Context(memory=dataclasses.replace(mem, age=mem.age + 500)))
         assert (moved - with_mem).abs().amax() > 1e-3 and (older - with_mem).abs().amax() > 1e-3
         # Streaming: the recalled frames see each other only, never the cached past (as in training).
         n, heads, hd = dit.cfg.tokens_per_frame, dit.cfg.heads, dit.cfg.dim // dit.cfg.heads
         kv = [[torch.randn(2, heads, past * n, hd) for _ in range(2)] for past in (5, 0)]
         caches = [[LayerKV(k, v) for _ in range(dit.cfg.depth)] for k, v in kv]
         for past in caches:
-            dit(x[:, :1], t[:, :1], a[:, :1], frame_pos=torch.tensor([5]), past=past, memory=mem)
+            dit(x[:, :1], t[:, :1], a[:, :1], context=Context(torch.tensor([5]), past, memory=mem))
         last = [past[-1].new[0][:, :, : 3 * n] for past in caches]  # the memory frames' keys
         assert torch.allclose(last[0], last[1], atol=1e-5)
     dit.train()
@@ -115,7 +120,7 @@ def test_a_model_trained_without_memory_refuses_memory(tiny_checkpoint):
             x,
             torch.zeros(1, 2),
             torch.zeros(1, 2, 10),
-            memory=Memory(x[:, :1], torch.zeros(1, 1, 6), torch.zeros(1, 1)),
+            context=Context(memory=Memory(x[:, :1], torch.zeros(1, 1, 6), torch.zeros(1, 1))),
         )
     assert WorldModel.load(tiny_checkpoint, device="cpu").memory is None  # and plays as before
 

@@ -29,7 +29,8 @@ from worldgen.models import (
     tensor_to_frames,
 )
 from worldgen.models.attention import dense_mask
-from worldgen.sampling import add_noise, generate, predict_next, rollout, shifted_timesteps
+from worldgen.models.dit import Context, Memory
+from worldgen.sampling import SamplerConfig, add_noise, generate, predict_next, rollout, shifted_timesteps
 
 # Small latents keep each forward to milliseconds; head dim 16 still splits three ways for RoPE.
 SMALL = DiTConfig(latent_channels=4, latent_size=(3, 4), dim=32, depth=2, heads=2, max_frames=16)
@@ -182,12 +183,12 @@ def test_sampler_labels_context_with_ctx_noise():
     class Spy(torch.nn.Module):
         cfg = SMALL
 
-        def forward(self, x, t, a):
+        def forward(self, x, t, a, **_):
             seen.append(t.clone())
             return torch.zeros_like(x)
 
     ctx = torch.randn(2, 3, 4, 3, 4)
-    predict_next(Spy(), ctx, torch.zeros(2, 3, 10), torch.zeros(2, 10), steps=2, ctx_noise=0.1)
+    predict_next(Spy(), ctx, torch.zeros(2, 3, 10), torch.zeros(2, 10), SamplerConfig(steps=2, ctx_noise=0.1))
     assert [s.shape for s in seen] == [(2, 4)] * 2
     t_max = sampling.T_MAX
     assert torch.allclose(seen[0][:, :3], torch.tensor(0.1)) and torch.allclose(seen[0][:, 3], torch.tensor(t_max))
@@ -197,9 +198,9 @@ def test_sampler_labels_context_with_ctx_noise():
 # --- (c) FlexAttention block mask == dense masked SDPA -------------------------------------
 
 
-@pytest.mark.parametrize("fpb,prefix", [(1, 0), (2, 1)])  # the default; chunks after a prefix
+@pytest.mark.parametrize("fpb,memory", [(1, 0), (2, 1)])  # the default; chunks after a memory frame
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_matches_dense_sdpa(fpb, prefix, monkeypatch):
+def test_flex_matches_dense_sdpa(fpb, memory, monkeypatch):
     calls = []
 
     def counted_flex(*args, **kwargs):
@@ -207,31 +208,36 @@ def test_flex_matches_dense_sdpa(fpb, prefix, monkeypatch):
         return flex_attention(*args, **kwargs)
 
     monkeypatch.setattr(attention, "flex_attention", counted_flex)
-    cfg = dataclasses.replace(MODELS["tiny"], frames_per_block=fpb)
+    cfg = dataclasses.replace(MODELS["tiny"], frames_per_block=fpb, memory_frames=memory, attn_impl="sdpa")
     dit = randomized(cfg)
     x, t, a = inputs(cfg, b=1, t=4)
+    # Recalled frames are the non-causal prefix every frame sees.
+    ctx = Context(memory=Memory(x[:, :1], torch.randn(1, 1, 6), torch.ones(1, 1))) if memory else None
     with torch.no_grad():  # FlexAttention has no CPU backward; the forward is what is compared
-        ref = dit(x, t, a, prefix_frames=prefix, attn_impl="sdpa")
+        ref = dit(x, t, a, context=ctx)
         assert not calls
-        flex = dit(x, t, a, prefix_frames=prefix, attn_impl="flex")
+        dit.cfg = dataclasses.replace(cfg, attn_impl="flex")  # the same weights through the other kernel
+        flex = dit(x, t, a, context=ctx)
     assert len(calls) == cfg.depth and isinstance(calls[0], BlockMask)
     torch.testing.assert_close(flex, ref, atol=1e-4, rtol=1e-4)
     assert ref.abs().mean() > 0.1  # a real comparison, not of zeros
 
 
-# --- prefix context, positions, extra channels ---------------------------------------------
+# --- memory context, positions, extra channels ---------------------------------------------
 
 
-def test_prefix_frames_are_seen_by_all_and_see_only_themselves():
-    dit = randomized(SMALL)
-    x, t, a = inputs(SMALL)
-    x_last, x_pre = x.clone(), x.clone()
-    x_last[:, -1] += 0.5
-    x_pre[:, 1] += 0.5  # inside a 2-frame prefix
+def test_memory_frames_are_seen_by_every_frame():
+    cfg = dataclasses.replace(SMALL, memory_frames=2)
+    dit = randomized(cfg)
+    x, t, a = inputs(cfg)
+    mem = Memory(torch.randn(2, 2, *x.shape[2:]), torch.randn(2, 2, 6), torch.ones(2, 2))
     with torch.no_grad():
-        v = dit(x, t, a, prefix_frames=2)
-        assert changed(v, dit(x_last, t, a, prefix_frames=2)) == [False, False, False, False, True]
-        assert changed(v, dit(x_pre, t, a, prefix_frames=2)) == [True] * 5  # frame 0 sees frame 1
+        v = dit(x, t, a, context=Context(memory=mem))
+        x_last = x.clone()
+        x_last[:, -1] += 0.5
+        assert changed(v, dit(x_last, t, a, context=Context(memory=mem))) == [False, False, False, False, True]
+        moved = dataclasses.replace(mem, z=mem.z + 0.5)
+        assert changed(v, dit(x, t, a, context=Context(memory=moved))) == [True] * 5
 
 
 def test_frame_positions_are_relative():
@@ -239,8 +245,8 @@ def test_frame_positions_are_relative():
     x, t, a = inputs(SMALL)
     with torch.no_grad():
         v = dit(x, t, a)
-        v_shift = dit(x, t, a, frame_pos=torch.arange(5) + 100)  # a rolling window's offset
-        v_gap = dit(x, t, a, frame_pos=torch.tensor([[0, 1, 2, 3, 9]] * 2))
+        v_shift = dit(x, t, a, context=Context(frame_pos=torch.arange(5) + 100))  # a rolling window's offset
+        v_gap = dit(x, t, a, context=Context(frame_pos=torch.tensor([[0, 1, 2, 3, 9]] * 2)))
     torch.testing.assert_close(v_shift, v, atol=1e-4, rtol=1e-4)  # RoPE sees only differences
     assert changed(v, v_gap) == [False, False, False, False, True]
 
@@ -409,12 +415,12 @@ def test_euler_recovers_target_with_exact_velocity(steps, shift):
     class Oracle(torch.nn.Module):
         cfg = SMALL
 
-        def forward(self, x, t, a):
+        def forward(self, x, t, a, **_):
             tt = t[:, :, None, None, None].clamp_min(1e-6)
             return (x - torch.cat([x[:, :-1], x0], 1)) / tt  # v = eps - x0 = (x_t - x0) / t
 
     out = generate(
-        Oracle(), torch.randn(2, 2, 4, 3, 4), torch.zeros(2, 2, 10), torch.zeros(2, 1, 10), steps=steps, shift=shift
+        Oracle(), torch.randn(2, 2, 4, 3, 4), torch.zeros(2, 2, 10), torch.zeros(2, 1, 10), SamplerConfig(steps, shift)
     )
     torch.testing.assert_close(out, x0, atol=1e-5, rtol=1e-5)
 
@@ -424,7 +430,9 @@ def test_sampler_is_deterministic_given_generator():
     ctx, ca, na = torch.randn(1, 3, 4, 3, 4), torch.randn(1, 3, 10), torch.randn(1, 10)
 
     def run(seed):
-        return predict_next(dit, ctx, ca, na, steps=3, ctx_noise=0.05, generator=torch.Generator().manual_seed(seed))
+        return predict_next(
+            dit, ctx, ca, na, SamplerConfig(steps=3, ctx_noise=0.05), torch.Generator().manual_seed(seed)
+        )
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
@@ -433,13 +441,13 @@ def test_sampler_is_deterministic_given_generator():
 def test_rollout_slides_window_like_repeated_predict_next():
     dit, window, steps = randomized(SMALL), 4, 2
     ctx, ca, acts = torch.randn(1, 3, 4, 3, 4), torch.randn(1, 3, 10), torch.randn(1, 3, 10)
-    out = rollout(dit, ctx, ca, acts, steps=steps, window=window, generator=torch.Generator().manual_seed(0))
+    out = rollout(dit, ctx, ca, acts, SamplerConfig(steps), window, torch.Generator().manual_seed(0))
     assert out.shape == (1, 3, 4, 3, 4)
     g = torch.Generator().manual_seed(0)
     frames, fa = ctx, ca
     for i in range(3):
         frames, fa = frames[:, -(window - 1) :], fa[:, -(window - 1) :]
-        nxt = predict_next(dit, frames, fa, acts[:, i], steps=steps, generator=g)
+        nxt = predict_next(dit, frames, fa, acts[:, i], SamplerConfig(steps), g)
         torch.testing.assert_close(out[:, i], nxt, atol=0, rtol=0)
         frames, fa = torch.cat([frames, nxt[:, None]], 1), torch.cat([fa, acts[:, i : i + 1]], 1)
 
@@ -453,11 +461,11 @@ def test_rollout_generates_whole_blocks_for_chunked_models():
             super().__init__()
             self.cfg = cfg
 
-        def forward(self, x, t, a):
+        def forward(self, x, t, a, **_):
             seen.append(tuple(t.shape))
             return torch.zeros_like(x)
 
-    rollout(Spy(), torch.randn(1, 3, 4, 3, 4), torch.zeros(1, 3, 10), torch.zeros(1, 5, 10), steps=1, window=6)
+    rollout(Spy(), torch.randn(1, 3, 4, 3, 4), torch.zeros(1, 3, 10), torch.zeros(1, 5, 10), SamplerConfig(1), 6)
     # 3 context frames trim to one whole block (2); then 2+2, 4+2 (window 6), 4+1 new frames.
     assert seen == [(1, 4), (1, 6), (1, 5)]
 
@@ -485,7 +493,7 @@ def test_guidance_extrapolates_from_the_action_free_prediction():
     dit = randomized(cfg)
     ctx, ca, na = torch.randn(1, 2, 4, 3, 4), torch.randn(1, 2, 10), torch.randn(1, 1, 10)
     noise = torch.randn(1, 1, 4, 3, 4, generator=torch.Generator().manual_seed(3))
-    out = generate(dit, ctx, ca, na, steps=1, guidance=3.0, generator=torch.Generator().manual_seed(3))
+    out = generate(dit, ctx, ca, na, SamplerConfig(steps=1, guidance=3.0), torch.Generator().manual_seed(3))
     xs, t = torch.cat([ctx, noise], 1), torch.tensor([[0.0, 0.0, sampling.T_MAX]])
     acts = torch.cat([ca, na], 1)
     with torch.no_grad():

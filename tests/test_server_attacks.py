@@ -331,8 +331,9 @@ def test_compiled_serving_compiles_and_steps_on_the_engine_thread(wm, monkeypatc
     ids = arun(main())
     engine = {t for t, _ in batches}
     assert len(calls) == 1 and engine == {calls[0]} and calls[0] != threading.get_ident()
-    # Sizes: powers of two below --max-sessions, and --max-sessions itself.
-    assert {n for _, n in batches} == {1, 2, 4, 5}
+    # Sizes (server.app.batch_sizes): powers of two from 2 below --max-sessions, and --max-sessions
+    # itself; a lone player is padded to 2, so batch 1 never compiles.
+    assert {n for _, n in batches} == {2, 4, 5}
     assert all(i == sorted(i) and len(set(i)) == 4 for i in ids)
 
 

@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 __all__ = ["WorldModel"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     # Lazy: `worldgen record` and friends should not pay for importing torch models.
     if name == "WorldModel":
         from worldgen.engine import WorldModel

@@ -8,6 +8,7 @@
 """
 
 from worldgen.engine.cache import KVCache
-from worldgen.engine.world_model import Session, StreamConfig, WorldModel, rollout_latents, save_starts
+from worldgen.engine.stream import StreamConfig, rollout_latents
+from worldgen.engine.world_model import Session, WorldModel, save_starts
 
 __all__ = ["KVCache", "Session", "StreamConfig", "WorldModel", "rollout_latents", "save_starts"]

@@ -39,7 +39,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from tqdm import tqdm
 
 from worldgen import sampling
 from worldgen.models import DiT, autocast, frames_to_tensor, tensor_to_frames
+
+if TYPE_CHECKING:
+    from worldgen.engine.world_model import WorldModel
 
 FUSIONS = ("overlap", "none")
 
@@ -108,22 +111,6 @@ class GenerateConfig:
         return context, clip, clip // 2
 
 
-@dataclass(frozen=True)
-class Sampler:
-    """The per-clip denoising settings (defaults: the checkpoint's, see ``WorldModel.load``)."""
-
-    steps: int = sampling.STEPS
-    shift: float = sampling.SHIFT
-    ctx_noise: float = 0.0
-    guidance: float = 1.0  # action guidance scale (worldgen.sampling); != 1 doubles every pass
-
-    @classmethod
-    def of(cls, wm) -> Sampler:
-        """The sampler settings of a loaded :class:`~worldgen.engine.world_model.WorldModel`."""
-        s = wm.stream
-        return cls(s.steps, s.shift, s.ctx_noise, getattr(s, "guidance", 1.0))
-
-
 # --- the algorithm -----------------------------------------------------------------------------
 
 
@@ -166,41 +153,26 @@ def denoise(
     ctx_acts: torch.Tensor,
     x: torch.Tensor,
     acts: torch.Tensor,
-    levels: Sequence[float],
-    sampler: Sampler,
+    sampler: sampling.SamplerConfig,
     generator: torch.Generator,
+    steps: int | None = None,
+    t_max: float | None = None,
 ) -> torch.Tensor:
-    """Euler from ``x`` at ``levels[0]`` down ``levels`` to 0, full block-causal recompute.
-
-    :func:`worldgen.sampling.generate`'s loop, but from a given start ``x`` and level (the overlap
-    starts from the previous clip, the refinement from a lightly noised clip).
+    """The recompute backend from a given start: Euler from ``x`` at the level ``t_max`` (default
+    :data:`~worldgen.sampling.T_MAX`) to 0 in ``steps`` (default the sampler's), after the
+    context noised to the sampler's level (the overlap starts from the previous clip, the
+    refinement from a lightly noised clip).
 
     Args:
         ctx: (Tc, C, h, w) clean context latents; ``ctx_acts`` (Tc, A) the actions that made them.
-        x: (n, C, h, w) the clip at level ``levels[0]``; ``acts`` (n, A) its actions.
+        x: (n, C, h, w) the clip at level ``t_max``; ``acts`` (n, A) its actions.
     Returns:
         (n, C, h, w) float32 latents.
     """
-    tc, n = len(ctx), len(x)
-    ctx = ctx.float()
-    if sampler.ctx_noise > 0:
-        ctx = sampling.add_noise(ctx, sampling.randn(ctx.shape, generator, ctx.device), sampler.ctx_noise)
-    a = torch.cat([ctx_acts, acts])[None].float()  # (1, Tc + n, A)
-    t_ctx = torch.full((tc,), sampler.ctx_noise, device=x.device)
-    g = sampler.guidance
-
-    def velocity(x: torch.Tensor, level: float) -> torch.Tensor:
-        t = torch.cat([t_ctx, torch.full((n,), level, device=x.device)])[None]  # (1, Tc + n)
-        xs = torch.cat([ctx, x])[None]  # (1, Tc + n, C, h, w)
-        if g == 1:
-            return dit(xs, t, a)[0, tc:].float()
-        drop = sampling.guidance_mask(1, tc + n, n, x.device)  # second copy: the new frames' actions dropped
-        v = dit(xs.repeat(2, 1, 1, 1, 1), t.repeat(2, 1), a.repeat(2, 1, 1), drop_actions=drop)
-        return sampling.guided(v[:, tc:], g)[0]
-
-    for t_now, t_next in zip(levels[:-1], levels[1:]):
-        x = x + (t_next - t_now) * velocity(x, t_now)
-    return x
+    noisy_ctx = sampling.noised(ctx[None], sampler.ctx_noise, generator)
+    a = torch.cat([ctx_acts, acts])[None]  # (1, Tc + n, A)
+    v = sampling.velocity(dit, a, sampler.guidance, ctx=noisy_ctx, ctx_t=sampler.ctx_noise)
+    return sampling.euler(x[None].float(), v, steps or sampler.steps, sampler.shift, t_max=t_max)[0]
 
 
 def generate_latents(
@@ -209,7 +181,7 @@ def generate_latents(
     ctx_acts: torch.Tensor,
     acts: torch.Tensor,
     cfg: GenerateConfig,
-    sampler: Sampler,
+    sampler: sampling.SamplerConfig,
     window: int,
     progress: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -233,12 +205,6 @@ def generate_latents(
     if len(ctx) < context:
         raise GenerateError(f"the context has {len(ctx)} frames; clips are conditioned on {context}")
     generator = torch.Generator().manual_seed(cfg.seed)
-    levels = sampling.shifted_timesteps(sampler.steps, sampler.shift).tolist()
-    refine = (
-        sampling.shifted_timesteps(cfg.refine_steps, sampler.shift, t_max=cfg.renoise).tolist()
-        if cfg.renoise > 0
-        else []
-    )
     overlap = cfg.fusion == "overlap"
     frames = torch.cat([ctx.float(), ctx.new_zeros((n, *ctx.shape[1:]))])  # (Tc + N, C, h, w)
     all_acts = torch.cat([ctx_acts, acts]).float()
@@ -253,15 +219,17 @@ def generate_latents(
         past, past_acts = frames[s - context : s], all_acts[s - context : s]
         x = sampling.randn((e - s, *ctx.shape[1:]), generator, ctx.device)
         ov = len(pending)
-        x[:ov] = sampling.add_noise(pending, x[:ov], levels[0])
-        new = denoise(dit, past, past_acts, x, all_acts[s:e], levels, sampler, generator)
-        passes += (context + e - s) * (len(levels) - 1) * width
+        x[:ov] = sampling.add_noise(pending, x[:ov], sampling.T_MAX)
+        new = denoise(dit, past, past_acts, x, all_acts[s:e], sampler, generator)
+        passes += (context + e - s) * sampler.steps * width
         if ov:
             new[:ov] = crossfade(pending, new[:ov])
-            if refine:
-                noisy = sampling.add_noise(new, sampling.randn(new.shape, generator, new.device), refine[0])
-                new = denoise(dit, past, past_acts, noisy, all_acts[s:e], refine, sampler, generator)
-                passes += (context + e - s) * (len(refine) - 1) * width
+            if cfg.renoise > 0:
+                noisy = sampling.add_noise(new, sampling.randn(new.shape, generator, new.device), cfg.renoise)
+                new = denoise(
+                    dit, past, past_acts, noisy, all_acts[s:e], sampler, generator, cfg.refine_steps, cfg.renoise
+                )
+                passes += (context + e - s) * cfg.refine_steps * width
         keep = len(new) if stop == n else hop  # the rest waits for the next clip to overlap it
         frames[s : s + keep] = new[:keep]
         pending = new[keep:] if overlap else new[:0]
@@ -318,7 +286,7 @@ def seam_measure(frames: np.ndarray, starts: Sequence[int]) -> dict[str, Any]:
 
 @torch.no_grad()
 def generate_video(
-    wm,
+    wm: WorldModel,
     context_frames: np.ndarray,
     context_actions: np.ndarray,
     actions: np.ndarray,
@@ -351,7 +319,7 @@ def generate_video(
             torch.from_numpy(context_actions[-context:]).to(dev),
             torch.from_numpy(actions).to(dev),
             cfg,
-            Sampler.of(wm),
+            wm.stream,
             wm.trained_window,
             progress,
         )

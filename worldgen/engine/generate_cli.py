@@ -10,6 +10,7 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,10 +18,13 @@ import torch
 from worldgen.actions import ActionError
 from worldgen.checkpoint import CheckpointError
 from worldgen.data import DatasetError
-from worldgen.engine.generate import FUSIONS, GenerateConfig, GenerateError, Sampler, generate_video, seam_measure
+from worldgen.engine.generate import FUSIONS, GenerateConfig, GenerateError, generate_video, seam_measure
 from worldgen.engine.generate_inputs import load_actions, load_context
 from worldgen.files import atomic_write, write_mp4
 from worldgen.provenance import git_commit
+
+if TYPE_CHECKING:
+    from worldgen.engine.world_model import WorldModel
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -131,7 +135,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(
-    args: argparse.Namespace, wm, cfg: GenerateConfig, runs: dict[str, dict], real: dict | None, episode_id: str | None
+    args: argparse.Namespace,
+    wm: WorldModel,
+    cfg: GenerateConfig,
+    runs: dict[str, dict],
+    real: dict | None,
+    episode_id: str | None,
 ) -> None:
     first = next(iter(runs.values()))
     print(
@@ -162,7 +171,7 @@ def _report(
             "actions": args.actions,
             "frames": first["frames"],
             "config": asdict(cfg),
-            "sampler": asdict(Sampler.of(wm)),
+            "sampler": wm.stream.settings(),
             "runs": runs,
             "real": real,
             "date": datetime.date.today().isoformat(),

@@ -72,7 +72,7 @@ class CachePool:
         self.clouds.reset(torch.tensor([slot], device=self.clouds.device))
         self.free.append(slot)
 
-    def _exact(self):
+    def _exact(self) -> torch.autocast:
         """Geometry in float32 even inside the engine's bf16 autocast: map units run to thousands."""
         return torch.autocast(self.clouds.device.type, enabled=False)
 

@@ -3,12 +3,10 @@
 ``WorldModel`` owns the tokenizer and the DiT; each :class:`Session` owns a rolling KV cache
 (:mod:`worldgen.engine.cache`) and its own noise generator. One step of a session:
 
-1. start the new frame's latent from noise and take ``steps`` Euler steps on the shifted
-   schedule (:mod:`worldgen.sampling`), every pass attending to the cache;
-2. run one more pass on the finished latent, noised to the stabilisation level ``ctx_noise``
-   and labelled with it (the Diffusion-Forcing trick: the model learned to lean less on the
-   exact pixels of its own past frames), and write that pass's keys and values to the cache;
-3. decode the latent to an RGB frame.
+1. denoise the new frame's latent on the cache and write the finished frame's stabilised keys
+   and values to it: the sampler's cache backend (:func:`worldgen.engine.stream.denoise`,
+   docs/sampling.md), the same that ``worldgen eval`` scores;
+2. decode the latent to an RGB frame.
 
 A model trained with frame memory (``memory_frames`` > 0) also gives each session a
 :class:`~worldgen.memory.bank.FrameBank`: every frame's latent with its camera pose (the game's
@@ -29,10 +27,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,229 +42,14 @@ from worldgen.checkpoint import CheckpointError
 from worldgen.data.dataset import DOOM_TICS_PER_SECOND
 from worldgen.engine.cache import KVCache
 from worldgen.engine.memory import dead_reckon, recalled
+from worldgen.engine.stream import StreamConfig, denoise, prefill
 from worldgen.engine.world_cache import CachePool, PlayCache
 from worldgen.memory.bank import BankConfig, FrameBank
 from worldgen.models import DiT, Tokenizer, autocast, frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
-from worldgen.models.attention import LayerKV, apply_rope
 from worldgen.models.dit import Memory
 from worldgen.models.world_cache import check_rgbd
 
 ActionLike = Action | Mapping[str, Any]
-
-
-@dataclass
-class StreamConfig:
-    """How a session samples and what it remembers; defaults come from the checkpoint's sampler
-    settings where it has them (``worldgen train`` stores them), else from here."""
-
-    steps: int = sampling.STEPS  # K Euler steps per frame, 1..8: latency is ~ (K + 1) passes
-    shift: float = sampling.SHIFT  # schedule shift (worldgen.sampling)
-    ctx_noise: float = 0.0  # stabilisation level of cached frames; 0 = exact conditioning
-    # Action guidance scale (worldgen.sampling.GUIDANCE); != 1 doubles each Euler pass's batch
-    # and needs a model trained with action dropout (a null action).
-    guidance: float = sampling.GUIDANCE
-    # Cache: ``sinks`` first frames kept for ever plus the ``window`` latest. Positions run to
-    # sinks + window + chunk - 1, which must stay within what the model was trained on. No sink by
-    # default: a sink holds a session to the look it started in (a dark start stays dark for
-    # 10,000 frames). It scores better PSNR at 64-256 frames, but a game has to keep its look
-    # (benchmarks/RESULTS.md, long horizon).
-    sinks: int = 0
-    window: int = 15
-
-    def check(self, dit: DiT, trained_window: int) -> None:
-        chunk = dit.cfg.frames_per_block
-        if not 1 <= self.steps <= 64:
-            raise ValueError(f"steps must lie in [1, 64], got {self.steps}")
-        if not 0.0 <= self.ctx_noise < 1.0 or not self.shift > 0:
-            raise ValueError(f"need 0 <= ctx_noise < 1 and shift > 0, got {self.ctx_noise}, {self.shift}")
-        if self.guidance != 1 and (not self.guidance > 0 or not dit.cfg.null_action):
-            raise ValueError(
-                f"guidance {self.guidance} needs guidance > 0 and a model trained with action "
-                f"dropout (this one has null_action={dit.cfg.null_action}); 1 = no guidance"
-            )
-        if self.sinks < 0 or self.window < chunk or self.sinks % chunk or self.window % chunk:
-            raise ValueError(
-                f"sinks ({self.sinks}) and window ({self.window}) must be multiples of the "
-                f"model's chunk of {chunk} frames, window >= one chunk"
-            )
-        if self.sinks + self.window + chunk > trained_window:
-            raise ValueError(
-                f"sinks + window + chunk = {self.sinks + self.window + chunk} frames exceed the "
-                f"{trained_window} frames the model was trained on"
-            )
-
-
-def denoise(
-    dit: DiT,
-    stream: StreamConfig,
-    x: torch.Tensor,
-    eps_ctx: torch.Tensor | None,
-    acts: torch.Tensor,
-    frame_pos: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    mask: torch.Tensor | None,
-    exit_step: int | None = None,
-    memory: Memory | None = None,
-    cond: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step of B timelines as a pure function: the Euler passes from noise ``x`` (B, c, C, h, w),
-    every pass attending to the cache (unrotated keys ``k`` and values ``v``, (depth, B, H, L, d),
-    RoPE ``cos``/``sin`` of their positions, key ``mask`` (B, L)) and to the recalled ``memory``
-    frames if any, then the pass on the finished latent noised with ``eps_ctx`` to the
-    stabilisation level. Returns the latents and that pass's keys (unrotated) and values,
-    (depth, B, H, c * N, d) each, for the cache (the memory frames' own are dropped).
-
-    ``exit_step``: stop the Euler passes there (:func:`worldgen.sampling.euler`; Self Forcing's
-    training, whose gradient flows through that pass alone). The cache pass never carries gradient.
-    ``cond`` (B, c, cond_channels, h, w): the new frames' world-cache views, for a model trained with them."""
-    b, chunk = acts.shape[:2]
-    past = [LayerKV(apply_rope(k[i], cos, sin), v[i]) for i in range(k.shape[0])]
-    g = stream.guidance
-    if g != 1:  # the batch twice: with the actions, and with the null action on the new frames
-        past2 = [LayerKV(p.k.repeat(2, 1, 1, 1), p.v.repeat(2, 1, 1, 1)) for p in past]
-        drop = sampling.guidance_mask(b, chunk, chunk, x.device)
-        pos2, mask2 = frame_pos.repeat(2, 1), None if mask is None else mask.repeat(2, 1)
-        mem2 = None if memory is None else memory.repeat(2)
-        cond2 = None if cond is None else cond.repeat(2, 1, 1, 1, 1)
-
-    def velocity(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        t = level.expand(b, chunk)  # a tensor level: one compiled graph serves every step
-        if g == 1:
-            return dit(x, t, acts, frame_pos=frame_pos, past=past, past_mask=mask, memory=memory, cond=cond).float()
-        return sampling.guided(
-            dit(
-                x.repeat(2, 1, 1, 1, 1),
-                t.repeat(2, 1),
-                acts.repeat(2, 1, 1),
-                frame_pos=pos2,
-                past=past2,
-                past_mask=mask2,
-                drop_actions=drop,
-                memory=mem2,
-                cond=cond2,
-            ),
-            g,
-        )
-
-    x = sampling.euler(x, velocity, stream.steps, stream.shift, exit_step)
-    with torch.no_grad():
-        written = x if eps_ctx is None else sampling.add_noise(x, eps_ctx, stream.ctx_noise)
-        t = torch.full((b, chunk), stream.ctx_noise, device=x.device)
-        dit(written, t, acts, frame_pos=frame_pos, past=past, past_mask=mask, memory=memory, cond=cond)
-    skip = 0 if memory is None else memory.z.shape[1] * dit.cfg.tokens_per_frame  # the memory frames' keys lead
-    return x, torch.stack([p.new[0][:, :, skip:] for p in past]), torch.stack([p.new[1][:, :, skip:] for p in past])
-
-
-def prefill(
-    dit: DiT,
-    stream: StreamConfig,
-    z: torch.Tensor,
-    acts: torch.Tensor,
-    eps: torch.Tensor | None,
-    cond: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys (unrotated) and values, (depth, B, H, T * N, d) each, that context latents
-    (B, T, C, h, w) with their actions (B, T, A), noised with ``eps`` to the stabilisation level,
-    leave in a cleared cache: one block-causal pass, exactly what a full recompute attends to.
-    ``cond`` (B, T, cond_channels, h, w): the context frames' world-cache views, if the model takes them."""
-    x = z.float() if eps is None else sampling.add_noise(z.float(), eps, stream.ctx_noise)
-    b, t = z.shape[:2]
-    empty = torch.zeros(b, dit.cfg.heads, 0, dit.cfg.dim // dit.cfg.heads, device=z.device)
-    past = [LayerKV(empty, empty) for _ in range(dit.cfg.depth)]
-    dit(
-        x,
-        torch.full((b, t), stream.ctx_noise, device=z.device),
-        acts,
-        frame_pos=torch.arange(t, device=z.device),
-        past=past,
-        cond=cond,
-    )
-    return torch.stack([p.new[0] for p in past]), torch.stack([p.new[1] for p in past])
-
-
-def rollout_latents(
-    dit: DiT,
-    stream: StreamConfig,
-    ctx: torch.Tensor,
-    ctx_actions: torch.Tensor,
-    actions_: torch.Tensor,
-    generator: torch.Generator,
-    exit_steps: Sequence[int | None] | None = None,
-    noise: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Play B timelines of one age on latents, step for step as sessions play (the same rolling
-    cache, re-positioned keys and stabilised writes; :func:`denoise`), with no tokenizer: what
-    the trainer generates when it trains on the model's own rollouts, so it trains on exactly
-    what inference makes (Self Forcing). Noise comes from ``generator`` in the order a session
-    draws it, so B = 1 with a session's seed gives that session's latents.
-
-    Args:
-        ctx: (B, T, C, h, w) context latents (the latest ``sinks + window`` are kept);
-        ctx_actions: (B, T, A); actions_: (B, n, A), n a multiple of the chunk.
-        exit_steps: per chunk, None (played as a session plays it, without gradient) or Self
-            Forcing's exit step k: the chunk is the clean estimate of Euler step k, whose pass
-            alone carries gradient (:func:`denoise`; :mod:`worldgen.training.distill`).
-            None: every chunk played, without gradient.
-        noise: (B, n, C, h, w) the sampler's starting noise of the played frames, given rather
-            than drawn (distill's ODE warm-up pairs teacher and student on it); the
-            stabilisation noise is drawn all the same.
-    Returns:
-        (B, n, C, h, w) float32 latents.
-    """
-    n_chunks = -(-actions_.shape[1] // dit.cfg.frames_per_block)
-    exit_steps = [None] * n_chunks if exit_steps is None else list(exit_steps)
-    if len(exit_steps) != n_chunks:
-        raise ValueError(f"exit_steps must give one entry per chunk ({n_chunks}), got {len(exit_steps)}")
-    grad = torch.is_grad_enabled()
-    cfg = dit.cfg
-    b, chunk, keep = ctx.shape[0], cfg.frames_per_block, stream.sinks + stream.window
-    cache = KVCache(
-        cfg.depth,
-        cfg.heads,
-        cfg.dim // cfg.heads,
-        cfg.tokens_per_frame,
-        stream.sinks,
-        stream.window,
-        ctx.device,
-        torch.bfloat16 if ctx.device.type == "cuda" else torch.float32,
-        batch=b,
-    )
-    ctx, ctx_actions = ctx[:, -keep:], ctx_actions[:, -keep:]
-
-    def randn(frames: int) -> torch.Tensor:
-        return sampling.randn((b, frames, cfg.latent_channels, *cfg.latent_size), generator, ctx.device)
-
-    with torch.no_grad():
-        cache.write(*prefill(dit, stream, ctx, ctx_actions, randn(ctx.shape[1]) if stream.ctx_noise > 0 else None))
-    out = []
-    for j, i in enumerate(range(0, actions_.shape[1], chunk)):
-        pos = cache.positions()[None].to(ctx.device)  # (1, slots)
-        cos, sin = dit.rope(pos, pos.shape[1])
-        mask = cache.valid()[None].expand(b, -1).to(ctx.device)
-        frame_pos = (cache.next_position() + torch.arange(chunk, device=ctx.device))[None].expand(b, -1)
-        x = randn(chunk) if noise is None else noise[:, i : i + chunk].float()
-        eps = randn(chunk) if stream.ctx_noise > 0 else None
-        with torch.set_grad_enabled(grad and exit_steps[j] is not None):
-            x, k_new, v_new = denoise(
-                dit,
-                stream,
-                x,
-                eps,
-                actions_[:, i : i + chunk],
-                frame_pos,
-                cache.k,
-                cache.v,
-                cos,
-                sin,
-                mask,
-                exit_steps[j],
-            )
-        cache.write(k_new, v_new)
-        out.append(x)
-    return torch.cat(out, 1)
 
 
 class WorldModel:
@@ -538,7 +321,7 @@ class WorldModel:
             s.close()
 
     # --- the hot path ----------------------------------------------------------------------------
-    def _autocast(self):
+    def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device)
 
     def _new_cache(self) -> KVCache:
@@ -592,14 +375,11 @@ class WorldModel:
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Each session's sampler noise (if ``sample``) and, with ctx_noise > 0, stabilisation
         noise, from its own generator in a fixed order: the same numbers alone or in a batch."""
-        shape = (frames, self.dit.cfg.latent_channels, *self.dit.cfg.latent_size)
-        x, ctx = [], []
-        for g in gens:
-            if sample:
-                x.append(sampling.randn(shape, g, self.device))
-            if self.stream.ctx_noise > 0:
-                ctx.append(sampling.randn(shape, g, self.device))
-        return torch.stack(x) if x else None, torch.stack(ctx) if ctx else None
+        # Row by row, so each generator draws its sampler noise, then its stabilisation noise.
+        shape = (len(gens), frames, self.dit.cfg.latent_channels, *self.dit.cfg.latent_size)
+        x = sampling.randn(shape, gens, self.device) if sample else None
+        ctx = sampling.randn(shape, gens, self.device) if self.stream.ctx_noise > 0 else None
+        return x, ctx
 
     def _prefill(
         self,

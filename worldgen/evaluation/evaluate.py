@@ -7,9 +7,14 @@ are decoded and rounded to uint8, exactly what a player would see, and compared 
 recorded uint8 frames (:mod:`worldgen.evaluation.metrics`; PSNR is capped at ``psnr_cap_db``). Only RGB is
 scored; a tokenizer that also encodes depth gets it as input.
 
-What it costs: with N windows, horizon H and K sampler steps, N H teacher-forced predictions
-and 2 N H rollout frames (real and shuffled actions), each K DiT passes over at most
-``context + 1`` frames, batched ``batch`` at a time.
+Rollouts play exactly as streaming sessions do (the sampler's cache backend,
+:func:`worldgen.engine.stream.rollout_latents`; docs/sampling.md), window i with the seed
+:func:`rollout_seed` ``(seed, i)``: a session started on that window's context with that seed
+shows the frames scored. Teacher-forced predictions recompute over the real context.
+
+What it costs: with N windows, horizon H and K sampler steps, N H teacher-forced predictions,
+each K DiT passes over ``context + 1`` frames, and 2 N H rollout frames (real and shuffled
+actions), each K + 1 passes of one frame over a cache of ``context``, batched ``batch`` at a time.
 
 The JSON (``evaluate(...)`` returns it as a dict). Keys are stable; a new key may be added,
 an existing one never changes meaning without bumping ``version``. Means are over windows
@@ -24,7 +29,7 @@ an existing one never changes meaning without bumping ``version``. Means are ove
 * ``windows``: N, windows evaluated. ``window_starts``: ``[[episode id, first frame], ...]``.
 * ``context``: real frames given as context. ``horizon``: frames predicted after the context:
   64, or where episodes are shorter the longest horizon at which two windows still fit.
-* ``sampler``: ``{"steps", "ctx_noise", "shift", "guidance", "window", "seed"}`` as used by
+* ``sampler``: ``{"steps", "shift", "ctx_noise", "guidance", "window", "seed"}`` as used by
   ``worldgen.sampling`` (``window`` = context + one block: frames one prediction attends to).
 * ``tokenizer``: ``{"psnr", "ssim"}`` of encode-decode over every frame of the windows; the
   ceiling for everything below. ``frames``: how many frames.
@@ -50,6 +55,7 @@ an existing one never changes meaning without bumping ``version``. Means are ove
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -65,9 +71,19 @@ from tqdm import tqdm
 from worldgen import actions, checkpoint, sampling
 from worldgen.data import Dataset, DatasetError, WindowDataset
 from worldgen.data.dataset import DOOM_TICS_PER_SECOND, depth_to_uint8
+from worldgen.engine.stream import StreamConfig, rollout_latents
 from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
 from worldgen.files import atomic_write, write_mp4
-from worldgen.models import autocast, frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
+from worldgen.models import (
+    DiT,
+    DiTConfig,
+    Tokenizer,
+    autocast,
+    frames_to_tensor,
+    load_dit,
+    load_tokenizer,
+    tensor_to_frames,
+)
 
 VERSION = 1
 HORIZONS = (1, 16, 64)  # rollout horizons reported by name (issue 3)
@@ -159,7 +175,7 @@ def evaluate(
     inputs = frames.to(device)  # (N, L, H, W, 3 or 4) uint8
     frames_d = inputs[..., :3]  # (N, L, H, W, 3): what is scored
     acts_d = acts.to(device)  # (N, L, 10)
-    run = _Runner(tokenizer, dit, sampler, cfg.batch, device)
+    run = _Runner(tokenizer, dit, sampler, c, cfg.seed, cfg.batch, device)
     # Every frame the DiT makes: teacher-forced, then rollouts with real and shuffled actions.
     run.bar = tqdm(total=3 * n * horizon, unit="frame", desc="eval", disable=not cfg.progress)
 
@@ -202,7 +218,7 @@ def evaluate(
         cfg,
         c,
         fraction,
-        sampler,
+        {**sampler.settings(), "window": c + dit.cfg.frames_per_block, "seed": cfg.seed},
         device,
         starts,
         n_episodes,
@@ -241,29 +257,44 @@ def evaluate(
 # --- pieces ------------------------------------------------------------------------------------
 
 
-def _sampler_settings(folder: Path, cfg: EvalConfig, dit_cfg) -> tuple[int, dict[str, Any]]:
+def rollout_seed(seed: int, window: int) -> int:
+    """The sampler seed of eval window ``window`` (its index in ``window_starts``): a session
+    started on that window's context with this seed plays exactly the frames eval scores, and
+    the numbers do not depend on how windows are batched.
+
+    Example:
+        >>> rollout_seed(0, 3), rollout_seed(1, 0)
+        (3, 100003)
+    """
+    return seed * 100_003 + window
+
+
+def _sampler_settings(folder: Path, cfg: EvalConfig, dit_cfg: DiTConfig) -> tuple[int, sampling.SamplerConfig]:
     """Context length and sampler settings: the command line's, else what the trainer stored
     (``"sampler"`` in the dynamics config), else the sampler's defaults.
 
-    The rollout window is ``context + frames_per_block``: every generated frame sees exactly
-    ``context`` earlier frames, as each teacher-forced prediction does.
+    Rollouts play as sessions do, on a cache of ``context`` frames: every generated frame sees
+    exactly ``context`` earlier frames, as each teacher-forced prediction does.
     """
     stored = checkpoint.config(folder, "dynamics").get("sampler", {})
-    steps = cfg.steps if cfg.steps is not None else stored.get("steps", sampling.STEPS)
-    ctx_noise = cfg.ctx_noise if cfg.ctx_noise is not None else stored.get("ctx_noise", 0.0)
-    shift = cfg.shift if cfg.shift is not None else stored.get("shift", sampling.SHIFT)
-    guidance = cfg.guidance if cfg.guidance is not None else stored.get("guidance", sampling.GUIDANCE)
+    pick = lambda given, key, default: given if given is not None else stored.get(key, default)
+    sampler = sampling.SamplerConfig(
+        steps=int(pick(cfg.steps, "steps", sampling.STEPS)),
+        shift=float(pick(cfg.shift, "shift", sampling.SHIFT)),
+        ctx_noise=float(pick(cfg.ctx_noise, "ctx_noise", 0.0)),
+        guidance=float(pick(cfg.guidance, "guidance", sampling.GUIDANCE)),
+    )
     block = dit_cfg.frames_per_block
     context = cfg.context if cfg.context is not None else stored.get("window", dit_cfg.max_frames) - block
-    if steps < 1:
-        raise EvaluationError(f"--steps must be >= 1, got {steps}")
-    if not 0.0 <= ctx_noise < 1.0:
-        raise EvaluationError(f"--ctx-noise must lie in [0, 1), got {ctx_noise}")
-    if not shift > 0:
-        raise EvaluationError(f"--shift must be > 0, got {shift}")
-    if guidance != 1 and (not guidance > 0 or not dit_cfg.null_action):
+    if sampler.steps < 1:
+        raise EvaluationError(f"--steps must be >= 1, got {sampler.steps}")
+    if not 0.0 <= sampler.ctx_noise < 1.0:
+        raise EvaluationError(f"--ctx-noise must lie in [0, 1), got {sampler.ctx_noise}")
+    if not sampler.shift > 0:
+        raise EvaluationError(f"--shift must be > 0, got {sampler.shift}")
+    if sampler.guidance != 1 and (not sampler.guidance > 0 or not dit_cfg.null_action):
         raise EvaluationError(
-            f"--guidance {guidance}: needs > 0 and a model trained with action dropout "
+            f"--guidance {sampler.guidance}: needs > 0 and a model trained with action dropout "
             f"(null_action={dit_cfg.null_action}); 1 = no guidance"
         )
     if not 1 <= context <= dit_cfg.max_frames - block:
@@ -272,14 +303,12 @@ def _sampler_settings(folder: Path, cfg: EvalConfig, dit_cfg) -> tuple[int, dict
             f"takes at most max_frames={dit_cfg.max_frames} frames, context plus a block "
             f"of {block}; got {context}"
         )
-    return context, {
-        "steps": int(steps),
-        "ctx_noise": float(ctx_noise),
-        "shift": float(shift),
-        "guidance": float(guidance),
-        "window": context + block,
-        "seed": cfg.seed,
-    }
+    if context % block:
+        raise EvaluationError(
+            f"--context must be a multiple of the model's {block}-frame blocks (a session's cache "
+            f"holds whole blocks), got {context}"
+        )
+    return context, sampler
 
 
 def trainer_heldout_fraction(folder: str | Path) -> float:
@@ -356,7 +385,7 @@ def _load_windows(
     heldout_fraction: float,
     depth: bool,
     stored: dict[str, Any] | None = None,
-):
+) -> tuple[torch.Tensor, torch.Tensor, list[list], int, int]:
     """The evaluation windows as frames (N, L, H, W, 3 or 4 with depth) uint8 and actions
     (N, L, 10), plus their ``[episode id, start]``, the effective horizon and the number of
     episodes drawn from: ``stored``'s windows (:func:`_stored_windows`), else drawn."""
@@ -419,23 +448,36 @@ def _derangement(n: int, seed: int) -> torch.Tensor:
 
 
 class _Runner:
-    """Batched tokenizer and sampler calls with seeded noise.
+    """Batched tokenizer and sampler calls, each window's noise seeded by :func:`rollout_seed`.
 
-    The DiT runs under bf16 autocast on CUDA (where its FLOPs are). The tokenizer runs in
-    float32: bf16 outputs are rounded to ~half a uint8 level near +-1, an error that would be
-    charged to the model but is the number format's.
+    The DiT runs under bf16 autocast on CUDA (where its FLOPs are), as sessions run it. The
+    tokenizer runs in float32: bf16 outputs are rounded to ~half a uint8 level near +-1, an
+    error that would be charged to the model but is the number format's.
     """
 
-    def __init__(self, tokenizer, dit, sampler: dict[str, Any], batch: int, device: torch.device):
-        self.tokenizer, self.dit, self.s, self.batch, self.device = tokenizer, dit, sampler, batch, device
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        dit: DiT,
+        sampler: sampling.SamplerConfig,
+        context: int,
+        seed: int,
+        batch: int,
+        device: torch.device,
+    ):
+        self.tokenizer, self.dit, self.sampler, self.batch, self.device = tokenizer, dit, sampler, batch, device
+        # A session's cache: the context, rolling as frames are made (no sinks: the default's).
+        self.stream = StreamConfig(**sampler.settings(), sinks=0, window=context)
+        self.seed = seed
         self.bar: tqdm | None = None  # advanced by the frames each call makes
 
-    def _autocast(self):
+    def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device)
 
-    def _generator(self, chunk: int) -> torch.Generator:
-        # One seed per chunk: the real- and shuffled-action rollouts see the same noise.
-        return torch.Generator(self.device).manual_seed(self.s["seed"] * 100_003 + chunk)
+    def _generators(self, windows: Iterable[int]) -> list[torch.Generator]:
+        # One stream per window: the real- and shuffled-action rollouts see the same noise, and a
+        # window's frames do not depend on the others in its batch.
+        return [torch.Generator(self.device).manual_seed(rollout_seed(self.seed, int(i))) for i in windows]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """``(..., C, h, w)`` latents -> ``(..., H, W, 3)`` uint8 RGB frames (a depth channel dropped)."""
@@ -462,7 +504,8 @@ class _Runner:
     def next_frames(
         self, latents: torch.Tensor, acts: torch.Tensor, pairs: list[tuple[int, int]], context: int
     ) -> torch.Tensor:
-        """Teacher-forced prediction of frame t of window i for each ``(i, t)``: (P, H, W, 3)."""
+        """Teacher-forced prediction of frame t of window i for each ``(i, t)``: (P, H, W, 3), by
+        recompute over the real context, with window i's noise (:func:`rollout_seed`)."""
         out = []
         for k in range(0, len(pairs), self.batch):
             i = torch.tensor([p[0] for p in pairs[k : k + self.batch]], device=self.device)
@@ -474,11 +517,8 @@ class _Runner:
                     latents[i[:, None], span],
                     acts[i[:, None], span],
                     acts[i, t],
-                    steps=self.s["steps"],
-                    ctx_noise=self.s["ctx_noise"],
-                    shift=self.s["shift"],
-                    generator=self._generator(k),
-                    guidance=self.s["guidance"],
+                    self.sampler,
+                    self._generators(i.tolist()),
                 )
             out.append(self.decode(z.float()))
             self._advance(len(i))
@@ -489,23 +529,23 @@ class _Runner:
             self.bar.update(frames)
 
     def rollout(self, ctx: torch.Tensor, ctx_acts: torch.Tensor, future_acts: torch.Tensor) -> torch.Tensor:
-        """Autoregressive frames after the context, ``(N, horizon, H, W, 3)`` uint8."""
+        """Frames after the context played as sessions play them (the sampler's cache backend),
+        window i seeded with :func:`rollout_seed`: ``(N, horizon, H, W, 3)`` uint8."""
+        block, horizon = self.dit.cfg.frames_per_block, future_acts.shape[1]
+        pad = -horizon % block  # a session plays whole blocks: the last one's extra frames are dropped
+        future_acts = torch.cat([future_acts, future_acts[:, -1:].expand(-1, pad, -1)], 1)
         out = []
         for k in range(0, len(ctx), self.batch):
             sl = slice(k, k + self.batch)
             with self._autocast():
-                z = sampling.rollout(
+                z = rollout_latents(
                     self.dit,
+                    self.stream,
                     ctx[sl],
                     ctx_acts[sl],
                     future_acts[sl],
-                    steps=self.s["steps"],
-                    window=self.s["window"],
-                    ctx_noise=self.s["ctx_noise"],
-                    shift=self.s["shift"],
-                    generator=self._generator(k),
-                    guidance=self.s["guidance"],
-                )
+                    self._generators(range(k, k + len(ctx[sl]))),
+                )[:, :horizon]
             out.append(self.decode(z.float()))
             self._advance(z.shape[0] * z.shape[1])
         return torch.cat(out)
@@ -516,7 +556,20 @@ def _mean(x: torch.Tensor) -> float:
 
 
 def _report(
-    folder, ds, cfg, context, fraction, sampler, device, starts, n_episodes, horizon, tok_psnr, tok_ssim, tf, curves
+    folder: Path,
+    ds: Dataset,
+    cfg: EvalConfig,
+    context: int,
+    fraction: float | None,
+    sampler: dict[str, Any],
+    device: torch.device,
+    starts: list[list],
+    n_episodes: int,
+    horizon: int,
+    tok_psnr: torch.Tensor,
+    tok_ssim: torch.Tensor,
+    tf: dict[str, torch.Tensor],
+    curves: dict[str, list[float]],
 ) -> dict[str, Any]:
     def at(curve: list[float], h: int) -> float | None:
         return round(curve[h - 1], 4) if h <= len(curve) else None
@@ -660,6 +713,7 @@ __all__ = [
     "CONTROL_HORIZON",
     "VERSION",
     "evaluate",
+    "rollout_seed",
     "select_windows",
     "summary",
     "write_json",

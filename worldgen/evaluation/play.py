@@ -258,7 +258,16 @@ class EnginePlayer:
             "batch": self.batch,
         }
 
-    def play(self, context, context_keys, context_mouse, keys, mouse, seeds, progress=None):
+    def play(
+        self,
+        context: np.ndarray,
+        context_keys: np.ndarray,
+        context_mouse: np.ndarray,
+        keys: np.ndarray,
+        mouse: np.ndarray,
+        seeds: list[int],
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
         acts = [Action(k, m) for k, m in zip(keys, mouse)]
         out = []
         for lo in range(0, len(context), self.batch):
@@ -285,7 +294,16 @@ class EnginePlayer:
 class HoldLast:
     """The floor: the last context frame, held still whatever the actions."""
 
-    def play(self, context, context_keys, context_mouse, keys, mouse, seeds, progress=None):
+    def play(
+        self,
+        context: np.ndarray,
+        context_keys: np.ndarray,
+        context_mouse: np.ndarray,
+        keys: np.ndarray,
+        mouse: np.ndarray,
+        seeds: list[int],
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
         return np.repeat(context[:, -1:], len(keys), 1)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ def block_causal_mask_mod(tokens_per_frame: int, frames_per_block: int = 1, pref
     """``mask_mod(b, h, q_idx, kv_idx) -> bool``: may query token ``q_idx`` see key ``kv_idx``?"""
     n, fpb, p = tokens_per_frame, frames_per_block, prefix_frames
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         fq, fk = q_idx // n, kv_idx // n
         # Frame blocks count from the first frame after the prefix.
         causal = (fq >= p) & ((fk - p) // fpb <= (fq - p) // fpb)
@@ -64,7 +65,7 @@ _MAX_CACHED = 64  # masks for every window length a sampler meets, without growi
 _compiled_flex: Callable | None = None
 
 
-def _cached(cache: dict, key: tuple, make: Callable):
+def _cached(cache: dict, key: tuple, make: Callable[[], Any]) -> Any:
     if key not in cache:
         if len(cache) >= _MAX_CACHED:
             cache.pop(next(iter(cache)))

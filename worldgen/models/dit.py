@@ -2,11 +2,13 @@
 
 Each frame's latent (C, h, w) becomes h*w/p^2 patch tokens. The sequence of a forward is the
 frames' tokens, frame-major. Attention is bidirectional inside a block of
-``frames_per_block`` frames and causal across blocks (see :mod:`worldgen.models.attention`);
-optional ``prefix_frames`` at the front are non-causal context visible to all: the frame memory
-bank's recalled frames enter this way (:class:`Memory`). Positions are 3D RoPE over (frame
-position, row, column); frame positions are an explicit argument so a streaming engine can use
-window-relative positions.
+``frames_per_block`` frames and causal across blocks (see :mod:`worldgen.models.attention`).
+Positions are 3D RoPE over (frame position, row, column).
+
+What a forward sees besides its own frames comes in one :class:`Context`: the frame positions
+(a streaming engine uses window-relative ones), a KV cache's past keys and values with their
+mask, and the frame memory's recalled frames (:class:`Memory`), non-causal context in front
+that every frame sees.
 
 Conditioning is adaLN-zero as in DiT, but per frame: frame f's tokens are modulated by
 ``c_f = t_embed(t_f) + action_mlp(a_f)``, its own noise level and the action that produced
@@ -63,7 +65,7 @@ class DiTConfig:
     memory_frames: int = 0
     qk_norm: bool = True  # bounds attention logits: stable bf16 training
     rope_theta: float = 10000.0
-    attn_impl: str = "auto"  # "flex" | "sdpa" | "auto" (flex to train on CUDA, else sdpa)
+    attn_impl: str = "auto"  # "flex" | "sdpa" | "auto" (flex to train on CUDA, else sdpa): see make_mask
 
     def __post_init__(self) -> None:
         if self.patch_size < 1:
@@ -139,6 +141,38 @@ class Memory:
             return None if x is None else x.repeat(n, *[1] * (x.ndim - 1))
 
         return Memory(rep(self.z), rep(self.pose), rep(self.age), rep(self.mask), rep(self.level))
+
+
+@dataclass
+class Context:
+    """What a forward attends to besides its own frames, for streaming and memory; the default
+    (all None) is a plain training forward over frames at positions ``0 .. T - 1``."""
+
+    # (T,) or (B, T) RoPE time position per frame; None: arange(T).
+    frame_pos: torch.Tensor | None = None
+    # Per layer, keys (rotated to frame_pos's frame of reference) and values of earlier frames
+    # that every frame here sees: a streaming cache (worldgen.engine). Each LayerKV.new receives
+    # the forward's own keys and values. The frames here stay block-causal among themselves.
+    past: list[LayerKV] | None = None
+    past_mask: torch.Tensor | None = None  # (B, Lc) bool: which past keys are real (a cache's empty slots are not)
+    # Recalled frames (needs cfg.memory_frames), in front at the newest frame's time position;
+    # their keys and values lead each LayerKV.new.
+    memory: Memory | None = None
+
+    def repeat(self, n: int) -> Context:
+        """The batch ``n`` times over (guidance runs each pass on two copies); ``past`` gets new
+        :class:`LayerKV` holders, so each copy's forward records its own keys."""
+
+        def rep(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.repeat(n, *[1] * (x.ndim - 1))
+
+        shared_pos = self.frame_pos is None or self.frame_pos.ndim == 1  # (T,): one for the whole batch
+        return Context(
+            self.frame_pos if shared_pos else rep(self.frame_pos),
+            None if self.past is None else [LayerKV(rep(p.k), rep(p.v)) for p in self.past],
+            rep(self.past_mask),
+            None if self.memory is None else self.memory.repeat(n),
+        )
 
 
 class MemoryEmbedder(nn.Module):
@@ -230,14 +264,9 @@ class DiT(nn.Module):
         t: torch.Tensor,
         actions: torch.Tensor,
         *,
-        frame_pos: torch.Tensor | None = None,
-        prefix_frames: int = 0,
-        cond: torch.Tensor | None = None,
-        attn_impl: str | None = None,
-        past: list[LayerKV] | None = None,
-        past_mask: torch.Tensor | None = None,
         drop_actions: torch.Tensor | None = None,
-        memory: Memory | None = None,
+        cond: torch.Tensor | None = None,
+        context: Context | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity of every frame.
 
@@ -246,34 +275,26 @@ class DiT(nn.Module):
             t: (B, T) noise level per frame in [0, 1]; 0 = clean context, 1 = pure noise.
             actions: (B, T, action_dim) ``worldgen.actions.to_vector`` of the action that
                 produced each frame.
-            frame_pos: (T,) or (B, T) RoPE time position per frame; default ``arange(T)``.
-            prefix_frames: the first P frames are non-causal context: every frame sees them,
-                they see only each other. Their outputs are returned but meaningless to a loss.
-            cond: (B, T, cond_channels, h, w) extra input channels, if the config has any.
-            attn_impl: overrides ``cfg.attn_impl`` for this call.
-            past: per layer, keys (rotated to ``frame_pos``'s frame of reference) and values of
-                earlier frames that every frame here sees: a streaming cache
-                (:mod:`worldgen.engine`). Each ``LayerKV.new`` receives this call's keys and
-                values. The frames here are block-causal among themselves as usual.
-            past_mask: (B, Lc) bool, which past keys are real (a cache's empty slots are not).
             drop_actions: (B, T) bool, frames whose action is replaced by the learned null
                 action (needs ``cfg.null_action``): action dropout, and guidance's other half.
-            memory: recalled frames (needs ``cfg.memory_frames``), put in front as the
-                ``prefix_frames`` at the newest frame's time position; their keys and values
-                lead each ``LayerKV.new``. Not with ``prefix_frames``.
+            cond: (B, T, cond_channels, h, w) extra input channels, if the config has any.
+            context: frame positions, a cache's past keys and values, recalled memory frames
+                (:class:`Context`); None: none of them.
         Returns:
             v: (B, T, C, h, w) predicted velocity ``eps - x0`` (memory frames left out).
         """
         cfg = self.cfg
+        ctx = context or Context()
         b, n_frames = x.shape[:2]
-        self._check_inputs(x, t, actions, cond, prefix_frames, drop_actions)
+        self._check_inputs(x, t, actions, cond, drop_actions)
+        memory, past = ctx.memory, ctx.past
         n_mem = 0
         if memory is not None:
-            n_mem = self._check_memory(memory, x, prefix_frames)
+            n_mem = self._check_memory(memory, x)
             x = torch.cat([memory.z.to(x.dtype), x], 1)
             if cond is not None:  # memory frames bring no extra channels
                 cond = torch.cat([cond.new_zeros(b, n_mem, *cond.shape[2:]), cond], 1)
-            prefix_frames, n_frames = n_mem, n_frames + n_mem
+            n_frames = n_frames + n_mem
         p, (gh, gw) = cfg.patch_size, cfg.grid
         if cond is not None:
             x = torch.cat([x, cond], 2)
@@ -285,8 +306,7 @@ class DiT(nn.Module):
         if drop_actions is not None:
             a = torch.where(drop_actions[..., None], self.null_action.to(a.dtype), a)
         c = self.t_embed(t) + a  # (B, T, D)
-        if frame_pos is None:
-            frame_pos = torch.arange(n_frames - n_mem, device=x.device)
+        frame_pos = ctx.frame_pos if ctx.frame_pos is not None else torch.arange(n_frames - n_mem, device=x.device)
         if memory is not None:
             level = memory.level if memory.level is not None else torch.zeros(memory.age.shape, device=x.device)
             c = torch.cat([self.t_embed(level) + self.memory_embed(memory.pose, memory.age), c], 1)
@@ -298,22 +318,15 @@ class DiT(nn.Module):
         # needs no flex), the mask built in the graph rather than looked up, so a compiled streaming
         # step is one graph.
         if past is not None or (memory is not None and memory.mask is not None):
-            mask = dense_mask(
-                cfg.tokens_per_frame, n_frames - prefix_frames, cfg.frames_per_block, prefix_frames, x.device
-            )
+            mask = dense_mask(cfg.tokens_per_frame, n_frames - n_mem, cfg.frames_per_block, n_mem, x.device)
         else:
             mask = make_mask(
-                attn_impl or cfg.attn_impl,
-                cfg.tokens_per_frame,
-                n_frames - prefix_frames,
-                cfg.frames_per_block,
-                prefix_frames,
-                x.device,
+                cfg.attn_impl, cfg.tokens_per_frame, n_frames - n_mem, cfg.frames_per_block, n_mem, x.device
             )
         if memory is not None and memory.mask is not None:
             mask = _hide_memory(mask, memory.mask, cfg.tokens_per_frame)
         if past is not None:
-            mask = _with_past(mask, past_mask, past[0].k.shape[2], b, n_mem * cfg.tokens_per_frame)
+            mask = _with_past(mask, ctx.past_mask, past[0].k.shape[2], b, n_mem * cfg.tokens_per_frame)
         for i, block in enumerate(self.blocks):
             h = block(h, c, rope, mask, past[i] if past is not None else None)
 
@@ -345,7 +358,6 @@ class DiT(nn.Module):
         t: torch.Tensor,
         actions: torch.Tensor,
         cond: torch.Tensor | None,
-        prefix_frames: int,
         drop_actions: torch.Tensor | None,
     ) -> None:
         cfg = self.cfg
@@ -368,8 +380,6 @@ class DiT(nn.Module):
                 f"drop_actions must be a (B, T) = {(b, n)} bool tensor and the model needs a null "
                 f"action (null_action={cfg.null_action}: trained without action dropout)"
             )
-        if not 0 <= prefix_frames < n:
-            raise ValueError(f"prefix_frames must be in [0, T={n}), got {prefix_frames}")
         if (cond is None) != (cfg.cond_channels == 0):
             raise ValueError(
                 f"cond must be given exactly when cond_channels > 0 "
@@ -378,13 +388,11 @@ class DiT(nn.Module):
         if cond is not None and tuple(cond.shape) != (b, n, cfg.cond_channels, *cfg.latent_size):
             raise ValueError(f"cond must be {(b, n, cfg.cond_channels, *cfg.latent_size)}, got {tuple(cond.shape)}")
 
-    def _check_memory(self, memory: Memory, x: torch.Tensor, prefix_frames: int) -> int:
+    def _check_memory(self, memory: Memory, x: torch.Tensor) -> int:
         """The number of memory frames P, after checking them against the model and ``x``."""
         cfg, (b, n) = self.cfg, x.shape[:2]
         if not cfg.memory_frames:
             raise ValueError("this model was trained without memory (memory_frames=0): it takes no memory frames")
-        if prefix_frames:
-            raise ValueError("memory frames are the prefix: give memory or prefix_frames, not both")
         p = memory.z.shape[1] if memory.z.ndim == 5 else -1
         shapes = {
             "z": (memory.z, (b, p, *x.shape[2:])),

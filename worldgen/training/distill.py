@@ -209,21 +209,13 @@ class StudentCritic(nn.Module):
         else:
             with torch.no_grad():
                 noisy = sampling.add_noise(seq.detach(), eps, levels)
-                drop = sampling.guidance_mask(len(seq), window, g, seq.device) if guidance != 1 else None
-                if drop is None:
-                    real_v = teacher(noisy, levels, seq_acts)
-                else:
-                    real_v = sampling.guided(
-                        teacher(
-                            noisy.repeat(2, 1, 1, 1, 1),
-                            levels.repeat(2, 1),
-                            seq_acts.repeat(2, 1, 1),
-                            drop_actions=drop,
-                        ),
-                        guidance,
-                    )
-                fake_v = self.critic(noisy, levels, seq_acts)
-            gen = dmd_loss(seq[:, first:], real_v[:, first:], fake_v[:, first:], noisy[:, first:], levels[:, first:])
+                # The teacher's velocity of the student's frames after their noised context, guided as sampling guides.
+                teacher_v = sampling.velocity(
+                    teacher, seq_acts, guidance, ctx=noisy[:, :first], ctx_t=levels[:, :first]
+                )
+                real_v = teacher_v(noisy[:, first:], levels[:, first:])
+                fake_v = self.critic(noisy, levels, seq_acts)[:, first:]
+            gen = dmd_loss(seq[:, first:], real_v, fake_v, noisy[:, first:], levels[:, first:])
         critic = flow_matching_loss(self.critic, seq.detach(), seq_acts, critic_levels, critic_eps, first_target=first)
         return gen, critic
 

@@ -85,7 +85,7 @@ from worldgen.models import (
     save_part,
     tensor_to_frames,
 )
-from worldgen.models.dit import Memory
+from worldgen.models.dit import Context, Memory
 from worldgen.models.world_cache import cond_channels, episode_condition
 from worldgen.training import loop
 from worldgen.training.config import TrainConfig, opt
@@ -179,7 +179,7 @@ def noise_levels(
     """
     blocks = math.ceil(frames / frames_per_block)
 
-    def rand(*shape):
+    def rand(*shape: int) -> torch.Tensor:
         return torch.rand(shape, generator=generator, device=device)
 
     t = torch.sigmoid(loc + scale * torch.randn((batch, blocks), generator=generator, device=device))
@@ -211,7 +211,8 @@ def flow_matching_loss(
     extra input channels (the world cache's view), else None; ``memory``: recalled frames as
     context (never in the loss).
     """
-    v = model(sampling.add_noise(x0, eps, t), t, acts, drop_actions=drop, cond=cond, memory=memory)
+    context = None if memory is None else Context(memory=memory)
+    v = model(sampling.add_noise(x0, eps, t), t, acts, drop_actions=drop, cond=cond, context=context)
     return F.mse_loss(v[:, first_target:].float(), (eps - x0)[:, first_target:])
 
 
@@ -649,6 +650,18 @@ class DynamicsTask:
             (newest[:, None] - chosen).float(),
         )
 
+    def session_stream(self) -> StreamConfig:
+        """How a session of the trained model plays (its default sinks, the window the rest of the
+        trained window, stabilised writes), at the trainer's sampler steps: the rollout fine-tune
+        and the previews play this way."""
+        sinks, block = StreamConfig.sinks, self.model.cfg.frames_per_block
+        return StreamConfig(
+            steps=self.cfg.sample_steps,
+            ctx_noise=self.cfg.ctx_noise,
+            sinks=sinks,
+            window=self.cfg.window - block - sinks,
+        )
+
     @torch.no_grad()
     def draw_rollout(
         self, generator: torch.Generator, batch: int, noise: torch.Generator | None = None
@@ -665,12 +678,9 @@ class DynamicsTask:
         if g:  # g = 0: real context alone, so the teacher-forced skill is kept up too
             was_training = self.model.training
             self.model.eval()
-            # As a session plays: its default sinks, the window the rest, stabilised writes.
-            sinks = StreamConfig.sinks
-            stream = StreamConfig(steps=cfg.sample_steps, ctx_noise=cfg.ctx_noise, sinks=sinks, window=T - 1 - sinks)
             gen = rollout_latents(
                 self.model,
-                stream,
+                self.session_stream(),
                 x0[:, : T - 1],
                 acts[:, : T - 1],
                 acts[:, T - 1 : T - 1 + g],
@@ -766,23 +776,15 @@ class DynamicsTask:
         ctx = max(min(cfg.window - 1, 8), 1)
         lengths = (lat.offsets[1:] - lat.offsets[:-1]).tolist()
         e = int(np.argmax(lengths))  # the longest held-out episode, the same every time
-        n = min(cfg.sample_frames, lengths[e] - ctx)
+        block = self.model.cfg.frames_per_block
+        n = min(cfg.sample_frames, lengths[e] - ctx) // block * block  # a session plays whole blocks
         if n < 1:
             return
         lo = int(lat.offsets[e]) + (lengths[e] - ctx - n) // 2
         z, acts = lat.windows(torch.tensor([lo], device=self.device), ctx + n)  # (1, ctx + n, ...)
         g = torch.Generator(self.device).manual_seed(0)
-        with autocast(self.device):
-            gen = sampling.rollout(
-                ema_model,
-                z[:, :ctx],
-                acts[:, :ctx],
-                acts[:, ctx:],
-                steps=cfg.sample_steps,
-                window=cfg.window,
-                ctx_noise=cfg.ctx_noise,
-                generator=g,
-            )
+        with autocast(self.device):  # played as a session plays (the sampler's cache backend)
+            gen = rollout_latents(ema_model, self.session_stream(), z[:, :ctx], acts[:, :ctx], acts[:, ctx:], g)
             real = self.tokenizer.decode(z[0])
             fake = self.tokenizer.decode(torch.cat([z[0, :ctx], gen[0].to(z.dtype)]))
         save_image_rows(
