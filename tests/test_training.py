@@ -186,14 +186,14 @@ def test_rollout_training_continues_the_models_own_rollouts(tiny_checkpoint, tok
         for i in range(100)
         if torch.randint(cfg.rollout_frames + 1, (), generator=torch.Generator().manual_seed(i)) > 0
     )
-    (x0, acts, t, eps, drop), first_target = task.draw_rollout(torch.Generator().manual_seed(seed), b)
+    (x0, acts, t, eps, drop, cond), first_target = task.draw_rollout(torch.Generator().manual_seed(seed), b)
     again = torch.Generator().manual_seed(seed)  # the same draws, in draw_rollout's order
     g = int(torch.randint(cfg.rollout_frames + 1, (), generator=again))
     s = 1 + int(torch.randint(T - g, (), generator=again))
     starts = task.starts[torch.randint(len(task.starts), (b,), generator=again)]
     real, real_acts = task.train.windows(starts, T - 1 + g + s)
     real, real_acts = real[:, -T:], real_acts[:, -T:]
-    assert x0.shape == real.shape and first_target == T - s and torch.equal(acts, real_acts)
+    assert x0.shape == real.shape and first_target == T - s and torch.equal(acts, real_acts) and cond is None
     n_real = T - g - s
     assert torch.equal(x0[:, :n_real], real[:, :n_real]) and torch.equal(x0[:, T - s :], real[:, T - s :])
     assert (x0[:, n_real : T - s] - real[:, n_real : T - s]).abs().amax() > 0.1  # generated, not real

@@ -359,6 +359,64 @@ def test_training_with_the_world_cache(doom_recording, tiny_tokenizer_run, tiny_
     assert MotionModel.from_dict(extra["motion"]).weight.shape == (5 + 2 * 10 + 1, 5)
 
 
+def test_world_cache_rollouts_see_clouds_of_the_generated_frames(doom_recording, tiny_rgbd_tokenizer, tmp_path):
+    """`--world-cache` with `--rollout-frames`: a played frame's view is rendered from the cloud of
+    its predecessors with the generated frames in place of the real ones (decoded RGB-D), and such a
+    fine-tune trains."""
+    from worldgen.memory.views import PoseNoise
+    from worldgen.models.world_cache import decode_rgbd, window_condition
+    from worldgen.training.distributed import Dist
+    from worldgen.training.dynamics import DynamicsTask, DynamicsTrainConfig
+    from worldgen.training.dynamics import train as train_dynamics
+    from worldgen.training.run import Run
+
+    cfg = DynamicsTrainConfig(
+        data=str(doom_recording),
+        out=str(tmp_path / "dyn"),
+        tokenizer=str(tiny_rgbd_tokenizer),
+        model="tiny",
+        window=4,
+        batch_size=4,
+        steps=3,
+        warmup=1,
+        ckpt_every=1000,
+        sample_every=0,
+        eval_windows=4,
+        world_cache=2,
+        rollout_frames=2,
+        rollout_share=1.0,
+    )
+    task = DynamicsTask.from_run(cfg, Run(tmp_path / "task"), Dist())
+    L = 2 * cfg.window - 1  # a rollout window: 3 real frames, up to 3 played, then real ones
+    rows = task.starts[:2, None] + torch.arange(L)
+    x0, pose = task.train.z[rows].float(), task.train.pose[rows]
+    generated = x0[:, 3:4] + 2 * torch.randn_like(x0[:, 3:4])  # frame 3, played unlike the real one
+
+    view = task.rollout_cache(x0, pose, torch.Generator().manual_seed(0))(generated)  # frame 4's view
+    real = task.rollout_cache(x0, pose, torch.Generator().manual_seed(0))(x0[:, 3:4])
+    rgb, depth = decode_rgbd(task.tokenizer, torch.cat([x0[:, :3], generated, x0[:, 4:]], 1))
+    expect = window_condition(
+        task.tokenizer,
+        task.camera,
+        rgb[:, :5],
+        depth[:, :5],
+        pose[:, :5],
+        2,
+        4,
+        PoseNoise(),
+        torch.Generator().manual_seed(0),
+    )
+    assert view.shape == (2, 1, 4 + 1, *x0.shape[-2:]) and torch.allclose(view, expect)
+    assert not torch.allclose(view, real, atol=1e-3)  # the generated frame is in the cloud, not the real one
+
+    # A whole draw that plays frames (g > 0, its first draw): the window's views come with it, one per frame.
+    seed = next(i for i in range(100) if torch.randint(3, (), generator=torch.Generator().manual_seed(i)) > 0)
+    (x0, acts, t, eps, drop, cond), first_target = task.draw_rollout(torch.Generator().manual_seed(seed), 4)
+    assert cond.shape == (4, cfg.window, 4 + 1, *x0.shape[-2:]) and torch.isfinite(cond).all()
+    summary = train_dynamics(cfg)
+    assert summary["finished"] and math.isfinite(summary["heldout_loss"])
+
+
 def test_motion_model_predicts_the_next_pose_from_the_actions(doom_recording):
     """Fitted on two episodes, the next pose of the third from its momentum and actions: the yaw
     follows the actions (a constant-velocity guess misses every change of turn)."""

@@ -26,7 +26,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +140,8 @@ def rollout_latents(
     generator: sampling.Generators,
     exit_steps: Sequence[int | None] | None = None,
     noise: torch.Tensor | None = None,
+    ctx_cond: torch.Tensor | None = None,
+    views: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Play B timelines of one age on latents, step for step as sessions play (the same rolling
     cache, re-positioned keys and stabilised writes; :func:`denoise`), with no tokenizer: what
@@ -158,6 +160,10 @@ def rollout_latents(
         noise: (B, n, C, h, w) the sampler's starting noise of the played frames, given rather
             than drawn (distill's ODE warm-up pairs teacher and student on it); the
             stabilisation noise is drawn all the same.
+        ctx_cond, views: a world-cache model's conditioning: ``ctx_cond`` (B, T, cond_channels,
+            h, w) the context frames' views; ``views(generated)``, given the latents played so
+            far (B, i, C, h, w), the next chunk's views (B, chunk, cond_channels, h, w), rendered
+            from a cloud that holds the played frames.
     Returns:
         (B, n, C, h, w) float32 latents.
     """
@@ -181,13 +187,19 @@ def rollout_latents(
         torch.bfloat16 if ctx.device.type == "cuda" else torch.float32,
         batch=b,
     )
+    if (ctx_cond is None) != (views is None):
+        raise ValueError(
+            "a world-cache rollout needs both the context's views (ctx_cond) and views for the played frames"
+        )
     ctx, ctx_actions = ctx[:, -keep:], ctx_actions[:, -keep:]
+    ctx_cond = None if ctx_cond is None else ctx_cond[:, -keep:]
 
     def randn(frames: int) -> torch.Tensor:
         return sampling.randn((b, frames, cfg.latent_channels, *cfg.latent_size), generator, ctx.device)
 
     with torch.no_grad():
-        cache.write(*prefill(dit, stream, ctx, ctx_actions, randn(ctx.shape[1]) if stream.ctx_noise > 0 else None))
+        eps_ctx = randn(ctx.shape[1]) if stream.ctx_noise > 0 else None
+        cache.write(*prefill(dit, stream, ctx, ctx_actions, eps_ctx, ctx_cond))
     out = []
     for j, i in enumerate(range(0, actions.shape[1], chunk)):
         pos = cache.positions()[None].to(ctx.device)  # (1, slots)
@@ -196,6 +208,7 @@ def rollout_latents(
         frame_pos = (cache.next_position() + torch.arange(chunk, device=ctx.device))[None].expand(b, -1)
         x = randn(chunk) if noise is None else noise[:, i : i + chunk].float()
         eps = randn(chunk) if stream.ctx_noise > 0 else None
+        cond = None if views is None else views(torch.cat(out, 1) if out else ctx[:, :0].float())
         with torch.set_grad_enabled(grad and exit_steps[j] is not None):
             x, k_new, v_new = denoise(
                 dit,
@@ -210,6 +223,7 @@ def rollout_latents(
                 sin,
                 mask,
                 exit_steps[j],
+                cond=cond,
             )
         cache.write(k_new, v_new)
         out.append(x)

@@ -51,6 +51,7 @@ __all__ = [
     "load_tokenizer",
     "save_part",
     "tensor_to_frames",
+    "tensor_to_uint8",
 ]
 
 PARTS: dict[str, tuple[type, type]] = {"tokenizer": (Tokenizer, TokenizerConfig), "dynamics": (DiT, DiTConfig)}
@@ -70,6 +71,13 @@ def frames_to_tensor(frames: np.ndarray | torch.Tensor, device: torch.device | s
     return x.movedim(-1, -3).float().div_(127.5).sub_(1.0)
 
 
+def tensor_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float ``(..., C, H, W)`` in [-1, 1] -> uint8 ``(..., H, W, C)`` on the same device (clamped,
+    rounded): frames, or RGB-D frames with depth in levels as their 4th channel."""
+    u8 = ((x.detach().float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return u8.movedim(-3, -1)
+
+
 def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
     """float ``(..., 3, H, W)`` in [-1, 1] -> uint8 numpy ``(..., H, W, 3)`` (clamped, rounded).
 
@@ -77,8 +85,7 @@ def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
         >>> tensor_to_frames(torch.zeros(3, 2, 2))[0, 0].tolist()
         [128, 128, 128]
     """
-    u8 = ((x.detach().float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-    return u8.movedim(-3, -1).cpu().numpy()
+    return tensor_to_uint8(x).cpu().numpy()
 
 
 def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from worldgen.memory.camera import Camera
 from worldgen.memory.cloud import View
 from worldgen.memory.views import PoseNoise, history_views
-from worldgen.models import frames_to_tensor
+from worldgen.models import frames_to_tensor, tensor_to_uint8
 from worldgen.models.tokenizer import Tokenizer, TokenizerConfig
 
 
@@ -88,10 +88,39 @@ def episode_condition(
     frames render at once (a cloud each), which bounds the memory."""
     out = []
     for start in range(0, len(rgb), chunk):
-        lo, hi = max(0, start - history), min(start + chunk, len(rgb))  # predecessors ride along
-        view = history_views(
-            camera, rgb[None, lo:hi], depth[None, lo:hi], pose[None, lo:hi], history, noise=noise, generator=generator
-        )
-        view = View(*(x[0, start - lo :] for x in view))
-        out.append(view_condition(tokenizer, view, camera))
+        hi = min(start + chunk, len(rgb))
+        window = (x[None, :hi] for x in (rgb, depth, pose))
+        out.append(window_condition(tokenizer, camera, *window, history, start, noise, generator)[0])
     return torch.cat(out)
+
+
+@torch.no_grad()
+def window_condition(
+    tokenizer: Tokenizer,
+    camera: Camera,
+    rgb: torch.Tensor,
+    depth: torch.Tensor,
+    pose: torch.Tensor,
+    history: int,
+    first: int = 0,
+    noise: PoseNoise | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DiT conditioning ``(B, T - first, latent_channels + 1, h, w)`` of frames ``first:`` of windows
+    ``rgb (B, T, H, W, 3)`` uint8, ``depth (B, T, H, W)`` levels, ``pose (B, T, 5)``: each frame's
+    view of the cloud of its ``history`` predecessors in the window (:func:`history_views`, at its
+    pose plus ``noise``); only the predecessors of those frames are fused."""
+    lo = max(0, first - history)
+    view = history_views(camera, rgb[:, lo:], depth[:, lo:], pose[:, lo:], history, noise=noise, generator=generator)
+    return view_condition(tokenizer, View(*(x[:, first - lo :] for x in view)), camera)
+
+
+@torch.no_grad()
+def decode_rgbd(tokenizer: Tokenizer, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB-D latents ``(..., C, h, w)`` -> frames ``(..., H, W, 3)`` uint8 and depth ``(..., H, W)``
+    in levels: what a generated frame brings to a cloud."""
+    check_rgbd(tokenizer.cfg)
+    param = next(tokenizer.parameters())
+    x = tokenizer.decode(z.reshape(-1, *z.shape[-3:]).to(param.dtype))  # (N, 4, H, W)
+    rgbd = tensor_to_uint8(x).reshape(*z.shape[:-3], *x.shape[-2:], 4)
+    return rgbd[..., :3].contiguous(), rgbd[..., 3].float()

@@ -29,8 +29,8 @@ class TrainConfig:
     steps: int | None = opt(None, "optimizer steps: fixes the LR schedule (with --minutes: an upper bound)")
     minutes: float | None = opt(
         None,
-        "wall-clock budget: the step count is fixed from the measured speed "
-        "after the first steps and stored, so a resume finishes the same schedule",
+        "wall-clock budget, set-up and data encoding included: the step count is fixed from the "
+        "measured speed after the first steps and stored, so a resume finishes the same schedule",
     )
     batch_size: int = opt(
         32,

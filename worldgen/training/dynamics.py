@@ -33,6 +33,12 @@ real frames that follow. Only those s frames are trained on (Diffusion Forcing l
 context): the model learns to continue its own rollout towards what really came next, which
 only the actions can tell it. ``init`` starts such a fine-tune from a trained model.
 
+With the world cache (``world_cache`` H > 0) a rollout builds its clouds from what it played, as a
+session does: every generated frame is decoded to RGB-D by the tokenizer, and each later frame
+of the window (generated or real) is conditioned on the cloud of its H predecessors, generated
+ones included, rendered at its pose plus pose noise. So the model meets views with its own
+depth errors and smears and learns to repair them rather than trust the cache blindly.
+
 Frame memory (``memory_frames`` k > 0, DESIGN.md section 7, :mod:`worldgen.memory.bank`). On a
 share ``1 - memory_none`` of the plain Diffusion Forcing steps each window also gets m ~ U{1..k}
 frames from at least ``memory_gap`` frames earlier in its episode, with their true poses: of 64
@@ -54,6 +60,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +78,7 @@ from worldgen.data.camera import dataset_camera
 from worldgen.engine import StreamConfig, rollout_latents, save_starts
 from worldgen.files import atomic_write
 from worldgen.memory import bank
+from worldgen.memory.camera import Camera
 from worldgen.memory.motion import MotionModel
 from worldgen.memory.views import PoseNoise
 from worldgen.models import (
@@ -86,7 +94,7 @@ from worldgen.models import (
     tensor_to_frames,
 )
 from worldgen.models.dit import Context, Memory
-from worldgen.models.world_cache import cond_channels, episode_condition
+from worldgen.models.world_cache import cond_channels, decode_rgbd, episode_condition, window_condition
 from worldgen.training import loop
 from worldgen.training.config import TrainConfig, opt
 from worldgen.training.distributed import Dist, barrier, rank_generator
@@ -520,6 +528,7 @@ class DynamicsTask:
         tokenizer: nn.Module | None = None,
         tok_folder: Path | None = None,
         data: tuple[Dataset, list[int]] | None = None,
+        camera: Camera | None = None,
     ):
         self.cfg, self.model, self.device, self.dist = cfg, model, d.device, d
         self.data = data  # (dataset, episodes to take start contexts from)
@@ -534,10 +543,10 @@ class DynamicsTask:
             raise ValueError(f"--rollout-share must lie in [0, 1], got {cfg.rollout_share}")
         if cfg.rollout_frames and (model.cfg.frames_per_block != 1 or cfg.window < 3):
             raise ValueError("--rollout-frames needs one-frame blocks (frames_per_block 1) and --window >= 3")
-        if cfg.world_cache and cfg.rollout_frames:
+        if cfg.world_cache and cfg.rollout_frames and (tokenizer is None or train.pose is None):
             raise ValueError(
-                "--world-cache does not train on own rollouts yet (--rollout-frames 0): a rollout's "
-                "frames would need their cache views rendered from the generated depth"
+                "--world-cache with --rollout-frames needs the tokenizer (to decode the generated RGB-D) "
+                "and the train latents' camera poses"
             )
         # A rollout window: window - 1 real frames, up to window frames generated and followed.
         self.span = 2 * cfg.window - 1 if cfg.rollout_frames else cfg.window
@@ -566,6 +575,7 @@ class DynamicsTask:
                 )
         self.metrics: dict[str, float] = {}
         self.motion: MotionModel | None = None  # world-cache runs: the camera's motion model (from_run fits it)
+        self.camera = camera  # world-cache runs: the camera views are rendered with
         if d.main:
             print(
                 f"[train] dynamics: DiT {f'of {cfg.init}' if cfg.init else cfg.model} "
@@ -585,15 +595,14 @@ class DynamicsTask:
         tokenizer = load_tokenizer(tok_folder, d.device).requires_grad_(False)
         torch.manual_seed(cfg.seed)
         cond = cond_channels(tokenizer.cfg) if cfg.world_cache else 0  # an RGB tokenizer: a clear error
-        if cfg.world_cache:
-            dataset_camera(ds)  # a world without a camera model or without depth/poses: a clear error
+        camera = dataset_camera(ds) if cfg.world_cache else None  # no camera model, depth or poses: a clear error
         model = initial_dit(cfg, tokenizer.cfg.latent_channels, tuple(tokenizer.cfg.latent_size), cond)
         lat = split_latents(run, ds, {"train": train, "heldout": held}, tok_folder, tokenizer, d, cfg, cfg.world_cache)
-        if cfg.memory_frames:  # poses are small: read them afresh, in the latents' episode order
+        if cfg.memory_frames or cfg.world_cache:  # poses are small: read them afresh, in the latents' episode order
             if "pose" not in ds.fields:
                 raise ValueError(f"{cfg.data}: --memory-frames needs a dataset recorded with camera poses")
             lat["train"].pose = torch.from_numpy(np.concatenate([ds.read(e, "pose") for e in train])).to(d.device)
-        task = cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder, (ds, held or train))
+        task = cls(cfg, model, lat["train"], lat["heldout"], d, tokenizer, tok_folder, (ds, held or train), camera)
         if cfg.world_cache:  # how a session predicts the pose its cache view renders at, stored with the model
             task.motion = fit_motion(ds, train)
         return task
@@ -675,7 +684,11 @@ class DynamicsTask:
         s = 1 + int(torch.randint(T - g, (), generator=generator, device=self.device))
         i = shard(torch.randint(len(self.starts), (batch,), generator=generator, device=self.device))
         x0, acts = self.train.windows(self.starts[i], T - 1 + g + s)  # (b, T - 1 + g + s, ...)
+        noise = generator if noise is None else noise
+        cond = self.train.cond_windows(self.starts[i] + g + s - 1, T)  # real frames' views, or None
         if g:  # g = 0: real context alone, so the teacher-forced skill is kept up too
+            rows = self.starts[i][:, None] + torch.arange(x0.shape[1], device=self.device)
+            cache = self.rollout_cache(x0, self.train.pose[rows], noise) if self.cfg.world_cache else None
             was_training = self.model.training
             self.model.eval()
             gen = rollout_latents(
@@ -684,10 +697,17 @@ class DynamicsTask:
                 x0[:, : T - 1],
                 acts[:, : T - 1],
                 acts[:, T - 1 : T - 1 + g],
-                generator if noise is None else noise,
+                noise,
+                **(
+                    {}
+                    if cache is None
+                    else {"ctx_cond": self.train.cond_windows(self.starts[i], T - 1), "views": cache}
+                ),
             )  # (b, g, C, h, w)
             self.model.train(was_training)
             x0 = torch.cat([x0[:, : T - 1], gen.to(x0.dtype), x0[:, T - 1 + g :]], 1)
+            if cache is not None:  # the window's views, from clouds that hold the generated frames
+                cond = cache(gen, upto=x0.shape[1], first=x0.shape[1] - T)
         x0 = x0[:, -T:]
         acts = acts[:, -T:]
         # Real and generated context at the levels inference labels context with; targets at DF levels.
@@ -698,7 +718,43 @@ class DynamicsTask:
         drop = None
         if cfg.action_dropout > 0:
             drop = shard(torch.rand((batch, T), generator=generator, device=self.device) < cfg.action_dropout)
-        return (x0, acts, t, eps, drop), T - s
+        return (x0, acts, t, eps, drop, cond), T - s
+
+    def rollout_cache(self, x0: torch.Tensor, pose: torch.Tensor, generator: torch.Generator) -> Callable:
+        """For a rollout of windows ``x0`` (b, L, C, h, w) at camera poses ``pose`` (b, L, 5), whose
+        frames from ``window - 1`` on are played: ``views(generated, upto=None, first=None)``, the
+        conditioning of the next played frame (default) or of frames ``first:upto``, each rendered
+        from the RGB-D of its predecessors (real frames decoded, the ``generated`` (b, g, C, h, w)
+        played so far in their place) at its pose plus :class:`PoseNoise` from ``generator``."""
+        tok, ctx = self.tokenizer, self.cfg.window - 1
+        with autocast(self.device):
+            rgb, depth = decode_rgbd(tok, x0)  # (b, L, H, W, 3) uint8, (b, L, H, W) levels
+
+        decoded = [0]  # generated frames already in rgb/depth: each is decoded once
+
+        def views(generated: torch.Tensor, upto: int | None = None, first: int | None = None) -> torch.Tensor:
+            g, done = generated.shape[1], decoded[0]
+            if g > done:
+                with autocast(self.device):
+                    rgb[:, ctx + done : ctx + g], depth[:, ctx + done : ctx + g] = decode_rgbd(tok, generated[:, done:])
+                decoded[0] = g
+            upto = ctx + g + 1 if upto is None else upto
+            first = upto - 1 if first is None else first
+            with autocast(self.device):
+                cond = window_condition(
+                    tok,
+                    self.camera,
+                    rgb[:, :upto],
+                    depth[:, :upto],
+                    pose[:, :upto],
+                    self.cfg.world_cache,
+                    first,
+                    PoseNoise(),
+                    generator,
+                )
+            return cond.float()
+
+        return views
 
     def loss(self, model: nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
         cfg, share = self.cfg, self.cfg.rollout_share
@@ -707,8 +763,8 @@ class DynamicsTask:
             share == 1 or share > 0 and float(torch.rand((), generator=generator, device=self.device)) < share
         ):
             noise = rank_generator(cfg.seed, self.dist.rank, step, self.device)
-            batch, first_target = self.draw_rollout(generator, cfg.batch_size, noise)
-            return flow_matching_loss(model, *batch, first_target=first_target)
+            (x0, acts, t, eps, drop, cond), first_target = self.draw_rollout(generator, cfg.batch_size, noise)
+            return flow_matching_loss(model, x0, acts, t, eps, drop, first_target, cond)
         use_memory = (
             bool(cfg.memory_frames)
             and float(torch.rand((), generator=generator, device=self.device)) >= cfg.memory_none
