@@ -182,7 +182,9 @@ def velocity(
         ctx: (B, Tc, C, h, w) latents in front of the new frames, labelled ``ctx_t`` (a level,
             or (B, Tc) per frame): the recompute backend's context, already noised.
         context: the cache backend's past keys, positions and recalled memory (:class:`Context`).
-        cond: (B, n, cond_channels, h, w) the new frames' extra input channels, if the model takes them.
+        cond: the extra input channels of every frame the DiT sees, if the model takes them:
+            (B, Tc + n, cond_channels, h, w) with ``ctx``, else (B, n, ...) (the cache's frames
+            brought theirs when they were written).
 
     Example:
         >>> from worldgen.models import DiT, MODELS
@@ -283,6 +285,7 @@ def generate(
     actions: torch.Tensor,
     sampler: SamplerConfig | None = None,
     generator: Generators = None,
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The recompute backend: denoise ``n`` new frames jointly after the context, every Euler
     step a pass over context + new frames (the step both functions below build on).
@@ -293,6 +296,8 @@ def generate(
         actions: (B, n, A) the actions that produce the new frames.
         sampler: the settings (default :class:`SamplerConfig`'s); guidance != 1 needs a DiT with a null action.
         generator: one, or one per row (:func:`randn`); the context noise is drawn first.
+        cond: (B, Tc + n, cond_channels, h, w) every frame's world-cache view, context and new,
+            for a model trained with them.
     Returns:
         (B, n, C, h, w) float32 latents.
     """
@@ -308,7 +313,9 @@ def generate(
         raise ValueError(f"ctx_noise must be in [0, 1), got {sampler.ctx_noise}")
     ctx = noised(ctx_latents, sampler.ctx_noise, generator)
     x = randn((b, n, *ctx_latents.shape[2:]), generator, ctx_latents.device)
-    v = velocity(dit, torch.cat([ctx_actions, actions], 1), sampler.guidance, ctx=ctx, ctx_t=sampler.ctx_noise)
+    v = velocity(
+        dit, torch.cat([ctx_actions, actions], 1), sampler.guidance, ctx=ctx, ctx_t=sampler.ctx_noise, cond=cond
+    )
     return euler(x, v, sampler.steps, sampler.shift)
 
 
@@ -319,14 +326,17 @@ def predict_next(
     next_action: torch.Tensor,
     sampler: SamplerConfig | None = None,
     generator: Generators = None,
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The next frame's latent (B, C, h, w) given the context and the action (B, A) that makes it.
+    """The next frame's latent (B, C, h, w) given the context and the action (B, A) that makes it
+    (and, for a world-cache model, ``cond`` (B, Tc + 1, cond_channels, h, w): the context's and
+    the new frame's views; :func:`generate`).
 
     With ``frames_per_block > 1`` the new frame shares a block (bidirectional attention) with
     the last ``Tc % frames_per_block`` context frames, as frames at mixed noise levels do in
     Diffusion-Forcing training.
     """
-    return generate(dit, ctx_latents, ctx_actions, next_action[:, None], sampler, generator)[:, 0]
+    return generate(dit, ctx_latents, ctx_actions, next_action[:, None], sampler, generator, cond)[:, 0]
 
 
 def rollout(
