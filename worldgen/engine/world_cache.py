@@ -15,10 +15,14 @@ all stepping sessions at once:
 :class:`CachePool` holds the clouds and the pose state of all sessions of one ``WorldModel`` in
 fixed-size tensors indexed by a session's slot: a step gathers its sessions' slots, renders and
 updates them as one batch, and writes them back; memory per session is the cloud's point cap.
+:meth:`CachePool.rollout_views` drives the same steps for a rollout on latents
+(:func:`~worldgen.engine.stream.rollout_latents`): how ``worldgen eval`` plays a world-cache
+model exactly as its sessions do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +32,7 @@ from worldgen.memory.camera import POSE_DIM, Camera
 from worldgen.memory.cloud import CacheConfig, WorldCache
 from worldgen.memory.motion import MotionModel, momentum
 from worldgen.memory.views import history_views
+from worldgen.models import tensor_to_frames
 from worldgen.models.tokenizer import Tokenizer
 from worldgen.models.world_cache import view_condition
 
@@ -136,3 +141,25 @@ class CachePool:
             pair = torch.stack([self.pose[slots], pose], 1).reshape(-1, POSE_DIM)
             self.momentum[slots] = momentum(pair)[0::2]
             self.pose[slots], self.last_action[slots] = pose, action.float()
+
+    def rollout_views(
+        self, slots: torch.Tensor, tokenizer: Tokenizer, actions: torch.Tensor
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The ``views`` callback of :func:`~worldgen.engine.stream.rollout_latents` for the
+        sessions in ``slots`` (B,), started with :meth:`start`, playing ``actions`` (B, n, A), one
+        frame a step: each call first fuses the frame played last (its latent decoded to RGB-D as
+        ``WorldModel.step_many`` decodes it), then predicts the next pose and renders its view
+        (:meth:`views`): step for step what the sessions' steps do. Returns (B, 1, C + 1, h, w)."""
+        pending: list[tuple[WorldCache, torch.Tensor]] = []  # the last view's clouds and poses, until fused
+
+        def views(generated: torch.Tensor) -> torch.Tensor:
+            i = generated.shape[1]
+            if pending:
+                clouds, pose = pending.pop()
+                rgbd = tensor_to_frames(tokenizer.decode(generated[:, -1].float()))
+                self.fuse(slots, clouds, rgbd, pose, actions[:, i - 1])
+            pose, cond, clouds = self.views(slots, actions[:, i], tokenizer)
+            pending.append((clouds, pose))
+            return cond[:, None]
+
+        return views
