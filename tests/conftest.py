@@ -181,6 +181,37 @@ def tiny_rgbd_tokenizer(doom_recording, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cache_model(doom_recording, tiny_rgbd_tokenizer, tmp_path_factory) -> Path:
+    """A world-cache model folder: RGB-D tokenizer, tiny DiT with --world-cache 2 (4-frame
+    windows, 4 steps), starts with depth and poses. It plays; it is no good at anything."""
+    from worldgen.training.dynamics import DynamicsTrainConfig, train
+
+    root = tmp_path_factory.mktemp("cache_model")
+    with _OneThread():
+        train(
+            DynamicsTrainConfig(
+                data=str(doom_recording),
+                out=str(root / "dyn"),
+                tokenizer=str(tiny_rgbd_tokenizer),
+                model="tiny",
+                window=4,
+                steps=4,
+                batch_size=4,
+                lr=3e-3,
+                warmup=2,
+                ckpt_every=1000,
+                sample_every=0,
+                log_every=10,
+                eval_windows=4,
+                world_cache=2,
+                starts=2,
+                start_frames=3,
+            )
+        )
+    return root / "dyn" / "ckpt"
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(doom_recording, tiny_tokenizer_run, tmp_path_factory) -> Path:
     """A complete tiny model folder: `worldgen train dynamics` (tiny DiT, 6-frame windows, 150
     steps) on the recording, exported with its tokenizer and start contexts. Frames change with

@@ -225,31 +225,43 @@ def test_compiled_step_is_one_graph_for_every_level(wm):
     assert rows[0]["new_graphs"] == 0 and rows[0]["first_step_s"] >= 0
 
 
-def test_eval_rollouts_are_what_a_session_plays(tiny_checkpoint):
+@pytest.mark.parametrize("model", ["tiny_checkpoint", "cache_model"])
+def test_eval_rollouts_are_what_a_session_plays(model, request):
     """`worldgen eval` scores what players see: its rollout of window i (the sampler's cache
     backend, seeded rollout_seed(seed, i)) is the session started on that context with that
     seed, frame for frame, at a stabilising ctx_noise and past the cache's window (the ring
     turns); and a window's frames do not depend on how the windows are batched (same noise, within
-    float rounding)."""
+    float rounding). A world-cache model's rollout keeps its clouds as sessions do (started from
+    the context's RGB-D, poses predicted, every frame's RGB-D fused): the same frames and depth."""
     from worldgen.evaluation.evaluate import _Runner, rollout_seed
 
-    wm = WorldModel.load(tiny_checkpoint, device="cpu", ctx_noise=0.1)
+    wm = WorldModel.load(request.getfixturevalue(model), device="cpu", ctx_noise=0.1)
     c, plan = wm.stream.window, (PLAY * 3)[: wm.stream.window + 3]
     starts = [wm.start(i) for i in range(2)]
     assert wm.stream.sinks == 0 and all(len(f) >= c for f, _ in starts)
     frames = np.stack([f[-c:] for f, _ in starts])
+    geometry, given = None, [{}, {}]
+    if wm.world is not None:
+        depth, pose = (np.stack([wm.start_geometry(i)[k][-c:] for i in range(2)]) for k in (0, 1))
+        frames = np.concatenate([frames, depth[..., None]], -1)  # RGB-D, as eval feeds an RGB-D tokenizer
+        geometry = (torch.from_numpy(frames), torch.from_numpy(pose))
+        given = [{"context_depth": depth[i], "context_poses": pose[i]} for i in range(2)]
     vec = lambda xs: np.stack([x.vector() for x in xs])
     ctx_acts = torch.from_numpy(np.stack([vec(a[-c:]) for _, a in starts]))
     future = torch.from_numpy(vec(plan))[None].repeat(2, 1, 1)
     sampler = sampling.SamplerConfig(**wm.stream.settings())
-    run = _Runner(wm.tokenizer, wm.dit, sampler, c, seed=7, batch=2, device=torch.device("cpu"))
+    world = None if wm.world is None else wm.world.settings
+    run = _Runner(wm.tokenizer, wm.dit, sampler, c, seed=7, batch=2, device=torch.device("cpu"), world=world)
     with torch.no_grad():
         latents, _ = run.encode(torch.from_numpy(frames))
-        scored = run.rollout(latents, ctx_acts, future).numpy()  # (2, n, H, W, 3)
+        scored = run.rollout(latents, ctx_acts, future, geometry).numpy()  # (2, n, H, W, 3 or 4)
         run.batch = 1
-        alone = run.rollout(latents, ctx_acts, future).numpy()  # the same noise; float sums may round apart
+        alone = run.rollout(latents, ctx_acts, future, geometry).numpy()  # the same noise; float sums may round apart
     assert np.abs(alone.astype(int) - scored).max() <= 1
     for i, (f, a) in enumerate(starts):
-        s = wm.session(f[-c:], a[-c:], seed=rollout_seed(7, i))
-        played = np.stack([s.step(x) for x in plan])
-        assert np.abs(played.astype(int) - scored[i]).max() <= 1
+        s = wm.session(f[-c:], a[-c:], seed=rollout_seed(7, i), **given[i])
+        played = [(s.step(x), s.depth) for x in plan]
+        assert np.abs(np.stack([p for p, _ in played]).astype(int) - scored[i, ..., :3]).max() <= 1
+        if wm.world is not None:  # the depth the session made (and fused) is the depth eval made
+            assert np.abs(np.stack([d for _, d in played]).astype(int) - scored[i, ..., 3]).max() <= 1
+        s.close()

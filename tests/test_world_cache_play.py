@@ -1,7 +1,7 @@
 """Sessions of a world-cache model (worldgen/engine/world_cache.py): each owns a cloud in the
 model's pool, every step renders the clouds at the predicted poses in one batch, conditions the
 DiT on the views and fuses the generated RGB-D back; the Gymnasium env observes the model's own
-depth and pose. A tiny RGB-D model is trained here on the tiny recording."""
+depth and pose. The tiny RGB-D model (conftest.cache_model) is trained on the tiny recording."""
 
 from __future__ import annotations
 
@@ -14,36 +14,6 @@ import torch
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WALK = [{"keys": ["forward"], "mouse": [4.0, 0.0]}, {"keys": ["turn_left"], "mouse": [0.0, 0.0]}]
-
-
-@pytest.fixture(scope="module")
-def cache_model(doom_recording, tiny_rgbd_tokenizer, tmp_path_factory):
-    """A world-cache model folder: RGB-D tokenizer, DiT with --world-cache 2, starts with depth and poses."""
-    from worldgen.training.dynamics import DynamicsTrainConfig
-    from worldgen.training.dynamics import train as train_dynamics
-
-    root = tmp_path_factory.mktemp("cache_model")
-    train_dynamics(
-        DynamicsTrainConfig(
-            data=str(doom_recording),
-            out=str(root / "dyn"),
-            tokenizer=str(tiny_rgbd_tokenizer),
-            model="tiny",
-            window=4,
-            steps=4,
-            batch_size=4,
-            lr=3e-3,
-            warmup=2,
-            ckpt_every=1000,
-            sample_every=0,
-            log_every=10,
-            eval_windows=4,
-            world_cache=2,
-            starts=2,
-            start_frames=3,
-        )
-    )
-    return root / "dyn" / "ckpt"
 
 
 @pytest.fixture(scope="module")

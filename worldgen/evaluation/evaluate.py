@@ -5,12 +5,22 @@ picked deterministically (seeded, in episode-id order) from held-out episodes, o
 earlier eval.json (``windows_from``) to pair two evaluations window by window. Generated frames
 are decoded and rounded to uint8, exactly what a player would see, and compared with the
 recorded uint8 frames (:mod:`worldgen.evaluation.metrics`; PSNR is capped at ``psnr_cap_db``). Only RGB is
-scored; a tokenizer that also encodes depth gets it as input.
+scored; a tokenizer that also encodes depth gets it as input, and the depth it decodes is
+reported beside (``depth``).
 
 Rollouts play exactly as streaming sessions do (the sampler's cache backend,
 :func:`worldgen.engine.stream.rollout_latents`; docs/sampling.md), window i with the seed
 :func:`rollout_seed` ``(seed, i)``: a session started on that window's context with that seed
 shows the frames scored. Teacher-forced predictions recompute over the real context.
+
+A world-cache model (``worldgen train dynamics --world-cache H``; docs/world_cache.md) needs
+windows with recorded depth and camera poses. Teacher-forced, every frame, context and target,
+sees its view as training builds it: the cloud of its H predecessors in the episode (real
+frames, recorded depth, true poses) rendered at its true pose, without pose noise. A rollout
+plays as a session does, through the same :class:`~worldgen.engine.world_cache.CachePool`: the
+cloud starts from the context's RGB-D at its true poses, each new frame's pose is *predicted*
+by the model's motion model from the actions (as in a player's session; no true pose is given),
+the cloud is rendered there, and every generated RGB-D frame is fused into it.
 
 What it costs: with N windows, horizon H and K sampler steps, N H teacher-forced predictions,
 each K DiT passes over ``context + 1`` frames, and 2 N H rollout frames (real and shuffled
@@ -48,6 +58,13 @@ an existing one never changes meaning without bumping ``version``. Means are ove
   ignores actions scores 0. Per window (in ``window_starts`` order; absent when the horizon is
   shorter than 16): ``windows_real``, ``windows_shuffled``, the two PSNRs at h = 16, and
   ``shuffled_from``, the window whose actions the shuffled rollout took.
+* ``depth``: null unless the tokenizer decodes depth (RGB-D models, every world-cache model):
+  the mean absolute error, in uint8 depth levels, of the depth the model made against the
+  recorded depth: ``teacher_forced_mae``; ``rollout_mae@1``, ``@16``, ``@64`` (real actions;
+  null past the horizon) and ``rollout_curve`` at h = 1 .. horizon.
+* ``world_cache``: null unless the model plays with a world cache: ``history`` (H),
+  ``max_points`` (a session's cloud cap) and ``rollout_pose``: ``"predicted"`` (rollouts render
+  at the poses the motion model predicts, as a player's session does).
 * ``psnr_cap_db``: PSNR of identical frames (metrics.PSNR_CAP_DB).
 * ``device``, ``seconds``: where it ran and the wall time.
 * ``files``: ``{"plot", "video"}`` paths written, or null.
@@ -72,6 +89,7 @@ from worldgen import actions, checkpoint, sampling
 from worldgen.data import Dataset, DatasetError, WindowDataset
 from worldgen.data.dataset import DOOM_TICS_PER_SECOND, depth_to_uint8
 from worldgen.engine.stream import StreamConfig, rollout_latents
+from worldgen.engine.world_cache import CachePool, PlayCache
 from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
 from worldgen.files import atomic_write, write_mp4
 from worldgen.models import (
@@ -84,6 +102,7 @@ from worldgen.models import (
     load_tokenizer,
     tensor_to_frames,
 )
+from worldgen.models.world_cache import window_condition
 
 VERSION = 1
 HORIZONS = (1, 16, 64)  # rollout horizons reported by name (issue 3)
@@ -158,7 +177,9 @@ def evaluate(
         log(f"warning: {folder} was trained on {ds.root}; --split all scores frames it trained on")
     fraction = trainer_heldout_fraction(folder) if cfg.heldout_fraction is None else cfg.heldout_fraction
     depth = tokenizer.cfg.in_channels == 4  # a tokenizer trained on RGB + depth (train --depth)
-    frames, acts, starts, horizon, n_episodes = _load_windows(ds, cfg, c, fraction, depth, stored)
+    world = _play_cache(folder, dit.cfg)  # a world-cache model's cloud and motion model, else None
+    items, horizon, n_episodes = _load_windows(ds, cfg, c, fraction, depth, stored, world is not None)
+    frames, acts, starts = _window_arrays(ds, items, depth)
     fraction = fraction if cfg.split == "heldout" else None
     expected = tuple(tokenizer.cfg.image_size)
     if tuple(frames.shape[2:4]) != expected:
@@ -175,7 +196,7 @@ def evaluate(
     inputs = frames.to(device)  # (N, L, H, W, 3 or 4) uint8
     frames_d = inputs[..., :3]  # (N, L, H, W, 3): what is scored
     acts_d = acts.to(device)  # (N, L, 10)
-    run = _Runner(tokenizer, dit, sampler, c, cfg.seed, cfg.batch, device)
+    run = _Runner(tokenizer, dit, sampler, c, cfg.seed, cfg.batch, device, world)
     # Every frame the DiT makes: teacher-forced, then rollouts with real and shuffled actions.
     run.bar = tqdm(total=3 * n * horizon, unit="frame", desc="eval", disable=not cfg.progress)
 
@@ -183,9 +204,12 @@ def evaluate(
         latents, recon = run.encode(inputs)  # (N, L, C, h, w), RGB uint8
         tok_psnr, tok_ssim = psnr(recon, frames_d), ssim(recon, frames_d)
 
-        # Teacher forcing: target frame t of every window from the real frames t-c .. t-1.
+        # Teacher forcing: target frame t of every window from the real frames t-c .. t-1, each
+        # frame of a world-cache model with its view as training builds it.
         pairs = [(i, t) for i in range(n) for t in range(c, c + horizon)]
-        tf_pred = run.next_frames(latents, acts_d, pairs, c)  # (P, H, W, 3)
+        views = None if world is None else run.teacher_views(ds, items)  # (N, L, C', h, w)
+        tf_made = run.next_frames(latents, acts_d, pairs, c, views)  # (P, H, W, 3 or 4)
+        tf_pred = tf_made[..., :3]
         idx_n = torch.tensor([p[0] for p in pairs], device=device)
         idx_t = torch.tensor([p[1] for p in pairs], device=device)
         target, previous = frames_d[idx_n, idx_t], frames_d[idx_n, idx_t - 1]
@@ -197,14 +221,17 @@ def evaluate(
         }
 
         # Rollouts from the real context: real actions, another window's actions, a still frame.
+        # A world-cache model's sessions start from the context's RGB-D at its true poses.
         future = frames_d[:, c : c + horizon]  # (N, horizon, H, W, 3)
-        real = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[:, c : c + horizon])
+        geometry = None if world is None else (inputs[:, :c], _window_poses(items)[:, :c].to(device))
+        real_made = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[:, c : c + horizon], geometry)
+        real = real_made[..., :3]
         perm = (
             _derangement(n, cfg.seed)
             if stored is None or stored["shuffled_from"] is None
             else torch.tensor(stored["shuffled_from"])
         ).to(device)
-        shuffled = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[perm, c : c + horizon])
+        shuffled = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[perm, c : c + horizon], geometry)[..., :3]
         still = frames_d[:, c - 1 : c].expand_as(future)
         per_window = {"curve": psnr(real, future), "shuffled_curve": psnr(shuffled, future)}  # each (N, horizon)
         curves = {
@@ -228,6 +255,19 @@ def evaluate(
         tf,
         {k: v.tolist() for k, v in curves.items()},
     )
+    if depth:  # the depth a model makes against the recorded depth levels
+        rollout_depth = _depth_error(real_made, inputs[:, c : c + horizon]).mean(0)  # (horizon,)
+        result["depth"] = {
+            "teacher_forced_mae": _mean(_depth_error(tf_made, inputs[idx_n, idx_t])),
+            **{f"rollout_mae@{h}": round(float(rollout_depth[h - 1]), 4) if h <= horizon else None for h in HORIZONS},
+            "rollout_curve": [round(v, 4) for v in rollout_depth.tolist()],
+        }
+    if world is not None:
+        result["world_cache"] = {
+            "history": world.history,
+            "max_points": world.cache.max_points,
+            "rollout_pose": "predicted",
+        }
     if horizon >= CONTROL_HORIZON:  # which windows the actions matter in (benchmarks/control_by_turn.py)
         result["controllability"].update(
             {
@@ -317,6 +357,22 @@ def trainer_heldout_fraction(folder: str | Path) -> float:
     return checkpoint.config(folder, "dynamics").get("train", {}).get("config", {}).get("heldout_fraction", 0.1)
 
 
+def _play_cache(folder: Path, dit_cfg: DiTConfig) -> PlayCache | None:
+    """A world-cache model's play settings (the dynamics config's ``world_cache`` entry, read as
+    ``WorldModel.load`` reads it, at the sessions' default point cap); None for other models."""
+    if not dit_cfg.cond_channels:
+        return None
+    entry = checkpoint.config(folder, "dynamics").get("world_cache")
+    if entry is None:
+        raise EvaluationError(
+            f"{folder}: its DiT takes {dit_cfg.cond_channels} conditioning channels but its dynamics config has "
+            f"no 'world_cache' entry (how its sessions build and render their cache)"
+        )
+    if dit_cfg.frames_per_block != 1:
+        raise EvaluationError(f"{folder}: a world-cache model plays one frame per step, this one makes blocks")
+    return PlayCache.from_dict(entry)
+
+
 def by_id(ds: Dataset, episodes: Iterable[int]) -> list[int]:
     """Episode indices in episode-id order. A parallel recorder indexes episodes as its workers
     finish them, so the same play recorded twice can list them in another order; what is drawn
@@ -385,21 +441,28 @@ def _load_windows(
     heldout_fraction: float,
     depth: bool,
     stored: dict[str, Any] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[list], int, int]:
-    """The evaluation windows as frames (N, L, H, W, 3 or 4 with depth) uint8 and actions
-    (N, L, 10), plus their ``[episode id, start]``, the effective horizon and the number of
-    episodes drawn from: ``stored``'s windows (:func:`_stored_windows`), else drawn."""
+    geometry: bool = False,
+) -> tuple[list[dict[str, Any]], int, int]:
+    """The evaluation windows as :class:`WindowDataset` items (with depth for an RGB-D tokenizer,
+    and poses with ``geometry``, for a world-cache model), the effective horizon and the number
+    of episodes drawn from: ``stored``'s windows (:func:`_stored_windows`), else drawn."""
     if cfg.batch < 1:
         raise EvaluationError(f"need --batch >= 1, got {cfg.batch}")
+    if geometry and (missing := [f for f in ("depth", "pose") if f not in ds.fields]):
+        raise EvaluationError(
+            f"{ds.root}: the model plays with a world cache, built from each frame's depth at its camera "
+            f"pose, but this dataset has no {' and no '.join(missing)}; evaluate it on a recording with "
+            f"depth and poses (`worldgen record --env doom`)"
+        )
     if depth and "depth" not in ds.fields:
         raise EvaluationError(f"{ds.root}: the tokenizer encodes RGB + depth, but this dataset has no depth")
-    fields = ("depth",) if depth else ()
+    fields = ("depth", "pose") if geometry else ("depth",) if depth else ()
     if stored is not None:
         try:
             items = windows_at(ds, stored["starts"], context + stored["horizon"], fields)
         except EvaluationError as e:
             raise EvaluationError(f"--windows-from {stored['path']}: {e}") from None
-        return _window_arrays(ds, items, depth) + (stored["horizon"], len({e for e, _ in stored["starts"]}))
+        return items, stored["horizon"], len({e for e, _ in stored["starts"]})
     if cfg.split not in ("heldout", "all"):
         raise EvaluationError(f"--split must be 'heldout' or 'all', got {cfg.split!r}")
     if cfg.horizon < 1 or cfg.windows < 2:
@@ -425,10 +488,10 @@ def _load_windows(
             f"(lower --context)"
         )
     items = select_windows(ds, episodes, context + horizon, cfg.windows, cfg.seed, fields)
-    return _window_arrays(ds, items, depth) + (horizon, len(episodes))
+    return items, horizon, len(episodes)
 
 
-def _window_arrays(ds: Dataset, items: list[dict[str, Any]], depth: bool) -> tuple:
+def _window_arrays(ds: Dataset, items: list[dict[str, Any]], depth: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Frames (N, L, H, W, 3 or 4) and actions (N, L, 10) of window items, and their starts."""
     frames = np.stack([it["frames"] for it in items])  # (N, L, H, W, 3)
     if depth:  # as the trainer feeds it
@@ -437,6 +500,17 @@ def _window_arrays(ds: Dataset, items: list[dict[str, Any]], depth: bool) -> tup
     acts = torch.from_numpy(np.stack([actions.to_vector(it["keys"], it["mouse"]) for it in items]))
     starts = [[ds.episodes[it["episode"]].id, int(it["start"])] for it in items]
     return frames, acts, starts
+
+
+def _window_poses(items: list[dict[str, Any]]) -> torch.Tensor:
+    """The camera poses (N, L, 5) of window items read with poses."""
+    return torch.from_numpy(np.stack([it["pose"] for it in items]))
+
+
+def _depth_error(made: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error in depth levels per frame of made against recorded RGB-D frames
+    ``(..., H, W, 4)`` uint8: ``(...)``."""
+    return (made[..., 3].float() - recorded[..., 3].float()).abs().mean((-2, -1))
 
 
 def _derangement(n: int, seed: int) -> torch.Tensor:
@@ -453,6 +527,10 @@ class _Runner:
     The DiT runs under bf16 autocast on CUDA (where its FLOPs are), as sessions run it. The
     tokenizer runs in float32: bf16 outputs are rounded to ~half a uint8 level near +-1, an
     error that would be charged to the model but is the number format's.
+
+    ``world``: a world-cache model's play settings. Its rollouts then keep a
+    :class:`~worldgen.engine.world_cache.CachePool` of their own (a slot per window of a batch)
+    and render, predict and fuse through it exactly as a session's steps do.
     """
 
     def __init__(
@@ -464,12 +542,14 @@ class _Runner:
         seed: int,
         batch: int,
         device: torch.device,
+        world: PlayCache | None = None,
     ):
         self.tokenizer, self.dit, self.sampler, self.batch, self.device = tokenizer, dit, sampler, batch, device
         # A session's cache: the context, rolling as frames are made (no sinks: the default's).
         self.stream = StreamConfig(**sampler.settings(), sinks=0, window=context)
         self.seed = seed
         self.bar: tqdm | None = None  # advanced by the frames each call makes
+        self.world = None if world is None else CachePool(world, actions.ACTION_DIM, device, slots=batch)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device)
@@ -480,11 +560,12 @@ class _Runner:
         return [torch.Generator(self.device).manual_seed(rollout_seed(self.seed, int(i))) for i in windows]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """``(..., C, h, w)`` latents -> ``(..., H, W, 3)`` uint8 RGB frames (a depth channel dropped)."""
+        """``(..., C, h, w)`` latents -> ``(..., H, W, 3 or 4)`` uint8 frames: RGB, then the depth
+        levels of an RGB-D tokenizer."""
         # tensor_to_frames returns host memory; the metrics run back on the device.
         frames = torch.cat(
             [
-                torch.from_numpy(tensor_to_frames(self.tokenizer.decode(c)[:, :3])).to(self.device)
+                torch.from_numpy(tensor_to_frames(self.tokenizer.decode(c))).to(self.device)
                 for c in z.reshape(-1, *z.shape[-3:]).split(self.batch * 4)
             ]
         )
@@ -499,18 +580,49 @@ class _Runner:
             ]
         )
         z = z.reshape(*frames.shape[:-3], *z.shape[1:])
-        return z, self.decode(z)
+        return z, self.decode(z)[..., :3]
+
+    def teacher_views(self, ds: Dataset, items: list[dict[str, Any]]) -> torch.Tensor:
+        """Every frame's world-cache view as training builds it (``encode_episodes``): the cloud
+        of its ``history`` predecessors in its episode (real frames, recorded depth, true poses),
+        rendered at its true pose, without pose noise; a window's first frames take their
+        predecessors from before it. Window items -> ``(N, L, C + 1, h, w)``."""
+        history, out = self.world.settings.history, []
+        for it in items:
+            start, stop = int(it["start"]), int(it["start"]) + len(it["frames"])
+            lo = max(0, start - history)
+            rgb, depth, pose = (
+                torch.from_numpy(x).to(self.device)[None]
+                for x in (
+                    ds.read(it["episode"], "frames", lo, stop),
+                    depth_to_uint8(ds.read(it["episode"], "depth", lo, stop)),
+                    ds.read(it["episode"], "pose", lo, stop),
+                )
+            )
+            with self._autocast():
+                view = window_condition(
+                    self.tokenizer, self.world.settings.camera, rgb, depth.float(), pose, history, start - lo
+                )
+            out.append(view.float())
+        return torch.cat(out)
 
     def next_frames(
-        self, latents: torch.Tensor, acts: torch.Tensor, pairs: list[tuple[int, int]], context: int
+        self,
+        latents: torch.Tensor,
+        acts: torch.Tensor,
+        pairs: list[tuple[int, int]],
+        context: int,
+        views: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Teacher-forced prediction of frame t of window i for each ``(i, t)``: (P, H, W, 3), by
-        recompute over the real context, with window i's noise (:func:`rollout_seed`)."""
+        """Teacher-forced prediction of frame t of window i for each ``(i, t)``: (P, H, W, 3 or 4),
+        by recompute over the real context, with window i's noise (:func:`rollout_seed`);
+        ``views`` (N, L, C', h, w): every frame's world-cache view (:meth:`teacher_views`)."""
         out = []
         for k in range(0, len(pairs), self.batch):
             i = torch.tensor([p[0] for p in pairs[k : k + self.batch]], device=self.device)
             t = torch.tensor([p[1] for p in pairs[k : k + self.batch]], device=self.device)
             span = t[:, None] + torch.arange(-context, 0, device=self.device)  # (b, context)
+            cond = None if views is None else views[i[:, None], torch.cat([span, t[:, None]], 1)]  # context, target
             with self._autocast():
                 z = sampling.predict_next(
                     self.dit,
@@ -519,6 +631,7 @@ class _Runner:
                     acts[i, t],
                     self.sampler,
                     self._generators(i.tolist()),
+                    cond,
                 )
             out.append(self.decode(z.float()))
             self._advance(len(i))
@@ -528,24 +641,52 @@ class _Runner:
         if self.bar is not None:
             self.bar.update(frames)
 
-    def rollout(self, ctx: torch.Tensor, ctx_acts: torch.Tensor, future_acts: torch.Tensor) -> torch.Tensor:
+    def rollout(
+        self,
+        ctx: torch.Tensor,
+        ctx_acts: torch.Tensor,
+        future_acts: torch.Tensor,
+        geometry: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Frames after the context played as sessions play them (the sampler's cache backend),
-        window i seeded with :func:`rollout_seed`: ``(N, horizon, H, W, 3)`` uint8."""
+        window i seeded with :func:`rollout_seed`: ``(N, horizon, H, W, 3 or 4)`` uint8.
+        ``geometry``: a world-cache model's context, RGB-D frames (N, c, H, W, 4) uint8 and their
+        camera poses (N, c, 5): the sessions' clouds start from them and grow with every frame
+        played, each frame's view rendered at the pose the motion model predicts."""
         block, horizon = self.dit.cfg.frames_per_block, future_acts.shape[1]
         pad = -horizon % block  # a session plays whole blocks: the last one's extra frames are dropped
         future_acts = torch.cat([future_acts, future_acts[:, -1:].expand(-1, pad, -1)], 1)
         out = []
         for k in range(0, len(ctx), self.batch):
             sl = slice(k, k + self.batch)
-            with self._autocast():
-                z = rollout_latents(
-                    self.dit,
-                    self.stream,
-                    ctx[sl],
-                    ctx_acts[sl],
-                    future_acts[sl],
-                    self._generators(range(k, k + len(ctx[sl]))),
-                )[:, :horizon]
+            slots: list[int] = []
+            try:
+                with self._autocast():
+                    world = {}
+                    if geometry is not None:  # as Session.reset starts each one, then as step_many plays them
+                        slots = [self.world.acquire() for _ in range(len(ctx[sl]))]
+                        rgbd, pose = (g[sl] for g in geometry)
+                        ctx_cond = torch.stack(
+                            [
+                                self.world.start(s, self.tokenizer, x[..., :3].contiguous(), x[..., 3].float(), p, a)
+                                for s, x, p, a in zip(slots, rgbd, pose, ctx_acts[sl])
+                            ]
+                        )
+                        slot_t = torch.tensor(slots, device=self.device)
+                        views = self.world.rollout_views(slot_t, self.tokenizer, future_acts[sl])
+                        world = {"ctx_cond": ctx_cond, "views": views}
+                    z = rollout_latents(
+                        self.dit,
+                        self.stream,
+                        ctx[sl],
+                        ctx_acts[sl],
+                        future_acts[sl],
+                        self._generators(range(k, k + len(ctx[sl]))),
+                        **world,
+                    )[:, :horizon]
+            finally:
+                for s in slots:
+                    self.world.release(s)
             out.append(self.decode(z.float()))
             self._advance(z.shape[0] * z.shape[1])
         return torch.cat(out)
@@ -601,6 +742,8 @@ def _report(
             f"psnr@{CONTROL_HORIZON}_shuffled": shuf,
             "delta_db": None if real is None else round(real - shuf, 4),
         },
+        "depth": None,
+        "world_cache": None,
         "psnr_cap_db": round(PSNR_CAP_DB, 4),
         "device": str(device),
         "seconds": None,
