@@ -4,6 +4,7 @@ ceiling, the held last frame scores chance, and the whole command runs on the ti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import SIZE, finite
 
+from worldgen.actions import Action
 from worldgen.cli import main
 from worldgen.evaluation.metrics import PSNR_CAP_DB
 from worldgen.evaluation.play import BRANCHES, HoldLast, PlayConfig, PlayScript, evaluate_play, load_recording
@@ -46,7 +48,7 @@ class Oracle:
     def __init__(self, rec):
         self.rec = rec
 
-    def play(self, context, context_keys, context_mouse, keys, mouse, seeds, progress=None):
+    def play(self, context, context_keys, context_mouse, keys, mouse, seeds, progress=None, **geometry):
         name = next(
             n
             for n in self.rec.cases
@@ -217,3 +219,44 @@ def test_play_command_names_bad_input(doom_recording, tiny_checkpoint, tmp_path,
     assert main(base + ["--data", str(doom_recording), "--context", "3"]) == 2
     assert "--context: not used by the play suite" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_play_suite_plays_a_world_cache_model(branches, cache_model):
+    """Branch recordings keep depth (the game's, at the recording's size), and a world-cache
+    model's sessions start from the context's depth and poses; without depth, a clear error."""
+    from worldgen.data import Dataset
+    from worldgen.engine import WorldModel
+    from worldgen.evaluation import EvaluationError
+    from worldgen.evaluation.play import EnginePlayer
+
+    rec = load_recording(branches[0])
+    assert rec.context_depth.shape == (3, 5, SIZE[1], SIZE[0]) and rec.context_depth.dtype == np.uint8
+    ds = Dataset(branches[0])
+    forward = ds.episode_index("w000-forward")
+    assert ds.read(forward, "depth").shape == (9, SIZE[1], SIZE[0])  # the departure, then the game's 8
+    np.testing.assert_array_equal(ds.read(forward, "depth")[0], rec.context_depth[0, -1])
+
+    wm = WorldModel.load(cache_model, device="cpu", steps=1)
+    cfg = PlayConfig(progress=False, video_windows=0)
+    r = evaluate_play(rec, EnginePlayer(wm, batch=2), cfg=cfg, device="cpu")
+    assert finite(r) and r["windows"] == 3 and r["branches"]["model"]["mean"]["psnr@8"] > 0
+    # Window 0's forward branch is what a session started on its RGB-D context plays.
+    acts = [Action(k, m) for k, m in zip(rec.context_keys[0], rec.context_mouse[0])]
+    s = wm.session(rec.context[0], acts, seed=0, context_depth=rec.context_depth[0], context_poses=rec.context_pose[0])
+    played = np.stack([s.step(Action(k, m)) for k, m in zip(rec.keys["forward"], rec.mouse["forward"])])
+    made = EnginePlayer(wm).play(
+        rec.context[:1],
+        rec.context_keys[:1],
+        rec.context_mouse[:1],
+        rec.keys["forward"],
+        rec.mouse["forward"],
+        [0],
+        context_depth=rec.context_depth[:1],
+        context_pose=rec.context_pose[:1],
+    )
+    np.testing.assert_array_equal(made[0], played)
+    with pytest.raises(EvaluationError, match="has no depth"):
+        evaluate_play(dataclasses.replace(rec, context_depth=None), EnginePlayer(wm), cfg=cfg, device="cpu")
+    assert (
+        evaluate_play(dataclasses.replace(rec, context_depth=None), HoldLast(), cfg=cfg, device="cpu")["windows"] == 3
+    )

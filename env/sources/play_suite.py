@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from worldgen.data import Dataset, DatasetError
-from worldgen.data.dataset import DatasetIndex, Episode, EpisodeInfo, write_episode_shards
+from worldgen.data.dataset import DatasetIndex, Episode, EpisodeInfo, depth_to_uint8, write_episode_shards
 from worldgen.env.learned.geometry import find_head, motion_between
 from worldgen.env.sources.doom import HFOV_DEG, DoomConfig, DoomEnv, DoomError
 from worldgen.evaluation.evaluate import EvaluationError, select_windows, trainer_heldout_fraction, write_json
@@ -65,9 +65,9 @@ class _Window:
     cases: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> keys (K, 8), mouse (K, 2)
 
 
-def _play_window(job: _Window) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, bool]], bool]:
+def _play_window(job: _Window) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, bool]], bool]:
     """Replay to the departure frame once per case, then play the case: name -> frames (K, H, W, 3),
-    poses (K + 1, 5) from the departure on, and whether the replay matched the recording; and
+    depth (K, H, W), poses (K + 1, 5) from the departure on, and whether the replay matched the recording; and
     whether the longest case, played once more, came out identical (the game's determinism,
     checked rather than assumed). A death or the map's exit mid-case freezes the last frame, as
     ``worldgen.env.sources.record.branch`` does."""
@@ -75,11 +75,13 @@ def _play_window(job: _Window) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, 
         out = {name: _play_case(env, job, keys, mouse) for name, (keys, mouse) in job.cases.items()}
         longest = max(job.cases, key=lambda n: len(job.cases[n][0]))
         again = _play_case(env, job, *job.cases[longest])
-    same = all(np.array_equal(a, b) for a, b in zip(again[:2], out[longest][:2]))
+    same = all(np.array_equal(a, b) for a, b in zip(again[:3], out[longest][:3]))
     return out, same
 
 
-def _play_case(env: DoomEnv, job: _Window, keys: np.ndarray, mouse: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+def _play_case(
+    env: DoomEnv, job: _Window, keys: np.ndarray, mouse: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """One case of :func:`_play_window`: replay to the departure, then play ``keys``, ``mouse``."""
     obs = env.reset(job.map, job.seed)
     for k, m in zip(job.keys, job.mouse):
@@ -89,20 +91,22 @@ def _play_case(env: DoomEnv, job: _Window, keys: np.ndarray, mouse: np.ndarray) 
     # At the recording's resolution: a recording may store the game's frames downscaled.
     h, w = job.departure.shape[:2]
     matched = bool(np.array_equal(_resize(obs.frame[None], (w, h))[0], job.departure))
-    frames, poses = [], [obs.pose]
+    frames, depth, poses = [], [], [obs.pose]
     for k, m in zip(keys, mouse):
         obs = env.step(k, m) if obs is not None else None
         frames.append(frames[-1] if obs is None else obs.frame)
+        depth.append(depth[-1] if obs is None else obs.depth)
         poses.append(poses[-1] if obs is None else obs.pose)
-    return np.stack(frames), np.stack(poses).astype(np.float32), matched
+    return np.stack(frames), np.stack(depth), np.stack(poses).astype(np.float32), matched
 
 
-def _resize(frames: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+def _resize(frames: np.ndarray, size: tuple[int, int] | None, resample: int = Image.BILINEAR) -> np.ndarray:
     """(N, H, W, 3) uint8 to ``size`` (W, H) by bilinear filtering, as a model trained on
-    downscaled frames saw them; unchanged without a size or at that size already."""
+    downscaled frames saw them; unchanged without a size or at that size already. Depth (N, H, W)
+    goes with ``Image.NEAREST``: a level blended across an edge is a surface nobody saw."""
     if size is None or tuple(frames.shape[2:0:-1]) == tuple(size):
         return frames
-    return np.stack([np.asarray(Image.fromarray(f).resize(tuple(size), Image.BILINEAR)) for f in frames])
+    return np.stack([np.asarray(Image.fromarray(f).resize(tuple(size), resample)) for f in frames])
 
 
 def record_branches(
@@ -126,6 +130,8 @@ def record_branches(
     ``"heldout"`` (``Dataset.split(heldout_fraction)``'s held-out side of a training recording).
     ``size``: (W, H) to store frames at, for a model trained on downscaled frames (default: the
     recording's resolution, which may itself be the game's frames downscaled).
+    Where ``data`` has depth, every episode keeps it (uint8 levels): the context's is what a
+    world-cache model's sessions start from.
     Returns a summary: ``out``, ``windows``, ``replay_matched`` (share of replays),
     ``deterministic`` (share of windows whose longest case replayed twice came out identical).
     """
@@ -155,7 +161,8 @@ def record_branches(
     # One frame before the context: it carries the action that produced the first context frame.
     if "pose" not in ds.fields:
         raise EvaluationError(f"{ds.root}: has no camera poses; record it with `worldgen record --env doom`")
-    items = select_windows(ds, replayable, context + 1, windows, seed, fields=("pose",))
+    depth = "depth" in ds.fields  # the context's depth, for models that play with a world cache
+    items = select_windows(ds, replayable, context + 1, windows, seed, fields=("pose", "depth") if depth else ("pose",))
     if not items:
         raise EvaluationError(f"{ds.root}: its {split} episodes hold no window of {context + 1} frames")
     cases = {
@@ -168,7 +175,7 @@ def record_branches(
         resolution=size,
         frame_skip=ds.frame_skip,
         variables=(),
-        has_depth=False,
+        has_depth=depth,
         overwrite=overwrite,
         source={
             "env": "doom",
@@ -211,7 +218,7 @@ def record_branches(
         for job, it, (played, same) in zip(jobs, items, done):  # in window order: the index lists them so
             eid = ds.episodes[it["episode"]].id
             _write_window(index, job, it, played, same, eid, context, size)
-            matched += [m for _, _, m in played.values()]
+            matched += [m for *_, m in played.values()]
             identical.append(same)
             bar.update(1)
     finally:
@@ -241,10 +248,12 @@ def _write_window(
     extra = {"window": job.w, "of": [eid, first]}
     # WindowDataset items hold the actions that produced each frame; the dataset stores each
     # after its frame: shift by one, the last context frame followed by nothing recorded here.
+    depth = "depth" in item  # then every episode holds it (the index says has_depth)
     ctx = Episode(
         frames=_resize(item["frames"], size),
         keys=np.concatenate([item["keys"][1:], _NOOP_KEYS]),
         mouse=np.concatenate([item["mouse"][1:], _NOOP_MOUSE]),
+        depth=_resize(depth_to_uint8(item["depth"]), size, Image.NEAREST) if depth else None,
         pose=item["pose"],
     )
     name = f"w{job.w:03d}-context"
@@ -258,12 +267,13 @@ def _write_window(
             extra={**extra, "case": "context", "replay_matched": True, "repeat_identical": same},
         )
     )
-    for case, (frames, poses, matched) in played.items():
+    for case, (frames, case_depth, poses, matched) in played.items():
         keys, mouse = job.cases[case]
         ep = Episode(
             frames=np.concatenate([_resize(item["frames"][-1:], size), _resize(frames, size)]),
             keys=np.concatenate([keys, _NOOP_KEYS]),
             mouse=np.concatenate([mouse, _NOOP_MOUSE]),
+            depth=np.concatenate([ctx.depth[-1:], _resize(case_depth, size, Image.NEAREST)]) if depth else None,
             pose=poses,
         )
         name = f"w{job.w:03d}-{case}"
@@ -463,7 +473,9 @@ def _recording_for(args: argparse.Namespace, wm: Any) -> Path:
             raise EvaluationError(
                 f"--branches {out}: holds a dataset that is not a branch recording; choose another folder"
             )
-        if all(src.get(k) == v for k, v in wanted.items()) and Dataset(out).resolution == (w, h):
+        # A world-cache model starts from the context's depth: a recording made without it is made again.
+        has_depth = Dataset(out).index["has_depth"] or wm.world is None
+        if all(src.get(k) == v for k, v in wanted.items()) and Dataset(out).resolution == (w, h) and has_depth:
             print(f"reusing the branch recording {out} (same windows, context and script)")
             return Path(out)
     s = record_branches(

@@ -30,8 +30,11 @@ recording is a worldgen dataset (checksummed shards, atomic index) whose episode
 window ``w``: ``w003-context``, the recorded frames ``start - 1 .. start + context - 1`` in the
 dataset's alignment (its first frame only carries the action that produced the second), and
 one episode per case, ``w003-forward`` ..., holding the last context frame (the departure) then
-the game's K frames, ``keys[i]``/``mouse[i]`` the case's action i (the last one a no-op). The
-index's ``source`` (``kind: "play-branches"``) holds the script and where the windows came from.
+the game's K frames, ``keys[i]``/``mouse[i]`` the case's action i (the last one a no-op). Every
+episode has the camera poses and, where the recording it was made from has depth, the depth in
+uint8 levels: a model that plays with a world cache starts its sessions from the context's depth
+and poses. The index's ``source`` (``kind: "play-branches"``) holds the script and where the
+windows came from.
 
 Keys of the JSON (:func:`evaluate_play`; stable: a key is only ever added, never changes meaning
 without bumping ``version``). ``P`` below is one of ``model``, ``hold_last``, ``game``:
@@ -152,6 +155,7 @@ class PlayRecording:
     context_keys: np.ndarray  # (N, c, 8) the actions that produced the context frames
     context_mouse: np.ndarray  # (N, c, 2)
     context_pose: np.ndarray  # (N, c, 5)
+    context_depth: np.ndarray | None = None  # (N, c, H, W) uint8 levels, where the recording has depth
     frames: dict[str, np.ndarray] = field(default_factory=dict)  # case -> (N, K, H, W, 3) the game's frames
     pose: dict[str, np.ndarray] = field(default_factory=dict)  # case -> (N, K, 5) the game's camera poses
     keys: dict[str, np.ndarray] = field(default_factory=dict)  # case -> (K, 8) its actions
@@ -199,6 +203,7 @@ def load_recording(path: str | Path) -> PlayRecording:
         context_keys=np.stack([ctx(w, "keys")[:c] for w in windows]),
         context_mouse=np.stack([ctx(w, "mouse")[:c] for w in windows]),
         context_pose=np.stack([ctx(w, "pose")[1:] for w in windows]),
+        context_depth=np.stack([ctx(w, "depth")[1:] for w in windows]) if "depth" in ds.fields else None,
     )
     matched = [ds.episodes[w[k]].extra["replay_matched"] for w in windows for k in cases]
     rec.matched = float(np.mean(matched))
@@ -227,18 +232,23 @@ class Player(Protocol):
         mouse: np.ndarray,
         seeds: list[int],
         progress: Callable[[int], None] | None = None,
+        context_depth: np.ndarray | None = None,
+        context_pose: np.ndarray | None = None,
     ) -> np.ndarray:
         """context (N, c, H, W, 3) uint8 with the actions that produced it (N, c, 8), (N, c, 2);
         keys (K, 8), mouse (K, 2): the actions to play; ``seeds``: one per context (the same
         window gets the same noise in every case); ``progress`` is called with the number of
-        frames made as they are made -> (N, K, H, W, 3) uint8."""
+        frames made as they are made; ``context_depth`` (N, c, H, W) uint8 levels (None where the
+        recording has no depth) and ``context_pose`` (N, c, 5): the context's geometry, for a
+        player that needs it -> (N, K, H, W, 3) uint8."""
         ...
 
 
 class EnginePlayer:
     """A :class:`~worldgen.engine.WorldModel` played as a player plays it: a streaming session
     per context (its rolling cache, its sampler settings), all stepped together by ``step_many``
-    in batches of ``batch`` sessions."""
+    in batches of ``batch`` sessions. A world-cache model's sessions start from the context's
+    depth and true poses (their clouds), and play on predicted poses as any session does."""
 
     def __init__(self, wm: Any, batch: int = 64):
         if batch < 1:
@@ -267,14 +277,25 @@ class EnginePlayer:
         mouse: np.ndarray,
         seeds: list[int],
         progress: Callable[[int], None] | None = None,
+        context_depth: np.ndarray | None = None,
+        context_pose: np.ndarray | None = None,
     ) -> np.ndarray:
         acts = [Action(k, m) for k, m in zip(keys, mouse)]
+        world = self.wm.world is not None
+        if world and (context_depth is None or context_pose is None):
+            raise EvaluationError(
+                "the model plays with a world cache: its sessions start from the context's depth and camera "
+                "poses, and this branch recording has no depth; record it again from a recording with depth"
+            )
         out = []
         for lo in range(0, len(context), self.batch):
             hi = min(lo + self.batch, len(context))
             sessions = [
                 self.wm.session(
-                    context[i], [Action(k, m) for k, m in zip(context_keys[i], context_mouse[i])], seed=seeds[i]
+                    context[i],
+                    [Action(k, m) for k, m in zip(context_keys[i], context_mouse[i])],
+                    seed=seeds[i],
+                    **({"context_depth": context_depth[i], "context_poses": context_pose[i]} if world else {}),
                 )
                 for i in range(lo, hi)
             ]
@@ -303,6 +324,8 @@ class HoldLast:
         mouse: np.ndarray,
         seeds: list[int],
         progress: Callable[[int], None] | None = None,
+        context_depth: np.ndarray | None = None,
+        context_pose: np.ndarray | None = None,
     ) -> np.ndarray:
         return np.repeat(context[:, -1:], len(keys), 1)
 
@@ -473,7 +496,8 @@ def evaluate_play(
     with tqdm(total=total, unit="frame", desc="play suite", disable=not cfg.progress) as bar:
         for name in rec.cases:
             args = (rec.context, rec.context_keys, rec.context_mouse, rec.keys[name], rec.mouse[name], seeds)
-            made["model"][name] = player.play(*args, progress=bar.update)
+            geometry = {"context_depth": rec.context_depth, "context_pose": rec.context_pose}
+            made["model"][name] = player.play(*args, progress=bar.update, **geometry)
             made["hold_last"][name] = HoldLast().play(*args)
     expect = rec.frames[names[0]].shape
     if made["model"][names[0]].shape != expect or made["model"][names[0]].dtype != np.uint8:
