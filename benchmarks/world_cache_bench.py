@@ -5,7 +5,10 @@ Each session plays one stretch of a recorded episode as a world-cache session wo
 cache at the next frame's (true) pose, then fuse the frame. Reported per batch size: milliseconds
 per step of the whole batch (render + update), frames/s, and, over every step after the first,
 the PSNR of the render against the real next frame where its mask is valid, the mask's cover,
-and hold-last-frame's PSNR on the same frames.
+and hold-last-frame's PSNR on the same frames. The game changes between frames by itself too
+(monsters, muzzle flashes, the weapon): over the steps where the camera did not move (under one
+map unit and half a degree), ``still_psnr`` is the PSNR between the two real frames, a ceiling
+that no cache, however exact, can pass on this play.
 
     worldgen record --env doom --steps 16000 --workers 16 --seed 1000 --out HELDOUT
     python benchmarks/world_cache_bench.py --data HELDOUT --batch 1,64 --steps 256 --json cache_bench.json
@@ -48,6 +51,7 @@ def run(ds: Dataset, batch: int, steps: int, config: CacheConfig, device: torch.
     cache = WorldCache(dataset_camera(ds), config, batch=batch, device=device)
     cache.update(rgb[:, 0], depth[:, 0], pose[:, 0])
     se, n, held, cover, times = 0.0, 0, 0.0, 0.0, []
+    still_se, still_n = 0.0, 0
     for t in range(1, steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -61,7 +65,11 @@ def run(ds: Dataset, batch: int, steps: int, config: CacheConfig, device: torch.
         se += float(err[view.mask].sum())
         n += int(view.mask.sum())
         cover += float(view.mask.float().mean())
-        held += float(((rgb[:, t - 1].float() - rgb[:, t].float()) ** 2).mean())
+        change = ((rgb[:, t - 1].float() - rgb[:, t].float()) ** 2).mean((1, 2, 3))  # (B,)
+        held += float(change.mean())
+        moved = pose[:, t] - pose[:, t - 1]
+        still = (moved[:, :3].norm(dim=-1) < 1) & (moved[:, 3:].abs().amax(-1) < 0.5)
+        still_se, still_n = still_se + float(change[still].sum()), still_n + int(still.sum())
     ms = 1000 * float(np.median(times[min(5, len(times) - 1) :]))  # the first steps warm the allocator up
     return {
         "batch": batch,
@@ -71,6 +79,8 @@ def run(ds: Dataset, batch: int, steps: int, config: CacheConfig, device: torch.
         "render_psnr": psnr(se / max(n, 1)),
         "mask_cover": cover / steps,
         "hold_last_psnr": psnr(held / steps),
+        "still_steps": still_n,
+        "still_psnr": psnr(still_se / still_n) if still_n else None,
         "points_per_session": float(cache.num_points().float().mean()),
         "bytes_per_session": cache.nbytes() // batch,
         "max_points": config.max_points,

@@ -676,9 +676,10 @@ class DynamicsTask:
         self, generator: torch.Generator, batch: int, noise: torch.Generator | None = None
     ) -> tuple[tuple[torch.Tensor, ...], int]:
         """This rank's rows of a global batch of ``batch`` windows ending in the model's own rollout
-        (see the module docstring): ``((x0, actions, t, eps, drop), first_target)``, x0 holding the
-        generated latents. The rollout's sampler noise comes from ``noise`` (default: ``generator``):
-        it is drawn for this rank's rows only, so it must be the rank's own."""
+        (see the module docstring): ``((x0, actions, t, eps, drop, cond), first_target)``, x0 holding
+        the generated latents, ``cond`` the world-cache views (None without the cache). The rollout's
+        sampler and pose noise come from ``noise`` (default: ``generator``): they are drawn for this
+        rank's rows only, so it must be the rank's own."""
         cfg, T, shard = self.cfg, self.cfg.window, self.dist.shard
         g = int(torch.randint(cfg.rollout_frames + 1, (), generator=generator, device=self.device))
         s = 1 + int(torch.randint(T - g, (), generator=generator, device=self.device))
