@@ -307,13 +307,14 @@ def encode_episodes(
         item = WindowDataset(ds, ds.episodes[e].length, episodes=[e], fields=fields)[0]
         if world_cache:
             g = torch.Generator(device).manual_seed(e)
+            levels = depth_to_uint8(item["depth"])  # as eval and play read depth: uint8 levels
             with autocast(device):
                 conds.append(
                     episode_condition(
                         tokenizer,
                         camera,
                         torch.from_numpy(item["frames"]).to(device),
-                        torch.from_numpy(item["depth"]).to(device),
+                        torch.from_numpy(levels).to(device),
                         torch.from_numpy(item["pose"]).to(device),
                         world_cache,
                         PoseNoise(),
