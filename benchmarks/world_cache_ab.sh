@@ -12,7 +12,9 @@
 # encoded (docs/world_cache.md, "Training with the cache").
 # Knobs: TRAIN_STEPS (frames recorded for training), TOK_MINUTES, DYN_STEPS, HISTORY (the H of
 # --world-cache), NOCACHE=1 also trains the same DiT on the same tokenizer without the cache (the
-# held-out loss of the pair is the A/B), BENCH=1 adds `worldgen bench` of both models.
+# held-out loss of the pair is the A/B), FT_STEPS=N fine-tunes the cache model N steps on its own
+# rollouts, its clouds built from the frames it played (as the default's recipe does without the
+# cache; the fine-tuned model is then the one scored), BENCH=1 adds `worldgen bench` of both models.
 # Everything lands in WORKDIR: datasets, runs, eval_*.json, play_*.json, timings.txt.
 set -euo pipefail
 work=${1:?usage: world_cache_ab.sh WORKDIR [smoke|full]}
@@ -55,19 +57,30 @@ for arm in $arms; do
   log "DiT $arm: $(python -c "import json; d = json.load(open('$work/dyn_$arm/summary.json')); print(f\"held-out loss {d['heldout_loss']:.4f}, {d['steps']} steps, {d['train_wall_s']:.0f} s training\")")"
 done
 
+model=$work/dyn_cache/ckpt
+ft_steps=${FT_STEPS:-$([ "$scale" = smoke ] && echo 2 || echo 0)}
+if [ "$ft_steps" != 0 ]; then
+  ft="--batch-size $([ "$scale" = smoke ] && echo 2 || echo 128) --lr 1e-4 --warmup $([ "$scale" = smoke ] && echo 1 || echo 50) --ema-decay 0.99"
+  [ -f "$work/ft_cache/ckpt/dynamics.json" ] || worldgen train dynamics --data "$work/train" --tokenizer "$work/tok" \
+    --init "$model" --run "$work/ft_cache" --world-cache $history --steps "$ft_steps" $ft --window 16 \
+    --rollout-frames 15 --rollout-share 0.5 --sample-steps 2 --ctx-noise 0.1 --action-dropout 0 --export-dtype bf16 $compile
+  model=$work/ft_cache/ckpt
+  log "fine-tune on own rollouts: $(python -c "import json; d = json.load(open('$work/ft_cache/summary.json')); print(f\"held-out loss {d['heldout_loss']:.4f}, {d['steps']} steps, {d['train_wall_s']:.0f} s training\")")"
+fi
+
 # The shipped default first: its windows and branches are the ones the cache model plays. Both
 # read camera motion off their frames with the same geometry head (the cache model has none).
 worldgen eval --checkpoint default --data "$work/heldout" --split all $plain --json "$work/eval_default.json" --no-media
-worldgen eval --checkpoint "$work/dyn_cache/ckpt" --data "$work/heldout" --split all $plain \
+worldgen eval --checkpoint "$model" --data "$work/heldout" --split all $plain \
   --windows-from "$work/eval_default.json" --json "$work/eval_cache.json" --no-media
 log "plain eval done"
 worldgen eval --suite play --checkpoint default --data "$work/heldout" --split all $play \
   --branches "$work/branches" --geometry env/heads/default --json "$work/play_default.json" --no-media
-worldgen eval --suite play --checkpoint "$work/dyn_cache/ckpt" --data "$work/heldout" --split all $play \
+worldgen eval --suite play --checkpoint "$model" --data "$work/heldout" --split all $play \
   --branches "$work/branches" --geometry env/heads/default --json "$work/play_cache.json" --no-media
 log "play suite done"
 if [ "${BENCH:-0}" = 1 ]; then
-  for m in default "$work/dyn_cache/ckpt"; do
+  for m in default "$model"; do
     worldgen bench --checkpoint "$m" $bench $compile --json "$work/bench_$(basename "$(dirname "$m")").json"
   done
   log "bench done"
