@@ -180,6 +180,21 @@ def tiny_rgbd_tokenizer(doom_recording, tmp_path_factory) -> Path:
     return out
 
 
+# The tests' tiny world-cache DiT run (with `data`, `tokenizer` an RGB-D tokenizer, `out` and a budget).
+TINY_WORLD_CACHE = dict(
+    model="tiny",
+    window=4,
+    batch_size=4,
+    lr=3e-3,
+    warmup=2,
+    ckpt_every=1000,
+    sample_every=0,
+    log_every=10,
+    eval_windows=4,
+    world_cache=2,
+)
+
+
 @pytest.fixture(scope="session")
 def cache_model(doom_recording, tiny_rgbd_tokenizer, tmp_path_factory) -> Path:
     """A world-cache model folder: RGB-D tokenizer, tiny DiT with --world-cache 2 (4-frame
@@ -193,19 +208,10 @@ def cache_model(doom_recording, tiny_rgbd_tokenizer, tmp_path_factory) -> Path:
                 data=str(doom_recording),
                 out=str(root / "dyn"),
                 tokenizer=str(tiny_rgbd_tokenizer),
-                model="tiny",
-                window=4,
                 steps=4,
-                batch_size=4,
-                lr=3e-3,
-                warmup=2,
-                ckpt_every=1000,
-                sample_every=0,
-                log_every=10,
-                eval_windows=4,
-                world_cache=2,
                 starts=2,
                 start_frames=3,
+                **TINY_WORLD_CACHE,
             )
         )
     return root / "dyn" / "ckpt"

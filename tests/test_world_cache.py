@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_WORLD_CACHE  # tests/ is on sys.path under pytest
 
 from worldgen.data import Dataset
 from worldgen.memory.camera import DOOM, Camera, reprojection_error
@@ -331,19 +332,7 @@ def test_training_with_the_world_cache(doom_recording, tiny_tokenizer_run, tiny_
     from worldgen.training.dynamics import DynamicsTrainConfig
     from worldgen.training.dynamics import train as train_dynamics
 
-    tiny = dict(
-        data=str(doom_recording),
-        model="tiny",
-        window=4,
-        batch_size=4,
-        lr=3e-3,
-        warmup=2,
-        ckpt_every=1000,
-        sample_every=0,
-        log_every=10,
-        eval_windows=4,
-        world_cache=2,
-    )
+    tiny = dict(data=str(doom_recording), **TINY_WORLD_CACHE)
     with pytest.raises(ValueError, match="needs a model that generates depth"):
         train_dynamics(
             DynamicsTrainConfig(out=str(tmp_path / "rgb"), tokenizer=str(tiny_tokenizer_run[0]), steps=2, **tiny)
@@ -363,7 +352,6 @@ def test_world_cache_rollouts_see_clouds_of_the_generated_frames(doom_recording,
     """`--world-cache` with `--rollout-frames`: a played frame's view is rendered from the cloud of
     its predecessors with the generated frames in place of the real ones (decoded RGB-D), and such a
     fine-tune trains."""
-    from worldgen.memory.views import PoseNoise
     from worldgen.models.world_cache import decode_rgbd, window_condition
     from worldgen.training.distributed import Dist
     from worldgen.training.dynamics import DynamicsTask, DynamicsTrainConfig
@@ -374,17 +362,10 @@ def test_world_cache_rollouts_see_clouds_of_the_generated_frames(doom_recording,
         data=str(doom_recording),
         out=str(tmp_path / "dyn"),
         tokenizer=str(tiny_rgbd_tokenizer),
-        model="tiny",
-        window=4,
-        batch_size=4,
         steps=3,
-        warmup=1,
-        ckpt_every=1000,
-        sample_every=0,
-        eval_windows=4,
-        world_cache=2,
         rollout_frames=2,
         rollout_share=1.0,
+        **TINY_WORLD_CACHE,
     )
     task = DynamicsTask.from_run(cfg, Run(tmp_path / "task"), Dist())
     L = 2 * cfg.window - 1  # a rollout window: 3 real frames, up to 3 played, then real ones
