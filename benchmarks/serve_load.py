@@ -11,8 +11,8 @@ One server process (`worldgen serve --port 0`, started here) serves every round 
 round connects N Python clients (one asyncio process, seeds 0..N-1) that play like people:
 held keys change every second or so and actions go out at random moments, about one per frame
 time, so the echoed timestamps measure action-to-frame latency including the wait for the next
-tick. Per round: per-client frames/s (mean and slowest) once it plays, from its first stepped
-frame to its last (ids, so a frame the server dropped counts against it), the slowest client's
+tick. Per round: per-client frames/s (mean and slowest) once it plays, the stepped frames it
+received from its first to its last (a frame the server dropped counts against it), the slowest client's
 join (connect to first stepped frame: every client of a round joins at once and sessions start
 on the engine thread between ticks), latency p50/p99 over every frame that
 echoed an action, frames the server dropped for slow readers (its stats) and id gaps the
@@ -55,6 +55,7 @@ async def player(url: str, seed: int, seconds: float, fps: float, stats: dict) -
     latencies, frames, gaps, last_id = [], 0, 0, None
     start = time.monotonic()
     first = last = None  # arrival of its first and last stepped frame (id 0 is the start frame)
+    stepped = 0  # stepped frames received: one the server dropped is not, so it counts against the rate
 
     async def act() -> None:
         keys: list[str] = []
@@ -70,7 +71,7 @@ async def player(url: str, seed: int, seconds: float, fps: float, stats: dict) -
             f = await c.next_frame()
             frames += 1
             if f.id >= 1:
-                first, last = first or time.monotonic(), time.monotonic()
+                first, last, stepped = first or time.monotonic(), time.monotonic(), stepped + 1
             if last_id is not None:
                 gaps += f.id - last_id - 1
             last_id = f.id
@@ -83,7 +84,7 @@ async def player(url: str, seed: int, seconds: float, fps: float, stats: dict) -
         frames=frames,
         seconds=time.monotonic() - start,
         join_s=(first or time.monotonic()) - start,
-        steady_fps=(last_id - 1) / (last - first) if first and last > first else 0.0,
+        steady_fps=(stepped - 1) / (last - first) if first and last > first else 0.0,
         latencies=latencies,
         gaps=gaps,
         dropped=(c.stats or {}).get("dropped", 0),

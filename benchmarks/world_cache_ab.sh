@@ -23,11 +23,13 @@ mkdir -p "$work"
 case "$scale" in
   smoke) train_steps=${TRAIN_STEPS:-1000} held_steps=1000 workers=2 tok="--steps 5 --batch-size 4"
          dyn="--steps ${DYN_STEPS:-5} --batch-size 2 --model tiny --eval-windows 4"
+         ft_steps=${FT_STEPS:-2} ft="--batch-size 2 --lr 1e-4 --warmup 1 --ema-decay 0.99"
          plain="--windows 2 --horizon 4 --batch 2" play="--windows 2 --horizon 4 --batch 2 --workers 2"
          bench="--batch 1 --frames 3" compile=--no-compile ;;
   full)  train_steps=${TRAIN_STEPS:-120000} held_steps=16000 workers=16
          tok="--minutes ${TOK_MINUTES:-2.5} --batch-size 64"
          dyn="--steps ${DYN_STEPS:-4000} --batch-size 128 --lr 5e-4 --model M"
+         ft_steps=${FT_STEPS:-0} ft="--batch-size 128 --lr 1e-4 --warmup 50 --ema-decay 0.99"
          plain="--windows 64" play="--windows 64 --batch 64 --workers 16"
          bench="--batch 1 64 --frames 100" compile=--compile ;;
   *) echo "scale must be smoke or full" >&2; exit 2 ;;
@@ -58,9 +60,7 @@ for arm in $arms; do
 done
 
 model=$work/dyn_cache/ckpt
-ft_steps=${FT_STEPS:-$([ "$scale" = smoke ] && echo 2 || echo 0)}
 if [ "$ft_steps" != 0 ]; then
-  ft="--batch-size $([ "$scale" = smoke ] && echo 2 || echo 128) --lr 1e-4 --warmup $([ "$scale" = smoke ] && echo 1 || echo 50) --ema-decay 0.99"
   [ -f "$work/ft_cache/ckpt/dynamics.json" ] || worldgen train dynamics --data "$work/train" --tokenizer "$work/tok" \
     --init "$model" --run "$work/ft_cache" --world-cache $history --steps "$ft_steps" $ft --window 16 \
     --rollout-frames 15 --rollout-share 0.5 --sample-steps 2 --ctx-noise 0.1 --action-dropout 0 --export-dtype bf16 $compile

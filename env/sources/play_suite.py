@@ -468,14 +468,15 @@ def _recording_for(args: argparse.Namespace, wm: Any) -> Path:
     }
     wanted = json.loads(json.dumps(wanted))  # tuples as the index gives them back: lists
     if (Path(out) / "index.json").is_file():
-        src = Dataset(out).index["source"]
+        old = Dataset(out)
+        src = old.index["source"]
         if src.get("kind") != KIND:
             raise EvaluationError(
                 f"--branches {out}: holds a dataset that is not a branch recording; choose another folder"
             )
         # A world-cache model starts from the context's depth: a recording made without it is made again.
-        has_depth = Dataset(out).index["has_depth"] or wm.world is None
-        if all(src.get(k) == v for k, v in wanted.items()) and Dataset(out).resolution == (w, h) and has_depth:
+        depth_ok = old.index["has_depth"] or wm.world is None
+        if all(src.get(k) == v for k, v in wanted.items()) and old.resolution == (w, h) and depth_ok:
             print(f"reusing the branch recording {out} (same windows, context and script)")
             return Path(out)
     s = record_branches(

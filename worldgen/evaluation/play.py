@@ -494,9 +494,9 @@ def evaluate_play(
 
     made: dict[str, dict[str, np.ndarray]] = {"model": {}, "hold_last": {}, "game": rec.frames}
     with tqdm(total=total, unit="frame", desc="play suite", disable=not cfg.progress) as bar:
+        geometry = {"context_depth": rec.context_depth, "context_pose": rec.context_pose}
         for name in rec.cases:
             args = (rec.context, rec.context_keys, rec.context_mouse, rec.keys[name], rec.mouse[name], seeds)
-            geometry = {"context_depth": rec.context_depth, "context_pose": rec.context_pose}
             made["model"][name] = player.play(*args, progress=bar.update, **geometry)
             made["hold_last"][name] = HoldLast().play(*args)
     expect = rec.frames[names[0]].shape

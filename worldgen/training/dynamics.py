@@ -732,14 +732,15 @@ class DynamicsTask:
         with autocast(self.device):
             rgb, depth = decode_rgbd(tok, x0)  # (b, L, H, W, 3) uint8, (b, L, H, W) levels
 
-        decoded = [0]  # generated frames already in rgb/depth: each is decoded once
+        done = 0  # generated frames already in rgb/depth: each is decoded once
 
         def views(generated: torch.Tensor, upto: int | None = None, first: int | None = None) -> torch.Tensor:
-            g, done = generated.shape[1], decoded[0]
+            nonlocal done
+            g = generated.shape[1]
             if g > done:
                 with autocast(self.device):
                     rgb[:, ctx + done : ctx + g], depth[:, ctx + done : ctx + g] = decode_rgbd(tok, generated[:, done:])
-                decoded[0] = g
+                done = g
             upto = ctx + g + 1 if upto is None else upto
             first = upto - 1 if first is None else first
             with autocast(self.device):
