@@ -10,7 +10,8 @@
 # smoke: tiny budgets, to catch errors in a few minutes (COMPILE=--no-compile on a CPU).
 # Knobs: TEACHER (default worldgen/checkpoints/default), DISTILL_MINUTES (20), DISTILL_ARGS (more
 # `train distill` flags, e.g. "--ode-steps 200" for the ODE warm-up, "--teacher-guidance 2" for a
-# teacher trained with action dropout), NAME (the run's name, default distill: a second run with
+# teacher trained with action dropout), SWEEP and LONG (sampler_sweep.py's and long_horizon.py's
+# arguments: shorter stability sessions fit the job into one 30-minute GPU session), NAME (the run's name, default distill: a second run with
 # other flags in the same WORKDIR reuses the recordings and the teacher's results).
 # Everything lands in WORKDIR: datasets, the run, eval_*.json, long_horizon_*, bench_*, timings.txt.
 set -euo pipefail
@@ -26,8 +27,8 @@ case "$scale" in
          bench="--batch 1 2 --frames 3" ;;
   full)  train_steps=100000 held_steps=16000
          budget="--minutes ${DISTILL_MINUTES:-20} --batch-size 32"
-         sweep="--steps 1 2 4 --ctx-noise 0.1 --sinks 0 --windows 16 --horizon 16"  # + 8 x 10,000-frame sessions each
-         eval="--windows 64 --horizon 64" long="--frames 10000 --sessions 8 --windows 16 --horizons 16 64 256"
+         sweep=${SWEEP:-"--steps 1 2 4 --ctx-noise 0.1 --sinks 0 --windows 16 --horizon 16"}  # + 8 x 10,000-frame sessions each
+         eval="--windows 64 --horizon 64" long=${LONG:-"--frames 10000 --sessions 8 --windows 16 --horizons 16 64 256"}
          bench="--batch 1 64 --frames 100" ;;
   *) echo "scale must be smoke or full" >&2; exit 2 ;;
 esac
