@@ -220,6 +220,12 @@ class WorldCache:
 
     def render(self, pose: torch.Tensor) -> View:
         """RGB, planar depth and validity of every session's cloud seen from ``pose (B, 5)``."""
+        return self.render_front(pose)[0]
+
+    def render_front(self, pose: torch.Tensor) -> tuple[View, torch.Tensor]:
+        """:meth:`render`, and the world position ``(B, H, W, 3)`` of the point in front at each
+        pixel (zero where not mask): the cloud's own points, free of the splats' spread, for
+        aligning a new frame with the cloud (:func:`~worldgen.memory.align.refine_pose`)."""
         self._check_pose(pose)
         zbuf, winner, rgb = self._splat(pose.to(self.device).float())
         mask = winner >= 0
@@ -227,7 +233,9 @@ class WorldCache:
             mask[..., None], rgb.round().clamp(0, 255).to(torch.uint8), torch.zeros((), dtype=torch.uint8)
         )
         depth = torch.where(mask, zbuf, torch.zeros_like(zbuf))
-        return View(rgb, depth, mask)
+        b, h, w = winner.shape
+        front = self.xyz.gather(1, winner.clamp_min(0).view(b, h * w, 1).expand(-1, -1, 3)).view(b, h, w, 3)
+        return View(rgb, depth, mask), front * mask[..., None]
 
     # fusion ----------------------------------------------------------------------------------
 

@@ -28,6 +28,8 @@ import torch
 
 from .camera import Camera, relative_pose
 
+DRIFT_HORIZONS = (1, 16, 64, 256)  # steps after which pose_error reports the drift
+
 
 def motion(pose: torch.Tensor) -> torch.Tensor:
     """Per-step motions ``(N - 1, 5)`` of a pose sequence ``(N, 5)`` (relative_pose of neighbours)."""
@@ -96,3 +98,25 @@ class MotionModel:
     @classmethod
     def from_dict(cls, d: dict) -> MotionModel:
         return cls(torch.tensor(d["weight"], dtype=torch.float32))
+
+
+def pose_error(made: torch.Tensor, true: torch.Tensor, before: torch.Tensor) -> dict:
+    """How far a session's camera poses ``made (B, T, 5)`` are from the true ones ``true (B, T, 5)``
+    (the game replaying the same actions), both following the true pose ``before (B, 5)``: the
+    drift after each of :data:`DRIFT_HORIZONS` steps (mean position error in world units, yaw
+    error in degrees) and the per-step error (each step's motion against the true one's)."""
+    made, true, before = made.float(), true.float(), before.float()
+    pos = (made[..., :3] - true[..., :3]).norm(dim=-1)  # (B, T)
+    yaw = (torch.remainder(made[..., 3] - true[..., 3] + 180, 360) - 180).abs()
+    step_made = relative_pose(torch.cat([before[:, None], made[:, :-1]], 1), made)
+    step_true = relative_pose(torch.cat([before[:, None], true[:, :-1]], 1), true)
+    out = {
+        f"@{h}": {"position": round(float(pos[:, h - 1].mean()), 2), "yaw_deg": round(float(yaw[:, h - 1].mean()), 3)}
+        for h in DRIFT_HORIZONS
+        if h <= made.shape[1]
+    }
+    out["per_step"] = {
+        "position": round(float((step_made[..., :3] - step_true[..., :3]).norm(dim=-1).mean()), 3),
+        "yaw_deg": round(float((step_made[..., 3] - step_true[..., 3]).abs().mean()), 4),
+    }
+    return out

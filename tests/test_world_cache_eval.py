@@ -27,10 +27,33 @@ def test_eval_scores_a_world_cache_model(cache_model, doom_recording, tmp_path):
     assert finite(r) and r["context"] == 3 and r["horizon"] == 4
     assert r["teacher_forced"]["frames"] == 8 and r["teacher_forced"]["psnr"] > 0
     assert all(v is not None for v in r["rollout"]["curve"]) and r["controllability"]["delta_db"] is None
-    assert r["world_cache"] == {"history": 2, "max_points": 65536, "rollout_pose": "predicted"}
+    wc = r["world_cache"]
+    assert {k: wc[k] for k in ("history", "max_points", "rollout_pose")} == {
+        "history": 2,
+        "max_points": 65536,
+        "rollout_pose": "predicted",
+    }
+    # The cameras of the rollouts against the recorded ones: drift after 1 step, per-step error.
+    assert set(wc["pose"]) == {"@1", "per_step"} and wc["pose"]["@1"]["position"] >= 0
+    assert wc["pose"]["per_step"]["position"] > 0  # a motion model is never exact on real play
     depth = r["depth"]  # in uint8 depth levels
     assert 0 <= depth["teacher_forced_mae"] < 255 and len(depth["rollout_curve"]) == 4
     assert depth["rollout_mae@1"] == depth["rollout_curve"][0] and depth["rollout_mae@16"] is None
+
+
+def test_eval_with_pose_correction_moves_the_cameras(cache_model, doom_recording, tmp_path):
+    """--pose-correction: each predicted camera is corrected from the frame made there; the plain
+    suite only (the play suite names the option as not its own)."""
+    runs = {}
+    for flag in ([], ["--pose-correction"]):
+        out = tmp_path / f"eval{len(flag)}.json"
+        args = ["eval", "--checkpoint", str(cache_model), "--data", str(doom_recording), "--json", str(out)]
+        opts = ["--split", "all", "--windows", "2", "--horizon", "4", "--steps", "1", "--device", "cpu", "--no-media"]
+        assert main(args + opts + flag) == 0
+        runs[len(flag)] = json.loads(out.read_text())["world_cache"]
+    assert runs[1]["rollout_pose"] == "corrected" and runs[1]["pose"] != runs[0]["pose"]
+    args = ["eval", "--suite", "play", "--checkpoint", str(cache_model), "--data", str(doom_recording)]
+    assert main(args + ["--json", str(tmp_path / "p.json"), "--pose-correction"]) == 2
 
 
 def test_teacher_forced_views_are_trainings(cache_model, doom_recording):

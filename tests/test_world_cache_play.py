@@ -106,6 +106,27 @@ def test_rgb_only_model_refuses_cache_points(tiny_checkpoint):
 
     with pytest.raises(ValueError, match="trained with the world cache"):
         WorldModel.load(tiny_checkpoint, device="cpu", cache_points=1024)
+    with pytest.raises(ValueError, match="trained with the world cache"):
+        WorldModel.load(tiny_checkpoint, device="cpu", pose_correction=True)
+
+
+def test_pose_correction_moves_a_sessions_camera(cache_model):
+    """``pose_correction=True``: after each step the frame's depth corrects the camera the motion
+    model predicted, and the session reports the corrected one; batched sessions as alone."""
+    from worldgen.engine import WorldModel
+
+    cams = {}
+    for on in (False, True):
+        wm = WorldModel.load(cache_model, device="cpu", steps=1, cache_points=2048, pose_correction=on)
+        assert (wm.world.settings.align is not None) == on
+        sessions = [wm.session(seed=s) for s in (0, 1)]
+        alone = wm.session(seed=1)
+        for _ in range(3):
+            wm.step_many(sessions, [{"keys": ["forward"]}] * 2)
+            alone.step({"keys": ["forward"]})
+        cams[on] = [s.camera_pose for s in sessions]
+        np.testing.assert_allclose(alone.camera_pose, cams[on][1], atol=1e-3)
+    assert any(not np.allclose(a, b) for a, b in zip(cams[False], cams[True]))
 
 
 def test_env_observes_the_models_own_depth_and_pose(wm):

@@ -9,8 +9,10 @@ all stepping sessions at once:
 2. render every session's cloud at its predicted pose (one batched splat) and encode the view as
    the DiT's conditioning channels, exactly as training does
    (:func:`~worldgen.models.world_cache.view_condition`);
-3. after the DiT step, fuse the decoded frame's RGB-D into the cloud at that pose
-   (:meth:`~worldgen.memory.cloud.WorldCache.update`).
+3. after the DiT step, correct the pose from the decoded frame's depth against the view
+   (:func:`~worldgen.memory.align.refine_pose`: the motion model cannot see walls) and fuse the
+   frame's RGB-D into the cloud at the corrected pose
+   (:meth:`~worldgen.memory.cloud.WorldCache.update`); the corrected pose is the session's.
 
 :class:`CachePool` holds the clouds and the pose state of all sessions of one ``WorldModel`` in
 fixed-size tensors indexed by a session's slot: a step gathers its sessions' slots, renders and
@@ -24,12 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from worldgen.memory.align import AlignConfig, refine_pose
 from worldgen.memory.camera import POSE_DIM, Camera
-from worldgen.memory.cloud import CacheConfig, WorldCache
+from worldgen.memory.cloud import CacheConfig, View, WorldCache
 from worldgen.memory.motion import MotionModel, momentum
 from worldgen.memory.views import history_views
 from worldgen.models import tensor_to_frames
@@ -45,11 +49,25 @@ class PlayCache:
     camera: Camera  # the world's camera at the model's resolution
     motion: MotionModel  # predicts where the next frame's view is rendered
     cache: CacheConfig = field(default_factory=CacheConfig)  # max_points: the per-session memory bound
+    # The pose correction; None: the prediction stands. Off by default: on the game's own frames it
+    # halves the drift after 64 steps but adds to it over the first 16 (docs/world_cache.md).
+    align: AlignConfig | None = None
 
     @classmethod
-    def from_dict(cls, d: dict, max_points: int | None = None) -> PlayCache:
+    def from_dict(cls, d: dict, max_points: int | None = None, pose_correction: bool = False) -> PlayCache:
         cache = CacheConfig() if max_points is None else CacheConfig(max_points=int(max_points))
-        return cls(int(d["history"]), Camera.from_dict(d["camera"]), MotionModel.from_dict(d["motion"]), cache)
+        align = AlignConfig() if pose_correction else None
+        return cls(int(d["history"]), Camera.from_dict(d["camera"]), MotionModel.from_dict(d["motion"]), cache, align)
+
+
+class Rendered(NamedTuple):
+    """What :meth:`CachePool.views` leaves for :meth:`CachePool.fuse`: the stepping sessions'
+    clouds, the view rendered at the new frames' poses, and whether those were predicted."""
+
+    clouds: WorldCache
+    view: View
+    front: torch.Tensor  # (B, H, W, 3) the view's front points (WorldCache.render_front)
+    predicted: bool
 
 
 class CachePool:
@@ -87,19 +105,22 @@ class CachePool:
     def start(
         self,
         slot: int,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         rgb: torch.Tensor,
         depth: torch.Tensor,
         pose: torch.Tensor,
         acts: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """A session's context ``rgb (T, H, W, 3)`` uint8, ``depth (T, H, W)`` levels, ``pose (T, 5)``,
         ``acts (T, A)``: its conditioning ``(T, C + 1, h, w)`` (each frame's view of its
-        ``history`` predecessors, as in training, without pose noise), and the slot's cloud fused
-        from all context frames, its pose state at the last one."""
+        ``history`` predecessors, as in training, without pose noise; None without a
+        ``tokenizer``), and the slot's cloud fused from all context frames, its pose state at the
+        last one."""
         s = self.settings
-        view = history_views(s.camera, rgb[None], depth[None], pose[None], s.history)
-        cond = view_condition(tokenizer, view, s.camera)[0]
+        cond = None
+        if tokenizer is not None:
+            view = history_views(s.camera, rgb[None], depth[None], pose[None], s.history)
+            cond = view_condition(tokenizer, view, s.camera)[0]
         idx = torch.tensor([slot], device=self.clouds.device)
         self.clouds.reset(idx)
         one = self.clouds.select(idx)
@@ -112,28 +133,53 @@ class CachePool:
         self.last_action[slot] = acts[-1]
         return cond
 
-    def views(
-        self, slots: torch.Tensor, action: torch.Tensor, tokenizer: Tokenizer, pose: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, WorldCache]:
+    def render(
+        self, slots: torch.Tensor, action: torch.Tensor, pose: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Rendered]:
         """Before a step of the sessions in ``slots`` (B,) with ``action`` (B, A): the new frames'
-        poses (B, 5) (``pose`` if given: the true cameras, else predicted), their conditioning
-        (B, C + 1, h, w), and the sessions' clouds gathered for :meth:`fuse`."""
+        poses (B, 5) (``pose`` if given: the true cameras, else predicted) and the sessions'
+        clouds rendered there, for :meth:`fuse`."""
         with self._exact():
-            if pose is None:
+            predicted = pose is None
+            if predicted:
                 pose = self.settings.motion.predict(
                     self.pose[slots], self.momentum[slots], action.float(), self.last_action[slots]
                 )
             clouds = self.clouds.select(slots)
-            view = clouds.render(pose)
-        return pose, view_condition(tokenizer, view, self.settings.camera), clouds
+            view, front = clouds.render_front(pose)
+        return pose, Rendered(clouds, view, front, predicted)
+
+    def views(
+        self, slots: torch.Tensor, action: torch.Tensor, tokenizer: Tokenizer, pose: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Rendered]:
+        """:meth:`render`, and the view as the DiT's conditioning (B, C + 1, h, w)."""
+        pose, rendered = self.render(slots, action, pose)
+        return pose, view_condition(tokenizer, rendered.view, self.settings.camera), rendered
 
     def fuse(
-        self, slots: torch.Tensor, clouds: WorldCache, rgbd: np.ndarray, pose: torch.Tensor, action: torch.Tensor
-    ) -> None:
-        """After the step: the generated frames ``rgbd (B, H, W, 4)`` uint8 (depth in levels) at
-        ``pose (B, 5)`` join the clouds (Voyager's update rule); the pose state moves on."""
-        frames = torch.from_numpy(rgbd).to(self.clouds.device)
+        self,
+        slots: torch.Tensor,
+        rendered: Rendered,
+        rgbd: np.ndarray | torch.Tensor,
+        pose: torch.Tensor,
+        action: torch.Tensor,
+    ) -> torch.Tensor:
+        """After the step: the new frames ``rgbd (B, H, W, 4)`` uint8 (depth in levels), made at
+        ``pose (B, 5)``, correct a predicted pose (``settings.align``) and join the clouds there
+        (Voyager's update rule); the pose state moves on. Returns the frames' poses (B, 5)."""
+        frames = torch.as_tensor(rgbd).to(self.clouds.device)
+        clouds = rendered.clouds
         with self._exact():
+            if rendered.predicted and self.settings.align is not None:
+                pose, _ = refine_pose(
+                    self.settings.camera,
+                    rendered.view,
+                    rendered.front,
+                    frames[..., :3],
+                    frames[..., 3].float(),
+                    pose,
+                    self.settings.align,
+                )
             clouds.update(frames[..., :3].contiguous(), frames[..., 3].float(), pose)
             self.clouds.assign(slots, clouds)
             # Momentum of old -> new per session: momentum() of the interleaved sequence
@@ -141,25 +187,31 @@ class CachePool:
             pair = torch.stack([self.pose[slots], pose], 1).reshape(-1, POSE_DIM)
             self.momentum[slots] = momentum(pair)[0::2]
             self.pose[slots], self.last_action[slots] = pose, action.float()
+        return pose
 
     def rollout_views(
-        self, slots: torch.Tensor, tokenizer: Tokenizer, actions: torch.Tensor
+        self, slots: torch.Tensor, tokenizer: Tokenizer, actions: torch.Tensor, poses: list | None = None
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """The ``views`` callback of :func:`~worldgen.engine.stream.rollout_latents` for the
         sessions in ``slots`` (B,), started with :meth:`start`, playing ``actions`` (B, n, A), one
         frame a step: each call first fuses the frame played last (its latent decoded to RGB-D as
         ``WorldModel.step_many`` decodes it), then predicts the next pose and renders its view
-        (:meth:`views`): step for step what the sessions' steps do. Returns (B, 1, C + 1, h, w)."""
-        pending: list[tuple[WorldCache, torch.Tensor]] = []  # the last view's clouds and poses, until fused
+        (:meth:`views`): step for step what the sessions' steps do. Returns (B, 1, C + 1, h, w).
+        ``poses``: a list that gets each played frame's camera (B, 5), corrected once it is fused."""
+        pending: list[tuple[Rendered, torch.Tensor]] = []  # the last view and its pose, until fused
 
         def views(generated: torch.Tensor) -> torch.Tensor:
             i = generated.shape[1]
             if pending:
-                clouds, pose = pending.pop()
+                rendered, pose = pending.pop()
                 rgbd = tensor_to_frames(tokenizer.decode(generated[:, -1].float()))
-                self.fuse(slots, clouds, rgbd, pose, actions[:, i - 1])
-            pose, cond, clouds = self.views(slots, actions[:, i], tokenizer)
-            pending.append((clouds, pose))
+                fused = self.fuse(slots, rendered, rgbd, pose, actions[:, i - 1])
+                if poses is not None:
+                    poses[-1] = fused
+            pose, cond, rendered = self.views(slots, actions[:, i], tokenizer)
+            pending.append((rendered, pose))
+            if poses is not None:
+                poses.append(pose)
             return cond[:, None]
 
         return views

@@ -170,6 +170,7 @@ class WorldModel:
         memory_k: int | None = None,
         memory_cap: int | None = None,
         cache_points: int | None = None,
+        pose_correction: bool | None = None,
         **stream: Any,
     ) -> WorldModel:
         """A checkpoint folder (or ``"default"``, the model that ships with worldgen).
@@ -184,8 +185,10 @@ class WorldModel:
         trained without memory refuses them with a ValueError.
 
         ``cache_points``: the point cap of each session's world-cache cloud, the per-session
-        memory bound (None: :class:`~worldgen.memory.cloud.CacheConfig`'s); only for models
-        trained with the world cache.
+        memory bound (None: :class:`~worldgen.memory.cloud.CacheConfig`'s); ``pose_correction``:
+        whether each generated frame's depth corrects the camera pose the motion model predicted
+        (:func:`~worldgen.memory.align.refine_pose`; None: off, docs/world_cache.md says why).
+        Both only for models trained with the world cache.
         """
         folder = checkpoint.resolve(checkpoint_dir)
         tok, dit = load_tokenizer(folder), load_dit(folder)
@@ -217,9 +220,12 @@ class WorldModel:
             memory = BankConfig(k=int(k), cap=int(cap), min_age=int(stream["window"]) + 1)
         world = None
         if "world_cache" in dyn:
-            world = PlayCache.from_dict(dyn["world_cache"], cache_points)
-        elif cache_points is not None:
-            raise ValueError(f"{folder}: cache_points is for models trained with the world cache; this one was not")
+            world = PlayCache.from_dict(dyn["world_cache"], cache_points, bool(pose_correction))
+        elif cache_points is not None or pose_correction is not None:
+            raise ValueError(
+                f"{folder}: cache_points and pose_correction are for models trained with the world cache; "
+                f"this one was not"
+            )
         model = cls(tok, dit, StreamConfig(**stream), starts, fps, trained, device, memory, world)
         model.checkpoint = folder
         return model
@@ -416,8 +422,8 @@ class WorldModel:
         memory = cond = None
         if self.world is not None:  # the new frames' cameras and their views of the clouds, before the step
             slots = torch.tensor([s.slot for s in sessions], device=self.device)
-            cam, cond, clouds = self.world.views(slots, acts[:, -1], self.tokenizer, poses)
-            self._pending = slots, clouds, cam
+            cam, cond, rendered = self.world.views(slots, acts[:, -1], self.tokenizer, poses)
+            self._pending = slots, rendered, cam
             cond = cond[:, None]  # (B, 1, C', h, w): one frame per block
         if self.memory is not None:
             if poses is None:
@@ -450,10 +456,11 @@ class WorldModel:
         return x
 
     def _fuse(self, sessions: Sequence[Session], rgbd: np.ndarray, action: torch.Tensor) -> None:
-        """The generated RGB-D frames (B, H, W, 4) join the sessions' clouds at the poses they were rendered at."""
-        slots, clouds, cam = self._pending
+        """The generated RGB-D frames (B, H, W, 4) correct the poses their views were rendered at
+        and join the sessions' clouds there."""
+        slots, rendered, cam = self._pending
         self._pending = None
-        self.world.fuse(slots, clouds, rgbd, cam, action)
+        self.world.fuse(slots, rendered, rgbd, cam, action)
 
 
 class Session:

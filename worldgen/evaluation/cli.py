@@ -95,6 +95,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "of drawing new ones: pairs two evaluations window by window",
     )
     p.add_argument("--video-windows", type=int, default=d.video_windows, help="windows shown in the video")
+    p.add_argument(
+        "--pose-correction",
+        action="store_true",
+        help="a world-cache model's rollouts correct each predicted camera pose from the frame made there",
+    )
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     play = p.add_argument_group("play suite")
     play.add_argument(
@@ -128,6 +133,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.suite == "play":
+        if args.pose_correction:
+            print(
+                "worldgen eval: --pose-correction is for the plain suite (its rollouts report pose drift)",
+                file=sys.stderr,
+            )
+            return 2
         args.windows = PLAY_WINDOWS if args.windows is None else args.windows
         return importlib.import_module("worldgen.env.sources.play_suite").run(args)
     d = EvalConfig()
@@ -145,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         heldout_fraction=args.heldout_fraction,
         video_windows=args.video_windows,
         windows_from=args.windows_from,
+        pose_correction=args.pose_correction,
     )
     media = None if args.no_media else (args.out or args.json.with_name(f"{args.json.stem}_media"))
     try:

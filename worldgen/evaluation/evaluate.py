@@ -92,6 +92,7 @@ from worldgen.engine.stream import StreamConfig, rollout_latents
 from worldgen.engine.world_cache import CachePool, PlayCache
 from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
 from worldgen.files import atomic_write, write_mp4
+from worldgen.memory.motion import pose_error
 from worldgen.models import (
     DiT,
     DiTConfig,
@@ -134,6 +135,9 @@ class EvalConfig:
     # An eval.json whose windows (and shuffled actions) to score instead of drawing new ones, so
     # two evaluations pair up window by window; its context and horizon come with them.
     windows_from: str | Path | None = None
+    # A world-cache model's rollouts correct each predicted camera pose from the frame made there
+    # (WorldModel.load's pose_correction); off, as sessions play by default.
+    pose_correction: bool = False
     progress: bool = True  # a progress bar with an ETA over the frames predicted (stderr)
 
 
@@ -177,7 +181,7 @@ def evaluate(
         log(f"warning: {folder} was trained on {ds.root}; --split all scores frames it trained on")
     fraction = trainer_heldout_fraction(folder) if cfg.heldout_fraction is None else cfg.heldout_fraction
     depth = tokenizer.cfg.in_channels == 4  # a tokenizer trained on RGB + depth (train --depth)
-    world = _play_cache(folder, dit.cfg)  # a world-cache model's cloud and motion model, else None
+    world = _play_cache(folder, dit.cfg, cfg.pose_correction)  # a world-cache model's cloud and motion model, else None
     items, horizon, n_episodes = _load_windows(ds, cfg, c, fraction, depth, stored, world is not None)
     frames, acts, starts = _window_arrays(ds, items, depth)
     fraction = fraction if cfg.split == "heldout" else None
@@ -223,8 +227,10 @@ def evaluate(
         # Rollouts from the real context: real actions, another window's actions, a still frame.
         # A world-cache model's sessions start from the context's RGB-D at its true poses.
         future = frames_d[:, c : c + horizon]  # (N, horizon, H, W, 3)
-        geometry = None if world is None else (inputs[:, :c], _window_poses(items)[:, :c].to(device))
-        real_made = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[:, c : c + horizon], geometry)
+        window_poses = None if world is None else _window_poses(items).to(device)  # (N, L, 5)
+        geometry = None if world is None else (inputs[:, :c], window_poses[:, :c])
+        cameras: list[torch.Tensor] = []  # the cameras the sessions' cloud put the real-action frames at
+        real_made = run.rollout(latents[:, :c], acts_d[:, :c], acts_d[:, c : c + horizon], geometry, cameras)
         real = real_made[..., :3]
         perm = (
             _derangement(n, cfg.seed)
@@ -263,10 +269,13 @@ def evaluate(
             "rollout_curve": [round(v, 4) for v in rollout_depth.tolist()],
         }
     if world is not None:
+        made_pose = torch.cat(cameras)  # (N, horizon, 5)
         result["world_cache"] = {
             "history": world.history,
             "max_points": world.cache.max_points,
-            "rollout_pose": "predicted",
+            "rollout_pose": "corrected" if world.align is not None else "predicted",
+            # against the recorded poses: the game replaying the same actions
+            "pose": pose_error(made_pose, window_poses[:, c : c + horizon], window_poses[:, c - 1]),
         }
     if horizon >= CONTROL_HORIZON:  # which windows the actions matter in (benchmarks/control_by_turn.py)
         result["controllability"].update(
@@ -357,7 +366,7 @@ def trainer_heldout_fraction(folder: str | Path) -> float:
     return checkpoint.config(folder, "dynamics").get("train", {}).get("config", {}).get("heldout_fraction", 0.1)
 
 
-def _play_cache(folder: Path, dit_cfg: DiTConfig) -> PlayCache | None:
+def _play_cache(folder: Path, dit_cfg: DiTConfig, pose_correction: bool = False) -> PlayCache | None:
     """A world-cache model's play settings (the dynamics config's ``world_cache`` entry, read as
     ``WorldModel.load`` reads it, at the sessions' default point cap); None for other models."""
     if not dit_cfg.cond_channels:
@@ -370,7 +379,7 @@ def _play_cache(folder: Path, dit_cfg: DiTConfig) -> PlayCache | None:
         )
     if dit_cfg.frames_per_block != 1:
         raise EvaluationError(f"{folder}: a world-cache model plays one frame per step, this one makes blocks")
-    return PlayCache.from_dict(entry)
+    return PlayCache.from_dict(entry, pose_correction=pose_correction)
 
 
 def by_id(ds: Dataset, episodes: Iterable[int]) -> list[int]:
@@ -647,12 +656,14 @@ class _Runner:
         ctx_acts: torch.Tensor,
         future_acts: torch.Tensor,
         geometry: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cameras: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Frames after the context played as sessions play them (the sampler's cache backend),
         window i seeded with :func:`rollout_seed`: ``(N, horizon, H, W, 3 or 4)`` uint8.
         ``geometry``: a world-cache model's context, RGB-D frames (N, c, H, W, 4) uint8 and their
         camera poses (N, c, 5): the sessions' clouds start from them and grow with every frame
-        played, each frame's view rendered at the pose the motion model predicts."""
+        played, each frame's view rendered at the pose the motion model predicts; ``cameras`` then
+        gets each batch's frame poses (b, horizon, 5), as the sessions' clouds hold them."""
         block, horizon = self.dit.cfg.frames_per_block, future_acts.shape[1]
         pad = -horizon % block  # a session plays whole blocks: the last one's extra frames are dropped
         future_acts = torch.cat([future_acts, future_acts[:, -1:].expand(-1, pad, -1)], 1)
@@ -673,7 +684,8 @@ class _Runner:
                             ]
                         )
                         slot_t = torch.tensor(slots, device=self.device)
-                        views = self.world.rollout_views(slot_t, self.tokenizer, future_acts[sl])
+                        poses: list[torch.Tensor] = []
+                        views = self.world.rollout_views(slot_t, self.tokenizer, future_acts[sl], poses)
                         world = {"ctx_cond": ctx_cond, "views": views}
                     z = rollout_latents(
                         self.dit,
@@ -684,6 +696,8 @@ class _Runner:
                         self._generators(range(k, k + len(ctx[sl]))),
                         **world,
                     )[:, :horizon]
+                if geometry is not None and cameras is not None:
+                    cameras.append(torch.stack(poses, 1)[:, :horizon])
             finally:
                 for s in slots:
                     self.world.release(s)
