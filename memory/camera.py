@@ -14,15 +14,18 @@ Depth in a dataset is a stored level (ViZDoom: uint8, larger = farther, see
 axis, not along the ray) as ``depth_scale * level + depth_offset`` and marks levels at or above
 ``max_level`` (sky and the far clip saturate there) or below ``min_level`` invalid.
 
-ViZDoom (:data:`DOOM`, measured with ``benchmarks/fit_camera.py`` on 160x120 E1M1 play, ViZDoom
-1.3.2): a pinhole from the 90-degree horizontal field of view with square pixels, ``fx = fy = 80``,
-``cx, cy = 80, 60`` (free fits of fx land at 80.2-80.6); the depth buffer is *planar* depth
-(a floor row reads one level across), ``6.25 * level + 10`` map units, 255 = sky/far, 0 = the
-weapon sprite (nothing in the world is nearer than the player's radius, 16 units); looking up
-moves the horizon by ``96 * tan(pitch)`` pixels, not 80: Doom's 1.2 pixel aspect (a free fit gives
-95.9). Reprojection error (each frame's depth reprojected into the next frame's, compared with
-what that frame sees): median 0.32 levels (2.0 map units), 89% within 2 levels on walking and
-key-turning play; median 0.19 levels (1.2 units), 94% within 2 levels on mouse turns and pitch.
+ViZDoom (:data:`DOOM`, measured with ``benchmarks/fit_camera.py``, ViZDoom 1.3.2): a pinhole
+from the 90-degree horizontal field of view, ``fx = 80``, ``cx, cy = 80, 60`` at 160x120, and
+``fy = 88`` (free fits of fx land at 80.2-80.9, of fy at 87-88 on explore play over E1M1-E1M8);
+the depth buffer is *planar* depth (a floor row reads one level across), ``6.7 * level + 8`` map
+units (free fits on explore play: 6.68-6.72 and 7.8-8.2; scripted E1M1 walking alone fitted
+6.25 and 10, which left a one-frame cloud's alignment a fifth of a step behind on explore play
+and its render 0.25 dB lower), 255 = sky/far, 0 = the weapon sprite (nothing in the world is
+nearer than the player's radius, 16 units); looking up moves the horizon by ``96 * tan(pitch)``
+pixels: Doom's 1.2 pixel aspect (a free fit gives 95.9). Reprojection error (each frame's depth
+reprojected into the next frame's, compared with what that frame sees) on 120 frames of each of
+two explore-play episodes: median 0.36 and 0.44 levels, 87% and 83% within 2 levels (the
+6.25-and-10 preset: 0.41 and 0.47 levels).
 Frames recorded at another resolution (the tests' 32x24) use :meth:`Camera.resized`.
 
 Everything is batched torch: poses ``(..., 5)``, points ``(..., 3)``; nothing loops in Python.
@@ -219,8 +222,9 @@ def relative_pose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ViZDoom at its 160x120 recording resolution, as fitted (module docstring).
-DOOM = Camera.from_hfov(
-    160, 120, 90.0, depth_scale=6.25, depth_offset=10.0, min_level=1, max_level=255, pitch_shear=96.0
+DOOM = dataclasses.replace(
+    Camera.from_hfov(160, 120, 90.0, depth_scale=6.7, depth_offset=8.0, min_level=1, max_level=255, pitch_shear=96.0),
+    fy=88.0,
 )
 
 
