@@ -31,7 +31,7 @@ def test_eval_scores_a_world_cache_model(cache_model, doom_recording, tmp_path):
     assert {k: wc[k] for k in ("history", "max_points", "rollout_pose")} == {
         "history": 2,
         "max_points": 65536,
-        "rollout_pose": "predicted",
+        "rollout_pose": "corrected",
     }
     # The cameras of the rollouts against the recorded ones: drift after 1 step, per-step error.
     assert set(wc["pose"]) == {"@1", "per_step"} and wc["pose"]["@1"]["position"] >= 0
@@ -41,19 +41,19 @@ def test_eval_scores_a_world_cache_model(cache_model, doom_recording, tmp_path):
     assert depth["rollout_mae@1"] == depth["rollout_curve"][0] and depth["rollout_mae@16"] is None
 
 
-def test_eval_with_pose_correction_moves_the_cameras(cache_model, doom_recording, tmp_path):
-    """--pose-correction: each predicted camera is corrected from the frame made there; the plain
-    suite only (the play suite names the option as not its own)."""
+def test_eval_without_pose_correction_keeps_the_predicted_cameras(cache_model, doom_recording, tmp_path):
+    """--no-pose-correction: the rollouts keep the predicted cameras (by default each is corrected
+    from the frame made there); the plain suite only (the play suite names the option as not its own)."""
     runs = {}
-    for flag in ([], ["--pose-correction"]):
+    for flag in ([], ["--no-pose-correction"]):
         out = tmp_path / f"eval{len(flag)}.json"
         args = ["eval", "--checkpoint", str(cache_model), "--data", str(doom_recording), "--json", str(out)]
         opts = ["--split", "all", "--windows", "2", "--horizon", "4", "--steps", "1", "--device", "cpu", "--no-media"]
         assert main(args + opts + flag) == 0
         runs[len(flag)] = json.loads(out.read_text())["world_cache"]
-    assert runs[1]["rollout_pose"] == "corrected" and runs[1]["pose"] != runs[0]["pose"]
+    assert runs[1]["rollout_pose"] == "predicted" and runs[1]["pose"] != runs[0]["pose"]
     args = ["eval", "--suite", "play", "--checkpoint", str(cache_model), "--data", str(doom_recording)]
-    assert main(args + ["--json", str(tmp_path / "p.json"), "--pose-correction"]) == 2
+    assert main(args + ["--json", str(tmp_path / "p.json"), "--no-pose-correction"]) == 2
 
 
 def test_teacher_forced_views_are_trainings(cache_model, doom_recording):

@@ -111,8 +111,9 @@ def test_rgb_only_model_refuses_cache_points(tiny_checkpoint):
 
 
 def test_pose_correction_moves_a_sessions_camera(cache_model):
-    """``pose_correction=True``: after each step the frame's depth corrects the camera the motion
-    model predicted, and the session reports the corrected one; batched sessions as alone."""
+    """``pose_correction`` (on by default): after each step the frame's depth and colour correct the
+    camera the motion model predicted, and the session reports the corrected one; batched
+    sessions as alone. Off, the predicted cameras stand."""
     from worldgen.engine import WorldModel
 
     cams = {}

@@ -49,12 +49,12 @@ class PlayCache:
     camera: Camera  # the world's camera at the model's resolution
     motion: MotionModel  # predicts where the next frame's view is rendered
     cache: CacheConfig = field(default_factory=CacheConfig)  # max_points: the per-session memory bound
-    # The pose correction; None: the prediction stands. Off by default: on the game's own frames it
-    # halves the drift after 64 steps but adds to it over the first 16 (docs/world_cache.md).
-    align: AlignConfig | None = None
+    # The pose correction; None: the prediction stands. On the game's own frames it cuts the drift
+    # after 64 steps from 214 to 76 map units, after 256 from 1,074 to 173 (docs/world_cache.md).
+    align: AlignConfig | None = field(default_factory=AlignConfig)
 
     @classmethod
-    def from_dict(cls, d: dict, max_points: int | None = None, pose_correction: bool = False) -> PlayCache:
+    def from_dict(cls, d: dict, max_points: int | None = None, pose_correction: bool = True) -> PlayCache:
         cache = CacheConfig() if max_points is None else CacheConfig(max_points=int(max_points))
         align = AlignConfig() if pose_correction else None
         return cls(int(d["history"]), Camera.from_dict(d["camera"]), MotionModel.from_dict(d["motion"]), cache, align)

@@ -187,7 +187,7 @@ class WorldModel:
         ``cache_points``: the point cap of each session's world-cache cloud, the per-session
         memory bound (None: :class:`~worldgen.memory.cloud.CacheConfig`'s); ``pose_correction``:
         whether each generated frame's depth corrects the camera pose the motion model predicted
-        (:func:`~worldgen.memory.align.refine_pose`; None: off, docs/world_cache.md says why).
+        (:func:`~worldgen.memory.align.refine_pose`; None: on).
         Both only for models trained with the world cache.
         """
         folder = checkpoint.resolve(checkpoint_dir)
@@ -220,7 +220,7 @@ class WorldModel:
             memory = BankConfig(k=int(k), cap=int(cap), min_age=int(stream["window"]) + 1)
         world = None
         if "world_cache" in dyn:
-            world = PlayCache.from_dict(dyn["world_cache"], cache_points, bool(pose_correction))
+            world = PlayCache.from_dict(dyn["world_cache"], cache_points, pose_correction is not False)
         elif cache_points is not None or pose_correction is not None:
             raise ValueError(
                 f"{folder}: cache_points and pose_correction are for models trained with the world cache; "

@@ -96,9 +96,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--video-windows", type=int, default=d.video_windows, help="windows shown in the video")
     p.add_argument(
-        "--pose-correction",
-        action="store_true",
-        help="a world-cache model's rollouts correct each predicted camera pose from the frame made there",
+        "--no-pose-correction",
+        dest="pose_correction",
+        action="store_false",
+        help="a world-cache model's rollouts keep the camera poses the motion model predicts (by default "
+        "each is corrected from the frame made there, as sessions play)",
     )
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     play = p.add_argument_group("play suite")

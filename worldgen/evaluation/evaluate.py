@@ -136,8 +136,8 @@ class EvalConfig:
     # two evaluations pair up window by window; its context and horizon come with them.
     windows_from: str | Path | None = None
     # A world-cache model's rollouts correct each predicted camera pose from the frame made there
-    # (WorldModel.load's pose_correction); off, as sessions play by default.
-    pose_correction: bool = False
+    # (WorldModel.load's pose_correction), as sessions play by default.
+    pose_correction: bool = True
     progress: bool = True  # a progress bar with an ETA over the frames predicted (stderr)
 
 
@@ -366,7 +366,7 @@ def trainer_heldout_fraction(folder: str | Path) -> float:
     return checkpoint.config(folder, "dynamics").get("train", {}).get("config", {}).get("heldout_fraction", 0.1)
 
 
-def _play_cache(folder: Path, dit_cfg: DiTConfig, pose_correction: bool = False) -> PlayCache | None:
+def _play_cache(folder: Path, dit_cfg: DiTConfig, pose_correction: bool = True) -> PlayCache | None:
     """A world-cache model's play settings (the dynamics config's ``world_cache`` entry, read as
     ``WorldModel.load`` reads it, at the sessions' default point cap); None for other models."""
     if not dit_cfg.cond_channels:
