@@ -41,7 +41,7 @@ def test_eval_scores_a_world_cache_model(cache_model, doom_recording, tmp_path):
     assert depth["rollout_mae@1"] == depth["rollout_curve"][0] and depth["rollout_mae@16"] is None
 
 
-def test_eval_without_pose_correction_keeps_the_predicted_cameras(cache_model, doom_recording, tmp_path):
+def test_eval_without_pose_correction_keeps_the_predicted_cameras(cache_model, doom_recording, tmp_path, capsys):
     """--no-pose-correction: the rollouts keep the predicted cameras (by default each is corrected
     from the frame made there); the plain suite only (the play suite names the option as not its own)."""
     runs = {}
@@ -54,6 +54,7 @@ def test_eval_without_pose_correction_keeps_the_predicted_cameras(cache_model, d
     assert runs[1]["rollout_pose"] == "predicted" and runs[1]["pose"] != runs[0]["pose"]
     args = ["eval", "--suite", "play", "--checkpoint", str(cache_model), "--data", str(doom_recording)]
     assert main(args + ["--json", str(tmp_path / "p.json"), "--no-pose-correction"]) == 2
+    assert "--no-pose-correction is for the plain suite" in capsys.readouterr().err
 
 
 def test_teacher_forced_views_are_trainings(cache_model, doom_recording):

@@ -135,9 +135,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.suite == "play":
-        if args.pose_correction:
+        if not args.pose_correction:
             print(
-                "worldgen eval: --pose-correction is for the plain suite (its rollouts report pose drift)",
+                "worldgen eval: --no-pose-correction is for the plain suite (its rollouts report pose drift)",
                 file=sys.stderr,
             )
             return 2
