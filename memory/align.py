@@ -1,17 +1,18 @@
-"""Correct a predicted camera pose from the frame seen there: depth alignment against the cache.
+"""Correct a predicted camera pose from the frame made there: its depth and colour aligned with the cloud.
 
 The motion model (:mod:`~worldgen.memory.motion`) predicts where the next frame's camera is from
 the actions and the last motion, before the frame exists. It cannot see walls: a walk into one,
 a door, a step or a slide along a wall moves the camera less (or elsewhere) than the keys say,
 and integrated over a session the error grows without bound (hundreds of map units after 64
 frames of explore play, ``benchmarks/pose_drift.py``). Once the frame is there (generated with
-its depth, or recorded), its depth says where the camera really was: the frame's surfaces must
-land on the cache's surfaces. :func:`refine_pose` searches the offsets of the predicted pose
-(forward, right, yaw) for the one whose unprojected depth best matches the cache's depth
-rendered at the predicted pose, coarse to fine on a grid, batched over sessions. This is
-projective depth alignment (as in KinectFusion's tracking), with a grid search in place of
-Gauss-Newton: the cost has plateaus and jumps at depth edges, and a grid of a few hundred
-candidates per session is cheap next to a DiT step.
+its depth, or recorded), its depth and colour say where the camera really was: the cloud's
+surfaces must land on the frame's. :func:`refine_pose` takes the cloud's front points seen from
+the predicted pose (:meth:`~worldgen.memory.cloud.WorldCache.render_front`: the points
+themselves, not their splats), projects them into candidate cameras around it (forward, right
+and, optionally, yaw offsets) and keeps the one where they best match the frame's depth and
+colour, coarse to fine on a grid, batched over sessions. This is projective alignment (as in
+KinectFusion's tracking), with a grid search in place of Gauss-Newton: the cost has plateaus and
+jumps at depth edges, and a few hundred candidates per session are cheap next to a DiT step.
 
 Example:
     >>> from worldgen.memory.camera import DOOM
@@ -46,20 +47,21 @@ class AlignConfig:
     """The search of :func:`refine_pose`."""
 
     step: float = 8.0  # map units between forward and right candidates at the first level (a walking step is ~11)
-    up_step: float = (
-        0.0  # map units between height candidates (0: not searched; the recorded height includes the view's bob)
+    yaw_step: float = (
+        0.0  # degrees between yaw candidates (0: not searched; the motion model's yaw is 0.2 degrees off a step)
     )
-    yaw_step: float = 0.0  # degrees between yaw candidates (0: not searched; mouse turns are near-exact)
-    levels: int = 4  # each halves both spacings: the last level's is step / 8 (1 unit)
-    radius: int = 2  # candidates per axis per level: 2 * radius + 1 (125 per level for 3 axes)
+    levels: int = 4  # each halves the spacings: the last level's is step / 8 (1 unit)
+    radius: int = 2  # candidates per axis per level: 2 * radius + 1 (25 per level for 2 axes)
     stride: int = 4  # every stride-th pixel of each row and column is scored (1,200 at 160x120)
     trunc: float = 16.0  # map units: the robust cap of a pixel's depth residual ...
     trunc_rel: float = 0.1  # ... plus this share of its depth (far levels are coarse)
     color: float = 0.3  # map units of cost per level of colour difference (0-255, mean over RGB): depth
     # alone cannot tell a slide along a bare wall; its texture can
     color_trunc: float = 48.0  # colour levels: the robust cap of a pixel's colour difference
-    min_overlap: float = 0.25  # share of scored pixels that must land on the cache, else the prediction stands
-    prior: float = 0.01  # map units of cost per first-level step of offset: among equal fits (a bare
+    min_overlap: float = (
+        0.25  # share of the view's scored points that must land on the frame, else the prediction stands
+    )
+    prior: float = 0.01  # map units of cost per first-level spacing of offset: among equal fits (a bare
     # wall says nothing of sliding along it) the one nearest the prediction wins
 
     def __post_init__(self) -> None:
@@ -71,11 +73,11 @@ class AlignConfig:
             )
 
 
-def _grid(radius: int, searched: list[bool], device: torch.device) -> torch.Tensor:
-    """The (K, 4) integer offsets of a level: forward, right, up, yaw in [-radius, radius] where searched."""
+def _grid(radius: int, yaw: bool, device: torch.device) -> torch.Tensor:
+    """The (K, 3) integer offsets of a level: forward, right (and yaw) in [-radius, radius]."""
     r = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
-    zero = torch.zeros(1, device=device)
-    return torch.stack(torch.meshgrid(*(r if on else zero for on in searched), indexing="ij"), -1).reshape(-1, 4)
+    axes = (r, r, r if yaw else torch.zeros(1, device=device))
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
 
 
 def _cost(
@@ -127,8 +129,9 @@ def refine_pose(
     ``view`` with its front points ``front (B, H, W, 3)``
     (:meth:`~worldgen.memory.cloud.WorldCache.render_front`); and each session's cover ``(B,)``:
     the share of those points that land on the frame's geometry. Height and pitch stay as
-    predicted. Where the cover is under ``cfg.min_overlap`` (a new room, an empty cloud) the
-    prediction stands."""
+    predicted (the recorded height includes Doom's view bob, which the motion model learns).
+    Where the cover is under ``cfg.min_overlap`` (a new room, an empty cloud) the prediction
+    stands."""
     pose = pose.float()
     s = cfg.stride
     points = front[:, s // 2 :: s, s // 2 :: s].flatten(1, 2).float()  # (B, N, 3): a fixed subsample
@@ -141,11 +144,10 @@ def refine_pose(
     geometry = (level >= camera.min_level) & (level < camera.max_level) & (z > camera.near)
     z = torch.where(geometry, z, torch.full_like(z, float("nan")))
 
-    steps = [cfg.step, cfg.step, cfg.up_step, cfg.yaw_step]
-    grid = _grid(cfg.radius, [v > 0 for v in steps], pose.device)  # (K, 4)
-    first = torch.tensor([max(v, 1e-6) for v in steps], device=pose.device)
+    grid = _grid(cfg.radius, cfg.yaw_step > 0, pose.device)  # (K, 3)
+    first = torch.tensor([cfg.step, cfg.step, max(cfg.yaw_step, 1e-6)], device=pose.device)
     rows = torch.arange(len(pose), device=pose.device)
-    best = torch.zeros(len(pose), 4, device=pose.device)  # forward, right, up, yaw offsets
+    best = torch.zeros(len(pose), 3, device=pose.device)  # forward, right, yaw offsets
     cover = torch.zeros(len(pose), device=pose.device)
     for level_i in range(cfg.levels):
         offsets = best[:, None] + grid * first / 2**level_i  # (B, K, 3)
@@ -159,5 +161,6 @@ def refine_pose(
 
 
 def _step(offsets: torch.Tensor) -> torch.Tensor:
-    """Forward, right, up, yaw offsets ``(..., 4)`` as motions ``(..., 5)`` (pitch unchanged)."""
-    return torch.cat([offsets, torch.zeros_like(offsets[..., :1])], -1)
+    """Forward, right, yaw offsets ``(..., 3)`` as motions ``(..., 5)`` (height and pitch unchanged)."""
+    zero = torch.zeros_like(offsets[..., :1])
+    return torch.cat([offsets[..., :2], zero, offsets[..., 2:], zero], -1)
