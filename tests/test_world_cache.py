@@ -454,7 +454,7 @@ def test_a_frame_corrects_a_wrong_pose_towards_its_own(episode, camera):
     print(
         f"position error {float(before.mean()):.2f} -> {float(after.mean()):.2f} units, cover {float(cover.mean()):.2f}"
     )
-    # measured: 7.81 -> 6.06 units here; 7.69 -> 3.02 at the game's 160x120 (docs/world_cache.md)
+    # measured: 7.81 -> 6.06 units here
     assert float(after.mean()) < 0.85 * float(before.mean())
     assert torch.equal(fixed[:, 2:], guess[:, 2:])  # height, yaw and pitch stay as predicted
     one = cache.select(torch.tensor([1]))

@@ -49,8 +49,7 @@ class PlayCache:
     camera: Camera  # the world's camera at the model's resolution
     motion: MotionModel  # predicts where the next frame's view is rendered
     cache: CacheConfig = field(default_factory=CacheConfig)  # max_points: the per-session memory bound
-    # The pose correction; None: the prediction stands. On the game's own frames it cuts the drift
-    # after 64 steps from 214 to 76 map units, after 256 from 1,074 to 173 (docs/world_cache.md).
+    # The pose correction; None: the prediction stands (docs/world_cache.md measures both).
     align: AlignConfig | None = field(default_factory=AlignConfig)
 
     @classmethod
@@ -61,9 +60,10 @@ class PlayCache:
 
 
 class Rendered(NamedTuple):
-    """What :meth:`CachePool.views` leaves for :meth:`CachePool.fuse`: the stepping sessions'
-    clouds, the view rendered at the new frames' poses, and whether those were predicted."""
+    """What :meth:`CachePool.render` leaves for :meth:`CachePool.fuse`: the new frames' poses
+    (B, 5), whether they were predicted, the stepping sessions' clouds and the view rendered there."""
 
+    pose: torch.Tensor
     clouds: WorldCache
     view: View
     front: torch.Tensor  # (B, H, W, 3) the view's front points (WorldCache.render_front)
@@ -133,9 +133,7 @@ class CachePool:
         self.last_action[slot] = acts[-1]
         return cond
 
-    def render(
-        self, slots: torch.Tensor, action: torch.Tensor, pose: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, Rendered]:
+    def render(self, slots: torch.Tensor, action: torch.Tensor, pose: torch.Tensor | None = None) -> Rendered:
         """Before a step of the sessions in ``slots`` (B,) with ``action`` (B, A): the new frames'
         poses (B, 5) (``pose`` if given: the true cameras, else predicted) and the sessions'
         clouds rendered there, for :meth:`fuse`."""
@@ -147,28 +145,27 @@ class CachePool:
                 )
             clouds = self.clouds.select(slots)
             view, front = clouds.render_front(pose)
-        return pose, Rendered(clouds, view, front, predicted)
+        return Rendered(pose, clouds, view, front, predicted)
 
     def views(
         self, slots: torch.Tensor, action: torch.Tensor, tokenizer: Tokenizer, pose: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, Rendered]:
-        """:meth:`render`, and the view as the DiT's conditioning (B, C + 1, h, w)."""
-        pose, rendered = self.render(slots, action, pose)
-        return pose, view_condition(tokenizer, rendered.view, self.settings.camera), rendered
+    ) -> tuple[torch.Tensor, Rendered]:
+        """The view as the DiT's conditioning (B, C + 1, h, w), and :meth:`render`'s result."""
+        rendered = self.render(slots, action, pose)
+        return view_condition(tokenizer, rendered.view, self.settings.camera), rendered
 
     def fuse(
         self,
         slots: torch.Tensor,
         rendered: Rendered,
         rgbd: np.ndarray | torch.Tensor,
-        pose: torch.Tensor,
         action: torch.Tensor,
     ) -> torch.Tensor:
         """After the step: the new frames ``rgbd (B, H, W, 4)`` uint8 (depth in levels), made at
-        ``pose (B, 5)``, correct a predicted pose (``settings.align``) and join the clouds there
+        ``rendered.pose``, correct a predicted pose (``settings.align``) and join the clouds there
         (Voyager's update rule); the pose state moves on. Returns the frames' poses (B, 5)."""
         frames = torch.as_tensor(rgbd).to(self.clouds.device)
-        clouds = rendered.clouds
+        clouds, pose = rendered.clouds, rendered.pose
         with self._exact():
             if rendered.predicted and self.settings.align is not None:
                 pose, _ = refine_pose(
@@ -198,20 +195,19 @@ class CachePool:
         ``WorldModel.step_many`` decodes it), then predicts the next pose and renders its view
         (:meth:`views`): step for step what the sessions' steps do. Returns (B, 1, C + 1, h, w).
         ``poses``: a list that gets each played frame's camera (B, 5), corrected once it is fused."""
-        pending: list[tuple[Rendered, torch.Tensor]] = []  # the last view and its pose, until fused
+        pending: list[Rendered] = []  # the last view, until its frame is fused
 
         def views(generated: torch.Tensor) -> torch.Tensor:
             i = generated.shape[1]
             if pending:
-                rendered, pose = pending.pop()
                 rgbd = tensor_to_frames(tokenizer.decode(generated[:, -1].float()))
-                fused = self.fuse(slots, rendered, rgbd, pose, actions[:, i - 1])
+                fused = self.fuse(slots, pending.pop(), rgbd, actions[:, i - 1])
                 if poses is not None:
                     poses[-1] = fused
-            pose, cond, rendered = self.views(slots, actions[:, i], tokenizer)
-            pending.append((rendered, pose))
+            cond, rendered = self.views(slots, actions[:, i], tokenizer)
+            pending.append(rendered)
             if poses is not None:
-                poses.append(pose)
+                poses.append(rendered.pose)
             return cond[:, None]
 
         return views

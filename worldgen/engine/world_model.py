@@ -121,7 +121,7 @@ class WorldModel:
                     f"world-cache camera is {cam.height}x{cam.width}, frames are {tokenizer.cfg.image_size}"
                 )
             self.world = CachePool(world_cache, actions.ACTION_DIM, self.device)
-        self._pending: tuple | None = None  # a step's slots, gathered clouds and cameras, from views to fuse
+        self._pending: tuple | None = None  # a step's slots and what CachePool.render left, from views to fuse
         self._step, self._decode = self._denoise, self.tokenizer.decode  # compile() swaps these
         self._compiled = False  # compile() swapped them
         self._graphs = False  # compiled into CUDA graphs: each call's outputs live until the next call
@@ -422,8 +422,8 @@ class WorldModel:
         memory = cond = None
         if self.world is not None:  # the new frames' cameras and their views of the clouds, before the step
             slots = torch.tensor([s.slot for s in sessions], device=self.device)
-            cam, cond, rendered = self.world.views(slots, acts[:, -1], self.tokenizer, poses)
-            self._pending = slots, rendered, cam
+            cond, rendered = self.world.views(slots, acts[:, -1], self.tokenizer, poses)
+            self._pending = slots, rendered
             cond = cond[:, None]  # (B, 1, C', h, w): one frame per block
         if self.memory is not None:
             if poses is None:
@@ -458,9 +458,9 @@ class WorldModel:
     def _fuse(self, sessions: Sequence[Session], rgbd: np.ndarray, action: torch.Tensor) -> None:
         """The generated RGB-D frames (B, H, W, 4) correct the poses their views were rendered at
         and join the sessions' clouds there."""
-        slots, rendered, cam = self._pending
+        slots, rendered = self._pending
         self._pending = None
-        self.world.fuse(slots, rendered, rgbd, cam, action)
+        self.world.fuse(slots, rendered, rgbd, action)
 
 
 class Session:
