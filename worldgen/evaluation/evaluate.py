@@ -20,7 +20,8 @@ frames, recorded depth, true poses) rendered at its true pose, without pose nois
 plays as a session does, through the same :class:`~worldgen.engine.world_cache.CachePool`: the
 cloud starts from the context's RGB-D at its true poses, each new frame's pose is *predicted*
 by the model's motion model from the actions (as in a player's session; no true pose is given),
-the cloud is rendered there, and every generated RGB-D frame is fused into it.
+the cloud is rendered there, and every generated RGB-D frame corrects that pose
+(``pose_correction``) and is fused into it.
 
 What it costs: with N windows, horizon H and K sampler steps, N H teacher-forced predictions,
 each K DiT passes over ``context + 1`` frames, and 2 N H rollout frames (real and shuffled
@@ -63,8 +64,10 @@ an existing one never changes meaning without bumping ``version``. Means are ove
   recorded depth: ``teacher_forced_mae``; ``rollout_mae@1``, ``@16``, ``@64`` (real actions;
   null past the horizon) and ``rollout_curve`` at h = 1 .. horizon.
 * ``world_cache``: null unless the model plays with a world cache: ``history`` (H),
-  ``max_points`` (a session's cloud cap) and ``rollout_pose``: ``"predicted"`` (rollouts render
-  at the poses the motion model predicts, as a player's session does).
+  ``max_points`` (a session's cloud cap), ``rollout_pose``: ``"corrected"`` (each predicted pose
+  corrected from the frame made there, as a player's session does) or ``"predicted"``
+  (``pose_correction`` off), and ``pose``: the real-action rollouts' cameras against the
+  recorded poses (:func:`~worldgen.memory.motion.pose_error`).
 * ``psnr_cap_db``: PSNR of identical frames (metrics.PSNR_CAP_DB).
 * ``device``, ``seconds``: where it ran and the wall time.
 * ``files``: ``{"plot", "video"}`` paths written, or null.
