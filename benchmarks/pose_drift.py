@@ -19,6 +19,7 @@ against the recorded one.
     worldgen record --env doom --steps 16000 --workers 16 --seed 1000 --out HELDOUT
     python benchmarks/pose_drift.py --train TRAIN --data HELDOUT --horizon 256 --json drift.json
     python benchmarks/pose_drift.py --checkpoint MODEL --data HELDOUT   # a world-cache model's motion model
+    python benchmarks/pose_drift.py --train TRAIN --data VAL --windows 16 --horizon 64 --min-gain 0  # min_gain
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ def play(settings: PlayCache, data: tuple[torch.Tensor, ...], context: int, devi
         pool.start(s, None, rgb[i, :context], depth[i, :context].float(), pose[i, :context], acts[i, :context])
     out = []
     for t in range(context, context + horizon):
-        guess, rendered = pool.render(slots, acts[:, t])
+        rendered = pool.render(slots, acts[:, t])
         frame = torch.cat([rgb[:, t], depth[:, t, ..., None]], -1)  # (B, H, W, 4) uint8
-        out.append(pool.fuse(slots, rendered, frame, guess, acts[:, t]))
+        out.append(pool.fuse(slots, rendered, frame, acts[:, t]))
     return torch.stack(out, 1)
 
 
@@ -92,6 +93,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=15)
     p.add_argument("--horizon", type=int, default=256)
     p.add_argument("--gap", type=int, default=97, help="frames between windows of one episode")
+    p.add_argument("--min-gain", type=float, default=AlignConfig.min_gain, help="the correction's AlignConfig.min_gain")
+    p.add_argument("--yaw-step", type=float, default=AlignConfig.yaw_step, help="the correction's AlignConfig.yaw_step")
+    p.add_argument("--camera", default=None, help="JSON of camera fields to override, e.g. '{\"depth_scale\": 6.25}'")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json")
     args = p.parse_args()
@@ -111,7 +115,10 @@ def main() -> None:
     device = torch.device(args.device)
     true, before = data[2][:, args.context :].to(device).float(), data[2][:, args.context - 1].to(device).float()
     result = {"data": args.data, "windows": len(items), "context": args.context, "horizon": args.horizon, "arms": {}}
-    for arm, align in (("predicted", None), ("corrected", AlignConfig())):
+    if args.camera:
+        settings = dataclasses.replace(settings, camera=dataclasses.replace(settings.camera, **json.loads(args.camera)))
+    correction = AlignConfig(min_gain=args.min_gain, yaw_step=args.yaw_step)
+    for arm, align in (("predicted", None), ("corrected", correction)):
         t0 = time.perf_counter()
         made = play(dataclasses.replace(settings, align=align), data, args.context, device)
         result["arms"][arm] = {**pose_error(made, true, before), "seconds": round(time.perf_counter() - t0, 1)}

@@ -17,6 +17,7 @@ that no cache, however exact, can pass on this play.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -25,6 +26,7 @@ import torch
 
 from worldgen.data import Dataset
 from worldgen.data.camera import dataset_camera
+from worldgen.memory.camera import Camera
 from worldgen.memory.cloud import CacheConfig, WorldCache
 
 
@@ -46,9 +48,9 @@ def psnr(se: float) -> float:
     return float(10 * np.log10(255.0**2 / max(se, 1e-12)))
 
 
-def run(ds: Dataset, batch: int, steps: int, config: CacheConfig, device: torch.device) -> dict:
+def run(ds: Dataset, batch: int, steps: int, config: CacheConfig, device: torch.device, camera: Camera) -> dict:
     rgb, depth, pose = (x.to(device) for x in stretches(ds, batch, steps))
-    cache = WorldCache(dataset_camera(ds), config, batch=batch, device=device)
+    cache = WorldCache(camera, config, batch=batch, device=device)
     cache.update(rgb[:, 0], depth[:, 0], pose[:, 0])
     se, n, held, cover, times = 0.0, 0, 0.0, 0.0, []
     still_se, still_n = 0.0, 0
@@ -94,12 +96,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=256, help="frames each session plays")
     p.add_argument("--max-points", type=int, default=CacheConfig.max_points, help="the per-session point bound")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--camera", default=None, help="JSON of camera fields to override, e.g. '{\"depth_scale\": 6.25}'")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     ds = Dataset(args.data)
+    camera = dataset_camera(ds)
+    if args.camera:
+        camera = dataclasses.replace(camera, **json.loads(args.camera))
     rows = []
     for b in (int(x) for x in args.batch.split(",")):
-        row = run(ds, b, args.steps, CacheConfig(max_points=args.max_points), torch.device(args.device))
+        row = run(ds, b, args.steps, CacheConfig(max_points=args.max_points), torch.device(args.device), camera)
         print(json.dumps(row))
         rows.append(row)
     if args.json:

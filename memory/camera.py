@@ -19,8 +19,8 @@ from the 90-degree horizontal field of view, ``fx = 80``, ``cx, cy = 80, 60`` at
 ``fy = 88`` (free fits of fx land at 80.2-80.9, of fy at 87-88 on explore play over E1M1-E1M8);
 the depth buffer is *planar* depth (a floor row reads one level across), ``6.7 * level + 8`` map
 units (free fits on explore play: 6.68-6.72 and 7.8-8.2; scripted E1M1 walking alone fitted
-6.25 and 10, which left a one-frame cloud's alignment a fifth of a step behind on explore play
-and its render 0.25 dB lower), 255 = sky/far, 0 = the weapon sprite (nothing in the world is
+6.25 and 10: on explore play its next-frame render from the cloud is 0.12 dB lower and the pose
+correction drifts more, docs/world_cache.md), 255 = sky/far, 0 = the weapon sprite (nothing in the world is
 nearer than the player's radius, 16 units); looking up moves the horizon by ``96 * tan(pitch)``
 pixels: Doom's 1.2 pixel aspect (a free fit gives 95.9). Reprojection error (each frame's depth
 reprojected into the next frame's, compared with what that frame sees) on 120 frames of each of
