@@ -84,7 +84,8 @@ class MotionModel:
     def predict_motion(
         self, last_motion: torch.Tensor, action: torch.Tensor, last_action: torch.Tensor
     ) -> torch.Tensor:
-        return self.features(last_motion, action, last_action) @ self.weight
+        x = self.features(last_motion, action, last_action)
+        return x @ self.weight.to(x.device)  # the fit lives on the CPU; sessions may not
 
     def predict(
         self, pose: torch.Tensor, last_motion: torch.Tensor, action: torch.Tensor, last_action: torch.Tensor
