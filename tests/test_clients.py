@@ -7,6 +7,7 @@ with no input: equal before any key is pressed, different once one is held."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import shutil
@@ -18,10 +19,13 @@ from pathlib import Path
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+from PIL import Image
 
 os.environ["SDL_VIDEODRIVER"] = "dummy"  # before pygame opens a display
 import pygame  # noqa: E402
+from conftest import benchmark_script, finite  # noqa: E402
 
+from worldgen.actions import KEYS  # noqa: E402
 from worldgen.clients.client import Client, LocalServer  # noqa: E402
 from worldgen.clients.play import LocalSource, RemoteSource, play  # noqa: E402
 
@@ -319,3 +323,59 @@ def test_worldgen_play_command(server, tmp_path):
     assert "5 frames" in done.stdout and len(imageio.mimread(out)) == 5
     refused = subprocess.run(cmd[:-6] + ["--frames", "5"], env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "unauthorized" in refused.stderr
+
+
+# -- what a player sees: benchmarks/browser_play.py -----------------------------------------
+
+
+def test_browser_play_benchmark(tiny_checkpoint, browser, tmp_path, one_thread):
+    """The contact-sheet benchmark on a real ViZDoom recording: the browser client plays a short
+    script, and which action made each frame, read off the protocol's echoes, is exact: the engine
+    playing those actions from the same start makes the same frames, JPEG for JPEG. The game
+    replays the same actions from the same start, and the sheet and scores come out."""
+    from worldgen.actions import Action
+    from worldgen.data import Dataset
+    from worldgen.engine.world_model import WorldModel
+    from worldgen.env.sources import record as rec
+    from worldgen.server.app import encode_jpeg
+
+    bp = benchmark_script("browser_play")
+    data = tmp_path / "play"
+    rec.record_doom(data, 60, workers=1, episode_steps=60, maps=["E1M1"], seed=4, progress=False)
+    ds = Dataset(data)
+    wm = WorldModel.load(tiny_checkpoint, device="cpu")
+    context, size = wm.start(0)[0].shape[0], wm.start(0)[0].shape[1:3]
+    script = (
+        bp.Segment("walk", ("forward",), 0.6),
+        bp.Segment("turn left", ("turn_left",), 0.4),
+        bp.Segment("stand still", (), 0.3),
+    )
+    episode, at = bp.pick_start(ds, context, *bp.script_actions(script, 15.0), candidates=2)
+    item = bp.start_context(ds, episode, at, context, size, geometry=False)
+    model = bp.serving_copy(str(tiny_checkpoint), item, {"data": str(data)}, tmp_path)
+    with LocalServer(model, "--device", "cpu", "--threads", "1", "--fps", "15") as srv:
+        page = browser.new_page()
+        record = bp.play_script(page, srv.url, script)
+        page.close()
+    shown, keys, mouse, ids = bp.frame_actions(record)
+    assert record["fps"] == 15.0 and len(shown) == len(keys) + 1 == len(ids) + 1
+    assert np.array_equal(shown[0], np.asarray(Image.open(io.BytesIO(encode_jpeg(item["frames"][-1], 85)))))
+
+    session = WorldModel.load(model, device="cpu").session(seed=0)
+    for i, (k, m) in enumerate(zip(keys, mouse)):
+        made = np.asarray(Image.open(io.BytesIO(encode_jpeg(session.step(Action(k, m)), 85))))
+        assert np.array_equal(made, shown[i + 1]), f"frame {ids[i]} was not made by the action read for it"
+    # Each key was held for its segment's frames (one frame early or late at a key change).
+    counts = bp.frames_per_segment(script, 15.0)
+    walked, turned = (int(keys[:, KEYS.index(k)].sum()) for k in ("forward", "turn_left"))
+    assert abs(walked - counts[0]) <= 1 and abs(turned - counts[1]) <= 1 and keys[-2:].sum() == 0
+
+    game, _, matched = bp.branch(f"{data}::{ds.episodes[episode].id}", at, keys, mouse)
+    assert matched and len(game) == len(keys)
+    game = np.concatenate([item["frames"][-1:], bp.resize_frames(game, size)])
+    lead = ids.index(record["script_from"]) + 1 if record["script_from"] in ids else 0
+    bounds = bp.segment_bounds(counts, lead, len(ids))
+    scores = bp.segment_scores(script, shown[1:], game[1:], item["frames"][-1], bounds)
+    assert [s["segment"] for s in scores] == ["walk", "turn left", "stand still"] and finite(scores)
+    bp.contact_sheet(script, shown, game, bounds, 15.0, tmp_path / "sheet.png", "test")
+    assert (tmp_path / "sheet.png").stat().st_size > 1000

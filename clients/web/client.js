@@ -36,6 +36,9 @@ const state = window.worldgen = {
   ws: null, welcome: null, stats: null, error: null, connected: false, refused: false,
   frames: 0, lastId: -1, drawnId: -1, frameTimes: [], latency: null, latencySmooth: null,
   codes: new Set(), mouse: [0, 0], mouseButton: false, lastAction: null, lastSend: 0, retries: 0,
+  // ?record=1: every frame received (its JPEG as base64) and every action sent, so a script can
+  // tell which action each frame showed (benchmarks/browser_play.py replays them in the game).
+  record: params.has("record") ? { frames: [], actions: [] } : null,
 };
 
 function setStatus(text) { statusEl.textContent = text; }
@@ -117,6 +120,11 @@ function onFrame(msg) {
     state.latency = now - msg.t;
     state.latencySmooth = state.latencySmooth === null ? state.latency : 0.8 * state.latencySmooth + 0.2 * state.latency;
   }
+  if (state.record) {
+    let bin = "";
+    for (const b of msg.jpeg) bin += String.fromCharCode(b);
+    state.record.frames.push({ id: msg.id, step: msg.step, t: msg.t ?? null, reset: !!msg.reset, jpeg: btoa(bin) });
+  }
   const id = msg.id;
   createImageBitmap(new Blob([msg.jpeg], { type: "image/jpeg" })).then((bmp) => {
     if (id > state.drawnId || msg.reset) {  // decoding may finish out of order: never go back
@@ -170,6 +178,7 @@ function sendAction() {
   state.mouse = [0, 0];  // deltas: each one is sent once
   state.lastAction = msg;
   state.lastSend = msg.t;
+  if (state.record) state.record.actions.push({ t: msg.t, keys: msg.keys, mouse: msg.mouse });
   send(msg);
 }
 
