@@ -6,10 +6,13 @@
 #
 #   bash benchmarks/world_cache_ab.sh WORKDIR [smoke|full]
 #
-# smoke: tiny budgets on any machine (a minute or two on a CPU), to catch errors. full: sized for
-# one GPU session of 30 device-minutes (about 20 minutes of work): the DiT gets a fixed step count,
-# not --minutes, because a --minutes budget counts the cache views' rendering while the latents are
-# encoded (docs/world_cache.md, "Training with the cache").
+# smoke: tiny budgets on any machine (a few minutes on a CPU), to catch errors. full: sized for one
+# GPU session of 30 device-minutes, of which starting the machine may take ten: about 19 minutes of
+# work on an H100 (2026-12-07: recording 22 s; the tokenizer's --minutes includes about a minute of
+# compiling, then 23 steps/s; the DiT's encoding with cache views 2 min, compiling 1 min, then 13
+# steps/s; each play suite about 3 minutes). The DiT gets a fixed step count, not --minutes,
+# because a --minutes budget counts the cache views' rendering while the latents are encoded
+# (docs/world_cache.md, "Training with the cache").
 # Knobs: TRAIN_STEPS (frames recorded for training), TOK_MINUTES, DYN_STEPS, HISTORY (the H of
 # --world-cache), NOCACHE=1 also trains the same DiT on the same tokenizer without the cache (the
 # held-out loss of the pair is the A/B), FT_STEPS=N fine-tunes the cache model N steps on its own
@@ -26,9 +29,9 @@ case "$scale" in
          ft_steps=${FT_STEPS:-2} ft="--batch-size 2 --lr 1e-4 --warmup 1 --ema-decay 0.99"
          plain="--windows 2 --horizon 4 --batch 2" play="--windows 2 --horizon 4 --batch 2 --workers 2"
          bench="--batch 1 --frames 3" compile=--no-compile ;;
-  full)  train_steps=${TRAIN_STEPS:-120000} held_steps=16000 workers=16
-         tok="--minutes ${TOK_MINUTES:-2.5} --batch-size 64"
-         dyn="--steps ${DYN_STEPS:-4000} --batch-size 128 --lr 5e-4 --model M"
+  full)  train_steps=${TRAIN_STEPS:-100000} held_steps=16000 workers=16
+         tok="--minutes ${TOK_MINUTES:-3.5} --batch-size 64"
+         dyn="--steps ${DYN_STEPS:-2500} --batch-size 128 --lr 5e-4 --model M"
          ft_steps=${FT_STEPS:-0} ft="--batch-size 128 --lr 1e-4 --warmup 50 --ema-decay 0.99"
          plain="--windows 64" play="--windows 64 --batch 64 --workers 16"
          bench="--batch 1 64 --frames 100" compile=--compile ;;
@@ -68,17 +71,20 @@ if [ "$ft_steps" != 0 ]; then
   log "fine-tune on own rollouts: $(python -c "import json; d = json.load(open('$work/ft_cache/summary.json')); print(f\"held-out loss {d['heldout_loss']:.4f}, {d['steps']} steps, {d['train_wall_s']:.0f} s training\")")"
 fi
 
-# The shipped default first: its windows and branches are the ones the cache model plays. Both
-# read camera motion off their frames with the same geometry head (the cache model has none).
+# The play suite first, the cache model before the default: it is the unknown, and a session that
+# runs out of GPU time should lose the default's numbers (in RESULTS) rather than the new model's.
+# The first call records the game's branches; the second plays the same ones. Both read camera
+# motion off their frames with the same geometry head (the cache model has none of its own).
+worldgen eval --suite play --checkpoint "$model" --data "$work/heldout" --split all $play \
+  --branches "$work/branches" --geometry env/heads/default --json "$work/play_cache.json" --no-media
+log "play suite of the cache model done"
+worldgen eval --suite play --checkpoint default --data "$work/heldout" --split all $play \
+  --branches "$work/branches" --geometry env/heads/default --json "$work/play_default.json" --no-media
+log "play suite done"
 worldgen eval --checkpoint default --data "$work/heldout" --split all $plain --json "$work/eval_default.json" --no-media
 worldgen eval --checkpoint "$model" --data "$work/heldout" --split all $plain \
   --windows-from "$work/eval_default.json" --json "$work/eval_cache.json" --no-media
 log "plain eval done"
-worldgen eval --suite play --checkpoint default --data "$work/heldout" --split all $play \
-  --branches "$work/branches" --geometry env/heads/default --json "$work/play_default.json" --no-media
-worldgen eval --suite play --checkpoint "$model" --data "$work/heldout" --split all $play \
-  --branches "$work/branches" --geometry env/heads/default --json "$work/play_cache.json" --no-media
-log "play suite done"
 if [ "${BENCH:-0}" = 1 ]; then
   for m in default "$model"; do
     worldgen bench --checkpoint "$m" $bench $compile --json "$work/bench_$(basename "$(dirname "$m")").json"

@@ -304,6 +304,16 @@ def test_eval_end_to_end(doom, ckpt, tmp_path):
     for name in ("real", "shuffled"):  # the per-window PSNRs are what the means are of
         assert ctl[f"psnr@16_{name}"] == pytest.approx(np.mean(ctl[f"windows_{name}"]), abs=1e-3)
     assert ctl["shuffled_from"] == [1, 0]
+    # Both windows are on E1M1 with as many frames each: the map's means are the overall ones.
+    e1m1 = r["per_map"]["E1M1"]
+    assert list(r["per_map"]) == ["E1M1"] and e1m1["windows"] == 2
+    for key, overall in (
+        ("teacher_forced_psnr", r["teacher_forced"]["psnr"]),
+        ("teacher_forced_baseline_psnr", r["teacher_forced"]["baseline_psnr"]),
+        ("rollout_psnr@16", r["rollout"]["psnr@16"]),
+        ("rollout_baseline_psnr@16", r["rollout"]["baseline_psnr@16"]),
+    ):
+        assert e1m1[key] == pytest.approx(overall, abs=1e-3), key
     assert r["rollout"]["curve"] != r["rollout"]["shuffled_curve"]  # the shuffled actions were used
     for f in r["files"].values():
         assert Path(f).is_file() and Path(f).stat().st_size > 1000

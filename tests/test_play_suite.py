@@ -88,6 +88,15 @@ def test_oracle_scores_the_ceiling_and_hold_last_scores_chance(branches):
         assert br["model"]["mean"][f"accuracy@{h}"] in (1.0, None)
         assert br["model"]["mean"][f"gap_db@{h}"] > 3  # the game's branches differ
     assert br["told_apart@8"] > 0.3 and br["chance@8"] < 1.0
+    # One map, so its numbers are the overall ones.
+    assert rec.maps == ["E1M1"] * 3 and list(oracle["per_map"]) == ["E1M1"]
+    e1m1 = oracle["per_map"]["E1M1"]
+    assert e1m1["windows"] == 3 and set(e1m1) == {"windows", "model", "hold_last", "game"}
+    for key in ("psnr@1", "psnr@8", "accuracy@4", "gap_db@8"):
+        assert e1m1["model"][key] == pytest.approx(br["model"]["mean"][key], abs=1e-3), key
+    for p in ("model", "game"):
+        want = oracle["revisits"]["turn360"][p]["psnr_vs_departure"]
+        assert e1m1[p]["turn360_vs_departure"] == pytest.approx(want, abs=1e-3)
 
     held = evaluate_play(rec, HoldLast(), cfg=cfg, device="cpu")
     br = held["branches"]

@@ -59,6 +59,10 @@ an existing one never changes meaning without bumping ``version``. Means are ove
   ignores actions scores 0. Per window (in ``window_starts`` order; absent when the horizon is
   shorter than 16): ``windows_real``, ``windows_shuffled``, the two PSNRs at h = 16, and
   ``shuffled_from``, the window whose actions the shuffled rollout took.
+* ``per_map``: where the model is weak, by the map of each window's episode (recordings that
+  name their maps): ``{map: {"windows", "teacher_forced_psnr", "teacher_forced_baseline_psnr",
+  "rollout_psnr@16", "rollout_baseline_psnr@16"}}`` (``@horizon`` when it is shorter than 16).
+  E1M1 is GameNGen's map: its ``teacher_forced_psnr`` is the number to put beside its 29.4 dB.
 * ``depth``: null unless the tokenizer decodes depth (RGB-D models, every world-cache model):
   the mean absolute error, in uint8 depth levels, of the depth the model made against the
   recorded depth: ``teacher_forced_mae``; ``rollout_mae@1``, ``@16``, ``@64`` (real actions;
@@ -93,7 +97,7 @@ from worldgen.data import Dataset, DatasetError, WindowDataset
 from worldgen.data.dataset import DOOM_TICS_PER_SECOND, depth_to_uint8
 from worldgen.engine.stream import StreamConfig, rollout_latents
 from worldgen.engine.world_cache import CachePool, PlayCache
-from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
+from worldgen.evaluation.metrics import PSNR_CAP_DB, by_map, psnr, ssim
 from worldgen.files import atomic_write, write_mp4
 from worldgen.memory.motion import pose_error
 from worldgen.models import (
@@ -280,6 +284,21 @@ def evaluate(
             # against the recorded poses: the game replaying the same actions
             "pose": pose_error(made_pose, window_poses[:, c : c + horizon], window_poses[:, c - 1]),
         }
+
+    # Where the model is weak: the headline numbers per map of the windows' episodes.
+    def window_mean(v: torch.Tensor) -> torch.Tensor:  # teacher-forced frames (P,) -> their windows' means (N,)
+        return torch.zeros(n, device=device).index_add_(0, idx_n, v) / torch.bincount(idx_n, minlength=n)
+
+    h = min(CONTROL_HORIZON, horizon)
+    result["per_map"] = by_map(
+        [ds.episodes[it["episode"]].map for it in items],
+        {
+            "teacher_forced_psnr": window_mean(tf["psnr"]),
+            "teacher_forced_baseline_psnr": window_mean(tf["baseline_psnr"]),
+            f"rollout_psnr@{h}": per_window["curve"][:, h - 1],
+            f"rollout_baseline_psnr@{h}": psnr(still[:, h - 1], future[:, h - 1]),
+        },
+    )
     if horizon >= CONTROL_HORIZON:  # which windows the actions matter in (benchmarks/control_by_turn.py)
         result["controllability"].update(
             {
@@ -759,6 +778,7 @@ def _report(
             f"psnr@{CONTROL_HORIZON}_shuffled": shuf,
             "delta_db": None if real is None else round(real - shuf, 4),
         },
+        "per_map": None,
         "depth": None,
         "world_cache": None,
         "psnr_cap_db": round(PSNR_CAP_DB, 4),
@@ -859,6 +879,13 @@ def summary(result: dict[str, Any]) -> str:
     )
     lines = [f"{'metric':<24}{'PSNR':>8}{'SSIM':>8}  baseline (last frame) PSNR"]
     lines += [f"{a:<24}{b:>8}{c:>8}  {d}" for a, b, c, d in rows]
+    if result.get("per_map"):
+        h = min(CONTROL_HORIZON, result["horizon"])
+        lines.append(f"{'per map':<12}{'windows':>8}  teacher-forced (last frame)  rollout @{h} (last frame)")
+        for m, v in result["per_map"].items():
+            tf_m = f"{f(v['teacher_forced_psnr'])} ({f(v['teacher_forced_baseline_psnr'])})"
+            ro_m = f"{f(v[f'rollout_psnr@{h}'])} ({f(v[f'rollout_baseline_psnr@{h}'])})"
+            lines.append(f"{m:<12}{v['windows']:>8}  {tf_m:<27}  {ro_m}")
     lines.append(
         f"{result['windows']} windows, context {result['context']}, horizon {result['horizon']}, "
         f"{result['sampler']['steps']} steps, {result['seconds']} s on {result['device']}"

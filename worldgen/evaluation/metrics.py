@@ -85,3 +85,25 @@ def ssim(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> torch.Te
         for i in range(0, len(a), SSIM_CHUNK)
     ]
     return torch.cat(out).reshape(batch)
+
+
+def by_map(maps: list[str | None], per_window: dict[str, torch.Tensor]) -> dict[str, dict[str, float | int | None]]:
+    """Scores of each window (``per_window[name]``: ``(N, ...)``, NaN where not scored) averaged
+    over the windows of each map and whatever dimensions follow, maps in name order:
+    ``{map: {"windows": n, name: mean or None}}``. Windows of no known map are left out. It shows
+    where a model is weak: Doom's maps differ in light, texture and room size.
+
+    Example:
+        >>> by_map(["E1M2", "E1M1", "E1M2"], {"psnr": torch.tensor([20.0, 18.0, 22.0])})
+        {'E1M1': {'windows': 1, 'psnr': 18.0}, 'E1M2': {'windows': 2, 'psnr': 21.0}}
+    """
+    out: dict[str, dict[str, float | int | None]] = {}
+    for m in sorted({m for m in maps if m}):
+        rows = [i for i, x in enumerate(maps) if x == m]
+        entry: dict[str, float | int | None] = {"windows": len(rows)}
+        for name, v in per_window.items():
+            x = v[torch.tensor(rows, device=v.device)].float()
+            valid = ~x.isnan()
+            entry[name] = round(float(x[valid].mean()), 4) if valid.any() else None
+        out[m] = entry
+    return out

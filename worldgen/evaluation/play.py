@@ -60,6 +60,10 @@ without bumping ``version``). ``P`` below is one of ``model``, ``hold_last``, ``
   ``psnr_vs_departure``, ``ssim_vs_departure`` (the frame on return against the last context
   frame) and, for ``model`` and ``hold_last``, ``psnr_vs_game``, ``ssim_vs_game`` (against the
   game's own frame on return).
+* ``per_map``: where the model is weak, by the map of each window (recordings that name their
+  maps): ``{map: {"windows", P: {...}}}``; for ``model`` and ``hold_last`` ``psnr@1``,
+  ``psnr@H`` (H the last reported horizon), ``accuracy@4``, ``gap_db@8`` (the last horizon where
+  shorter), and for every ``P`` ``{case}_vs_departure`` per revisit case (PSNR of the return).
 * ``camera``: null without an odometry, else ``odometry`` (what measured it) and per ``P``
   ``{case: {"yaw_err_deg", "forward_err", "yaw_sign_agreement", "forward_sign_agreement"},
   "all": {...}}``: mean absolute errors per step against the game's true motion, and the share
@@ -84,7 +88,7 @@ from tqdm import tqdm
 from worldgen.actions import Action
 from worldgen.data import Dataset
 from worldgen.evaluation.evaluate import EvaluationError, has_ffmpeg, write_json
-from worldgen.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
+from worldgen.evaluation.metrics import PSNR_CAP_DB, by_map, psnr, ssim
 from worldgen.files import atomic_write
 
 VERSION = 1
@@ -156,6 +160,7 @@ class PlayRecording:
     context_mouse: np.ndarray  # (N, c, 2)
     context_pose: np.ndarray  # (N, c, 5)
     context_depth: np.ndarray | None = None  # (N, c, H, W) uint8 levels, where the recording has depth
+    maps: list[str | None] = field(default_factory=list)  # each window's map, where the recording names it
     frames: dict[str, np.ndarray] = field(default_factory=dict)  # case -> (N, K, H, W, 3) the game's frames
     pose: dict[str, np.ndarray] = field(default_factory=dict)  # case -> (N, K, 5) the game's camera poses
     keys: dict[str, np.ndarray] = field(default_factory=dict)  # case -> (K, 8) its actions
@@ -204,6 +209,7 @@ def load_recording(path: str | Path) -> PlayRecording:
         context_mouse=np.stack([ctx(w, "mouse")[:c] for w in windows]),
         context_pose=np.stack([ctx(w, "pose")[1:] for w in windows]),
         context_depth=np.stack([ctx(w, "depth")[1:] for w in windows]) if "depth" in ds.fields else None,
+        maps=[ds.episodes[w["context"]].map for w in windows],
     )
     matched = [ds.episodes[w[k]].extra["replay_matched"] for w in windows for k in cases]
     rec.matched = float(np.mean(matched))
@@ -427,6 +433,34 @@ def _branch_report(scores: dict[str, torch.Tensor], names: list[str], horizons: 
     }
 
 
+def _per_map(
+    maps: list[str | None],
+    scores: dict[str, dict[str, torch.Tensor]],
+    returned: dict[str, dict[str, torch.Tensor]],
+    horizons: list[int],
+) -> dict[str, Any]:
+    """The headline numbers per map of the windows: for ``model`` and ``hold_last`` the branches'
+    PSNR at the first and last reported step, identification at step 4 and the gap at step 8 (or
+    the last step where the horizon is shorter), and for every predictor each revisit's return
+    against its departure."""
+    last, ident, gap = horizons[-1], min(4, horizons[-1]), min(8, horizons[-1])
+    out: dict[str, Any] = {}
+    for p in PREDICTORS:
+        per = {f"{case}_vs_departure": v for case, v in returned[p].items()}
+        if p != "game":  # the game against itself is the cap
+            s = scores[p]
+            per = {
+                "psnr@1": s["psnr"][..., 0],
+                f"psnr@{last}": s["psnr"][..., last - 1],
+                f"accuracy@{ident}": s["correct"][..., ident - 1],
+                f"gap_db@{gap}": s["gap_db"][..., gap - 1],
+                **per,
+            }
+        for m, entry in by_map(maps, per).items():
+            out.setdefault(m, {"windows": entry.pop("windows")})[p] = entry
+    return out
+
+
 def _camera(odometry: Odometry, rec: PlayRecording, frames: dict[str, np.ndarray]) -> dict[str, Any]:
     """Odometry on ``frames`` (case -> (N, K, H, W, 3)) against the game's pose changes."""
     report, errs = {}, []
@@ -523,17 +557,19 @@ def evaluate_play(
         **{f"chance@{h}": _r(chance[h - 1]) for h in horizons},
         "chance_curve": [_r(v) for v in chance.tolist()],
     }
+    scores = {p: score_branches(stack(made[p]), game, apart) for p in PREDICTORS}
     for p in PREDICTORS:
-        branches[p] = _branch_report(score_branches(stack(made[p]), game, apart), names, horizons)
+        branches[p] = _branch_report(scores[p], names, horizons)
 
     departure = torch.from_numpy(rec.context[:, -1]).to(device)
-    revisit_report = {}
+    revisit_report, returned = {}, {p: {} for p in PREDICTORS}  # returned: P -> case -> (N,) PSNR
     for name in revisits:
         ret = {p: torch.from_numpy(made[p][name][:, -1]).to(device) for p in PREDICTORS}
         entry: dict[str, Any] = {"steps": len(rec.keys[name])}
         for p in PREDICTORS:
+            returned[p][name] = psnr(ret[p], departure)
             entry[p] = {
-                "psnr_vs_departure": _r(psnr(ret[p], departure).mean()),
+                "psnr_vs_departure": _r(returned[p][name].mean()),
                 "ssim_vs_departure": _r(ssim(ret[p], departure).mean()),
             }
             if p != "game":
@@ -565,6 +601,7 @@ def evaluate_play(
         "game_deterministic": None if rec.deterministic is None else _r(rec.deterministic),
         "branches": branches,
         "revisits": revisit_report,
+        "per_map": _per_map(rec.maps, scores, returned, horizons),
         "camera": camera,
         "psnr_cap_db": round(PSNR_CAP_DB, 4),
         "device": str(device),
@@ -716,6 +753,16 @@ def summary(result: dict[str, Any]) -> str:
                 f"camera {p:<10} yaw err {f(a['yaw_err_deg'])} deg, forward err {f(a['forward_err'])} units, "
                 f"turn signs {f(a['yaw_sign_agreement'], '5.2f')}, walk signs {f(a['forward_sign_agreement'], '5.2f')}"
             )
+    for m, v in (result.get("per_map") or {}).items():
+        model, held = v["model"], v["hold_last"]
+        cols = [k for k in model if "@" in k]  # psnr@1, psnr@H, accuracy@4, gap_db@8
+        turn = model.get("turn360_vs_departure")
+        lines.append(
+            f"map {m:<6} {v['windows']:>3} windows: "
+            + ", ".join(f"{k} {f(model[k])} ({f(held[k])})" for k in cols)
+            + (f", turn360 {f(turn)}" if "turn360_vs_departure" in model else "")
+            + " (hold-last in brackets)"
+        )
     lines.append(
         f"{result['windows']} windows, context {result['context']}; the game's replays matched the recording "
         f"{f(result['replay_matched'], '.0%')}, repeated identically {f(result['game_deterministic'], '.0%')}; "
