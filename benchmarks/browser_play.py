@@ -46,7 +46,7 @@ from PIL import Image
 
 from worldgen import checkpoint
 from worldgen.actions import Action
-from worldgen.clients.client import LocalServer
+from worldgen.clients.client import HEADLESS_CHROMIUM_ARGS, LocalServer
 from worldgen.data import Dataset
 from worldgen.data.loader import WindowDataset
 from worldgen.engine.world_model import WorldModel, save_starts
@@ -89,15 +89,6 @@ KEY_CODE = {
     "attack": "Space",
     "use": "KeyE",
 }
-CHROMIUM_ARGS = [  # as tests/test_clients.py: root in a container, no outside network
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 class BrowserPlayError(RuntimeError):
@@ -338,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         model = serving_copy(args.checkpoint, item, source, Path(tmp))
         server = LocalServer(model, "--device", args.device, "--threads", str(args.threads))
         with server as srv, sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            browser = pw.chromium.launch(executable_path=chromium, args=list(HEADLESS_CHROMIUM_ARGS))
             page = browser.new_page(viewport={"width": 900, "height": 700})
             record = play_script(page, srv.url, SCRIPT)
             browser.close()

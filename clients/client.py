@@ -241,6 +241,20 @@ class BackgroundClient:
         self.thread.join(5)
 
 
+# Flags for headless Chromium driving the browser client (tests, benchmarks/browser_play.py):
+# root in a container needs --no-sandbox; the background-networking ones stop Chromium from
+# reaching for Google's hosts on a machine with no outside network.
+HEADLESS_CHROMIUM_ARGS = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
 class LocalServer:
     """``worldgen serve`` in a child process on a free port: what tests and the load benchmark
     run against. Its output is kept in ``lines`` (read on a thread, so a chatty server never

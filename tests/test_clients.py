@@ -26,7 +26,7 @@ import pygame  # noqa: E402
 from conftest import benchmark_script, finite  # noqa: E402
 
 from worldgen.actions import KEYS  # noqa: E402
-from worldgen.clients.client import Client, LocalServer  # noqa: E402
+from worldgen.clients.client import HEADLESS_CHROMIUM_ARGS, Client, LocalServer  # noqa: E402
 from worldgen.clients.play import LocalSource, RemoteSource, play  # noqa: E402
 
 TOKEN = "t0ken"
@@ -89,19 +89,8 @@ def browser():
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.fail('the browser test needs playwright: pip install -e ".[test]"')
-    # Flags: root in a container needs --no-sandbox; the background-networking ones stop Chromium
-    # from reaching for Google's hosts on a machine with no outside network.
-    args = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ]
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, args=args)
+        b = p.chromium.launch(executable_path=path, args=list(HEADLESS_CHROMIUM_ARGS))
         yield b
         b.close()
 
