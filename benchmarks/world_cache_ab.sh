@@ -10,9 +10,9 @@
 # GPU session of 30 device-minutes, of which starting the machine may take ten: about 19 minutes of
 # work on an H100 (2026-12-07: recording 22 s; the tokenizer's --minutes includes about a minute of
 # compiling, then 23 steps/s; the DiT's encoding with cache views 2 min, compiling 1 min, then 13
-# steps/s; each play suite about 3 minutes). The DiT gets a fixed step count, not --minutes,
-# because a --minutes budget counts the cache views' rendering while the latents are encoded
-# (docs/world_cache.md, "Training with the cache").
+# steps/s; the default's play suite 16 s of game replays and 61 s of play). The DiT gets a fixed
+# step count, not --minutes, because a --minutes budget counts the cache views' rendering while the
+# latents are encoded (docs/world_cache.md, "Training with the cache").
 # Knobs: TRAIN_STEPS (frames recorded for training), TOK_MINUTES, DYN_STEPS, HISTORY (the H of
 # --world-cache), NOCACHE=1 also trains the same DiT on the same tokenizer without the cache (the
 # held-out loss of the pair is the A/B), FT_STEPS=N fine-tunes the cache model N steps on its own

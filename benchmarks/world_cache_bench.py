@@ -12,6 +12,7 @@ that no cache, however exact, can pass on this play.
 
     worldgen record --env doom --steps 16000 --workers 16 --seed 1000 --out HELDOUT
     python benchmarks/world_cache_bench.py --data HELDOUT --batch 1,64 --steps 256 --json cache_bench.json
+    python benchmarks/world_cache_bench.py --data VAL --batch 16 --steps 64 --cache '{"blend_sigma": 0.75}'
 """
 
 from __future__ import annotations
@@ -94,18 +95,19 @@ def main() -> None:
     p.add_argument("--data", required=True, help="a recording with depth and poses (ViZDoom)")
     p.add_argument("--batch", default="1,64", help="comma-separated batch sizes")
     p.add_argument("--steps", type=int, default=256, help="frames each session plays")
-    p.add_argument("--max-points", type=int, default=CacheConfig.max_points, help="the per-session point bound")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--camera", default=None, help="JSON of camera fields to override, e.g. '{\"depth_scale\": 6.25}'")
+    p.add_argument(
+        "--cache", default=None, help="JSON of CacheConfig fields to override, e.g. '{\"max_points\": 32768}'"
+    )
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     ds = Dataset(args.data)
-    camera = dataset_camera(ds)
-    if args.camera:
-        camera = dataclasses.replace(camera, **json.loads(args.camera))
+    camera = dataclasses.replace(dataset_camera(ds), **json.loads(args.camera or "{}"))
+    config = CacheConfig(**json.loads(args.cache or "{}"))
     rows = []
     for b in (int(x) for x in args.batch.split(",")):
-        row = run(ds, b, args.steps, CacheConfig(max_points=args.max_points), torch.device(args.device), camera)
+        row = run(ds, b, args.steps, config, torch.device(args.device), camera)
         print(json.dumps(row))
         rows.append(row)
     if args.json:

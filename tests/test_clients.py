@@ -333,7 +333,8 @@ def test_browser_play_benchmark(tiny_checkpoint, browser, tmp_path, one_thread):
     rec.record_doom(data, 60, workers=1, episode_steps=60, maps=["E1M1"], seed=4, progress=False)
     ds = Dataset(data)
     wm = WorldModel.load(tiny_checkpoint, device="cpu")
-    context, size = wm.start(0)[0].shape[0], wm.start(0)[0].shape[1:3]
+    start = wm.start(0)[0]  # (T, H, W, 3)
+    context, size = start.shape[0], start.shape[1:3]
     script = (
         bp.Segment("walk", ("forward",), 0.6),
         bp.Segment("turn left", ("turn_left",), 0.4),
