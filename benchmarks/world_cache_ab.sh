@@ -14,8 +14,11 @@
 # step count, not --minutes, because a --minutes budget counts the cache views' rendering while the
 # latents are encoded (docs/world_cache.md, "Training with the cache").
 # Knobs: TRAIN_STEPS (frames recorded for training), TOK_MINUTES, DYN_STEPS, HISTORY (the H of
-# --world-cache), NOCACHE=1 also trains the same DiT on the same tokenizer without the cache (the
-# held-out loss of the pair is the A/B), FT_STEPS=N fine-tunes the cache model N steps on its own
+# --world-cache), WARM=MODEL warm-starts both from a trained RGB model (its tokenizer grows the depth
+# channel, its DiT the cache view's input channels, both starting ignored: the A/B then asks what the
+# cache adds to that model, not what a short run from scratch loses to it), NOCACHE=1 also trains
+# the same DiT on the same tokenizer without the cache, last (the held-out loss of the pair is the
+# A/B of the cache alone), FT_STEPS=N fine-tunes the cache model N steps on its own
 # rollouts, its clouds built from the frames it played (as the default's recipe does without the
 # cache; the fine-tuned model is then the one scored), BENCH=1 adds `worldgen bench` of both models.
 # Everything lands in WORKDIR: datasets, runs, eval_*.json, play_*.json, timings.txt.
@@ -38,6 +41,8 @@ case "$scale" in
   *) echo "scale must be smoke or full" >&2; exit 2 ;;
 esac
 history=${HISTORY:-4}
+# A warm start goes on from trained weights: a gentler peak LR, so the first steps keep what it knows.
+[ -n "${WARM:-}" ] && [ "$scale" = full ] && { tok="$tok --lr 2e-4 --warmup 100"; dyn="${dyn/--lr 5e-4/--lr 2e-4} --warmup 100"; }
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$work/timings.txt"; }
 log "host $(hostname) gpu $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo none) commit $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
 
@@ -48,19 +53,19 @@ log "host $(hostname) gpu $(nvidia-smi --query-gpu=name --format=csv,noheader 2>
   --seed 1000 --quiet --overwrite && touch "$work/heldout.done"; }
 log "recorded"
 
+warm=${WARM:+--init $WARM}
 [ -f "$work/tok/ckpt/tokenizer.json" ] || worldgen train tokenizer --data "$work/train" --run "$work/tok" --depth $tok \
-  --export-dtype bf16 $compile
+  $warm --export-dtype bf16 $compile
 log "RGB-D tokenizer: $(python -c "import json; d = json.load(open('$work/tok/summary.json')); print(f\"held-out PSNR {d['heldout_psnr']:.2f} dB, {d['steps']} steps\")")"
 
-arms=cache
-[ "${NOCACHE:-0}" = 1 ] && arms="cache nocache"
-for arm in $arms; do
-  flag=""
-  [ $arm = cache ] && flag="--world-cache $history"
-  [ -f "$work/dyn_$arm/ckpt/dynamics.json" ] || worldgen train dynamics --data "$work/train" --tokenizer "$work/tok" \
-    --run "$work/dyn_$arm" $flag $dyn --window 16 --action-dropout 0 --export-dtype bf16 $compile
-  log "DiT $arm: $(python -c "import json; d = json.load(open('$work/dyn_$arm/summary.json')); print(f\"held-out loss {d['heldout_loss']:.4f}, {d['steps']} steps, {d['train_wall_s']:.0f} s training\")")"
-done
+train_dit() {  # arm (cache|nocache)
+  local flag=""
+  [ $1 = cache ] && flag="--world-cache $history"
+  [ -f "$work/dyn_$1/ckpt/dynamics.json" ] || worldgen train dynamics --data "$work/train" --tokenizer "$work/tok" \
+    --run "$work/dyn_$1" $flag $dyn $warm --window 16 --action-dropout 0 --export-dtype bf16 $compile
+  log "DiT $1: $(python -c "import json; d = json.load(open('$work/dyn_$1/summary.json')); print(f\"held-out loss {d['heldout_loss']:.4f}, {d['steps']} steps, {d['train_wall_s']:.0f} s training\")")"
+}
+train_dit cache
 
 model=$work/dyn_cache/ckpt
 if [ "$ft_steps" != 0 ]; then
@@ -91,6 +96,8 @@ if [ "${BENCH:-0}" = 1 ]; then
   done
   log "bench done"
 fi
+
+[ "${NOCACHE:-0}" = 1 ] && train_dit nocache
 
 # Both models' headline tables, one after the other (the same windows and branches).
 python - "$work" <<'EOF'

@@ -500,6 +500,9 @@ def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tup
         )
     if got.max_frames < cfg.window:
         raise ValueError(f"--init {cfg.init}: its DiT holds {got.max_frames} frames, --window is {cfg.window}")
+    if got.cond_channels == 0 and cond:  # grow the cache view's input channels, starting ignored
+        model = grow_cond_channels(model, cond).train()
+        got = model.cfg
     if got.cond_channels != cond:
         raise ValueError(
             f"--init {cfg.init}: its DiT takes {got.cond_channels} conditioning channels, this run "
@@ -511,6 +514,29 @@ def initial_dit(cfg: DynamicsTrainConfig, latent_channels: int, latent_size: tup
             f"so --action-dropout must be {'> 0' if got.null_action else '0'}"
         )
     return model
+
+
+def grow_cond_channels(model: DiT, cond: int) -> DiT:
+    """``model`` taking ``cond`` extra input channels whose patch-embedding weights start at zero:
+    it predicts exactly as before until training teaches it to read them (a DiT without the world
+    cache warm-starts one with it).
+
+    Example:
+        >>> small = DiT(dit_config(DynamicsTrainConfig(model="tiny"), 4, (4, 4))).eval()
+        >>> grown = grow_cond_channels(small, 5).eval()
+        >>> x, t, a = torch.randn(1, 2, 4, 4, 4), torch.rand(1, 2), torch.zeros(1, 2, small.cfg.action_dim)
+        >>> torch.allclose(grown(x, t, a, cond=torch.randn(1, 2, 5, 4, 4)), small(x, t, a), atol=1e-5)
+        True
+    """
+    cfg = model.cfg
+    grown = DiT(dataclasses.replace(cfg, cond_channels=cond))
+    state = model.state_dict()
+    p, c = cfg.patch_size, cfg.latent_channels
+    # Tokens flatten a patch as (p q c), channels innermost: the old c come first in each pixel.
+    w = state["patch_embed.weight"].unflatten(1, (p, p, c))
+    state["patch_embed.weight"] = torch.cat([w, w.new_zeros(*w.shape[:3], cond)], 3).flatten(1)
+    grown.load_state_dict(state)
+    return grown
 
 
 # --- the task --------------------------------------------------------------------------------

@@ -32,7 +32,15 @@ from torch import nn
 from worldgen.data import Dataset
 from worldgen.data.dataset import depth_to_uint8
 from worldgen.evaluation.metrics import psnr, ssim
-from worldgen.models import Tokenizer, TokenizerConfig, autocast, frames_to_tensor, save_part, tensor_to_frames
+from worldgen.models import (
+    Tokenizer,
+    TokenizerConfig,
+    autocast,
+    frames_to_tensor,
+    load_tokenizer,
+    save_part,
+    tensor_to_frames,
+)
 from worldgen.training import loop
 from worldgen.training.config import TrainConfig, opt
 from worldgen.training.distributed import Dist
@@ -50,6 +58,11 @@ class TokenizerTrainConfig(TrainConfig):
     equivariance: float = opt(0.5, "weight of the scale-equivariance loss (smooth, diffusable latents); 0 = off")
     pool_frames: int = opt(65536, "train frames held on the device to draw batches from (~3.8 GB at 160x120)")
     eval_frames: int = opt(512, "held-out frames for PSNR/SSIM (final; a quarter at checkpoints)")
+    init: str = opt(
+        "",
+        "start from this model folder's tokenizer (its widths and latents; --channels, --latent-channels and "
+        "--equivariance are then its own): with --depth, an RGB tokenizer grows the depth channel",
+    )
 
 
 def open_dataset(cfg: TrainConfig) -> tuple[Dataset, list[int], list[int]]:
@@ -86,6 +99,49 @@ def frame_pool(ds: Dataset, episodes: list[int], max_frames: int, depth: bool) -
     return np.concatenate([read_frames(ds, e, depth, step=k) for e in episodes])[:max_frames]
 
 
+def initial_tokenizer(cfg: TokenizerTrainConfig, image_size: tuple[int, int]) -> Tokenizer:
+    """A fresh tokenizer, or the ``--init`` one. An RGB tokenizer warm-starts an RGB-D one: the
+    depth channel's input and output weights start at zero, so at step 0 it encodes and decodes
+    RGB exactly as before (the latents a DiT of it learned stay valid) and only has to learn depth.
+
+    Example:
+        >>> import tempfile
+        >>> from worldgen.models import save_part
+        >>> rgb = Tokenizer(TokenizerConfig(image_size=(16, 16), channels=(8, 8), downsample=2, latent_channels=4))
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     save_part(d, "tokenizer", rgb, {})
+        ...     rgbd = initial_tokenizer(TokenizerTrainConfig(init=d, depth=True), (16, 16))
+        >>> x = torch.rand(2, 4, 16, 16) * 2 - 1
+        >>> torch.allclose(rgbd.posterior(x)[0], rgb.posterior(x[:, :3])[0])
+        True
+    """
+    channels = 4 if cfg.depth else 3
+    if not cfg.init:
+        return Tokenizer(
+            TokenizerConfig(
+                image_size=image_size,
+                in_channels=channels,
+                latent_channels=cfg.latent_channels,
+                equivariance_weight=cfg.equivariance,
+                channels=tuple(int(c) for c in cfg.channels.split(",")),
+            )
+        )
+    old = load_tokenizer(cfg.init, "cpu")
+    if tuple(old.cfg.image_size) != tuple(image_size):
+        raise ValueError(f"--init {cfg.init}: its tokenizer takes {tuple(old.cfg.image_size)} frames, the data is {image_size}")
+    if old.cfg.in_channels > channels:
+        raise ValueError(f"--init {cfg.init}: its tokenizer encodes depth; give --depth")
+    model = Tokenizer(dataclasses.replace(old.cfg, in_channels=channels)).train()
+    state = old.state_dict()
+    grown = model.state_dict()
+    for key, into in (("encoder.conv_in.weight", 1), ("decoder.head.2.weight", 0), ("decoder.head.2.bias", 0)):
+        w = torch.zeros_like(grown[key])
+        w.narrow(into, 0, state[key].shape[into]).copy_(state[key])
+        state[key] = w
+    model.load_state_dict(state)
+    return model
+
+
 def tokenizer_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Per-pixel MSE of a posterior sample's decoding of ``x`` (B, C, H, W) in [-1, 1], plus the
     VAE's own weighted terms (its KL)."""
@@ -117,15 +173,7 @@ class TokenizerTask:
         ds, train, held = open_dataset(cfg)
         w, h = ds.resolution
         torch.manual_seed(cfg.seed)
-        model = Tokenizer(
-            TokenizerConfig(
-                image_size=(h, w),
-                in_channels=4 if cfg.depth else 3,
-                latent_channels=cfg.latent_channels,
-                equivariance_weight=cfg.equivariance,
-                channels=tuple(int(c) for c in cfg.channels.split(",")),
-            )
-        )
+        model = initial_tokenizer(cfg, (h, w))
         t0 = time.time()
         pool = torch.from_numpy(frame_pool(ds, train, cfg.pool_frames, cfg.depth))
         held_eps = held or train
