@@ -50,6 +50,7 @@ from worldgen.evaluation.stability import (
     in_range,
     open_sessions,
     pick_windows,
+    session_fields,
     play,
     stability,
     starts_of,
@@ -357,7 +358,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         check(base, ds, args)
         longest = args.context + max(args.horizons)
         items = (
-            pick_windows(ds, longest, args.windows, f"a context of {args.context} + {max(args.horizons)} frames")
+            pick_windows(
+                ds,
+                longest,
+                args.windows,
+                f"a context of {args.context} + {max(args.horizons)} frames",
+                fields=session_fields(base),
+            )
             if args.settings
             else []
         )

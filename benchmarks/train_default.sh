@@ -19,19 +19,30 @@
 # the full run's training and sweep. The 2026-12-02 experiment (docs/history/results-2026-12.md):
 # TRAIN_POLICY=babble DYN_MINUTES=8 DYN_ARGS="--ctx-noise 0.1 --action-dropout 0.1"
 # SWEEP="--steps 2 --ctx-noise 0.1 --guidance 1 2 3 --windows 24 --horizon 16".
+# WORLD_CACHE=H adds a last training stage (docs/world_cache.md): the model warm-started with the
+# world cache, its tokenizer growing the depth channel for CACHE_TOK_MINUTES (default 1.5) and its
+# DiT the view's input for CACHE_STEPS steps (default 1000) with `--world-cache H`. TRAIN_STEPS sets
+# the recorded training frames (the cache's encoding renders a view per frame: about 1.2 ms each).
+# Going on from the shipped model with the cache alone:
+# TOKENIZER=worldgen/checkpoints/default DYNAMICS=worldgen/checkpoints/default ROLLOUT_MINUTES=0 WORLD_CACHE=4.
 set -euo pipefail
 work=${1:?usage: train_default.sh WORKDIR [smoke|full]}
 scale=${2:-full}
 mkdir -p "$work"
 case "$scale" in
-  smoke) train_steps=4000 held_steps=3200 tok_budget="--steps 5 --batch-size 4" dyn_budget="--steps 5 --batch-size 2"
+  smoke) train_steps=${TRAIN_STEPS:-4000} held_steps=3200 tok_budget="--steps 5 --batch-size 4" dyn_budget="--steps 5 --batch-size 2"
          rollout_budget="--steps 3 --batch-size 2"
+         cache_tok="--steps 3 --batch-size 4" cache_dyn="--steps ${CACHE_STEPS:-3} --batch-size 2"
+         play="--windows 2 --horizon 4 --batch 2"
          windows=4 sweep="--steps 1 2 --ctx-noise 0 0.1 --sinks 0 1 --windows 2 --horizon 4 --stability-frames 20 --stability-sessions 2"
          long="--frames 20 --sessions 2 --segment 10 --windows 2 --horizons 2 4 --settings 14,1,0.1 6,1,0.1"
          bench="--batch 1 2 --frames 3" envs="1,2 --steps 2 --warmup 1" ;;
-  full)  train_steps=220000 held_steps=16000 tok_budget="--minutes 4 --batch-size 64"
+  full)  train_steps=${TRAIN_STEPS:-220000} held_steps=16000 tok_budget="--minutes 4 --batch-size 64"
          dyn_budget="--minutes ${DYN_MINUTES:-13} --batch-size 128 --lr 5e-4" windows=64
          rollout_budget="--minutes ${ROLLOUT_MINUTES:-7.5} --batch-size 128 --lr 1e-4 --warmup 50 --ema-decay 0.99"
+         cache_tok="--minutes ${CACHE_TOK_MINUTES:-1.5} --batch-size 64 --lr 2e-4 --warmup 100"
+         cache_dyn="--steps ${CACHE_STEPS:-1000} --batch-size 128 --lr 2e-4 --warmup 100"
+         play="--windows 64 --batch 64"
          sweep=${SWEEP:-"--steps 4 5 6 --ctx-noise 0.1 --shift 1 --sinks 0 1 --windows 16 --horizon 16"}  # + 8 x 10,000-frame sessions each
          long="--frames 10000 --sessions 8 --windows 16 --horizons 16 64 256"
          bench="--batch 1 8 32 64 --frames 100" envs="1,16,64 --steps 50" ;;
@@ -77,6 +88,14 @@ if [ "${ROLLOUT_MINUTES:-7.5}" != 0 ]; then
   model=$work/rollout/ckpt
 fi
 t4b=$(date +%s); log "rollout fine-tune in $((t4b - t4)) s"
+if [ -n "${WORLD_CACHE:-}" ]; then
+  worldgen train tokenizer --data "$work/doom_train" --run "$work/tok_rgbd" --init "$model" --depth $cache_tok \
+    --export-dtype bf16 $compile
+  worldgen train dynamics --data "$work/doom_train" --tokenizer "$work/tok_rgbd" --init "$model" --run "$work/cache" \
+    --world-cache "$WORLD_CACHE" $cache_dyn --window 16 --action-dropout 0 --export-dtype bf16 $compile
+  model=$work/cache/ckpt
+  log "world-cache warm start in $(( $(date +%s) - t4b )) s"
+fi
 
 # Sampler settings chosen on the training recording's held-out episodes, never on the test data:
 # of those whose long sessions stay in the real frames' range, the best on PSNR and control.
@@ -86,6 +105,9 @@ log "sampler sweep done"
 worldgen eval --checkpoint "$model" --data "$work/doom_heldout" --split all \
   --windows $windows --json "$work/eval.json" --no-media \
   || log "eval failed"  # (no ffmpeg on the GPU image: media are made elsewhere from the JSON)
+# The play suite (docs/evaluation.md): the same unseen-seed play, the game's branches beside the model's.
+worldgen eval --suite play --checkpoint "$model" --data "$work/doom_heldout" --split all $play --workers $workers \
+  --branches "$work/branches" --json "$work/play.json" --no-media || log "play suite failed"
 t5=$(date +%s); log "evaluated in $((t5 - t4)) s"
 # Long-horizon stability (per-frame stats over 10,000 frames) and the cache-settings table.
 python benchmarks/long_horizon.py --checkpoint "$model" --data "$work/doom_heldout" $long \

@@ -163,3 +163,17 @@ def test_compiled_step_traces_once_with_the_view(wm, cache_model):
         np.testing.assert_array_equal(a.depth, b.depth)
     assert counter.frame_count == 1
     a.close()
+
+
+def test_long_session_stability_starts_from_recorded_geometry(wm, doom_recording):
+    """The stability judge (and long_horizon.py, the sampler sweep) opens each session from a
+    real context; a world-cache model's sessions also get that context's depth and poses."""
+    from worldgen.data import Dataset
+    from worldgen.evaluation.stability import stability
+
+    ds = Dataset(doom_recording)
+    r = stability(wm, ds, frames=4, sessions=2, context=3, segment=4)
+    assert len(r["series"]["mean"]) == 2 and len(r["series"]["mean"][0]) == 4
+    starts = [tuple(s) for s in r["starts"]]
+    again = stability(wm, ds, frames=4, context=3, segment=4, starts=starts)
+    assert again["series"] == r["series"]  # the same starts and seeds: the same sessions

@@ -68,8 +68,14 @@ def band(values: np.ndarray) -> dict[str, float]:
     }
 
 
+def session_fields(wm: WorldModel) -> tuple[str, ...]:
+    """The recorded fields besides frames and actions that ``wm``'s sessions start from: a
+    world-cache model fuses its context's depth at its poses into the session's cloud."""
+    return ("depth", "pose") if wm.world is not None else ()
+
+
 def pick_windows(
-    ds: Dataset, length: int, n: int, what: str, episodes: Sequence[int] | None = None
+    ds: Dataset, length: int, n: int, what: str, episodes: Sequence[int] | None = None, fields: tuple[str, ...] = ()
 ) -> list[dict[str, Any]]:
     """Up to ``n`` windows of ``length`` frames, each inside one episode (of ``episodes`` if
     given), spread evenly over all the places one fits, in episode-id order (the same play
@@ -77,7 +83,7 @@ def pick_windows(
     :class:`WindowDataset` items: actions aligned with the frames they produced."""
     episodes = by_id(ds, range(len(ds)) if episodes is None else episodes)
     try:
-        pool = WindowDataset(ds, length, episodes=episodes, stride=1, fields=())
+        pool = WindowDataset(ds, length, episodes=episodes, stride=1, fields=fields)
     except DatasetError:
         longest = max(ds.episodes[e].length for e in episodes)
         raise EvaluationError(
@@ -94,12 +100,15 @@ def starts_of(ds: Dataset, items: list[dict[str, Any]]) -> list[list]:
 
 
 def open_sessions(wm: WorldModel, items: list[dict[str, Any]], context: int, seed: int) -> list:
-    """One session per window item, from its first ``context`` real frames and their actions."""
+    """One session per window item, from its first ``context`` real frames and their actions (and
+    depth and poses where the items hold them: :func:`session_fields`)."""
     return [
         wm.session(
             it["frames"][:context],
             [Action(k, m) for k, m in zip(it["keys"][:context], it["mouse"][:context])],
             seed=seed + i,
+            context_poses=it["pose"][:context] if "pose" in it else None,
+            context_depth=it["depth"][:context] if "depth" in it else None,
         )
         for i, it in enumerate(items)
     ]
@@ -201,10 +210,11 @@ def stability(
     ``seconds`` and ``frames_per_s``; ``log`` hears every ``segment`` frames.
     """
     eps = by_id(ds, range(len(ds)) if episodes is None else episodes)
+    fields = session_fields(wm)
     items = (
-        windows_at(ds, starts, context)
+        windows_at(ds, starts, context, fields)
         if starts
-        else pick_windows(ds, context, sessions, f"a context of {context} frames", eps)
+        else pick_windows(ds, context, sessions, f"a context of {context} frames", eps, fields)
     )
     if outside := sorted({ds.episodes[it["episode"]].id for it in items if it["episode"] not in eps}):
         raise EvaluationError(f"starts in episodes {', '.join(outside[:3])}, which the given episodes do not hold")
