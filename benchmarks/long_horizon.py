@@ -50,8 +50,8 @@ from worldgen.evaluation.stability import (
     in_range,
     open_sessions,
     pick_windows,
-    session_fields,
     play,
+    session_fields,
     stability,
     starts_of,
 )

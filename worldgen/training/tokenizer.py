@@ -128,7 +128,9 @@ def initial_tokenizer(cfg: TokenizerTrainConfig, image_size: tuple[int, int]) ->
         )
     old = load_tokenizer(cfg.init, "cpu")
     if tuple(old.cfg.image_size) != tuple(image_size):
-        raise ValueError(f"--init {cfg.init}: its tokenizer takes {tuple(old.cfg.image_size)} frames, the data is {image_size}")
+        raise ValueError(
+            f"--init {cfg.init}: its tokenizer takes {tuple(old.cfg.image_size)} frames, the data is {image_size}"
+        )
     if old.cfg.in_channels > channels:
         raise ValueError(f"--init {cfg.init}: its tokenizer encodes depth; give --depth")
     model = Tokenizer(dataclasses.replace(old.cfg, in_channels=channels)).train()
