@@ -84,14 +84,17 @@ class MotionModel:
     def predict_motion(
         self, last_motion: torch.Tensor, action: torch.Tensor, last_action: torch.Tensor
     ) -> torch.Tensor:
-        x = self.features(last_motion, action, last_action)
-        return x @ self.weight.to(x.device)  # the fit lives on the CPU; sessions may not
+        return self.features(last_motion, action, last_action) @ self.weight
 
     def predict(
         self, pose: torch.Tensor, last_motion: torch.Tensor, action: torch.Tensor, last_action: torch.Tensor
     ) -> torch.Tensor:
         """The next pose ``(..., 5)`` from the pose, its :func:`momentum` and the actions."""
         return compose(pose, self.predict_motion(last_motion, action, last_action))
+
+    def to(self, device: torch.device | str) -> MotionModel:
+        """The model on ``device`` (a fit or a loaded one lives on the CPU; sessions may not)."""
+        return MotionModel(self.weight.to(device))
 
     def to_dict(self) -> dict:
         return {"weight": self.weight.tolist()}

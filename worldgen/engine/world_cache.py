@@ -24,6 +24,7 @@ model exactly as its sessions do.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -74,7 +75,7 @@ class CachePool:
     """Clouds and camera state of a model's sessions, one slot each; grows by doubling."""
 
     def __init__(self, settings: PlayCache, action_dim: int, device: torch.device, slots: int = 4):
-        self.settings = settings
+        self.settings = dataclasses.replace(settings, motion=settings.motion.to(device))
         self.clouds = WorldCache(settings.camera, settings.cache, batch=slots, device=device)
         self.pose = torch.zeros(slots, POSE_DIM, device=device)  # the last frame's camera
         self.momentum = torch.zeros(slots, POSE_DIM, device=device)  # its last motion (memory.motion.momentum)
