@@ -54,6 +54,7 @@ from worldgen.env.gym.starts import resize_frames
 from worldgen.env.sources.doom import DoomEnv
 from worldgen.env.sources.record import branch, load_replay
 from worldgen.evaluation.metrics import psnr
+from worldgen.evaluation.stability import session_fields
 
 
 @dataclass(frozen=True)
@@ -136,18 +137,20 @@ def pick_start(ds: Dataset, context: int, keys: np.ndarray, mouse: np.ndarray, c
     return where
 
 
-def start_context(ds: Dataset, episode: int, at: int, context: int, size: tuple[int, int], geometry: bool) -> dict:
+def start_context(
+    ds: Dataset, episode: int, at: int, context: int, size: tuple[int, int], fields: tuple[str, ...] = ()
+) -> dict:
     """The ``context`` frames of ``episode`` ending at frame ``at``, at the model's ``size`` (h, w),
-    with the actions that produced them (and depth and poses for a world-cache model)."""
+    with the actions that produced them and the recorded ``fields`` the model's sessions start from
+    (:func:`~worldgen.evaluation.stability.session_fields`: depth and poses for a world-cache model)."""
     if not context - 1 <= at < ds.episodes[episode].length:
         raise BrowserPlayError(
             f"--at must be in [{context - 1}, {ds.episodes[episode].length}) for {context} context frames "
             f"of episode {ds.episodes[episode].id}, got {at}"
         )
-    pool = WindowDataset(ds, context, episodes=[episode], fields=("depth", "pose") if geometry else (), verify=False)
-    item = pool[at - context + 1]
+    item = WindowDataset(ds, context, episodes=[episode], fields=fields, verify=False)[at - context + 1]
     if item["frames"].shape[1:3] != size:
-        if geometry:
+        if fields:
             raise BrowserPlayError(
                 f"the recording's frames are {item['frames'].shape[2]}x{item['frames'].shape[1]}, the model's "
                 f"{size[1]}x{size[0]}: a world-cache model needs a recording at its own size (depth and camera)"
@@ -231,6 +234,32 @@ def segment_bounds(counts: list[int], lead: int, total: int) -> list[tuple[int, 
     return [(min(int(e - k), total), min(int(e), total)) for e, k in zip(ends, counts)]
 
 
+def against_game(
+    record: dict, data: str | Path, episode_id: str, at: int, start: np.ndarray, script: tuple[Segment, ...]
+) -> dict[str, Any]:
+    """The browser's frames beside the game's: which action made each frame (:func:`frame_actions`),
+    the game replaying episode ``episode_id`` of ``data`` to frame ``at`` and playing those actions,
+    each segment's frames and scores. ``start``: the last context frame at the model's size; both
+    ``shown`` and ``game`` begin with it."""
+    shown, keys, mouse, ids = frame_actions(record)
+    game, _, matched = branch(f"{data}::{episode_id}", at, keys, mouse)
+    game = np.concatenate([start[None], resize_frames(game, start.shape[:2])])
+    lead = ids.index(record["script_from"]) + 1 if record["script_from"] in ids else 0
+    bounds = segment_bounds(frames_per_segment(script, record["fps"]), lead, len(ids))
+    scores = segment_scores(script, shown[1:], game[1:], start, bounds)
+    return {
+        "shown": shown,
+        "game": game,
+        "keys": keys,
+        "mouse": mouse,
+        "ids": ids,
+        "lead": lead,
+        "bounds": bounds,
+        "scores": scores,
+        "matched": matched,
+    }
+
+
 def segment_scores(
     script: tuple[Segment, ...], model: np.ndarray, game: np.ndarray, held: np.ndarray, bounds: list[tuple[int, int]]
 ) -> list[dict]:
@@ -309,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     ds = Dataset(args.data)
     wm = WorldModel.load(args.checkpoint, device="cpu")
     ctx_frames, _ = wm.start(0)
-    context, size, geometry, fps = ctx_frames.shape[0], ctx_frames.shape[1:3], wm.world is not None, wm.fps
+    context, size, fields, fps = ctx_frames.shape[0], ctx_frames.shape[1:3], session_fields(wm), wm.fps
     del wm
     if args.episode is None:
         episode, at = pick_start(ds, context, *script_actions(SCRIPT, fps))
@@ -320,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BrowserPlayError(f"{args.data} has no episode {args.episode!r}")
         episode, at = ids.index(args.episode), context - 1 if args.at is None else args.at
     eid = ds.episodes[episode].id
-    item = start_context(ds, episode, at, context, size, geometry)
+    item = start_context(ds, episode, at, context, size, fields)
 
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     t0 = time.perf_counter()
@@ -334,17 +363,13 @@ def main(argv: list[str] | None = None) -> int:
             record = play_script(page, srv.url, SCRIPT)
             browser.close()
     wall = time.perf_counter() - t0
-    shown, keys, mouse, ids = frame_actions(record)  # shown[0]: the start frame
-    game, _, matched = branch(f"{args.data}::{eid}", at, keys, mouse)
-    game = np.concatenate([item["frames"][-1:], resize_frames(game, size)])  # the same start frame first
-    lead = ids.index(record["script_from"]) + 1 if record["script_from"] in ids else 0
-    bounds = segment_bounds(frames_per_segment(SCRIPT, record["fps"]), lead, len(ids))
-    scores = segment_scores(SCRIPT, shown[1:], game[1:], item["frames"][-1], bounds)
+    r = against_game(record, args.data, eid, at, item["frames"][-1], SCRIPT)
+    ids, scores = r["ids"], r["scores"]
     title = (
         f"{args.checkpoint} in the browser client ({args.device}), above; the game, below; "
         f"{Path(args.data).name} episode {eid} from frame {at}"
     )
-    contact_sheet(SCRIPT, shown, game, bounds, record["fps"], Path(args.out), title)
+    contact_sheet(SCRIPT, r["shown"], r["game"], r["bounds"], record["fps"], Path(args.out), title)
 
     result = {
         "checkpoint": str(args.checkpoint),
@@ -355,10 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         "script": [asdict(s) for s in SCRIPT],
         "model_fps": record["fps"],
         "frames": len(ids),
-        "frames_before_the_script": lead,
+        "frames_before_the_script": r["lead"],
         "script_seconds": record["seconds"],
         "frames_per_second_received": record["frames_played"] / record["seconds"],
-        "replay_matched": matched,
+        "replay_matched": r["matched"],
         "segments": scores,
         "mean_model_db": float(np.mean([s["model_db"] for s in scores])),
         "mean_held_db": float(np.mean([s["held_db"] for s in scores])),
@@ -368,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {s['segment']} | {s['frames'][0]}-{s['frames'][1]} | {s['model_db']:.2f} | {s['held_db']:.2f} |")
     print(
         f"{len(ids)} frames; the script took {record['seconds']:.0f} s ({wall:.0f} s in all); "
-        f"the replay matched the recording: {matched}; sheet {args.out}"
+        f"the replay matched the recording: {r['matched']}; sheet {args.out}"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -341,13 +341,14 @@ def test_browser_play_benchmark(tiny_checkpoint, browser, tmp_path, one_thread):
         bp.Segment("stand still", (), 0.3),
     )
     episode, at = bp.pick_start(ds, context, *bp.script_actions(script, 15.0), candidates=2)
-    item = bp.start_context(ds, episode, at, context, size, geometry=False)
+    item = bp.start_context(ds, episode, at, context, size)
     model = bp.serving_copy(str(tiny_checkpoint), item, {"data": str(data)}, tmp_path)
     with LocalServer(model, "--device", "cpu", "--threads", "1", "--fps", "15") as srv:
         page = browser.new_page()
         record = bp.play_script(page, srv.url, script)
         page.close()
-    shown, keys, mouse, ids = bp.frame_actions(record)
+    r = bp.against_game(record, data, ds.episodes[episode].id, at, item["frames"][-1], script)
+    shown, keys, mouse, ids = r["shown"], r["keys"], r["mouse"], r["ids"]
     assert record["fps"] == 15.0 and len(shown) == len(keys) + 1 == len(ids) + 1
     assert np.array_equal(shown[0], np.asarray(Image.open(io.BytesIO(encode_jpeg(item["frames"][-1], 85)))))
 
@@ -360,12 +361,8 @@ def test_browser_play_benchmark(tiny_checkpoint, browser, tmp_path, one_thread):
     walked, turned = (int(keys[:, KEYS.index(k)].sum()) for k in ("forward", "turn_left"))
     assert abs(walked - counts[0]) <= 1 and abs(turned - counts[1]) <= 1 and keys[-2:].sum() == 0
 
-    game, _, matched = bp.branch(f"{data}::{ds.episodes[episode].id}", at, keys, mouse)
-    assert matched and len(game) == len(keys)
-    game = np.concatenate([item["frames"][-1:], bp.resize_frames(game, size)])
-    lead = ids.index(record["script_from"]) + 1 if record["script_from"] in ids else 0
-    bounds = bp.segment_bounds(counts, lead, len(ids))
-    scores = bp.segment_scores(script, shown[1:], game[1:], item["frames"][-1], bounds)
-    assert [s["segment"] for s in scores] == ["walk", "turn left", "stand still"] and finite(scores)
-    bp.contact_sheet(script, shown, game, bounds, 15.0, tmp_path / "sheet.png", "test")
+    assert r["matched"] and len(r["game"]) == len(shown)
+    assert [sc["segment"] for sc in r["scores"]] == ["walk", "turn left", "stand still"] and finite(r["scores"])
+    assert [b - a for a, b in r["bounds"]] == counts  # every segment played its frames
+    bp.contact_sheet(script, shown, r["game"], r["bounds"], 15.0, tmp_path / "sheet.png", "test")
     assert (tmp_path / "sheet.png").stat().st_size > 1000
