@@ -346,6 +346,8 @@ def _summary(
         "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
         "world_size": d.world_size,
         "batch_size_total": cfg.batch_size,
+        # What sizes the next run's batch: the most this rank's GPU held at once (None on the CPU).
+        "peak_memory_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None,
         **metrics,
     }
 
