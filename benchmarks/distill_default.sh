@@ -22,11 +22,13 @@ name=${NAME:-distill}
 mkdir -p "$work"
 case "$scale" in
   smoke) train_steps=1000 held_steps=400 budget="--steps 3 --batch-size 2 --rollout-frames 16"
-         sweep="--steps 1 2 --ctx-noise 0.1 --windows 2 --horizon 4 --stability-frames 20 --stability-sessions 2"
+         sweep="--steps 1 2 --ctx-noise 0.1 --windows 2 --horizon 4 --stability-frames 20 --stability-sessions 2 --play-windows 2"
          eval="--windows 2 --horizon 8" long="--frames 20 --sessions 2 --windows 2 --horizons 2 4"
          bench="--batch 1 2 --frames 3" ;;
   full)  train_steps=100000 held_steps=16000
-         budget="--minutes ${DISTILL_MINUTES:-20} --batch-size 32"
+         # 128 windows: a step's rollout plays frame by frame, so it is bound by passes, not by the
+         # batch (the first run, at 32: 1.09 s a step, MFU 1.2%; docs/distill.md).
+         budget="--minutes ${DISTILL_MINUTES:-20} --batch-size 128"
          sweep=${SWEEP:-"--steps 1 2 4 --ctx-noise 0.1 --sinks 0 --windows 16 --horizon 16"}  # + 8 x 10,000-frame sessions each
          eval="--windows 64 --horizon 64" long=${LONG:-"--frames 10000 --sessions 8 --windows 16 --horizons 16 64 256"}
          bench="--batch 1 64 --frames 100" ;;
@@ -64,7 +66,7 @@ for s in 1 2 4; do
 done
 t4=$(date +%s); log "evaluated in $((t4 - t3)) s"
 
-for who in teacher $name; do
+for who in $name teacher; do  # the student's first: the teacher's are in RESULTS if time runs out
   m=$([ $who = teacher ] && echo "$teacher" || echo "$student")
   [ $who = teacher ] && [ -f "$work/long_horizon_teacher.json" ] && continue
   python benchmarks/long_horizon.py --checkpoint "$m" --data "$work/doom_heldout" $long $(on_gpu --compile) \

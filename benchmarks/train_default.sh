@@ -34,7 +34,7 @@ case "$scale" in
          rollout_budget="--steps 3 --batch-size 2"
          cache_tok="--steps 3 --batch-size 4" cache_dyn="--steps ${CACHE_STEPS:-3} --batch-size 2"
          play="--windows 2 --horizon 4 --batch 2"
-         windows=4 sweep="--steps 1 2 --ctx-noise 0 0.1 --sinks 0 1 --windows 2 --horizon 4 --stability-frames 20 --stability-sessions 2"
+         windows=4 sweep="--steps 1 2 --ctx-noise 0 0.1 --sinks 0 1 --windows 2 --horizon 4 --stability-frames 20 --stability-sessions 2 --play-windows 2"
          long="--frames 20 --sessions 2 --segment 10 --windows 2 --horizons 2 4 --settings 14,1,0.1 6,1,0.1"
          bench="--batch 1 2 --frames 3" envs="1,2 --steps 2 --warmup 1" ;;
   full)  train_steps=${TRAIN_STEPS:-220000} held_steps=16000 tok_budget="--minutes 4 --batch-size 64"
