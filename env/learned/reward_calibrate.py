@@ -1,7 +1,7 @@
 """Calibrate the reward/termination head on the world model's own frames, the game as the label.
 
 A head trained on real play reads generated frames differently: the model's blur and flicker look
-like pickup and damage flashes to it (the packaged head predicted pickups ~48 times as often on
+like pickup and damage flashes to it (the first packaged head predicted pickups ~48 times as often on
 generated frames as real play has them). The fix is to show it generated frames with true labels:
 
 1. **Rollouts.** From real states of a ViZDoom recording (windows of its frames, at the model's
