@@ -39,6 +39,28 @@ def test_session_steps_rgb_with_its_own_depth_and_pose(wm):
     s.close()
 
 
+def test_session_saves_its_cloud_as_ply(wm, tiny_checkpoint, tmp_path):
+    s = wm.session(seed=2)
+    for a in WALK:
+        s.step(a)
+    path = s.save_cloud(tmp_path / "session.ply")
+    xyz, rgb, _ = wm.world.clouds.points(s.slot)
+    head, _, body = path.read_bytes().partition(b"end_header\n")
+    assert len(xyz) > 0 and f"element vertex {len(xyz)}".encode() in head
+    rows = np.frombuffer(body, [("xyz", "<f4", 3), ("n", "<f4", 3), ("rgb", "u1", 3)])
+    assert np.array_equal(rows["xyz"], xyz) and np.array_equal(rows["rgb"], rgb)
+    s.close()
+    with pytest.raises(ValueError, match="closed"):
+        s.save_cloud(tmp_path / "closed.ply")
+    from worldgen.engine import WorldModel
+
+    rgb_only = WorldModel.load(tiny_checkpoint, device="cpu").session(seed=0)
+    with pytest.raises(ValueError, match="world cache"):
+        rgb_only.save_cloud(tmp_path / "none.ply")
+    o3d = pytest.importorskip("open3d", exc_type=ImportError)  # the optional `pointcloud` extra
+    assert np.allclose(np.asarray(o3d.io.read_point_cloud(str(path)).points), xyz)
+
+
 def test_batch_equals_alone(wm):
     """Sessions stepped together (one render, one DiT batch) give the frames, depth and poses they give alone."""
     alone = []

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -576,6 +577,18 @@ class Session:
         if self.slot is None:
             return None
         return self.model.world.pose[self.slot].cpu().numpy().copy()
+
+    def save_cloud(self, path: str | os.PathLike) -> Path:
+        """Write this session's world-cache cloud (what it has generated of the world, in world
+        space) as a binary ``.ply``: positions, normals, colours; open3d and MeshLab read it."""
+        if self.slot is None:
+            raise ValueError(
+                "this session keeps no point cloud: only models trained with the world cache "
+                "(`worldgen train dynamics --world-cache H`) build one"
+            )
+        if self.closed:
+            raise ValueError("this session is closed: its cloud was released")
+        return self.model.world.clouds.save_ply(path, self.slot)
 
     def close(self) -> None:
         """Release the cache's memory; the session cannot step afterwards."""
