@@ -186,9 +186,11 @@ def play_script(page: Any, url: str, script: tuple[Segment, ...], timeout_s: flo
             for k in sorted(want - held):
                 page.keyboard.down(KEY_CODE[k])
             held, n = want, n + 1
-            page.wait_for_function(f"worldgen.lastId >= {n}", timeout=timeout_s * 1000)
-            if err := page.evaluate("worldgen.error"):
-                raise BrowserPlayError(f"the browser client shows an error: {err}")
+            # One round trip a frame (a page slower than the server holds keys for extra frames);
+            # an error ends the wait at once and is read at the segment's end.
+            page.wait_for_function(f"worldgen.error || worldgen.lastId >= {n}", timeout=timeout_s * 1000)
+        if err := page.evaluate("worldgen.error"):
+            raise BrowserPlayError(f"the browser client shows an error: {err}")
     for k in sorted(held):
         page.keyboard.up(KEY_CODE[k])
     seconds = time.perf_counter() - t0
