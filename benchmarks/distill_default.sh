@@ -66,6 +66,15 @@ for s in 1 2 4; do
 done
 t4=$(date +%s); log "evaluated in $((t4 - t3)) s"
 
+# Speed, teacher and student in the same run on the same GPU (the teacher again: another lease, another speed),
+# before the long sessions (both GPU runs so far ran out of device time in the benches).
+for who in ${name}_1step teacher ${name}_2step; do
+  case $who in teacher) m=$teacher extra="" ;; *_2step) m=$student extra="--steps 2" ;; *) m=$student extra="--steps 1" ;; esac
+  worldgen bench --checkpoint "$m" $bench $extra $(on_gpu --compile --no-compile) --json "$work/bench_$who.json" \
+    > "$work/bench_$who.md" 2>&1 || log "bench ($who) failed"
+done
+t5=$(date +%s); log "benches in $((t5 - t4)) s"
+
 for who in $name teacher; do  # the student's first: the teacher's are in RESULTS if time runs out
   m=$([ $who = teacher ] && echo "$teacher" || echo "$student")
   [ $who = teacher ] && [ -f "$work/long_horizon_teacher.json" ] && continue
@@ -73,12 +82,6 @@ for who in $name teacher; do  # the student's first: the teacher's are in RESULT
     --json "$work/long_horizon_$who.json" --plot "$work/long_horizon_$who.png" \
     > "$work/long_horizon_$who.md" 2> "$work/long_horizon_$who.log" || log "long horizon ($who) failed"
 done
-t5=$(date +%s); log "long horizon in $((t5 - t4)) s"
+log "long horizon in $(( $(date +%s) - t5 )) s"
 
-# Speed, teacher and student in the same run on the same GPU (the teacher again: another lease, another speed).
-for who in teacher ${name}_2step ${name}_1step; do
-  case $who in teacher) m=$teacher extra="" ;; *_2step) m=$student extra="--steps 2" ;; *) m=$student extra="--steps 1" ;; esac
-  worldgen bench --checkpoint "$m" $bench $extra $(on_gpu --compile --no-compile) --json "$work/bench_$who.json" \
-    > "$work/bench_$who.md" 2>&1 || log "bench ($who) failed"
-done
 log "done in $(( $(date +%s) - t0 )) s"
