@@ -31,6 +31,8 @@ from worldgen.training.dynamics import train as train_dynamics
 from worldgen.training.run import Run
 from worldgen.training.schedule import EMA, param_groups
 from worldgen.training.state import load_state, save_state
+from worldgen.training.tokenizer import TokenizerTrainConfig
+from worldgen.training.tokenizer import train as train_tokenizer
 
 # Shared by every dynamics run here: the tiny DiT on 4-frame windows.
 DYN = dict(
@@ -123,6 +125,47 @@ def _subset(src: Path, dst: Path, lengths: dict[str, int]) -> Path:
             ep = ds.episode(i, 0, lengths[info.id])
             index.add(EpisodeInfo(id=info.id, length=len(ep), shards=write_episode_shards(dst, info.id, ep)))
     return dst
+
+
+def test_decoder_only_keeps_the_models_latents_and_plays(tiny_checkpoint, recording, tmp_path):
+    """`--decoder-only`: a new, smaller decoder for a trained model's frozen encoder. Its ckpt/ is
+    the whole model (DiT, start contexts) with the new decoder, and the encoder and latent scale
+    are bit for bit the model's, so the DiT's latents mean what they meant."""
+    from worldgen.engine import WorldModel
+
+    cfg = TokenizerTrainConfig(
+        data=str(recording),
+        out=str(tmp_path / "dec"),
+        init=str(tiny_checkpoint),
+        decoder_only=True,
+        dec_blocks=1,
+        steps=30,
+        batch_size=8,
+        warmup=5,
+        lr=2e-3,
+        ckpt_every=1000,
+        sample_every=0,
+        log_every=5,
+        eval_frames=16,
+    )
+    summary = train_tokenizer(cfg)
+    ckpt = tmp_path / "dec" / "ckpt"
+    old, new = load_tokenizer(tiny_checkpoint), load_tokenizer(ckpt)
+    assert new.cfg.dec_blocks == 1 and old.cfg.dec_blocks == 2 and new.cfg.latent_scale == old.cfg.latent_scale
+    assert all(torch.equal(a, b) for a, b in zip(new.encoder.state_dict().values(), old.encoder.state_dict().values()))
+    assert sum(p.numel() for p in new.decoder.parameters()) < sum(p.numel() for p in old.decoder.parameters())
+    losses = [
+        r["loss"] for r in map(json.loads, (tmp_path / "dec" / "log.jsonl").read_text().splitlines()) if "loss" in r
+    ]
+    assert losses[-1] < losses[0] and summary["heldout_psnr"] > 10
+    wm = WorldModel.load(ckpt, device="cpu")
+    assert wm.dit.cfg == load_dit(tiny_checkpoint).cfg and wm.num_starts == WorldModel.load(tiny_checkpoint).num_starts
+    frame = wm.session(seed=0).step({"keys": ["forward"], "mouse": [0.0, 0.0]})
+    assert frame.shape == (*old.cfg.image_size, 3)
+    with pytest.raises(ValueError, match="give --init MODEL"):
+        train_tokenizer(dataclasses.replace(cfg, init="", out=str(tmp_path / "x")))
+    with pytest.raises(ValueError, match="shape the new decoder"):
+        train_tokenizer(dataclasses.replace(cfg, decoder_only=False, out=str(tmp_path / "y")))
 
 
 def test_tiny_dit_overfits_tiny_recording(tokenizer_run, recording, tmp_path):

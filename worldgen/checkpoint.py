@@ -192,6 +192,12 @@ def has_part(folder: str | os.PathLike | None, part: str) -> bool:
         return False
 
 
+def copy_part(src: str | os.PathLike, dst: str | os.PathLike, part: str) -> None:
+    """Copy ``part`` of checkpoint folder ``src`` (or a packaged name) into ``dst``: verified as
+    :func:`load` verifies, written as :func:`save` writes (tensors and config unchanged)."""
+    save(dst, part, *load(src, part))
+
+
 def stored_head(model_folder: Path | None, part: str, packaged_heads: Mapping[str, Path]) -> Path | None:
     """Where the head ``part`` of the world model in ``model_folder`` is: the model folder itself,
     or for a packaged model its folder in ``packaged_heads`` (packaged model name -> folder; heads

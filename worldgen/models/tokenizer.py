@@ -47,6 +47,10 @@ class TokenizerConfig:
     channels: tuple[int, ...] = (32, 64, 128, 128)
     enc_blocks: int = 1  # ResNet blocks per level in the encoder
     dec_blocks: int = 2  # the decoder's job (inventing detail) is harder
+    # The decoder's widths, full resolution first; () = channels. It runs on every played frame
+    # (the encoder only on the start context), so a narrower one is the cheaper way to stream
+    # faster: `worldgen train tokenizer --decoder-only` trains one for a frozen encoder.
+    dec_channels: tuple[int, ...] = ()
     groups: int = 8  # GroupNorm groups; must divide every width
     # Per latent element, against a per-pixel reconstruction loss. Small: the KL only has to stop
     # the latents drifting in scale and keep posterior noise alive, not to compress.
@@ -66,6 +70,10 @@ class TokenizerConfig:
             raise ValueError(f"channels needs log2(downsample) + 1 = {levels + 1} widths, got {self.channels}")
         if any(c % self.groups for c in self.channels):
             raise ValueError(f"groups={self.groups} must divide every width in channels={self.channels}")
+        if self.dec_channels and len(self.dec_channels) != levels + 1:
+            raise ValueError(f"dec_channels needs log2(downsample) + 1 = {levels + 1} widths, got {self.dec_channels}")
+        if any(c % self.groups for c in self.dec_channels):
+            raise ValueError(f"groups={self.groups} must divide every width in dec_channels={self.dec_channels}")
         if any(s % self.downsample for s in self.image_size):
             raise ValueError(f"image_size {self.image_size} must be divisible by downsample={self.downsample}")
         if not self.latent_scale > 0:
@@ -128,7 +136,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        ch, g = cfg.channels[::-1], cfg.groups
+        ch, g = (cfg.dec_channels or cfg.channels)[::-1], cfg.groups
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         layers: list[nn.Module] = []
         for i, c in enumerate(ch):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worldgen import checkpoint
 from worldgen.data import Dataset
 from worldgen.data.dataset import depth_to_uint8
 from worldgen.evaluation.metrics import psnr, ssim
@@ -45,6 +46,9 @@ from worldgen.training import loop
 from worldgen.training.config import TrainConfig, opt
 from worldgen.training.distributed import Dist
 from worldgen.training.run import Run, save_image_rows
+
+# A model folder's parts besides its tokenizer, which a --decoder-only run copies from --init.
+MODEL_PARTS = ("dynamics", "starts", "reward", "geometry")
 
 
 @dataclass
@@ -63,6 +67,14 @@ class TokenizerTrainConfig(TrainConfig):
         "start from this model folder's tokenizer (its widths and latents; --channels, --latent-channels and "
         "--equivariance are then its own): with --depth, an RGB tokenizer grows the depth channel",
     )
+    decoder_only: bool = opt(
+        False,
+        "with --init MODEL: keep its encoder and latent scale frozen (so its DiT's latents stay valid) and "
+        "train a new decoder of --dec-channels/--dec-blocks; the run's ckpt/ is MODEL with that decoder, "
+        "stored in the dtype MODEL's tokenizer is",
+    )
+    dec_channels: str = opt("", "--decoder-only: the new decoder's widths, full resolution first (default: MODEL's)")
+    dec_blocks: int = opt(0, "--decoder-only: ResNet blocks per level of the new decoder (0: MODEL's)")
 
 
 def open_dataset(cfg: TrainConfig) -> tuple[Dataset, list[int], list[int]]:
@@ -116,6 +128,10 @@ def initial_tokenizer(cfg: TokenizerTrainConfig, image_size: tuple[int, int]) ->
         True
     """
     channels = 4 if cfg.depth else 3
+    if cfg.decoder_only and not cfg.init:
+        raise ValueError("--decoder-only trains a new decoder for a trained encoder: give --init MODEL")
+    if (cfg.dec_channels or cfg.dec_blocks) and not cfg.decoder_only:
+        raise ValueError("--dec-channels and --dec-blocks shape the new decoder of --decoder-only")
     if not cfg.init:
         return Tokenizer(
             TokenizerConfig(
@@ -133,6 +149,8 @@ def initial_tokenizer(cfg: TokenizerTrainConfig, image_size: tuple[int, int]) ->
         )
     if old.cfg.in_channels > channels:
         raise ValueError(f"--init {cfg.init}: its tokenizer encodes depth; give --depth")
+    if cfg.decoder_only:
+        return new_decoder(old, cfg)
     model = Tokenizer(dataclasses.replace(old.cfg, in_channels=channels)).train()
     state = old.state_dict()
     grown = model.state_dict()
@@ -141,6 +159,28 @@ def initial_tokenizer(cfg: TokenizerTrainConfig, image_size: tuple[int, int]) ->
         w.narrow(into, 0, state[key].shape[into]).copy_(state[key])
         state[key] = w
     model.load_state_dict(state)
+    return model
+
+
+def new_decoder(old: Tokenizer, cfg: TokenizerTrainConfig) -> Tokenizer:
+    """``old``'s encoder, frozen, and its latent scale, with a fresh decoder of ``cfg.dec_channels``
+    and ``cfg.dec_blocks``: the latents every DiT of ``old`` learned stay exactly as they were.
+
+    Example:
+        >>> big = Tokenizer(TokenizerConfig(image_size=(16, 16), channels=(8, 16), downsample=2, latent_channels=4))
+        >>> small = new_decoder(big, TokenizerTrainConfig(dec_channels="8,8", dec_blocks=1))
+        >>> x = torch.rand(2, 3, 16, 16) * 2 - 1
+        >>> torch.equal(small.encode(x), big.encode(x)), small.cfg.dec_channels
+        (True, (8, 8))
+    """
+    if old.cfg.in_channels != (4 if cfg.depth else 3):
+        raise ValueError("--decoder-only keeps the encoder as it is: --depth must match --init's tokenizer")
+    widths = tuple(int(c) for c in cfg.dec_channels.split(",")) if cfg.dec_channels else old.cfg.dec_channels
+    model = Tokenizer(
+        dataclasses.replace(old.cfg, dec_channels=widths, dec_blocks=cfg.dec_blocks or old.cfg.dec_blocks)
+    ).train()
+    model.encoder.load_state_dict(old.encoder.state_dict())
+    model.encoder.requires_grad_(False)
     return model
 
 
@@ -235,7 +275,7 @@ class TokenizerTask:
         self.metrics = {
             **self._metrics(ema_model, len(self.eval_set), with_ssim=True),
             "eval_frames": len(self.eval_set),
-            "latent_scale": self._latent_scale(ema_model),
+            "latent_scale": ema_model.cfg.latent_scale if self.cfg.decoder_only else self._latent_scale(ema_model),
         }
         return self.metrics
 
@@ -258,7 +298,14 @@ class TokenizerTask:
         save_image_rows([real[..., :3].numpy(), rec[..., :3].numpy()], folder / f"step-{step:07d}.png")
 
     def export(self, ema_model: nn.Module, folder: Path, dtype: torch.dtype, step: int) -> None:
-        ema_model.cfg.latent_scale = self._latent_scale(ema_model)
+        if self.cfg.decoder_only:  # the --init model goes along (ckpt/ is a whole model), its latent scale kept
+            for part in MODEL_PARTS:
+                if checkpoint.has_part(self.cfg.init, part):
+                    checkpoint.copy_part(self.cfg.init, folder, part)
+            # The encoder in the dtype it was stored in: its latents stay bit for bit what the DiT learned.
+            dtype = checkpoint.load(self.cfg.init, "tokenizer")[0]["encoder.conv_in.weight"].dtype
+        else:
+            ema_model.cfg.latent_scale = self._latent_scale(ema_model)
         save_part(
             folder,
             "tokenizer",
