@@ -73,7 +73,11 @@ class TokenizerTrainConfig(TrainConfig):
         "train a new decoder of --dec-channels/--dec-blocks; the run's ckpt/ is MODEL with that decoder, "
         "stored in the dtype MODEL's tokenizer is",
     )
-    dec_channels: str = opt("", "--decoder-only: the new decoder's widths, full resolution first (default: MODEL's)")
+    dec_channels: str = opt(
+        "",
+        "--decoder-only: the new decoder's widths, full resolution first (default: MODEL's; MODEL's shape "
+        "goes on from its decoder)",
+    )
     dec_blocks: int = opt(0, "--decoder-only: ResNet blocks per level of the new decoder (0: MODEL's)")
 
 
@@ -163,8 +167,9 @@ def initial_tokenizer(cfg: TokenizerTrainConfig, image_size: tuple[int, int]) ->
 
 
 def new_decoder(old: Tokenizer, cfg: TokenizerTrainConfig) -> Tokenizer:
-    """``old``'s encoder, frozen, and its latent scale, with a fresh decoder of ``cfg.dec_channels``
-    and ``cfg.dec_blocks``: the latents every DiT of ``old`` learned stay exactly as they were.
+    """``old``'s encoder, frozen, and its latent scale, with a decoder of ``cfg.dec_channels`` and
+    ``cfg.dec_blocks``: fresh, or ``old``'s own to train on where those are its shape. The latents
+    every DiT of ``old`` learned stay exactly as they were.
 
     Example:
         >>> big = Tokenizer(TokenizerConfig(image_size=(16, 16), channels=(8, 16), downsample=2, latent_channels=4))
@@ -172,6 +177,9 @@ def new_decoder(old: Tokenizer, cfg: TokenizerTrainConfig) -> Tokenizer:
         >>> x = torch.rand(2, 3, 16, 16) * 2 - 1
         >>> torch.equal(small.encode(x), big.encode(x)), small.cfg.dec_channels
         (True, (8, 8))
+        >>> z = big.encode(x)
+        >>> torch.equal(new_decoder(big, TokenizerTrainConfig()).decode(z), big.decode(z))  # its own shape
+        True
     """
     if old.cfg.in_channels != (4 if cfg.depth else 3):
         raise ValueError("--decoder-only keeps the encoder as it is: --depth must match --init's tokenizer")
@@ -180,6 +188,9 @@ def new_decoder(old: Tokenizer, cfg: TokenizerTrainConfig) -> Tokenizer:
         dataclasses.replace(old.cfg, dec_channels=widths, dec_blocks=cfg.dec_blocks or old.cfg.dec_blocks)
     ).train()
     model.encoder.load_state_dict(old.encoder.state_dict())
+    shape = lambda c: (c.dec_channels or c.channels, c.dec_blocks)
+    if shape(model.cfg) == shape(old.cfg):  # go on from its decoder (a fine-tune, or a run continued)
+        model.decoder.load_state_dict(old.decoder.state_dict())
     model.encoder.requires_grad_(False)
     return model
 
