@@ -220,6 +220,11 @@ class TokenizerTask:
         self.pool, self.eval_set, self.eval_split = pool.to(d.device), eval_set, eval_split
         self.tokens_per_sample = math.prod(model.cfg.latent_size)
         self.metrics: dict[str, float] = {}
+        # A decoder-only run stores its tokenizer in the dtype --init's is stored in, so the frozen
+        # encoder's latents stay bit for bit what the DiT learned.
+        self.init_dtype = (
+            checkpoint.load(cfg.init, "tokenizer")[0]["encoder.conv_in.weight"].dtype if cfg.decoder_only else None
+        )
 
     @classmethod
     def from_run(cls, cfg: TokenizerTrainConfig, run: Run, d: Dist) -> TokenizerTask:
@@ -309,12 +314,11 @@ class TokenizerTask:
         save_image_rows([real[..., :3].numpy(), rec[..., :3].numpy()], folder / f"step-{step:07d}.png")
 
     def export(self, ema_model: nn.Module, folder: Path, dtype: torch.dtype, step: int) -> None:
-        if self.cfg.decoder_only:  # the --init model goes along (ckpt/ is a whole model), its latent scale kept
+        if self.cfg.decoder_only:  # the --init model goes along once (ckpt/ is a whole model), its latent scale kept
             for part in MODEL_PARTS:
-                if checkpoint.has_part(self.cfg.init, part):
+                if checkpoint.has_part(self.cfg.init, part) and not checkpoint.has_part(folder, part):
                     checkpoint.copy_part(self.cfg.init, folder, part)
-            # The encoder in the dtype it was stored in: its latents stay bit for bit what the DiT learned.
-            dtype = checkpoint.load(self.cfg.init, "tokenizer")[0]["encoder.conv_in.weight"].dtype
+            dtype = self.init_dtype
         else:
             ema_model.cfg.latent_scale = self._latent_scale(ema_model)
         save_part(
