@@ -91,6 +91,14 @@ def parse_args() -> argparse.Namespace:
         default=True,
         help="one process per real game (--no-processes: all in this one, for tiny runs)",
     )
+    p.add_argument(
+        "--load",
+        action="append",
+        default=[],
+        metavar="WHERE=PATH",
+        help="score a saved agent (an earlier run's agent-WHERE.pt) instead of training one there: "
+        "train on a GPU, score on any machine with ViZDoom",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default="runs/ppo_doom")
     return p.parse_args()
@@ -353,6 +361,9 @@ def main() -> None:
     if not where_all or set(where_all) - {"imagination", "real"}:
         raise SystemExit(f"--train-in names 'imagination' and/or 'real', got {args.train_in!r}")
     maps = [m.strip() for m in args.maps.split(",") if m.strip()]
+    loads = dict(item.split("=", 1) for item in args.load if "=" in item)
+    if len(loads) != len(args.load) or set(loads) - set(where_all):
+        raise SystemExit(f"--load takes WHERE=PATH with WHERE in --train-in ({where_all}), got {args.load}")
 
     # The model env fixes what every agent sees and does: frame size, action space, mouse range,
     # reward weights. Imagined episodes start like real ones: a fresh game on the same maps.
@@ -377,6 +388,11 @@ def main() -> None:
     model_envs = envs
     trained, agents = {}, {}
     for where in where_all:
+        if where in loads:
+            agents[where] = Agent(model_envs.single_observation_space.shape, action_axes(space)).to(device)
+            agents[where].load_state_dict(torch.load(loads[where], map_location=device))
+            trained[where] = {"loaded": loads[where]}
+            continue
         envs = (
             model_envs
             if where == "imagination"
