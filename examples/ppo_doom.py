@@ -194,9 +194,10 @@ def make_real_envs(
 
 
 def train_ppo(
-    envs: gymnasium.vector.VectorEnv, args: argparse.Namespace, device: torch.device, where: str
+    envs: gymnasium.vector.VectorEnv, args: argparse.Namespace, device: torch.device, where: str, save_to: Path
 ) -> tuple[Agent, dict]:
-    """CleanRL's PPO on a vector env with next-step autoreset (Gymnasium's default)."""
+    """CleanRL's PPO on a vector env with next-step autoreset (Gymnasium's default). The agent is
+    saved to ``save_to`` after every update, so a run cut short still leaves its latest agent."""
     frame_shape = envs.single_observation_space.shape
     torch.manual_seed(args.seed)
     agent = Agent(frame_shape, action_axes(envs.single_action_space)).to(device)
@@ -295,6 +296,8 @@ def train_ppo(
             f"return(last 20) {curve[-1]['mean_return_last20']}",
             flush=True,
         )
+        torch.save(agent.state_dict(), save_to.with_suffix(".tmp"))
+        save_to.with_suffix(".tmp").replace(save_to)  # atomic: never half an agent
     seconds = time.time() - t0
     return agent, {
         "steps": updates * n * t_len,
@@ -398,9 +401,8 @@ def main() -> None:
             if where == "imagination"
             else make_real_envs(args.num_envs, frame_size, args, args.horizon, weights, mouse_range)
         )
-        agents[where], trained[where] = train_ppo(envs, args, device, where)
+        agents[where], trained[where] = train_ppo(envs, args, device, where, out / f"agent-{where}.pt")
         envs.close()
-        torch.save(agents[where].state_dict(), out / f"agent-{where}.pt")
     if "imagination" not in where_all:
         model_envs.close()
 
