@@ -5,7 +5,8 @@ A single-file, CleanRL-style PPO (https://docs.cleanrl.dev, ppo_atari.py): read 
 
 1. Imagination: ``gymnasium.make_vec("worldgen/Doom-v0", vectorization_mode="vector_entry_point")``
    steps N agents inside the world model with one batched forward per step, starting like a
-   real game (``start="doom"``: a fresh E1M1 game's first frames). Rewards and terminations come
+   real game (``start="doom"``: a fresh E1M1 game's first frames; ``--start dataset``: windows of a
+   recording, for short ``--horizon`` episodes bootstrapped from the value, as DIAMOND). Rewards and terminations come
    from the model's learned reward head (kills, health, pickups, death).
 2. Reality, the same agent and PPO settings for the same number of steps in N real games
    (:class:`worldgen.env.gym.real_game.RealDoomEnv`, one process each): the comparison that says
@@ -68,6 +69,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-steps", type=int, default=32, help="steps per env per PPO rollout")
     p.add_argument("--horizon", type=int, default=256, help="training episodes are truncated after this")
     p.add_argument("--maps", default="E1M1", help="comma-separated maps every episode starts on")
+    p.add_argument(
+        "--start",
+        default="doom",
+        choices=("doom", "dataset"),
+        help="where imagined episodes start: a fresh game on --maps, or windows of a recording "
+        "(--data; states all over its maps, for short --horizon episodes, as DIAMOND's imagination)",
+    )
+    p.add_argument("--data", default=None, help="a recording for --start dataset (record it on --maps)")
     p.add_argument("--lr", type=float, default=2.5e-4)
     p.add_argument("--gamma", type=float, default=0.99)
     p.add_argument("--gae-lambda", type=float, default=0.95)
@@ -231,6 +240,14 @@ def train_ppo(
             act_buf[t], logp_buf[t], val_buf[t] = action, logp, value
             obs, reward, term, trunc, _ = envs.step(to_env_actions(action, envs.single_action_space))
             rew_buf[t] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            # A truncated episode's future is not zero: its last frame's value stands in for it
+            # (short imagined episodes would otherwise teach the agent that the world ends).
+            cut = trunc & ~term & ~resetting
+            if cut.any():
+                with torch.no_grad():
+                    rew_buf[t, torch.as_tensor(cut, device=device)] += args.gamma * agent.value(
+                        torch.as_tensor(obs[cut], device=device)
+                    )
             ep_return += np.where(resetting, 0.0, reward)
             ep_len += ~resetting
             done = term | trunc
@@ -369,7 +386,8 @@ def main() -> None:
         raise SystemExit(f"--load takes WHERE=PATH with WHERE in --train-in ({where_all}), got {args.load}")
 
     # The model env fixes what every agent sees and does: frame size, action space, mouse range,
-    # reward weights. Imagined episodes start like real ones: a fresh game on the same maps.
+    # reward weights. Imagined episodes start like real ones (a fresh game on the same maps) or from
+    # recorded play (--start dataset).
     envs = gymnasium.make_vec(
         "worldgen/Doom-v0",
         num_envs=args.num_envs,
@@ -377,7 +395,8 @@ def main() -> None:
         model=args.checkpoint,
         device=str(device),
         reward=args.reward,
-        start="doom",
+        start=args.start,
+        data=args.data,
         maps=maps,
         max_episode_steps=args.horizon,
         compile=args.compile,

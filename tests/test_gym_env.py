@@ -563,3 +563,29 @@ def test_ppo_example_trains_in_the_model_and_in_the_real_game_and_scores_both(ti
     a, r = result["real_game"]["agent_imagination"], result["real_game"]["random"]
     assert c["difference"] == pytest.approx(a["mean_return"] - r["mean_return"], abs=1e-3)
     assert result["reward_weights"] == {"selected_weapon_ammo": 0.1, "health": 0.01, "death": -1.0}
+
+
+def test_ppo_example_trains_from_recorded_starts_and_scores_a_saved_agent(
+    tiny_checkpoint, reward_run, doom_recording, tmp_path
+):
+    """``--start dataset``: short imagined episodes from a recording's windows (truncations
+    bootstrapped from the value); ``--load``: the saved agent, scored again without training,
+    plays the same real episodes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SDL_VIDEODRIVER": "dummy"}
+    common = [sys.executable, str(ROOT / "examples" / "ppo_doom.py"), "--checkpoint", str(tiny_checkpoint)]
+    common += ["--reward", str(reward_run[0] / "ckpt"), "--device", "cpu", "--train-in", "imagination"]
+    common += ["--eval-episodes", "3", "--eval-steps", "10", "--eval-envs", "2", "--no-processes"]
+    trained, scored = tmp_path / "trained", tmp_path / "scored"
+    train = ["--start", "dataset", "--data", str(doom_recording), "--steps", "64", "--num-envs", "2"]
+    train += ["--num-steps", "16", "--horizon", "4"]
+    for args in (
+        train + ["--out", str(trained)],
+        ["--load", f"imagination={trained / 'agent-imagination.pt'}", "--out", str(scored)],
+    ):
+        subprocess.run(common + args, check=True, env=env, capture_output=True, text=True, timeout=600)
+    first, again = (json.loads((d / "result.json").read_text()) for d in (trained, scored))
+    assert first["trained"]["imagination"]["episodes"] >= 8  # horizon 4: 32 steps per env
+    assert again["trained"]["imagination"] == {"loaded": str(trained / "agent-imagination.pt")}
+    assert again["real_game"] == first["real_game"]
+    bad = subprocess.run(common + ["--load", "real=x.pt"], env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--load takes WHERE=PATH" in bad.stderr
