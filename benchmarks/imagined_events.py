@@ -1,0 +1,119 @@
+"""How often does the reward head see game events in imagined play, step by step, against the
+real game under the same policy? Uniform-random discrete actions play imagined episodes in the
+world-model env (a fresh game's first frames, ``start="doom"``) and real ViZDoom episodes on the
+same maps; the head's predicted events (kills, items, health change, P(death)) are averaged per
+step over bins of the episode's step, beside the real game's rates and their ratio.
+
+An agent trained in imagination optimises exactly these predictions: a ratio that grows with the
+step is the model's drift, read by the head as events (``examples/ppo_doom.py``, docs/agents.md).
+
+    python benchmarks/imagined_events.py --episodes 8 --steps 128 --real-episodes 128 --device cpu --json events.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import gymnasium
+import numpy as np
+import torch
+
+import worldgen.env  # noqa: F401  (registers worldgen/Doom-v0)
+from worldgen.env.gym.real_game import RealDoomEnv
+
+EVENTS = ("killcount", "itemcount", "health", "death")
+
+
+def imagined(args: argparse.Namespace) -> tuple[np.ndarray, tuple[int, int]]:
+    """(episodes, steps, events) predicted per step, NaN after an imagined episode ends; the
+    model's frame size."""
+    env = gymnasium.make(
+        "worldgen/Doom-v0",
+        model=args.checkpoint,
+        reward=args.reward,
+        device=args.device,
+        start="doom",
+        maps=args.maps,
+        action_space="discrete",
+        max_episode_steps=args.steps,
+    )
+    out = np.full((args.episodes, args.steps, len(EVENTS)), np.nan)
+    for ep in range(args.episodes):
+        env.reset(seed=args.seed + ep)
+        env.action_space.seed(args.seed + ep)
+        for t in range(args.steps):
+            _, _, term, trunc, info = env.step(env.action_space.sample())
+            terms = info["reward_terms"]
+            out[ep, t] = [terms["killcount"], terms["itemcount"], terms["health"], terms["p_death"]]
+            if term or trunc:
+                break
+    frame_size = tuple(env.unwrapped.world.wm.frame_shape[:2])
+    env.close()
+    return out, frame_size
+
+
+def real(args: argparse.Namespace, frame_size: tuple[int, int]) -> np.ndarray:
+    """(episodes, steps, events) of the real game per step; NaN after the player dies."""
+    env = RealDoomEnv(frame_size, action_space="discrete", maps=args.maps, horizon=args.steps)
+    out = np.full((args.real_episodes, args.steps, len(EVENTS)), np.nan)
+    for ep in range(args.real_episodes):
+        env.reset(seed=args.seed + ep)
+        env.action_space.seed(args.seed + ep)
+        before = dict.fromkeys(EVENTS[:3], 0.0)
+        for t in range(args.steps):
+            _, _, term, trunc, info = env.step(env.action_space.sample())
+            now = info["events"]
+            out[ep, t] = [now[k] - before[k] for k in EVENTS[:3]] + [float(term)]
+            before = {k: now[k] for k in EVENTS[:3]}
+            if term or trunc:
+                break
+    env.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default="default")
+    p.add_argument("--reward", default="learned", help="'learned' (the model's head) or a reward-head folder")
+    p.add_argument("--episodes", type=int, default=8, help="imagined episodes")
+    p.add_argument("--real-episodes", type=int, default=128, help="real episodes (rare events need many)")
+    p.add_argument("--steps", type=int, default=128, help="steps per episode")
+    p.add_argument("--bins", type=int, nargs="+", default=[0, 16, 64], help="first step of each bin")
+    p.add_argument("--maps", nargs="+", default=["E1M1"])
+    p.add_argument("--seed", type=int, default=500)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if sorted(args.bins) != args.bins or args.bins[0] != 0 or args.bins[-1] >= args.steps:
+        p.error(f"--bins must rise from 0 and stay below --steps {args.steps}, got {args.bins}")
+
+    imag, frame_size = imagined(args)
+    game = real(args, frame_size)
+    edges = [*args.bins, args.steps]
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        i, r = np.nanmean(imag[:, lo:hi], axis=(0, 1)), np.nanmean(game[:, lo:hi], axis=(0, 1))
+        rows.append(
+            {
+                "steps": [lo, hi - 1],
+                "imagined": dict(zip(EVENTS, i.round(6).tolist())),
+                "real": dict(zip(EVENTS, r.round(6).tolist())),
+                "ratio": {k: (round(float(a / b), 2) if b != 0 else None) for k, a, b in zip(EVENTS, i, r)},
+            }
+        )
+    print(f"| steps | {' | '.join(f'{k}: imagined / real (ratio)' for k in EVENTS)} |")
+    print("|---|" + "---:|" * len(EVENTS))
+    for row in rows:
+        ratio = {k: "-" if v is None else f"{v}x" for k, v in row["ratio"].items()}
+        cells = [f"{row['imagined'][k]:.2e} / {row['real'][k]:.2e} ({ratio[k]})" for k in EVENTS]
+        print(f"| {row['steps'][0]}-{row['steps'][1]} | {' | '.join(cells)} |")
+    result = {"args": {k: v for k, v in vars(args).items() if k != "json"}, "bins": rows}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
