@@ -2,7 +2,8 @@
 real game under the same policy? Uniform-random discrete actions play imagined episodes in the
 world-model env (a fresh game's first frames, ``start="doom"``) and real ViZDoom episodes on the
 same maps; the head's predicted events (kills, items, health change, P(death)) are averaged per
-step over bins of the episode's step, beside the real game's rates and their ratio.
+step over bins of the episode's step, beside the real game's rates, their ratio, and the same
+head on the real game's transitions (which tells the head's own error from the model's frames).
 
 An agent trained in imagination optimises exactly these predictions: a ratio that grows with the
 step is the model's drift, read by the head as events (``examples/ppo_doom.py``, docs/agents.md).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import gymnasium
 import numpy as np
@@ -22,13 +24,14 @@ import torch
 
 import worldgen.env  # noqa: F401  (registers worldgen/Doom-v0)
 from worldgen.env.gym.real_game import RealDoomEnv
+from worldgen.env.learned.reward import LearnedReward
 
 EVENTS = ("killcount", "itemcount", "health", "death")
 
 
-def imagined(args: argparse.Namespace) -> tuple[np.ndarray, tuple[int, int]]:
+def imagined(args: argparse.Namespace) -> tuple[np.ndarray, Any, tuple[int, int]]:
     """(episodes, steps, events) predicted per step, NaN after an imagined episode ends; the
-    model's frame size."""
+    env's reward model; the model's frame size."""
     env = gymnasium.make(
         "worldgen/Doom-v0",
         model=args.checkpoint,
@@ -49,28 +52,35 @@ def imagined(args: argparse.Namespace) -> tuple[np.ndarray, tuple[int, int]]:
             out[ep, t] = [terms["killcount"], terms["itemcount"], terms["health"], terms["p_death"]]
             if term or trunc:
                 break
-    frame_size = tuple(env.unwrapped.world.wm.frame_shape[:2])
+    world = env.unwrapped.world
+    head, frame_size = world.reward, tuple(world.wm.frame_shape[:2])
     env.close()
-    return out, frame_size
+    return out, head, frame_size
 
 
-def real(args: argparse.Namespace, frame_size: tuple[int, int]) -> np.ndarray:
-    """(episodes, steps, events) of the real game per step; NaN after the player dies."""
+def real(args: argparse.Namespace, head: Any, frame_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(episodes, steps, events) of the real game per step, and the head's predictions on the
+    same transitions; NaN after the player dies."""
     env = RealDoomEnv(frame_size, action_space="discrete", maps=args.maps, horizon=args.steps)
     out = np.full((args.real_episodes, args.steps, len(EVENTS)), np.nan)
+    read = out.copy()
     for ep in range(args.real_episodes):
-        env.reset(seed=args.seed + ep)
+        frame, _ = env.reset(seed=args.seed + ep)
         env.action_space.seed(args.seed + ep)
         before = dict.fromkeys(EVENTS[:3], 0.0)
         for t in range(args.steps):
-            _, _, term, trunc, info = env.step(env.action_space.sample())
-            now = info["events"]
+            action = env.action_space.sample()
+            act = env.codec.decode(action)
+            nxt, _, term, trunc, info = env.step(action)
+            terms = head(frame[None], np.asarray(act.keys)[None], np.asarray(act.mouse)[None], nxt[None]).terms
+            read[ep, t] = [terms["killcount"][0], terms["itemcount"][0], terms["health"][0], terms["p_death"][0]]
+            frame, now = nxt, info["events"]
             out[ep, t] = [now[k] - before[k] for k in EVENTS[:3]] + [float(term)]
             before = {k: now[k] for k in EVENTS[:3]}
             if term or trunc:
                 break
     env.close()
-    return out
+    return out, read
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,25 +99,31 @@ def main(argv: list[str] | None = None) -> dict:
     if sorted(args.bins) != args.bins or args.bins[0] != 0 or args.bins[-1] >= args.steps:
         p.error(f"--bins must rise from 0 and stay below --steps {args.steps}, got {args.bins}")
 
-    imag, frame_size = imagined(args)
-    game = real(args, frame_size)
+    imag, head, frame_size = imagined(args)
+    if not isinstance(head, LearnedReward):
+        p.error(f"--reward must be a learned head (predicted events), got {type(head).__name__}")
+    game, read = real(args, head, frame_size)
     edges = [*args.bins, args.steps]
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        i, r = np.nanmean(imag[:, lo:hi], axis=(0, 1)), np.nanmean(game[:, lo:hi], axis=(0, 1))
+        i, r, h = (np.nanmean(x[:, lo:hi], axis=(0, 1)) for x in (imag, game, read))
         rows.append(
             {
                 "steps": [lo, hi - 1],
                 "imagined": dict(zip(EVENTS, i.round(6).tolist())),
                 "real": dict(zip(EVENTS, r.round(6).tolist())),
+                "head_on_real": dict(zip(EVENTS, h.round(6).tolist())),
                 "ratio": {k: (round(float(a / b), 2) if b != 0 else None) for k, a, b in zip(EVENTS, i, r)},
             }
         )
-    print(f"| steps | {' | '.join(f'{k}: imagined / real (ratio)' for k in EVENTS)} |")
+    print(f"| steps | {' | '.join(f'{k}: imagined / real (ratio) / head on real' for k in EVENTS)} |")
     print("|---|" + "---:|" * len(EVENTS))
     for row in rows:
         ratio = {k: "-" if v is None else f"{v}x" for k, v in row["ratio"].items()}
-        cells = [f"{row['imagined'][k]:.2e} / {row['real'][k]:.2e} ({ratio[k]})" for k in EVENTS]
+        cells = [
+            f"{row['imagined'][k]:.2e} / {row['real'][k]:.2e} ({ratio[k]}) / {row['head_on_real'][k]:.2e}"
+            for k in EVENTS
+        ]
         print(f"| {row['steps'][0]}-{row['steps'][1]} | {' | '.join(cells)} |")
     result = {"args": {k: v for k, v in vars(args).items() if k != "json"}, "bins": rows}
     if args.json:
