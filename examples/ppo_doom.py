@@ -6,8 +6,8 @@ A single-file, CleanRL-style PPO (https://docs.cleanrl.dev, ppo_atari.py): read 
 1. Imagination: ``gymnasium.make_vec("worldgen/Doom-v0", vectorization_mode="vector_entry_point")``
    steps N agents inside the world model with one batched forward per step, starting like a
    real game (``start="doom"``: a fresh E1M1 game's first frames; ``--start dataset``: windows of a
-   recording, for short ``--horizon`` episodes bootstrapped from the value, as DIAMOND). Rewards and terminations come
-   from the model's learned reward head (kills, health, pickups, death).
+   recording, for short ``--horizon`` episodes bootstrapped from the value, as DIAMOND). Rewards
+   and terminations come from the model's learned reward head (kills, health, pickups, death).
 2. Reality, the same agent and PPO settings for the same number of steps in N real games
    (:class:`worldgen.env.gym.real_game.RealDoomEnv`, one process each): the comparison that says
    what imagination costs.
@@ -422,7 +422,7 @@ def main() -> None:
         )
         agents[where], trained[where] = train_ppo(envs, args, device, where, out / f"agent-{where}.pt")
         envs.close()
-    if "imagination" not in where_all:
+    if "imagination" not in where_all or "imagination" in loads:
         model_envs.close()
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
