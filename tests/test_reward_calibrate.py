@@ -103,6 +103,21 @@ def test_the_game_labels_the_models_rollouts(tiny_checkpoint, replayable_recordi
     assert (spent[:3] > 0).all() and (spent[3:] == 0).all(), spent
 
 
+def test_spawn_share_starts_rollouts_in_a_fresh_games_first_frames(replayable_recording):
+    """--spawn-share: that share of rollouts starts right after an episode's first ``context``
+    frames (a fresh game, as the env's start="doom"); 0 keeps the starts drawn before it existed."""
+    from worldgen.env.learned.reward_calibrate import CalibrateConfig, calibrate, plan
+
+    ds = Dataset(replayable_recording)
+    draw = lambda **kw: plan(ds, [0, 1], 200, 3, 5, False, np.random.default_rng(7), **kw)  # noqa: E731
+    assert draw(spawn=0.0) == draw()
+    assert {t for _, t in draw(spawn=1.0)} == {2}
+    share = np.mean([t == 2 for _, t in draw(spawn=0.5)])
+    assert 0.35 < share < 0.75  # half at the spawn, plus the random starts that land there too
+    with pytest.raises(ValueError, match="--spawn-share"):
+        calibrate(CalibrateConfig(data=str(replayable_recording), out="unused", spawn_share=1.5))
+
+
 def test_calibrate_trains_on_generated_transitions_and_reports_event_rates(
     tiny_checkpoint, replayable_recording, small_head, tmp_path
 ):

@@ -70,6 +70,11 @@ class CalibrateConfig:
         choices=ACTION_SOURCES,
     )
     hold: int = opt(4, "steps each random discrete action is held: agents commit to moves for a while")
+    spawn_share: float = opt(
+        0.0,
+        "share of rollouts from an episode's first frames (a fresh game's spawn room, where "
+        "start='doom' episodes begin; the model's frames there read as damage to a head without them)",
+    )
     batch: int = opt(64, "rollouts the model steps together (one batched forward)")
     workers: int = opt(0, "game processes labelling rollouts (0: one per CPU, at most 16)")
     train_steps: int = opt(2500, "reward-head training steps (the packaged head's schedule)")
@@ -80,10 +85,19 @@ class CalibrateConfig:
 
 # --- rollouts --------------------------------------------------------------------------------
 def plan(
-    ds: Any, episodes: list[int], n: int, context: int, length: int, recorded: bool, rng: np.random.Generator
+    ds: Any,
+    episodes: list[int],
+    n: int,
+    context: int,
+    length: int,
+    recorded: bool,
+    rng: np.random.Generator,
+    spawn: float = 0.0,
 ) -> list[tuple[int, int]]:
     """``n`` (episode, t): rollouts starting after real frame ``t`` with ``context`` real frames
-    before; with recorded actions the recording must go on ``length`` more steps."""
+    before; with recorded actions the recording must go on ``length`` more steps. A ``spawn``
+    share starts at an episode's first ``context`` frames: a fresh game, where the env's
+    ``start="doom"`` sessions begin."""
     extra = length if recorded else 0  # recorded actions t .. t + length - 1 must exist
     eligible = [e for e in episodes if ds.episodes[e].length >= context + extra]
     if not eligible:
@@ -92,8 +106,12 @@ def plan(
             f"{f' + {length} recorded steps' if recorded else ''})"
         )
     eps = rng.choice(eligible, n)
+    # Drawn only when asked for, so spawn=0 keeps the starts earlier calibrations drew.
+    at_spawn = rng.random(n) < spawn if spawn > 0 else np.zeros(n, bool)
+    last = [ds.episodes[e].length - extra + (1 if recorded else 0) for e in eps]  # exclusive
     return [
-        (int(e), int(rng.integers(context - 1, ds.episodes[e].length - extra + (1 if recorded else 0)))) for e in eps
+        (int(e), context - 1 if first else int(rng.integers(context - 1, hi)))
+        for e, first, hi in zip(eps, at_spawn, last)
     ]
 
 
@@ -302,6 +320,8 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         raise ValueError("--data and --out are required")
     if cfg.length < 2 or cfg.rollouts < 1 or cfg.heldout_rollouts < 1 or cfg.hold < 1 or cfg.batch < 1:
         raise ValueError("--length must be >= 2 and --rollouts, --heldout-rollouts, --hold, --batch >= 1")
+    if not 0.0 <= cfg.spawn_share <= 1.0:
+        raise ValueError(f"--spawn-share is a share of the rollouts, in [0, 1], got {cfg.spawn_share}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = None if cfg.device == "auto" else cfg.device
@@ -322,7 +342,7 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         if path.exists():
             print(f"[calibrate] reusing {path}", file=sys.stderr)
             continue
-        starts = plan(ds, eps, n, context, cfg.length, cfg.actions == "recorded", rng)
+        starts = plan(ds, eps, n, context, cfg.length, cfg.actions == "recorded", rng, cfg.spawn_share)
         if cfg.actions == "recorded":
             keys = np.stack([ds.read(e, "keys", t, t + cfg.length) for e, t in starts])
             mouse = np.stack([ds.read(e, "mouse", t, t + cfg.length) for e, t in starts])
