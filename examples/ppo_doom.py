@@ -397,6 +397,7 @@ def main() -> None:
         reward=args.reward,
         start=args.start,
         data=args.data,
+        split="all",  # --start dataset: every episode of the agent's recording gives starts
         maps=maps,
         max_episode_steps=args.horizon,
         compile=args.compile,
