@@ -51,6 +51,13 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="default", help="world model folder or packaged name")
     p.add_argument("--reward", default="learned", help="'learned' (the model's head) or a folder with a reward head")
+    p.add_argument(
+        "--reward-weights",
+        default="",
+        metavar="NAME=W,...",
+        help="the task: weight of each game variable and of 'death', in imagination, real training and "
+        "scoring alike (default: the head's stored ones; 'killcount=1,itemcount=0.1': kills and pickups)",
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="compile the engine's step (GPU: CUDA graphs)")
     p.add_argument(
@@ -174,6 +181,17 @@ def to_env_actions(action: torch.Tensor, space: gymnasium.Space) -> np.ndarray:
     """Agent actions (N, axes) -> the vector env's batched action: (N,) for Discrete."""
     a = action.cpu().numpy()
     return a[:, 0] if isinstance(space, gymnasium.spaces.Discrete) else a
+
+
+def parse_weights(text: str) -> dict[str, float] | None:
+    """``"killcount=1,itemcount=0.1"`` -> {"killcount": 1.0, "itemcount": 0.1}; "" -> None (the head's own)."""
+    if not text.strip():
+        return None
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
+    except ValueError:
+        example = "killcount=1,itemcount=0.1"
+        raise SystemExit(f"--reward-weights takes NAME=WEIGHT,... (e.g. {example}), got {text!r}") from None
 
 
 def make_real_envs(
@@ -395,6 +413,7 @@ def main() -> None:
         model=args.checkpoint,
         device=str(device),
         reward=args.reward,
+        reward_weights=parse_weights(args.reward_weights),
         start=args.start,
         data=args.data,
         split="all",  # --start dataset: every episode of the agent's recording gives starts

@@ -589,3 +589,22 @@ def test_ppo_example_trains_from_recorded_starts_and_scores_a_saved_agent(
     assert again["real_game"] == first["real_game"]
     bad = subprocess.run(common + ["--load", "real=x.pt"], env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "--load takes WHERE=PATH" in bad.stderr
+
+    # --reward-weights sets the task everywhere (the tiny head knows health and ammo): the same
+    # episodes, scored by the ammo the shots cost.
+    task = tmp_path / "task"
+    load = ["--load", f"imagination={trained / 'agent-imagination.pt'}", "--out", str(task)]
+    weights = ["--reward-weights", "selected_weapon_ammo=0.5"]
+    subprocess.run(common + load + weights, check=True, env=env, capture_output=True, text=True, timeout=600)
+    task_result = json.loads((task / "result.json").read_text())
+    assert task_result["reward_weights"] == {"selected_weapon_ammo": 0.5}
+    for name, played in task_result["real_game"].items():
+        same = first["real_game"][name]["episodes"]
+        assert [(e["steps"], e["died"]) for e in played["episodes"]] == [(e["steps"], e["died"]) for e in same]
+        for e in played["episodes"]:
+            assert e["return"] == pytest.approx(0.5 * e["selected_weapon_ammo"], abs=1e-3)
+    assert task_result["real_game"]["random"]["events"]["selected_weapon_ammo"] < 0  # random fires: the weight is seen
+    bad = subprocess.run(
+        common + load + ["--reward-weights", "killcount=lots"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert bad.returncode != 0 and "--reward-weights takes NAME=WEIGHT" in bad.stderr
