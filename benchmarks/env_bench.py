@@ -4,12 +4,15 @@ Builds :class:`worldgen.env.gym.world_model_env.WorldModelVectorEnv` for each N 
 resets it, takes ``--warmup`` untimed steps, then times ``--steps`` steps of seeded random
 actions from the action space. Reports agent steps/s (N x vector steps / s) and milliseconds
 per vector step, with the reward model in the loop (``--reward``). On a shared CPU, agent
-steps per CPU-second (process time over all threads) is the steadier figure.
+steps per CPU-second (process time over all threads) is the steadier figure. ``--horizon``
+truncates episodes, so the timed steps include the autoresets (with ``--start dataset --data
+REC``: DIAMOND-style short episodes from recorded states, as ``examples/ppo_doom.py`` trains).
 
 Examples:
     python benchmarks/env_bench.py --device cuda --envs 1,16,64 --steps 50 --compile       # GPU, default model
     python benchmarks/env_bench.py --device cpu --envs 1,16,64 --steps 3 --warmup 1        # CPU, default model
     python benchmarks/env_bench.py --device cpu --checkpoint PATH/ckpt --reward zero       # CPU, a tiny model
+    python benchmarks/env_bench.py --device cuda --envs 64 --steps 68 --start dataset --data REC --horizon 16
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ def bench(n: int, args: argparse.Namespace) -> dict:
         args.checkpoint,
         device=args.device,
         reward=args.reward,
-        horizon=None,
+        horizon=args.horizon,
+        start=args.start,
+        data=args.data,
+        split="all",
         compile=args.compile,
         torch_threads=args.threads,
     )
@@ -79,6 +85,9 @@ def main() -> None:
         help="torch intra-op threads (CPU; default: the env's, one on a CPU of <= 4 cores)",
     )
     p.add_argument("--compile", action="store_true", help="wm.compile() the engine (GPU; warmup steps compile)")
+    p.add_argument("--horizon", type=int, default=None, help="truncate episodes after this many steps (default never)")
+    p.add_argument("--start", default="auto", help="where episodes start: auto, stored, dataset (--data) or doom")
+    p.add_argument("--data", default=None, help="a recording for --start dataset")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -90,6 +99,8 @@ def main() -> None:
         "machine": hardware(device),
         "reward": args.reward,
         "compile": args.compile,
+        "start": args.start,
+        "horizon": args.horizon,
         "load_average": os.getloadavg(),
         "torch": torch.__version__,
     }

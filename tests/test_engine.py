@@ -127,6 +127,34 @@ def test_batch_equals_sessions_alone(wm):
             assert np.abs(batch[j][i].astype(int) - solo[i][j]).max() <= 1
 
 
+def test_sessions_restarted_together_play_as_restarted_alone(wm):
+    """``reset_many``: contexts of two lengths and a stored start, restarted in one call, give the
+    frames each gives after its own ``reset``; a bad context names its session and changes none."""
+    frames, acts = wm.start(0)
+    contexts = [(frames[:2], acts[:2], 21), (None, None, 22), (frames, acts, 23)]
+
+    def played(restart) -> list[np.ndarray]:
+        sessions = [wm.session(seed=s) for s in (1, 2, 3)]
+        for s in sessions:
+            s.step(PLAY[1])  # a session that has played, then starts again
+        restart(sessions)
+        return [np.stack([s.step(PLAY[(i + j) % 5]) for j in range(4)]) for i, s in enumerate(sessions)]
+
+    alone = played(lambda ss: [s.reset(f, a, seed=seed) for s, (f, a, seed) in zip(ss, contexts)])
+    together = played(lambda ss: wm.reset_many(ss, *map(list, zip(*contexts))))
+    for a, b in zip(alone, together):
+        assert np.abs(a.astype(int) - b).max() <= 1
+
+    sessions = [wm.session(seed=s) for s in (1, 2)]
+    before = [s.step(PLAY[0]) for s in sessions]
+    bad_actions = [{"keys": ["fly"], "mouse": [0, 0]}] * 2
+    with pytest.raises(ActionError, match="session 1"):
+        wm.reset_many(sessions, [frames, frames[:2]], [acts, bad_actions], [5, 6])
+    with pytest.raises(ValueError, match="one context, action list, seed"):
+        wm.reset_many(sessions, [frames], [acts], [5, 6])
+    assert all(s.steps == 1 and (s.frame == f).all() for s, f in zip(sessions, before))
+
+
 def test_rollout_latents_plays_as_a_session(wm):
     """The trainer's batched rollout on latents (engine.rollout_latents) is a session step for
     step: B = 1 with the session's seed gives its frames, past the window too (the ring turns)."""

@@ -346,22 +346,10 @@ class WorldModelEnv(gymnasium.Env):
         return self.world.wm
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-        super().reset(seed=seed)
-        start = self._draw_start(options or {})
-        session_seed = int(self.np_random.integers(2**31))
-        # A world-cache model's session needs the start's depth and cameras.
-        geometry = (
-            {"context_depth": start.depth, "context_poses": start.pose} if self.world.wm.world is not None else {}
-        )
-        if self.session is None:
-            self.session = self.world.wm.session(start.frames, start.actions, seed=session_seed, **geometry)
-        else:
-            self.session.reset(start.frames, start.actions, seed=session_seed, **geometry)
-        self.frame, self.steps = np.array(start.frames[-1]), 0
-        self.world.look([self])
+        info = _restart(self.world, [self], [seed], options or {})[0]
         if self.render_mode == "human":
             self._show()
-        return self.world.observe(self), {"start": start.label, "steps": 0}
+        return self.world.observe(self), info
 
     def _draw_start(self, options: Mapping[str, Any]) -> Start:
         unknown = set(options) - {"start", "context_frames", "context_actions"}
@@ -450,6 +438,41 @@ def _advance(
     return results
 
 
+def _restart(
+    world: _World, envs: Sequence[WorldModelEnv], seeds: Sequence[int | None], options: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Reset ``envs`` together: each seeds its RNG and draws its start and session seed from it,
+    as a lone ``reset`` does, then their sessions start in one batched encode and prefill (a
+    sub-env's first reset opens its session). Returns each env's reset info."""
+    if not envs:
+        return []
+    starts = []
+    for e, seed in zip(envs, seeds):
+        gymnasium.Env.reset(e, seed=seed)
+        starts.append((e._draw_start(options), int(e.np_random.integers(2**31))))
+    # A world-cache model's session needs the start's depth and cameras.
+    geometry = world.wm.world is not None
+    again = [i for i, e in enumerate(envs) if e.session is not None]
+    for e, (start, session_seed) in zip(envs, starts):
+        if e.session is None:  # the first reset opens the session
+            extra = {"context_depth": start.depth, "context_poses": start.pose} if geometry else {}
+            e.session = world.wm.session(start.frames, start.actions, seed=session_seed, **extra)
+    if again:
+        picked = [starts[i] for i in again]
+        world.wm.reset_many(
+            [envs[i].session for i in again],
+            [start.frames for start, _ in picked],
+            [start.actions for start, _ in picked],
+            [session_seed for _, session_seed in picked],
+            [start.pose if geometry else None for start, _ in picked],
+            [start.depth if geometry else None for start, _ in picked],
+        )
+    for e, (start, _) in zip(envs, starts):
+        e.frame, e.steps = np.array(start.frames[-1]), 0
+    world.look(envs)
+    return [{"start": start.label, "steps": 0} for start, _ in starts]
+
+
 class WorldModelVectorEnv(VectorEnv):
     """``num_envs`` :class:`WorldModelEnv` sub-envs over one model, stepped by one batched forward.
 
@@ -521,8 +544,8 @@ class WorldModelVectorEnv(VectorEnv):
         elif not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.shape != (self.num_envs,):
             raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},)")
         infos: dict[str, Any] = {}
-        for i in np.flatnonzero(mask):
-            _, info = self.envs[i].reset(seed=seeds[i], options=options)
+        idx = np.flatnonzero(mask)
+        for i, info in zip(idx, _restart(self.world, [self.envs[i] for i in idx], [seeds[i] for i in idx], options)):
             infos = self._add_info(infos, info, i)
         self._autoreset[mask] = False
         return self._observations(), infos
@@ -550,16 +573,17 @@ class WorldModelVectorEnv(VectorEnv):
                 rewards[i], terms[i], truncs[i] = r, term, trunc
                 infos = self._add_info(infos, info, i)
                 step_infos[i] = info
-        for i in np.flatnonzero(self._autoreset):  # next-step autoreset: this step only resets them
-            _, info = self.envs[i].reset()
+        idx = np.flatnonzero(self._autoreset)  # next-step autoreset: this step only resets them
+        for i, info in zip(idx, _restart(self.world, [self.envs[i] for i in idx], [None] * len(idx), {})):
             infos = self._add_info(infos, info, i)
         if self.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP:
             # Same-step autoreset (Stable-Baselines3's convention): a finished sub-env starts its
             # next episode now; its last observation and info go in final_obs / final_info.
-            for i in np.flatnonzero(terms | truncs):
+            idx = np.flatnonzero(terms | truncs)
+            for i in idx:
                 final = {"final_obs": self.world.observe(self.envs[i]), "final_info": step_infos[i]}
                 infos = self._add_info(infos, final, i)
-                _, info = self.envs[i].reset()
+            for i, info in zip(idx, _restart(self.world, [self.envs[i] for i in idx], [None] * len(idx), {})):
                 infos = self._add_info(infos, info, i)
         else:
             self._autoreset = terms | truncs

@@ -185,15 +185,13 @@ def make_rollouts(
         sessions: list[Any] = []
         for lo in range(0, n, batch):
             rows = range(lo, min(lo + batch, n))
-            for j, r in enumerate(rows):
-                e, t = starts[r]
-                w = ds.read(e, "frames", t - context + 1, t + 1)
-                acts = _context_actions(ds, e, t, context)
-                if j < len(sessions):
-                    sessions[j].reset(w, acts, seed=seed + r)
-                else:
-                    sessions.append(wm.session(w, acts, seed=seed + r))
-                frames[r, 0] = w[-1]
+            windows = [ds.read(starts[r][0], "frames", starts[r][1] - context + 1, starts[r][1] + 1) for r in rows]
+            acts = [_context_actions(ds, *starts[r], context) for r in rows]
+            if not sessions:  # the first batch opens the sessions; later ones start them again, batched
+                sessions = [wm.session(w, a, seed=seed + r) for r, w, a in zip(rows, windows, acts)]
+            else:
+                wm.reset_many(sessions[: len(rows)], windows, acts, [seed + r for r in rows])
+            frames[lo : lo + len(rows), 0] = np.stack([w[-1] for w in windows])
             for k in range(length):
                 out = wm.step_many(sessions[: len(rows)], [Action(keys[r, k], mouse[r, k]) for r in rows])
                 frames[lo : lo + len(rows), k + 1] = out

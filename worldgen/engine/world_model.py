@@ -15,7 +15,8 @@ the ``k`` frames whose view best covers the next camera enter the DiT as non-cau
 
 ``WorldModel.step_many`` steps many sessions in one batched forward (sessions of any age: the
 caches are fixed-size and masked) with each session's noise drawn from its own generator, so a
-session gives the same frames whether stepped alone or in a batch.
+session gives the same frames whether stepped alone or in a batch. ``WorldModel.reset_many``
+starts many sessions again in one batched encode and prefill (agents' episodes ending together).
 
 Example:
     >>> wm = WorldModel.load("default")                                  # doctest: +SKIP
@@ -283,11 +284,7 @@ class WorldModel:
         """
         if len(sessions) != len(actions_):
             raise ValueError(f"{len(sessions)} sessions but {len(actions_)} actions")
-        if len({id(s) for s in sessions}) != len(sessions):
-            raise ValueError("a session appears twice in one step_many call")
-        for i, s in enumerate(sessions):
-            if s.model is not self or s.closed:
-                raise ValueError(f"session {i} is closed or belongs to another WorldModel")
+        self._check_sessions(sessions, "step_many")
         vecs = _action_vectors(actions_, "action")
         if not sessions:
             return np.zeros((0, *self.frame_shape), np.uint8)
@@ -310,6 +307,44 @@ class WorldModel:
         for s, f in zip(sessions, frames):
             s.frame, s.steps = f, s.steps + chunk
         return frames
+
+    def reset_many(
+        self,
+        sessions: Sequence[Session],
+        context_frames: Sequence[np.ndarray | None],
+        context_actions: Sequence[Sequence[ActionLike] | None],
+        seeds: Sequence[int | None],
+        context_poses: Sequence[np.ndarray | None] | None = None,
+        context_depth: Sequence[np.ndarray | None] | None = None,
+    ) -> np.ndarray:
+        """Start every session again from its context, as :meth:`Session.reset` does one, with
+        the contexts of one length encoded and prefilled in one batch (what many agents' episodes
+        ending together cost). Per session: context frames and actions (or both None: a stored
+        start picked by the seed), the seed, and where :meth:`Session.reset` takes them, context
+        poses and depth. Returns uint8 ``(B, H, W, 3)``, each session's last context frame. A bad
+        context raises naming its index; then no session has changed.
+        """
+        n = len(sessions)
+        context_poses = [None] * n if context_poses is None else context_poses
+        context_depth = [None] * n if context_depth is None else context_depth
+        lengths = {len(x) for x in (context_frames, context_actions, seeds, context_poses, context_depth)}
+        if lengths != {n}:
+            raise ValueError(f"reset_many takes one context, action list, seed, pose and depth per session ({n})")
+        self._check_sessions(sessions, "reset_many")
+        contexts = []
+        for i, args in enumerate(zip(context_frames, context_actions, seeds, context_poses, context_depth)):
+            try:
+                contexts.append(_context(self, *args))
+            except ValueError as e:  # ActionError too, as itself
+                raise type(e)(f"session {i}: {e}") from None
+        return self._begin(sessions, contexts) if sessions else np.zeros((0, *self.frame_shape), np.uint8)
+
+    def _check_sessions(self, sessions: Sequence[Session], call: str) -> None:
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise ValueError(f"a session appears twice in one {call} call")
+        for i, s in enumerate(sessions):
+            if s.model is not self or s.closed:
+                raise ValueError(f"session {i} is closed or belongs to another WorldModel")
 
     def rollout(
         self,
@@ -388,28 +423,71 @@ class WorldModel:
         ctx = sampling.randn(shape, gens, self.device) if self.stream.ctx_noise > 0 else None
         return x, ctx
 
+    def _begin(self, sessions: Sequence[Session], contexts: Sequence[_Context]) -> np.ndarray:
+        """Start ``sessions`` from validated contexts: those whose contexts have the same length
+        encode and prefill in one batch. Returns their last context frames (B, H, W, 3)."""
+        same_length: dict[int, list[int]] = {}
+        for i, c in enumerate(contexts):
+            same_length.setdefault(len(c.frames), []).append(i)
+        with torch.no_grad(), self._autocast():
+            for idx in same_length.values():
+                group, ctx = [sessions[i] for i in idx], [contexts[i] for i in idx]
+                for s, c in zip(group, ctx):
+                    s.generator.manual_seed(c.seed)
+                frames = np.stack([c.frames for c in ctx])  # (B, T, H, W, 3)
+                acts = torch.from_numpy(np.stack([c.acts for c in ctx])).to(self.device)  # (B, T, A)
+                poses = [None if c.poses is None else torch.from_numpy(c.poses).to(self.device) for c in ctx]
+                if self.world is not None:  # RGB-D latents
+                    pixels = np.concatenate([frames, np.stack([c.depth for c in ctx])[..., None]], -1)
+                else:
+                    pixels = frames
+                z = self.tokenizer.encode(frames_to_tensor(pixels.reshape(-1, *pixels.shape[2:]), self.device))
+                z = z.unflatten(0, frames.shape[:2])  # (B, T, C, h, w)
+                cond = None
+                if self.world is not None:  # the views of the context frames and the clouds they leave
+                    cond = torch.stack(
+                        [
+                            self.world.start(
+                                s.slot,
+                                self.tokenizer,
+                                torch.from_numpy(c.frames).to(self.device),
+                                torch.from_numpy(c.depth).to(self.device).float(),
+                                pose,
+                                acts[b],
+                            )
+                            for b, (s, c, pose) in enumerate(zip(group, ctx, poses))
+                        ]
+                    )
+                    for s, c in zip(group, ctx):
+                        s.depth = c.depth[-1].copy()
+                self._prefill(group, z, acts, poses, cond)
+        for s, c in zip(sessions, contexts):
+            s.frame, s.steps, s.seed = c.frames[-1].copy(), 0, c.seed
+        return np.stack([s.frame for s in sessions])
+
     def _prefill(
         self,
-        session: Session,
+        sessions: Sequence[Session],
         z: torch.Tensor,
         acts: torch.Tensor,
-        poses: torch.Tensor | None,
+        poses: Sequence[torch.Tensor | None],
         cond: torch.Tensor | None = None,
     ) -> None:
-        """Write context latents (T, C, h, w) with their actions (T, A) (and world-cache views
-        ``cond`` (T, C', h, w)) into the session's cache, and with memory into its bank at
-        ``poses`` (T, 5) (None: dead-reckoned from the origin)."""
-        _, eps = self._noise([session.generator], len(z), sample=False)
-        k, v = prefill(self.dit, self.stream, z[None], acts[None], eps, None if cond is None else cond[None])
-        session.cache.clear()
-        session.cache.write(k[:, 0], v[:, 0])
-        if session.bank is not None:
-            session.bank.clear()
-            pose = torch.zeros(1, 5, device=self.device)
-            for i in range(len(z)):
-                pose = poses[i : i + 1] if poses is not None else dead_reckon(pose, acts[i : i + 1])
-                session.bank.add(z[i], pose[0], i)
-            session.pose, session.clock = pose[0], len(z)
+        """Write context latents (B, T, C, h, w) with their actions (B, T, A) (and world-cache
+        views ``cond`` (B, T, C', h, w)) into the sessions' caches, and with memory into their
+        banks at each session's ``poses`` (T, 5) (None: dead-reckoned from the origin)."""
+        _, eps = self._noise([s.generator for s in sessions], z.shape[1], sample=False)
+        k, v = prefill(self.dit, self.stream, z, acts, eps, cond)
+        for b, s in enumerate(sessions):
+            s.cache.clear()
+            s.cache.write(k[:, b], v[:, b])
+            if s.bank is not None:
+                s.bank.clear()
+                pose = torch.zeros(1, 5, device=self.device)
+                for i in range(z.shape[1]):
+                    pose = poses[b][i : i + 1] if poses[b] is not None else dead_reckon(pose, acts[b, i : i + 1])
+                    s.bank.add(z[b, i], pose[0], i)
+                s.pose, s.clock = pose[0], z.shape[1]
 
     def _advance(
         self, sessions: Sequence[Session], acts: torch.Tensor, poses: torch.Tensor | None = None
@@ -521,42 +599,8 @@ class Session:
         ``context_poses`` (T, 5): the context frames' cameras, for the frame memory, if known.
         A world-cache model needs them and ``context_depth`` (T, H, W) uint8 levels (stored
         starts of such a model carry both)."""
-        m = self.model
-        seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else int(seed)
-        if context_frames is None and context_actions is None:
-            if m.num_starts == 0:
-                raise ValueError("this model stores no start contexts: pass context_frames and context_actions")
-            i = int(np.random.default_rng(seed).integers(m.num_starts))
-            context_frames, context_actions = m.start(i)
-            if m.world is not None and context_depth is None and context_poses is None:
-                context_depth, context_poses = m.start_geometry(i) or (None, None)
-        frames, acts = _check_context(m, context_frames, context_actions)
-        if m.world is not None:
-            context_depth = _check_depth(m, frames, context_depth, context_poses)
-        if context_poses is not None:
-            context_poses = np.asarray(context_poses, np.float32)
-            if context_poses.shape != (len(frames), 5) or not np.isfinite(context_poses).all():
-                raise ValueError(
-                    f"context_poses must be finite ({len(frames)}, 5), one camera per context frame, "
-                    f"got {context_poses.shape}"
-                )
-        keep = m.stream.sinks + m.stream.window  # a longer context keeps its latest frames
-        frames, acts = frames[-keep:], acts[-keep:]
-        poses = None if context_poses is None else torch.from_numpy(context_poses[-keep:]).to(m.device)
-        self.generator.manual_seed(seed)
-        with torch.no_grad(), m._autocast():
-            acts_t, cond = torch.from_numpy(acts).to(m.device), None
-            if m.world is None:
-                z = m.tokenizer.encode(frames_to_tensor(frames, m.device))
-            else:  # RGB-D latents; the views of the context frames and the cloud they leave
-                depth = context_depth[-keep:]
-                z = m.tokenizer.encode(frames_to_tensor(np.concatenate([frames, depth[..., None]], -1), m.device))
-                rgb_t, depth_t = torch.from_numpy(frames).to(m.device), torch.from_numpy(depth).to(m.device).float()
-                cond = m.world.start(self.slot, m.tokenizer, rgb_t, depth_t, poses, acts_t)
-                self.depth = depth[-1].copy()
-            m._prefill(self, z, acts_t, poses, cond)
-        self.frame, self.steps, self.seed = frames[-1].copy(), 0, seed
-        return self.frame
+        context = _context(self.model, context_frames, context_actions, seed, context_poses, context_depth)
+        return self.model._begin([self], [context])[0]
 
     def step(self, action: ActionLike, pose: np.ndarray | None = None) -> np.ndarray:
         """Generate the next frame for ``action``: uint8 (H, W, 3).
@@ -623,6 +667,56 @@ def _action_vectors(acts: Sequence[ActionLike], what: str) -> np.ndarray:
         except ActionError as e:
             raise ActionError(f"{what} {i}: {e}") from None
     return np.stack(vecs) if vecs else np.zeros((0, actions.ACTION_DIM), np.float32)
+
+
+@dataclasses.dataclass
+class _Context:
+    """A validated start for one session: the latest ``sinks + window`` context frames (T, H, W, 3)
+    uint8, their action vectors (T, A), the session's seed, and where known their cameras (T, 5)
+    and a world-cache model's depth (T, H, W) uint8 levels."""
+
+    frames: np.ndarray
+    acts: np.ndarray
+    seed: int
+    poses: np.ndarray | None
+    depth: np.ndarray | None
+
+
+def _context(
+    m: WorldModel,
+    frames: Any,
+    acts: Any,
+    seed: int | None,
+    poses: Any = None,
+    depth: Any = None,
+) -> _Context:
+    """Checks a session's start (raises naming the problem) and picks a stored one when no frames
+    are given; see :meth:`Session.reset`."""
+    seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else int(seed)
+    if frames is None and acts is None:
+        if m.num_starts == 0:
+            raise ValueError("this model stores no start contexts: pass context_frames and context_actions")
+        i = int(np.random.default_rng(seed).integers(m.num_starts))
+        frames, acts = m.start(i)
+        if m.world is not None and depth is None and poses is None:
+            depth, poses = m.start_geometry(i) or (None, None)
+    frames, acts = _check_context(m, frames, acts)
+    if m.world is not None:
+        depth = _check_depth(m, frames, depth, poses)
+    if poses is not None:
+        poses = np.asarray(poses, np.float32)
+        if poses.shape != (len(frames), 5) or not np.isfinite(poses).all():
+            raise ValueError(
+                f"context_poses must be finite ({len(frames)}, 5), one camera per context frame, got {poses.shape}"
+            )
+    keep = m.stream.sinks + m.stream.window  # a longer context keeps its latest frames
+    return _Context(
+        frames[-keep:],
+        acts[-keep:],
+        seed,
+        None if poses is None else poses[-keep:],
+        None if depth is None else depth[-keep:],
+    )
 
 
 def _check_context(m: WorldModel, frames: Any, acts: Any) -> tuple[np.ndarray, np.ndarray]:
