@@ -18,7 +18,7 @@ import gymnasium
 import numpy as np
 import pytest
 import torch
-from conftest import SIZE, cycle_player  # tests/ is on sys.path under pytest
+from conftest import SIZE, benchmark_script, cycle_player  # tests/ is on sys.path under pytest
 from gymnasium.utils.env_checker import check_env
 from PIL import Image
 
@@ -608,3 +608,25 @@ def test_ppo_example_trains_from_recorded_starts_and_scores_a_saved_agent(
         common + load + ["--reward-weights", "killcount=lots"], env=env, capture_output=True, text=True, timeout=600
     )
     assert bad.returncode != 0 and "--reward-weights takes NAME=WEIGHT" in bad.stderr
+
+
+def test_event_recall_plays_on_from_real_states_before_events(tiny_checkpoint, reward_run, variables_recording):
+    """benchmarks/event_recall.py on real play: every sample of an event type has that change
+    inside its segment (the game's own sum), quiet segments have none, and the generated rows
+    (recorded and shuffled actions) come from the model for every sample."""
+    recall = benchmark_script("event_recall")
+    args = ["--checkpoint", str(tiny_checkpoint), "--reward", str(reward_run[0] / "ckpt")]
+    args += ["--data", str(variables_recording), "--split", "all", "--lead", "2", "--per-event", "4", "--device", "cpu"]
+    rows = recall.main(args)["events"]
+    assert "quiet" in rows and len(rows) >= 2, rows.keys()
+    for kind, row in rows.items():
+        target, _, way = kind.partition(" ")
+        game = row["game"]
+        if kind == "quiet":
+            assert all(v == 0 for v in game.values())
+        else:  # the event's change is in the segment (other changes of the same way may join it)
+            assert game[target] < 0 if way == "down" else game[target] > 0
+        for name in ("head_on_real", "generated", "generated_shuffled"):
+            assert set(row[name]) == set(game) and all(np.isfinite(v) for v in row[name].values())
+    with pytest.raises(SystemExit):
+        recall.main(args[:-6] + ["--lead", "0", "--device", "cpu"])

@@ -186,7 +186,7 @@ def make_rollouts(
         for lo in range(0, n, batch):
             rows = range(lo, min(lo + batch, n))
             windows = [ds.read(starts[r][0], "frames", starts[r][1] - context + 1, starts[r][1] + 1) for r in rows]
-            acts = [_context_actions(ds, *starts[r], context) for r in rows]
+            acts = [context_actions(ds, *starts[r], context) for r in rows]
             if not sessions:  # the first batch opens the sessions; later ones start them again, batched
                 sessions = [wm.session(w, a, seed=seed + r) for r, w, a in zip(rows, windows, acts)]
             else:
@@ -217,7 +217,7 @@ def make_rollouts(
     }
 
 
-def _context_actions(ds: Any, e: int, t: int, context: int) -> list[Action]:
+def context_actions(ds: Any, e: int, t: int, context: int) -> list[Action]:
     """The actions that produced frames t-context+1..t (the dataset's previous steps; no-op for
     an episode's first frame), as :class:`~worldgen.data.WindowDataset` aligns them."""
     lo = t - context + 1
