@@ -36,7 +36,7 @@ case "$scale" in
          play="--windows 2 --horizon 4 --batch 2"
          windows=4 sweep="--steps 1 2 --ctx-noise 0 0.1 --sinks 0 1 --windows 2 --horizon 4 --stability-frames 20 --stability-sessions 2 --play-windows 2"
          long="--frames 20 --sessions 2 --segment 10 --windows 2 --horizons 2 4 --settings 14,1,0.1 6,1,0.1"
-         bench="--batch 1 2 --frames 3" envs="1,2 --steps 2 --warmup 1" ;;
+         bench="--batch 1 2 --frames 3" envs="1,2 --steps 2 --warmup 1" recall="--per-event 2 --batch 4" ;;
   full)  train_steps=${TRAIN_STEPS:-220000} held_steps=16000 tok_budget="--minutes 4 --batch-size 64"
          dyn_budget="--minutes ${DYN_MINUTES:-13} --batch-size 128 --lr 5e-4" windows=64
          rollout_budget="--minutes ${ROLLOUT_MINUTES:-7.5} --batch-size 128 --lr 1e-4 --warmup 50 --ema-decay 0.99"
@@ -45,7 +45,7 @@ case "$scale" in
          play="--windows 64 --batch 64"
          sweep=${SWEEP:-"--steps 4 5 6 --ctx-noise 0.1 --shift 1 --sinks 0 1 --windows 16 --horizon 16"}  # + 8 x 10,000-frame sessions each
          long="--frames 10000 --sessions 8 --windows 16 --horizons 16 64 256"
-         bench="--batch 1 8 32 64 --frames 100" envs="1,16,64 --steps 50" ;;
+         bench="--batch 1 8 32 64 --frames 100" envs="1,16,64 --steps 50" recall="--per-event 64" ;;
   *) echo "scale must be smoke or full" >&2; exit 2 ;;
 esac
 workers=$(nproc)
@@ -108,6 +108,9 @@ worldgen eval --checkpoint "$model" --data "$work/doom_heldout" --split all \
 # The play suite (docs/evaluation.md): the same unseen-seed play, the game's branches beside the model's.
 worldgen eval --suite play --checkpoint "$model" --data "$work/doom_heldout" --split all $play --workers $workers \
   --branches "$work/branches" --json "$work/play.json" --no-media || log "play suite failed"
+# Whether its frames show the game's events where the game has them (docs/agents.md), read by the shipped reward head.
+python benchmarks/event_recall.py --checkpoint "$model" --reward env/heads/default --data "$work/doom_heldout" --split all \
+  --lead 4 $recall --json "$work/event_recall.json" > "$work/event_recall.md" 2>&1 || log "event recall failed"
 t5=$(date +%s); log "evaluated in $((t5 - t4)) s"
 # Long-horizon stability (per-frame stats over 10,000 frames) and the cache-settings table.
 python benchmarks/long_horizon.py --checkpoint "$model" --data "$work/doom_heldout" $long \
