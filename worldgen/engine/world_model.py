@@ -445,17 +445,12 @@ class WorldModel:
                 z = z.unflatten(0, frames.shape[:2])  # (B, T, C, h, w)
                 cond = None
                 if self.world is not None:  # the views of the context frames and the clouds they leave
+                    rgb = torch.from_numpy(frames).to(self.device)
+                    depth = torch.from_numpy(pixels[..., 3]).to(self.device).float()
                     cond = torch.stack(
                         [
-                            self.world.start(
-                                s.slot,
-                                self.tokenizer,
-                                torch.from_numpy(c.frames).to(self.device),
-                                torch.from_numpy(c.depth).to(self.device).float(),
-                                pose,
-                                acts[b],
-                            )
-                            for b, (s, c, pose) in enumerate(zip(group, ctx, poses))
+                            self.world.start(s.slot, self.tokenizer, rgb[b], depth[b], poses[b], acts[b])
+                            for b, s in enumerate(group)
                         ]
                     )
                     for s, c in zip(group, ctx):
