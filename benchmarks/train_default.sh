@@ -15,8 +15,8 @@
 # the training recording (explore; babble: the explorer with bursts of random actions; still: the
 # explorer with hands-off pauses; the unseen-seed test play is always the explorer) and
 # FINETUNE_POLICY who plays the fine-tune's (another recording, same seed, when it differs);
-# DYN_MINUTES, DYN_ARGS (more `train dynamics` flags) and SWEEP (sampler_sweep.py's grid) change
-# the full run's training and sweep. The 2026-12-02 experiment (docs/history/results-2026-12.md):
+# DYN_MINUTES, DYN_ARGS (more `train dynamics` flags), SWEEP (sampler_sweep.py's grid) and LONG
+# (long_horizon.py's sessions) change the full run's training, sweep and long sessions. The 2026-12-02 experiment (docs/history/results-2026-12.md):
 # TRAIN_POLICY=babble DYN_MINUTES=8 DYN_ARGS="--ctx-noise 0.1 --action-dropout 0.1"
 # SWEEP="--steps 2 --ctx-noise 0.1 --guidance 1 2 3 --windows 24 --horizon 16".
 # WORLD_CACHE=H adds a last training stage (docs/world_cache.md): the model warm-started with the
@@ -44,7 +44,7 @@ case "$scale" in
          cache_dyn="--steps ${CACHE_STEPS:-1000} --batch-size 128 --lr 2e-4 --warmup 100"
          play="--windows 64 --batch 64"
          sweep=${SWEEP:-"--steps 4 5 6 --ctx-noise 0.1 --shift 1 --sinks 0 1 --windows 16 --horizon 16"}  # + 8 x 10,000-frame sessions each
-         long="--frames 10000 --sessions 8 --windows 16 --horizons 16 64 256"
+         long=${LONG:-"--frames 10000 --sessions 8 --windows 16 --horizons 16 64 256"}
          bench="--batch 1 8 32 64 --frames 100" envs="1,16,64 --steps 50" recall="--per-event 64" ;;
   *) echo "scale must be smoke or full" >&2; exit 2 ;;
 esac

@@ -32,6 +32,7 @@ MAY_IMPORT = {
 CORE_RANKS = {
     "actions": 0,
     "checkpoint": 0,
+    "checkpoint_cli": 1,  # `worldgen checkpoint`: a model folder's parts, stored in another dtype
     "provenance": 0,
     "files": 0,
     "data": 1,

@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "worldgen.engine.generate_cli",
         "long video offline from context and actions (overlapping-clip fusion)",
     ),
+    "checkpoint": (
+        "worldgen.checkpoint_cli",
+        "a model folder's parts and sizes; the same model with its weights stored in fp8, bf16 or fp32",
+    ),
     "cloud": (
         "worldgen.cloud",
         "build a point-cloud world cache from recorded play (.ply, picture); view it in open3d",

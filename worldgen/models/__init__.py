@@ -136,7 +136,9 @@ def save_part(
         part: ``"tokenizer"`` or ``"dynamics"``.
         extra: more config entries (data, steps, metrics); may not override "model"/"action_schema".
         dtype: cast floating tensors to this (e.g. ``torch.bfloat16`` halves the file);
-            loading casts back to the model's dtype.
+            ``torch.float8_e4m3fn`` stores the weights in fp8 with per-tensor scales
+            (:func:`worldgen.checkpoint.stored_as`: a quarter of fp32). Loading casts back to
+            the model's dtype.
     """
     if part not in PARTS or not isinstance(module, PARTS[part][0]):
         raise ValueError(
@@ -146,9 +148,7 @@ def save_part(
     clash = {"model", "action_schema"} & set(extra)
     if clash:
         raise ValueError(f"extra may not set {sorted(clash)}; save_part writes them")
-    tensors = {
-        k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in module.state_dict().items()
-    }
+    tensors = module.state_dict() if dtype is None else checkpoint.stored_as(module.state_dict(), dtype)
     config = {"model": dataclasses.asdict(module.cfg), "action_schema": actions.schema(), **extra}
     checkpoint.save(folder, part, tensors, config)
 

@@ -51,7 +51,11 @@ class TrainConfig:
     heldout_fraction: float = opt(0.1, "share of episodes held out (by hash of episode id)")
     device: str = opt("auto", "auto (cuda if available), cuda or cpu; torchrun uses cuda:LOCAL_RANK")
     compile: bool = opt(False, "torch.compile the model (faster on GPU after a compile of ~1 min)")
-    export_dtype: str = opt("fp32", "dtype of the exported ckpt/ weights", choices=("fp32", "bf16"))
+    export_dtype: str = opt(
+        "fp32",
+        "dtype of the exported ckpt/ weights (fp8: matrices in float8 with per-tensor scales, the rest bf16)",
+        choices=("fp32", "bf16", "fp8"),
+    )
     stop_at: int | None = opt(
         None,
         "stop this process at step S, state saved, to resume later (with any number "

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from worldgen import checkpoint
 from worldgen.models import autocast
 from worldgen.provenance import peak_flops
 from worldgen.training.config import TrainConfig
@@ -134,7 +135,7 @@ def fit(task: Task, cfg: TrainConfig, run: Run, d: Dist, resuming: bool, t_start
                 "config": dataclasses.asdict(cfg),
             },
         )
-        task.export(ema.module, run.ckpt, torch.bfloat16 if cfg.export_dtype == "bf16" else torch.float32, at)
+        task.export(ema.module, run.ckpt, checkpoint.STORAGE[cfg.export_dtype], at)
 
     from tqdm import tqdm
 

@@ -222,9 +222,7 @@ class TokenizerTask:
         self.metrics: dict[str, float] = {}
         # A decoder-only run stores its tokenizer in the dtype --init's is stored in, so the frozen
         # encoder's latents stay bit for bit what the DiT learned.
-        self.init_dtype = (
-            checkpoint.load(cfg.init, "tokenizer")[0]["encoder.conv_in.weight"].dtype if cfg.decoder_only else None
-        )
+        self.init_dtype = checkpoint.stored_dtype(cfg.init, "tokenizer") if cfg.decoder_only else None
 
     @classmethod
     def from_run(cls, cfg: TokenizerTrainConfig, run: Run, d: Dist) -> TokenizerTask:
