@@ -1,9 +1,10 @@
 """How often does the reward head see game events in imagined play, step by step, against the
 real game under the same policy? Uniform-random discrete actions play imagined episodes in the
 world-model env (a fresh game's first frames, ``start="doom"``) and real ViZDoom episodes on the
-same maps; the head's predicted events (kills, items, health change, P(death)) are averaged per
-step over bins of the episode's step, beside the real game's rates, their ratio, and the same
-head on the real game's transitions (which tells the head's own error from the model's frames).
+same maps; the head's predicted events (each change it predicts, such as kills, items and health,
+and P(death)) are averaged per step over bins of the episode's step, beside the real game's rates,
+their ratio, and the same head on the real game's transitions (which tells the head's own error
+from the model's frames).
 
 An agent trained in imagination optimises exactly these predictions: a ratio that grows with the
 step is the model's drift, read by the head as events (``examples/ppo_doom.py``, docs/agents.md).
@@ -26,12 +27,10 @@ import worldgen.env  # noqa: F401  (registers worldgen/Doom-v0)
 from worldgen.env.gym.real_game import RealDoomEnv
 from worldgen.env.learned.reward import LearnedReward
 
-EVENTS = ("killcount", "itemcount", "health", "death")
 
-
-def imagined(args: argparse.Namespace) -> tuple[np.ndarray, Any, tuple[int, int]]:
+def imagined(args: argparse.Namespace) -> tuple[np.ndarray, Any, tuple[int, int], list[str]]:
     """(episodes, steps, events) predicted per step, NaN after an imagined episode ends; the
-    env's reward model; the model's frame size."""
+    env's reward model; the model's frame size; the events: the head's targets, then death."""
     env = gymnasium.make(
         "worldgen/Doom-v0",
         model=args.checkpoint,
@@ -42,41 +41,54 @@ def imagined(args: argparse.Namespace) -> tuple[np.ndarray, Any, tuple[int, int]
         action_space="discrete",
         max_episode_steps=args.steps,
     )
-    out = np.full((args.episodes, args.steps, len(EVENTS)), np.nan)
+    head = env.unwrapped.world.reward
+    if not isinstance(head, LearnedReward):
+        env.close()
+        raise SystemExit(f"--reward must be a learned head (predicted events), got {type(head).__name__}")
+    events = [*head.head.cfg.targets, "death"]
+    out = np.full((args.episodes, args.steps, len(events)), np.nan)
     for ep in range(args.episodes):
         env.reset(seed=args.seed + ep)
         env.action_space.seed(args.seed + ep)
         for t in range(args.steps):
             _, _, term, trunc, info = env.step(env.action_space.sample())
             terms = info["reward_terms"]
-            out[ep, t] = [terms["killcount"], terms["itemcount"], terms["health"], terms["p_death"]]
+            out[ep, t] = [terms[k] for k in events[:-1]] + [terms["p_death"]]
             if term or trunc:
                 break
-    world = env.unwrapped.world
-    head, frame_size = world.reward, tuple(world.wm.frame_shape[:2])
+    frame_size = tuple(env.unwrapped.world.wm.frame_shape[:2])
     env.close()
-    return out, head, frame_size
+    return out, head, frame_size, events
 
 
-def real(args: argparse.Namespace, head: Any, frame_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def real(
+    args: argparse.Namespace, head: Any, frame_size: tuple[int, int], events: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """(episodes, steps, events) of the real game per step, and the head's predictions on the
     same transitions; NaN after the player dies."""
-    env = RealDoomEnv(frame_size, action_space="discrete", maps=args.maps, horizon=args.steps)
-    out = np.full((args.real_episodes, args.steps, len(EVENTS)), np.nan)
+    changes = events[:-1]  # the game reports the change of each variable it weighs
+    env = RealDoomEnv(
+        frame_size,
+        action_space="discrete",
+        maps=args.maps,
+        horizon=args.steps,
+        reward_weights=dict.fromkeys(changes, 1.0),
+    )
+    out = np.full((args.real_episodes, args.steps, len(events)), np.nan)
     read = out.copy()
     for ep in range(args.real_episodes):
         frame, _ = env.reset(seed=args.seed + ep)
         env.action_space.seed(args.seed + ep)
-        before = dict.fromkeys(EVENTS[:3], 0.0)
+        before = dict.fromkeys(changes, 0.0)
         for t in range(args.steps):
             action = env.action_space.sample()
             act = env.codec.decode(action)
             nxt, _, term, trunc, info = env.step(action)
             terms = head(frame[None], np.asarray(act.keys)[None], np.asarray(act.mouse)[None], nxt[None]).terms
-            read[ep, t] = [terms["killcount"][0], terms["itemcount"][0], terms["health"][0], terms["p_death"][0]]
+            read[ep, t] = [terms[k][0] for k in changes] + [terms["p_death"][0]]
             frame, now = nxt, info["events"]
-            out[ep, t] = [now[k] - before[k] for k in EVENTS[:3]] + [float(term)]
-            before = {k: now[k] for k in EVENTS[:3]}
+            out[ep, t] = [now[k] - before[k] for k in changes] + [float(term)]
+            before = {k: now[k] for k in changes}
             if term or trunc:
                 break
     env.close()
@@ -99,10 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     if sorted(args.bins) != args.bins or args.bins[0] != 0 or args.bins[-1] >= args.steps:
         p.error(f"--bins must rise from 0 and stay below --steps {args.steps}, got {args.bins}")
 
-    imag, head, frame_size = imagined(args)
-    if not isinstance(head, LearnedReward):
-        p.error(f"--reward must be a learned head (predicted events), got {type(head).__name__}")
-    game, read = real(args, head, frame_size)
+    imag, head, frame_size, events = imagined(args)
+    game, read = real(args, head, frame_size, events)
     edges = [*args.bins, args.steps]
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):
@@ -110,19 +120,19 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(
             {
                 "steps": [lo, hi - 1],
-                "imagined": dict(zip(EVENTS, i.round(6).tolist())),
-                "real": dict(zip(EVENTS, r.round(6).tolist())),
-                "head_on_real": dict(zip(EVENTS, h.round(6).tolist())),
-                "ratio": {k: (round(float(a / b), 2) if b != 0 else None) for k, a, b in zip(EVENTS, i, r)},
+                "imagined": dict(zip(events, i.round(6).tolist())),
+                "real": dict(zip(events, r.round(6).tolist())),
+                "head_on_real": dict(zip(events, h.round(6).tolist())),
+                "ratio": {k: (round(float(a / b), 2) if b != 0 else None) for k, a, b in zip(events, i, r)},
             }
         )
-    print(f"| steps | {' | '.join(f'{k}: imagined / real (ratio) / head on real' for k in EVENTS)} |")
-    print("|---|" + "---:|" * len(EVENTS))
+    print(f"| steps | {' | '.join(f'{k}: imagined / real (ratio) / head on real' for k in events)} |")
+    print("|---|" + "---:|" * len(events))
     for row in rows:
         ratio = {k: "-" if v is None else f"{v}x" for k, v in row["ratio"].items()}
         cells = [
             f"{row['imagined'][k]:.2e} / {row['real'][k]:.2e} ({ratio[k]}) / {row['head_on_real'][k]:.2e}"
-            for k in EVENTS
+            for k in events
         ]
         print(f"| {row['steps'][0]}-{row['steps'][1]} | {' | '.join(cells)} |")
     result = {"args": {k: v for k, v in vars(args).items() if k != "json"}, "bins": rows}

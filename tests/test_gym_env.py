@@ -630,3 +630,29 @@ def test_event_recall_plays_on_from_real_states_before_events(tiny_checkpoint, r
             assert set(row[name]) == set(game) and all(np.isfinite(v) for v in row[name].values())
     with pytest.raises(SystemExit):
         recall.main(args[:-6] + ["--lead", "0", "--device", "cpu"])
+
+
+def test_imagined_events_bins_the_heads_reading_beside_the_real_games(tiny_checkpoint, reward_run):
+    """benchmarks/imagined_events.py: imagined and real episodes under one random policy, binned
+    by step; the real game's deaths are 0 or 1 a step, each ratio is imagined over real, and bins
+    that do not rise from 0 or a head that is no learned one are refused."""
+    events = benchmark_script("imagined_events")
+    args = ["--checkpoint", str(tiny_checkpoint), "--reward", str(reward_run[0] / "ckpt"), "--device", "cpu"]
+    args += ["--episodes", "2", "--real-episodes", "2", "--steps", "8", "--bins", "0", "4"]
+    rows = events.main(args)["bins"]
+    assert [r["steps"] for r in rows] == [[0, 3], [4, 7]]
+    for row in rows:
+        assert (
+            list(row["imagined"])
+            == list(row["real"])
+            == list(row["head_on_real"])
+            == ["health", "selected_weapon_ammo", "death"]
+        )
+        assert 0 <= row["real"]["death"] <= 1 and all(np.isfinite(v) for v in row["head_on_real"].values())
+        for k, ratio in row["ratio"].items():
+            real = row["real"][k]
+            assert ratio is None if real == 0 else ratio == pytest.approx(row["imagined"][k] / real, abs=0.01)
+    with pytest.raises(SystemExit):
+        events.main([*args[:-2], "1", "4"])  # bins must start at 0
+    with pytest.raises(SystemExit):
+        events.main([*args[:2], "--reward", "zero", *args[4:]])
