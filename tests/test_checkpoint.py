@@ -112,6 +112,14 @@ def test_shipped_checkpoints_store_and_match_their_hashes(folder, parts):
             assert checkpoint.sha256_file(root / f) == meta["sha256"][f], f
 
 
+def test_shipped_weights_fit_the_budget():
+    """Everything that ships (packaged models and env heads) stays within 48 MiB of shards of at
+    most 16 MiB each: the package's weight budget (store in fp8 to fit a larger model)."""
+    shards = [*checkpoint.PACKAGED.glob("*/*.safetensors"), *HEADS.parent.glob("*/*.safetensors")]
+    assert shards and all(f.stat().st_size <= checkpoint.MAX_SHARD_BYTES for f in shards)
+    assert sum(f.stat().st_size for f in shards) <= 48 * 2**20
+
+
 def test_deeply_nested_dataset_index_names_the_file(doom_recording, tmp_path):
     import shutil
 
