@@ -50,7 +50,7 @@ def test_training_rollout_plays_as_a_session(tiny_checkpoint):
     """The student's training rollout is a session's play: with every exit step at the last
     step it gives the session's frames for the same noise, past the cache window too, while its
     graded frames carry gradient to the student."""
-    wm = WorldModel.load(tiny_checkpoint, device="cpu", steps=2)
+    wm = WorldModel.load(tiny_checkpoint, device="cpu", steps=2, precision="fp32")  # training's
     frames, acts = wm.start(0)
     plan = (PLAY * 2)[: wm.stream.window + 3]
     s = wm.session(frames, acts, seed=5)

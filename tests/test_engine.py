@@ -24,7 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 2 shared cores
 
 @pytest.fixture(scope="module")
 def wm(tiny_checkpoint) -> WorldModel:
-    return WorldModel.load(tiny_checkpoint, device="cpu")
+    # float32 sessions: these tests hold them to float32 references (recompute, eval, training)
+    return WorldModel.load(tiny_checkpoint, device="cpu", precision="fp32")
 
 
 def test_loads_with_starts_and_plays(wm):
@@ -45,13 +46,31 @@ def test_loads_with_starts_and_plays(wm):
     assert not np.array_equal(a, b)
 
 
+def test_bf16_sessions_play_what_float32_sessions_play(tiny_checkpoint):
+    """precision="bf16": each step under bf16 autocast, the weights still float32; its frames are
+    the float32 session's within rounding. "auto" takes bf16 where the CPU has it natively."""
+    from worldgen.models import native_bf16
+
+    played = {}
+    for precision in ("fp32", "bf16"):
+        wm = WorldModel.load(tiny_checkpoint, device="cpu", precision=precision)
+        assert wm.bf16 == (precision == "bf16") and next(wm.dit.parameters()).dtype == torch.float32
+        s = wm.session(seed=0)
+        played[precision] = np.stack([s.step(a) for a in PLAY[:3]]).astype(int)
+    diff = np.abs(played["fp32"] - played["bf16"])
+    assert 0 < diff.mean() < 1 and np.percentile(diff, 99) <= 3, (diff.mean(), np.percentile(diff, 99))
+    assert WorldModel.load(tiny_checkpoint, device="cpu").bf16 == native_bf16("cpu")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        WorldModel.load(tiny_checkpoint, device="cpu", precision="fp16")
+
+
 @pytest.mark.parametrize("guidance", [1.0, 2.5])
 def test_streaming_equals_full_recompute_within_window(tiny_checkpoint, guidance):
     """(a): with nothing evicted yet, each streamed frame equals a block-causal recompute over the
     whole history (same sampler noise), within float tolerance. Exact conditioning (ctx_noise 0),
     as the recompute of worldgen.sampling draws fresh context noise at every frame. Also with
     action guidance (the tiny model is trained with action dropout)."""
-    wm = WorldModel.load(tiny_checkpoint, device="cpu", ctx_noise=0.0, guidance=guidance)
+    wm = WorldModel.load(tiny_checkpoint, device="cpu", ctx_noise=0.0, guidance=guidance, precision="fp32")
     frames, acts = wm.start(1)
     frames, acts = frames[:2], acts[:2]
     s = wm.session(frames, acts, seed=7)
@@ -260,10 +279,11 @@ def test_eval_rollouts_are_what_a_session_plays(model, request):
     seed, frame for frame, at a stabilising ctx_noise and past the cache's window (the ring
     turns); and a window's frames do not depend on how the windows are batched (same noise, within
     float rounding). A world-cache model's rollout keeps its clouds as sessions do (started from
-    the context's RGB-D, poses predicted, every frame's RGB-D fused): the same frames and depth."""
+    the context's RGB-D, poses predicted, every frame's RGB-D fused): the same frames and depth.
+    Eval on a CPU computes in float32, as sessions loaded with precision="fp32" do."""
     from worldgen.evaluation.evaluate import _Runner, rollout_seed
 
-    wm = WorldModel.load(request.getfixturevalue(model), device="cpu", ctx_noise=0.1)
+    wm = WorldModel.load(request.getfixturevalue(model), device="cpu", ctx_noise=0.1, precision="fp32")  # eval's
     c, plan = wm.stream.window, (PLAY * 3)[: wm.stream.window + 3]
     starts = [wm.start(i) for i in range(2)]
     assert wm.stream.sinks == 0 and all(len(f) >= c for f, _ in starts)

@@ -26,7 +26,7 @@ import torch
 
 from worldgen.actions import Action
 from worldgen.checkpoint import CheckpointError
-from worldgen.engine.world_model import WorldModel
+from worldgen.engine.world_model import PRECISIONS, WorldModel
 from worldgen.models import DiTConfig
 from worldgen.provenance import git_commit, hardware, peak_flops
 
@@ -116,6 +116,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampler steps K (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
     p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: bf16 autocast where the device has native bf16 (CUDA, AVX512-BF16 or AMX CPUs), else fp32",
+    )
+    p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -126,7 +132,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps)
+        wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps, precision=args.precision)
     except (CheckpointError, ValueError) as e:  # ValueError: --steps out of range
         print(f"worldgen bench: {e}", file=sys.stderr)
         return 1
@@ -148,13 +154,14 @@ def run(args: argparse.Namespace) -> int:
                 break
             except Exception as e:  # noqa: BLE001 - any compiler failure
                 print(f"torch.compile(mode={mode}) failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
-                wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps)
+                wm = WorldModel.load(args.checkpoint, device=args.device, steps=args.steps, precision=args.precision)
         else:
             compile_ = False
     hw = hardware(wm.device)
     print(
         f"worldgen bench: {wm.checkpoint} on {hw}; K={wm.stream.steps} steps + 1 cache pass per frame, "
-        f"cache {wm.stream.sinks} sink + {wm.stream.window} window frames, compile={compile_}",
+        f"cache {wm.stream.sinks} sink + {wm.stream.window} window frames, compile={compile_}, "
+        f"{'bf16 autocast' if wm.bf16 else 'float32'}",
         flush=True,
     )
     rows = bench(wm, sorted(set(args.batch)), args.frames, args.warmup)
@@ -163,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": str(wm.checkpoint),
         "device": hw,
         "compile": compile_,
+        "precision": "bf16" if wm.bf16 else "fp32",
         "stream": vars(wm.stream),
         "compiled_graphs": compiled_graphs(),
         "date": datetime.date.today().isoformat(),

@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from worldgen import sampling
-from worldgen.models import DiT, autocast, frames_to_tensor, tensor_to_frames
+from worldgen.models import DiT, frames_to_tensor, tensor_to_frames
 
 if TYPE_CHECKING:
     from worldgen.engine.world_model import WorldModel
@@ -311,7 +311,7 @@ def generate_video(
     context, _, _ = cfg.plan(wm.trained_window, wm.dit.cfg.frames_per_block)
     t0 = time.perf_counter()
     dev = wm.device
-    with autocast(dev):
+    with wm.autocast():
         ctx = wm.tokenizer.encode(frames_to_tensor(context_frames[-context:], dev)).float()
         z, stats = generate_latents(
             wm.dit,

@@ -47,11 +47,21 @@ from worldgen.engine.memory import dead_reckon, recalled
 from worldgen.engine.stream import StreamConfig, denoise, prefill
 from worldgen.engine.world_cache import CachePool, PlayCache
 from worldgen.memory.bank import BankConfig, FrameBank
-from worldgen.models import DiT, Tokenizer, autocast, frames_to_tensor, load_dit, load_tokenizer, tensor_to_frames
+from worldgen.models import (
+    DiT,
+    Tokenizer,
+    autocast,
+    frames_to_tensor,
+    load_dit,
+    load_tokenizer,
+    native_bf16,
+    tensor_to_frames,
+)
 from worldgen.models.dit import Memory
 from worldgen.models.world_cache import check_rgbd
 
 ActionLike = Action | Mapping[str, Any]
+PRECISIONS = ("auto", "fp32", "bf16")  # how sessions compute: WorldModel.load's precision
 
 
 class WorldModel:
@@ -68,9 +78,14 @@ class WorldModel:
         device: torch.device | str | None = None,
         memory: BankConfig | None = None,
         world_cache: PlayCache | None = None,
+        precision: str = "auto",
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # Weights in float32 on the CPU (no fast bf16 there); bf16 autocast on CUDA.
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        # Weights stay float32; each step runs under bf16 autocast where matmuls are natively
+        # bf16 (auto), or as asked: frames of the two differ by about one uint8 level.
+        self.bf16 = precision == "bf16" or (precision == "auto" and native_bf16(self.device))
         self.tokenizer = tokenizer.float().to(self.device).eval()
         self.dit = dit.float().to(self.device).eval()
         self.trained_window = trained_window or dit.cfg.max_frames
@@ -173,6 +188,7 @@ class WorldModel:
         memory_cap: int | None = None,
         cache_points: int | None = None,
         pose_correction: bool | None = None,
+        precision: str = "auto",
         **stream: Any,
     ) -> WorldModel:
         """A checkpoint folder (or ``"default"``, the model that ships with worldgen).
@@ -191,6 +207,10 @@ class WorldModel:
         whether each generated frame's depth corrects the camera pose the motion model predicted
         (:func:`~worldgen.memory.align.refine_pose`; None: on).
         Both only for models trained with the world cache.
+
+        ``precision``: ``"auto"`` runs sessions under bf16 autocast where the device multiplies
+        bf16 natively (CUDA, CPUs with AVX512-BF16 or AMX) and in float32 elsewhere; ``"fp32"``
+        and ``"bf16"`` force one. Evaluation and training on a CPU stay float32.
         """
         folder = checkpoint.resolve(checkpoint_dir)
         tok, dit = load_tokenizer(folder), load_dit(folder)
@@ -228,7 +248,7 @@ class WorldModel:
                 f"{folder}: cache_points and pose_correction are for models trained with the world cache; "
                 f"this one was not"
             )
-        model = cls(tok, dit, StreamConfig(**stream), starts, fps, trained, device, memory, world)
+        model = cls(tok, dit, StreamConfig(**stream), starts, fps, trained, device, memory, world, precision)
         model.checkpoint = folder
         return model
 
@@ -296,7 +316,7 @@ class WorldModel:
                 raise ValueError(
                     f"poses must be finite (B, 5) = ({len(sessions)}, 5) x, y, z, yaw, pitch, got {poses.shape}"
                 )
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self.autocast():
             z = self._advance(sessions, acts, None if poses is None else torch.from_numpy(poses).to(self.device))
             frames = tensor_to_frames(self._graph_call(self._decode, z[:, -1].float()))
         if self.world is not None:  # RGB-D: the depth joins the clouds and is the session's depth
@@ -363,8 +383,9 @@ class WorldModel:
             s.close()
 
     # --- the hot path ----------------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.device)
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision this model's sessions compute in (``precision`` of :meth:`load`)."""
+        return autocast(self.device, self.bf16)
 
     def _new_cache(self) -> KVCache:
         cfg = self.dit.cfg
@@ -429,7 +450,7 @@ class WorldModel:
         same_length: dict[int, list[int]] = {}
         for i, c in enumerate(contexts):
             same_length.setdefault(len(c.frames), []).append(i)
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self.autocast():
             for idx in same_length.values():
                 group, ctx = [sessions[i] for i in idx], [contexts[i] for i in idx]
                 for s, c in zip(group, ctx):
