@@ -273,6 +273,29 @@ def test_babble_adds_bursts_of_one_held_random_action(env):
     assert all(mode != "babble" for mode, _, _ in play("explore"))
 
 
+def test_jitter_explorer_turns_in_ways_its_last_turn_does_not_foretell(env):
+    """'jitter' adds a fresh offset to the mouse yaw every step: in the real game its yaw is much
+    less predictable from the step before than the smooth explorer's, and it still explores."""
+
+    def play(name):
+        policy, yaw, cells = make_policy(name, VARIABLE_NAMES), [], set()
+        policy.reset(5)
+        obs = env.reset("E1M1", 5)
+        for _ in range(600):
+            keys, mouse = policy(obs)
+            yaw.append(float(mouse[0]))
+            cells.add((int(obs.pose[0] // 64), int(obs.pose[1] // 64)))
+            obs = env.step(keys, mouse)
+            if obs is None:
+                break
+        y = np.array(yaw)
+        return float(np.corrcoef(y[1:], y[:-1])[0, 1]), len(cells)
+
+    (smooth, explored), (jittered, jitter_explored) = play("explore"), play("jitter")
+    assert jittered < smooth - 0.15, (smooth, jittered)
+    assert jitter_explored > 0.5 * explored, (explored, jitter_explored)
+
+
 def test_still_explorer_lets_go_and_the_view_settles(env):
     """The 'still' explorer stands with no key and no mouse for 2-16 steps at a time, a good share
     of its play; in the game the camera then stops turning and glides to a stop."""
