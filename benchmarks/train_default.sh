@@ -14,7 +14,8 @@
 # none; the shipped one: 7.5 minutes, half its steps on rollouts); TRAIN_POLICY picks who plays
 # the training recording (explore; babble: the explorer with bursts of random actions; still: the
 # explorer with hands-off pauses; jitter: the explorer with a fresh mouse-yaw offset every step;
-# the unseen-seed test play is always the explorer) and FINETUNE_POLICY who plays the fine-tune's (another recording, same seed, when it differs);
+# the unseen-seed test play is always the explorer) and FINETUNE_POLICY who plays the
+# fine-tune's (another recording, same seed, when it differs);
 # DYN_MINUTES, DYN_ARGS (more `train dynamics` flags), SWEEP (sampler_sweep.py's grid) and LONG
 # (long_horizon.py's sessions) change the full run's training, sweep and long sessions. The 2026-12-02 experiment (docs/history/results-2026-12.md):
 # TRAIN_POLICY=babble DYN_MINUTES=8 DYN_ARGS="--ctx-noise 0.1 --action-dropout 0.1"
