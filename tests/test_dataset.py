@@ -374,6 +374,12 @@ def test_data_info(data, capsys):
     assert info["actions"]["keys_held"]["forward"] == pytest.approx(keys[:, 0].mean(), abs=1e-3)
     mouse = np.concatenate([e.mouse for e in episodes])
     assert info["actions"]["mouse"]["yaw"]["std"] == pytest.approx(mouse[:, 0].std(), abs=1e-3)
+    # step-to-step pairs inside each episode only: never the last step of one with the next's first
+    pairs = [(e.keys[:-1], e.keys[1:], e.mouse[:-1, 0], e.mouse[1:, 0]) for e in episodes]
+    repeat = np.concatenate([(a == b).all(1) for a, b, _, _ in pairs]).mean()
+    yaw = [np.concatenate(x) for x in zip(*[(a, b) for _, _, a, b in pairs])]
+    assert info["actions"]["keys_repeat"] == pytest.approx(repeat)
+    assert info["actions"]["mouse"]["yaw"]["lag1_corr"] == pytest.approx(np.corrcoef(*yaw)[0, 1])
     assert info["validation"] == "ok"
     assert main(["data", "info", str(root)]) == 0
     text = capsys.readouterr().out

@@ -105,13 +105,26 @@ def summarize(ds: Dataset, heldout_fraction: float = 0.1) -> dict[str, Any]:
     return summary
 
 
+def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson correlation, None where either side is constant."""
+    return float(np.corrcoef(a, b)[0, 1]) if len(a) > 1 and a.std() > 0 and b.std() > 0 else None
+
+
 def action_stats(ds: Dataset) -> dict[str, Any]:
     """Fraction of steps each key is held; mouse delta statistics (degrees per step)."""
-    keys = np.concatenate([ds.read(i, "keys") for i in range(len(ds))]) if len(ds) else np.zeros((0, 8))
-    mouse = np.concatenate([ds.read(i, "mouse") for i in range(len(ds))]) if len(ds) else np.zeros((0, 2))
+    per_key = [ds.read(i, "keys") for i in range(len(ds))]
+    per_mouse = [ds.read(i, "mouse") for i in range(len(ds))]
+    keys = np.concatenate(per_key) if len(ds) else np.zeros((0, 8))
+    mouse = np.concatenate(per_mouse) if len(ds) else np.zeros((0, 2))
+    # How well one step's action foretells the next (pairs inside episodes): a model can copy
+    # what it sees the player doing unless the actions change often.
+    pairs = [(k[:-1], k[1:]) for k in per_key if len(k) > 1]
+    repeat = float(np.concatenate([(a == b).all(1) for a, b in pairs]).mean()) if pairs else None
+    lagged = [np.concatenate(x) for x in zip(*[(m[:-1], m[1:]) for m in per_mouse if len(m) > 1])] or None
     stats: dict[str, Any] = {
         "keys_held": {k: float(keys[:, j].mean()) if len(keys) else 0.0 for j, k in enumerate(actions.KEYS)},
         "no_key_held": float((keys.sum(1) == 0).mean()) if len(keys) else 0.0,
+        "keys_repeat": repeat,  # share of steps whose keys are the step before's
         "mouse": {
             m: {
                 "mean": float(v.mean()),
@@ -120,10 +133,12 @@ def action_stats(ds: Dataset) -> dict[str, Any]:
                 "min": float(v.min()),
                 "max": float(v.max()),
                 "nonzero": float((v != 0).mean()),
+                # correlation of each step's delta with the step before's (None: constant or too short)
+                "lag1_corr": _corr(lagged[0][:, j], lagged[1][:, j]) if lagged is not None else None,
             }
             if len(v)
             else None
-            for m, v in zip(actions.MOUSE, mouse.T)
+            for j, (m, v) in enumerate(zip(actions.MOUSE, mouse.T))
         },
     }
     if "env_actions" in ds.fields and len(ds):
@@ -168,12 +183,15 @@ def info(ds: Dataset, args: argparse.Namespace) -> int:
             "keys held  "
             + "  ".join(f"{k} {v:.1%}" for k, v in a["keys_held"].items())
             + f"  (none {a['no_key_held']:.1%})"
+            + ("" if a["keys_repeat"] is None else f"; same keys as the step before {a['keys_repeat']:.1%}")
         )
         for m, st in a["mouse"].items():
             if st:
                 lines.append(
                     f"mouse {m:<5s} mean {st['mean']:+.2f}  std {st['std']:.2f}  |mean| {st['abs_mean']:.2f}"
-                    f"  range [{st['min']:.1f}, {st['max']:.1f}]  nonzero {st['nonzero']:.1%}  (degrees/step)"
+                    f"  range [{st['min']:.1f}, {st['max']:.1f}]  nonzero {st['nonzero']:.1%}"
+                    + ("" if st["lag1_corr"] is None else f"  lag-1 corr {st['lag1_corr']:.2f}")
+                    + "  (degrees/step)"
                 )
         if "env_actions" in a:
             space = (a["env_actions"]["space"] or {}).get("repr", "?")
