@@ -21,7 +21,8 @@
 # TRAIN_POLICY=babble DYN_MINUTES=8 DYN_ARGS="--ctx-noise 0.1 --action-dropout 0.1"
 # SWEEP="--steps 2 --ctx-noise 0.1 --guidance 1 2 3 --windows 24 --horizon 16".
 # WORLD_CACHE=H adds a last training stage (docs/world_cache.md): the model warm-started with the
-# world cache, its tokenizer growing the depth channel for CACHE_TOK_MINUTES (default 1.5) and its
+# world cache, its tokenizer growing the depth channel for CACHE_TOK_STEPS steps (default 800: a
+# minutes budget counts loading and compiling, which once left 23 steps of 90 s) and its
 # DiT the view's input for CACHE_STEPS steps (default 1000) with `--world-cache H`. TRAIN_STEPS sets
 # the recorded training frames (the cache's encoding renders a view per frame: about 1.2 ms each).
 # Going on from the shipped model with the cache alone:
@@ -41,7 +42,7 @@ case "$scale" in
   full)  train_steps=${TRAIN_STEPS:-220000} held_steps=16000 tok_budget="--minutes 4 --batch-size 64"
          dyn_budget="--minutes ${DYN_MINUTES:-13} --batch-size 128 --lr 5e-4" windows=64
          rollout_budget="--minutes ${ROLLOUT_MINUTES:-7.5} --batch-size 128 --lr 1e-4 --warmup 50 --ema-decay 0.99"
-         cache_tok="--minutes ${CACHE_TOK_MINUTES:-1.5} --batch-size 64 --lr 2e-4 --warmup 100"
+         cache_tok="--steps ${CACHE_TOK_STEPS:-800} --batch-size 64 --lr 2e-4 --warmup 100"
          cache_dyn="--steps ${CACHE_STEPS:-1000} --batch-size 128 --lr 2e-4 --warmup 100"
          play="--windows 64 --batch 64"
          sweep=${SWEEP:-"--steps 4 5 6 --ctx-noise 0.1 --shift 1 --sinks 0 1 --windows 16 --horizon 16"}  # + 8 x 10,000-frame sessions each
