@@ -196,16 +196,27 @@ class Camera:
         ``pose (..., 5)`` broadcasts over N (points may also be ``(..., H, W, 3)``)."""
         extra = points.dim() - pose.dim()
         eye = pose[..., :3].float().reshape(pose.shape[:-1] + (1,) * extra + (3,))
-        r = cls.axes(pose).reshape(pose.shape[:-1] + (1,) * extra + (3, 3))
-        return ((points - eye)[..., None, :] * r).sum(-1)
+        return cls._rotate(points - eye, pose, inverse=False)
 
     @classmethod
     def camera_to_world(cls, cam: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
         """Camera coordinates (forward, right, up) ``(..., N, 3)`` -> world points ``(..., N, 3)``."""
         extra = cam.dim() - pose.dim()
         eye = pose[..., :3].float().reshape(pose.shape[:-1] + (1,) * extra + (3,))
-        r = cls.axes(pose).reshape(pose.shape[:-1] + (1,) * extra + (3, 3))
-        return eye + (cam[..., :, None] * r).sum(-2)
+        return eye + cls._rotate(cam, pose, inverse=True)
+
+    @classmethod
+    def _rotate(cls, vectors: torch.Tensor, pose: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """``vectors (..., N, 3)`` (or ``(..., H, W, 3)``) into the axes of ``pose (..., 5)``, or
+        back with ``inverse``: one (points, 3) x (3, 3) matmul per pose, which is several times
+        faster on a CPU than broadcasting a (..., N, 3, 3) product."""
+        extra = vectors.dim() - pose.dim()
+        shape = torch.broadcast_shapes(vectors.shape, pose.shape[:-1] + (1,) * extra + (3,))
+        lead = shape[: pose.dim() - 1]
+        r = cls.axes(pose).expand(*lead, 3, 3)  # rows forward, right, up
+        flat = vectors.expand(shape).reshape(*lead, -1, 3)
+        with torch.autocast(vectors.device.type, enabled=False):  # geometry stays float32 in bf16 sessions
+            return (flat.float() @ (r if inverse else r.mT)).reshape(shape)
 
     @classmethod
     def view_dir(cls, pose: torch.Tensor) -> torch.Tensor:
