@@ -206,7 +206,13 @@ class WorldCache:
         return zbuf.view(b, h, w), winner.view(b, h, w), rgb.view(b, h, w, 3)
 
     def _cover(
-        self, uv: torch.Tensor, z: torch.Tensor, half: torch.Tensor, session: torch.Tensor, slot: torch.Tensor, radius: int
+        self,
+        uv: torch.Tensor,
+        z: torch.Tensor,
+        half: torch.Tensor,
+        session: torch.Tensor,
+        slot: torch.Tensor,
+        radius: int,
     ) -> tuple[torch.Tensor, ...]:
         """The pixels whose centres lie within each point's splat half-side ``half (M,)``, among
         the ``(2 radius + 1)^2`` around its pixel: flat ``(K,)`` pixel index over the batch, depth,

@@ -121,6 +121,32 @@ def test_next_frame_rendered_from_the_cloud_of_the_last(episode, camera):
     assert view.mask.float().mean() > 0.75
 
 
+def test_small_splats_render_as_when_every_neighbour_is_tested(episode, camera, monkeypatch):
+    """Splats under 3 pixels wide test only the 3x3 pixels around their own: a wall of a real
+    frame's colours, splats 3.6 times its footprint, seen from where it was seen (splats 3.6 pixels
+    wide) and from twice as far (1.8), renders as when all (2k + 1)^2 pixels are tested."""
+    frames, _, pose = episode
+    cache = WorldCache(camera, CacheConfig(max_points=camera.width * camera.height, splat_scale=3.6), batch=2)
+    cache.update(frames[5:6].expand(2, -1, -1, -1), _wall(camera, 100.0, 2), pose[5:6].expand(2, -1))
+    far = pose[5].clone()
+    far[0] -= 100 * math.cos(math.radians(float(far[3])))
+    far[1] -= 100 * math.sin(math.radians(float(far[3])))
+    poses = torch.stack([pose[5], far])
+    tested = []
+    cover = WorldCache._cover
+
+    def spy(self, uv, z, half, session, slot, radius):
+        tested.append((radius, len(z)))
+        return cover(self, uv, z, half, session, slot, radius)
+
+    monkeypatch.setattr(WorldCache, "_cover", spy)
+    fast = cache._splat(poses)  # z-buffer, front point, blended colour before rounding
+    assert [r for r, n in tested if n] == [1, cache.config.max_splat]  # both kinds of splat are in view
+    monkeypatch.setattr(WorldCache, "_cover", lambda self, *a: cover(self, *a[:-1], self.config.max_splat))
+    full = cache._splat(poses)
+    assert all(torch.equal(a, b) for a, b in zip(fast, full))
+
+
 def _wall(cam: Camera, distance: float, batch: int = 1) -> torch.Tensor:
     """Depth levels of a wall facing the camera ``distance`` units away."""
     return cam.world_to_depth(torch.full((batch, cam.height, cam.width), distance))
