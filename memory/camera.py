@@ -194,16 +194,18 @@ class Camera:
     def world_to_camera(cls, points: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
         """World points ``(..., N, 3)`` -> camera coordinates (forward, right, up) ``(..., N, 3)``;
         ``pose (..., 5)`` broadcasts over N (points may also be ``(..., H, W, 3)``)."""
-        extra = points.dim() - pose.dim()
-        eye = pose[..., :3].float().reshape(pose.shape[:-1] + (1,) * extra + (3,))
-        return cls._rotate(points - eye, pose, inverse=False)
+        return cls._rotate(points - cls._eye(points, pose), pose, inverse=False)
 
     @classmethod
     def camera_to_world(cls, cam: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
         """Camera coordinates (forward, right, up) ``(..., N, 3)`` -> world points ``(..., N, 3)``."""
-        extra = cam.dim() - pose.dim()
-        eye = pose[..., :3].float().reshape(pose.shape[:-1] + (1,) * extra + (3,))
-        return eye + cls._rotate(cam, pose, inverse=True)
+        return cls._eye(cam, pose) + cls._rotate(cam, pose, inverse=True)
+
+    @staticmethod
+    def _eye(vectors: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+        """The camera position of ``pose (..., 5)``, shaped to broadcast over ``vectors (..., N, 3)``."""
+        extra = vectors.dim() - pose.dim()
+        return pose[..., :3].float().reshape(pose.shape[:-1] + (1,) * extra + (3,))
 
     @classmethod
     def _rotate(cls, vectors: torch.Tensor, pose: torch.Tensor, inverse: bool) -> torch.Tensor:

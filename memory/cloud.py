@@ -186,8 +186,12 @@ class WorldCache:
         # A splat under 3 pixels wide covers only the 3x3 pixels around its own (a pixel two away
         # is 1.5 or more from the point): most points are seen about as far as they were, so
         # testing only those 9 rather than (2k + 1)^2 saves most of the render's work.
-        tiers = [(half < 1.5, 1), (half >= 1.5, k)] if k > 1 else [(torch.ones_like(half, dtype=torch.bool), k)]
-        parts = [self._cover(uv[m], z[m], half[m], session[m], slot[m], r) for m, r in tiers]
+        if k > 1:
+            small = half < 1.5
+            tiers = ((small, 1), (~small, k))
+            parts = [self._cover(uv[m], z[m], half[m], session[m], slot[m], r) for m, r in tiers]
+        else:
+            parts = [self._cover(uv, z, half, session, slot, k)]
         pix, zz, session, slot, d2 = (torch.cat(x) for x in zip(*parts))  # (K,) flat over the batch
         flat_slot = session * p + slot  # (K,) in the (B*P) pool
         zbuf = torch.full((b * h * w,), math.inf, device=self.device).scatter_reduce(0, pix, zz, "amin")

@@ -9,6 +9,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from worldgen import checkpoint
+
 
 def opt(default: Any, help: str, **kwargs: Any) -> Any:
     """A config field whose ``help`` is both its flag's help and the why of its default."""
@@ -54,7 +56,7 @@ class TrainConfig:
     export_dtype: str = opt(
         "fp32",
         "dtype of the exported ckpt/ weights (fp8: matrices in float8 with per-tensor scales, the rest bf16)",
-        choices=("fp32", "bf16", "fp8"),
+        choices=tuple(checkpoint.STORAGE),
     )
     stop_at: int | None = opt(
         None,
