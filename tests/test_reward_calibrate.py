@@ -147,7 +147,7 @@ def test_calibrate_trains_on_generated_transitions_and_reports_event_rates(
     names = held["variables_names"]
     ammo = held["variables"][..., names.index("selected_weapon_ammo")]
     spent = sum(int((np.diff(ammo[i, : m + 1]) < 0).sum()) for i, m in enumerate(held["valid"]))
-    for when in ("before", "after"):
+    for when in ("before", "trained", "after"):
         assert rates[when]["transitions"]["count"] == n
         assert rates[when]["selected_weapon_ammo_down"]["actual"] == pytest.approx(spent / n)
         assert 0 <= rates[when]["selected_weapon_ammo_down"]["predicted"] <= 1
@@ -156,3 +156,33 @@ def test_calibrate_trains_on_generated_transitions_and_reports_event_rates(
     stored = json.loads((tmp_path / "head" / "ckpt" / "reward.json").read_text())["config"]
     assert stored["train"]["config"]["generated"] == str(tmp_path / "rollouts-train.npz") and "loss" in log
     assert stored["reward_weights"] == {"selected_weapon_ammo": 0.1, "health": 0.01, "death": -1.0}
+
+
+def test_fit_rates_makes_the_heads_event_rates_the_games():
+    """The refitted prior correction: over the transitions it was fitted on, the mean probability
+    of each event is the event's rate; a class the transitions never have keeps its offset."""
+    import torch
+
+    from worldgen.env.learned.reward import RewardHead, RewardHeadConfig
+    from worldgen.env.learned.reward_calibrate import event_rates, fit_rates
+    from worldgen.env.learned.reward_train import Transitions
+
+    torch.manual_seed(0)
+    head = RewardHead(RewardHeadConfig(frame_size=(24, 32), downsample=1, targets=("health", "itemcount"), channels=(8,)))
+    head.logit_bias[1, 0] = -3.0  # items never go down: this offset must stay
+    m = 400
+    change = torch.zeros(m, 2)
+    change[:40, 0], change[40:48, 0], change[100:106, 1] = -5.0, 10.0, 1.0  # 10% damage, 2% health, 1.5% items
+    death = torch.zeros(m)
+    death[:4] = 1.0
+    frames = torch.randint(0, 256, (m + 1, 3, 24, 32), dtype=torch.uint8)
+    t = Transitions(frames, torch.arange(m), torch.randn(m, 10), change, death)
+    assert abs(event_rates(head, t)["health_down"]["ratio"] - 1) > 0.5  # an untrained head is far off
+    fit_rates(head, t)
+    rates = event_rates(head, t)
+    for name, actual in (("health_down", 0.10), ("health_up", 0.02), ("itemcount_up", 0.015), ("death", 0.01)):
+        assert rates[name]["actual"] == pytest.approx(actual)
+        assert rates[name]["predicted"] == pytest.approx(actual, rel=0.01), name
+    assert rates["itemcount_down"]["actual"] == 0
+    items_down = head.logit_bias[1, 0] - head.logit_bias[1, 1]  # its offset against "same": what softmax sees
+    assert float(items_down) < -2.0

@@ -11,9 +11,12 @@ generated frames as real play has them). The fix is to show it generated frames 
    its game variables must equal the recorded ones there), then plays the same K actions; the
    variables after each step (and whether the player died) label the model's transitions.
 3. **Training.** ``worldgen train reward`` on the real transitions plus these
-   (``--generated ROLLOUTS``), with the usual held-out metrics on real play.
+   (``--generated ROLLOUTS``), with the usual held-out metrics on real play; then the head's
+   prior correction is refitted so that its event rates on these generated transitions are the
+   game's (:func:`fit_rates`; ``--no-fit-rates`` keeps the trainer's).
 4. **Report.** On held-out rollouts (from episodes neither saw), per event, how often the head
-   predicts it against how often the game has it, before (the head given) and after.
+   predicts it against how often the game has it: before (the head given), trained (before the
+   refit) and after.
 
 One command does all four (``--out`` gets ``rollouts-train.npz``, ``rollouts-heldout.npz``,
 ``head/`` (the run; ``head/ckpt`` is the calibrated head to use) and ``report.json``)::
@@ -31,6 +34,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -77,6 +81,11 @@ class CalibrateConfig:
     )
     batch: int = opt(64, "rollouts the model steps together (one batched forward)")
     workers: int = opt(0, "game processes labelling rollouts (0: one per CPU, at most 16)")
+    fit_rates: bool = opt(
+        True,
+        "then refit the head's prior correction so its event rates on the train rollouts are the "
+        "game's (fit_rates: the env reads only generated frames)",
+    )
     train_steps: int = opt(2500, "reward-head training steps (the packaged head's schedule)")
     train_args: str = opt("", "more `worldgen train reward` settings, NAME=VALUE,... (e.g. batch_size=128)")
     device: str = opt("auto", "where the model and head run: auto, cuda or cpu")
@@ -243,20 +252,57 @@ def load_rollouts(path: str | Path) -> dict[str, Any]:
 
 # --- the report ------------------------------------------------------------------------------
 @torch.no_grad()
+def head_outputs(head: Any, t: Any, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's raw class logits ``(M, targets, 3)`` and death logits ``(M,)`` over transitions
+    ``t`` (:class:`~worldgen.env.learned.reward_train.Transitions`), before its prior correction."""
+    device = next(head.parameters()).device
+    logits, death = [], []
+    for s in range(0, len(t), batch):
+        i = torch.arange(s, min(s + batch, len(t)))
+        out = head(t.frames[t.prev[i]].to(device), t.frames[t.prev[i] + 1].to(device), t.action[i].to(device))
+        logits.append(out["logits"].float().cpu())
+        death.append(out["death"].float().cpu())
+    return torch.cat(logits), torch.cat(death)
+
+
+@torch.no_grad()
+def fit_rates(head: Any, t: Any, iterations: int = 200) -> None:
+    """Set the head's prior correction (``logit_bias``, ``death_bias``) so that its mean
+    probability of each event over transitions ``t`` is the event's rate there.
+
+    The trainer's correction gives the class frequencies of the training mix, mostly real play.
+    But the env reads only the model's frames, where pickups barely show (docs/agents.md): a
+    head that reads them right on real frames misses most of them there, and an expected
+    reward undercounts them. Fitted on generated transitions labelled by the game, the
+    correction matches the game's event rates on the model's frames. Each class's logit moves
+    by one offset: what the head reads in a frame stays, its base rates change. Classes the
+    game never has in ``t`` keep theirs.
+    Iterative proportional fitting: each class's offset moves by log(actual / predicted)."""
+    logits, death = head_outputs(head, t)
+    actual = torch.nn.functional.one_hot(t.classes.cpu(), 3).double().mean(0)  # (targets, 3)
+    bias = head.logit_bias.detach().double().cpu()
+    for _ in range(iterations):
+        p = (logits.double() + bias).softmax(-1).mean(0)
+        bias += torch.where(actual > 0, actual.clamp_min(1e-12).log() - p.clamp_min(1e-12).log(), 0.0)
+    head.logit_bias.copy_(bias - bias.mean(-1, keepdim=True))  # softmax ignores a shared offset
+    rate = float((t.death > 0).double().mean())
+    if rate > 0:
+        logit = lambda p: math.log(p) - math.log1p(-p)  # noqa: E731
+        d = float(head.death_bias)
+        for _ in range(iterations):
+            d += logit(rate) - logit(min(max(float(torch.sigmoid(death.double() + d).mean()), 1e-12), 1 - 1e-12))
+        head.death_bias.fill_(d)
+
+
+@torch.no_grad()
 def event_rates(head: Any, t: Any, batch: int = 512) -> dict[str, dict[str, float | None]]:
     """Per event (``<target>_down``/``_up``, ``death``): predicted (mean probability), decided
     (share of steps where it is the most probable class) and actual (the labels') rates per step,
     and ratio = predicted / actual, over transitions ``t`` (:class:`~worldgen.env.learned.reward_train.Transitions`)."""
-    device = next(head.parameters()).device
-    probs, p_death = [], []
-    for s in range(0, len(t), batch):
-        i = torch.arange(s, min(s + batch, len(t)))
-        out = head(t.frames[t.prev[i]].to(device), t.frames[t.prev[i] + 1].to(device), t.action[i].to(device))
-        p, d = head.probs(out)
-        probs.append(p.cpu())
-        p_death.append(d.cpu())
-    p, d = torch.cat(probs), torch.cat(p_death)  # (M, targets, 3), (M,)
-    classes = t.classes
+    logits, death = head_outputs(head, t, batch)
+    p, d = head.probs({"logits": logits.to(head.logit_bias.device), "death": death.to(head.logit_bias.device)})
+    p, d = p.cpu(), d.cpu()  # (M, targets, 3), (M,)
+    classes = t.classes.cpu()
 
     def rates(prob: torch.Tensor, decided: torch.Tensor, actual: torch.Tensor) -> dict[str, float | None]:
         a = float(actual.float().mean())
@@ -273,7 +319,7 @@ def event_rates(head: Any, t: Any, batch: int = 512) -> dict[str, dict[str, floa
     for j, name in enumerate(head.cfg.targets):
         for c, label in ((0, "down"), (2, "up")):
             res[f"{name}_{label}"] = rates(p[:, j, c], p[:, j].argmax(-1) == c, classes[:, j] == c)
-    res["death"] = rates(d, d > 0.5, t.death > 0)
+    res["death"] = rates(d, d > 0.5, t.death.cpu() > 0)
     res["transitions"] = {"count": len(t)}
     return res
 
@@ -311,7 +357,7 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     from worldgen import checkpoint
     from worldgen.data import Dataset
     from worldgen.env.gym.world_model_env import load_model
-    from worldgen.env.learned.reward import LearnedReward, make_reward_model
+    from worldgen.env.learned.reward import LearnedReward, load_head, make_reward_model, save_head
     from worldgen.env.learned.reward_train import RewardTrainConfig, rollout_transitions, train
 
     if not cfg.data or not cfg.out:
@@ -372,7 +418,15 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         **_train_overrides(cfg.train_args),
     }
     summary = train(RewardTrainConfig(**settings))
-    after = LearnedReward(out / "head" / "ckpt", device=wm.device)
+    ckpt = out / "head" / "ckpt"
+    trained = LearnedReward(ckpt, device=wm.device)
+    held_trained = rollout_transitions(out / "rollouts-heldout.npz", trained.head)
+    if cfg.fit_rates:
+        head, stored = load_head(ckpt, wm.device)
+        fit_rates(head, rollout_transitions(out / "rollouts-train.npz", head))
+        extra = {k: v for k, v in stored.items() if k not in ("model", "action_schema", "reward_weights")}
+        save_head(ckpt, head, stored["reward_weights"], {**extra, "rates_fitted_on": settings["generated"]})
+    after = LearnedReward(ckpt, device=wm.device)
 
     matched = load_rollouts(out / "rollouts-heldout.npz")["matched"]
     held_before = rollout_transitions(out / "rollouts-heldout.npz", before.head)
@@ -384,6 +438,7 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         "heldout_replays_matched": f"{int(matched.sum())}/{len(matched)}",
         "generated_heldout": {
             "before": event_rates(before.head, held_before),
+            "trained": event_rates(trained.head, held_trained),
             "after": event_rates(after.head, held_after),
         },
         "real_heldout_metrics_after": {k: v for k, v in summary.items() if k.startswith("heldout")},
