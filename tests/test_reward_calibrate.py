@@ -168,7 +168,9 @@ def test_fit_rates_makes_the_heads_event_rates_the_games():
     from worldgen.env.learned.reward_train import Transitions
 
     torch.manual_seed(0)
-    head = RewardHead(RewardHeadConfig(frame_size=(24, 32), downsample=1, targets=("health", "itemcount"), channels=(8,)))
+    head = RewardHead(
+        RewardHeadConfig(frame_size=(24, 32), downsample=1, targets=("health", "itemcount"), channels=(8,))
+    )
     head.logit_bias[1, 0] = -3.0  # items never go down: this offset must stay
     m = 400
     change = torch.zeros(m, 2)
