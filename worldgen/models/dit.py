@@ -91,15 +91,16 @@ class DiTConfig:
         return self.grid[0] * self.grid[1]
 
 
-# Sizes. All fit the 32 MiB budget for tokenizer + DiT weights in bf16 except "B".
+# Sizes. Shipped weights may take 48 MiB in all (tokenizer, DiT, start contexts): "M" fits in
+# bf16, "B" only stored in fp8 (`worldgen checkpoint convert --dtype fp8`, one scale per tensor).
 MODELS: dict[str, DiTConfig] = {
     # CPU tests: ~0.2M params; patch 1, since test latents are only a few cells across.
     "tiny": DiTConfig(patch_size=1, dim=64, depth=2, heads=2, max_frames=16),
     # ~10M params; 80 tokens a frame (patch 2) keep attention a small share of its FLOPs.
     "S": DiTConfig(dim=256, depth=8, heads=4),
-    # ~13M params: the largest that fits the 32 MiB budget beside the 2.5M-param tokenizer.
+    # ~13M params: the shipped default's size (26 MiB in bf16).
     "M": DiTConfig(dim=256, depth=11, heads=4),
-    # ~32M params: for longer training runs; too large for the shipped-weights budget.
+    # ~32M params: for longer training runs; shippable in fp8 (31 MiB; 34 with the tokenizer).
     "B": DiTConfig(dim=384, depth=12, heads=6),
 }
 
