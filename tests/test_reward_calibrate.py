@@ -5,6 +5,7 @@ rollouts. Tiny model, a tiny real recording, CPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -188,3 +189,40 @@ def test_fit_rates_makes_the_heads_event_rates_the_games():
     assert rates["itemcount_down"]["actual"] == 0
     items_down = head.logit_bias[1, 0] - head.logit_bias[1, 1]  # its offset against "same": what softmax sees
     assert float(items_down) < -2.0
+
+
+def test_calibrate_with_no_training_refits_the_given_heads_rates_alone(
+    tiny_checkpoint, replayable_recording, small_head, tmp_path
+):
+    """--train-steps 0: the head keeps its weights (the report's "trained" is "before"); only its
+    prior correction changes, fitted on the train rollouts."""
+    import torch
+
+    from worldgen.env.learned.reward import load_head
+    from worldgen.env.learned.reward_calibrate import CalibrateConfig, calibrate
+
+    cfg = CalibrateConfig(
+        data=str(replayable_recording),
+        out=str(tmp_path),
+        model=str(tiny_checkpoint),
+        head=str(small_head),
+        rollouts=8,
+        heldout_rollouts=4,
+        length=6,
+        context=3,
+        batch=4,
+        workers=1,
+        train_steps=0,
+        device="cpu",
+    )
+    report = calibrate(cfg)
+    rates = report["generated_heldout"]
+    assert rates["trained"] == rates["before"] and report["real_heldout_metrics_after"] == {}
+    given, _ = load_head(small_head)
+    fitted, stored = load_head(tmp_path / "head" / "ckpt")
+    g, f = given.state_dict(), fitted.state_dict()
+    assert all(torch.equal(g[k], f[k]) for k in g if k not in ("logit_bias", "death_bias"))
+    assert not torch.equal(g["logit_bias"], f["logit_bias"])
+    assert stored["rates_fitted_on"] == str(tmp_path / "rollouts-train.npz")
+    with pytest.raises(ValueError, match="--train-steps 0"):
+        calibrate(dataclasses.replace(cfg, fit_rates=False))

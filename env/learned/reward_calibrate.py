@@ -86,7 +86,10 @@ class CalibrateConfig:
         "then refit the head's prior correction so its event rates on the train rollouts are the "
         "game's (fit_rates: the env reads only generated frames)",
     )
-    train_steps: int = opt(2500, "reward-head training steps (the packaged head's schedule)")
+    train_steps: int = opt(
+        2500,
+        "reward-head training steps (the packaged head's schedule); 0: keep --head's weights, refit its rates only",
+    )
     train_args: str = opt("", "more `worldgen train reward` settings, NAME=VALUE,... (e.g. batch_size=128)")
     device: str = opt("auto", "where the model and head run: auto, cuda or cpu")
     seed: int = opt(0, "seed of windows, actions and sampling")
@@ -352,18 +355,23 @@ def _train_overrides(text: str) -> dict[str, Any]:
     return out
 
 
+_OWN_KEYS = ("model", "action_schema", "reward_weights")  # a head's config keys that save_head writes itself
+
+
 def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     """Rollouts, labels, training and the report (module docstring); returns the report."""
     from worldgen import checkpoint
     from worldgen.data import Dataset
     from worldgen.env.gym.world_model_env import load_model
-    from worldgen.env.learned.reward import LearnedReward, load_head, make_reward_model, save_head
+    from worldgen.env.learned.reward import PACKAGED_HEADS, LearnedReward, load_head, make_reward_model, save_head
     from worldgen.env.learned.reward_train import RewardTrainConfig, rollout_transitions, train
 
     if not cfg.data or not cfg.out:
         raise ValueError("--data and --out are required")
-    if cfg.length < 2 or cfg.rollouts < 1 or cfg.heldout_rollouts < 1 or cfg.hold < 1 or cfg.batch < 1:
-        raise ValueError("--length must be >= 2 and --rollouts, --heldout-rollouts, --hold, --batch >= 1")
+    if cfg.train_steps == 0 and not cfg.fit_rates:
+        raise ValueError("--train-steps 0 keeps the head as it is: it needs --fit-rates, or there is nothing to do")
+    if min(cfg.rollouts, cfg.heldout_rollouts, cfg.hold, cfg.batch) < 1 or cfg.length < 2 or cfg.train_steps < 0:
+        raise ValueError("need --rollouts, --heldout-rollouts, --hold, --batch >= 1, --length >= 2, --train-steps >= 0")
     if not 0.0 <= cfg.spawn_share <= 1.0:
         raise ValueError(f"--spawn-share is a share of the rollouts, in [0, 1], got {cfg.spawn_share}")
     out = Path(cfg.out)
@@ -417,14 +425,20 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         "downsample": before.head.cfg.downsample,
         **_train_overrides(cfg.train_args),
     }
-    summary = train(RewardTrainConfig(**settings))
     ckpt = out / "head" / "ckpt"
+    if cfg.train_steps > 0:
+        summary = train(RewardTrainConfig(**settings))
+    else:  # the head as it is, its rates alone refitted below
+        source = checkpoint.stored_head(folder, "reward", PACKAGED_HEADS) if cfg.head == "learned" else cfg.head
+        head, stored = load_head(source)
+        save_head(ckpt, head, stored["reward_weights"], {k: v for k, v in stored.items() if k not in _OWN_KEYS})
+        summary = {}
     trained = LearnedReward(ckpt, device=wm.device)
     held_trained = rollout_transitions(out / "rollouts-heldout.npz", trained.head)
     if cfg.fit_rates:
         head, stored = load_head(ckpt, wm.device)
         fit_rates(head, rollout_transitions(out / "rollouts-train.npz", head))
-        extra = {k: v for k, v in stored.items() if k not in ("model", "action_schema", "reward_weights")}
+        extra = {k: v for k, v in stored.items() if k not in _OWN_KEYS}
         save_head(ckpt, head, stored["reward_weights"], {**extra, "rates_fitted_on": settings["generated"]})
     after = LearnedReward(ckpt, device=wm.device)
 
