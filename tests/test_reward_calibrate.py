@@ -223,6 +223,6 @@ def test_calibrate_with_no_training_refits_the_given_heads_rates_alone(
     g, f = given.state_dict(), fitted.state_dict()
     assert all(torch.equal(g[k], f[k]) for k in g if k not in ("logit_bias", "death_bias"))
     assert not torch.equal(g["logit_bias"], f["logit_bias"])
-    assert stored["rates_fitted_on"] == str(tmp_path / "rollouts-train.npz")
+    assert stored["rate_fit"]["rollouts"] == str(tmp_path / "rollouts-train.npz") and "metrics" not in stored
     with pytest.raises(ValueError, match="--train-steps 0"):
         calibrate(dataclasses.replace(cfg, fit_rates=False))

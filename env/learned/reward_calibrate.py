@@ -437,9 +437,13 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     held_trained = rollout_transitions(out / "rollouts-heldout.npz", trained.head)
     if cfg.fit_rates:
         head, stored = load_head(ckpt, wm.device)
-        fit_rates(head, rollout_transitions(out / "rollouts-train.npz", head))
+        fitted_on = rollout_transitions(out / "rollouts-train.npz", head)
+        fit_rates(head, fitted_on)
         extra = {k: v for k, v in stored.items() if k not in _OWN_KEYS}
-        save_head(ckpt, head, stored["reward_weights"], {**extra, "rates_fitted_on": settings["generated"]})
+        if "metrics" in extra:  # measured on real play with the trainer's rates: not this head's any more
+            extra["metrics_before_rate_fit"] = extra.pop("metrics")
+        extra["rate_fit"] = {"rollouts": settings["generated"], "transitions": len(fitted_on)}
+        save_head(ckpt, head, stored["reward_weights"], extra)
     after = LearnedReward(ckpt, device=wm.device)
 
     matched = load_rollouts(out / "rollouts-heldout.npz")["matched"]
