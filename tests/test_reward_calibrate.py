@@ -78,6 +78,23 @@ def small_head(replayable_recording, tmp_path_factory):
     return out / "ckpt"
 
 
+def tiny_calibration(recording, model, head, out, **settings):
+    """A calibration of the tiny model on the tiny recording: 6-step rollouts after 3 real frames, CPU."""
+    from worldgen.env.learned.reward_calibrate import CalibrateConfig
+
+    return CalibrateConfig(
+        data=str(recording),
+        out=str(out),
+        model=str(model),
+        head=str(head),
+        length=6,
+        context=3,
+        workers=1,
+        device="cpu",
+        **settings,
+    )
+
+
 def test_the_game_labels_the_models_rollouts(tiny_checkpoint, replayable_recording):
     """Recorded actions: the game's labels are the recording's variables (replay is exact);
     other actions: the game's own answer (firing spends ammo, not firing does not)."""
@@ -121,22 +138,18 @@ def test_spawn_share_starts_rollouts_in_a_fresh_games_first_frames(replayable_re
 def test_calibrate_trains_on_generated_transitions_and_reports_event_rates(
     tiny_checkpoint, replayable_recording, small_head, tmp_path
 ):
-    from worldgen.env.learned.reward_calibrate import CalibrateConfig, calibrate, load_rollouts
+    from worldgen.env.learned.reward_calibrate import calibrate, load_rollouts
 
     report = calibrate(
-        CalibrateConfig(
-            data=str(replayable_recording),
-            out=str(tmp_path),
-            model=str(tiny_checkpoint),
-            head=str(small_head),
+        tiny_calibration(
+            replayable_recording,
+            tiny_checkpoint,
+            small_head,
+            tmp_path,
             rollouts=12,
             heldout_rollouts=6,
-            length=6,
-            context=3,
             batch=6,
-            workers=1,
             train_steps=20,
-            device="cpu",
             train_args="batch_size=16,warmup=5,ckpt_every=1000,log_every=10,eval_transitions=256",
         )
     )
@@ -199,21 +212,17 @@ def test_calibrate_with_no_training_refits_the_given_heads_rates_alone(
     import torch
 
     from worldgen.env.learned.reward import load_head
-    from worldgen.env.learned.reward_calibrate import CalibrateConfig, calibrate
+    from worldgen.env.learned.reward_calibrate import calibrate
 
-    cfg = CalibrateConfig(
-        data=str(replayable_recording),
-        out=str(tmp_path),
-        model=str(tiny_checkpoint),
-        head=str(small_head),
+    cfg = tiny_calibration(
+        replayable_recording,
+        tiny_checkpoint,
+        small_head,
+        tmp_path,
         rollouts=8,
         heldout_rollouts=4,
-        length=6,
-        context=3,
         batch=4,
-        workers=1,
         train_steps=0,
-        device="cpu",
     )
     report = calibrate(cfg)
     rates = report["generated_heldout"]
