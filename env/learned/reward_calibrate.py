@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import multiprocessing
 import os
 import sys
@@ -255,17 +254,16 @@ def load_rollouts(path: str | Path) -> dict[str, Any]:
 
 # --- the report ------------------------------------------------------------------------------
 @torch.no_grad()
-def head_outputs(head: Any, t: Any, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """The head's raw class logits ``(M, targets, 3)`` and death logits ``(M,)`` over transitions
-    ``t`` (:class:`~worldgen.env.learned.reward_train.Transitions`), before its prior correction."""
+def head_outputs(head: Any, t: Any, batch: int = 512) -> dict[str, torch.Tensor]:
+    """The head's raw outputs over transitions ``t`` (:class:`~worldgen.env.learned.reward_train.Transitions`),
+    on its device: class ``logits`` ``(M, targets, 3)`` and ``death`` logits ``(M,)``, before its
+    prior correction (:meth:`~worldgen.env.learned.reward.RewardHead.probs` applies it)."""
     device = next(head.parameters()).device
-    logits, death = [], []
+    parts = []
     for s in range(0, len(t), batch):
         i = torch.arange(s, min(s + batch, len(t)))
-        out = head(t.frames[t.prev[i]].to(device), t.frames[t.prev[i] + 1].to(device), t.action[i].to(device))
-        logits.append(out["logits"].float().cpu())
-        death.append(out["death"].float().cpu())
-    return torch.cat(logits), torch.cat(death)
+        parts.append(head(t.frames[t.prev[i]].to(device), t.frames[t.prev[i] + 1].to(device), t.action[i].to(device)))
+    return {k: torch.cat([o[k].float() for o in parts]) for k in ("logits", "death")}
 
 
 @torch.no_grad()
@@ -280,21 +278,20 @@ def fit_rates(head: Any, t: Any, iterations: int = 200) -> None:
     correction matches the game's event rates on the model's frames. Each class's logit moves
     by one offset: what the head reads in a frame stays, its base rates change. Classes the
     game never has in ``t`` keep theirs.
-    Iterative proportional fitting: each class's offset moves by log(actual / predicted)."""
-    logits, death = head_outputs(head, t)
+    Iterative proportional fitting: each offset moves by log(actual / predicted) (logits for death)."""
+    out = {k: v.double().cpu() for k, v in head_outputs(head, t).items()}
     actual = torch.nn.functional.one_hot(t.classes.cpu(), 3).double().mean(0)  # (targets, 3)
     bias = head.logit_bias.detach().double().cpu()
     for _ in range(iterations):
-        p = (logits.double() + bias).softmax(-1).mean(0)
+        p = (out["logits"] + bias).softmax(-1).mean(0)
         bias += torch.where(actual > 0, actual.clamp_min(1e-12).log() - p.clamp_min(1e-12).log(), 0.0)
     head.logit_bias.copy_(bias - bias.mean(-1, keepdim=True))  # softmax ignores a shared offset
-    rate = float((t.death > 0).double().mean())
+    rate = (t.death.cpu() > 0).double().mean()
     if rate > 0:
-        logit = lambda p: math.log(p) - math.log1p(-p)  # noqa: E731
-        d = float(head.death_bias)
+        d = head.death_bias.detach().double().cpu()
         for _ in range(iterations):
-            d += logit(rate) - logit(min(max(float(torch.sigmoid(death.double() + d).mean()), 1e-12), 1 - 1e-12))
-        head.death_bias.fill_(d)
+            d += torch.logit(rate) - torch.logit(torch.sigmoid(out["death"] + d).mean(), eps=1e-12)
+        head.death_bias.copy_(d)
 
 
 @torch.no_grad()
@@ -302,9 +299,7 @@ def event_rates(head: Any, t: Any, batch: int = 512) -> dict[str, dict[str, floa
     """Per event (``<target>_down``/``_up``, ``death``): predicted (mean probability), decided
     (share of steps where it is the most probable class) and actual (the labels') rates per step,
     and ratio = predicted / actual, over transitions ``t`` (:class:`~worldgen.env.learned.reward_train.Transitions`)."""
-    logits, death = head_outputs(head, t, batch)
-    p, d = head.probs({"logits": logits.to(head.logit_bias.device), "death": death.to(head.logit_bias.device)})
-    p, d = p.cpu(), d.cpu()  # (M, targets, 3), (M,)
+    p, d = (x.cpu() for x in head.probs(head_outputs(head, t, batch)))  # (M, targets, 3), (M,)
     classes = t.classes.cpu()
 
     def rates(prob: torch.Tensor, decided: torch.Tensor, actual: torch.Tensor) -> dict[str, float | None]:
@@ -427,16 +422,15 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     }
     ckpt = out / "head" / "ckpt"
     if cfg.train_steps > 0:
-        summary = train(RewardTrainConfig(**settings))
-    else:  # the head as it is, its rates alone refitted below
-        source = checkpoint.stored_head(folder, "reward", PACKAGED_HEADS) if cfg.head == "learned" else cfg.head
-        head, stored = load_head(source)
-        save_head(ckpt, head, stored["reward_weights"], {k: v for k, v in stored.items() if k not in _OWN_KEYS})
+        summary, source = train(RewardTrainConfig(**settings)), ckpt
+    else:  # the head as it is: its rates alone are refitted (--train-steps 0 needs --fit-rates)
         summary = {}
-    trained = LearnedReward(ckpt, device=wm.device)
-    held_trained = rollout_transitions(out / "rollouts-heldout.npz", trained.head)
+        source = checkpoint.stored_head(folder, "reward", PACKAGED_HEADS) if cfg.head == "learned" else cfg.head
+    head, stored = load_head(source, wm.device)
+    # One head config, so one set of held-out transitions serves the head before and after the refit.
+    held = rollout_transitions(out / "rollouts-heldout.npz", head)
+    trained_rates = event_rates(head, held)
     if cfg.fit_rates:
-        head, stored = load_head(ckpt, wm.device)
         fitted_on = rollout_transitions(out / "rollouts-train.npz", head)
         fit_rates(head, fitted_on)
         extra = {k: v for k, v in stored.items() if k not in _OWN_KEYS}
@@ -444,11 +438,9 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
             extra["metrics_before_rate_fit"] = extra.pop("metrics")
         extra["rate_fit"] = {"rollouts": settings["generated"], "transitions": len(fitted_on)}
         save_head(ckpt, head, stored["reward_weights"], extra)
-    after = LearnedReward(ckpt, device=wm.device)
 
     matched = load_rollouts(out / "rollouts-heldout.npz")["matched"]
     held_before = rollout_transitions(out / "rollouts-heldout.npz", before.head)
-    held_after = rollout_transitions(out / "rollouts-heldout.npz", after.head)
     report = {
         "config": dataclasses.asdict(cfg),
         "context": context,
@@ -456,8 +448,8 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
         "heldout_replays_matched": f"{int(matched.sum())}/{len(matched)}",
         "generated_heldout": {
             "before": event_rates(before.head, held_before),
-            "trained": event_rates(trained.head, held_trained),
-            "after": event_rates(after.head, held_after),
+            "trained": trained_rates,
+            "after": event_rates(head, held) if cfg.fit_rates else trained_rates,
         },
         "real_heldout_metrics_after": {k: v for k, v in summary.items() if k.startswith("heldout")},
     }
